@@ -1,0 +1,185 @@
+"""AttentionLayer: projections, heads and one kind of attention, with a parallel forward and a
+one-token recurrent `step` that compute the same function with the same weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .feature_maps import FeatureMap, make_feature_map
+from .ops import KVCache, LinearState
+
+ATTENTION_KINDS = ("causal-linear", "linear", "causal-softmax", "softmax")
+
+State = LinearState | KVCache
+
+
+class AttentionLayer(nn.Module):
+    """Multi-head attention over x [B, T, d_model].
+
+    Args:
+        d_model: model width.
+        n_heads: number of heads H.
+        attention: "causal-linear" (paper, default), "linear" (non-causal), "causal-softmax" or "softmax".
+        feature_map: name in `feature_maps.FEATURE_MAPS` or a FeatureMap instance (linear kinds only).
+        d_keys: per-head query/key width before the feature map (default d_model // n_heads).
+        d_values: per-head value width (default d_model // n_heads).
+        dropout: dropout on the layer's output (after the output projection), the same for every kind.
+        eps: normaliser epsilon of linear attention.
+        chunk_size, backend: passed to `ops.causal_linear_attention`.
+        feature_map_kwargs: extra arguments for a feature map given by name (e.g. {"n_features": 128}).
+
+    State: causal-linear carries a `LinearState` (O(1) in length), causal-softmax a `KVCache`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        attention: str = "causal-linear",
+        feature_map: str | FeatureMap = "elu",
+        d_keys: int | None = None,
+        d_values: int | None = None,
+        dropout: float = 0.0,
+        *,
+        eps: float = 1e-6,
+        chunk_size: int = 64,
+        backend: str = "auto",
+        feature_map_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"AttentionLayer: unknown attention {attention!r}; choose one of {ATTENTION_KINDS}")
+        if d_model < 1 or n_heads < 1:
+            raise ValueError(
+                f"AttentionLayer: d_model and n_heads must be >= 1, got d_model={d_model}, n_heads={n_heads}"
+            )
+        if (d_keys is None or d_values is None) and d_model % n_heads:
+            raise ValueError(
+                f"AttentionLayer: d_model={d_model} is not divisible by n_heads={n_heads}; "
+                f"change one of them or give d_keys and d_values explicitly"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"AttentionLayer: dropout must be in [0, 1), got {dropout}")
+        self.d_model, self.n_heads, self.attention = d_model, n_heads, attention
+        self.d_keys = d_keys or d_model // n_heads
+        self.d_values = d_values or d_model // n_heads
+        self.eps, self.chunk_size, self.backend = eps, chunk_size, backend
+        self.query = nn.Linear(d_model, n_heads * self.d_keys)
+        self.key = nn.Linear(d_model, n_heads * self.d_keys)
+        self.value = nn.Linear(d_model, n_heads * self.d_values)
+        self.out = nn.Linear(n_heads * self.d_values, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.feature_map: FeatureMap | None = None
+        if self.is_linear:
+            if isinstance(feature_map, FeatureMap):
+                if (feature_map.head_dim, feature_map.n_heads) != (self.d_keys, n_heads):
+                    raise ValueError(
+                        f"AttentionLayer: the feature map is for head_dim={feature_map.head_dim}, "
+                        f"n_heads={feature_map.n_heads}, the layer has d_keys={self.d_keys}, n_heads={n_heads}"
+                    )
+                self.feature_map = feature_map
+            else:
+                self.feature_map = make_feature_map(feature_map, self.d_keys, n_heads, **(feature_map_kwargs or {}))
+
+    @property
+    def is_linear(self) -> bool:
+        return self.attention in ("causal-linear", "linear")
+
+    @property
+    def is_causal(self) -> bool:
+        return self.attention.startswith("causal")
+
+    def _check_input(self, x: torch.Tensor, rank: int, layout: str) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"AttentionLayer: x must be a tensor {layout}, got {type(x).__name__}")
+        if x.dim() != rank or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"AttentionLayer: x must have shape {layout} with d_model={self.d_model}, got {list(x.shape)}"
+            )
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., d_model] -> q, k [..., H, Dk'] (feature-mapped for linear kinds), v [..., H, Dv]."""
+        lead = x.shape[:-1]
+        q = self.query(x).view(*lead, self.n_heads, self.d_keys)
+        k = self.key(x).view(*lead, self.n_heads, self.d_keys)
+        v = self.value(x).view(*lead, self.n_heads, self.d_values)
+        if self.feature_map is not None:
+            q, k = self.feature_map.forward_queries(q), self.feature_map.forward_keys(k)
+        return q, k, v
+
+    def initial_state(self, batch: int, *, dtype: torch.dtype | None = None, device=None) -> State:
+        """An empty recurrent state for `batch` sequences (causal kinds only)."""
+        if not self.is_causal:
+            raise ValueError(f"AttentionLayer: {self.attention!r} attention is not causal and has no recurrent state")
+        dtype = dtype or self.query.weight.dtype
+        device = device or self.query.weight.device
+        H = self.n_heads
+        if self.attention == "causal-linear":
+            return LinearState.zeros(batch, H, self.feature_map.feature_dim, self.d_values, dtype=dtype, device=device)
+        return KVCache.empty(batch, H, self.d_keys, self.d_values, dtype=dtype, device=device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        state: State | None = None,
+        return_state: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, State]:
+        """Parallel forward over x [B, T, d_model] -> y [B, T, d_model] (and the final state).
+
+        key_padding_mask: bool [B, T], True where the token is padding; padded tokens are never
+            attended to. state: continue from an earlier state (causal kinds; a KVCache is appended
+            to in place). return_state: also return the state after the last token (prefill).
+        """
+        self._check_input(x, 3, "[B, T, d_model]")
+        if (state is not None or return_state) and not self.is_causal:
+            raise ValueError(f"AttentionLayer: {self.attention!r} attention is not causal and has no recurrent state")
+        B, T, _ = x.shape
+        q, k, v = self._project(x)
+        new_state: State | None = None
+        if self.attention == "causal-linear":
+            out, new_state = ops.causal_linear_attention(
+                q,
+                k,
+                v,
+                initial_state=state,
+                return_state=True,
+                eps=self.eps,
+                chunk_size=self.chunk_size,
+                backend=self.backend,
+                key_padding_mask=key_padding_mask,
+            )
+        elif self.attention == "linear":
+            out = ops.linear_attention(q, k, v, key_padding_mask=key_padding_mask, eps=self.eps)
+        elif state is not None or return_state:  # causal-softmax with a cache
+            if key_padding_mask is not None:
+                raise ValueError("AttentionLayer: key_padding_mask is not supported together with a KV cache")
+            out, new_state = ops.softmax_attention_with_cache(q, k, v, state)
+        else:
+            out = ops.softmax_attention(q, k, v, causal=self.is_causal, key_padding_mask=key_padding_mask)
+        y = self.dropout(self.out(out.reshape(B, T, -1)))
+        return (y, new_state) if return_state else y
+
+    def step(self, x_t: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """One token: x_t [B, d_model] -> (y_t [B, d_model], state including this token).
+
+        O(1) time and memory per token for causal-linear (the state is updated in place when no
+        gradient is needed); O(tokens seen) for causal-softmax.
+        """
+        self._check_input(x_t, 2, "[B, d_model]")
+        if not self.is_causal:
+            raise ValueError(f"AttentionLayer: {self.attention!r} attention is not causal and has no recurrent step")
+        q, k, v = self._project(x_t)
+        if self.attention == "causal-linear":
+            out, state = ops.linear_attention_step(q, k, v, state, eps=self.eps)
+        else:
+            out, state = ops.softmax_attention_step(q, k, v, state)
+        return self.dropout(self.out(out.reshape(x_t.shape[0], -1))), state
+
+    def extra_repr(self) -> str:
+        return (
+            f"attention={self.attention!r}, d_model={self.d_model}, n_heads={self.n_heads}, "
+            f"d_keys={self.d_keys}, d_values={self.d_values}"
+        )

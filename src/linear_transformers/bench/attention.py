@@ -1,0 +1,287 @@
+"""Causal attention: time and peak memory against sequence length (the paper's Figure 1, on this machine).
+
+Implementations, all with feature-mapped q, k of [B, N, H, D] and the normaliser included:
+
+    naive     quadratic masked linear attention (the reference; skipped where N^2 does not fit)
+    chunked   ops.causal_linear_attention, the chunkwise PyTorch path with its memory-efficient backward
+    softmax   torch's causal scaled_dot_product_attention on head-major contiguous inputs (its best case)
+
+First every length is verified (chunked against the token-by-token recurrence, gradients against the
+naive reference, softmax against an explicit softmax), then forward and forward+backward are timed
+and the extra peak memory of forward+backward is measured. Writes attention.csv, table.md and
+attention.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..ops import naive
+from .measure import batched_gemm_gflops, machine_info, peak_extra_memory, time_fn
+from .report import fmt, markdown_table, write_csv
+
+IMPLS = ("naive", "chunked", "softmax")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64, help="head dimension (Dk = Dv)")
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best and median kept)")
+    p.add_argument("--naive-limit-gib", type=float, default=4.0, help="skip naive above this many GiB of N^2 scores")
+    p.add_argument("--out", type=Path, default=Path("results/bench_attention"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke test in seconds")
+
+
+def chunked_flops(N: int, B: int, H: int, Dk: int, Dv: int, C: int, backward: bool) -> float:
+    """FLOPs (2 per multiply-add) of the chunked algorithm's GEMMs, normaliser fused as column Dv + 1.
+
+    Forward, per token: Q K^T and A V~ (intra-chunk), K^T V~ and Q U (inter-chunk). The backward has
+    twice each: dnum V~^T, dA K, dA^T Q, A^T dnum and dnum U^T, Q^T dnum, V~ G^T, K G.
+    """
+    T = math.ceil(N / C) * C
+    intra = 2 * C * Dk + 2 * C * (Dv + 1)
+    inter = 2 * (2 * Dk * (Dv + 1))
+    return float(B * H * T * (intra + inter) * (3 if backward else 1))
+
+
+def make_inputs(B: int, N: int, H: int, D: int, dtype: torch.dtype, device: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = F.elu(torch.randn(B, N, H, D, generator=g)) + 1
+    k = F.elu(torch.randn(B, N, H, D, generator=g)) + 1
+    v = torch.randn(B, N, H, D, generator=g)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v)]
+
+
+def _attention(impl: str, q, k, v, chunk_size: int):
+    """Returns a function running the implementation forward; inputs in [B, N, H, D]."""
+    if impl == "naive":
+        return lambda: ops.causal_linear_attention(q, k, v, backend="naive")
+    if impl == "chunked":
+        return lambda: ops.causal_linear_attention(q, k, v, backend="chunked", chunk_size=chunk_size)
+    qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad) for x in (q, k, v))
+    return lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def verify(args, lengths: list[int]) -> list[str]:
+    """Check every implementation on the benchmark's own inputs; returns the report lines, raises on failure."""
+    lines = []
+    dtype = DTYPES[args.dtype]
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+    for N in lengths:
+        q, k, v = make_inputs(args.batch, N, args.heads, args.dim, dtype, args.device, seed=N)
+        with torch.no_grad():
+            out = ops.causal_linear_attention(q, k, v, chunk_size=args.chunk_size)
+            ref, _ = naive.causal_linear_attention_recurrent(q.double(), k.double(), v.double())
+        err = _rel(out, ref)
+        lines.append(f"N={N}: chunked vs token-by-token recurrence (float64): rel. error {err:.1e}")
+        if not err < tol:
+            raise SystemExit(f"verification failed: chunked output differs from the recurrence at N={N}: {err:.2e}")
+    # Gradients and softmax on a short, awkward length (not a multiple of the chunk).
+    N = max(2, min(lengths) - 1)
+    q, k, v = make_inputs(args.batch, N, args.heads, args.dim, torch.float64, args.device, seed=0)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    grads = []
+    for backend in ("naive", "chunked"):
+        out = ops.causal_linear_attention(q, k, v, backend=backend, chunk_size=args.chunk_size)
+        grads.append([out, *torch.autograd.grad(out.square().sum(), (q, k, v))])
+    err = max(_rel(a, b) for a, b in zip(grads[1], grads[0], strict=True))
+    lines.append(f"N={N}: chunked vs naive, outputs and dq/dk/dv (float64): rel. error {err:.1e}")
+    if not err < 1e-10:
+        raise SystemExit(f"verification failed: chunked gradients differ from the naive reference: {err:.2e}")
+    with torch.no_grad():
+        sdpa = _attention("softmax", q, k, v, args.chunk_size)().transpose(1, 2)
+        ref = naive.softmax_attention(q, k, v, causal=True)
+    err = _rel(sdpa, ref)
+    lines.append(f"N={N}: softmax (SDPA) vs explicit softmax (float64): rel. error {err:.1e}")
+    if not err < 1e-10:
+        raise SystemExit(f"verification failed: SDPA differs from the explicit softmax: {err:.2e}")
+    return lines
+
+
+def measure(args, impl: str, N: int) -> dict:
+    dtype = DTYPES[args.dtype]
+    B, H, D = args.batch, args.heads, args.dim
+    row = {"impl": impl, "N": N, "batch": B, "heads": H, "dim": D, "dtype": args.dtype, "threads": args.threads}
+    if impl == "naive" and B * H * N * N * 8 * 3 > args.naive_limit_gib * 2**30:
+        row["skipped"] = f"N^2 scores exceed {args.naive_limit_gib} GiB"
+        return row
+    device = torch.device(args.device)
+    q, k, v = make_inputs(B, N, H, D, dtype, args.device, seed=N)
+    run = _attention(impl, q, k, v, args.chunk_size)
+    repeats = 1 if args.quick else args.repeats
+    with torch.no_grad():
+        fwd = time_fn(run, repeats, device)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    run = _attention(impl, q, k, v, args.chunk_size)
+    grad_out = torch.randn(B, N, H, D, dtype=dtype, device=device)
+    if impl == "softmax":
+        grad_out = grad_out.transpose(1, 2).contiguous()
+
+    def fwd_bwd():
+        out = run()
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(grad_out)
+
+    fb = time_fn(fwd_bwd, repeats, device)
+    mem = peak_extra_memory(fwd_bwd, device)
+    row.update(
+        fwd_ms=fwd.best_ms,
+        fwd_median_ms=fwd.median_ms,
+        fwdbwd_ms=fb.best_ms,
+        fwdbwd_median_ms=fb.median_ms,
+        fwdbwd_peak_mib=mem / 2**20,
+        repeats=repeats,
+    )
+    if impl == "chunked":
+        C = args.chunk_size
+        row["fwd_gflops"] = chunked_flops(N, B, H, D, D, C, False) / (fwd.best_ms * 1e6)
+        row["fwdbwd_gflops"] = chunked_flops(N, B, H, D, D, C, True) / (fb.best_ms * 1e6)
+    return row
+
+
+def summary_table(rows: list[dict]) -> str:
+    by = {(r["impl"], r["N"]): r for r in rows}
+    lengths = sorted({r["N"] for r in rows})
+    header = [
+        "N",
+        "chunked fwd ms",
+        "softmax fwd ms",
+        "fwd speedup",
+        "chunked fwd+bwd ms",
+        "softmax fwd+bwd ms",
+        "fwd+bwd speedup",
+        "naive fwd+bwd ms",
+        "chunked peak MiB",
+        "softmax peak MiB",
+        "chunked fwd+bwd GFLOP/s",
+    ]
+    out = []
+    for N in lengths:
+        c, s, n = by.get(("chunked", N), {}), by.get(("softmax", N), {}), by.get(("naive", N), {})
+
+        def ratio(a, b, key):
+            return fmt(b[key] / a[key]) + "x" if key in a and key in b else "-"
+
+        out.append(
+            [
+                str(N),
+                fmt(c.get("fwd_ms")),
+                fmt(s.get("fwd_ms")),
+                ratio(c, s, "fwd_ms"),
+                fmt(c.get("fwdbwd_ms")),
+                fmt(s.get("fwdbwd_ms")),
+                ratio(c, s, "fwdbwd_ms"),
+                fmt(n.get("fwdbwd_ms")),
+                fmt(c.get("fwdbwd_peak_mib")),
+                fmt(s.get("fwdbwd_peak_mib")),
+                fmt(c.get("fwdbwd_gflops"), 0),
+            ]
+        )
+    return markdown_table(header, out)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {"naive": "tab:gray", "chunked": "tab:blue", "softmax": "tab:red"}
+    for impl in IMPLS:
+        pts = sorted((r["N"], r) for r in rows if r["impl"] == impl and "fwd_ms" in r)
+        if not pts:
+            continue
+        Ns = [n for n, _ in pts]
+        ax_t.plot(Ns, [r["fwdbwd_ms"] for _, r in pts], "o-", color=colors[impl], label=f"{impl} fwd+bwd")
+        ax_t.plot(Ns, [r["fwd_ms"] for _, r in pts], "s--", color=colors[impl], alpha=0.6, label=f"{impl} fwd")
+        mem = [(n, r["fwdbwd_peak_mib"]) for n, r in pts if r["fwdbwd_peak_mib"] == r["fwdbwd_peak_mib"]]
+        if mem:
+            ax_m.plot([n for n, _ in mem], [m for _, m in mem], "o-", color=colors[impl], label=impl)
+    for ax, ylabel in ((ax_t, "time (ms)"), (ax_m, "extra peak memory, fwd+bwd (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.quick:
+        args.lengths, args.heads, args.dim, args.repeats = [128, 256], 2, 16, 1
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    config = (
+        f"B={args.batch} H={args.heads} D={args.dim} {args.dtype} chunk={args.chunk_size} "
+        f"threads={args.threads} device={args.device}"
+    )
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}"
+        + (f", {info['gpu']}" if "gpu" in info else "")
+    )
+    print(f"config:  {config}")
+    print("verifying ...", flush=True)
+    for line in verify(args, args.lengths):
+        print("  " + line)
+    gemm = batched_gemm_gflops() if args.device == "cpu" and not args.quick else float("nan")
+    if gemm == gemm:
+        print(f"batched 64x64x64 float32 matmul on this machine: {gemm:.0f} GFLOP/s")
+    rows = []
+    for N in args.lengths:
+        for impl in args.impls:
+            row = measure(args, impl, N)
+            rows.append(row)
+            if "skipped" in row:
+                print(f"  N={N:>6} {impl:>8}: skipped ({row['skipped']})", flush=True)
+            else:
+                print(
+                    f"  N={N:>6} {impl:>8}: fwd {row['fwd_ms']:9.1f} ms  fwd+bwd {row['fwdbwd_ms']:9.1f} ms  "
+                    f"peak {fmt(row['fwdbwd_peak_mib'])} MiB",
+                    flush=True,
+                )
+    out = args.out
+    write_csv(out / "attention.csv", rows)
+    table = summary_table(rows)
+    header = (
+        f"Causal attention, {config}; best of {args.repeats} runs\n\nMachine: {info['cpu']}, torch {info['torch']}\n"
+    )
+    if gemm == gemm:
+        header += f"Batched 64x64x64 float32 matmul rate measured in the same run: {gemm:.0f} GFLOP/s\n"
+    (out / "table.md").write_text(header + "\n" + table)
+    print()
+    print(table)
+    plotted = plot(rows, out / "attention.png", f"causal attention, {config}\n{info['cpu']}")
+    print(f"wrote {out / 'attention.csv'}, {out / 'table.md'}" + (f", {out / 'attention.png'}" if plotted else ""))
+    if not plotted:
+        print("(no plot: matplotlib is not installed; pip install 'linear_transformers[bench]')", file=sys.stderr)
+    return 0

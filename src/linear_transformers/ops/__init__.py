@@ -1,0 +1,295 @@
+"""Functional attention ops: no modules, no parameters.
+
+Dimension legend (one layout everywhere, no head-first switch):
+
+    B   batch
+    T   query positions (time)
+    S   key/value positions (S == T for causal attention)
+    H   heads
+    Dk  query/key feature dimension (after the feature map for linear attention)
+    Dv  value dimension
+
+    q [B, T, H, Dk]   k [B, S, H, Dk]   v [B, S, H, Dv]   ->   out [B, T, H, Dv]
+    one-token step:  q, k [B, H, Dk], v [B, H, Dv]  ->  out [B, H, Dv]
+    LinearState:     S [B, H, Dk, Dv], z [B, H, Dk]  (float32; float64 for float64 inputs)
+    key_padding_mask [B, S] bool, True where the key is padding (as in torch.nn.MultiheadAttention)
+
+Linear attention takes queries and keys that are already feature-mapped (phi(x) >= 0, see
+`linear_transformers.feature_maps`). Inputs may be float16, bfloat16, float32 or float64; outputs
+come back in the input dtype, while states and normalisers are kept in float32 (float64 for
+float64 inputs).
+
+Implementations of causal linear attention live in a small table keyed by backend name:
+
+    "naive"    naive.py    quadratic masked form, the reference
+    "chunked"  chunked.py  chunkwise-parallel PyTorch with a memory-efficient backward (default)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import chunked, naive, softmax
+from .state import KVCache, LinearState
+from .step import step as _linear_step
+from .validation import (
+    accumulation_dtype,
+    check_chunk_size,
+    check_eps,
+    check_key_padding_mask,
+    check_qkv,
+    check_same_dtype_device,
+    check_tensor,
+)
+
+__all__ = [
+    "CAUSAL_BACKENDS",
+    "KVCache",
+    "LinearState",
+    "causal_linear_attention",
+    "linear_attention",
+    "linear_attention_step",
+    "softmax_attention",
+    "softmax_attention_step",
+    "softmax_attention_with_cache",
+]
+
+CausalImpl = Callable[..., tuple[torch.Tensor, LinearState]]
+
+
+def _naive_causal(q, k, v, *, initial_state, eps, chunk_size):
+    return naive.causal_linear_attention(q, k, v, initial_state=initial_state, eps=eps)
+
+
+def _chunked_causal(q, k, v, *, initial_state, eps, chunk_size):
+    return chunked.causal_linear_attention(q, k, v, initial_state=initial_state, eps=eps, chunk_size=chunk_size)
+
+
+CAUSAL_BACKENDS: dict[str, CausalImpl] = {
+    "naive": _naive_causal,
+    "chunked": _chunked_causal,
+}
+
+
+def _causal_backend(fn: str, backend: str) -> CausalImpl:
+    if backend == "auto":
+        return CAUSAL_BACKENDS["chunked"]
+    try:
+        return CAUSAL_BACKENDS[backend]
+    except (KeyError, TypeError):
+        choices = ", ".join(repr(b) for b in ["auto", *CAUSAL_BACKENDS])
+        raise ValueError(f"{fn}: unknown backend {backend!r}; choose one of {choices}") from None
+
+
+def _check_state(fn: str, state: object, q: torch.Tensor, v: torch.Tensor) -> LinearState:
+    if not isinstance(state, LinearState):
+        raise TypeError(f"{fn}: the state must be a LinearState, got {type(state).__name__}")
+    B, H, Dk = q.shape[0], q.shape[-2], q.shape[-1]
+    expected = [B, H, Dk, v.shape[-1]]
+    if list(state.S.shape) != expected:
+        raise ValueError(f"{fn}: state.S must have shape [B, H, Dk, Dv] = {expected}, got {list(state.S.shape)}")
+    if state.S.device != q.device:
+        raise ValueError(f"{fn}: the state is on {state.S.device} but the inputs are on {q.device}")
+    acc = accumulation_dtype(q.dtype)
+    if state.S.dtype != acc:
+        raise TypeError(
+            f"{fn}: for {q.dtype} inputs the state must be {acc}, got {state.S.dtype} "
+            f"(make it with LinearState.zeros(..., dtype={q.dtype}))"
+        )
+    return state
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Non-causal linear attention (paper Eq. 5-6), O(T + S) time and memory.
+
+    out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / (phi(q_i)^T sum_j phi(k_j) + eps)
+
+    Args:
+        q: [B, T, H, Dk] feature-mapped queries.
+        k: [B, S, H, Dk] feature-mapped keys (S may differ from T).
+        v: [B, S, H, Dv] values.
+        key_padding_mask: optional bool [B, S], True where the key is padding; padded keys enter
+            neither the numerator nor the normaliser.
+        eps: added to the normaliser (float >= 0).
+
+    Returns:
+        [B, T, H, Dv] in the input dtype. The sums and the normaliser are float32 (float64 for float64).
+    """
+    fn = "linear_attention"
+    check_qkv(fn, q, k, v, same_length=False)
+    eps = check_eps(fn, eps)
+    acc = accumulation_dtype(q.dtype)
+    kf, vf = k.to(acc), v.to(acc)
+    if key_padding_mask is not None:
+        check_key_padding_mask(fn, key_padding_mask, k.shape[0], k.shape[1], k.device)
+        kf = kf.masked_fill(key_padding_mask[:, :, None, None], 0.0)
+    qf = q.to(acc)
+    kv = torch.einsum("bshd,bshe->bhde", kf, vf)  # [B, H, Dk, Dv]
+    ksum = kf.sum(1)  # [B, H, Dk]
+    num = torch.einsum("bthd,bhde->bthe", qf, kv)
+    den = torch.einsum("bthd,bhd->bth", qf, ksum) + eps
+    return (num / den.unsqueeze(-1)).to(q.dtype)
+
+
+def causal_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    initial_state: LinearState | None = None,
+    return_state: bool = False,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    backend: str = "auto",
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, LinearState]:
+    """Causal linear attention with its normaliser (paper Eq. 9-12), trained in parallel.
+
+    out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps)
+    S_i = S_0 + sum_{j<=i} phi(k_j) v_j^T,   z_i = z_0 + sum_{j<=i} phi(k_j)
+
+    Args:
+        q: [B, T, H, Dk] feature-mapped queries.
+        k: [B, T, H, Dk] feature-mapped keys.
+        v: [B, T, H, Dv] values.
+        initial_state: state to continue from (e.g. returned by an earlier call); default empty.
+            Gradients flow into its S and z when they require grad.
+        return_state: also return the final LinearState (prefill for `linear_attention_step`).
+        eps: added to the normaliser (float >= 0; the paper uses 1e-6).
+        chunk_size: tokens per chunk for the "chunked" backend (int >= 1; any T works).
+        backend: "auto" (chunked), "chunked" or "naive" (the quadratic reference).
+        key_padding_mask: optional bool [B, T], True where the key is padding; padded keys enter
+            neither the numerator nor the normaliser (nor the returned state).
+
+    Returns:
+        out [B, T, H, Dv] in the input dtype, and the final state if `return_state`.
+    """
+    fn = "causal_linear_attention"
+    check_qkv(fn, q, k, v, same_length=True)
+    eps = check_eps(fn, eps)
+    chunk_size = check_chunk_size(fn, chunk_size)
+    impl = _causal_backend(fn, backend)
+    if initial_state is not None:
+        _check_state(fn, initial_state, q, v)
+    if key_padding_mask is not None:
+        check_key_padding_mask(fn, key_padding_mask, k.shape[0], k.shape[1], k.device)
+        k = k.masked_fill(key_padding_mask[:, :, None, None], 0.0)
+    out, state = impl(q, k, v, initial_state=initial_state, eps=eps, chunk_size=chunk_size)
+    return (out, state) if return_state else out
+
+
+def linear_attention_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState | None = None, *, eps: float = 1e-6
+) -> tuple[torch.Tensor, LinearState]:
+    """One token of causal linear attention as an RNN (paper Eq. 18-20), O(1) in the tokens seen.
+
+    Args:
+        q, k: [B, H, Dk] feature-mapped query and key of the new token.
+        v: [B, H, Dv] its value.
+        state: the state after the previous tokens (None: empty). When no gradient is needed it is
+            updated in place and returned (clone it first to branch); otherwise a new state is built.
+        eps: added to the normaliser.
+
+    Returns:
+        (out [B, H, Dv] in the input dtype, the state including this token).
+    """
+    fn = "linear_attention_step"
+    check_tensor(fn, "q", q, 3, "[B, H, Dk]")
+    check_tensor(fn, "k", k, 3, "[B, H, Dk]")
+    check_tensor(fn, "v", v, 3, "[B, H, Dv]")
+    check_same_dtype_device(fn, q=q, k=k, v=v)
+    if k.shape != q.shape:
+        raise ValueError(f"{fn}: k must have the shape of q [B, H, Dk] = {list(q.shape)}, got {list(k.shape)}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"{fn}: v must have shape [B, H, Dv] = [{q.shape[0]}, {q.shape[1]}, Dv], got {list(v.shape)}")
+    eps = check_eps(fn, eps)
+    if state is None:
+        state = LinearState.zeros(q.shape[0], q.shape[1], q.shape[2], v.shape[2], dtype=q.dtype, device=q.device)
+    else:
+        _check_state(fn, state, q, v)
+    return _linear_step(q, k, v, state, eps)
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Softmax attention softmax(q k^T * scale) v on torch's scaled_dot_product_attention. O(T S).
+
+    Args:
+        q: [B, T, H, Dk] (raw, not feature-mapped), k: [B, S, H, Dk], v: [B, S, H, Dv].
+        causal: mask future keys; with S != T the queries are the last T positions.
+        key_padding_mask: optional bool [B, S], True where the key is padding.
+        scale: defaults to 1 / sqrt(Dk).
+        dropout_p: dropout on the attention weights (pass 0 at evaluation).
+
+    Returns:
+        [B, T, H, Dv]; a query that can see no key (all padded) gets zeros.
+    """
+    fn = "softmax_attention"
+    check_qkv(fn, q, k, v, same_length=False)
+    if key_padding_mask is not None:
+        check_key_padding_mask(fn, key_padding_mask, k.shape[0], k.shape[1], k.device)
+    out = softmax.attend(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        scale=scale,
+        dropout_p=dropout_p,
+    )
+    return out.transpose(1, 2)
+
+
+def softmax_attention_with_cache(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None = None, *, scale: float | None = None
+) -> tuple[torch.Tensor, KVCache]:
+    """Causal softmax attention of a block of new tokens against a key/value cache.
+
+    Appends k [B, T, H, Dk] and v [B, T, H, Dv] to `cache` (a new one if None), then lets each
+    query in q [B, T, H, Dk] attend to all cached tokens up to and including its own position.
+    Returns (out [B, T, H, Dv], cache). Prefill is this with an empty cache.
+    """
+    fn = "softmax_attention_with_cache"
+    check_qkv(fn, q, k, v, same_length=True)
+    B, T, H, Dk = q.shape
+    if cache is None:
+        cache = KVCache.empty(B, H, Dk, v.shape[3], capacity=max(T, 256), dtype=q.dtype, device=q.device)
+    elif not isinstance(cache, KVCache):
+        raise TypeError(f"{fn}: cache must be a KVCache, got {type(cache).__name__}")
+    elif cache.dtype != q.dtype or cache.device != q.device:
+        raise TypeError(
+            f"{fn}: the cache holds {cache.dtype} on {cache.device} but the inputs are {q.dtype} on {q.device}"
+        )
+    return softmax.attend_with_cache(q, k, v, cache, scale=scale), cache
+
+
+def softmax_attention_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None = None, *, scale: float | None = None
+) -> tuple[torch.Tensor, KVCache]:
+    """One token of causal softmax attention with a growable, preallocated KV cache.
+
+    q, k [B, H, Dk], v [B, H, Dv] -> (out [B, H, Dv], cache including this token). O(tokens seen).
+    """
+    fn = "softmax_attention_step"
+    check_tensor(fn, "q", q, 3, "[B, H, Dk]")
+    check_tensor(fn, "k", k, 3, "[B, H, Dk]")
+    check_tensor(fn, "v", v, 3, "[B, H, Dv]")
+    out, cache = softmax_attention_with_cache(q[:, None], k[:, None], v[:, None], cache, scale=scale)
+    return out[:, 0], cache

@@ -1,0 +1,36 @@
+"""Shared test helpers: random feature-mapped inputs and error measures."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from linear_transformers.ops import LinearState
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def qkv(B, T, H, Dk, Dv, dtype=torch.float64, requires_grad=False, S=None):
+    """Feature-mapped queries/keys (elu + 1 of normal draws) and normal values, [B, T, H, D] layout."""
+    S = T if S is None else S
+    q = F.elu(torch.randn(B, T, H, Dk, dtype=torch.float64)) + 1
+    k = F.elu(torch.randn(B, S, H, Dk, dtype=torch.float64)) + 1
+    v = torch.randn(B, S, H, Dv, dtype=torch.float64)
+    return [x.to(dtype).requires_grad_(requires_grad) for x in (q, k, v)]
+
+
+def random_state(B, H, Dk, Dv, dtype=torch.float64, requires_grad=False, n_tokens=5):
+    """A plausible non-empty state: sums of n_tokens positive keys times values."""
+    k = F.elu(torch.randn(B, n_tokens, H, Dk, dtype=torch.float64)) + 1
+    v = torch.randn(B, n_tokens, H, Dv, dtype=torch.float64)
+    S = torch.einsum("bthd,bthe->bhde", k, v).to(dtype).requires_grad_(requires_grad)
+    z = k.sum(1).to(dtype).requires_grad_(requires_grad)
+    return LinearState(S, z, n_tokens)
+
+
+def shape_id(**dims) -> str:
+    return "-".join(f"{k}{v}" for k, v in dims.items())

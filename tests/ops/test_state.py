@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linear_transformers.ops import LinearState
+
+
+def test_zeros_and_dtypes():
+    s = LinearState.zeros(2, 3, 4, 5, dtype=torch.bfloat16)
+    assert s.S.shape == (2, 3, 4, 5) and s.z.shape == (2, 3, 4) and s.dtype == torch.float32
+    assert s.shape == (2, 3, 4, 5) and s.n_tokens == 0
+    assert LinearState.zeros(1, 1, 2, 2, dtype=torch.float64).dtype == torch.float64
+
+
+def test_detach_clone_to_index_select():
+    S = torch.randn(2, 1, 3, 3, requires_grad=True)
+    z = torch.rand(2, 1, 3, requires_grad=True)
+    s = LinearState(S * 1, z * 1, 7)
+    d = s.detach()
+    assert not d.S.requires_grad and d.n_tokens == 7
+    c = s.clone()
+    assert c.S.data_ptr() != s.S.data_ptr()
+    assert s.to(dtype=torch.float64).S.dtype == torch.float64
+    assert s.to("cpu").device.type == "cpu"
+    assert torch.equal(s.index_select(torch.tensor([1])).S, s.S[1:])
+    with pytest.raises(TypeError, match="float32 or float64"):
+        s.to(dtype=torch.bfloat16)
+
+
+def test_rejects_inconsistent_parts():
+    with pytest.raises(ValueError, match="z must have shape"):
+        LinearState(torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 5))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        LinearState(torch.zeros(2, 3, 4, 5, dtype=torch.bfloat16), torch.zeros(2, 3, 4, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"S must have 4 dimensions"):
+        LinearState(torch.zeros(3, 4, 5), torch.zeros(3, 4))
