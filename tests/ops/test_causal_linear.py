@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from linear_transformers import ops
-from linear_transformers.ops import LinearState, chunked, naive
+from linear_transformers.ops import LinearState, chunked, cpu, naive
 
 from helpers import qkv, random_state, rel_err, shape_id
 
-FAST_BACKENDS = ["chunked"]
+FAST_BACKENDS = ["chunked", "cpu"]
 
 SHAPES = [
     dict(B=2, T=1, H=3, Dk=16, Dv=8),
@@ -23,13 +23,19 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=["one-block", "many-blocks"])
+@pytest.fixture(params=["default", "small-blocks-3-threads"])
 def block_size(request, monkeypatch):
-    """The chunked path walks the sequence in blocks of chunks; also force tiny blocks so the
-    state is carried across many of them."""
-    if request.param == "many-blocks":
+    """The chunked path walks the sequence in blocks of chunks: also force tiny blocks so the state is
+    carried across many of them. The CPU kernel splits the sequences over threads: also use 3 threads,
+    so the split is uneven and a thread may get none."""
+    if request.param != "default":
         monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 1)
-    return request.param
+        threads = torch.get_num_threads()
+        torch.set_num_threads(3)
+        yield request.param
+        torch.set_num_threads(threads)
+    else:
+        yield request.param
 
 
 def _run(backend, q, k, v, state, chunk_size=64):
@@ -74,15 +80,29 @@ def test_chunk_sizes(chunk_size, block_size):
         assert rel_err(got[name], ref[name]) < 1e-10, name
 
 
-def test_gradcheck_chunked_function(monkeypatch):
+@pytest.mark.parametrize(
+    "function", [chunked.ChunkedCausalLinearAttention, cpu.CpuCausalLinearAttention], ids=["chunked", "cpu"]
+)
+def test_gradcheck_functions(function, monkeypatch):
     monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 1)  # several blocks: the carried state is differentiated too
     q, k, v = qkv(2, 11, 2, 3, 4, requires_grad=True)
     state = random_state(2, 2, 3, 4, requires_grad=True)
 
     def f(q, k, v, S0, z0):
-        return chunked.ChunkedCausalLinearAttention.apply(q, k, v, S0, z0, 1e-6, 4)
+        return function.apply(q, k, v, S0, z0, 1e-6, 4)
 
     assert torch.autograd.gradcheck(f, (q, k, v, state.S, state.z))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in qkv(2, 40, 3, 8, 8))
+    assert not q.is_contiguous()
+    state = random_state(2, 3, 8, 8)
+    ref = _run("naive", q, k, v, state)
+    got = _run(backend, q, k, v, state)
+    for name in ["out", "S", "dq", "dk", "dv"]:
+        assert rel_err(got[name], ref[name]) < 1e-10, name
 
 
 def test_gradients_only_for_what_requires_them():

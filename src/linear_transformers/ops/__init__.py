@@ -22,16 +22,21 @@ float64 inputs).
 Implementations of causal linear attention live in a small table keyed by backend name:
 
     "naive"    naive.py    quadratic masked form, the reference
-    "chunked"  chunked.py  chunkwise-parallel PyTorch with a memory-efficient backward (default)
+    "chunked"  chunked.py  chunkwise-parallel PyTorch with a memory-efficient backward (any device)
+    "cpu"      cpu/        the same algorithm as a compiled C kernel (CPU tensors; built on first use)
+
+"auto" takes "cpu" for CPU tensors when its kernel builds, else "chunked" (with one warning naming
+why the kernel is unavailable).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 
-from . import chunked, naive, softmax
+from . import chunked, cpu, naive, softmax
 from .state import KVCache, LinearState
 from .step import step as _linear_step
 from .validation import (
@@ -63,24 +68,55 @@ def _naive_causal(q, k, v, *, initial_state, eps, chunk_size):
     return naive.causal_linear_attention(q, k, v, initial_state=initial_state, eps=eps)
 
 
-def _chunked_causal(q, k, v, *, initial_state, eps, chunk_size):
-    return chunked.causal_linear_attention(q, k, v, initial_state=initial_state, eps=eps, chunk_size=chunk_size)
+def _function_backend(function: type[torch.autograd.Function]) -> CausalImpl:
+    """Adapts an autograd.Function taking (q, k, v, S0, z0, eps, chunk_size) to the backend signature."""
+
+    def run(q, k, v, *, initial_state, eps, chunk_size):
+        if initial_state is None:
+            B, _, H, Dk = q.shape
+            initial_state = LinearState.zeros(B, H, Dk, v.shape[-1], dtype=q.dtype, device=q.device)
+        if q.shape[1] == 0:
+            return v.new_zeros(v.shape), initial_state
+        y, S, z = function.apply(q, k, v, initial_state.S, initial_state.z, eps, chunk_size)
+        return y, LinearState(S, z, initial_state.n_tokens + q.shape[1])
+
+    return run
 
 
 CAUSAL_BACKENDS: dict[str, CausalImpl] = {
     "naive": _naive_causal,
-    "chunked": _chunked_causal,
+    "chunked": _function_backend(chunked.ChunkedCausalLinearAttention),
+    "cpu": _function_backend(cpu.CpuCausalLinearAttention),
 }
 
+_warned_fallback = False
 
-def _causal_backend(fn: str, backend: str) -> CausalImpl:
+
+def _causal_backend(fn: str, backend: str, q: torch.Tensor) -> CausalImpl:
+    global _warned_fallback
     if backend == "auto":
+        if q.device.type != "cpu":
+            return CAUSAL_BACKENDS["chunked"]
+        if cpu.available():
+            return CAUSAL_BACKENDS["cpu"]
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(
+                f"{fn}: the compiled CPU kernel is unavailable ({cpu.unavailable_reason()}); "
+                "using the PyTorch 'chunked' backend",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return CAUSAL_BACKENDS["chunked"]
-    try:
-        return CAUSAL_BACKENDS[backend]
-    except (KeyError, TypeError):
+    if backend not in CAUSAL_BACKENDS:
         choices = ", ".join(repr(b) for b in ["auto", *CAUSAL_BACKENDS])
-        raise ValueError(f"{fn}: unknown backend {backend!r}; choose one of {choices}") from None
+        raise ValueError(f"{fn}: unknown backend {backend!r}; choose one of {choices}")
+    if backend == "cpu":
+        if q.device.type != "cpu":
+            raise ValueError(f"{fn}: backend 'cpu' runs on CPU tensors, got tensors on {q.device}")
+        if not cpu.available():
+            raise RuntimeError(f"{fn}: backend 'cpu' is unavailable: {cpu.unavailable_reason()}")
+    return CAUSAL_BACKENDS[backend]
 
 
 def _check_state(fn: str, state: object, q: torch.Tensor, v: torch.Tensor) -> LinearState:
@@ -166,7 +202,8 @@ def causal_linear_attention(
         return_state: also return the final LinearState (prefill for `linear_attention_step`).
         eps: added to the normaliser (float >= 0; the paper uses 1e-6).
         chunk_size: tokens per chunk for the "chunked" backend (int >= 1; any T works).
-        backend: "auto" (chunked), "chunked" or "naive" (the quadratic reference).
+        backend: "auto" ("cpu" for CPU tensors when its kernel builds, else "chunked"), "cpu" (compiled
+            C kernel), "chunked" (PyTorch, any device) or "naive" (the quadratic reference).
         key_padding_mask: optional bool [B, T], True where the key is padding; padded keys enter
             neither the numerator nor the normaliser (nor the returned state).
 
@@ -177,7 +214,7 @@ def causal_linear_attention(
     check_qkv(fn, q, k, v, same_length=True)
     eps = check_eps(fn, eps)
     chunk_size = check_chunk_size(fn, chunk_size)
-    impl = _causal_backend(fn, backend)
+    impl = _causal_backend(fn, backend, q)
     if initial_state is not None:
         _check_state(fn, initial_state, q, v)
     if key_padding_mask is not None:

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import torch
 
-from .state import LinearState
-
 # Elements of one [n, B, H, C, C] block temporary; 2**18 floats = 1 MiB keeps a block's working set in L2.
 BLOCK_ELEMENTS = 2**18
 
@@ -230,24 +228,3 @@ class ChunkedCausalLinearAttention(torch.autograd.Function):
             None,
             None,
         )
-
-
-def causal_linear_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    initial_state: LinearState | None = None,
-    eps: float = 1e-6,
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, LinearState]:
-    """Chunkwise causal linear attention; the function of `naive.causal_linear_attention`, plus
-    `chunk_size`. q, k [B, T, H, Dk], v [B, T, H, Dv] -> (out [B, T, H, Dv], final LinearState)."""
-    if initial_state is None:
-        initial_state = LinearState.zeros(
-            q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype=q.dtype, device=q.device
-        )
-    if q.shape[1] == 0:
-        return v.new_zeros(v.shape), initial_state
-    y, S, z = ChunkedCausalLinearAttention.apply(q, k, v, initial_state.S, initial_state.z, eps, chunk_size)
-    return y, LinearState(S, z, initial_state.n_tokens + q.shape[1])

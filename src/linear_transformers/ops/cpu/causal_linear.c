@@ -1,0 +1,69 @@
+/* Causal linear attention kernels for the CPU (float32 and float64), loaded by ops/cpu.py with
+ * ctypes. Plain C with GCC vector extensions and pthreads: no PyTorch headers, so it compiles in
+ * about a second on first use. The algorithm is in causal_linear_impl.h. */
+
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { MM_FULL = 0, MM_LOWER_A = 1, MM_UPPER_A = 2, MM_LOWER_C = 3 };
+
+typedef int (*range_fn)(const void *args, long begin, long end);
+
+typedef struct {
+    range_fn fn;
+    const void *args;
+    long begin, end;
+    int status;
+} worker_t;
+
+static void *run_worker(void *p) {
+    worker_t *w = p;
+    if (w->begin < w->end) w->status = w->fn(w->args, w->begin, w->end);
+    return NULL;
+}
+
+/* Splits [0, n_items) into n_threads contiguous ranges and runs fn on each, one per thread (the
+ * caller's included). Returns nonzero if any range failed. */
+static int parallel_over(long n_items, int n_threads, range_fn fn, const void *args) {
+    if (n_threads > n_items) n_threads = (int)n_items;
+    if (n_threads > 256) n_threads = 256;
+    if (n_threads < 1) n_threads = 1;
+    worker_t w[256];
+    pthread_t tid[256];
+    int started[256] = {0};
+    for (int t = 0; t < n_threads; t++)
+        w[t] = (worker_t){fn, args, n_items * t / n_threads, n_items * (t + 1) / n_threads, 0};
+    for (int t = 1; t < n_threads; t++) started[t] = pthread_create(&tid[t], NULL, run_worker, &w[t]) == 0;
+    run_worker(&w[0]);
+    int status = w[0].status;
+    for (int t = 1; t < n_threads; t++) {
+        if (started[t])
+            pthread_join(tid[t], NULL);
+        else
+            run_worker(&w[t]); /* the thread could not start: do its share here */
+        status |= w[t].status;
+    }
+    return status;
+}
+
+#define T float
+#define ITYPE int32_t
+#define SUF f32
+#define VL 16
+#include "causal_linear_impl.h"
+#undef T
+#undef ITYPE
+#undef SUF
+#undef VL
+
+#define T double
+#define ITYPE int64_t
+#define SUF f64
+#define VL 8
+#include "causal_linear_impl.h"
+#undef T
+#undef ITYPE
+#undef SUF
+#undef VL

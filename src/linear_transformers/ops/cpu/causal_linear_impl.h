@@ -1,0 +1,430 @@
+/* Causal linear attention on the CPU, one scalar type. Included by causal_linear.c with
+ *   T    the scalar type (float or double)
+ *   SUF  the suffix of the exported names (f32, f64)
+ *   VL   lanes in a 64-byte vector (16 floats, 8 doubles)
+ *
+ * Each (batch, head) sequence is walked chunk by chunk (C tokens). A chunk's queries, keys and
+ * values are copied into small contiguous buffers that stay in L1/L2, and every product is a
+ * small matrix product computed by `mm` below: a 4-row x 4-vector register tile, GCC vector
+ * extensions (compiled with -march=native, so AVX-512 where the machine has it). Products with a
+ * masked (triangular) operand skip the zero half.
+ *
+ * Forward, chunk n (state S, z entering it; A = tril(Q K^T)):
+ *   out = (A V + Q S) / (rowsum(A) + Q z + eps),   S += K^T V,   z += K^T 1
+ * Backward, chunks in reverse, (G, g) = gradient of the state leaving the chunk:
+ *   dnum = dout / den,  dden = -(dnum . out),  dA = tril(dnum V^T + dden 1^T)
+ *   dQ = dA K + dnum S^T + dden z^T,   dK = dA^T Q + V G^T + 1 g^T,   dV = A^T dnum + K G
+ *   G += Q^T dnum,   g += Q^T dden
+ * The forward keeps S and z entering every chunk and the normaliser of every position for the
+ * backward: one state per chunk, never one per position (the paper's Algorithm 1, chunkwise).
+ */
+
+#define CAT2(a, b) a##_##b
+#define CAT(a, b) CAT2(a, b)
+#define FN(name) CAT(name, SUF)
+
+typedef T FN(vec) __attribute__((vector_size(64), aligned(sizeof(T))));
+#define V FN(vec)
+
+static inline V FN(vload)(const T *p) {
+    V v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void FN(vstore)(T *p, V v) { memcpy(p, &v, sizeof v); }
+
+/* Sum of the lanes, as a tree: log2(VL) dependent additions rather than VL. */
+static inline T FN(hsum)(V v) {
+    T t[VL];
+    memcpy(t, &v, sizeof v);
+    for (int w = VL / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) t[l] += t[l + w];
+    return t[0];
+}
+
+/* sum_d x[d] y[d] (y = NULL: sum_d x[d]) with VL independent partial sums. */
+static inline T FN(dot)(int n, const T *x, const T *y) {
+    V acc = {0};
+    int d = 0;
+    for (; d + VL <= n; d += VL) acc += y ? FN(vload)(x + d) * FN(vload)(y + d) : FN(vload)(x + d);
+    T s = FN(hsum)(acc);
+    for (; d < n; d++) s += y ? x[d] * y[d] : x[d];
+    return s;
+}
+
+/* dst[0:n] = scale * src[0:n], inline (rows are short: a library call per row costs more than the copy). */
+static inline void FN(copy)(T *dst, const T *src, int n, T scale) {
+    int d = 0;
+    for (; d + VL <= n; d += VL) FN(vstore)(dst + d, scale * FN(vload)(src + d));
+    for (; d < n; d++) dst[d] = scale * src[d];
+}
+
+/* C[0:R, 0:NV*VL] (+)= sum_{k0 <= k < k1} A(r, k) B[k, 0:NV*VL], with A(r, k) = A[r*ars + k*acs].
+ * R <= 8, NV <= 4 and R * NV <= 16 are compile-time constants at every call, so the loops unroll
+ * into registers: up to 16 independent accumulators, enough to keep both FMA units busy. */
+static inline __attribute__((always_inline)) void FN(tile)(int R, int NV, int k0, int k1, const T *A, long ars,
+                                                           long acs, const T *B, long ldb, T *C, long ldc, int acc) {
+    V c[8][4];
+    for (int r = 0; r < R; r++)
+        for (int u = 0; u < NV; u++) c[r][u] = acc ? FN(vload)(C + r * ldc + u * VL) : (V){0};
+    for (int k = k0; k < k1; k++) {
+        V b[4];
+        for (int u = 0; u < NV; u++) b[u] = FN(vload)(B + k * ldb + u * VL);
+        for (int r = 0; r < R; r++) {
+            T a = A[r * ars + k * acs];
+            for (int u = 0; u < NV; u++) c[r][u] += a * b[u];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int u = 0; u < NV; u++) FN(vstore)(C + r * ldc + u * VL, c[r][u]);
+}
+
+/* The same for n < VL leftover columns, scalar. */
+static void FN(tile_tail)(int R, int n, int k0, int k1, const T *A, long ars, long acs, const T *B, long ldb, T *C,
+                          long ldc, int acc) {
+    for (int r = 0; r < R; r++)
+        for (int j = 0; j < n; j++) {
+            T s = acc ? C[r * ldc + j] : 0;
+            for (int k = k0; k < k1; k++) s += A[r * ars + k * acs] * B[k * ldb + j];
+            C[r * ldc + j] = s;
+        }
+}
+
+#define TILE(R_, NV) FN(tile)(R_, NV, k0, k1, Ai, ars, acs, B + j, ldb, Ci + j, ldc, acc)
+#define TILE_R(NV)                   \
+    switch (R) {                     \
+        case 4: TILE(4, NV); break;  \
+        case 3: TILE(3, NV); break;  \
+        case 2: TILE(2, NV); break;  \
+        default: TILE(1, NV); break; \
+    }
+#define TILE_R8(NV)                 \
+    switch (R) {                    \
+        case 8: TILE(8, NV); break; \
+        case 7: TILE(7, NV); break; \
+        case 6: TILE(6, NV); break; \
+        default: TILE(5, NV); break; \
+    }
+
+/* C[M, N] = (acc ? C : 0) + op(A)[M, K] B[K, N]; op(A)(i, k) = A[i*ars + k*acs] (a transposed
+ * operand is just ars = 1), B and C row-major with leading dimensions ldb, ldc.
+ * tri = MM_FULL (enum in causal_linear.c), or uses the structure of a causal mask:
+ *   MM_LOWER_A  op(A)(i, k) = 0 for k > i: the sum stops at the tile's last row;
+ *   MM_UPPER_A  op(A)(i, k) = 0 for k < i: the sum starts at the tile's first row;
+ *   MM_LOWER_C  only C(i, j) with j <= i is wanted: columns past the tile's last row (rounded up
+ *               to a vector) are not computed and hold garbage the caller masks. */
+static void FN(mm)(int M, int N, int K, const T *A, long ars, long acs, const T *B, long ldb, T *C, long ldc, int acc,
+                   int tri) {
+    /* A triangular output is narrow near the top: 8-row tiles keep 8 to 16 accumulators there. */
+    const int rows = tri == MM_LOWER_C ? 8 : 4;
+    for (int i = 0; i < M; i += rows) {
+        int R = M - i < rows ? M - i : rows;
+        int k0 = 0, k1 = K, n_end = N;
+        if (tri == MM_LOWER_A && i + R < K) k1 = i + R;
+        if (tri == MM_UPPER_A) k0 = i < K ? i : K;
+        if (tri == MM_LOWER_C) {
+            n_end = ((i + R + VL - 1) / VL) * VL;
+            if (n_end > N) n_end = N;
+        }
+        const T *Ai = A + (long)i * ars;
+        T *Ci = C + (long)i * ldc;
+        int j = 0;
+        if (R > 4) {
+            for (; j + 2 * VL <= n_end; j += 2 * VL) TILE_R8(2)
+            for (; j + VL <= n_end; j += VL) TILE_R8(1)
+        } else {
+            for (; j + 4 * VL <= n_end; j += 4 * VL) TILE_R(4)
+            for (; j + 2 * VL <= n_end; j += 2 * VL) TILE_R(2)
+            for (; j + VL <= n_end; j += VL) TILE_R(1)
+        }
+        if (j < n_end) FN(tile_tail)(R, n_end - j, k0, k1, Ai, ars, acs, B + j, ldb, Ci + j, ldc, acc);
+    }
+}
+
+typedef ITYPE FN(lanes) __attribute__((vector_size(64)));
+
+/* dst[c, r] = src[r, c] for an R x Cn row-major src. VL x VL blocks are transposed in registers:
+ * round w (= 1, 2, 4, ...) swaps the off-diagonal w x w sub-blocks of row pairs (i, i + w) with
+ * two-vector shuffles; after log2(VL) rounds vector i holds column i. Edges are copied one by one. */
+static void FN(transpose)(int R, int Cn, const T *src, T *dst) {
+    FN(lanes) lo[8], hi[8];
+    int n_rounds = 0;
+    for (int w = 1; w < VL; w *= 2, n_rounds++)
+        for (int c = 0; c < VL; c++) {
+            lo[n_rounds][c] = (c & w) ? VL + c - w : c;
+            hi[n_rounds][c] = (c & w) ? VL + c : c + w;
+        }
+    const int R_full = R - R % VL, C_full = Cn - Cn % VL;
+    for (int r0 = 0; r0 < R_full; r0 += VL)
+        for (int c0 = 0; c0 < C_full; c0 += VL) {
+            V x[VL];
+            for (int i = 0; i < VL; i++) x[i] = FN(vload)(src + (long)(r0 + i) * Cn + c0);
+            for (int k = 0, w = 1; k < n_rounds; k++, w *= 2)
+                for (int i = 0; i < VL; i++)
+                    if (!(i & w)) {
+                        V a = x[i], b = x[i + w];
+                        x[i] = __builtin_shuffle(a, b, lo[k]);
+                        x[i + w] = __builtin_shuffle(a, b, hi[k]);
+                    }
+            for (int i = 0; i < VL; i++) FN(vstore)(dst + (long)(c0 + i) * R + r0, x[i]);
+        }
+    for (int r = 0; r < R; r++)
+        for (int c = (r < R_full ? C_full : 0); c < Cn; c++) dst[(long)c * R + r] = src[(long)r * Cn + c];
+}
+
+/* Rows [t0, t0 + len) of head h of sequence b from x [B, T, H, D] into buf [C, D], zero-filling to C rows. */
+static void FN(load_rows)(const T *x, long b, long t0, int len, int C, long Tn, long H, long h, int D, T *buf) {
+    for (int i = 0; i < len; i++) FN(copy)(buf + (long)i * D, x + ((b * Tn + t0 + i) * H + h) * D, D, 1);
+    if (len < C) memset(buf + (long)len * D, 0, sizeof(T) * (C - len) * D);
+}
+
+/* Prefetch rows [t0 + i0, t0 + i1) of head h of sequence b of x [B, T, H, D] into L2 (for writing if rw). */
+static void FN(prefetch_rows)(const T *x, long b, long t0, int i0, int i1, long Tn, long H, long h, int D, int rw) {
+#ifdef CLA_NO_PREFETCH
+    return;
+#endif
+    for (int i = i0; i < i1 && t0 + i < Tn; i++) {
+        const char *row = (const char *)(x + ((b * Tn + t0 + i) * H + h) * D);
+        for (long off = 0; off < (long)sizeof(T) * D; off += 64) {
+            if (rw)
+                __builtin_prefetch(row + off, 1, 2);
+            else
+                __builtin_prefetch(row + off, 0, 2);
+        }
+    }
+}
+
+/* Rows of buf into rows [t0, t0 + len) of head h of x [B, T, H, D], row i multiplied by scale[i] (NULL: 1). */
+static void FN(store_rows)(T *x, long b, long t0, int len, long Tn, long H, long h, int D, const T *buf,
+                           const T *scale) {
+    for (int i = 0; i < len; i++)
+        FN(copy)(x + ((b * Tn + t0 + i) * H + h) * D, buf + (long)i * D, D, scale ? scale[i] : 1);
+}
+
+/* Scratch memory aligned to the 64-byte vectors (a vector load across two cache lines costs double). */
+static T *FN(alloc)(long n) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, sizeof(T) * (size_t)n) ? NULL : p;
+}
+
+/* Zero A[i, j] for i < j < i + 4: the only entries above the diagonal that a triangular product
+ * reads (MM_LOWER_A sums k < i + 4, MM_UPPER_A starts at k = i for a 4-row tile); the rest of the
+ * upper triangle is never read, so it is left as it is. */
+static void FN(mask_band)(int C, T *A) {
+    for (int i = 0; i < C; i++)
+        for (int j = i + 1; j < i + 4 && j < C; j++) A[(long)i * C + j] = 0;
+}
+
+typedef struct {
+    const T *q, *k, *v, *S0, *z0;
+    T *out, *S_final, *z_final, *S_save, *z_save, *den_save;
+    long B, Tn, H;
+    int Dk, Dv, C;
+    T eps;
+} FN(fwd_args);
+
+/* Slice `part` of 4 of the rows that chunk n of sequence bh reads and writes: fetched while the
+ * current chunk computes, so that memory and arithmetic overlap. */
+static void FN(forward_prefetch)(const FN(fwd_args) * a, long bh, long n, int part) {
+    if (bh < 0) return;
+    const long b = bh / a->H, h = bh % a->H, t0 = n * a->C;
+    const int i0 = a->C * part / 4, i1 = a->C * (part + 1) / 4;
+    FN(prefetch_rows)(a->q, b, t0, i0, i1, a->Tn, a->H, h, a->Dk, 0);
+    FN(prefetch_rows)(a->k, b, t0, i0, i1, a->Tn, a->H, h, a->Dk, 0);
+    FN(prefetch_rows)(a->v, b, t0, i0, i1, a->Tn, a->H, h, a->Dv, 0);
+    FN(prefetch_rows)(a->out, b, t0, i0, i1, a->Tn, a->H, h, a->Dv, 1);
+}
+
+/* Chunk n of sequence bh = b * H + h, given the state (S, z) entering it; leaves the state after it.
+ * (next_bh, next_n) is the item that follows (next_bh < 0: none), prefetched meanwhile. */
+static void FN(forward_chunk)(const FN(fwd_args) * a, long bh, long n, T *S, T *z, T *work, long next_bh,
+                              long next_n) {
+    const long b = bh / a->H, h = bh % a->H, Tn = a->Tn, H = a->H, N = (Tn + a->C - 1) / a->C;
+    const int Dk = a->Dk, Dv = a->Dv, C = a->C;
+    const long t0 = n * C;
+    const int len = (int)(Tn - t0 < C ? Tn - t0 : C);
+    T *Q = work, *K = Q + (long)C * Dk, *Vv = K + (long)C * Dk, *num = Vv + (long)C * Dv, *A = num + (long)C * Dv;
+    T *Kt = A + (long)C * C, *den = Kt + (long)Dk * C;
+    FN(load_rows)(a->q, b, t0, len, C, Tn, H, h, Dk, Q);
+    FN(load_rows)(a->k, b, t0, len, C, Tn, H, h, Dk, K);
+    FN(load_rows)(a->v, b, t0, len, C, Tn, H, h, Dv, Vv);
+    if (a->S_save) {
+        memcpy(a->S_save + (bh * N + n) * Dk * Dv, S, sizeof(T) * Dk * Dv);
+        memcpy(a->z_save + (bh * N + n) * Dk, z, sizeof(T) * Dk);
+    }
+    FN(forward_prefetch)(a, next_bh, next_n, 0);
+    FN(transpose)(C, Dk, K, Kt);
+    FN(mm)(C, C, Dk, Q, Dk, 1, Kt, C, A, C, 0, MM_LOWER_C);
+    FN(forward_prefetch)(a, next_bh, next_n, 1);
+    FN(mask_band)(C, A);
+    for (int i = 0; i < C; i++) den[i] = a->eps + FN(dot)(i + 1, A + (long)i * C, NULL) + FN(dot)(Dk, Q + (long)i * Dk, z);
+    FN(mm)(C, Dv, Dk, Q, Dk, 1, S, Dv, num, Dv, 0, MM_FULL);
+    FN(forward_prefetch)(a, next_bh, next_n, 2);
+    FN(mm)(C, Dv, C, A, C, 1, Vv, Dv, num, Dv, 1, MM_LOWER_A);
+    FN(forward_prefetch)(a, next_bh, next_n, 3);
+    if (a->den_save) memcpy(a->den_save + bh * Tn + t0, den, sizeof(T) * len);
+    for (int i = 0; i < len; i++) den[i] = 1 / den[i];
+    FN(store_rows)(a->out, b, t0, len, Tn, H, h, Dv, num, den); /* out = num / den */
+    FN(mm)(Dk, Dv, len, K, 1, Dk, Vv, Dv, S, Dv, 1, MM_FULL); /* S += K^T V */
+    for (int i = 0; i < len; i++)
+        for (int d = 0; d < Dk; d++) z[d] += K[(long)i * Dk + d];
+}
+
+/* Sequences [bh0, bh1), chunk by chunk with the sequences inner: consecutive heads of a row are
+ * adjacent in [B, T, H, D], so each chunk reads and writes contiguous runs that the hardware
+ * prefetchers follow, rather than D-wide rows H * D apart. */
+static int FN(forward_range)(const void *args, long bh0, long bh1) {
+    const FN(fwd_args) *a = args;
+    const int Dk = a->Dk, Dv = a->Dv, C = a->C;
+    const long N = (a->Tn + C - 1) / C, n_seq = bh1 - bh0, state = (long)Dk * Dv + Dk;
+    T *mem = FN(alloc)(n_seq * state + (long)C * (2 * Dk + 2 * Dv + C) + (long)Dk * C + C);
+    if (!mem) return 1;
+    T *work = mem + n_seq * state;
+    for (long s = 0; s < n_seq; s++) {
+        memcpy(mem + s * state, a->S0 + (bh0 + s) * Dk * Dv, sizeof(T) * Dk * Dv);
+        memcpy(mem + s * state + (long)Dk * Dv, a->z0 + (bh0 + s) * Dk, sizeof(T) * Dk);
+    }
+    for (long n = 0; n < N; n++)
+        for (long s = 0; s < n_seq; s++) {
+            const long next_s = s + 1 < n_seq ? s + 1 : 0, next_n = s + 1 < n_seq ? n : n + 1;
+            FN(forward_chunk)(a, bh0 + s, n, mem + s * state, mem + s * state + (long)Dk * Dv, work,
+                              next_n < N ? bh0 + next_s : -1, next_n);
+        }
+    for (long s = 0; s < n_seq; s++) {
+        memcpy(a->S_final + (bh0 + s) * Dk * Dv, mem + s * state, sizeof(T) * Dk * Dv);
+        memcpy(a->z_final + (bh0 + s) * Dk, mem + s * state + (long)Dk * Dv, sizeof(T) * Dk);
+    }
+    free(mem);
+    return 0;
+}
+
+typedef struct {
+    const T *q, *k, *v, *out, *dout, *S_save, *z_save, *den_save, *dS_final, *dz_final;
+    T *dq, *dk, *dv, *dS0, *dz0;
+    long B, Tn, H;
+    int Dk, Dv, C;
+} FN(bwd_args);
+
+static void FN(backward_prefetch)(const FN(bwd_args) * a, long bh, long n, int part) {
+    if (bh < 0) return;
+    const long b = bh / a->H, h = bh % a->H, t0 = n * a->C, Tn = a->Tn, H = a->H;
+    const int i0 = a->C * part / 4, i1 = a->C * (part + 1) / 4, Dk = a->Dk, Dv = a->Dv;
+    FN(prefetch_rows)(a->q, b, t0, i0, i1, Tn, H, h, Dk, 0);
+    FN(prefetch_rows)(a->k, b, t0, i0, i1, Tn, H, h, Dk, 0);
+    FN(prefetch_rows)(a->v, b, t0, i0, i1, Tn, H, h, Dv, 0);
+    FN(prefetch_rows)(a->dout, b, t0, i0, i1, Tn, H, h, Dv, 0);
+    FN(prefetch_rows)(a->out, b, t0, i0, i1, Tn, H, h, Dv, 0);
+    FN(prefetch_rows)(a->dq, b, t0, i0, i1, Tn, H, h, Dk, 1);
+    FN(prefetch_rows)(a->dk, b, t0, i0, i1, Tn, H, h, Dk, 1);
+    FN(prefetch_rows)(a->dv, b, t0, i0, i1, Tn, H, h, Dv, 1);
+}
+
+/* Chunk n of sequence bh backwards, given (G, g), the gradient of the state leaving the chunk;
+ * leaves the gradient of the state entering it. (next_bh, next_n) is prefetched meanwhile. */
+static void FN(backward_chunk)(const FN(bwd_args) * a, long bh, long n, T *G, T *g, T *work, long next_bh,
+                               long next_n) {
+    const long b = bh / a->H, h = bh % a->H, Tn = a->Tn, H = a->H, N = (Tn + a->C - 1) / a->C;
+    const int Dk = a->Dk, Dv = a->Dv, C = a->C;
+    const long t0 = n * C;
+    const int len = (int)(Tn - t0 < C ? Tn - t0 : C);
+    T *Q = work, *K = Q + (long)C * Dk, *dQ = K + (long)C * Dk, *dK = dQ + (long)C * Dk;
+    T *Vv = dK + (long)C * Dk, *dnum = Vv + (long)C * Dv, *O = dnum + (long)C * Dv, *dV = O + (long)C * Dv;
+    T *A = dV + (long)C * Dv, *dA = A + (long)C * C, *Kt = dA + (long)C * C, *Vt = Kt + (long)Dk * C;
+    T *Gt = Vt + (long)Dv * C, *St = Gt + (long)Dk * Dv, *dden = St + (long)Dk * Dv;
+    const T *zn = a->z_save + (bh * N + n) * Dk;
+    FN(load_rows)(a->q, b, t0, len, C, Tn, H, h, Dk, Q);
+    FN(load_rows)(a->k, b, t0, len, C, Tn, H, h, Dk, K);
+    FN(load_rows)(a->v, b, t0, len, C, Tn, H, h, Dv, Vv);
+    FN(load_rows)(a->dout, b, t0, len, C, Tn, H, h, Dv, dnum);
+    FN(load_rows)(a->out, b, t0, len, C, Tn, H, h, Dv, O);
+    for (int i = 0; i < C; i++) { /* dnum = dout / den, dden = -(dnum . out) */
+        T inv = i < len ? 1 / a->den_save[bh * Tn + t0 + i] : 0;
+        for (int d = 0; d < Dv; d++) dnum[(long)i * Dv + d] *= inv;
+        dden[i] = -FN(dot)(Dv, dnum + (long)i * Dv, O + (long)i * Dv);
+    }
+    FN(backward_prefetch)(a, next_bh, next_n, 0);
+    FN(transpose)(C, Dk, K, Kt);
+    FN(transpose)(C, Dv, Vv, Vt);
+    FN(transpose)(Dk, Dv, G, Gt);
+    FN(transpose)(Dk, Dv, a->S_save + (bh * N + n) * Dk * Dv, St);
+    FN(mm)(C, C, Dk, Q, Dk, 1, Kt, C, A, C, 0, MM_LOWER_C);
+    FN(mask_band)(C, A);
+    FN(backward_prefetch)(a, next_bh, next_n, 1);
+    FN(mm)(C, C, Dv, dnum, Dv, 1, Vt, C, dA, C, 0, MM_LOWER_C);
+    for (int i = 0; i < C; i++)
+        for (int j = 0; j <= i; j++) dA[(long)i * C + j] += dden[i];
+    FN(mask_band)(C, dA);
+    /* dQ = dA K + dnum S^T + dden z^T */
+    FN(mm)(C, Dk, C, dA, C, 1, K, Dk, dQ, Dk, 0, MM_LOWER_A);
+    FN(mm)(C, Dk, Dv, dnum, Dv, 1, St, Dk, dQ, Dk, 1, MM_FULL);
+    for (int i = 0; i < len; i++)
+        for (int d = 0; d < Dk; d++) dQ[(long)i * Dk + d] += dden[i] * zn[d];
+    FN(backward_prefetch)(a, next_bh, next_n, 2);
+    /* dK = dA^T Q + V G^T + 1 g^T */
+    FN(mm)(C, Dk, C, dA, 1, C, Q, Dk, dK, Dk, 0, MM_UPPER_A);
+    FN(mm)(C, Dk, Dv, Vv, Dv, 1, Gt, Dk, dK, Dk, 1, MM_FULL);
+    for (int i = 0; i < len; i++)
+        for (int d = 0; d < Dk; d++) dK[(long)i * Dk + d] += g[d];
+    FN(backward_prefetch)(a, next_bh, next_n, 3);
+    /* dV = A^T dnum + K G */
+    FN(mm)(C, Dv, C, A, 1, C, dnum, Dv, dV, Dv, 0, MM_UPPER_A);
+    FN(mm)(C, Dv, Dk, K, Dk, 1, G, Dv, dV, Dv, 1, MM_FULL);
+    /* the gradient of the state entering the chunk: G += Q^T dnum, g += Q^T dden */
+    FN(mm)(Dk, Dv, len, Q, 1, Dk, dnum, Dv, G, Dv, 1, MM_FULL);
+    for (int i = 0; i < len; i++)
+        for (int d = 0; d < Dk; d++) g[d] += dden[i] * Q[(long)i * Dk + d];
+    FN(store_rows)(a->dq, b, t0, len, Tn, H, h, Dk, dQ, NULL);
+    FN(store_rows)(a->dk, b, t0, len, Tn, H, h, Dk, dK, NULL);
+    FN(store_rows)(a->dv, b, t0, len, Tn, H, h, Dv, dV, NULL);
+}
+
+static int FN(backward_range)(const void *args, long bh0, long bh1) {
+    const FN(bwd_args) *a = args;
+    const int Dk = a->Dk, Dv = a->Dv, C = a->C;
+    const long N = (a->Tn + C - 1) / C, n_seq = bh1 - bh0, state = (long)Dk * Dv + Dk;
+    const long work = (long)C * Dk * 4 + (long)C * Dv * 4 + (long)C * C * 2 + (long)Dk * C + (long)Dv * C +
+                      (long)Dk * Dv * 2 + C;
+    T *mem = FN(alloc)(n_seq * state + work);
+    if (!mem) return 1;
+    for (long s = 0; s < n_seq; s++) {
+        memcpy(mem + s * state, a->dS_final + (bh0 + s) * Dk * Dv, sizeof(T) * Dk * Dv);
+        memcpy(mem + s * state + (long)Dk * Dv, a->dz_final + (bh0 + s) * Dk, sizeof(T) * Dk);
+    }
+    for (long n = N - 1; n >= 0; n--)
+        for (long s = 0; s < n_seq; s++) {
+            const long next_s = s + 1 < n_seq ? s + 1 : 0, next_n = s + 1 < n_seq ? n : n - 1;
+            FN(backward_chunk)(a, bh0 + s, n, mem + s * state, mem + s * state + (long)Dk * Dv, mem + n_seq * state,
+                               next_n >= 0 ? bh0 + next_s : -1, next_n);
+        }
+    for (long s = 0; s < n_seq; s++) {
+        memcpy(a->dS0 + (bh0 + s) * Dk * Dv, mem + s * state, sizeof(T) * Dk * Dv);
+        memcpy(a->dz0 + (bh0 + s) * Dk, mem + s * state + (long)Dk * Dv, sizeof(T) * Dk);
+    }
+    free(mem);
+    return 0;
+}
+
+int FN(cla_forward)(const T *q, const T *k, const T *v, const T *S0, const T *z0, T *out, T *S_final, T *z_final,
+                    T *S_save, T *z_save, T *den_save, long B, long Tn, long H, long Dk, long Dv, long C, double eps,
+                    int n_threads) {
+    FN(fwd_args) a = {q, k, v, S0, z0, out, S_final, z_final, S_save, z_save, den_save,
+                      B, Tn, H, (int)Dk, (int)Dv, (int)C, (T)eps};
+    return parallel_over(B * H, n_threads, FN(forward_range), &a);
+}
+
+int FN(cla_backward)(const T *q, const T *k, const T *v, const T *out, const T *dout, const T *S_save,
+                     const T *z_save, const T *den_save, const T *dS_final, const T *dz_final, T *dq, T *dk, T *dv,
+                     T *dS0, T *dz0, long B, long Tn, long H, long Dk, long Dv, long C, int n_threads) {
+    FN(bwd_args) a = {q, k, v, out, dout, S_save, z_save, den_save, dS_final, dz_final,
+                      dq, dk, dv, dS0, dz0, B, Tn, H, (int)Dk, (int)Dv, (int)C};
+    return parallel_over(B * H, n_threads, FN(backward_range), &a);
+}
+
+#undef V
+#undef TILE
+#undef TILE_R
+#undef TILE_R8
+#undef FN
+#undef CAT
+#undef CAT2
