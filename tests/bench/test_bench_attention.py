@@ -10,12 +10,13 @@ from linear_transformers.bench.__main__ import main
 def test_quick_attention_benchmark(tmp_path, capsys):
     assert main(["attention", "--quick", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "attention.csv").read_text().splitlines()))
-    assert {r["impl"] for r in rows} == {"naive", "chunked", "softmax"}
+    assert {r["impl"] for r in rows} == {"naive", "chunked", "cpu", "softmax"}
     assert all(float(r["fwd_ms"]) > 0 and float(r["fwdbwd_ms"]) > 0 for r in rows)
     assert "| N |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "attention.png").stat().st_size > 10_000
     out = capsys.readouterr().out
-    assert "chunked vs naive, outputs and dq/dk/dv" in out and str(tmp_path) in out
+    assert "chunked vs naive, outputs and dq/dk/dv" in out and "cpu vs naive, outputs and dq/dk/dv" in out
+    assert str(tmp_path) in out
 
 
 def test_verification_failure_stops_the_benchmark(tmp_path, monkeypatch):

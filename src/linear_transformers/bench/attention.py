@@ -3,13 +3,14 @@
 Implementations, all with feature-mapped q, k of [B, N, H, D] and the normaliser included:
 
     naive     quadratic masked linear attention (the reference; skipped where N^2 does not fit)
-    chunked   ops.causal_linear_attention, the chunkwise PyTorch path with its memory-efficient backward
+    chunked   causal_linear_attention(backend="chunked"): the chunkwise PyTorch path
+    cpu       causal_linear_attention(backend="cpu"): the compiled C kernel (CPU only)
     softmax   torch's causal scaled_dot_product_attention on head-major contiguous inputs (its best case)
 
-First every length is verified (chunked against the token-by-token recurrence, gradients against the
-naive reference, softmax against an explicit softmax), then forward and forward+backward are timed
-and the extra peak memory of forward+backward is measured. Writes attention.csv, table.md and
-attention.png under --out.
+First every length is verified (each linear implementation against the token-by-token recurrence,
+gradients against the naive reference, softmax against an explicit softmax), then forward and
+forward+backward are timed and the extra peak memory of forward+backward is measured. Writes
+attention.csv, table.md and attention.png under --out.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from ..ops import naive
 from .measure import batched_gemm_gflops, machine_info, peak_extra_memory, time_fn
 from .report import fmt, markdown_table, write_csv
 
-IMPLS = ("naive", "chunked", "softmax")
+IMPLS = ("naive", "chunked", "cpu", "softmax")
+FAST = ("chunked", "cpu")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -40,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best and median kept)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (best and median kept)")
     p.add_argument("--naive-limit-gib", type=float, default=4.0, help="skip naive above this many GiB of N^2 scores")
     p.add_argument("--out", type=Path, default=Path("results/bench_attention"))
     p.add_argument("--device", default="cpu")
@@ -71,10 +73,15 @@ def _attention(impl: str, q, k, v, chunk_size: int):
     """Returns a function running the implementation forward; inputs in [B, N, H, D]."""
     if impl == "naive":
         return lambda: ops.causal_linear_attention(q, k, v, backend="naive")
-    if impl == "chunked":
-        return lambda: ops.causal_linear_attention(q, k, v, backend="chunked", chunk_size=chunk_size)
+    if impl in FAST:
+        return lambda: ops.causal_linear_attention(q, k, v, backend=impl, chunk_size=chunk_size)
     qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad) for x in (q, k, v))
-    return lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+
+    sdpa.inputs = (qh, kh, vh)
+    return sdpa
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -86,28 +93,32 @@ def verify(args, lengths: list[int]) -> list[str]:
     lines = []
     dtype = DTYPES[args.dtype]
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+    fast = [impl for impl in args.impls if impl in FAST]
     for N in lengths:
         q, k, v = make_inputs(args.batch, N, args.heads, args.dim, dtype, args.device, seed=N)
         with torch.no_grad():
-            out = ops.causal_linear_attention(q, k, v, chunk_size=args.chunk_size)
             ref, _ = naive.causal_linear_attention_recurrent(q.double(), k.double(), v.double())
-        err = _rel(out, ref)
-        lines.append(f"N={N}: chunked vs token-by-token recurrence (float64): rel. error {err:.1e}")
-        if not err < tol:
-            raise SystemExit(f"verification failed: chunked output differs from the recurrence at N={N}: {err:.2e}")
+            for impl in fast:
+                err = _rel(_attention(impl, q, k, v, args.chunk_size)(), ref)
+                lines.append(f"N={N}: {impl} vs token-by-token recurrence (float64): rel. error {err:.1e}")
+                if not err < tol:
+                    raise SystemExit(f"verification failed: {impl} differs from the recurrence at N={N}: {err:.2e}")
     # Gradients and softmax on a short, awkward length (not a multiple of the chunk).
     N = max(2, min(lengths) - 1)
     q, k, v = make_inputs(args.batch, N, args.heads, args.dim, torch.float64, args.device, seed=0)
     for x in (q, k, v):
         x.requires_grad_(True)
-    grads = []
-    for backend in ("naive", "chunked"):
+
+    def outputs_and_grads(backend):
         out = ops.causal_linear_attention(q, k, v, backend=backend, chunk_size=args.chunk_size)
-        grads.append([out, *torch.autograd.grad(out.square().sum(), (q, k, v))])
-    err = max(_rel(a, b) for a, b in zip(grads[1], grads[0], strict=True))
-    lines.append(f"N={N}: chunked vs naive, outputs and dq/dk/dv (float64): rel. error {err:.1e}")
-    if not err < 1e-10:
-        raise SystemExit(f"verification failed: chunked gradients differ from the naive reference: {err:.2e}")
+        return [out, *torch.autograd.grad(out.square().sum(), (q, k, v))]
+
+    reference = outputs_and_grads("naive")
+    for impl in fast:
+        err = max(_rel(a, b) for a, b in zip(outputs_and_grads(impl), reference, strict=True))
+        lines.append(f"N={N}: {impl} vs naive, outputs and dq/dk/dv (float64): rel. error {err:.1e}")
+        if not err < 1e-10:
+            raise SystemExit(f"verification failed: {impl} gradients differ from the naive reference: {err:.2e}")
     with torch.no_grad():
         sdpa = _attention("softmax", q, k, v, args.chunk_size)().transpose(1, 2)
         ref = naive.softmax_attention(q, k, v, causal=True)
@@ -138,10 +149,13 @@ def measure(args, impl: str, N: int) -> dict:
     if impl == "softmax":
         grad_out = grad_out.transpose(1, 2).contiguous()
 
+    inputs = (q, k, v) if impl != "softmax" else None
+
     def fwd_bwd():
         out = run()
         out = out[0] if isinstance(out, tuple) else out
-        out.backward(grad_out)
+        # autograd.grad returns fresh gradients instead of accumulating into .grad, the same for every impl
+        torch.autograd.grad(out, inputs or run.inputs, grad_out)
 
     fb = time_fn(fwd_bwd, repeats, device)
     mem = peak_extra_memory(fwd_bwd, device)
@@ -153,7 +167,7 @@ def measure(args, impl: str, N: int) -> dict:
         fwdbwd_peak_mib=mem / 2**20,
         repeats=repeats,
     )
-    if impl == "chunked":
+    if impl in FAST:
         C = args.chunk_size
         row["fwd_gflops"] = chunked_flops(N, B, H, D, D, C, False) / (fwd.best_ms * 1e6)
         row["fwdbwd_gflops"] = chunked_flops(N, B, H, D, D, C, True) / (fb.best_ms * 1e6)
@@ -161,43 +175,27 @@ def measure(args, impl: str, N: int) -> dict:
 
 
 def summary_table(rows: list[dict]) -> str:
-    by = {(r["impl"], r["N"]): r for r in rows}
-    lengths = sorted({r["N"] for r in rows})
-    header = [
-        "N",
-        "chunked fwd ms",
-        "softmax fwd ms",
-        "fwd speedup",
-        "chunked fwd+bwd ms",
-        "softmax fwd+bwd ms",
-        "fwd+bwd speedup",
-        "naive fwd+bwd ms",
-        "chunked peak MiB",
-        "softmax peak MiB",
-        "chunked fwd+bwd GFLOP/s",
-    ]
+    """One row per (N, implementation), with speedups over softmax measured in the same run."""
+    softmax = {r["N"]: r for r in rows if r["impl"] == "softmax" and "fwd_ms" in r}
+    header = ["N", "impl", "fwd ms", "fwd+bwd ms", "fwd vs softmax", "fwd+bwd vs softmax", "peak MiB", "GFLOP/s"]
     out = []
-    for N in lengths:
-        c, s, n = by.get(("chunked", N), {}), by.get(("softmax", N), {}), by.get(("naive", N), {})
-
-        def ratio(a, b, key):
-            return fmt(b[key] / a[key]) + "x" if key in a and key in b else "-"
-
-        out.append(
-            [
-                str(N),
-                fmt(c.get("fwd_ms")),
-                fmt(s.get("fwd_ms")),
-                ratio(c, s, "fwd_ms"),
-                fmt(c.get("fwdbwd_ms")),
-                fmt(s.get("fwdbwd_ms")),
-                ratio(c, s, "fwdbwd_ms"),
-                fmt(n.get("fwdbwd_ms")),
-                fmt(c.get("fwdbwd_peak_mib")),
-                fmt(s.get("fwdbwd_peak_mib")),
-                fmt(c.get("fwdbwd_gflops"), 0),
+    for r in sorted(rows, key=lambda r: (r["N"], IMPLS.index(r["impl"]))):
+        if "fwd_ms" not in r:
+            out.append([str(r["N"]), r["impl"], "skipped", "", "", "", "", ""])
+            continue
+        s = softmax.get(r["N"])
+        speed = (
+            ["-", "-"]
+            if s is None or r["impl"] == "softmax"
+            else [
+                fmt(s["fwd_ms"] / r["fwd_ms"]) + "x",
+                fmt(s["fwdbwd_ms"] / r["fwdbwd_ms"]) + "x",
             ]
         )
+        out.append(
+            [str(r["N"]), r["impl"], fmt(r["fwd_ms"]), fmt(r["fwdbwd_ms"]), *speed, fmt(r["fwdbwd_peak_mib"]),
+             fmt(r.get("fwdbwd_gflops"), 0)]
+        )  # fmt: skip
     return markdown_table(header, out)
 
 
@@ -210,7 +208,7 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     except ImportError:
         return False
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"naive": "tab:gray", "chunked": "tab:blue", "softmax": "tab:red"}
+    colors = {"naive": "tab:gray", "chunked": "tab:blue", "cpu": "tab:green", "softmax": "tab:red"}
     for impl in IMPLS:
         pts = sorted((r["N"], r) for r in rows if r["impl"] == impl and "fwd_ms" in r)
         if not pts:
@@ -239,6 +237,10 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
 def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.lengths, args.heads, args.dim, args.repeats = [128, 256], 2, 16, 1
+    if "cpu" in args.impls and (args.device != "cpu" or not ops.cpu.available()):
+        why = "not a CPU run" if args.device != "cpu" else ops.cpu.unavailable_reason()
+        print(f"skipping impl 'cpu': {why}", file=sys.stderr)
+        args.impls = [i for i in args.impls if i != "cpu"]
     torch.set_num_threads(args.threads)
     info = machine_info()
     config = (
