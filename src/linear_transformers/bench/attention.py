@@ -274,15 +274,14 @@ def main(args: argparse.Namespace) -> int:
     out = args.out
     write_csv(out / "attention.csv", rows)
     table = summary_table(rows)
-    header = (
-        f"Causal attention, {config}; best of {args.repeats} runs\n\nMachine: {info['cpu']}, torch {info['torch']}\n"
-    )
+    machine = info["gpu"] if args.device.startswith("cuda") and "gpu" in info else info["cpu"]
+    header = f"Causal attention, {config}; best of {args.repeats} runs\n\nMachine: {machine}, torch {info['torch']}\n"
     if gemm == gemm:
         header += f"Batched 64x64x64 float32 matmul rate measured in the same run: {gemm:.0f} GFLOP/s\n"
     (out / "table.md").write_text(header + "\n" + table)
     print()
     print(table)
-    plotted = plot(rows, out / "attention.png", f"causal attention, {config}\n{info['cpu']}")
+    plotted = plot(rows, out / "attention.png", f"causal attention, {config}\n{machine}")
     print(f"wrote {out / 'attention.csv'}, {out / 'table.md'}" + (f", {out / 'attention.png'}" if plotted else ""))
     if not plotted:
         print("(no plot: matplotlib is not installed; pip install 'linear_transformers[bench]')", file=sys.stderr)
