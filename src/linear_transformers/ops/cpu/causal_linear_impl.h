@@ -161,8 +161,8 @@ static void FN(transpose)(int R, int Cn, const T *src, T *dst) {
             V x[VL];
             for (int i = 0; i < VL; i++) x[i] = FN(vload)(src + (long)(r0 + i) * Cn + c0);
             for (int k = 0, w = 1; k < n_rounds; k++, w *= 2)
-                for (int i = 0; i < VL; i++)
-                    if (!(i & w)) {
+                for (int base = 0; base < VL; base += 2 * w)
+                    for (int i = base; i < base + w; i++) {
                         V a = x[i], b = x[i + w];
                         x[i] = __builtin_shuffle(a, b, lo[k]);
                         x[i + w] = __builtin_shuffle(a, b, hi[k]);
@@ -177,22 +177,6 @@ static void FN(transpose)(int R, int Cn, const T *src, T *dst) {
 static void FN(load_rows)(const T *x, long b, long t0, int len, int C, long Tn, long H, long h, int D, T *buf) {
     for (int i = 0; i < len; i++) FN(copy)(buf + (long)i * D, x + ((b * Tn + t0 + i) * H + h) * D, D, 1);
     if (len < C) memset(buf + (long)len * D, 0, sizeof(T) * (C - len) * D);
-}
-
-/* Prefetch rows [t0 + i0, t0 + i1) of head h of sequence b of x [B, T, H, D] into L2 (for writing if rw). */
-static void FN(prefetch_rows)(const T *x, long b, long t0, int i0, int i1, long Tn, long H, long h, int D, int rw) {
-#ifdef CLA_NO_PREFETCH
-    return;
-#endif
-    for (int i = i0; i < i1 && t0 + i < Tn; i++) {
-        const char *row = (const char *)(x + ((b * Tn + t0 + i) * H + h) * D);
-        for (long off = 0; off < (long)sizeof(T) * D; off += 64) {
-            if (rw)
-                __builtin_prefetch(row + off, 1, 2);
-            else
-                __builtin_prefetch(row + off, 0, 2);
-        }
-    }
 }
 
 /* Rows of buf into rows [t0, t0 + len) of head h of x [B, T, H, D], row i multiplied by scale[i] (NULL: 1). */
@@ -224,22 +208,8 @@ typedef struct {
     T eps;
 } FN(fwd_args);
 
-/* Slice `part` of 4 of the rows that chunk n of sequence bh reads and writes: fetched while the
- * current chunk computes, so that memory and arithmetic overlap. */
-static void FN(forward_prefetch)(const FN(fwd_args) * a, long bh, long n, int part) {
-    if (bh < 0) return;
-    const long b = bh / a->H, h = bh % a->H, t0 = n * a->C;
-    const int i0 = a->C * part / 4, i1 = a->C * (part + 1) / 4;
-    FN(prefetch_rows)(a->q, b, t0, i0, i1, a->Tn, a->H, h, a->Dk, 0);
-    FN(prefetch_rows)(a->k, b, t0, i0, i1, a->Tn, a->H, h, a->Dk, 0);
-    FN(prefetch_rows)(a->v, b, t0, i0, i1, a->Tn, a->H, h, a->Dv, 0);
-    FN(prefetch_rows)(a->out, b, t0, i0, i1, a->Tn, a->H, h, a->Dv, 1);
-}
-
-/* Chunk n of sequence bh = b * H + h, given the state (S, z) entering it; leaves the state after it.
- * (next_bh, next_n) is the item that follows (next_bh < 0: none), prefetched meanwhile. */
-static void FN(forward_chunk)(const FN(fwd_args) * a, long bh, long n, T *S, T *z, T *work, long next_bh,
-                              long next_n) {
+/* Chunk n of sequence bh = b * H + h, given the state (S, z) entering it; leaves the state after it. */
+static void FN(forward_chunk)(const FN(fwd_args) * a, long bh, long n, T *S, T *z, T *work) {
     const long b = bh / a->H, h = bh % a->H, Tn = a->Tn, H = a->H, N = (Tn + a->C - 1) / a->C;
     const int Dk = a->Dk, Dv = a->Dv, C = a->C;
     const long t0 = n * C;
@@ -253,16 +223,12 @@ static void FN(forward_chunk)(const FN(fwd_args) * a, long bh, long n, T *S, T *
         memcpy(a->S_save + (bh * N + n) * Dk * Dv, S, sizeof(T) * Dk * Dv);
         memcpy(a->z_save + (bh * N + n) * Dk, z, sizeof(T) * Dk);
     }
-    FN(forward_prefetch)(a, next_bh, next_n, 0);
     FN(transpose)(C, Dk, K, Kt);
     FN(mm)(C, C, Dk, Q, Dk, 1, Kt, C, A, C, 0, MM_LOWER_C);
-    FN(forward_prefetch)(a, next_bh, next_n, 1);
     FN(mask_band)(C, A);
     for (int i = 0; i < C; i++) den[i] = a->eps + FN(dot)(i + 1, A + (long)i * C, NULL) + FN(dot)(Dk, Q + (long)i * Dk, z);
     FN(mm)(C, Dv, Dk, Q, Dk, 1, S, Dv, num, Dv, 0, MM_FULL);
-    FN(forward_prefetch)(a, next_bh, next_n, 2);
     FN(mm)(C, Dv, C, A, C, 1, Vv, Dv, num, Dv, 1, MM_LOWER_A);
-    FN(forward_prefetch)(a, next_bh, next_n, 3);
     if (a->den_save) memcpy(a->den_save + bh * Tn + t0, den, sizeof(T) * len);
     for (int i = 0; i < len; i++) den[i] = 1 / den[i];
     FN(store_rows)(a->out, b, t0, len, Tn, H, h, Dv, num, den); /* out = num / den */
@@ -286,11 +252,8 @@ static int FN(forward_range)(const void *args, long bh0, long bh1) {
         memcpy(mem + s * state + (long)Dk * Dv, a->z0 + (bh0 + s) * Dk, sizeof(T) * Dk);
     }
     for (long n = 0; n < N; n++)
-        for (long s = 0; s < n_seq; s++) {
-            const long next_s = s + 1 < n_seq ? s + 1 : 0, next_n = s + 1 < n_seq ? n : n + 1;
-            FN(forward_chunk)(a, bh0 + s, n, mem + s * state, mem + s * state + (long)Dk * Dv, work,
-                              next_n < N ? bh0 + next_s : -1, next_n);
-        }
+        for (long s = 0; s < n_seq; s++)
+            FN(forward_chunk)(a, bh0 + s, n, mem + s * state, mem + s * state + (long)Dk * Dv, work);
     for (long s = 0; s < n_seq; s++) {
         memcpy(a->S_final + (bh0 + s) * Dk * Dv, mem + s * state, sizeof(T) * Dk * Dv);
         memcpy(a->z_final + (bh0 + s) * Dk, mem + s * state + (long)Dk * Dv, sizeof(T) * Dk);
@@ -306,24 +269,9 @@ typedef struct {
     int Dk, Dv, C;
 } FN(bwd_args);
 
-static void FN(backward_prefetch)(const FN(bwd_args) * a, long bh, long n, int part) {
-    if (bh < 0) return;
-    const long b = bh / a->H, h = bh % a->H, t0 = n * a->C, Tn = a->Tn, H = a->H;
-    const int i0 = a->C * part / 4, i1 = a->C * (part + 1) / 4, Dk = a->Dk, Dv = a->Dv;
-    FN(prefetch_rows)(a->q, b, t0, i0, i1, Tn, H, h, Dk, 0);
-    FN(prefetch_rows)(a->k, b, t0, i0, i1, Tn, H, h, Dk, 0);
-    FN(prefetch_rows)(a->v, b, t0, i0, i1, Tn, H, h, Dv, 0);
-    FN(prefetch_rows)(a->dout, b, t0, i0, i1, Tn, H, h, Dv, 0);
-    FN(prefetch_rows)(a->out, b, t0, i0, i1, Tn, H, h, Dv, 0);
-    FN(prefetch_rows)(a->dq, b, t0, i0, i1, Tn, H, h, Dk, 1);
-    FN(prefetch_rows)(a->dk, b, t0, i0, i1, Tn, H, h, Dk, 1);
-    FN(prefetch_rows)(a->dv, b, t0, i0, i1, Tn, H, h, Dv, 1);
-}
-
 /* Chunk n of sequence bh backwards, given (G, g), the gradient of the state leaving the chunk;
- * leaves the gradient of the state entering it. (next_bh, next_n) is prefetched meanwhile. */
-static void FN(backward_chunk)(const FN(bwd_args) * a, long bh, long n, T *G, T *g, T *work, long next_bh,
-                               long next_n) {
+ * leaves the gradient of the state entering it. */
+static void FN(backward_chunk)(const FN(bwd_args) * a, long bh, long n, T *G, T *g, T *work) {
     const long b = bh / a->H, h = bh % a->H, Tn = a->Tn, H = a->H, N = (Tn + a->C - 1) / a->C;
     const int Dk = a->Dk, Dv = a->Dv, C = a->C;
     const long t0 = n * C;
@@ -343,14 +291,12 @@ static void FN(backward_chunk)(const FN(bwd_args) * a, long bh, long n, T *G, T 
         for (int d = 0; d < Dv; d++) dnum[(long)i * Dv + d] *= inv;
         dden[i] = -FN(dot)(Dv, dnum + (long)i * Dv, O + (long)i * Dv);
     }
-    FN(backward_prefetch)(a, next_bh, next_n, 0);
     FN(transpose)(C, Dk, K, Kt);
     FN(transpose)(C, Dv, Vv, Vt);
     FN(transpose)(Dk, Dv, G, Gt);
     FN(transpose)(Dk, Dv, a->S_save + (bh * N + n) * Dk * Dv, St);
     FN(mm)(C, C, Dk, Q, Dk, 1, Kt, C, A, C, 0, MM_LOWER_C);
     FN(mask_band)(C, A);
-    FN(backward_prefetch)(a, next_bh, next_n, 1);
     FN(mm)(C, C, Dv, dnum, Dv, 1, Vt, C, dA, C, 0, MM_LOWER_C);
     for (int i = 0; i < C; i++)
         for (int j = 0; j <= i; j++) dA[(long)i * C + j] += dden[i];
@@ -360,13 +306,11 @@ static void FN(backward_chunk)(const FN(bwd_args) * a, long bh, long n, T *G, T 
     FN(mm)(C, Dk, Dv, dnum, Dv, 1, St, Dk, dQ, Dk, 1, MM_FULL);
     for (int i = 0; i < len; i++)
         for (int d = 0; d < Dk; d++) dQ[(long)i * Dk + d] += dden[i] * zn[d];
-    FN(backward_prefetch)(a, next_bh, next_n, 2);
     /* dK = dA^T Q + V G^T + 1 g^T */
     FN(mm)(C, Dk, C, dA, 1, C, Q, Dk, dK, Dk, 0, MM_UPPER_A);
     FN(mm)(C, Dk, Dv, Vv, Dv, 1, Gt, Dk, dK, Dk, 1, MM_FULL);
     for (int i = 0; i < len; i++)
         for (int d = 0; d < Dk; d++) dK[(long)i * Dk + d] += g[d];
-    FN(backward_prefetch)(a, next_bh, next_n, 3);
     /* dV = A^T dnum + K G */
     FN(mm)(C, Dv, C, A, 1, C, dnum, Dv, dV, Dv, 0, MM_UPPER_A);
     FN(mm)(C, Dv, Dk, K, Dk, 1, G, Dv, dV, Dv, 1, MM_FULL);
@@ -392,11 +336,8 @@ static int FN(backward_range)(const void *args, long bh0, long bh1) {
         memcpy(mem + s * state + (long)Dk * Dv, a->dz_final + (bh0 + s) * Dk, sizeof(T) * Dk);
     }
     for (long n = N - 1; n >= 0; n--)
-        for (long s = 0; s < n_seq; s++) {
-            const long next_s = s + 1 < n_seq ? s + 1 : 0, next_n = s + 1 < n_seq ? n : n - 1;
-            FN(backward_chunk)(a, bh0 + s, n, mem + s * state, mem + s * state + (long)Dk * Dv, mem + n_seq * state,
-                               next_n >= 0 ? bh0 + next_s : -1, next_n);
-        }
+        for (long s = 0; s < n_seq; s++)
+            FN(backward_chunk)(a, bh0 + s, n, mem + s * state, mem + s * state + (long)Dk * Dv, mem + n_seq * state);
     for (long s = 0; s < n_seq; s++) {
         memcpy(a->dS0 + (bh0 + s) * Dk * Dv, mem + s * state, sizeof(T) * Dk * Dv);
         memcpy(a->dz0 + (bh0 + s) * Dk, mem + s * state + (long)Dk * Dv, sizeof(T) * Dk);
