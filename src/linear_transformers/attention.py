@@ -9,6 +9,8 @@ from torch import nn
 from . import ops
 from .feature_maps import FeatureMap, make_feature_map
 from .ops import KVCache, LinearState
+from .ops.step import step as linear_step
+from .ops.validation import accumulation_dtype
 
 ATTENTION_KINDS = ("causal-linear", "linear", "causal-softmax", "softmax")
 
@@ -66,9 +68,8 @@ class AttentionLayer(nn.Module):
         self.d_keys = d_keys or d_model // n_heads
         self.d_values = d_values or d_model // n_heads
         self.eps, self.chunk_size, self.backend = eps, chunk_size, backend
-        self.query = nn.Linear(d_model, n_heads * self.d_keys)
-        self.key = nn.Linear(d_model, n_heads * self.d_keys)
-        self.value = nn.Linear(d_model, n_heads * self.d_values)
+        # Queries, keys and values come out of one matmul (one GEMM per token when generating).
+        self.qkv = nn.Linear(d_model, n_heads * (2 * self.d_keys + self.d_values))
         self.out = nn.Linear(n_heads * self.d_values, d_model)
         self.dropout = nn.Dropout(dropout)
         self.feature_map: FeatureMap | None = None
@@ -101,10 +102,8 @@ class AttentionLayer(nn.Module):
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [..., d_model] -> q, k [..., H, Dk'] (feature-mapped for linear kinds), v [..., H, Dv]."""
-        lead = x.shape[:-1]
-        q = self.query(x).view(*lead, self.n_heads, self.d_keys)
-        k = self.key(x).view(*lead, self.n_heads, self.d_keys)
-        v = self.value(x).view(*lead, self.n_heads, self.d_values)
+        H, Dk = self.n_heads, self.d_keys
+        q, k, v = self.qkv(x).unflatten(-1, (H, -1)).split([Dk, Dk, self.d_values], dim=-1)
         if self.feature_map is not None:
             q, k = self.feature_map.forward_queries(q), self.feature_map.forward_keys(k)
         return q, k, v
@@ -113,8 +112,8 @@ class AttentionLayer(nn.Module):
         """An empty recurrent state for `batch` sequences (causal kinds only)."""
         if not self.is_causal:
             raise ValueError(f"AttentionLayer: {self.attention!r} attention is not causal and has no recurrent state")
-        dtype = dtype or self.query.weight.dtype
-        device = device or self.query.weight.device
+        dtype = dtype or self.qkv.weight.dtype
+        device = device or self.qkv.weight.device
         H = self.n_heads
         if self.attention == "causal-linear":
             return LinearState.zeros(batch, H, self.feature_map.feature_dim, self.d_values, dtype=dtype, device=device)
@@ -173,10 +172,24 @@ class AttentionLayer(nn.Module):
             raise ValueError(f"AttentionLayer: {self.attention!r} attention is not causal and has no recurrent step")
         q, k, v = self._project(x_t)
         if self.attention == "causal-linear":
-            out, state = ops.linear_attention_step(q, k, v, state, eps=self.eps)
+            if state is None:
+                state = self.initial_state(x_t.shape[0], dtype=x_t.dtype, device=x_t.device)
+            elif not (
+                isinstance(state, LinearState)
+                and state.S.shape == (x_t.shape[0], *self._state_shape)
+                and state.S.dtype == accumulation_dtype(x_t.dtype)
+                and state.S.device == x_t.device
+            ):
+                # the full check, with its message; the common case above skips it (it runs every token)
+                ops.linear_attention_step(q, k, v, state, eps=self.eps)
+            out, state = linear_step(q, k, v, state, self.eps)
         else:
             out, state = ops.softmax_attention_step(q, k, v, state)
         return self.dropout(self.out(out.reshape(x_t.shape[0], -1))), state
+
+    @property
+    def _state_shape(self) -> tuple[int, int, int]:
+        return (self.n_heads, self.feature_map.feature_dim, self.d_values)
 
     def extra_repr(self) -> str:
         return (

@@ -284,5 +284,5 @@ def main(args: argparse.Namespace) -> int:
     plotted = plot(rows, out / "attention.png", f"causal attention, {config}\n{machine}")
     print(f"wrote {out / 'attention.csv'}, {out / 'table.md'}" + (f", {out / 'attention.png'}" if plotted else ""))
     if not plotted:
-        print("(no plot: matplotlib is not installed; pip install 'linear_transformers[bench]')", file=sys.stderr)
+        print("(no plot: matplotlib is not installed)", file=sys.stderr)
     return 0

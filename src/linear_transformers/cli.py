@@ -1,0 +1,211 @@
+"""The `linear-transformers` command: train, sample, eval, bench, demo.
+
+Options of train, sample and eval are generated from the config dataclasses (ModelConfig,
+TrainConfig, SampleConfig, EvalConfig): every field is an option with its default and the field's
+comment as help, and an unknown option is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import ModelConfig
+from .train import TrainConfig, evaluate, load_model, train
+
+# ModelConfig fields that the data decides (vocabulary, length, classes): not options of `train`.
+DERIVED_MODEL_FIELDS = ("vocab_size", "n_classes", "max_len")
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str = "runs/model"  # run folder (its latest checkpoint) or checkpoint folder
+    n: int = 10  # samples (per class for a class-conditional image model)
+    temperature: float = 1.0  # 0 picks the most likely token
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set with this much probability
+    mode: str = "rnn"  # rnn (O(1) per token for linear attention; KV cache for softmax) or recompute
+    prompt: str = ""  # text models: the text to continue
+    max_new_tokens: int = 0  # text models: characters to generate (0: fill the model's max_len)
+    batch_size: int = 100  # sequences generated at once
+    seed: int = 0
+    out: str = ""  # output file (default: samples.png or samples.txt next to the checkpoint)
+    device: str = "auto"  # auto, cpu or cuda
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = "runs/model"  # run folder or checkpoint folder
+    batches: int = 0  # test batches (0: the whole test split)
+    batch_size: int = 64
+    device: str = "auto"  # auto, cpu or cuda
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The trailing `# comment` of each field in a dataclass's source."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^=]+=[^#]*#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group(cls.__name__)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = _TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
+        option = "--" + f.name.replace("_", "-")
+        help_text = comments.get(f.name, f.name.replace("_", " ")).replace("%", "%%")
+        if kind is bool:
+            group.add_argument(option, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        else:
+            group.add_argument(option, type=kind, default=f.default, help=help_text, metavar=kind.__name__.upper())
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, **fixed):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values.update(fixed)
+    return cls(**values)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
+    """uint8 images [N, H, W] or [N, H, W, C] -> one [rows * (H + 1) + 1, cols * (W + 1) + 1(, C)] grid."""
+    n, h, w = images.shape[:3]
+    cols = -(-n // rows)
+    grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, *images.shape[3:]), 255 // 3, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = im
+    return grid
+
+
+def write_png(path: Path, grid: np.ndarray, scale: int = 4) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    big = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt.imsave(path, big, cmap="gray" if big.ndim == 2 else None, vmin=0, vmax=255)
+
+
+def run_sample(cfg: SampleConfig) -> Path:
+    device = _device(cfg.device)
+    model, config = load_model(cfg.checkpoint, device)
+    meta = config["data"]
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    kwargs = dict(
+        temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p, generator=generator, mode=cfg.mode
+    )
+    start = time.perf_counter()
+    if meta["alphabet"] is not None:
+        alphabet = meta["alphabet"]
+        unknown = sorted(set(cfg.prompt) - set(alphabet))
+        if unknown:
+            raise ValueError(f"sample: the prompt has characters the model never saw: {unknown}")
+        prompt = torch.tensor([[alphabet.index(c) for c in cfg.prompt]] * cfg.n, dtype=torch.long, device=device)
+        new = cfg.max_new_tokens or model.cfg.max_len - prompt.shape[1]
+        tokens = model.generate(prompt=prompt, max_new_tokens=new, **kwargs)
+        text = "\n\n".join("".join(alphabet[t] for t in row.tolist()) for row in tokens)
+        out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / "samples.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(text[:2000])
+    else:
+        n_classes = model.cfg.n_classes
+        labels = torch.arange(n_classes, device=device).repeat_interleave(cfg.n) if n_classes else None
+        total = len(labels) if labels is not None else cfg.n
+        chunks = []
+        for s in range(0, total, cfg.batch_size):
+            lab = labels[s : s + cfg.batch_size] if labels is not None else None
+            chunks.append(model.generate(n=min(cfg.batch_size, total - s), labels=lab, **kwargs).cpu())
+        tokens = torch.cat(chunks)
+        shape = tuple(meta["image_shape"])
+        levels = tokens.numpy().reshape(len(tokens), *shape)
+        images = (levels * 255 // max(meta["vocab_size"] - 1, 1)).astype(np.uint8)
+        out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / "samples.png"
+        write_png(out, image_grid(images, rows=n_classes or int(np.ceil(np.sqrt(total)))))
+    elapsed = time.perf_counter() - start
+    print(f"wrote {out} ({len(tokens)} samples in {elapsed:.1f} s, mode {cfg.mode})")
+    return out
+
+
+def run_eval(cfg: EvalConfig) -> float:
+    from . import data as datasets
+
+    device = _device(cfg.device)
+    model, config = load_model(cfg.checkpoint, device)
+    t = config["train"]
+    d = datasets.load(t["data"], t["data_path"] or None, size=t["image_size"], levels=t["levels"], seq_len=t["seq_len"])
+    train_cfg = TrainConfig(**{**t, "batch_size": cfg.batch_size, "conditional": bool(model.cfg.n_classes)})
+    batches = cfg.batches or -(-d.n_items("test") // cfg.batch_size)
+    bpd = evaluate(model, d, train_cfg, device, batches)
+    print(f"{d.name} test: {bpd:.4f} bits/dim over {min(batches * cfg.batch_size, d.n_items('test'))} sequences")
+    return bpd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="linear-transformers", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("train", help="train (or resume) a causal transformer", formatter_class=fmt)
+    add_dataclass_options(p, ModelConfig, skip=DERIVED_MODEL_FIELDS)
+    add_dataclass_options(p, TrainConfig)
+    p = sub.add_parser("sample", help="generate images (PNG grid) or text from a checkpoint", formatter_class=fmt)
+    add_dataclass_options(p, SampleConfig)
+    p = sub.add_parser("eval", help="test bits/dim of a checkpoint", formatter_class=fmt)
+    add_dataclass_options(p, EvalConfig)
+    sub.add_parser("bench", help="benchmarks: linear-transformers bench attention|generate --help", add_help=False)
+    sub.add_parser(
+        "demo", help="train a small model on MNIST and generate digits as an RNN (make demo)", add_help=False
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from .bench.__main__ import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv and argv[0] == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        model_cfg = dataclass_from_args(ModelConfig, args)
+        ckpt = train(model_cfg, dataclass_from_args(TrainConfig, args))
+        print(f"checkpoint: {ckpt}")
+    elif args.command == "sample":
+        run_sample(dataclass_from_args(SampleConfig, args))
+    elif args.command == "eval":
+        run_eval(dataclass_from_args(EvalConfig, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

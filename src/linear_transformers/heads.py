@@ -1,0 +1,91 @@
+"""Output heads: the distribution of the next token given the model's last hidden state.
+
+Each head maps h [..., d_model] to parameters [..., n_params] and gives
+    nll(params, targets)  negative log-likelihood in nats, [...]
+    log_probs(params)     log-probabilities over the whole vocabulary, [..., vocab_size]
+so training uses `nll` and sampling draws from `log_probs` (exactly the model's distribution, for
+either head). Bits per dimension = nll / ln 2, averaged over tokens (sub-pixels for images).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CategoricalHead(nn.Module):
+    """A softmax over `vocab_size` tokens."""
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.proj = nn.Linear(d_model, vocab_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h)
+
+    def nll(self, params: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(params.flatten(0, -2).float(), targets.flatten(), reduction="none").view(targets.shape)
+
+    def log_probs(self, params: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(params.float(), dim=-1)
+
+
+class MixtureOfLogisticsHead(nn.Module):
+    """Discretised mixture of logistics (Salimans et al. 2017, PixelCNN++), the paper's image head.
+
+    A token v in {0, ..., L - 1} is the value x = 2 v / (L - 1) - 1 in [-1, 1]; its probability is
+    the mass that a mixture of K logistics puts on the bin [x - 1 / (L - 1), x + 1 / (L - 1)], with
+    the two end bins extended to -inf and +inf, so the L probabilities sum to one exactly.
+    Parameters per token: K mixture logits, K means, K log-scales.
+    """
+
+    def __init__(self, d_model: int, vocab_size: int = 256, n_components: int = 10) -> None:
+        super().__init__()
+        if vocab_size < 2:
+            raise ValueError(f"MixtureOfLogisticsHead: vocab_size must be >= 2, got {vocab_size}")
+        self.vocab_size, self.n_components = vocab_size, n_components
+        self.proj = nn.Linear(d_model, 3 * n_components)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h)
+
+    def _log_prob_of_values(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """params [..., 3K] (broadcast against) x [..., n] values in [-1, 1] -> log P [..., n]."""
+        K, L = self.n_components, self.vocab_size
+        params = params.float()
+        logit_pi, mu, log_s = params[..., None, :K], params[..., None, K : 2 * K], params[..., None, 2 * K :]
+        log_s = log_s.clamp(min=-7.0)
+        x = x[..., None]  # [..., n, 1] against [..., 1, K]
+        half_bin = 1.0 / (L - 1)
+        centered = x - mu
+        inv_s = torch.exp(-log_s)
+        plus_in = inv_s * (centered + half_bin)
+        min_in = inv_s * (centered - half_bin)
+        log_cdf_plus = plus_in - F.softplus(plus_in)  # log sigmoid(plus_in): the lowest bin
+        log_one_minus_cdf_min = -F.softplus(min_in)  # log (1 - sigmoid(min_in)): the highest bin
+        cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
+        mid_in = inv_s * centered
+        # Where the bin mass underflows, the density at its centre times the bin width stands in.
+        log_pdf_mid = mid_in - log_s - 2.0 * F.softplus(mid_in) + math.log(2 * half_bin)
+        log_mid = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp(min=1e-12)), log_pdf_mid)
+        log_p = torch.where(
+            x < -1 + half_bin, log_cdf_plus, torch.where(x > 1 - half_bin, log_one_minus_cdf_min, log_mid)
+        )
+        return torch.logsumexp(log_p + torch.log_softmax(logit_pi, dim=-1), dim=-1)
+
+    def _values(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.float() * (2.0 / (self.vocab_size - 1)) - 1.0
+
+    def nll(self, params: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return -self._log_prob_of_values(params, self._values(targets)[..., None])[..., 0]
+
+    def log_probs(self, params: torch.Tensor) -> torch.Tensor:
+        levels = self._values(torch.arange(self.vocab_size, device=params.device))
+        return self._log_prob_of_values(params, levels)
+
+
+HEADS = {"categorical": CategoricalHead, "mol": MixtureOfLogisticsHead}

@@ -1,0 +1,323 @@
+"""A decoder-only causal transformer that trains in parallel and generates as an RNN.
+
+    tokens [B, T] --(shift right behind a start token: the class label, or one learned token)-->
+    embeddings + positions --> n_layers x Block --> head --> the distribution of every token
+
+With linear attention every Block carries a constant-size state, so `step` costs O(1) per token
+(paper Sec. 3.4); with softmax attention the state is a key/value cache (O(t) per token; "stateful
+softmax", Appendix C), and `generate(mode="recompute")` re-runs the whole prefix per token, as the
+paper's softmax baseline does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .attention import ATTENTION_KINDS, AttentionLayer
+from .feature_maps import FEATURE_MAPS
+from .heads import HEADS
+from .ops import KVCache, LinearState
+
+POSITIONAL = ("sinusoidal", "learned", "none")
+NORMS = ("pre", "post")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # values a token takes: 256 pixel levels, or the characters of a text
+    n_classes: int = 0  # > 0: class-conditional; the class label is the start token
+    max_len: int = 784  # longest sequence the positional encoding covers (28 x 28 pixels)
+    d_model: int = 256  # width of the residual stream
+    n_layers: int = 8  # transformer blocks
+    n_heads: int = 8  # attention heads per block
+    d_ff: int = 1024  # width of each block's feed-forward layer
+    dropout: float = 0.0  # dropout on embeddings, attention and feed-forward outputs
+    attention: str = "causal-linear"  # "causal-linear" (the paper's) or "causal-softmax" (the baseline)
+    feature_map: str = "elu"  # phi of linear attention, a name in feature_maps.FEATURE_MAPS
+    positional: str = "sinusoidal"  # "sinusoidal", "learned" or "none"
+    norm: str = "pre"  # layer norm before each sublayer ("pre") or after the residual add ("post", the paper's)
+    head: str = "categorical"  # "categorical" softmax, or "mol": discretised mixture of logistics (images)
+    mol_components: int = 10  # mixture components of the "mol" head
+    eps: float = 1e-6  # normaliser epsilon of linear attention
+    chunk_size: int = 64  # chunk of the parallel causal linear attention
+
+    def __post_init__(self) -> None:
+        def choose(name, value, choices):
+            if value not in choices:
+                raise ValueError(f"ModelConfig: {name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+        choose("attention", self.attention, [k for k in ATTENTION_KINDS if k.startswith("causal")])
+        choose("feature_map", self.feature_map, list(FEATURE_MAPS))
+        choose("positional", self.positional, POSITIONAL)
+        choose("norm", self.norm, NORMS)
+        choose("head", self.head, list(HEADS))
+        for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"ModelConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.n_classes < 0:
+            raise ValueError(f"ModelConfig: n_classes must be >= 0, got {self.n_classes}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"ModelConfig: dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ModelState:
+    """The recurrent state of the whole model: one state per layer and the next position."""
+
+    layers: list[LinearState | KVCache] = field(default_factory=list)
+    position: int = 0
+
+    def index_select(self, batch_index: torch.Tensor) -> ModelState:
+        return ModelState([s.index_select(batch_index) for s in self.layers], self.position)
+
+    def clone(self) -> ModelState:
+        return ModelState([s.clone() for s in self.layers], self.position)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm == "pre"
+        self.attn = AttentionLayer(
+            cfg.d_model, cfg.n_heads, cfg.attention, cfg.feature_map, eps=cfg.eps, chunk_size=cfg.chunk_size
+        )
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.ff = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout)
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _mix(self, x, attend):
+        if self.pre_norm:
+            y, state = attend(self.norm1(x))
+            x = x + self.dropout(y)
+            return x + self.ff(self.norm2(x)), state
+        y, state = attend(x)
+        x = self.norm1(x + self.dropout(y))
+        return self.norm2(x + self.ff(x)), state
+
+    def forward(self, x: torch.Tensor, state=None, return_state: bool = False):
+        """x [B, T, d_model] -> y (and the attention state after the last token)."""
+
+        def attend(h):
+            if return_state or state is not None:
+                return self.attn(h, state=state, return_state=True)
+            return self.attn(h), None
+
+        y, new_state = self._mix(x, attend)
+        return (y, new_state) if return_state else y
+
+    def step(self, x: torch.Tensor, state):
+        """x [B, d_model] -> (y [B, d_model], state)."""
+        return self._mix(x, lambda h: self.attn.step(h, state))
+
+
+def sinusoidal_table(n: int, d: int) -> torch.Tensor:
+    """[n, d] sin/cos positional encodings (Vaswani et al. 2017)."""
+    position = torch.arange(n, dtype=torch.float64)[:, None]
+    freq = torch.exp(torch.arange(0, d, 2, dtype=torch.float64) * (-math.log(10000.0) / d))
+    table = torch.zeros(n, d, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq)[:, : d // 2]
+    return table.float()
+
+
+class CausalTransformer(nn.Module):
+    """Autoregressive model of token sequences (pixels of an image row by row, or characters).
+
+    Token t is predicted from the start token (the class label when n_classes > 0) and tokens < t,
+    so position t of the network reads token t - 1.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.start = nn.Embedding(max(cfg.n_classes, 1), cfg.d_model)
+        if cfg.positional == "learned":
+            self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
+        elif cfg.positional == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_len, cfg.d_model), persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        head_cls = HEADS[cfg.head]
+        self.head = (
+            head_cls(cfg.d_model, cfg.vocab_size, cfg.mol_components) if cfg.head == "mol"
+            else head_cls(cfg.d_model, cfg.vocab_size)
+        )  # fmt: skip
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def _positions(self, start: int, n: int, device) -> torch.Tensor | None:
+        if start + n > self.cfg.max_len:
+            raise ValueError(
+                f"CausalTransformer: position {start + n - 1} is past max_len={self.cfg.max_len}; "
+                "raise ModelConfig.max_len"
+            )
+        if self.cfg.positional == "learned":
+            return self.pos(torch.arange(start, start + n, device=device))
+        if self.cfg.positional == "sinusoidal":
+            return self.pos_table[start : start + n]
+        return None
+
+    def _check_tokens(self, tokens: torch.Tensor, labels: torch.Tensor | None, batch: int | None = None) -> None:
+        if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"CausalTransformer: tokens must be an integer tensor, got {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
+            raise ValueError(
+                f"CausalTransformer: tokens must lie in [0, vocab_size={self.cfg.vocab_size}), "
+                f"got values in [{int(tokens.min())}, {int(tokens.max())}]"
+            )
+        if self.cfg.n_classes and labels is None:
+            raise ValueError(
+                f"CausalTransformer: the model is class-conditional ({self.cfg.n_classes} classes); pass labels"
+            )
+        if labels is not None:
+            if not self.cfg.n_classes:
+                raise ValueError("CausalTransformer: labels given to an unconditional model (n_classes=0)")
+            b = tokens.shape[0] if batch is None else batch
+            if labels.shape != (b,) or int(labels.min()) < 0 or int(labels.max()) >= self.cfg.n_classes:
+                raise ValueError(
+                    f"CausalTransformer: labels must be [B]={b} integers in [0, {self.cfg.n_classes}), "
+                    f"got shape {list(labels.shape)}"
+                )
+
+    def _start_tokens(self, batch: int, labels: torch.Tensor | None, device) -> torch.Tensor:
+        idx = labels.long() if labels is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        return self.start(idx)  # [B, d_model]
+
+    def _inputs(self, tokens: torch.Tensor, labels: torch.Tensor | None, with_last: bool) -> torch.Tensor:
+        """The network's input sequence: start token, then tokens (without the last unless with_last)."""
+        B, T = tokens.shape
+        body = tokens if with_last else tokens[:, : T - 1]
+        x = torch.cat([self._start_tokens(B, labels, tokens.device)[:, None], self.embed(body.long())], dim=1)
+        pos = self._positions(0, x.shape[1], tokens.device)
+        return self.dropout(x if pos is None else x + pos)
+
+    # ---- parallel -------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] (T >= 1) -> head parameters [B, T, n_params]; row t is the distribution of tokens[:, t]."""
+        self._check_tokens(tokens, labels)
+        x = self._inputs(tokens, labels, with_last=False)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def nll(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Negative log-likelihood of every token in nats, [B, T]."""
+        return self.head.nll(self(tokens, labels), tokens.long())
+
+    def bits_per_dim(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean negative log2-likelihood per token (per sub-pixel for images)."""
+        return self.nll(tokens, labels).mean() / math.log(2)
+
+    # ---- recurrent ------------------------------------------------------------------------------
+    def prefill(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
+        """Run the prompt tokens [B, T0] (T0 may be 0) in parallel; returns the head parameters of the
+        next token [B, n_params] and the state to `step` from."""
+        self._check_tokens(tokens, labels)
+        x = self._inputs(tokens, labels, with_last=True)
+        states = []
+        for block in self.blocks:
+            x, state = block(x, return_state=True)
+            states.append(state)
+        return self.head(self.norm(x[:, -1])), ModelState(states, x.shape[1])
+
+    def step(self, token: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
+        """Feed one token [B]; returns the head parameters of the next token [B, n_params] and the state.
+        With linear attention this costs the same at every position (the state is updated in place
+        under torch.no_grad)."""
+        x = self.embed(token.long())
+        pos = self._positions(state.position, 1, token.device)
+        if pos is not None:
+            x = x + pos[0]
+        x = self.dropout(x)
+        for i, block in enumerate(self.blocks):
+            x, state.layers[i] = block.step(x, state.layers[i])
+        state.position += 1
+        return self.head(self.norm(x)), state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        n: int | None = None,
+        max_new_tokens: int | None = None,
+        *,
+        prompt: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        mode: str = "rnn",
+    ) -> torch.Tensor:
+        """Sample continuations. Returns [B, T0 + max_new_tokens] tokens (prompt included).
+
+        n: batch size when there is no prompt (and no labels); prompt: [B, T0] tokens to continue;
+        labels: [B] classes of a class-conditional model; max_new_tokens defaults to max_len - T0.
+        temperature 0 picks the most likely token (greedy). mode "rnn": prefill then one `step` per
+        token (O(1) per token for linear attention, a KV cache for softmax); "recompute": re-run the
+        whole prefix in parallel for every token (the paper's softmax baseline).
+        """
+        if mode not in ("rnn", "recompute"):
+            raise ValueError(f"generate: mode must be 'rnn' or 'recompute', got {mode!r}")
+        device = next(self.parameters()).device
+        if prompt is None:
+            B = labels.shape[0] if labels is not None else n
+            if B is None:
+                raise ValueError("generate: give n, a prompt or labels")
+            prompt = torch.zeros(B, 0, dtype=torch.long, device=device)
+        prompt = prompt.long()
+        T0 = prompt.shape[1]
+        if max_new_tokens is None:
+            max_new_tokens = self.cfg.max_len - T0
+        if T0 + max_new_tokens > self.cfg.max_len:
+            raise ValueError(f"generate: {T0} + {max_new_tokens} tokens exceed max_len={self.cfg.max_len}")
+        out = torch.empty(prompt.shape[0], T0 + max_new_tokens, dtype=torch.long, device=device)
+        out[:, :T0] = prompt
+        if max_new_tokens == 0:
+            return out
+        if mode == "rnn":
+            params, state = self.prefill(prompt, labels)
+        for t in range(T0, T0 + max_new_tokens):
+            if mode == "recompute":  # the last input token is dropped by forward: any value will do
+                params = self(torch.cat([out[:, :t], torch.zeros_like(out[:, :1])], 1), labels)[:, t]
+            out[:, t] = sample(self.head.log_probs(params), temperature, top_k, top_p, generator)
+            if mode == "rnn" and t + 1 < T0 + max_new_tokens:
+                params, state = self.step(out[:, t], state)
+        return out
+
+
+def sample(
+    log_probs: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one token per row of log_probs [B, V]: temperature 0 is argmax; top_k keeps the k most
+    likely tokens, top_p the smallest set whose probability reaches p (nucleus sampling)."""
+    if temperature < 0:
+        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return log_probs.argmax(-1)
+    logits = log_probs / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

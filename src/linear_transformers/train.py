@@ -1,0 +1,358 @@
+"""Training: RAdam/AdamW with warmup and decay, clipping, optional bfloat16 autocast, evaluation in
+bits per dimension, checkpoints that a killed run resumes from exactly, and data parallelism under
+torchrun (gloo on CPU, nccl on GPUs).
+
+A run folder holds
+
+    latest              names the newest complete checkpoint (written last, atomically)
+    step-000200/        model.safetensors, config.json, state.pt (optimizer, schedule, sampler, RNG)
+    log.csv             step, loss, bits/dim, learning rate, tokens/s, test bits/dim
+
+A checkpoint is written into a temporary folder that is renamed into place, then `latest` is
+replaced: whatever moment a run is killed at, `latest` names a whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from . import data as datasets
+from .model import CausalTransformer, ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    data: str = "mnist"  # dataset: mnist, fashion-mnist, digits, cifar10 or text
+    data_path: str = ""  # folder or file for datasets that are not bundled (IDX, CIFAR-10 binary, text)
+    image_size: int = 0  # average-pool images to this side (0 keeps them; 14 halves MNIST)
+    levels: int = 0  # quantise pixels to this many levels (0 keeps 256)
+    seq_len: int = 256  # window length of text datasets
+    conditional: bool = True  # condition on the class label (image datasets)
+    out: str = "runs/model"  # run folder: checkpoints and log
+    steps: int = 2000  # optimiser steps in all (a resumed run continues up to this)
+    batch_size: int = 32  # global batch, split across data-parallel ranks
+    optimizer: str = "radam"  # radam or adamw
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.0
+    warmup: int = 100  # steps of linear warmup
+    schedule: str = "cosine"  # after warmup: cosine (to 10% of lr), linear (to 0) or constant
+    clip: float = 1.0  # gradient norm clipping (0: off)
+    bf16: bool = False  # bfloat16 autocast for forward and loss
+    eval_every: int = 500  # steps between evaluations on the test split (0: only at the end)
+    eval_batches: int = 20  # test batches per evaluation
+    checkpoint_every: int = 200  # steps between checkpoints (and one at the end)
+    keep: int = 2  # checkpoints kept in the run folder
+    time_limit: float = 0.0  # stop after this many seconds, with a checkpoint (0: no limit)
+    resume: bool = False  # continue from the run folder's latest checkpoint
+    seed: int = 0
+    threads: int = 0  # CPU threads (0: torch's default)
+    device: str = "auto"  # auto (cuda when available), cpu or cuda
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        if self.data not in datasets.DATASETS:
+            raise ValueError(f"TrainConfig: data={self.data!r} is not one of {', '.join(datasets.DATASETS)}")
+        if self.optimizer not in ("radam", "adamw"):
+            raise ValueError(f"TrainConfig: optimizer must be 'radam' or 'adamw', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"TrainConfig: schedule must be cosine, linear or constant, got {self.schedule!r}")
+        for name in ("steps", "batch_size", "checkpoint_every", "keep", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
+
+
+# ---- data order ---------------------------------------------------------------------------------
+
+
+class Sampler:
+    """Batches of item indices: a fresh random permutation per epoch, from its own generator, so
+    the order is fixed by the seed and resumable from `state_dict`. Every data-parallel rank draws
+    the same global batch and keeps its own slice."""
+
+    def __init__(self, n_items: int, batch_size: int, seed: int) -> None:
+        self.n_items, self.batch_size = n_items, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(n_items, generator=self.generator)
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        out = []
+        need = self.batch_size
+        while need:
+            take = self.perm[self.pos : self.pos + need]
+            out.append(take)
+            self.pos += len(take)
+            need -= len(take)
+            if self.pos == self.n_items:
+                self.perm, self.pos = torch.randperm(self.n_items, generator=self.generator), 0
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm, self.pos = state["perm"], state["pos"]
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.schedule == "cosine":
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 1.0
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+
+
+def data_meta(d: datasets.SequenceData) -> dict:
+    return {
+        "name": d.name,
+        "vocab_size": d.vocab_size,
+        "seq_len": d.seq_len,
+        "n_classes": d.n_classes,
+        "image_shape": list(d.image_shape) if d.image_shape else None,
+        "alphabet": d.alphabet,
+    }
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run: Path, step: int, model, model_cfg, train_cfg, meta, extra_state: dict, keep: int) -> Path:
+    """Write checkpoint `step` into the run folder atomically, point `latest` at it, keep the newest `keep`."""
+    run.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    tmp = run / f".{name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, tmp / "model.safetensors")
+    config = {"model": model_cfg.to_dict(), "train": asdict(train_cfg), "data": meta, "step": step}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    torch.save(extra_state, tmp / "state.pt")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    final = run / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write_text(run / "latest", name + "\n")
+    for old in sorted(run.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (its `latest` checkpoint)."""
+    path = Path(path)
+    if (path / "latest").exists():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: expected a run folder with a 'latest' file, or a checkpoint folder "
+            "holding model.safetensors and config.json"
+        )
+    return path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CausalTransformer, dict]:
+    """Load a trained model (in eval mode) and its config.json from a checkpoint or run folder."""
+    ckpt = resolve_checkpoint(path)
+    config = json.loads((ckpt / "config.json").read_text())
+    model = CausalTransformer(ModelConfig(**config["model"]))
+    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    return model.to(device).eval(), config
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+
+
+def _setup_distributed(device: torch.device) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+@torch.no_grad()
+def evaluate(model: CausalTransformer, d: datasets.SequenceData, cfg: TrainConfig, device, batches: int) -> float:
+    """Bits per dimension (per token) on the first `batches` batches of the test split."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    n = d.n_items("test")
+    stride = max(1, n // (batches * cfg.batch_size)) if d.is_text else 1
+    for b in range(batches):
+        idx = (torch.arange(cfg.batch_size) + b * cfg.batch_size) * stride
+        idx = idx[idx < n]
+        if len(idx) == 0:
+            break
+        tokens, labels = d.get("test", idx)
+        labels = labels.to(device) if labels is not None and cfg.conditional else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            nll = model.nll(tokens.to(device), labels)
+        total += nll.double().sum().item()
+        count += nll.numel()
+    model.train(was_training)
+    return total / max(count, 1) / math.log(2)
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData | None = None) -> Path:
+    """Train (or resume) a model; returns the last checkpoint's folder."""
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))  # fmt: skip
+    rank, world = _setup_distributed(device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} data-parallel ranks")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.out)
+    d = data or datasets.load(
+        cfg.data, cfg.data_path or None, size=cfg.image_size, levels=cfg.levels, seq_len=cfg.seq_len
+    )
+    model_cfg = replace(
+        model_cfg,
+        vocab_size=d.vocab_size,
+        max_len=d.seq_len,
+        n_classes=d.n_classes if cfg.conditional else 0,
+    )
+    torch.manual_seed(cfg.seed)
+    model = CausalTransformer(model_cfg).to(device)
+    opt_cls = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.AdamW
+    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+    sampler = Sampler(d.n_items("train"), cfg.batch_size, cfg.seed)
+    step = 0
+    if cfg.resume and (run / "latest").exists():
+        ckpt = resolve_checkpoint(run)
+        model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+        if rank == 0:
+            print(f"resuming {run} from {ckpt.name}", flush=True)
+    elif (run / "latest").exists() and rank == 0 and not cfg.resume:
+        print(f"note: {run} holds an earlier run; starting afresh (pass --resume to continue it)", flush=True)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    meta = data_meta(d)
+
+    def checkpoint(at: int) -> None:
+        if rank == 0:
+            extra = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "sampler": sampler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "step": at,
+            }
+            save_checkpoint(run, at, model, model_cfg, cfg, meta, extra, cfg.keep)
+        if world > 1:
+            dist.barrier()
+
+    log_path = run / "log.csv"
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        if not log_path.exists() or step == 0:
+            with open(log_path, "w", newline="") as f:
+                csv.writer(f).writerow(["step", "loss", "bits_per_dim", "lr", "tokens_per_s", "test_bits_per_dim"])
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"train {d.name}", unit="step", dynamic_ncols=True)
+    local = cfg.batch_size // world
+    start, tokens_seen = time.perf_counter(), 0
+    model.train()
+    while step < cfg.steps:
+        idx = sampler.next()[rank * local : (rank + 1) * local]
+        tokens, labels = d.get("train", idx)
+        tokens = tokens.to(device)
+        labels = labels.to(device) if labels is not None and model_cfg.n_classes else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            params = net(tokens, labels)
+            loss = model.head.nll(params, tokens.long()).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        tokens_seen += tokens.numel() * world
+        loss_value = loss.item()
+        bpd = loss_value / math.log(2)
+        test_bpd = None
+        if rank == 0 and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            test_bpd = evaluate(model, d, cfg, device, cfg.eval_batches)
+        elapsed = time.perf_counter() - start
+        tok_s = tokens_seen / max(elapsed, 1e-9)
+        if rank == 0:
+            with open(log_path, "a", newline="") as f:
+                csv.writer(f).writerow([step, f"{loss_value:.5f}", f"{bpd:.4f}", f"{scheduler.get_last_lr()[0]:.3g}",
+                                        f"{tok_s:.0f}", "" if test_bpd is None else f"{test_bpd:.4f}"])  # fmt: skip
+            if bar is not None:
+                post = {"loss": f"{loss_value:.3f}", "bpd": f"{bpd:.3f}", "tok/s": f"{tok_s:.0f}"}
+                if test_bpd is not None:
+                    post["test_bpd"] = f"{test_bpd:.3f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+        out_of_time = cfg.time_limit and time.perf_counter() - start > cfg.time_limit
+        if world > 1:  # every rank stops at the same step
+            flag = torch.tensor([float(bool(out_of_time))], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
+            checkpoint(step)
+        if out_of_time:
+            if rank == 0:
+                print(f"\nstopped at step {step}: time limit of {cfg.time_limit:.0f} s", flush=True)
+            break
+        if bar is None and rank == 0 and step % 100 == 0:
+            print(f"step {step}: loss {loss_value:.4f}, {bpd:.3f} bits/dim, {tok_s:.0f} tokens/s", flush=True)
+    if bar is not None:
+        bar.close()
+    if world > 1:
+        _check_ranks_agree(model)
+    return resolve_checkpoint(run)
+
+
+def _check_ranks_agree(model: torch.nn.Module) -> None:
+    """Data parallelism must leave every rank with the same parameters; fail loudly if not."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    lo, hi = flat.clone(), flat.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError(f"data-parallel ranks disagree on parameters (max difference {(hi - lo).max().item():.3g})")
+    if dist.get_rank() == 0:
+        print(f"data-parallel check: all {dist.get_world_size()} ranks hold identical parameters", flush=True)

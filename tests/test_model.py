@@ -1,0 +1,126 @@
+"""The causal model: the RNN path (prefill + step) computes the parallel path's logits for every
+attention kind, head and norm placement; greedy RNN generation equals greedy recomputation;
+batches equal one-by-one; the mixture of logistics is a distribution over the 256 levels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from linear_transformers.heads import MixtureOfLogisticsHead
+from linear_transformers.model import CausalTransformer, ModelConfig, sample
+
+KINDS = [
+    dict(attention="causal-linear", head="categorical", norm="pre", positional="sinusoidal"),
+    dict(attention="causal-linear", head="mol", norm="post", positional="learned"),
+    dict(attention="causal-linear", head="categorical", norm="pre", positional="none", feature_map="favor"),
+    dict(attention="causal-softmax", head="categorical", norm="pre", positional="sinusoidal"),
+    dict(attention="causal-softmax", head="mol", norm="post", positional="learned"),
+]
+IDS = ["linear-cat-pre-sin", "linear-mol-post-learned", "linear-favor-nopos", "softmax-cat-pre", "softmax-mol-post"]
+
+
+def _model(n_classes=3, vocab=16, max_len=48, **kw) -> CausalTransformer:
+    cfg = ModelConfig(vocab_size=vocab, n_classes=n_classes, max_len=max_len, d_model=32, n_layers=2, n_heads=4,
+                      d_ff=64, chunk_size=16, **kw)  # fmt: skip
+    return CausalTransformer(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=IDS)
+def test_step_logits_equal_parallel_logits(kind):
+    model = _model(**kind)
+    tokens, labels = torch.randint(0, 16, (3, 40)), torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        parallel = model(tokens, labels)
+        params, state = model.prefill(tokens[:, :0], labels)
+        steps = [params]
+        for t in range(39):
+            params, state = model.step(tokens[:, t], state)
+            steps.append(params)
+    torch.testing.assert_close(torch.stack(steps, 1), parallel, atol=1e-4, rtol=0)
+    # a longer prompt handed over by prefill continues the same way
+    with torch.no_grad():
+        params, state = model.prefill(tokens[:, :25], labels)
+        torch.testing.assert_close(params, parallel[:, 25], atol=1e-4, rtol=0)
+        params, state = model.step(tokens[:, 25], state)
+    torch.testing.assert_close(params, parallel[:, 26], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=IDS)
+def test_greedy_rnn_generation_equals_recomputing(kind):
+    model = _model(**kind)
+    labels = torch.tensor([2, 0])
+    prompt = torch.randint(0, 16, (2, 5))
+    rnn = model.generate(prompt=prompt, labels=labels, max_new_tokens=30, temperature=0)
+    recompute = model.generate(prompt=prompt, labels=labels, max_new_tokens=30, temperature=0, mode="recompute")
+    assert rnn.shape == (2, 35) and torch.equal(rnn[:, :5], prompt)
+    assert torch.equal(rnn, recompute)
+
+
+def test_batch_generation_equals_one_by_one():
+    model = _model(attention="causal-linear", head="mol")
+    labels = torch.tensor([0, 1, 2, 1])
+    batch = model.generate(labels=labels, max_new_tokens=20, temperature=0)
+    for i in range(4):
+        assert torch.equal(model.generate(labels=labels[i : i + 1], max_new_tokens=20, temperature=0), batch[i : i + 1])
+
+
+def test_sampling_is_seeded_and_follows_the_distribution():
+    model = _model(n_classes=0)
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    a, b = model.generate(n=4, max_new_tokens=10, generator=g()), model.generate(n=4, max_new_tokens=10, generator=g())
+    assert torch.equal(a, b)
+    log_probs = torch.log(torch.tensor([[0.7, 0.2, 0.1, 0.0]]).clamp_min(1e-30)).expand(20000, 4)
+    counts = torch.bincount(sample(log_probs, generator=torch.Generator().manual_seed(0)), minlength=4) / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.7, 0.2, 0.1, 0.0]), atol=0.02, rtol=0)
+    assert (sample(log_probs, top_k=1) == 0).all()
+    assert set(sample(log_probs, top_p=0.8, generator=torch.Generator().manual_seed(0)).tolist()) <= {0, 1}
+
+
+def test_mixture_of_logistics_is_a_distribution_over_the_levels():
+    head = MixtureOfLogisticsHead(8, 256, 10)
+    params = torch.randn(50, 30) * torch.tensor([3.0] * 10 + [1.0] * 10 + [2.0] * 10)  # some scales tiny, some wide
+    params[:, 20:] -= 3
+    log_p = head.log_probs(params)
+    assert log_p.shape == (50, 256)
+    torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(50), atol=1e-4, rtol=0)
+    targets = torch.randint(0, 256, (50,))
+    torch.testing.assert_close(head.nll(params, targets), -log_p.gather(1, targets[:, None])[:, 0])
+
+
+def test_bits_per_dim_is_nats_over_ln2():
+    model = _model(n_classes=0, head="mol", vocab=256)
+    tokens = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        assert math.isclose(
+            model.bits_per_dim(tokens).item(), model.nll(tokens).mean().item() / math.log(2), rel_tol=1e-6
+        )
+    # an untrained model is close to uniform over 256 levels: about 8 bits
+    assert 5 < model.bits_per_dim(tokens).item() < 11
+
+
+def test_class_label_conditions_the_output():
+    model = _model()
+    tokens = torch.randint(0, 16, (1, 10))
+    with torch.no_grad():
+        assert not torch.allclose(model(tokens, torch.tensor([0])), model(tokens, torch.tensor([1])))
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="attention='linear' is not one of 'causal-linear', 'causal-softmax'"):
+        ModelConfig(attention="linear")
+    with pytest.raises(ValueError, match="d_model=30 is not divisible by n_heads=4"):
+        ModelConfig(d_model=30, n_heads=4)
+    model = _model()
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, vocab_size=16\), got values in \[0, 16\]"):
+        model(torch.tensor([[0, 16]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="class-conditional .* pass labels"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="position 48 is past max_len=48"):
+        model(torch.zeros(1, 49, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ValueError, match="exceed max_len=48"):
+        model.generate(labels=torch.tensor([0]), max_new_tokens=49)
+    with pytest.raises(TypeError, match="tokens must be an integer tensor"):
+        model(torch.zeros(1, 4), torch.tensor([0]))

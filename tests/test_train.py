@@ -1,0 +1,163 @@
+"""Training end to end on tiny files: checkpoints are whole and atomic, a run killed mid-way resumes
+to exactly the parameters of an uninterrupted run, data parallelism over 2 CPU processes (gloo)
+matches one process with the same global batch, and the CLI's train/sample/eval work."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from linear_transformers.cli import main as cli_main
+from linear_transformers.train import resolve_checkpoint
+from test_data import write_mnist_folder
+
+TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--batch-size", "8",
+        "--levels", "16", "--optimizer", "adamw", "--lr", "1e-2", "--warmup", "3", "--eval-batches", "1",
+        "--threads", "1", "--no-progress"]  # fmt: skip
+
+
+def _cli(*args: str, **env) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "linear_transformers.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env},
+    )  # fmt: skip
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(resolve_checkpoint(run) / "model.safetensors")
+
+
+@pytest.fixture
+def mnist_dir(tmp_path) -> Path:
+    write_mnist_folder(tmp_path / "mnist", n_train=64, n_test=16, side=8)
+    return tmp_path / "mnist"
+
+
+def test_train_writes_whole_checkpoints_and_learns(tmp_path, mnist_dir):
+    run = tmp_path / "run"
+    assert cli_main(["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "60",
+                     "--checkpoint-every", "20", "--eval-every", "20", *TINY]) == 0  # fmt: skip
+    assert (run / "latest").read_text().strip() == "step-000060"
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000040", "step-000060"]  # keep=2
+    assert not list(run.glob(".*tmp*"))  # no temporary leftovers
+    for f in ("model.safetensors", "config.json", "state.pt"):
+        assert (run / "step-000060" / f).stat().st_size > 0
+    log = (run / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss,bits_per_dim") and len(log) == 61
+    losses = [float(line.split(",")[1]) for line in log[1:]]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5 < 0.6 * math.log(16)  # it learns the structure
+    assert log[-1].split(",")[-1]  # a test bits/dim at the end
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, mnist_dir):
+    args = [
+        "train",
+        "--data-path",
+        str(mnist_dir),
+        "--steps",
+        "160",
+        "--checkpoint-every",
+        "10",
+        "--eval-every",
+        "0",
+        *TINY,
+    ]
+    full = _cli(*args, "--out", str(tmp_path / "full"))
+    killed = _cli(*args, "--out", str(tmp_path / "killed"))
+    latest = tmp_path / "killed" / "latest"
+    deadline = time.time() + 120
+    while not (latest.exists() and latest.read_text().strip() >= "step-000020"):
+        assert killed.poll() is None, killed.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.002)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    stopped_at = latest.read_text().strip()
+    assert stopped_at < "step-000160", "the run finished before it could be killed; the test proves nothing"
+    resumed = _cli(*args, "--out", str(tmp_path / "killed"), "--resume")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"resuming {tmp_path / 'killed'} from {stopped_at}" in out
+    full_out, _ = full.communicate(timeout=300)
+    assert full.returncode == 0, full_out
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_data_parallel_matches_one_process(tmp_path, mnist_dir):
+    args = [
+        "train",
+        "--data-path",
+        str(mnist_dir),
+        "--steps",
+        "6",
+        "--checkpoint-every",
+        "6",
+        "--eval-every",
+        "0",
+        *TINY,
+    ]
+    single = _cli(*args, "--out", str(tmp_path / "single"))
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "linear_transformers.cli", *args, "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    assert "all 2 ranks hold identical parameters" in ddp.stdout
+    out, _ = single.communicate(timeout=300)
+    assert single.returncode == 0, out
+    a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_sample_and_eval_commands(tmp_path, mnist_dir, capsys):
+    run = tmp_path / "run"
+    cli_main(
+        ["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "4", "--checkpoint-every", "4", *TINY]
+    )
+    assert cli_main(["sample", "--checkpoint", str(run), "--n", "2", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 500
+    assert cli_main(["eval", "--checkpoint", str(run), "--batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "s.png" in out and "bits/dim" in out
+
+
+def test_text_model_samples_text(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("abcabcabd " * 300)
+    run = tmp_path / "run"
+    cli_main(["train", "--data", "text", "--data-path", str(tmp_path / "t.txt"), "--seq-len", "32", "--out", str(run),
+              "--steps", "20", "--checkpoint-every", "20", *TINY])  # fmt: skip
+    assert cli_main(["sample", "--checkpoint", str(run), "--n", "2", "--prompt", "abc", "--max-new-tokens", "20"]) == 0
+    text = (run / "samples.txt").read_text()
+    assert text.startswith("abc") and len(text.split("\n\n")[0]) == 23
+    with pytest.raises(ValueError, match="characters the model never saw"):
+        cli_main(["sample", "--checkpoint", str(run), "--prompt", "xyz"])
+
+
+def test_cli_options_and_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--d-modle", "64"])
+    assert "unrecognized arguments: --d-modle" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for option in ("--d-model", "--feature-map", "--norm", "--head", "--steps", "--resume", "--bf16", "--time-limit"):
+        assert option in help_text
+    assert "width of the residual stream (default: 256)" in " ".join(help_text.split())
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        cli_main(["sample", "--checkpoint", str(tmp_path / "none")])
+    with pytest.raises(ValueError, match="TrainConfig: optimizer must be 'radam' or 'adamw'"):
+        cli_main(["train", "--optimizer", "sgd"])
