@@ -86,8 +86,12 @@ def test_mixture_of_logistics_is_a_distribution_over_the_levels():
     log_p = head.log_probs(params)
     assert log_p.shape == (50, 256)
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(50), atol=1e-4, rtol=0)
+    # training's nll (the float32 PixelCNN++ formula, with a density fallback for bins under 1e-5) agrees
+    # with sampling's float64 CDF differences to float32 precision
     targets = torch.randint(0, 256, (50,))
-    torch.testing.assert_close(head.nll(params, targets), -log_p.gather(1, targets[:, None])[:, 0])
+    torch.testing.assert_close(
+        head.nll(params, targets), -log_p.gather(1, targets[:, None])[:, 0], atol=1e-3, rtol=1e-4
+    )
 
 
 def test_bits_per_dim_is_nats_over_ln2():
@@ -124,3 +128,84 @@ def test_bad_inputs_are_named():
         model.generate(labels=torch.tensor([0]), max_new_tokens=49)
     with pytest.raises(TypeError, match="tokens must be an integer tensor"):
         model(torch.zeros(1, 4), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_cpu_step_equals_the_pytorch_step(norm, feature_map, batch):
+    from linear_transformers.ops import cpu
+
+    if not cpu.available():
+        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    model = _model(n_classes=3, norm=norm, feature_map=feature_map, head="mol")
+    tokens, labels = torch.randint(0, 16, (batch, 30)), torch.randint(0, 3, (batch,))
+    results = []
+    with torch.no_grad():
+        for fused in (True, False):
+            model.fused_step = fused
+            params, state = model.prefill(tokens[:, :5], labels)
+            outs = [params]
+            for t in range(5, 29):
+                params, state = model.step(tokens[:, t], state)
+                outs.append(params)
+            assert model._fused is not None  # built by the fused pass (the eager pass ignores it)
+            results.append((torch.stack(outs, 1), state))
+    (fused_out, fused_state), (eager_out, eager_state) = results
+    torch.testing.assert_close(fused_out, eager_out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused_state.layers, eager_state.layers, strict=True):
+        torch.testing.assert_close(a.S, b.S, atol=1e-5, rtol=1e-5)
+        assert a.n_tokens == b.n_tokens
+
+
+def test_fused_step_with_bfloat16_weights_stays_close():
+    from linear_transformers.ops import cpu
+
+    if not cpu.available():
+        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    model = _model(n_classes=0)
+    tokens = torch.randint(0, 16, (2, 30))
+    with torch.no_grad():
+        parallel = model(tokens)
+        model.fused_weights = torch.bfloat16
+        params, state = model.prefill(tokens[:, :0])
+        outs = [params]
+        for t in range(29):
+            params, state = model.step(tokens[:, t], state)
+            outs.append(params)
+    assert model._fused.weights == torch.bfloat16
+    err = (torch.stack(outs, 1) - parallel).abs().max() / parallel.abs().max()
+    assert 0 < err < 2e-2  # bfloat16 projections: close, not equal
+
+
+def test_fused_step_falls_back_where_it_does_not_apply():
+    tokens = torch.randint(0, 16, (1, 12))
+    for kwargs in (dict(feature_map="favor"), dict(attention="causal-softmax")):
+        model = _model(n_classes=0, **kwargs)
+        model.generate(n=1, max_new_tokens=5)
+        assert model._fused is None
+    model = _model(n_classes=0)
+    model.generate(n=1, max_new_tokens=5)
+    assert model._fused is not None
+    model.double()  # moving or casting the parameters drops the fused step; float64 then runs in PyTorch
+    assert model._fused is None
+    with torch.no_grad():
+        _, state = model.prefill(tokens)
+        model.step(tokens[:, 0], state)
+    assert model._fused is None
+    model.float()
+    _, state = model.prefill(tokens)  # autograd on: the differentiable PyTorch path
+    model.step(tokens[:, 0], state)
+    assert model._fused is None
+
+
+def test_mixture_sampling_shortcut_draws_the_discretised_distribution():
+    """Sampling the mixture directly (component, logistic value, bin) must give the level
+    probabilities that log_probs states."""
+    head = MixtureOfLogisticsHead(8, 16, 3)
+    params = torch.tensor([[0.5, -0.2, 0.1, -0.6, 0.1, 0.7, -2.5, -1.5, -3.0]]).expand(200_000, 9)
+    draws = head.sample(params, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=16).double() / len(draws)
+    expected = head.log_probs(params[:1])[0].exp().double()
+    assert (freq - expected).abs().max() < 4e-3
+    assert head.sample(params[:3], temperature=0).tolist() == [int(expected.argmax())] * 3

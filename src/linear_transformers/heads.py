@@ -3,7 +3,7 @@
 Each head maps h [..., d_model] to parameters [..., n_params] and gives
     nll(params, targets)  negative log-likelihood in nats, [...]
     log_probs(params)     log-probabilities over the whole vocabulary, [..., vocab_size]
-so training uses `nll` and sampling draws from `log_probs` (exactly the model's distribution, for
+so training uses `nll` and `sample` draws from `log_probs` (exactly the model's distribution, for
 either head). Bits per dimension = nll / ln 2, averaged over tokens (sub-pixels for images).
 """
 
@@ -14,6 +14,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _sample_log_probs(log_probs, temperature, top_k, top_p, generator):
+    from .model import sample  # the sampler lives with generate
+
+    return sample(log_probs, temperature, top_k, top_p, generator)
 
 
 class CategoricalHead(nn.Module):
@@ -32,6 +38,10 @@ class CategoricalHead(nn.Module):
 
     def log_probs(self, params: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(params.float(), dim=-1)
+
+    def sample(self, params, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+        """One token per row of params [B, n_params] (see model.sample)."""
+        return _sample_log_probs(self.log_probs(params), temperature, top_k, top_p, generator)
 
 
 class MixtureOfLogisticsHead(nn.Module):
@@ -84,8 +94,34 @@ class MixtureOfLogisticsHead(nn.Module):
         return -self._log_prob_of_values(params, self._values(targets)[..., None])[..., 0]
 
     def log_probs(self, params: torch.Tensor) -> torch.Tensor:
-        levels = self._values(torch.arange(self.vocab_size, device=params.device))
-        return self._log_prob_of_values(params, levels)
+        """Log-probabilities of all L levels, for sampling: each bin's probability is the difference of
+        the mixture's CDF at its two edges (the outer edges at -inf and +inf), so the L probabilities
+        sum to one by construction. Computed in float64, so even improbable bins keep their log-probability."""
+        K, L = self.n_components, self.vocab_size
+        params = params.double()  # differences of CDFs: float64 keeps improbable bins accurate
+        pi = torch.softmax(params[..., :K], dim=-1)[..., None, :]
+        mu, inv_s = params[..., None, K : 2 * K], torch.exp(-params[..., None, 2 * K :].clamp(min=-7.0))
+        edges = torch.linspace(-1 - 1 / (L - 1), 1 + 1 / (L - 1), L + 1, device=params.device, dtype=params.dtype)
+        edges = edges[1:-1, None]
+        cdf = (pi * torch.sigmoid((edges - mu) * inv_s)).sum(-1)  # [..., L - 1] at the inner edges
+        cdf = F.pad(F.pad(cdf, (1, 0), value=0.0), (0, 1), value=1.0)
+        return torch.log(torch.diff(cdf, dim=-1).clamp(min=1e-300)).float()
+
+    def sample(self, params, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+        """One level per row of params [B, 3K]. At temperature 1 without truncation, draw a component,
+        then a logistic value, and bin it: exactly the discretised mixture, without evaluating all L
+        levels. Otherwise sample from `log_probs` (tempered, truncated)."""
+        if temperature != 1.0 or top_k or (top_p is not None and top_p < 1.0):
+            return _sample_log_probs(self.log_probs(params), temperature, top_k, top_p, generator)
+        K, L = self.n_components, self.vocab_size
+        params = params.float()
+        race = torch.empty_like(params[..., :K]).exponential_(generator=generator)
+        k = (torch.log_softmax(params[..., :K], -1) - race.log()).argmax(-1, keepdim=True)
+        mu = params[..., K : 2 * K].gather(-1, k)[..., 0]
+        s = torch.exp(params[..., 2 * K :].clamp(min=-7.0).gather(-1, k)[..., 0])
+        u = torch.empty_like(mu).uniform_(1e-7, 1 - 1e-7, generator=generator)
+        x = mu + s * (torch.log(u) - torch.log1p(-u))
+        return torch.round((x + 1) * ((L - 1) / 2)).clamp(0, L - 1).long()
 
 
 HEADS = {"categorical": CategoricalHead, "mol": MixtureOfLogisticsHead}

@@ -20,7 +20,7 @@ from torch import nn
 from .attention import ATTENTION_KINDS, AttentionLayer
 from .feature_maps import FEATURE_MAPS
 from .heads import HEADS
-from .ops import KVCache, LinearState
+from .ops import KVCache, LinearState, cpu
 
 POSITIONAL = ("sinusoidal", "learned", "none")
 NORMS = ("pre", "post")
@@ -155,6 +155,13 @@ class CausalTransformer(nn.Module):
             else head_cls(cfg.d_model, cfg.vocab_size)
         )  # fmt: skip
         self.dropout = nn.Dropout(cfg.dropout)
+        # Generation on the CPU runs all blocks of a step in one C call where it applies (see
+        # _fused_step); False always takes the PyTorch path. fused_weights=torch.bfloat16 streams
+        # bfloat16 copies of the projection weights (half the bytes per token; float32 arithmetic;
+        # the copies are taken at the start of each generate()).
+        self.fused_step = True
+        self.fused_weights = torch.float32
+        self._fused: cpu.FusedModelStep | None = None
 
     # ---- inputs ---------------------------------------------------------------------------------
     def _positions(self, start: int, n: int, device) -> torch.Tensor | None:
@@ -241,10 +248,60 @@ class CausalTransformer(nn.Module):
         if pos is not None:
             x = x + pos[0]
         x = self.dropout(x)
-        for i, block in enumerate(self.blocks):
-            x, state.layers[i] = block.step(x, state.layers[i])
+        fused = self._fused_step(x, state)
+        if fused is not None:
+            x = fused(x.contiguous(), [s.S for s in state.layers], [s.z for s in state.layers])
+            for s in state.layers:
+                s.n_tokens += 1
+        else:
+            for i, block in enumerate(self.blocks):
+                x, state.layers[i] = block.step(x, state.layers[i])
         state.position += 1
         return self.head(self.norm(x)), state
+
+    def _apply(self, fn, *args, **kwargs):
+        self._fused = None  # parameters may move or change dtype: the fused step is rebuilt on demand
+        return super()._apply(fn, *args, **kwargs)
+
+    def _block_weights(self) -> list[dict[str, torch.Tensor]]:
+        return [
+            {
+                "ln1_w": b.norm1.weight, "ln1_b": b.norm1.bias, "qkv_w": b.attn.qkv.weight, "qkv_b": b.attn.qkv.bias,
+                "out_w": b.attn.out.weight, "out_b": b.attn.out.bias, "ln2_w": b.norm2.weight, "ln2_b": b.norm2.bias,
+                "ff1_w": b.ff[0].weight, "ff1_b": b.ff[0].bias, "ff2_w": b.ff[2].weight, "ff2_b": b.ff[2].bias,
+            }
+            for b in self.blocks
+        ]  # fmt: skip
+
+    def _fused_step(self, x: torch.Tensor, state: ModelState) -> cpu.FusedModelStep | None:
+        """The fused C step (ops/cpu/model_step.c) where it computes what the blocks would: linear
+        attention with an elementwise feature map, float32 on the CPU, no autograd, no dropout."""
+        cfg = self.cfg
+        if not (
+            self.fused_step
+            and cfg.attention == "causal-linear"
+            and cfg.feature_map in cpu.FUSED_FEATURE_MAPS
+            and not self.training
+            and not torch.is_grad_enabled()
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and all(isinstance(s, LinearState) and s.S.is_contiguous() and s.z.is_contiguous() for s in state.layers)
+            and all(s.S.dtype == torch.float32 for s in state.layers)
+            and cpu.available()
+        ):
+            return None
+        if self._fused is None or self._fused.weights != self.fused_weights:
+            # (reset by _apply: .to(), .float(), ...; the step keeps the weights it points into alive)
+            layers = self._block_weights()
+            if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+                   for layer in layers for t in layer.values()):  # fmt: skip
+                return None
+            self._fused = cpu.FusedModelStep(
+                layers, n_heads=cfg.n_heads, dk=cfg.d_model // cfg.n_heads, dv=cfg.d_model // cfg.n_heads,
+                pre_norm=cfg.norm == "pre", feature_map=cfg.feature_map, ln_eps=self.blocks[0].norm1.eps,
+                attn_eps=cfg.eps, weights=self.fused_weights,
+            )  # fmt: skip
+        return self._fused
 
     @torch.no_grad()
     def generate(
@@ -270,6 +327,8 @@ class CausalTransformer(nn.Module):
         """
         if mode not in ("rnn", "recompute"):
             raise ValueError(f"generate: mode must be 'rnn' or 'recompute', got {mode!r}")
+        if self.fused_weights != torch.float32:
+            self._fused = None  # fresh low-precision copies of the current weights
         device = next(self.parameters()).device
         if prompt is None:
             B = labels.shape[0] if labels is not None else n
@@ -291,7 +350,7 @@ class CausalTransformer(nn.Module):
         for t in range(T0, T0 + max_new_tokens):
             if mode == "recompute":  # the last input token is dropped by forward: any value will do
                 params = self(torch.cat([out[:, :t], torch.zeros_like(out[:, :1])], 1), labels)[:, t]
-            out[:, t] = sample(self.head.log_probs(params), temperature, top_k, top_p, generator)
+            out[:, t] = self.head.sample(params, temperature, top_k, top_p, generator)
             if mode == "rnn" and t + 1 < T0 + max_new_tokens:
                 params, state = self.step(out[:, t], state)
         return out
@@ -319,5 +378,6 @@ def sample(
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    # exponential race: argmax(logits - log E), E ~ Exp(1), draws exactly from softmax(logits)
+    race = torch.empty_like(logits).exponential_(generator=generator)
+    return (logits - race.log()).argmax(-1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import attention
+from . import attention, generate
 
-BENCHMARKS = {"attention": attention}
+BENCHMARKS = {"attention": attention, "generate": generate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,8 +27,10 @@ import torch
 from ..validation import accumulation_dtype
 
 _SOURCE_DIR = Path(__file__).parent
-_SOURCES = ("causal_linear.c", "causal_linear_impl.h")
-_BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-std=gnu11"]
+_SOURCES = ("causal_linear.c", "causal_linear_impl.h", "model_step.c")
+# -fopenmp: model_step.c shares work with OpenMP; loaded after torch, the library binds to torch's own
+# libgomp.so.1 (same soname), so both use one thread pool.
+_BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-fopenmp", "-std=gnu11"]
 _ARCH_FLAGS = (["-march=native"], [])  # the second is tried where the compiler has no -march=native
 
 _lock = threading.Lock()
@@ -56,7 +58,8 @@ def _compile(cc: str, out: Path) -> None:
     for arch in _ARCH_FLAGS:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_out = Path(tmp) / out.name
-            cmd = [cc, *_BASE_FLAGS, *arch, str(_SOURCE_DIR / "causal_linear.c"), "-o", str(tmp_out)]
+            sources = [str(_SOURCE_DIR / name) for name in _SOURCES if name.endswith(".c")]
+            cmd = [cc, *_BASE_FLAGS, *arch, *sources, "-lm", "-o", str(tmp_out)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
                 os.replace(tmp_out, out)  # atomic: concurrent builders never see a partial file
@@ -86,6 +89,8 @@ def _build() -> ctypes.CDLL:
         bwd = getattr(lib, f"cla_backward_{suffix}")
         bwd.argtypes = [ptr] * 15 + [i64] * 6 + [ctypes.c_int]
         bwd.restype = ctypes.c_int
+    lib.lt_model_step_f32.argtypes = [ctypes.POINTER(_LtModel), ctypes.c_int, ptr, ptr, ptr, ptr]
+    lib.lt_model_step_f32.restype = ctypes.c_int
     return lib
 
 
@@ -111,6 +116,91 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     load()
     return _error
+
+
+class _LtModel(ctypes.Structure):
+    """Mirror of lt_model in model_step.c."""
+
+    _fields_ = [
+        *[(name, ctypes.c_int) for name in ("n_layers", "d", "n_heads", "dk", "dv", "dff", "pre_norm", "feature_map",
+                                            "gelu_tanh", "bf16")],
+        ("ln_eps", ctypes.c_float),
+        ("attn_eps", ctypes.c_float),
+        *[(name, ctypes.POINTER(ctypes.c_void_p)) for name in ("ln1_w", "ln1_b", "qkv_w", "qkv_b", "out_w", "out_b",
+                                                               "ln2_w", "ln2_b", "ff1_w", "ff1_b", "ff2_w", "ff2_b")],
+    ]  # fmt: skip
+
+
+FUSED_FEATURE_MAPS = {"elu": 0, "relu": 1}
+
+
+class FusedModelStep:
+    """One generation step of all blocks of a causal linear transformer in one C call.
+
+    Built from the blocks' parameter tensors (float32, contiguous, CPU). It keeps references to
+    them, so their memory outlives any reassignment; the model rebuilds it when its parameters move
+    (CausalTransformer._apply). In-place updates (optimizer steps, load_state_dict) are seen.
+    """
+
+    WEIGHTS = (
+        "ln1_w",
+        "ln1_b",
+        "qkv_w",
+        "qkv_b",
+        "out_w",
+        "out_b",
+        "ln2_w",
+        "ln2_b",
+        "ff1_w",
+        "ff1_b",
+        "ff2_w",
+        "ff2_b",
+    )
+    PROJECTIONS = ("qkv_w", "out_w", "ff1_w", "ff2_w")
+
+    def __init__(
+        self,
+        layers: list[dict[str, torch.Tensor]],
+        *,
+        n_heads: int,
+        dk: int,
+        dv: int,
+        pre_norm: bool,
+        feature_map: str,
+        ln_eps: float,
+        attn_eps: float,
+        weights: torch.dtype = torch.float32,
+    ) -> None:
+        if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu"
+               for layer in layers for t in layer.values()):  # fmt: skip
+            raise ValueError("FusedModelStep: every weight must be a contiguous float32 CPU tensor")
+        if weights not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"FusedModelStep: weights must be torch.float32 or torch.bfloat16, got {weights}")
+        if weights == torch.bfloat16:  # copies of the four projections: half the bytes to stream per token
+            layers = [{k: t.to(torch.bfloat16) if k in self.PROJECTIONS else t for k, t in layer.items()}
+                      for layer in layers]  # fmt: skip
+        self.layers = layers  # keeps every tensor the C side points into alive
+        d, dff = layers[0]["ln1_w"].numel(), layers[0]["ff1_w"].shape[0]
+        self.arrays = {name: (ctypes.c_void_p * len(layers))(*[layer[name].data_ptr() for layer in layers])
+                       for name in self.WEIGHTS}  # fmt: skip
+        self.model = _LtModel(len(layers), d, n_heads, dk, dv, dff, int(pre_norm), FUSED_FEATURE_MAPS[feature_map], 0,
+                              int(weights == torch.bfloat16), ln_eps, attn_eps,
+                              *[self.arrays[name] for name in self.WEIGHTS])  # fmt: skip
+        self.weights = weights
+        self.d, self.width = d, n_heads * (2 * dk + dv) + n_heads * dv + dff + d
+        self._work: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, S: list[torch.Tensor], z: list[torch.Tensor]) -> torch.Tensor:
+        """x [B, d] contiguous float32, the embedded token, is overwritten with the last block's output
+        and returned; S and z are updated in place."""
+        B = x.shape[0]
+        if self._work is None or self._work.numel() < B * self.width:
+            self._work = torch.empty(B * self.width, dtype=torch.float32)
+        S_ptrs = (ctypes.c_void_p * len(S))(*[s.data_ptr() for s in S])
+        z_ptrs = (ctypes.c_void_p * len(z))(*[t.data_ptr() for t in z])
+        if load().lt_model_step_f32(ctypes.byref(self.model), B, x.data_ptr(), S_ptrs, z_ptrs, self._work.data_ptr()):
+            raise MemoryError("fused model step: out of memory for its per-thread buffers")
+        return x
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -1,0 +1,225 @@
+"""Generation and training speed of the paper's image models (Tables 1, 4 and 5, speed columns).
+
+Models with random weights (speed does not depend on them):
+    mnist   8 layers, 8 heads, d_model 256, d_ff 1024, 784 tokens, mixture-of-logistics head
+    cifar   16 layers, same widths, 3072 tokens
+
+Generators compared: linear attention as an RNN, softmax with a key/value cache ("stateful"), and
+softmax recomputing the whole prefix for every token (the paper's softmax baseline). Each is first
+verified (greedy RNN/cache generation must equal greedy recomputation), then timed per token at
+a set of positions; seconds per image is the sum over all positions, integrated from those
+measurements (exact for the RNN, whose per-token cost is flat; marked "integrated" for the
+others, whose cost grows with the position). Also: training step tokens/s, linear vs softmax.
+Writes generate.csv, table.md and generate.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model import CausalTransformer, ModelConfig, ModelState
+from .measure import machine_info
+from .report import fmt, markdown_table, write_csv
+
+CONFIGS = {
+    "mnist": ModelConfig(vocab_size=256, max_len=784, d_model=256, n_layers=8, n_heads=8, d_ff=1024, head="mol"),
+    "cifar": ModelConfig(vocab_size=256, max_len=3072, d_model=256, n_layers=16, n_heads=8, d_ff=1024, head="mol"),
+}
+PAPER = {  # the paper's generation speed (images/s; its Tables 1 and 4), for the side-by-side columns
+    ("mnist", "softmax-recompute"): 0.45,
+    ("mnist", "linear-rnn"): 142.8,
+    ("cifar", "softmax-recompute"): 0.004,
+    ("cifar", "linear-rnn"): 17.85,
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--batch", type=int, default=64, help="the fixed batch of the images/s columns")
+    p.add_argument("--points", type=int, default=6, help="positions at which per-token cost is timed")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--out", type=Path, default=Path("results/bench_generate"))
+    p.add_argument("--quick", action="store_true", help="tiny models: a smoke test in seconds")
+
+
+def _state_at(model: CausalTransformer, batch: int, position: int) -> tuple[torch.Tensor, ModelState]:
+    """The RNN state (or KV cache) after `position` random tokens, as generation would have it."""
+    labels = None
+    tokens = torch.randint(0, model.cfg.vocab_size, (batch, position))
+    return model.prefill(tokens, labels)
+
+
+def _time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def per_token_seconds(model: CausalTransformer, mode: str, batch: int, position: int, repeats: int = 3) -> float:
+    """Seconds to produce the token at `position` (0-based) for a batch, sampling included."""
+    with torch.no_grad():
+        if mode == "recompute":
+            tokens = torch.randint(0, model.cfg.vocab_size, (batch, position + 1))
+
+            def run():
+                model.head.log_probs(model(tokens)[:, position]).argmax(-1)
+
+            return _time(run, 1)
+        # token `position` comes from stepping token position - 1, which sits at network position `position`
+        _, state = _state_at(model, batch, max(position - 1, 0))
+        token = torch.randint(0, model.cfg.vocab_size, (batch,))
+        lengths = [getattr(s, "length", None) for s in state.layers]
+        start = state.position
+
+        def run():
+            model.head.log_probs(model.step(token, state)[0]).argmax(-1)
+            # a cache grows by the token: roll it back, so every run sees the same position
+            for s, n in zip(state.layers, lengths, strict=True):
+                if n is not None:
+                    s.length = n
+            state.position = start
+
+        return _time(run, repeats)
+
+
+def seconds_per_image(model, mode, batch, positions) -> tuple[float, list[float]]:
+    """Sum of the per-token time over positions 0..T-1, integrated (trapezoid) from the measured positions."""
+    times = [per_token_seconds(model, mode, batch, p) for p in positions]
+    total = float(np.trapezoid(times, positions)) + (times[0] + times[-1]) / 2
+    return total / batch, times
+
+
+def verify(model_linear: CausalTransformer, model_softmax: CausalTransformer) -> list[str]:
+    lines = []
+    for name, m in (("linear RNN", model_linear), ("softmax KV cache", model_softmax)):
+        a = m.generate(n=2, max_new_tokens=24, temperature=0)
+        b = m.generate(n=2, max_new_tokens=24, temperature=0, mode="recompute")
+        if not torch.equal(a, b):
+            raise SystemExit(f"verification failed: greedy {name} generation differs from recomputation")
+        lines.append(f"{name}: greedy generation of 24 tokens equals recomputing the prefix")
+    return lines
+
+
+def train_tokens_per_s(cfg: ModelConfig, batch: int) -> float:
+    model = CausalTransformer(cfg)
+    opt = torch.optim.RAdam(model.parameters(), 1e-4)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.max_len))
+
+    def step():
+        loss = model.nll(tokens).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return batch * cfg.max_len / _time(step, 1)
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    configs = {k: CONFIGS[k] for k in args.configs}
+    if args.quick:
+        configs = {k: replace(v, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64) for k, v in configs.items()}
+        args.batch, args.points = 4, 3
+    info = machine_info()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} threads")
+    rows, curves = [], {}
+    for name, cfg in configs.items():
+        linear = CausalTransformer(cfg).eval()
+        softmax = CausalTransformer(replace(cfg, attention="causal-softmax")).eval()
+        print(f"{name}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.max_len} tokens per image")
+        for line in verify(linear, softmax):
+            print("  verified: " + line)
+        T = cfg.max_len
+        positions = sorted({int(x) for x in np.linspace(0, T - 1, args.points)})
+        # recomputing is compute-bound: at the fixed batch it is timed at a batch holding <= 6272 tokens
+        recompute_batch = max(1, min(args.batch, 8 * 784 // T))
+        for label, model, mode in (
+            ("linear-rnn", linear, "rnn"),
+            ("softmax-cache", softmax, "cache"),
+            ("softmax-recompute", softmax, "recompute"),
+        ):
+            for batch in (1, recompute_batch if mode == "recompute" else args.batch):
+                s, times = seconds_per_image(model, mode, batch, positions)
+                how = f"timed at {len(positions)} positions, integrated over {T}"
+                if mode == "recompute" and batch != args.batch and batch != 1:
+                    how += f"; fixed-batch column timed at batch {batch}"
+                rows.append({
+                    "config": name, "generator": label, "batch": batch, "fixed_batch": batch != 1,
+                    "seconds_per_image": s, "images_per_s": 1 / s, "how": how,
+                    "paper_images_per_s": PAPER.get((name, label), "") if batch != 1 else "",
+                })  # fmt: skip
+                curves[(name, label, batch)] = (positions, times)
+                print(f"  {label:18s} batch {batch:3d}: {s:9.3f} s/image  {1 / s:9.2f} images/s", flush=True)
+        for attention in ("causal-linear", "causal-softmax"):
+            tps = train_tokens_per_s(replace(cfg, attention=attention), batch=max(1, 4 * 784 // T))
+            rows.append({"config": name, "generator": f"train {attention}", "tokens_per_s": tps})
+            print(f"  training step, {attention}: {tps:.0f} tokens/s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out / "generate.csv", rows)
+    table = summary(rows, args.batch)
+    (args.out / "table.md").write_text(
+        f"Generation speed, {info['cpu']}, {args.threads} threads, torch {info['torch']}\n\n" + table
+    )
+    print()
+    print(table)
+    plot(curves, args.out / "generate.png", args.batch)
+    print(f"wrote {args.out / 'generate.csv'}, {args.out / 'table.md'}, {args.out / 'generate.png'}")
+    return 0
+
+
+def summary(rows: list[dict], batch: int) -> str:
+    out = []
+    gen = [r for r in rows if "seconds_per_image" in r]
+    for config in dict.fromkeys(r["config"] for r in gen):
+        by = {(r["generator"], r["fixed_batch"]): r for r in gen if r["config"] == config}
+        lin1, linb = by[("linear-rnn", False)], by[("linear-rnn", True)]
+        for g in ("linear-rnn", "softmax-cache", "softmax-recompute"):
+            r1, rb = by[(g, False)], by.get((g, True), by[(g, False)])
+            note = "" if rb["batch"] == batch else f" (timed at batch {rb['batch']})"
+            speedup_1 = fmt(lin1["images_per_s"] / r1["images_per_s"], 1) + "x"
+            speedup_b = fmt(linb["images_per_s"] / rb["images_per_s"], 1) + "x"
+            out.append([config, g, fmt(r1["seconds_per_image"], 3), fmt(rb["images_per_s"], 2) + note, speedup_1,
+                        speedup_b, str(rb["paper_images_per_s"] or "-")])  # fmt: skip
+    table = markdown_table(
+        ["config", "generator", "s/image, batch 1", f"images/s, batch {batch}", "linear speedup, batch 1",
+         f"linear speedup, batch {batch}", "paper images/s"], out)  # fmt: skip
+    train = [r for r in rows if "tokens_per_s" in r]
+    train_rows = [[r["config"], r["generator"], fmt(r["tokens_per_s"], 0)] for r in train]
+    table += "\n" + markdown_table(["config", "training step", "tokens/s"], train_rows)
+    return table
+
+
+def plot(curves, path: Path, batch: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(k[0] for k in curves))
+    fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 4), squeeze=False)
+    colors = {"linear-rnn": "tab:blue", "softmax-cache": "tab:orange", "softmax-recompute": "tab:red"}
+    for ax, config in zip(axes[0], configs, strict=True):
+        for (c, label, b), (pos, times) in curves.items():
+            if c == config:
+                ax.plot(np.array(pos) + 1, np.array(times) * 1e3, "o-" if b == 1 else "s--", color=colors[label],
+                        label=f"{label}, batch {b}")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel("position of the generated token")
+        ax.set_ylabel("ms per generated token (whole batch)")
+        ax.set_title(f"{config}: cost of one generation step")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,221 @@
+/* One generation step of a whole causal linear transformer (all blocks) for a batch of tokens,
+ * float32: the fused "RNN step" behind CausalTransformer.step on the CPU.
+ *
+ * Per block, for each of the B rows x (in place):
+ *   pre-LN:  h = LN1(x); x += Out(attn(QKV(h))); x += FF2(GELU(FF1(LN2(x))))
+ *   post-LN: x = LN1(x + Out(attn(QKV(x)))); x = LN2(x + FF2(GELU(FF1(x))))
+ * attn, per head: q, k = phi(q), phi(k); S += k v^T; z += k; o = q^T S / (q . z + eps), with S and z
+ * updated in place. Every weight is read once per step whatever B is, so a step costs about one
+ * pass over the weights: the whole point at batch 1, where the eager path is dominated by the
+ * overhead of ~15 small operations per block.
+ *
+ * Work is shared with OpenMP (`omp for` over output features or (row, head) pairs). Loaded after
+ * PyTorch, the library binds to PyTorch's own libgomp (same soname), so it uses the same threads.
+ */
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float vf __attribute__((vector_size(64), aligned(4)));
+#define VLF 16
+
+static inline vf vload(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline float hsum(vf v) {
+    float t[VLF];
+    memcpy(t, &v, sizeof v);
+    for (int w = VLF / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) t[l] += t[l + w];
+    return t[0];
+}
+
+typedef struct {
+    int n_layers, d, n_heads, dk, dv, dff;
+    int pre_norm;     /* 1: LN before each sublayer; 0: after the residual add */
+    int feature_map;  /* 0: elu(x) + 1, 1: relu(x) */
+    int gelu_tanh;    /* 0: exact (erf), 1: tanh approximation */
+    int bf16;         /* the four projection weights are bfloat16 (uint16) rather than float32 */
+    float ln_eps, attn_eps;
+    /* per layer, n_layers pointers each (PyTorch layouts: Linear weights [out, in] row-major) */
+    const float *const *ln1_w, *const *ln1_b, *const *qkv_w, *const *qkv_b, *const *out_w, *const *out_b;
+    const float *const *ln2_w, *const *ln2_b, *const *ff1_w, *const *ff1_b, *const *ff2_w, *const *ff2_b;
+    /* (qkv_w, out_w, ff1_w and ff2_w point to uint16 bfloat16 values when bf16 is set) */
+} lt_model;
+
+static inline float phi(float v, int kind) { return kind == 0 ? (v > 0 ? v + 1.0f : expf(v)) : (v > 0 ? v : 0.0f); }
+
+static inline float gelu(float v, int tanh_approx) { /* 0: exact (erf), 1: tanh approximation */
+    if (tanh_approx) return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
+}
+
+typedef uint16_t vh __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+/* 16 weights as float32: plain loads, or bfloat16 widened (its bits are the top half of a float32). */
+static inline vf wload_f32(const void *W, long i) { return vload((const float *)W + i); }
+static inline vf wload_bf16(const void *W, long i) {
+    vh h;
+    memcpy(&h, (const uint16_t *)W + i, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline float wscalar_f32(const void *W, long i) { return ((const float *)W)[i]; }
+static inline float wscalar_bf16(const void *W, long i) {
+    uint32_t u = (uint32_t)((const uint16_t *)W)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* y[b, j] = (base ? base[b, j] : 0) + bias[j] + W[j, :] . x[b, :] for rows j in [j0, j1), then GELU if
+ * gelu_kind >= 0. Four rows of W at a time share each load of x; W streams through once whatever B is. */
+#define DEFINE_GEMV(NAME, WLOAD, WSCALAR)                                                                          \
+    static void NAME(int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias, const float *x, \
+                     float *y, const float *base, int gelu_kind) {                                                 \
+        for (int j = j0; j < j1; j += 4) {                                                                         \
+            const int nr = j1 - j < 4 ? j1 - j : 4;                                                                \
+            long w[4];                                                                                             \
+            for (int r = 0; r < 4; r++) w[r] = (long)(j + (r < nr ? r : 0)) * n_in;                                \
+            for (int b = 0; b < B; b++) {                                                                          \
+                const float *xb = x + (long)b * n_in;                                                              \
+                vf acc[4] = {{0}, {0}, {0}, {0}};                                                                  \
+                int i = 0;                                                                                         \
+                for (; i + VLF <= n_in; i += VLF) {                                                                \
+                    const vf xv = vload(xb + i);                                                                   \
+                    for (int r = 0; r < 4; r++) acc[r] += WLOAD(W, w[r] + i) * xv;                                 \
+                }                                                                                                  \
+                for (int r = 0; r < nr; r++) {                                                                     \
+                    float s = hsum(acc[r]) + bias[j + r];                                                          \
+                    for (int t = i; t < n_in; t++) s += WSCALAR(W, w[r] + t) * xb[t];                              \
+                    const long o = (long)b * n_out + j + r;                                                        \
+                    if (base) s += base[o];                                                                        \
+                    y[o] = gelu_kind >= 0 ? gelu(s, gelu_kind) : s;                                                \
+                }                                                                                                  \
+            }                                                                                                      \
+        }                                                                                                          \
+    }
+
+DEFINE_GEMV(gemv_f32, wload_f32, wscalar_f32)
+DEFINE_GEMV(gemv_bf16, wload_bf16, wscalar_bf16)
+
+static void gemv(int bf16, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
+                 const float *x, float *y, const float *base, int gelu_kind) {
+    (bf16 ? gemv_bf16 : gemv_f32)(B, n_in, n_out, j0, j1, W, bias, x, y, base, gelu_kind);
+}
+
+/* This thread's share [*lo, *hi) of n items, in blocks of `grain`. */
+static void share(int n, int grain, int *lo, int *hi) {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads(), blocks = (n + grain - 1) / grain;
+    *lo = (int)((long)blocks * t / nt) * grain;
+    *hi = (int)((long)blocks * (t + 1) / nt) * grain;
+    if (*hi > n) *hi = n;
+    if (*lo > n) *lo = n;
+}
+
+static void layer_norm(int B, int d, const float *x, const float *w, const float *b, float eps, float *y) {
+    for (int r = 0; r < B; r++) {
+        const float *xr = x + (long)r * d;
+        float mean = 0, var = 0;
+        for (int i = 0; i < d; i++) mean += xr[i];
+        mean /= d;
+        for (int i = 0; i < d; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        const float inv = 1.0f / sqrtf(var / d + eps);
+        for (int i = 0; i < d; i++) y[(long)r * d + i] = (xr[i] - mean) * inv * w[i] + b[i];
+    }
+}
+
+/* One token for B rows. x [B, d]: the embedded input in, the last block's output out.
+ * S[l] [B, H, dk, dv] and z[l] [B, H, dk]: layer l's state, updated in place.
+ * work: B * (H (2 dk + dv) + H dv + dff + d) floats shared, plus 2 B d per thread (malloc'd here).
+ * Every thread normalises x itself (identical results) instead of waiting for one that does, so a
+ * pre-norm block costs four barriers: after attention, the output projection, and each FF layer. */
+int lt_model_step_f32(const lt_model *m, int B, float *x, float *const *S, float *const *z, float *work) {
+    const int d = m->d, H = m->n_heads, dk = m->dk, dv = m->dv, dff = m->dff, width = 2 * dk + dv;
+    float *qkv = work, *att = qkv + (long)B * H * width, *ff = att + (long)B * H * dv, *x2 = ff + (long)B * dff;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *xp = malloc(sizeof(float) * 2 * (size_t)B * d), *x1 = xp ? xp + (long)B * d : NULL;
+        int ok = xp != NULL;
+#pragma omp atomic
+        failed += !ok;
+#pragma omp barrier
+        if (!failed) {
+            for (int l = 0; l < m->n_layers; l++) {
+                int lo, hi;
+                /* A: queries, keys, values and attention, a head (for all rows) per work item */
+                const float *in = x;
+                if (m->pre_norm) {
+                    layer_norm(B, d, x, m->ln1_w[l], m->ln1_b[l], m->ln_eps, xp);
+                    in = xp;
+                }
+                share(H, 1, &lo, &hi);
+                for (int h = lo; h < hi; h++) {
+                    for (int b = 0; b < B; b++)
+                        gemv(m->bf16, 1, d, H * width, h * width, (h + 1) * width, m->qkv_w[l], m->qkv_b[l], in + (long)b * d,
+                             qkv + (long)b * H * width, NULL, -1);
+                    for (int b = 0; b < B; b++) {
+                        const long bh = (long)b * H + h;
+                        float *q = qkv + bh * width, *k = q + dk, *v = k + dk;
+                        float *Sbh = S[l] + bh * dk * dv, *zbh = z[l] + bh * dk, *o = att + bh * dv;
+                        float den = m->attn_eps;
+                        for (int i = 0; i < dk; i++) {
+                            q[i] = phi(q[i], m->feature_map);
+                            k[i] = phi(k[i], m->feature_map);
+                            zbh[i] += k[i];
+                            den += q[i] * zbh[i];
+                        }
+                        for (int e = 0; e < dv; e++) o[e] = 0;
+                        for (int i = 0; i < dk; i++) {
+                            float *row = Sbh + (long)i * dv;
+                            const float ki = k[i], qi = q[i];
+                            for (int e = 0; e < dv; e++) {
+                                row[e] += ki * v[e];
+                                o[e] += qi * row[e];
+                            }
+                        }
+                        const float inv = 1.0f / den;
+                        for (int e = 0; e < dv; e++) o[e] *= inv;
+                    }
+                }
+#pragma omp barrier
+                /* B: output projection and residual (post-norm: into x2, normalised below) */
+                share(d, 4, &lo, &hi);
+                gemv(m->bf16, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, m->pre_norm ? x : x2, x, -1);
+#pragma omp barrier
+                /* C: first feed-forward layer with its GELU */
+                if (m->pre_norm) {
+                    layer_norm(B, d, x, m->ln2_w[l], m->ln2_b[l], m->ln_eps, xp);
+                } else {
+                    layer_norm(B, d, x2, m->ln1_w[l], m->ln1_b[l], m->ln_eps, x1); /* x1 = LN1(x + attn) */
+                }
+                in = m->pre_norm ? xp : x1;
+                share(dff, 4, &lo, &hi);
+                gemv(m->bf16, B, d, dff, lo, hi, m->ff1_w[l], m->ff1_b[l], in, ff, NULL, m->gelu_tanh);
+#pragma omp barrier
+                /* D: second feed-forward layer and residual */
+                share(d, 4, &lo, &hi);
+                gemv(m->bf16, B, dff, d, lo, hi, m->ff2_w[l], m->ff2_b[l], ff, m->pre_norm ? x : x2,
+                     m->pre_norm ? x : x1, -1);
+#pragma omp barrier
+                if (!m->pre_norm) { /* x = LN2(x1 + FF(x1)), a row per thread */
+#pragma omp for schedule(static)
+                    for (int r = 0; r < B; r++)
+                        layer_norm(1, d, x2 + (long)r * d, m->ln2_w[l], m->ln2_b[l], m->ln_eps, x + (long)r * d);
+                }
+            }
+        }
+        free(xp);
+    }
+    return failed ? 1 : 0;
+}
