@@ -69,8 +69,8 @@ def test_disabled_by_environment(fresh_kernel, monkeypatch):
 def test_compile_errors_are_reported(fresh_kernel, monkeypatch):
     bad = fresh_kernel / "src"
     bad.mkdir()
-    (bad / "causal_linear.c").write_text("this is not C\n")
-    (bad / "causal_linear_impl.h").write_text("")
+    for name in cpu._SOURCES:
+        (bad / name).write_text("this is not C\n" if name == "causal_linear.c" else "")
     monkeypatch.setattr(cpu, "_SOURCE_DIR", bad)
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler on this machine")
