@@ -4,8 +4,9 @@ Models with random weights (speed does not depend on them):
     mnist   8 layers, 8 heads, d_model 256, d_ff 1024, 784 tokens, mixture-of-logistics head
     cifar   16 layers, same widths, 3072 tokens
 
-Generators compared: linear attention as an RNN, softmax with a key/value cache ("stateful"), and
-softmax recomputing the whole prefix for every token (the paper's softmax baseline). Each is first
+Generators compared: linear attention as an RNN (the fused CPU step; also with bfloat16 copies of
+the projection weights), softmax with a key/value cache ("stateful"), and softmax recomputing the
+whole prefix for every token (the paper's softmax baseline). Each is first
 verified (greedy RNN/cache generation must equal greedy recomputation), then timed per token at
 a set of positions; seconds per image is the sum over all positions, integrated from those
 measurements (exact for the RNN, whose per-token cost is flat; marked "integrated" for the
@@ -142,10 +143,14 @@ def main(args: argparse.Namespace) -> int:
             print("  verified: " + line)
         T = cfg.max_len
         positions = sorted({int(x) for x in np.linspace(0, T - 1, args.points)})
-        # recomputing is compute-bound: at the fixed batch it is timed at a batch holding <= 6272 tokens
-        recompute_batch = max(1, min(args.batch, 8 * 784 // T))
+        # recomputing is compute-bound: at the fixed batch it is timed at a batch of at most 8 MNIST images
+        recompute_batch = max(1, min(args.batch, 8 * 784 // T)) if T <= 784 else 1
+        linear_bf16 = CausalTransformer(cfg).eval()
+        linear_bf16.load_state_dict(linear.state_dict())
+        linear_bf16.fused_weights = torch.bfloat16
         for label, model, mode in (
             ("linear-rnn", linear, "rnn"),
+            ("linear-rnn-bf16", linear_bf16, "rnn"),
             ("softmax-cache", softmax, "cache"),
             ("softmax-recompute", softmax, "recompute"),
         ):
@@ -184,7 +189,7 @@ def summary(rows: list[dict], batch: int) -> str:
     for config in dict.fromkeys(r["config"] for r in gen):
         by = {(r["generator"], r["fixed_batch"]): r for r in gen if r["config"] == config}
         lin1, linb = by[("linear-rnn", False)], by[("linear-rnn", True)]
-        for g in ("linear-rnn", "softmax-cache", "softmax-recompute"):
+        for g in ("linear-rnn", "linear-rnn-bf16", "softmax-cache", "softmax-recompute"):
             r1, rb = by[(g, False)], by.get((g, True), by[(g, False)])
             note = "" if rb["batch"] == batch else f" (timed at batch {rb['batch']})"
             speedup_1 = fmt(lin1["images_per_s"] / r1["images_per_s"], 1) + "x"
@@ -208,7 +213,8 @@ def plot(curves, path: Path, batch: int) -> None:
 
     configs = list(dict.fromkeys(k[0] for k in curves))
     fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 4), squeeze=False)
-    colors = {"linear-rnn": "tab:blue", "softmax-cache": "tab:orange", "softmax-recompute": "tab:red"}
+    colors = {"linear-rnn": "tab:blue", "linear-rnn-bf16": "tab:cyan", "softmax-cache": "tab:orange",
+              "softmax-recompute": "tab:red"}  # fmt: skip
     for ax, config in zip(axes[0], configs, strict=True):
         for (c, label, b), (pos, times) in curves.items():
             if c == config:
