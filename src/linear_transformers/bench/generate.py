@@ -154,7 +154,7 @@ def main(args: argparse.Namespace) -> int:
             ("softmax-cache", softmax, "cache"),
             ("softmax-recompute", softmax, "recompute"),
         ):
-            for batch in (1, recompute_batch if mode == "recompute" else args.batch):
+            for batch in sorted({1, recompute_batch if mode == "recompute" else args.batch}):
                 s, times = seconds_per_image(model, mode, batch, positions)
                 how = f"timed at {len(positions)} positions, integrated over {T}"
                 if mode == "recompute" and batch != args.batch and batch != 1:
@@ -162,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
                 rows.append({
                     "config": name, "generator": label, "batch": batch, "fixed_batch": batch != 1,
                     "seconds_per_image": s, "images_per_s": 1 / s, "how": how,
-                    "paper_images_per_s": PAPER.get((name, label), "") if batch != 1 else "",
+                    "paper_images_per_s": PAPER.get((name, label), ""),
                 })  # fmt: skip
                 curves[(name, label, batch)] = (positions, times)
                 print(f"  {label:18s} batch {batch:3d}: {s:9.3f} s/image  {1 / s:9.2f} images/s", flush=True)
