@@ -161,3 +161,15 @@ def test_cli_options_and_errors(tmp_path, capsys):
         cli_main(["sample", "--checkpoint", str(tmp_path / "none")])
     with pytest.raises(ValueError, match="TrainConfig: optimizer must be 'radam' or 'adamw'"):
         cli_main(["train", "--optimizer", "sgd"])
+
+
+def test_bfloat16_autocast_training_runs_and_learns(tmp_path, mnist_dir):
+    run = tmp_path / "run"
+    cli_main(["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "40", "--checkpoint-every", "40",
+              "--eval-every", "40", "--bf16", *TINY])  # fmt: skip
+    log = (run / "log.csv").read_text().splitlines()
+    losses = [float(line.split(",")[1]) for line in log[1:]]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    weights = _weights(run)
+    assert all(t.dtype == torch.float32 for t in weights.values())  # autocast leaves the weights in float32
