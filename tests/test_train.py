@@ -173,3 +173,15 @@ def test_bfloat16_autocast_training_runs_and_learns(tmp_path, mnist_dir):
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     weights = _weights(run)
     assert all(t.dtype == torch.float32 for t in weights.values())  # autocast leaves the weights in float32
+
+
+def test_a_fresh_run_never_touches_an_earlier_one(tmp_path, mnist_dir):
+    run = tmp_path / "run"
+    args = ["train", "--data-path", str(mnist_dir), "--out", str(run), "--checkpoint-every", "5", *TINY]
+    cli_main([*args, "--steps", "10"])
+    before = {p.name: p.stat().st_mtime_ns for p in run.glob("step-*")}
+    with pytest.raises(FileExistsError, match="already holds a run .*pass --resume"):
+        cli_main([*args, "--steps", "20"])
+    assert {p.name: p.stat().st_mtime_ns for p in run.glob("step-*")} == before
+    cli_main([*args, "--steps", "20", "--resume"])  # continuing it is fine
+    assert (run / "latest").read_text().strip() == "step-000020"

@@ -261,8 +261,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData 
         step = state["step"]
         if rank == 0:
             print(f"resuming {run} from {ckpt.name}", flush=True)
-    elif (run / "latest").exists() and rank == 0 and not cfg.resume:
-        print(f"note: {run} holds an earlier run; starting afresh (pass --resume to continue it)", flush=True)
+    elif (run / "latest").exists():
+        # A fresh run must not mix its checkpoints with (or prune) an earlier run's.
+        raise FileExistsError(
+            f"{run} already holds a run (latest: {(run / 'latest').read_text().strip()}); pass --resume to "
+            "continue it, or choose another --out"
+        )
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     meta = data_meta(d)
 
