@@ -253,7 +253,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData 
     if cfg.resume and (run / "latest").exists():
         ckpt = resolve_checkpoint(run)
         model.load_state_dict(load_file(ckpt / "model.safetensors"))
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        state = torch.load(ckpt / "state.pt", weights_only=True)  # tensors and plain containers only
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
