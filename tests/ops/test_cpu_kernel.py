@@ -25,7 +25,7 @@ def fresh_kernel(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu, "_lib", None)
     monkeypatch.setattr(cpu, "_error", None)
     monkeypatch.setenv("LINEAR_TRANSFORMERS_CACHE", str(tmp_path))
-    monkeypatch.setattr(ops, "_warned_fallback", False)
+    monkeypatch.setattr(ops, "_warned_fallback", set())
     return tmp_path
 
 
@@ -50,7 +50,7 @@ def test_auto_falls_back_with_one_warning(fresh_kernel, monkeypatch):
     monkeypatch.setenv("CC", str(fresh_kernel / "no-such-compiler"))
     monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
     q, k, v = qkv(1, 20, 2, 4, 4)
-    with pytest.warns(RuntimeWarning, match="compiled CPU kernel is unavailable .*using the PyTorch 'chunked'"):
+    with pytest.warns(RuntimeWarning, match="backend 'cpu' is unavailable .*using 'chunked'"):
         out = ops.causal_linear_attention(q, k, v)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # only one warning per process

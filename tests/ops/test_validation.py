@@ -71,7 +71,7 @@ def test_causal_rejects_bad_inputs(mutate, exc, match):
         (
             dict(backend="cuda-magic"),
             ValueError,
-            "unknown backend 'cuda-magic'; choose one of 'auto', 'naive', 'chunked', 'cpu'",
+            "unknown backend 'cuda-magic'; choose one of 'auto', 'naive', 'chunked', 'cpu', 'triton'",
         ),
         (dict(initial_state="x"), TypeError, "state must be a LinearState"),
         (

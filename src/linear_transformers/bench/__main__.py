@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import attention, generate
+from . import attention, generate, gpu
 
-BENCHMARKS = {"attention": attention, "generate": generate}
+BENCHMARKS = {"attention": attention, "generate": generate, "gpu": gpu}
 
 
 def main(argv: list[str] | None = None) -> int:

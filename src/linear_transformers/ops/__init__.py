@@ -24,9 +24,10 @@ Implementations of causal linear attention live in a small table keyed by backen
     "naive"    naive.py    quadratic masked form, the reference
     "chunked"  chunked.py  chunkwise-parallel PyTorch with a memory-efficient backward (any device)
     "cpu"      cpu/        the same algorithm as a compiled C kernel (CPU tensors; built on first use)
+    "triton"   triton/     Triton GPU kernels, normaliser fused (CUDA tensors; float16/bfloat16/float32)
 
-"auto" takes "cpu" for CPU tensors when its kernel builds, else "chunked" (with one warning naming
-why the kernel is unavailable).
+"auto" takes "cpu" for CPU tensors when its kernel builds and "triton" for CUDA tensors when Triton
+imports (float64 always goes to "chunked"); otherwise "chunked", with one warning naming the reason.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 from . import chunked, cpu, naive, softmax
+from . import triton as triton_backend
 from .state import KVCache, LinearState
 from .step import step as _linear_step
 from .validation import (
@@ -87,26 +89,29 @@ CAUSAL_BACKENDS: dict[str, CausalImpl] = {
     "naive": _naive_causal,
     "chunked": _function_backend(chunked.ChunkedCausalLinearAttention),
     "cpu": _function_backend(cpu.CpuCausalLinearAttention),
+    "triton": _function_backend(triton_backend.TritonCausalLinearAttention),
 }
 
-_warned_fallback = False
+_warned_fallback: set[str] = set()
 
 
-def _causal_backend(fn: str, backend: str, q: torch.Tensor) -> CausalImpl:
-    global _warned_fallback
+def _fallback(fn: str, name: str, reason: str) -> CausalImpl:
+    if name not in _warned_fallback:
+        _warned_fallback.add(name)
+        warnings.warn(
+            f"{fn}: backend {name!r} is unavailable ({reason}); using 'chunked'", RuntimeWarning, stacklevel=4
+        )
+    return CAUSAL_BACKENDS["chunked"]
+
+
+def _causal_backend(fn: str, backend: str, q: torch.Tensor, v: torch.Tensor) -> CausalImpl:
     if backend == "auto":
-        if q.device.type != "cpu":
-            return CAUSAL_BACKENDS["chunked"]
-        if cpu.available():
-            return CAUSAL_BACKENDS["cpu"]
-        if not _warned_fallback:
-            _warned_fallback = True
-            warnings.warn(
-                f"{fn}: the compiled CPU kernel is unavailable ({cpu.unavailable_reason()}); "
-                "using the PyTorch 'chunked' backend",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        if q.device.type == "cpu":
+            return CAUSAL_BACKENDS["cpu"] if cpu.available() else _fallback(fn, "cpu", cpu.unavailable_reason())
+        dims_fit = q.shape[-1] <= triton_backend.MAX_DIM and v.shape[-1] <= triton_backend.MAX_DIM
+        if q.device.type == "cuda" and q.dtype != torch.float64 and dims_fit:
+            reason = triton_backend.unavailable_reason(q.device)
+            return CAUSAL_BACKENDS["triton"] if reason is None else _fallback(fn, "triton", reason)
         return CAUSAL_BACKENDS["chunked"]
     if backend not in CAUSAL_BACKENDS:
         choices = ", ".join(repr(b) for b in ["auto", *CAUSAL_BACKENDS])
@@ -116,6 +121,11 @@ def _causal_backend(fn: str, backend: str, q: torch.Tensor) -> CausalImpl:
             raise ValueError(f"{fn}: backend 'cpu' runs on CPU tensors, got tensors on {q.device}")
         if not cpu.available():
             raise RuntimeError(f"{fn}: backend 'cpu' is unavailable: {cpu.unavailable_reason()}")
+    if backend == "triton":
+        reason = triton_backend.unavailable_reason(q.device)
+        if reason is not None:
+            raise RuntimeError(f"{fn}: backend 'triton' is unavailable: {reason}")
+        triton_backend.check_shapes(fn, q, v)
     return CAUSAL_BACKENDS[backend]
 
 
@@ -202,8 +212,8 @@ def causal_linear_attention(
         return_state: also return the final LinearState (prefill for `linear_attention_step`).
         eps: added to the normaliser (float >= 0; the paper uses 1e-6).
         chunk_size: tokens per chunk for the "chunked" backend (int >= 1; any T works).
-        backend: "auto" ("cpu" for CPU tensors when its kernel builds, else "chunked"), "cpu" (compiled
-            C kernel), "chunked" (PyTorch, any device) or "naive" (the quadratic reference).
+        backend: "auto" ("cpu" on CPU, "triton" on CUDA, when available; else "chunked"), "cpu" (compiled
+            C kernel), "triton" (GPU kernels), "chunked" (PyTorch, any device) or "naive" (the reference).
         key_padding_mask: optional bool [B, T], True where the key is padding; padded keys enter
             neither the numerator nor the normaliser (nor the returned state).
 
@@ -214,7 +224,7 @@ def causal_linear_attention(
     check_qkv(fn, q, k, v, same_length=True)
     eps = check_eps(fn, eps)
     chunk_size = check_chunk_size(fn, chunk_size)
-    impl = _causal_backend(fn, backend, q)
+    impl = _causal_backend(fn, backend, q, v)
     if initial_state is not None:
         _check_state(fn, initial_state, q, v)
     if key_padding_mask is not None:

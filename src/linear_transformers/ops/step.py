@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import triton as triton_backend
 from .state import LinearState
 
 
@@ -16,6 +17,18 @@ def step(
     generation loop allocates only the output; with autograd a new state is built instead, so the
     graph through earlier states stays valid.
     """
+    needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state.S, state.z))
+    contiguous = state.S.is_contiguous() and state.z.is_contiguous()
+    fp32 = state.S.dtype == torch.float32
+    if q.is_cuda and not needs_graph and contiguous and fp32 and triton_backend.available(q.device):
+        out = triton_backend.step(q, k, v, state.S, state.z, eps)  # one fused kernel, state in place
+        state.n_tokens += 1
+        return out, state
+    return step_pytorch(q, k, v, state, eps)
+
+
+def step_pytorch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LinearState, eps: float):
+    """The same step in PyTorch operations (any device; differentiable)."""
     B, H, Dk = q.shape
     Dv = v.shape[-1]
     acc = state.S.dtype
