@@ -183,24 +183,27 @@ class CausalTransformer(nn.Module):
     def _check_tokens(self, tokens: torch.Tensor, labels: torch.Tensor | None, batch: int | None = None) -> None:
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"CausalTransformer: tokens must be an integer tensor, got {tokens.dtype}")
+        if self.cfg.n_classes and labels is None:
+            raise ValueError(
+                f"CausalTransformer: the model is class-conditional ({self.cfg.n_classes} classes); pass labels"
+            )
+        if labels is not None and not self.cfg.n_classes:
+            raise ValueError("CausalTransformer: labels given to an unconditional model (n_classes=0)")
+        b = tokens.shape[0] if batch is None else batch
+        if labels is not None and labels.shape != (b,):
+            raise ValueError(f"CausalTransformer: labels must have shape [B]=[{b}], got {list(labels.shape)}")
+        if torch.compiler.is_compiling():
+            return  # the value checks below read the data: a compiled graph cannot branch on them
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
             raise ValueError(
                 f"CausalTransformer: tokens must lie in [0, vocab_size={self.cfg.vocab_size}), "
                 f"got values in [{int(tokens.min())}, {int(tokens.max())}]"
             )
-        if self.cfg.n_classes and labels is None:
+        if labels is not None and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.cfg.n_classes):
             raise ValueError(
-                f"CausalTransformer: the model is class-conditional ({self.cfg.n_classes} classes); pass labels"
+                f"CausalTransformer: labels must be class indices in [0, {self.cfg.n_classes}), "
+                f"got values in [{int(labels.min())}, {int(labels.max())}]"
             )
-        if labels is not None:
-            if not self.cfg.n_classes:
-                raise ValueError("CausalTransformer: labels given to an unconditional model (n_classes=0)")
-            b = tokens.shape[0] if batch is None else batch
-            if labels.shape != (b,) or int(labels.min()) < 0 or int(labels.max()) >= self.cfg.n_classes:
-                raise ValueError(
-                    f"CausalTransformer: labels must be [B]={b} integers in [0, {self.cfg.n_classes}), "
-                    f"got shape {list(labels.shape)}"
-                )
 
     def _start_tokens(self, batch: int, labels: torch.Tensor | None, device) -> torch.Tensor:
         idx = labels.long() if labels is not None else torch.zeros(batch, dtype=torch.long, device=device)

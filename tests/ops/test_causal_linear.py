@@ -1,5 +1,5 @@
 """causal_linear_attention: every backend against the naive reference (outputs, final states and all
-gradients), the memory-efficient Function under gradcheck, parallel == recurrent, resuming, padding
+gradients), the registered operators under gradcheck and opcheck, parallel == recurrent, resuming, padding
 and low precision."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from linear_transformers import ops
-from linear_transformers.ops import LinearState, chunked, cpu, naive
+from linear_transformers.ops import LinearState, chunked, naive
 
 from helpers import qkv, random_state, rel_err, shape_id
 
@@ -80,18 +80,29 @@ def test_chunk_sizes(chunk_size, block_size):
         assert rel_err(got[name], ref[name]) < 1e-10, name
 
 
-@pytest.mark.parametrize(
-    "function", [chunked.ChunkedCausalLinearAttention, cpu.CpuCausalLinearAttention], ids=["chunked", "cpu"]
-)
-def test_gradcheck_functions(function, monkeypatch):
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_gradcheck_through_the_registered_operator(backend, monkeypatch):
     monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 1)  # several blocks: the carried state is differentiated too
     q, k, v = qkv(2, 11, 2, 3, 4, requires_grad=True)
     state = random_state(2, 2, 3, 4, requires_grad=True)
 
     def f(q, k, v, S0, z0):
-        return function.apply(q, k, v, S0, z0, 1e-6, 4)
+        out, final = ops.causal_linear_attention(
+            q, k, v, initial_state=LinearState(S0, z0), return_state=True, backend=backend, chunk_size=4
+        )
+        return out, final.S, final.z
 
     assert torch.autograd.gradcheck(f, (q, k, v, state.S, state.z))
+
+
+def test_operators_are_registered_with_fake_implementations():
+    from torch.library import opcheck
+
+    q, k, v = qkv(1, 10, 2, 4, 3, torch.float32, requires_grad=True)
+    S0, z0 = torch.zeros(1, 2, 4, 3), torch.zeros(1, 2, 4)
+    for backend in FAST_BACKENDS:
+        op = torch.ops.linear_transformers.causal_linear_attention_fwd.default
+        opcheck(op, (q, k, v, S0, z0, 1e-6, 4, backend, True))
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

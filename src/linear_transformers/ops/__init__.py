@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import chunked, cpu, naive, softmax
+from . import chunked, cpu, library, naive, softmax  # noqa: F401 (library registers the operators)
 from . import triton as triton_backend
 from .state import KVCache, LinearState
 from .step import step as _linear_step
@@ -70,8 +70,9 @@ def _naive_causal(q, k, v, *, initial_state, eps, chunk_size):
     return naive.causal_linear_attention(q, k, v, initial_state=initial_state, eps=eps)
 
 
-def _function_backend(function: type[torch.autograd.Function]) -> CausalImpl:
-    """Adapts an autograd.Function taking (q, k, v, S0, z0, eps, chunk_size) to the backend signature."""
+def _kernel_backend(name: str) -> CausalImpl:
+    """A backend computed by the registered operator pair in library.py (one opaque node for
+    torch.compile), which dispatches to the backend's run_forward / run_backward."""
 
     def run(q, k, v, *, initial_state, eps, chunk_size):
         if initial_state is None:
@@ -79,7 +80,11 @@ def _function_backend(function: type[torch.autograd.Function]) -> CausalImpl:
             initial_state = LinearState.zeros(B, H, Dk, v.shape[-1], dtype=q.dtype, device=q.device)
         if q.shape[1] == 0:
             return v.new_zeros(v.shape), initial_state
-        y, S, z = function.apply(q, k, v, initial_state.S, initial_state.z, eps, chunk_size)
+        S0, z0 = initial_state.S, initial_state.z
+        save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, S0, z0))
+        y, S, z, *_ = torch.ops.linear_transformers.causal_linear_attention_fwd(
+            q, k, v, S0, z0, eps, chunk_size, name, save
+        )
         return y, LinearState(S, z, initial_state.n_tokens + q.shape[1])
 
     return run
@@ -87,9 +92,9 @@ def _function_backend(function: type[torch.autograd.Function]) -> CausalImpl:
 
 CAUSAL_BACKENDS: dict[str, CausalImpl] = {
     "naive": _naive_causal,
-    "chunked": _function_backend(chunked.ChunkedCausalLinearAttention),
-    "cpu": _function_backend(cpu.CpuCausalLinearAttention),
-    "triton": _function_backend(triton_backend.TritonCausalLinearAttention),
+    "chunked": _kernel_backend("chunked"),
+    "cpu": _kernel_backend("cpu"),
+    "triton": _kernel_backend("triton"),
 }
 
 _warned_fallback: set[str] = set()

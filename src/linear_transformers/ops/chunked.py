@@ -193,38 +193,34 @@ def backward(
     return dq, dk, dv, G
 
 
-class ChunkedCausalLinearAttention(torch.autograd.Function):
-    """autograd.Function over `forward` / `backward`. Keeps, besides the inputs and the output, one
-    state per chunk, the per-position normaliser and the masked in-chunk scores:
-    O(T (C + 1) + (T / C) Dk (Dv + 1)) numbers, never a state per position."""
+def aux_shapes(B: int, T: int, H: int, Dk: int, Dv: int, C: int) -> tuple[tuple[int, ...], ...]:
+    """Shapes of what run_forward keeps for the backward: one state per chunk, the normaliser, the
+    masked in-chunk scores (O(T (C + 1) + (T / C) Dk (Dv + 1)) numbers, never a state per position)."""
+    N = -(-T // C)
+    return (N + 1, B, H, Dk, Dv + 1), (N, B, H, C), (N, B, H, C, C)
 
-    @staticmethod
-    def forward(ctx, q, k, v, S0, z0, eps: float, chunk_size: int):  # type: ignore[override]
-        needs_grad = any(ctx.needs_input_grad[:5])
-        U0 = torch.cat([S0, z0.unsqueeze(-1)], dim=-1)
-        out, saved = forward(q, k, v, U0, eps, chunk_size, save_for_backward=needs_grad)
-        y = out.to(q.dtype)
-        U_final = saved["U_final"]
-        S_final, z_final = U_final[..., :-1].clone(), U_final[..., -1].clone()
-        if needs_grad:
-            # `out` is y itself for float32/float64 inputs; for half inputs the float32 copy is kept.
-            ctx.save_for_backward(q, k, v, out, saved["U"], saved["den"], saved["A"])
-        ctx.chunk_size = chunk_size
-        return y, S_final, z_final
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, dS_final, dz_final):  # type: ignore[override]
-        q, k, v, out, U, den, A = ctx.saved_tensors
-        dU_final = torch.cat([dS_final, dz_final.unsqueeze(-1)], dim=-1).to(U.dtype)
-        dq, dk, dv, dU0 = backward(q, k, v, out, U, den, A, dy, dU_final, ctx.chunk_size)
-        need = ctx.needs_input_grad
-        return (
-            dq.to(q.dtype) if need[0] else None,
-            dk.to(k.dtype) if need[1] else None,
-            dv.to(v.dtype) if need[2] else None,
-            dU0[..., :-1] if need[3] else None,
-            dU0[..., -1] if need[4] else None,
-            None,
-            None,
-        )
+def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
+    """-> (y, S_final, z_final, out_acc, U, den, A); out_acc is the float32 output for half inputs
+    (empty otherwise: y is it), and the last three are empty unless `save`."""
+    U0 = torch.cat([S0, z0.unsqueeze(-1)], dim=-1)
+    out, saved = forward(q, k, v, U0, eps, C, save_for_backward=save)
+    y = out.to(q.dtype)
+    U_final = saved["U_final"]
+    S_final, z_final = U_final[..., :-1].clone(), U_final[..., -1].clone()
+
+    def empty():  # a distinct placeholder per output: operator outputs may not alias
+        return out.new_empty(0)
+
+    out_acc = out if (save and y is not out) else empty()
+    if not save:
+        return y, S_final, z_final, out_acc, empty(), empty(), empty()
+    return y, S_final, z_final, out_acc, saved["U"], saved["den"], saved["A"]
+
+
+def run_backward(q, k, v, y, out_acc, U, den, A, dy, dS_final, dz_final, eps: float, C: int):
+    """Gradients of run_forward: (dq, dk, dv, dS0, dz0)."""
+    out = out_acc if out_acc.numel() else y
+    dU_final = torch.cat([dS_final, dz_final.unsqueeze(-1)], dim=-1).to(U.dtype)
+    dq, dk, dv, dU0 = backward(q, k, v, out, U, den, A, dy, dU_final, C)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dU0[..., :-1].contiguous(), dU0[..., -1].contiguous()

@@ -109,10 +109,13 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
+# Evaluated once while torch.compile traces (the answer does not change within a process).
+@torch.compiler.assume_constant_result
 def available() -> bool:
     return load() is not None
 
 
+@torch.compiler.assume_constant_result
 def unavailable_reason() -> str | None:
     load()
     return _error
@@ -217,57 +220,52 @@ def _call(name: str, dtype: torch.dtype, *args) -> None:
         raise MemoryError(f"causal linear attention CPU kernel ({name}): out of memory for its chunk buffers")
 
 
-class CpuCausalLinearAttention(torch.autograd.Function):
-    """Forward and backward by the C kernel. Keeps for the backward the (contiguous) inputs, the
-    output, S and z entering every chunk and the normaliser of every position."""
+def aux_shapes(B: int, T: int, H: int, Dk: int, Dv: int, C: int) -> tuple[tuple[int, ...], ...]:
+    """What run_forward keeps for the backward: S and z entering every chunk, the normaliser."""
+    N = -(-T // C)
+    return (B, H, N, Dk, Dv), (B, H, N, Dk), (B, H, T)
 
-    @staticmethod
-    def forward(ctx, q, k, v, S0, z0, eps: float, chunk_size: int):  # type: ignore[override]
-        acc = accumulation_dtype(q.dtype)
-        q_, k_, v_ = (x.to(acc).contiguous() for x in (q, k, v))
-        B, T, H, Dk = q_.shape
-        Dv = v_.shape[-1]
-        N = -(-T // chunk_size)
-        out = torch.empty(B, T, H, Dv, dtype=acc)
-        S_final = torch.empty(B, H, Dk, Dv, dtype=acc)
-        z_final = torch.empty(B, H, Dk, dtype=acc)
-        needs_grad = any(ctx.needs_input_grad[:5])
-        S_save = torch.empty(B, H, N, Dk, Dv, dtype=acc) if needs_grad else None
-        z_save = torch.empty(B, H, N, Dk, dtype=acc) if needs_grad else None
-        den_save = torch.empty(B, H, T, dtype=acc) if needs_grad else None
-        S0_, z0_ = S0.contiguous(), z0.contiguous()
-        _call(
-            "cla_forward", acc,
-            *map(_ptr, (q_, k_, v_, S0_, z0_, out, S_final, z_final, S_save, z_save, den_save)),
-            B, T, H, Dk, Dv, chunk_size, eps, torch.get_num_threads(),
-        )  # fmt: skip
-        if needs_grad:
-            ctx.save_for_backward(q_, k_, v_, out, S_save, z_save, den_save)
-        ctx.chunk_size, ctx.in_dtype = chunk_size, q.dtype
-        return out.to(q.dtype), S_final, z_final
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, dS_final, dz_final):  # type: ignore[override]
-        q_, k_, v_, out, S_save, z_save, den_save = ctx.saved_tensors
-        acc = q_.dtype
-        B, T, H, Dk = q_.shape
-        Dv = v_.shape[-1]
-        dy_, dS_, dz_ = (x.to(acc).contiguous() for x in (dy, dS_final, dz_final))
-        dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
-        dS0, dz0 = torch.empty(B, H, Dk, Dv, dtype=acc), torch.empty(B, H, Dk, dtype=acc)
-        _call(
-            "cla_backward", acc,
-            *map(_ptr, (q_, k_, v_, out, dy_, S_save, z_save, den_save, dS_, dz_, dq, dk, dv, dS0, dz0)),
-            B, T, H, Dk, Dv, ctx.chunk_size, torch.get_num_threads(),
-        )  # fmt: skip
-        need = ctx.needs_input_grad
-        return (
-            dq.to(ctx.in_dtype) if need[0] else None,
-            dk.to(ctx.in_dtype) if need[1] else None,
-            dv.to(ctx.in_dtype) if need[2] else None,
-            dS0 if need[3] else None,
-            dz0 if need[4] else None,
-            None,
-            None,
-        )
+def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
+    """-> (y, S_final, z_final, out_acc, S_save, z_save, den) (the last four empty unless needed)."""
+    acc = accumulation_dtype(q.dtype)
+    q_, k_, v_ = (x.to(acc).contiguous() for x in (q, k, v))
+    B, T, H, Dk = q_.shape
+    Dv = v_.shape[-1]
+    out = torch.empty(B, T, H, Dv, dtype=acc)
+    S_final = torch.empty(B, H, Dk, Dv, dtype=acc)
+    z_final = torch.empty(B, H, Dk, dtype=acc)
+    shapes = aux_shapes(B, T, H, Dk, Dv, C)
+    S_save, z_save, den = (torch.empty(shape, dtype=acc) if save else None for shape in shapes)
+    _call(
+        "cla_forward", acc,
+        *map(_ptr, (q_, k_, v_, S0.contiguous(), z0.contiguous(), out, S_final, z_final, S_save, z_save, den)),
+        B, T, H, Dk, Dv, C, eps, torch.get_num_threads(),
+    )  # fmt: skip
+    y = out.to(q.dtype)
+
+    def empty():  # a distinct placeholder per output: operator outputs may not alias
+        return out.new_empty(0)
+
+    out_acc = out if (save and y is not out) else empty()
+    if not save:
+        return y, S_final, z_final, out_acc, empty(), empty(), empty()
+    return y, S_final, z_final, out_acc, S_save, z_save, den
+
+
+def run_backward(q, k, v, y, out_acc, S_save, z_save, den, dy, dS_final, dz_final, eps: float, C: int):
+    """Gradients of run_forward: (dq, dk, dv, dS0, dz0)."""
+    acc = S_save.dtype
+    q_, k_, v_ = (x.to(acc).contiguous() for x in (q, k, v))
+    out = (out_acc if out_acc.numel() else y).to(acc).contiguous()
+    B, T, H, Dk = q_.shape
+    Dv = v_.shape[-1]
+    dy_, dS_, dz_ = (x.to(acc).contiguous() for x in (dy, dS_final, dz_final))
+    dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
+    dS0, dz0 = torch.empty(B, H, Dk, Dv, dtype=acc), torch.empty(B, H, Dk, dtype=acc)
+    _call(
+        "cla_backward", acc,
+        *map(_ptr, (q_, k_, v_, out, dy_, S_save, z_save, den, dS_, dz_, dq, dk, dv, dS0, dz0)),
+        B, T, H, Dk, Dv, C, torch.get_num_threads(),
+    )  # fmt: skip
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dS0, dz0

@@ -33,6 +33,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
 def unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on `device`, or None when they can."""
     if kernels is None:
@@ -70,72 +71,68 @@ def check_shapes(fn: str, q: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"{fn}: backend 'triton' supports Dk, Dv <= {MAX_DIM}, got Dk={q.shape[-1]}, Dv={v.shape[-1]}")
 
 
-class TritonCausalLinearAttention(torch.autograd.Function):
-    """autograd.Function over the chunk kernels. Keeps the inputs, the output, the per-position
-    normaliser and one float32 state per chunk of 64 tokens."""
+def aux_shapes(B: int, T: int, H: int, Dk: int, Dv: int, C: int) -> tuple[tuple[int, ...], ...]:
+    """What run_forward keeps for the backward: S and z entering every chunk of 64, the normaliser."""
+    NT = -(-T // 64)
+    return (B, H, NT, Dk, Dv), (B, H, NT, Dk), (B, H, T)
 
-    @staticmethod
-    def forward(ctx, q, k, v, S0, z0, eps: float, chunk_size: int):  # type: ignore[override]
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        B, T, H, DK = q.shape
-        DV = v.shape[-1]
-        BT, BK, BV = _blocks(DK, DV)
-        NT, NK, NV = triton.cdiv(T, BT), triton.cdiv(DK, BK), triton.cdiv(DV, BV)
-        f32 = dict(dtype=torch.float32, device=q.device)
-        kv, ks = torch.empty(B, H, NT, DK, DV, **f32), torch.empty(B, H, NT, DK, **f32)
-        kernels.chunk_state_fwd_kernel[(NT, B * H, NK * NV)](
-            k, v, kv, ks, T, H, DK, DV, *_strides(k), *_strides(v), BT=BT, BK=BK, BV=BV
-        )
-        S = _exclusive_prefix(kv, 2) + S0[:, :, None]
-        z = _exclusive_prefix(ks, 2) + z0[:, :, None]
-        S_final, z_final = S[:, :, -1] + kv[:, :, -1], z[:, :, -1] + ks[:, :, -1]
-        del kv, ks
-        o = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)
-        den = torch.empty(B, H, T, **f32)
-        kernels.chunk_out_fwd_kernel[(NT, B * H, NV)](
-            q, k, v, S, z, o, den, T, H, DK, DV, eps, *_strides(q), *_strides(v), *_strides(o), BT=BT, BK=BK, BV=BV
-        )
-        if any(ctx.needs_input_grad[:5]):
-            ctx.save_for_backward(q, k, v, o, S, z, den)
-        return o, S_final, z_final
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do, dS_final, dz_final):  # type: ignore[override]
-        q, k, v, o, S, z, den = ctx.saved_tensors
-        do = do.contiguous()
-        B, T, H, DK = q.shape
-        DV = v.shape[-1]
-        BT, BK, BV = _blocks(DK, DV)
-        NT, NK, NV = triton.cdiv(T, BT), triton.cdiv(DK, BK), triton.cdiv(DV, BV)
-        f32 = dict(dtype=torch.float32, device=q.device)
-        # dden = -(dnum . out) with dnum = dout / den: per position, a cheap reduction
-        dden = (-(do.float() * o.float()).sum(-1).transpose(1, 2) / den).contiguous()
-        qd, qg = torch.empty(B, H, NT, DK, DV, **f32), torch.empty(B, H, NT, DK, **f32)
-        kernels.chunk_state_bwd_kernel[(NT, B * H, NK * NV)](
-            q, do, den, dden, qd, qg, T, H, DK, DV, *_strides(q), *_strides(do), BT=BT, BK=BK, BV=BV
-        )
-        # gradient of the state leaving chunk n: everything the later chunks read from it
-        G = _exclusive_prefix(qd.flip(2), 2).flip(2) + dS_final.float()[:, :, None]
-        g = _exclusive_prefix(qg.flip(2), 2).flip(2) + dz_final.float()[:, :, None]
-        dS0, dz0 = G[:, :, 0] + qd[:, :, 0], g[:, :, 0] + qg[:, :, 0]
-        del qd, qg
-        dq, dk = torch.empty(B, T, H, DK, **f32), torch.empty(B, T, H, DK, **f32)
-        dv = torch.empty(B, T, H, DV, **f32)
-        kernels.chunk_dqkv_bwd_kernel[(NT, B * H)](
-            q, k, v, do, den, dden, S, z, G, g, dq, dk, dv, T, H, DK, DV,
-            *_strides(q), *_strides(v), *_strides(do), BT=BT, BK=BK, BV=BV,
-        )  # fmt: skip
-        need = ctx.needs_input_grad
-        return (
-            dq.to(q.dtype) if need[0] else None,
-            dk.to(k.dtype) if need[1] else None,
-            dv.to(v.dtype) if need[2] else None,
-            dS0 if need[3] else None,
-            dz0 if need[4] else None,
-            None,
-            None,
-        )
+def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
+    """-> (y, S_final, z_final, out_acc (always empty: y is kept), S, z, den). The chunk is 64 whatever C."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, T, H, DK = q.shape
+    DV = v.shape[-1]
+    BT, BK, BV = _blocks(DK, DV)
+    NT, NK, NV = triton.cdiv(T, BT), triton.cdiv(DK, BK), triton.cdiv(DV, BV)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    kv, ks = torch.empty(B, H, NT, DK, DV, **f32), torch.empty(B, H, NT, DK, **f32)
+    kernels.chunk_state_fwd_kernel[(NT, B * H, NK * NV)](
+        k, v, kv, ks, T, H, DK, DV, *_strides(k), *_strides(v), BT=BT, BK=BK, BV=BV
+    )
+    S = _exclusive_prefix(kv, 2) + S0[:, :, None]
+    z = _exclusive_prefix(ks, 2) + z0[:, :, None]
+    S_final, z_final = S[:, :, -1] + kv[:, :, -1], z[:, :, -1] + ks[:, :, -1]
+    del kv, ks
+    y = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)
+    den = torch.empty(B, H, T, **f32)
+    kernels.chunk_out_fwd_kernel[(NT, B * H, NV)](
+        q, k, v, S, z, y, den, T, H, DK, DV, eps, *_strides(q), *_strides(v), *_strides(y), BT=BT, BK=BK, BV=BV
+    )
+
+    def empty():  # a distinct placeholder per output: operator outputs may not alias
+        return den.new_empty(0)
+
+    if not save:
+        return y, S_final, z_final, empty(), empty(), empty(), empty()
+    return y, S_final, z_final, empty(), S, z, den
+
+
+def run_backward(q, k, v, y, out_acc, S, z, den, do, dS_final, dz_final, eps: float, C: int):
+    """Gradients of run_forward: (dq, dk, dv, dS0, dz0)."""
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    B, T, H, DK = q.shape
+    DV = v.shape[-1]
+    BT, BK, BV = _blocks(DK, DV)
+    NT, NK, NV = triton.cdiv(T, BT), triton.cdiv(DK, BK), triton.cdiv(DV, BV)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    # dden = -(dnum . out) with dnum = dout / den: per position, a cheap reduction
+    dden = (-(do.float() * y.float()).sum(-1).transpose(1, 2) / den).contiguous()
+    qd, qg = torch.empty(B, H, NT, DK, DV, **f32), torch.empty(B, H, NT, DK, **f32)
+    kernels.chunk_state_bwd_kernel[(NT, B * H, NK * NV)](
+        q, do, den, dden, qd, qg, T, H, DK, DV, *_strides(q), *_strides(do), BT=BT, BK=BK, BV=BV
+    )
+    # gradient of the state leaving chunk n: everything the later chunks read from it
+    G = _exclusive_prefix(qd.flip(2), 2).flip(2) + dS_final.float()[:, :, None]
+    g = _exclusive_prefix(qg.flip(2), 2).flip(2) + dz_final.float()[:, :, None]
+    dS0, dz0 = G[:, :, 0] + qd[:, :, 0], g[:, :, 0] + qg[:, :, 0]
+    del qd, qg
+    dq, dk = torch.empty(B, T, H, DK, **f32), torch.empty(B, T, H, DK, **f32)
+    dv = torch.empty(B, T, H, DV, **f32)
+    kernels.chunk_dqkv_bwd_kernel[(NT, B * H)](
+        q, k, v, do, den, dden, S, z, G, g, dq, dk, dv, T, H, DK, DV,
+        *_strides(q), *_strides(v), *_strides(do), BT=BT, BK=BK, BV=BV,
+    )  # fmt: skip
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dS0, dz0
 
 
 def step(q, k, v, S, z, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""Causal linear attention as registered PyTorch operators, so `torch.compile(..., fullgraph=True)`
+treats it as one opaque node (no graph break) whichever backend computes it.
+
+    linear_transformers::causal_linear_attention_fwd(q, k, v, S0, z0, eps, chunk_size, backend, save)
+        -> (y, S_final, z_final, out_acc, aux0, aux1, aux2)
+    linear_transformers::causal_linear_attention_bwd(q, k, v, y, out_acc, aux0, aux1, aux2,
+                                                     dy, dS_final, dz_final, eps, chunk_size, backend)
+        -> (dq, dk, dv, dS0, dz0)
+
+The forward's extra outputs are what the backend keeps for its backward (one state per chunk, the
+normaliser, ...: see each backend's `aux_shapes`), empty when `save` is False; the autograd formula
+registered on the forward calls the backward operator. Fake implementations give every output's
+shape, dtype and device without computing anything.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import chunked, cpu
+from . import triton as triton_backend
+from .validation import accumulation_dtype
+
+BACKENDS = {"chunked": chunked, "cpu": cpu, "triton": triton_backend}
+
+
+@torch.library.custom_op("linear_transformers::causal_linear_attention_fwd", mutates_args=())
+def causal_linear_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, S0: Tensor, z0: Tensor, eps: float, chunk_size: int, backend: str, save: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(BACKENDS[backend].run_forward(q, k, v, S0, z0, eps, chunk_size, save))
+
+
+@causal_linear_attention_fwd.register_fake
+def _(q, k, v, S0, z0, eps, chunk_size, backend, save):
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    acc = accumulation_dtype(q.dtype)
+    empty = q.new_empty(0, dtype=acc)
+    half = q.dtype != acc and backend != "triton"
+    out_acc = q.new_empty(B, T, H, Dv, dtype=acc) if save and half else empty
+    aux = [q.new_empty(shape, dtype=acc) if save else empty
+           for shape in BACKENDS[backend].aux_shapes(B, T, H, Dk, Dv, chunk_size)]  # fmt: skip
+    return q.new_empty(B, T, H, Dv), S0.new_empty(S0.shape), z0.new_empty(z0.shape), out_acc, *aux
+
+
+@torch.library.custom_op("linear_transformers::causal_linear_attention_bwd", mutates_args=())
+def causal_linear_attention_bwd(
+    q: Tensor, k: Tensor, v: Tensor, y: Tensor, out_acc: Tensor, aux0: Tensor, aux1: Tensor, aux2: Tensor,
+    dy: Tensor, dS_final: Tensor, dz_final: Tensor, eps: float, chunk_size: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    return tuple(BACKENDS[backend].run_backward(q, k, v, y, out_acc, aux0, aux1, aux2, dy, dS_final, dz_final, eps,
+                                                chunk_size))  # fmt: skip
+
+
+@causal_linear_attention_bwd.register_fake
+def _(q, k, v, y, out_acc, aux0, aux1, aux2, dy, dS_final, dz_final, eps, chunk_size, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dS_final.new_empty(dS_final.shape), \
+        dz_final.new_empty(dz_final.shape)  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, S0, z0, eps, chunk_size, backend, _save = inputs
+    y, _, _, out_acc, aux0, aux1, aux2 = output
+    ctx.save_for_backward(q, k, v, y, out_acc, aux0, aux1, aux2)
+    ctx.eps, ctx.chunk_size, ctx.backend = eps, chunk_size, backend
+    ctx.state_shapes = (S0.shape, z0.shape)
+
+
+def _backward(ctx, dy, dS_final, dz_final, *_):
+    q, k, v, y, out_acc, aux0, aux1, aux2 = ctx.saved_tensors
+    if aux0.numel() == 0:
+        raise RuntimeError("causal_linear_attention: backward through a forward that kept nothing (save=False)")
+    acc = aux0.dtype
+    dy = torch.zeros_like(y) if dy is None else dy
+    dS_final = q.new_zeros(ctx.state_shapes[0], dtype=acc) if dS_final is None else dS_final
+    dz_final = q.new_zeros(ctx.state_shapes[1], dtype=acc) if dz_final is None else dz_final
+    grads = torch.ops.linear_transformers.causal_linear_attention_bwd(
+        q, k, v, y, out_acc, aux0, aux1, aux2, dy, dS_final, dz_final, ctx.eps, ctx.chunk_size, ctx.backend
+    )
+    return (*grads, None, None, None, None)
+
+
+causal_linear_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,33 @@
+"""torch.compile(fullgraph=True) traces the attention layer and the model without graph breaks: the
+kernels are registered operators (ops/library.py) with fake implementations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linear_transformers import AttentionLayer
+from linear_transformers.model import CausalTransformer, ModelConfig
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpu"])
+def test_layer_compiles_without_graph_breaks(backend):
+    torch._dynamo.reset()
+    layer = AttentionLayer(32, 4, backend=backend)
+    x = torch.randn(2, 70, 32, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)  # fullgraph: a graph break is an error
+    y = compiled(x)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    y_ref = layer(x)
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_model_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    model = CausalTransformer(ModelConfig(vocab_size=16, n_classes=3, max_len=40, d_model=32, n_layers=2, n_heads=4,
+                                          d_ff=64))  # fmt: skip
+    tokens, labels = torch.randint(0, 16, (2, 40)), torch.tensor([0, 2])
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(tokens, labels), model(tokens, labels), atol=1e-5, rtol=1e-5)
