@@ -64,6 +64,9 @@ def _setup_context(ctx, inputs, output):
     q, k, v, S0, z0, eps, chunk_size, backend, _save = inputs
     y, _, _, out_acc, aux0, aux1, aux2 = output
     ctx.save_for_backward(q, k, v, y, out_acc, aux0, aux1, aux2)
+    # The extra outputs never receive gradients; materialising zeros for them would allocate one
+    # more copy of every per-chunk state during the backward.
+    ctx.set_materialize_grads(False)
     ctx.eps, ctx.chunk_size, ctx.backend = eps, chunk_size, backend
     ctx.state_shapes = (S0.shape, z0.shape)
 
