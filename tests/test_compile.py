@@ -31,3 +31,17 @@ def test_model_compiles_without_graph_breaks():
     tokens, labels = torch.randint(0, 16, (2, 40)), torch.tensor([0, 2])
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(tokens, labels), model(tokens, labels), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layer_compiles_on_cuda_with_the_triton_backend():
+    torch._dynamo.reset()
+    layer = AttentionLayer(64, 4).cuda()  # auto: the Triton kernels
+    x = torch.randn(2, 300, 64, device="cuda", requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    y = compiled(x)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    y_ref = layer(x)
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
