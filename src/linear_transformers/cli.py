@@ -143,9 +143,9 @@ def run_sample(cfg: SampleConfig) -> Path:
             lab = labels[s : s + cfg.batch_size] if labels is not None else None
             chunks.append(model.generate(n=min(cfg.batch_size, total - s), labels=lab, **kwargs).cpu())
         tokens = torch.cat(chunks)
-        shape = tuple(meta["image_shape"])
-        levels = tokens.numpy().reshape(len(tokens), *shape)
-        images = (levels * 255 // max(meta["vocab_size"] - 1, 1)).astype(np.uint8)
+        from .data import levels_to_images
+
+        images = levels_to_images(tokens, tuple(meta["image_shape"]), meta["vocab_size"])
         out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / "samples.png"
         write_png(out, image_grid(images, rows=n_classes or int(np.ceil(np.sqrt(total)))))
     elapsed = time.perf_counter() - start

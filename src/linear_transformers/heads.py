@@ -16,10 +16,31 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _sample_log_probs(log_probs, temperature, top_k, top_p, generator):
-    from .model import sample  # the sampler lives with generate
-
-    return sample(log_probs, temperature, top_k, top_p, generator)
+def sample(
+    log_probs: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one token per row of log_probs [B, V]: temperature 0 is argmax; top_k keeps the k most
+    likely tokens, top_p the smallest set whose probability reaches p (nucleus sampling)."""
+    if temperature < 0:
+        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return log_probs.argmax(-1)
+    logits = log_probs / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    # exponential race: argmax(logits - log E), E ~ Exp(1), draws exactly from softmax(logits)
+    race = torch.empty_like(logits).exponential_(generator=generator)
+    return (logits - race.log()).argmax(-1)
 
 
 class CategoricalHead(nn.Module):
@@ -41,7 +62,7 @@ class CategoricalHead(nn.Module):
 
     def sample(self, params, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
         """One token per row of params [B, n_params] (see model.sample)."""
-        return _sample_log_probs(self.log_probs(params), temperature, top_k, top_p, generator)
+        return sample(self.log_probs(params), temperature, top_k, top_p, generator)
 
 
 class MixtureOfLogisticsHead(nn.Module):
@@ -112,7 +133,7 @@ class MixtureOfLogisticsHead(nn.Module):
         then a logistic value, and bin it: exactly the discretised mixture, without evaluating all L
         levels. Otherwise sample from `log_probs` (tempered, truncated)."""
         if temperature != 1.0 or top_k or (top_p is not None and top_p < 1.0):
-            return _sample_log_probs(self.log_probs(params), temperature, top_k, top_p, generator)
+            return sample(self.log_probs(params), temperature, top_k, top_p, generator)
         K, L = self.n_components, self.vocab_size
         params = params.float()
         race = torch.empty_like(params[..., :K]).exponential_(generator=generator)

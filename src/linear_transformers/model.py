@@ -19,7 +19,7 @@ from torch import nn
 
 from .attention import ATTENTION_KINDS, AttentionLayer
 from .feature_maps import FEATURE_MAPS
-from .heads import HEADS
+from .heads import HEADS, sample  # noqa: F401 (sample is part of the model API)
 from .ops import KVCache, LinearState, cpu
 
 POSITIONAL = ("sinusoidal", "learned", "none")
@@ -363,30 +363,3 @@ class CausalTransformer(nn.Module):
             if mode == "rnn" and t + 1 < T0 + max_new_tokens:
                 params, state = self.step(out[:, t], state)
         return out
-
-
-def sample(
-    log_probs: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Draw one token per row of log_probs [B, V]: temperature 0 is argmax; top_k keeps the k most
-    likely tokens, top_p the smallest set whose probability reaches p (nucleus sampling)."""
-    if temperature < 0:
-        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return log_probs.argmax(-1)
-    logits = log_probs / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    # exponential race: argmax(logits - log E), E ~ Exp(1), draws exactly from softmax(logits)
-    race = torch.empty_like(logits).exponential_(generator=generator)
-    return (logits - race.log()).argmax(-1)

@@ -69,8 +69,13 @@ class SequenceData:
 
     def to_images(self, tokens: torch.Tensor) -> np.ndarray:
         """Token sequences [B, T] -> uint8 images [B, *image_shape] scaled to 0..255."""
-        levels = tokens.detach().cpu().long().numpy().reshape(len(tokens), *self.image_shape)
-        return (levels * 255 // max(self.vocab_size - 1, 1)).astype(np.uint8)
+        return levels_to_images(tokens, self.image_shape, self.vocab_size)
+
+
+def levels_to_images(tokens: torch.Tensor, image_shape: tuple[int, ...], levels: int) -> np.ndarray:
+    """Pixel-level tokens [B, T] -> uint8 images [B, *image_shape], levels 0..levels-1 scaled to 0..255."""
+    values = tokens.detach().cpu().long().numpy().reshape(len(tokens), *image_shape)
+    return (values * 255 // max(levels - 1, 1)).astype(np.uint8)
 
 
 def _image_data(name, load, n_classes, levels_in, size, levels) -> SequenceData:

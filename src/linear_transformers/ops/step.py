@@ -17,10 +17,14 @@ def step(
     generation loop allocates only the output; with autograd a new state is built instead, so the
     graph through earlier states stays valid.
     """
-    needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state.S, state.z))
-    contiguous = state.S.is_contiguous() and state.z.is_contiguous()
-    fp32 = state.S.dtype == torch.float32
-    if q.is_cuda and not needs_graph and contiguous and fp32 and triton_backend.available(q.device):
+    if (
+        q.is_cuda
+        and state.S.dtype == torch.float32
+        and state.S.is_contiguous()
+        and state.z.is_contiguous()
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state.S, state.z)))
+        and triton_backend.available(q.device)
+    ):
         out = triton_backend.step(q, k, v, state.S, state.z, eps)  # one fused kernel, state in place
         state.n_tokens += 1
         return out, state
