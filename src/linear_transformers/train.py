@@ -222,9 +222,23 @@ def evaluate(model: CausalTransformer, d: datasets.SequenceData, cfg: TrainConfi
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData | None = None) -> Path:
-    """Train (or resume) a model; returns the last checkpoint's folder."""
+    """Train (or resume) a model; returns the last checkpoint's folder.
+
+    Under `torchrun` (WORLD_SIZE > 1) the process group is created here and destroyed on the way out:
+    a gloo group left alive at interpreter exit aborts the process ("terminate called without an
+    active exception") after the run has finished.
+    """
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))  # fmt: skip
+    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    try:
+        return _train(model_cfg, cfg, data, device)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData | None, device) -> Path:
     rank, world = _setup_distributed(device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
