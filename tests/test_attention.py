@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linear_transformers import FEATURE_MAPS, AttentionLayer
+from linear_transformers import FEATURE_MAPS, AttentionLayer, ops
 from linear_transformers.ops import KVCache, LinearState
 
 from helpers import rel_err
@@ -78,7 +78,7 @@ def test_padding_invariance(kind):
     assert rel_err(real, ref) < 1e-10
 
 
-@pytest.mark.parametrize("kind", ["causal-linear", "linear", "causal-softmax", "softmax"])
+@pytest.mark.parametrize("kind", ["causal-linear", "linear", "causal-softmax", "softmax", "causal-lsh", "lsh"])
 def test_gradients_reach_every_parameter(kind):
     layer = AttentionLayer(16, 2, kind, "hedgehog")
     layer(torch.randn(2, 9, 16)).square().mean().backward()
@@ -120,3 +120,21 @@ def test_feature_map_parameters_live_in_the_state_dict():
     clone.load_state_dict(layer.state_dict())
     x = torch.randn(1, 5, 16)
     assert torch.equal(clone(x), layer(x))
+
+
+@pytest.mark.parametrize("kind", ["causal-lsh", "lsh"])
+def test_lsh_layer_shares_queries_and_keys(kind):
+    """One projection for queries and keys, then ops.lsh_attention with rotations from torch's RNG."""
+    layer = AttentionLayer(24, 3, kind, n_hashes=2, n_buckets=4, lsh_chunk_size=5).double()
+    assert layer.qkv.out_features == 3 * (8 + 8)
+    x = torch.randn(2, 23, 24, dtype=torch.float64)
+    torch.manual_seed(7)
+    y = layer(x)
+    qk, v = layer.qkv(x).unflatten(-1, (3, -1)).split([8, 8], dim=-1)
+    torch.manual_seed(7)
+    ref = ops.lsh_attention(qk, v, causal=kind == "causal-lsh", n_hashes=2, n_buckets=4, chunk_size=5)
+    torch.testing.assert_close(y, layer.out(ref.flatten(2)))
+    with pytest.raises(ValueError, match="no recurrent step .*recompute"):
+        layer.step(x[:, 0])
+    with pytest.raises(ValueError, match="even n_buckets"):
+        AttentionLayer(24, 3, kind, n_buckets=3)

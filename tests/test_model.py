@@ -112,11 +112,29 @@ def test_class_label_conditions_the_output():
         assert not torch.allclose(model(tokens, torch.tensor([0])), model(tokens, torch.tensor([1])))
 
 
+def test_lsh_model_trains_and_generates_by_recomputing():
+    model = _model(attention="causal-lsh", lsh_hashes=2, lsh_buckets=4).train()
+    tokens, labels = torch.randint(0, 16, (3, 40)), torch.tensor([0, 2, 1])
+    model.bits_per_dim(tokens, labels).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with pytest.raises(ValueError, match="causal-lsh attention has no recurrent state"):
+        model.prefill(tokens, labels)
+    # generation recomputes the prefix, drawing fresh rotations each time: seeded, it reproduces
+    torch.manual_seed(3)
+    a = model.generate(labels=labels, max_new_tokens=12, temperature=0)
+    torch.manual_seed(3)
+    b = model.generate(labels=labels, max_new_tokens=12, temperature=0, mode="recompute")
+    assert a.shape == (3, 12) and torch.equal(a, b)
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="attention='linear' is not one of 'causal-linear', 'causal-softmax'"):
         ModelConfig(attention="linear")
     with pytest.raises(ValueError, match="d_model=30 is not divisible by n_heads=4"):
         ModelConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="lsh_buckets must be even"):
+        ModelConfig(attention="causal-lsh", lsh_buckets=7)
     model = _model()
     with pytest.raises(ValueError, match=r"tokens must lie in \[0, vocab_size=16\), got values in \[0, 16\]"):
         model(torch.tensor([[0, 16]]), torch.tensor([0]))

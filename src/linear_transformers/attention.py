@@ -12,7 +12,7 @@ from .ops import KVCache, LinearState
 from .ops.step import step as linear_step
 from .ops.validation import accumulation_dtype
 
-ATTENTION_KINDS = ("causal-linear", "linear", "causal-softmax", "softmax")
+ATTENTION_KINDS = ("causal-linear", "linear", "causal-softmax", "softmax", "causal-lsh", "lsh")
 
 State = LinearState | KVCache
 
@@ -23,7 +23,8 @@ class AttentionLayer(nn.Module):
     Args:
         d_model: model width.
         n_heads: number of heads H.
-        attention: "causal-linear" (paper, default), "linear" (non-causal), "causal-softmax" or "softmax".
+        attention: "causal-linear" (paper, default), "linear" (non-causal), "causal-softmax", "softmax",
+            or Reformer's "causal-lsh" / "lsh" (queries and keys from one shared projection).
         feature_map: name in `feature_maps.FEATURE_MAPS` or a FeatureMap instance (linear kinds only).
         d_keys: per-head query/key width before the feature map (default d_model // n_heads).
         d_values: per-head value width (default d_model // n_heads).
@@ -31,8 +32,11 @@ class AttentionLayer(nn.Module):
         eps: normaliser epsilon of linear attention.
         chunk_size, backend: passed to `ops.causal_linear_attention`.
         feature_map_kwargs: extra arguments for a feature map given by name (e.g. {"n_features": 128}).
+        n_hashes, n_buckets, lsh_chunk_size: LSH kinds only, see `ops.lsh_attention` (rotations are
+            drawn afresh from torch's RNG at every forward, as in Reformer).
 
-    State: causal-linear carries a `LinearState` (O(1) in length), causal-softmax a `KVCache`.
+    State: causal-linear carries a `LinearState` (O(1) in length), causal-softmax a `KVCache`; LSH
+    attention has no recurrent form (a model using it generates by recomputing the prefix).
     """
 
     def __init__(
@@ -49,6 +53,9 @@ class AttentionLayer(nn.Module):
         chunk_size: int = 64,
         backend: str = "auto",
         feature_map_kwargs: dict | None = None,
+        n_hashes: int = 1,
+        n_buckets: int = 64,
+        lsh_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if attention not in ATTENTION_KINDS:
@@ -68,8 +75,15 @@ class AttentionLayer(nn.Module):
         self.d_keys = d_keys or d_model // n_heads
         self.d_values = d_values or d_model // n_heads
         self.eps, self.chunk_size, self.backend = eps, chunk_size, backend
-        # Queries, keys and values come out of one matmul (one GEMM per token when generating).
-        self.qkv = nn.Linear(d_model, n_heads * (2 * self.d_keys + self.d_values))
+        self.n_hashes, self.n_buckets, self.lsh_chunk_size = n_hashes, n_buckets, lsh_chunk_size
+        if self.is_lsh and (n_hashes < 1 or n_buckets < 2 or n_buckets % 2):
+            raise ValueError(
+                f"AttentionLayer: LSH needs n_hashes >= 1 and an even n_buckets >= 2, got {n_hashes}, {n_buckets}"
+            )
+        # Queries, keys and values come out of one matmul (one GEMM per token when generating);
+        # LSH attention shares one projection between queries and keys.
+        n_qk = 1 if self.is_lsh else 2
+        self.qkv = nn.Linear(d_model, n_heads * (n_qk * self.d_keys + self.d_values))
         self.out = nn.Linear(n_heads * self.d_values, d_model)
         self.dropout = nn.Dropout(dropout)
         self.feature_map: FeatureMap | None = None
@@ -89,6 +103,10 @@ class AttentionLayer(nn.Module):
         return self.attention in ("causal-linear", "linear")
 
     @property
+    def is_lsh(self) -> bool:
+        return self.attention in ("causal-lsh", "lsh")
+
+    @property
     def is_causal(self) -> bool:
         return self.attention.startswith("causal")
 
@@ -103,14 +121,17 @@ class AttentionLayer(nn.Module):
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [..., d_model] -> q, k [..., H, Dk'] (feature-mapped for linear kinds), v [..., H, Dv]."""
         H, Dk = self.n_heads, self.d_keys
+        if self.is_lsh:
+            qk, v = self.qkv(x).unflatten(-1, (H, -1)).split([Dk, self.d_values], dim=-1)
+            return qk, qk, v
         q, k, v = self.qkv(x).unflatten(-1, (H, -1)).split([Dk, Dk, self.d_values], dim=-1)
         if self.feature_map is not None:
             q, k = self.feature_map.forward_queries(q), self.feature_map.forward_keys(k)
         return q, k, v
 
     def initial_state(self, batch: int, *, dtype: torch.dtype | None = None, device=None) -> State:
-        """An empty recurrent state for `batch` sequences (causal kinds only)."""
-        if not self.is_causal:
+        """An empty recurrent state for `batch` sequences (causal-linear and causal-softmax)."""
+        if not self.is_causal or self.is_lsh:
             raise ValueError(f"AttentionLayer: {self.attention!r} attention is not causal and has no recurrent state")
         dtype = dtype or self.qkv.weight.dtype
         device = device or self.qkv.weight.device
@@ -133,8 +154,8 @@ class AttentionLayer(nn.Module):
             to in place). return_state: also return the state after the last token (prefill).
         """
         self._check_input(x, 3, "[B, T, d_model]")
-        if (state is not None or return_state) and not self.is_causal:
-            raise ValueError(f"AttentionLayer: {self.attention!r} attention is not causal and has no recurrent state")
+        if (state is not None or return_state) and (not self.is_causal or self.is_lsh):
+            raise ValueError(f"AttentionLayer: {self.attention!r} attention has no recurrent state")
         B, T, _ = x.shape
         q, k, v = self._project(x)
         new_state: State | None = None
@@ -152,6 +173,11 @@ class AttentionLayer(nn.Module):
             )
         elif self.attention == "linear":
             out = ops.linear_attention(q, k, v, key_padding_mask=key_padding_mask, eps=self.eps)
+        elif self.is_lsh:
+            out = ops.lsh_attention(
+                q, v, causal=self.is_causal, n_hashes=self.n_hashes, n_buckets=self.n_buckets,
+                chunk_size=self.lsh_chunk_size, key_padding_mask=key_padding_mask,
+            )  # fmt: skip
         elif state is not None or return_state:  # causal-softmax with a cache
             if key_padding_mask is not None:
                 raise ValueError("AttentionLayer: key_padding_mask is not supported together with a KV cache")
@@ -168,8 +194,11 @@ class AttentionLayer(nn.Module):
         gradient is needed); O(tokens seen) for causal-softmax.
         """
         self._check_input(x_t, 2, "[B, d_model]")
-        if not self.is_causal:
-            raise ValueError(f"AttentionLayer: {self.attention!r} attention is not causal and has no recurrent step")
+        if not self.is_causal or self.is_lsh:
+            raise ValueError(
+                f"AttentionLayer: {self.attention!r} attention has no recurrent step"
+                + (" (LSH buckets depend on the whole sequence: recompute the prefix instead)" if self.is_lsh else "")
+            )
         q, k, v = self._project(x_t)
         if self.attention == "causal-linear":
             if state is None:
@@ -192,7 +221,8 @@ class AttentionLayer(nn.Module):
         return (self.n_heads, self.feature_map.feature_dim, self.d_values)
 
     def extra_repr(self) -> str:
+        lsh = f", n_hashes={self.n_hashes}, n_buckets={self.n_buckets}" if self.is_lsh else ""
         return (
             f"attention={self.attention!r}, d_model={self.d_model}, n_heads={self.n_heads}, "
-            f"d_keys={self.d_keys}, d_values={self.d_values}"
+            f"d_keys={self.d_keys}, d_values={self.d_values}{lsh}"
         )

@@ -40,7 +40,9 @@ class ModelConfig:
     n_heads: int = 8  # attention heads per block
     d_ff: int = 1024  # width of each block's feed-forward layer
     dropout: float = 0.0  # dropout on embeddings, attention and feed-forward outputs
-    attention: str = "causal-linear"  # "causal-linear" (the paper's) or "causal-softmax" (the baseline)
+    attention: str = (
+        "causal-linear"  # "causal-linear" (the paper's), or the baselines "causal-softmax" and "causal-lsh" (Reformer)
+    )
     feature_map: str = "elu"  # phi of linear attention, a name in feature_maps.FEATURE_MAPS
     positional: str = "sinusoidal"  # "sinusoidal", "learned" or "none"
     norm: str = "pre"  # layer norm before each sublayer ("pre") or after the residual add ("post", the paper's)
@@ -48,6 +50,9 @@ class ModelConfig:
     mol_components: int = 10  # mixture components of the "mol" head
     eps: float = 1e-6  # normaliser epsilon of linear attention
     chunk_size: int = 64  # chunk of the parallel causal linear attention
+    lsh_hashes: int = 1  # hashing rounds of "causal-lsh" attention (the paper ran 1, 4 and 8)
+    lsh_buckets: int = 64  # hash buckets of "causal-lsh" attention (even)
+    lsh_chunk: int = 0  # sorted positions per LSH chunk; 0: the average bucket, ceil(length / lsh_buckets)
 
     def __post_init__(self) -> None:
         def choose(name, value, choices):
@@ -59,11 +64,16 @@ class ModelConfig:
         choose("positional", self.positional, POSITIONAL)
         choose("norm", self.norm, NORMS)
         choose("head", self.head, list(HEADS))
-        for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff", "chunk_size"):
+        for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff", "chunk_size", "lsh_hashes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig: {name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"ModelConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.lsh_buckets < 2 or self.lsh_buckets % 2 or self.lsh_chunk < 0:
+            raise ValueError(
+                f"ModelConfig: lsh_buckets must be even and >= 2 and lsh_chunk >= 0, "
+                f"got {self.lsh_buckets} and {self.lsh_chunk}"
+            )
         if self.n_classes < 0:
             raise ValueError(f"ModelConfig: n_classes must be >= 0, got {self.n_classes}")
         if not 0 <= self.dropout < 1:
@@ -92,8 +102,9 @@ class Block(nn.Module):
         super().__init__()
         self.pre_norm = cfg.norm == "pre"
         self.attn = AttentionLayer(
-            cfg.d_model, cfg.n_heads, cfg.attention, cfg.feature_map, eps=cfg.eps, chunk_size=cfg.chunk_size
-        )
+            cfg.d_model, cfg.n_heads, cfg.attention, cfg.feature_map, eps=cfg.eps, chunk_size=cfg.chunk_size,
+            n_hashes=cfg.lsh_hashes, n_buckets=cfg.lsh_buckets, lsh_chunk_size=cfg.lsh_chunk or None,
+        )  # fmt: skip
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.ff = nn.Sequential(
             nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout)
@@ -238,6 +249,11 @@ class CausalTransformer(nn.Module):
     def prefill(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
         """Run the prompt tokens [B, T0] (T0 may be 0) in parallel; returns the head parameters of the
         next token [B, n_params] and the state to `step` from."""
+        if self.cfg.attention == "causal-lsh":
+            raise ValueError(
+                "CausalTransformer: causal-lsh attention has no recurrent state (its buckets depend on the "
+                "whole sequence); generate() recomputes the prefix for every token instead"
+            )
         self._check_tokens(tokens, labels)
         x = self._inputs(tokens, labels, with_last=True)
         states = []
@@ -332,10 +348,13 @@ class CausalTransformer(nn.Module):
         labels: [B] classes of a class-conditional model; max_new_tokens defaults to max_len - T0.
         temperature 0 picks the most likely token (greedy). mode "rnn": prefill then one `step` per
         token (O(1) per token for linear attention, a KV cache for softmax); "recompute": re-run the
-        whole prefix in parallel for every token (the paper's softmax baseline).
+        whole prefix in parallel for every token (the paper's softmax baseline). LSH attention has no
+        recurrent form (its buckets depend on the whole sequence), so it always recomputes.
         """
         if mode not in ("rnn", "recompute"):
             raise ValueError(f"generate: mode must be 'rnn' or 'recompute', got {mode!r}")
+        if self.cfg.attention == "causal-lsh":
+            mode = "recompute"
         if self.fused_weights != torch.float32:
             self._fused = None  # fresh low-precision copies of the current weights
         device = next(self.parameters()).device

@@ -28,6 +28,9 @@ Implementations of causal linear attention live in a small table keyed by backen
 
 "auto" takes "cpu" for CPU tensors when its kernel builds and "triton" for CUDA tensors when Triton
 imports (float64 always goes to "chunked"); otherwise "chunked", with one warning naming the reason.
+
+The baselines: `softmax_attention` (SDPA, with a growable KV cache for generation) and
+`lsh_attention` (Reformer's LSH attention, lsh.py; queries and keys shared, qk [B, T, H, D]).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch
 
 from . import chunked, cpu, library, naive, softmax  # noqa: F401 (library registers the operators)
 from . import triton as triton_backend
+from .lsh import lsh_attention
 from .state import KVCache, LinearState
 from .step import step as _linear_step
 from .validation import (
@@ -58,6 +62,7 @@ __all__ = [
     "causal_linear_attention",
     "linear_attention",
     "linear_attention_step",
+    "lsh_attention",
     "softmax_attention",
     "softmax_attention_step",
     "softmax_attention_with_cache",

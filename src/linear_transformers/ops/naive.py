@@ -124,3 +124,51 @@ def softmax_attention(
     scores = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no allowed key give NaN -> 0
     return torch.einsum("bhts,bshd->bthd", weights, v.to(acc)).to(q.dtype)
+
+
+def lsh_attended(buckets: torch.Tensor, chunk_size: int, causal: bool) -> torch.Tensor:
+    """Which keys each query may attend to in each LSH round, built position by position.
+
+    buckets [B, H, R, T] -> bool [B, H, R, T(query), T(key)]: key j is in query i's set when, in the
+    round's order sorted by (bucket, position), j's chunk is i's chunk or the one before it, j <= i
+    if causal. (A query's own key is in its set; `lsh_attention` scores it at SELF_SCORE.)
+    """
+    T = buckets.shape[-1]
+    order = (buckets * T + torch.arange(T, device=buckets.device)).argsort(dim=-1)
+    rank = order.argsort(dim=-1)  # position -> place in the sorted sequence
+    chunk = rank // chunk_size
+    diff = chunk.unsqueeze(-1) - chunk.unsqueeze(-2)  # query chunk - key chunk
+    attended = (diff == 0) | (diff == 1)
+    if causal:
+        attended &= torch.ones(T, T, dtype=torch.bool, device=buckets.device).tril()
+    return attended
+
+
+def lsh_attention(
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    rotations: torch.Tensor,
+    *,
+    causal: bool,
+    chunk_size: int,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reformer LSH attention as dense [T, T] scores under the mask of `lsh_attended` (the reference
+    of `ops.lsh.lsh_attention`, which never forms T x T)."""
+    from .lsh import MASKED, SELF_SCORE, hash_buckets
+
+    acc = accumulation_dtype(qk.dtype)
+    B, T, H, D = qk.shape
+    q = qk.to(acc)
+    k = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    attended = lsh_attended(hash_buckets(qk, rotations), chunk_size, causal)  # [B, H, R, T, T]
+    if key_padding_mask is not None:
+        attended &= ~key_padding_mask[:, None, None, None, :]
+    scores = torch.einsum("bthd,bshd->bhts", q, k).unsqueeze(2) * D**-0.5  # [B, H, 1, T, T]
+    eye = torch.eye(T, dtype=torch.bool, device=qk.device)
+    scores = torch.where(eye, SELF_SCORE, scores)
+    scores = scores.masked_fill(~attended, MASKED)
+    lse = scores.logsumexp(dim=-1)  # [B, H, R, T]
+    out = torch.einsum("bhrts,bshd->bhrtd", torch.exp(scores - lse.unsqueeze(-1)), v.to(acc))
+    out = (out * torch.softmax(lse, dim=2).unsqueeze(-1)).sum(dim=2)
+    return out.permute(0, 2, 1, 3).to(v.dtype)
