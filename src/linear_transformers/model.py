@@ -40,9 +40,7 @@ class ModelConfig:
     n_heads: int = 8  # attention heads per block
     d_ff: int = 1024  # width of each block's feed-forward layer
     dropout: float = 0.0  # dropout on embeddings, attention and feed-forward outputs
-    attention: str = (
-        "causal-linear"  # "causal-linear" (the paper's), or the baselines "causal-softmax" and "causal-lsh" (Reformer)
-    )
+    attention: str = "causal-linear"  # "causal-linear" (the paper's); baselines "causal-softmax", "causal-lsh"
     feature_map: str = "elu"  # phi of linear attention, a name in feature_maps.FEATURE_MAPS
     positional: str = "sinusoidal"  # "sinusoidal", "learned" or "none"
     norm: str = "pre"  # layer norm before each sublayer ("pre") or after the residual add ("post", the paper's)

@@ -79,7 +79,7 @@ def test_matches_dense_reference_with_gradients(causal, n_hashes, T):
             g[kpm] = 0
         grads = torch.autograd.grad(out, (qk, v), g)
         ref_grads = torch.autograd.grad(ref, (qk, v), g)
-        for a, b in zip(grads, ref_grads):
+        for a, b in zip(grads, ref_grads, strict=True):
             assert rel_err(a, b) < 1e-10
 
 

@@ -158,7 +158,7 @@ def lsh_attention(
     from .lsh import MASKED, SELF_SCORE, hash_buckets
 
     acc = accumulation_dtype(qk.dtype)
-    B, T, H, D = qk.shape
+    T, D = qk.shape[1], qk.shape[3]
     q = qk.to(acc)
     k = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     attended = lsh_attended(hash_buckets(qk, rotations), chunk_size, causal)  # [B, H, R, T, T]
