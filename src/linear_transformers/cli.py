@@ -1,4 +1,4 @@
-"""The `linear-transformers` command: train, sample, eval, bench, demo.
+"""The `linear-transformers` command: train, sample, eval, bench, experiment, demo.
 
 Options of train, sample and eval are generated from the config dataclasses (ModelConfig,
 TrainConfig, SampleConfig, EvalConfig): every field is an option with its default and the field's
@@ -178,11 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(p, SampleConfig)
     p = sub.add_parser("eval", help="test bits/dim of a checkpoint", formatter_class=fmt)
     add_dataclass_options(p, EvalConfig)
-    sub.add_parser("bench", help="benchmarks: linear-transformers bench attention|generate --help", add_help=False)
+    sub.add_parser("bench", help="benchmarks: linear-transformers bench attention|generate|gpu --help", add_help=False)
+    sub.add_parser("experiment", help="the paper's experiments: linear-transformers experiment copy --help",
+                   add_help=False)  # fmt: skip
     sub.add_parser(
         "demo", help="train a small model on MNIST and generate digits as an RNN (make demo)", add_help=False
     )
     return parser
+
+
+def dispatch(prog: str, description: str, modules: dict, argv: list[str] | None) -> int:
+    """A command whose subcommands are modules with `add_arguments(parser)`, `main(args)` and a docstring."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="name", required=True)
+    for name, module in modules.items():
+        p = sub.add_parser(
+            name,
+            help=module.__doc__.splitlines()[0],
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(p)
+    args = parser.parse_args(argv)
+    return modules[args.name].main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.__main__ import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "experiment":
+        from .experiments.__main__ import main as experiment_main
+
+        return experiment_main(argv[1:])
     if argv and argv[0] == "demo":
         from .demo import main as demo_main
 

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from ..cli import dispatch
 from . import attention, generate, gpu
 
 BENCHMARKS = {"attention": attention, "generate": generate, "gpu": gpu}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m linear_transformers.bench", description=__doc__)
-    sub = parser.add_subparsers(dest="benchmark", required=True)
-    for name, module in BENCHMARKS.items():
-        p = sub.add_parser(
-            name,
-            help=module.__doc__.splitlines()[0],
-            description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(p)
-    args = parser.parse_args(argv)
-    return BENCHMARKS[args.benchmark].main(args)
+    return dispatch("python -m linear_transformers.bench", __doc__, BENCHMARKS, argv)
 
 
 if __name__ == "__main__":

@@ -132,15 +132,29 @@ def lsh_attention(
     if key_padding_mask is not None:
         kpm = key_padding_mask.to(qk.device)[:, None, None, None, :].expand(-1, H, R, n_chunks, -1)
         valid &= ~kpm.gather(-1, pos_k.clamp_min(0))
-    scores = qs @ ks.transpose(-1, -2) * D**-0.5  # [B, H, R, n_chunks, m, 2m]
-    allowed = valid.unsqueeze(-2)
-    if causal:
-        allowed = allowed & (pos_k.unsqueeze(-2) <= pos_q.unsqueeze(-1))
-    # (self first, then the mask: with one chunk, the wrapped-around look-back holds the query too)
-    scores = scores.masked_fill(pos_k.unsqueeze(-2) == pos_q.unsqueeze(-1), SELF_SCORE)
-    scores = scores.masked_fill(~allowed, MASKED)
-    lse = scores.logsumexp(dim=-1, keepdim=True)
-    out = torch.exp(scores - lse) @ vs  # [B, H, R, n_chunks, m, Dv]
+    with torch.no_grad():  # which keys each query attends to: positions only, no gradient
+        allowed = valid.unsqueeze(-2)
+        if causal:
+            allowed = allowed & (pos_k.unsqueeze(-2) <= pos_q.unsqueeze(-1))
+        is_self = pos_k.unsqueeze(-2) == pos_q.unsqueeze(-1)
+        others = allowed & ~is_self
+        alone = others.view(torch.uint8).amax(dim=-1, keepdim=True) == 0  # (faster than .any on the CPU)
+        # a query's own key only when it has nothing else (`allowed` also drops the copy of the query
+        # that the wrapped-around look-back holds when there is a single chunk); rows with nothing at
+        # all (pad slots, padded queries) attend everywhere, so that every row stays finite
+        attend = others | (is_self & allowed & alone)
+        attend |= attend.view(torch.uint8).amax(dim=-1, keepdim=True) == 0
+        bias = torch.zeros(attend.shape, dtype=acc, device=qk.device).masked_fill_(~attend, float("-inf"))
+    scores = torch.baddbmm(
+        bias.flatten(0, 3), qs.flatten(0, 3), ks.flatten(0, 3).transpose(-1, -2), alpha=D**-0.5
+    ).view(bias.shape)  # [B, H, R, n_chunks, m, 2m]
+    p = torch.softmax(scores, dim=-1)
+    out = p @ vs  # [B, H, R, n_chunks, m, Dv]
+    # log-sum-exp without another pass of exp: lse = s_j - log p_j at the row's largest p_j (its
+    # gradient is p, as it should be). A query alone in its set scores its own key at SELF_SCORE:
+    # that round then weighs ~0 in the combination unless the query is alone in every round.
+    p_top, j = p.max(dim=-1, keepdim=True)
+    lse = torch.where(alone, SELF_SCORE, scores.gather(-1, j) - p_top.log())
 
     # back to the original order, then combine the rounds by their log-sum-exp
     inverse = perm.argsort(dim=-1)

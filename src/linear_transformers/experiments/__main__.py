@@ -1,0 +1,18 @@
+"""python -m linear_transformers.experiments <experiment> [options]"""
+
+from __future__ import annotations
+
+import sys
+
+from ..cli import dispatch
+from . import copy
+
+EXPERIMENTS = {"copy": copy}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch("python -m linear_transformers.experiments", __doc__, EXPERIMENTS, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
