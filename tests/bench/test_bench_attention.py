@@ -29,3 +29,19 @@ def test_verification_failure_stops_the_benchmark(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="verification failed"):
         main(["attention", "--quick", "--out", str(tmp_path)])
     assert not (tmp_path / "attention.csv").exists()
+
+
+def test_quick_figure1(tmp_path, capsys):
+    """--figure1: every method verified against its reference, timed per sample, skips marked."""
+    args = ["attention", "--figure1", "--quick", "--out", str(tmp_path)]
+    assert main([*args, "--memory-gib", "0.0001"]) == 0
+    rows = list(csv.DictReader((tmp_path / "figure1.csv").read_text().splitlines()))
+    assert {r["method"] for r in rows} == {"softmax", "softmax-math", "linear", "lsh-1", "lsh-4", "lsh-8"}
+    measured = [r for r in rows if r["fwdbwd_ms_per_sample"]]
+    assert {r["method"] for r in measured} == {"softmax", "linear"}  # the others' scores exceed 0.0001 GiB
+    assert all(float(r["fwdbwd_ms_per_sample"]) > 0 and int(r["batch"]) == 512 // int(r["N"]) for r in measured)
+    table = (tmp_path / "table.md").read_text()
+    assert "Skipped: softmax-math N=128 (scores need" in table
+    assert (tmp_path / "figure1.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "lsh-8 vs dense masked reference (same buckets)" in out and "softmax-math vs explicit softmax" in out

@@ -1,4 +1,5 @@
-"""Causal attention: time and peak memory against sequence length (the paper's Figure 1, on this machine).
+"""Causal attention: time and peak memory against sequence length, linear attention's backends vs softmax
+(--figure1: the paper's Figure 1 with the LSH baselines, see bench/figure1.py).
 
 Implementations, all with feature-mapped q, k of [B, N, H, D] and the normaliser included:
 
@@ -25,11 +26,13 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops import naive
+from . import figure1
 from .measure import batched_gemm_gflops, machine_info, peak_extra_memory, time_fn
 from .report import fmt, markdown_table, write_csv
 
 IMPLS = ("naive", "chunked", "cpu", "softmax")
 FAST = ("chunked", "cpu")
+DEFAULT_OUT = Path("results/bench_attention")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,9 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (best and median kept)")
     p.add_argument("--naive-limit-gib", type=float, default=4.0, help="skip naive above this many GiB of N^2 scores")
-    p.add_argument("--out", type=Path, default=Path("results/bench_attention"))
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="(--figure1: results/figure1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke test in seconds")
+    figure1.add_figure1_arguments(p)
 
 
 def chunked_flops(N: int, B: int, H: int, Dk: int, Dv: int, C: int, backward: bool) -> float:
@@ -235,6 +239,10 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.figure1:
+        if args.out == DEFAULT_OUT:
+            args.out = Path("results/figure1")
+        return figure1.main(args)
     if args.quick:
         args.lengths, args.heads, args.dim, args.repeats = [128, 256], 2, 16, 1
     if "cpu" in args.impls and (args.device != "cpu" or not ops.cpu.available()):
