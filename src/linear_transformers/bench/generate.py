@@ -6,7 +6,9 @@ Models with random weights (speed does not depend on them):
 
 Generators compared: linear attention as an RNN (the fused CPU step; also with bfloat16 copies of
 the projection weights), softmax with a key/value cache ("stateful"), and softmax recomputing the
-whole prefix for every token (the paper's softmax baseline). Each is first
+whole prefix for every token (the paper's softmax baseline); --tables adds Reformer (lsh-1, lsh-4,
+chunks of 32 positions), which has no recurrent form and recomputes, as in the paper, and writes
+the paper's Tables 1 and 4 speed columns next to ours (paper.md). Each is first
 verified (greedy RNN/cache generation must equal greedy recomputation), then timed per token at
 a set of positions; seconds per image is the sum over all positions, integrated from those
 measurements (exact for the RNN, whose per-token cost is flat; marked "integrated" for the
@@ -32,12 +34,17 @@ CONFIGS = {
     "mnist": ModelConfig(vocab_size=256, max_len=784, d_model=256, n_layers=8, n_heads=8, d_ff=1024, head="mol"),
     "cifar": ModelConfig(vocab_size=256, max_len=3072, d_model=256, n_layers=16, n_heads=8, d_ff=1024, head="mol"),
 }
-PAPER = {  # the paper's generation speed (images/s; its Tables 1 and 4), for the side-by-side columns
+PAPER = {  # the paper's generation speed (images/s on its GPU; Tables 1 and 4), side by side with ours
     ("mnist", "softmax-recompute"): 0.45,
+    ("mnist", "lsh-1"): 0.68,
+    ("mnist", "lsh-4"): 0.27,
     ("mnist", "linear-rnn"): 142.8,
     ("cifar", "softmax-recompute"): 0.004,
+    ("cifar", "lsh-1"): 0.015,
+    ("cifar", "lsh-4"): 0.005,
     ("cifar", "linear-rnn"): 17.85,
 }
+LSH_CHUNK = 32
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", type=Path, default=Path("results/bench_generate"))
     p.add_argument("--quick", action="store_true", help="tiny models: a smoke test in seconds")
+    p.add_argument("--tables", action="store_true", help="add lsh-1/lsh-4 and the paper's Tables 1 and 4 (paper.md)")
 
 
 def _state_at(model: CausalTransformer, batch: int, position: int) -> tuple[torch.Tensor, ModelState]:
@@ -111,6 +119,18 @@ def verify(model_linear: CausalTransformer, model_softmax: CausalTransformer) ->
     return lines
 
 
+def verify_lsh(model: CausalTransformer) -> str:
+    """LSH draws its rotations from torch's RNG: seeded generation must reproduce, tokens in range."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        runs.append(model.generate(n=2, max_new_tokens=24, temperature=0))
+    if not torch.equal(*runs) or runs[0].min() < 0 or runs[0].max() >= model.cfg.vocab_size:
+        raise SystemExit("verification failed: seeded LSH generation does not reproduce")
+    torch.manual_seed(0)
+    return f"lsh-{model.cfg.lsh_hashes}: seeded greedy generation (recomputing) reproduces, tokens in range"
+
+
 def train_tokens_per_s(cfg: ModelConfig, batch: int) -> float:
     model = CausalTransformer(cfg)
     opt = torch.optim.RAdam(model.parameters(), 1e-4)
@@ -148,12 +168,18 @@ def main(args: argparse.Namespace) -> int:
         linear_bf16 = CausalTransformer(cfg).eval()
         linear_bf16.load_state_dict(linear.state_dict())
         linear_bf16.fused_weights = torch.bfloat16
-        for label, model, mode in (
+        generators = [
             ("linear-rnn", linear, "rnn"),
             ("linear-rnn-bf16", linear_bf16, "rnn"),
             ("softmax-cache", softmax, "cache"),
             ("softmax-recompute", softmax, "recompute"),
-        ):
+        ]
+        if args.tables:
+            for hashes in (1, 4):
+                lsh = CausalTransformer(replace(cfg, attention="causal-lsh", lsh_hashes=hashes, lsh_chunk=LSH_CHUNK))
+                print("  verified: " + verify_lsh(lsh.eval()))
+                generators.append((f"lsh-{hashes}", lsh, "recompute"))
+        for label, model, mode in generators:
             for batch in sorted({1, recompute_batch if mode == "recompute" else args.batch}):
                 s, times = seconds_per_image(model, mode, batch, positions)
                 how = f"timed at {len(positions)} positions, integrated over {T}"
@@ -173,6 +199,12 @@ def main(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "generate.csv", rows)
     table = summary(rows, args.batch)
+    if args.tables:
+        paper = paper_tables(rows, args.batch)
+        (args.out / "paper.md").write_text(
+            f"Generation speed vs the paper, {info['cpu']}, {args.threads} threads, torch {info['torch']}\n\n" + paper
+        )
+        print(paper)
     (args.out / "table.md").write_text(
         f"Generation speed, {info['cpu']}, {args.threads} threads, torch {info['torch']}\n\n" + table
     )
@@ -189,7 +221,7 @@ def summary(rows: list[dict], batch: int) -> str:
     for config in dict.fromkeys(r["config"] for r in gen):
         by = {(r["generator"], r["fixed_batch"]): r for r in gen if r["config"] == config}
         lin1, linb = by[("linear-rnn", False)], by[("linear-rnn", True)]
-        for g in ("linear-rnn", "linear-rnn-bf16", "softmax-cache", "softmax-recompute"):
+        for g in dict.fromkeys(r["generator"] for r in gen if r["config"] == config):
             r1, rb = by[(g, False)], by.get((g, True), by[(g, False)])
             note = "" if rb["batch"] == batch else f" (timed at batch {rb['batch']})"
             speedup_1 = fmt(lin1["images_per_s"] / r1["images_per_s"], 1) + "x"
@@ -205,6 +237,38 @@ def summary(rows: list[dict], batch: int) -> str:
     return table
 
 
+def paper_tables(rows: list[dict], batch: int) -> str:
+    """The paper's Tables 1 (MNIST) and 4 (CIFAR-10), speed columns: images/s and the speedup over
+    softmax, theirs (one GPU) next to ours (this CPU, at the fixed batch and at batch 1)."""
+    names = {"softmax-recompute": "softmax", "softmax-cache": "stateful softmax", "lsh-1": "lsh-1", "lsh-4": "lsh-4",
+             "linear-rnn": "linear", "linear-rnn-bf16": "linear (bf16 weights)"}  # fmt: skip
+    gen = [r for r in rows if "seconds_per_image" in r]
+    out = ""
+    for config in dict.fromkeys(r["config"] for r in gen):
+        by = {(r["generator"], r["fixed_batch"]): r for r in gen if r["config"] == config}
+        base_b, base_1 = by[("softmax-recompute", True)], by[("softmax-recompute", False)]
+        body = []
+        for g, name in names.items():
+            if (g, False) not in by:
+                continue
+            rb, r1 = by.get((g, True), by[(g, False)]), by[(g, False)]
+            paper = PAPER.get((config, g))
+            paper_base = PAPER[(config, "softmax-recompute")]
+            body.append([
+                name, fmt(paper, 3) if paper else "-", fmt(paper / paper_base, 1) + "x" if paper else "-",
+                fmt(rb["images_per_s"], 3) + ("" if rb["batch"] == batch else f" (batch {rb['batch']})"),
+                fmt(rb["images_per_s"] / base_b["images_per_s"], 1) + "x",
+                fmt(r1["seconds_per_image"], 2), fmt(base_1["seconds_per_image"] / r1["seconds_per_image"], 1) + "x",
+            ])  # fmt: skip
+        table = "Table 1" if config == "mnist" else "Table 4"
+        out += f"{config} ({table} of the paper)\n\n" + markdown_table(
+            ["method", "paper images/s", "paper speedup", f"ours images/s, batch {batch}", "ours speedup",
+             "ours s/image, batch 1", "ours speedup, batch 1"], body) + "\n"  # fmt: skip
+    out += ("Softmax and LSH rows are timed at a few positions and integrated over the image (see the 'how'\n"
+            "column of generate.csv). The paper's Table 5 (stateful softmax) is not quoted here.\n")  # fmt: skip
+    return out
+
+
 def plot(curves, path: Path, batch: int) -> None:
     import matplotlib
 
@@ -214,7 +278,7 @@ def plot(curves, path: Path, batch: int) -> None:
     configs = list(dict.fromkeys(k[0] for k in curves))
     fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 4), squeeze=False)
     colors = {"linear-rnn": "tab:blue", "linear-rnn-bf16": "tab:cyan", "softmax-cache": "tab:orange",
-              "softmax-recompute": "tab:red"}  # fmt: skip
+              "softmax-recompute": "tab:red", "lsh-1": "tab:green", "lsh-4": "tab:olive"}  # fmt: skip
     for ax, config in zip(axes[0], configs, strict=True):
         for (c, label, b), (pos, times) in curves.items():
             if c == config:
