@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="test bits/dim of a checkpoint", formatter_class=fmt)
     add_dataclass_options(p, EvalConfig)
     sub.add_parser("bench", help="benchmarks: linear-transformers bench attention|generate|gpu --help", add_help=False)
-    sub.add_parser("experiment", help="the paper's experiments: linear-transformers experiment copy --help",
+    sub.add_parser("experiment", help="the paper's experiments: linear-transformers experiment copy|image --help",
                    add_help=False)  # fmt: skip
     sub.add_parser(
         "demo", help="train a small model on MNIST and generate digits as an RNN (make demo)", add_help=False

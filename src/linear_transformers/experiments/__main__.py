@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 from ..cli import dispatch
-from . import copy
+from . import copy, image
 
-EXPERIMENTS = {"copy": copy}
+EXPERIMENTS = {"copy": copy, "image": image}
 
 
 def main(argv: list[str] | None = None) -> int:
