@@ -28,7 +28,7 @@ from .. import ops
 from ..ops import naive
 from . import figure1
 from .measure import batched_gemm_gflops, machine_info, peak_extra_memory, time_fn
-from .report import fmt, markdown_table, write_csv
+from .report import finish_log_log, fmt, markdown_table, write_csv
 
 IMPLS = ("naive", "chunked", "cpu", "softmax")
 FAST = ("chunked", "cpu")
@@ -223,18 +223,7 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
         mem = [(n, r["fwdbwd_peak_mib"]) for n, r in pts if r["fwdbwd_peak_mib"] == r["fwdbwd_peak_mib"]]
         if mem:
             ax_m.plot([n for n, _ in mem], [m for _, m in mem], "o-", color=colors[impl], label=impl)
-    for ax, ylabel in ((ax_t, "time (ms)"), (ax_m, "extra peak memory, fwd+bwd (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length N")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_log_log(fig, [(ax_t, "time (ms)"), (ax_m, "extra peak memory, fwd+bwd (MiB)")], title, path)
     return True
 
 

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import ops
 from ..ops import lsh, naive
 from .measure import machine_info, peak_extra_memory
-from .report import fmt, markdown_table, write_csv
+from .report import finish_log_log, fmt, markdown_table, write_csv
 
 METHODS = ("softmax", "softmax-math", "linear", "lsh-1", "lsh-4", "lsh-8")
 COLORS = {"softmax": "tab:red", "softmax-math": "tab:orange", "linear": "tab:blue", "lsh-1": "tab:green",
@@ -167,18 +167,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         Ns = [n for n, _ in pts]
         ax_t.plot(Ns, [r["fwdbwd_ms_per_sample"] / 1e3 for _, r in pts], "o-", color=COLORS[method], label=method)
         ax_m.plot(Ns, [r["peak_mib_per_sample"] for _, r in pts], "o-", color=COLORS[method], label=method)
-    for ax, ylabel in ((ax_t, "forward + backward time per sample (s)"), (ax_m, "peak extra memory per sample (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length N")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    labels = [(ax_t, "forward + backward time per sample (s)"), (ax_m, "peak extra memory per sample (MiB)")]
+    finish_log_log(fig, labels, title, path)
 
 
 def summary(rows: list[dict]) -> str:

@@ -29,6 +29,7 @@ from ..bench.measure import machine_info
 from ..bench.report import fmt, markdown_table, write_csv
 from ..data import copy as copy_data
 from ..model import CausalTransformer, ModelConfig
+from . import load_finished, save_finished
 
 METHODS = {  # name -> ModelConfig fields
     "softmax": dict(attention="causal-softmax"),
@@ -189,17 +190,14 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     for method in s.methods:
         done = args.out / f"{method}.json"
-        if done.exists() and not args.fresh:
-            saved = json.loads(done.read_text())
-            if saved["settings"] == settings:
-                print(f"  {method}: results exist in {done} (same settings), not trained again; --fresh retrains")
-                rows += saved["rows"]
-                continue
+        saved = None if args.fresh else load_finished(done, settings)
+        if saved is not None:
+            print(f"  {method}: results exist in {done} (same settings), not trained again; --fresh retrains")
+            rows += saved
+            continue
         print(f"  {method}: training {s.steps} steps")
         curve = train_method(s, method)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": settings, "rows": curve}))
-        tmp.replace(done)  # a method's results appear whole or not at all
+        save_finished(done, settings, curve)
         rows += curve
     write_csv(args.out / "copy.csv", rows)
     (args.out / "settings.json").write_text(json.dumps({**settings, "machine": info}, indent=2))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..bench.report import fmt, markdown_table, write_csv
 from ..cli import image_grid, write_png
 from ..model import ModelConfig
 from ..train import TrainConfig, evaluate, load_model, train
+from . import load_finished, save_finished
 
 METHODS = {  # name -> (ModelConfig fields, generation mode)
     "softmax": (dict(attention="causal-softmax"), "recompute"),
@@ -181,20 +183,15 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     for method in s.methods:
         done = out / method / "result.json"
-        if done.exists() and not args.fresh:
-            saved = json.loads(done.read_text())
-            if saved["settings"] == settings:
-                print(f"  {method}: finished earlier with these settings ({done}); --fresh retrains")
-                rows += saved["rows"]
-                continue
+        saved = None if args.fresh else load_finished(done, settings)
+        if saved is not None:
+            print(f"  {method}: finished earlier with these settings ({done}); --fresh retrains")
+            rows += saved
+            continue
         if args.fresh and (out / method).exists():
-            import shutil
-
             shutil.rmtree(out / method)
         result = run_method(s, method, d, out)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": settings, "rows": result}))
-        tmp.replace(done)
+        save_finished(done, settings, result)
         rows += result
     write_csv(out / "image.csv", rows)
     table = summary(rows)
