@@ -12,7 +12,7 @@ As in the paper, the batch shrinks as N grows (--tokens per batch, at least one 
 and memory are divided by the batch: per sample. Every implementation is first checked against its
 reference on the benchmark's shapes; then each (method, N) is timed forward+backward and forward
 only, and its extra peak memory (fwd+bwd) measured. A point is skipped, and marked so, when its
-scores would not fit in --memory-gib or its time, extrapolated from the previous length, exceeds
+estimated peak memory exceeds --memory-gib or its time, extrapolated from the previous length, exceeds
 --max-seconds. Writes figure1.csv, figure1.png (two log-log panels like the paper's) and table.md.
 """
 
@@ -45,7 +45,7 @@ def add_figure1_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokens", type=int, default=2**14, help="tokens per batch: batch = max(1, tokens // N)")
     g.add_argument("--lsh-chunk", type=int, default=32)
     g.add_argument("--max-seconds", type=float, default=60.0, help="skip a point predicted to take longer")
-    g.add_argument("--memory-gib", type=float, default=12.0, help="skip a point whose scores need more")
+    g.add_argument("--memory-gib", type=float, default=12.0, help="skip a point estimated to need more")
 
 
 def _inputs(method: str, B: int, N: int, H: int, D: int, seed: int):
@@ -75,12 +75,14 @@ def _function(method: str, N: int, chunk: int):
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def score_bytes(method: str, B: int, N: int, H: int, chunk: int) -> float:
-    """Bytes of the attention scores one fwd+bwd holds (the part of the memory that can explode)."""
+def peak_bytes(method: str, B: int, N: int, H: int, D: int, chunk: int) -> float:
+    """Estimated peak memory of one fwd+bwd for the methods whose memory can explode (measured on
+    this machine: softmax-math holds 3 N x N float32 tensors per head; LSH ~64 bytes per (token,
+    head, round) for each of its 2 * chunk scores and D features: 16 GiB for lsh-8 at N = 32768)."""
     if method == "softmax-math":
         return 3 * 4.0 * B * H * N * N  # scores, probabilities, their gradient
     if method.startswith("lsh"):
-        return 5 * 4.0 * int(method.split("-")[1]) * B * H * N * 2 * chunk
+        return 64.0 * (2 * chunk + D) * int(method.split("-")[1]) * B * H * N
     return 0.0
 
 
@@ -198,6 +200,14 @@ def summary(rows: list[dict]) -> str:
     return out
 
 
+def write_results(out: Path, rows: list[dict], info: dict, threads: int, config: str) -> str:
+    write_csv(out / "figure1.csv", rows)
+    table = summary(rows)
+    (out / "table.md").write_text(f"Figure 1 on {info['cpu']}, {threads} threads, torch {info['torch']}; {config}\n\n"
+                                  + table)  # fmt: skip
+    return table
+
+
 def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.fig_lengths, args.heads, args.dim, args.tokens, args.lsh_chunk = [128, 256], 2, 16, 512, 16
@@ -213,10 +223,10 @@ def main(args: argparse.Namespace) -> int:
     for N in args.fig_lengths:
         for method in args.fig_methods:
             B = max(1, args.tokens // N)
-            need = score_bytes(method, B, N, args.heads, args.lsh_chunk)
+            need = peak_bytes(method, B, N, args.heads, args.dim, args.lsh_chunk)
             row = {"method": method, "N": N, "batch": B}
             if need > args.memory_gib * 2**30:
-                row["skipped"] = f"scores need {need / 2**30:.0f} GiB"
+                row["skipped"] = f"would need ~{need / 2**30:.0f} GiB"
             elif method in last:
                 n0, t0 = last[method]
                 growth = (N / n0) ** (2 if method.startswith("softmax") else 1)  # per sequence of the batch
@@ -232,12 +242,8 @@ def main(args: argparse.Namespace) -> int:
             else:
                 print(f"  N={N:>6} {method:>12}: skipped ({row['skipped']})", flush=True)
             rows.append(row)
+            table = write_results(args.out, rows, info, args.threads, config)  # after every point: a crash keeps them
     out = args.out
-    write_csv(out / "figure1.csv", rows)
-    table = summary(rows)
-    (out / "table.md").write_text(
-        f"Figure 1 on {info['cpu']}, {args.threads} threads, torch {info['torch']}; {config}\n\n" + table
-    )
     plot(rows, out / "figure1.png", f"one causal attention layer, {config}\n{info['cpu']}, {args.threads} threads")
     print()
     print(table)
