@@ -134,7 +134,7 @@ def test_lsh_layer_shares_queries_and_keys(kind):
     torch.manual_seed(7)
     ref = ops.lsh_attention(qk, v, causal=kind == "causal-lsh", n_hashes=2, n_buckets=4, chunk_size=5)
     torch.testing.assert_close(y, layer.out(ref.flatten(2)))
-    with pytest.raises(ValueError, match="no recurrent step .*recompute"):
+    with pytest.raises(ValueError, match="no recurrent step" + (" .*recompute" if kind == "causal-lsh" else "")):
         layer.step(x[:, 0])
     with pytest.raises(ValueError, match="even n_buckets"):
         AttentionLayer(24, 3, kind, n_buckets=3)

@@ -132,7 +132,7 @@ class AttentionLayer(nn.Module):
     def initial_state(self, batch: int, *, dtype: torch.dtype | None = None, device=None) -> State:
         """An empty recurrent state for `batch` sequences (causal-linear and causal-softmax)."""
         if not self.is_causal or self.is_lsh:
-            raise ValueError(f"AttentionLayer: {self.attention!r} attention is not causal and has no recurrent state")
+            raise self._no_recurrence("state")
         dtype = dtype or self.qkv.weight.dtype
         device = device or self.qkv.weight.device
         H = self.n_heads
@@ -155,7 +155,7 @@ class AttentionLayer(nn.Module):
         """
         self._check_input(x, 3, "[B, T, d_model]")
         if (state is not None or return_state) and (not self.is_causal or self.is_lsh):
-            raise ValueError(f"AttentionLayer: {self.attention!r} attention has no recurrent state")
+            raise self._no_recurrence("state")
         B, T, _ = x.shape
         q, k, v = self._project(x)
         new_state: State | None = None
@@ -195,10 +195,7 @@ class AttentionLayer(nn.Module):
         """
         self._check_input(x_t, 2, "[B, d_model]")
         if not self.is_causal or self.is_lsh:
-            raise ValueError(
-                f"AttentionLayer: {self.attention!r} attention has no recurrent step"
-                + (" (LSH buckets depend on the whole sequence: recompute the prefix instead)" if self.is_lsh else "")
-            )
+            raise self._no_recurrence("step")
         q, k, v = self._project(x_t)
         if self.attention == "causal-linear":
             if state is None:
@@ -215,6 +212,14 @@ class AttentionLayer(nn.Module):
         else:
             out, state = ops.softmax_attention_step(q, k, v, state)
         return self.dropout(self.out(out.reshape(x_t.shape[0], -1))), state
+
+    def _no_recurrence(self, what: str) -> ValueError:
+        if not self.is_causal:
+            return ValueError(f"AttentionLayer: {self.attention!r} attention is not causal and has no recurrent {what}")
+        return ValueError(
+            f"AttentionLayer: {self.attention!r} attention has no recurrent {what} (LSH buckets depend on the "
+            "whole sequence: recompute the prefix instead)"
+        )
 
     @property
     def _state_shape(self) -> tuple[int, int, int]:
