@@ -15,9 +15,11 @@ Each round gives an output o_r and the log-sum-exp l_r of its scores; the rounds
 sum_r softmax_r(l_r) o_r (the paper's multi-round combination; a pair of positions that meets in
 several rounds is counted in each, as in the reimplementation the linear-transformers paper timed).
 
-The default chunk is the average bucket, ceil(T / n_buckets) (Kitaev et al.: m = l / n_buckets); the
-cost is O(n_hashes * T * 2 * chunk_size * D) plus the sort. Scores, softmax and the combination are
-computed in float32 (float64 for float64 inputs); the output has the input dtype.
+The default chunk is the average bucket, ceil(T / n_buckets) (Kitaev et al.: m = l / n_buckets). The
+attention costs O(n_hashes * T * 2 * chunk_size * D), the hash O(n_hashes * T * D * n_buckets / 2)
+plus the sort: with a fixed chunk and n_buckets growing as T / chunk, the hash is quadratic in T
+(Reformer's factorised buckets, not implemented, avoid that). Scores, softmax and the combination
+are computed in float32 (float64 for float64 inputs); the output has the input dtype.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from .validation import accumulation_dtype
 
 SELF_SCORE = -1e5  # a query's score for its own key (Reformer: attend to yourself only when alone)
-MASKED = -1e9  # a masked score: finite, so a row with nothing valid stays finite instead of NaN
+MASKED = -1e9  # the dense reference's masked score (finite: a row with nothing valid stays finite)
 
 
 def _check(qk: torch.Tensor, v: torch.Tensor, n_hashes: int, n_buckets: int, chunk_size: int | None) -> None:
