@@ -12,16 +12,20 @@ from linear_transformers.model import CausalTransformer, ModelConfig
 
 @pytest.mark.parametrize("backend", ["chunked", "cpu"])
 def test_layer_compiles_without_graph_breaks(backend):
+    _check_compiled_layer(AttentionLayer(32, 4, backend=backend), torch.randn(2, 70, 32, requires_grad=True), 1e-5)
+
+
+def _check_compiled_layer(layer, x, tol):
+    """The layer compiled with fullgraph=True (a graph break is an error) computes the eager outputs and
+    input gradients."""
     torch._dynamo.reset()
-    layer = AttentionLayer(32, 4, backend=backend)
-    x = torch.randn(2, 70, 32, requires_grad=True)
-    compiled = torch.compile(layer, fullgraph=True)  # fullgraph: a graph break is an error
+    compiled = torch.compile(layer, fullgraph=True)
     y = compiled(x)
     (gx,) = torch.autograd.grad(y.square().sum(), x)
     y_ref = layer(x)
     (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(gx, gx_ref, atol=tol, rtol=tol)
 
 
 def test_model_compiles_without_graph_breaks():
@@ -35,13 +39,5 @@ def test_model_compiles_without_graph_breaks():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_layer_compiles_on_cuda_with_the_triton_backend():
-    torch._dynamo.reset()
     layer = AttentionLayer(64, 4).cuda()  # auto: the Triton kernels
-    x = torch.randn(2, 300, 64, device="cuda", requires_grad=True)
-    compiled = torch.compile(layer, fullgraph=True)
-    y = compiled(x)
-    (gx,) = torch.autograd.grad(y.square().sum(), x)
-    y_ref = layer(x)
-    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
-    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(gx, gx_ref, atol=1e-4, rtol=1e-4)
+    _check_compiled_layer(layer, torch.randn(2, 300, 64, device="cuda", requires_grad=True), 1e-4)

@@ -139,7 +139,7 @@ def measure(method: str, N: int, args) -> dict:
     first = time.perf_counter() - t0
     repeats = 1 if first > 5 or args.quick else 3
     times = [first] if repeats == 1 else []
-    for _ in range(repeats if repeats > 1 else 0):
+    while len(times) < repeats:
         t0 = time.perf_counter()
         fwd_bwd()
         times.append(time.perf_counter() - t0)
