@@ -57,8 +57,8 @@ class CategoricalHead(nn.Module):
     def nll(self, params: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(params.flatten(0, -2).float(), targets.flatten(), reduction="none").view(targets.shape)
 
-    def log_probs(self, params: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(params.float(), dim=-1)
+    def log_probs(self, params: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.log_softmax(params.to(dtype), dim=-1).float()
 
     def sample(self, params, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
         """One token per row of params [B, n_params] (see model.sample)."""
@@ -114,19 +114,20 @@ class MixtureOfLogisticsHead(nn.Module):
     def nll(self, params: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return -self._log_prob_of_values(params, self._values(targets)[..., None])[..., 0]
 
-    def log_probs(self, params: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, params: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Log-probabilities of all L levels, for sampling: each bin's probability is the difference of
         the mixture's CDF at its two edges (the outer edges at -inf and +inf), so the L probabilities
-        sum to one by construction. Computed in float64, so even improbable bins keep their log-probability."""
+        sum to one by construction. Computed in float64 by default, so even improbable bins keep their
+        log-probability (float32, for exported graphs, floors a bin's probability at float32's tiny)."""
         K, L = self.n_components, self.vocab_size
-        params = params.double()  # differences of CDFs: float64 keeps improbable bins accurate
+        params = params.to(dtype)  # differences of CDFs: float64 keeps improbable bins accurate
         pi = torch.softmax(params[..., :K], dim=-1)[..., None, :]
         mu, inv_s = params[..., None, K : 2 * K], torch.exp(-params[..., None, 2 * K :].clamp(min=-7.0))
         edges = torch.linspace(-1 - 1 / (L - 1), 1 + 1 / (L - 1), L + 1, device=params.device, dtype=params.dtype)
         edges = edges[1:-1, None]
         cdf = (pi * torch.sigmoid((edges - mu) * inv_s)).sum(-1)  # [..., L - 1] at the inner edges
         cdf = F.pad(F.pad(cdf, (1, 0), value=0.0), (0, 1), value=1.0)
-        return torch.log(torch.diff(cdf, dim=-1).clamp(min=1e-300)).float()
+        return torch.log((cdf[..., 1:] - cdf[..., :-1]).clamp(min=torch.finfo(dtype).tiny)).float()
 
     def sample(self, params, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
         """One level per row of params [B, 3K]. At temperature 1 without truncation, draw a component,

@@ -39,15 +39,23 @@ def step_pytorch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Linea
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, state.S, state.z))
     if needs_graph or not (state.S.is_contiguous() and state.z.is_contiguous()):
-        S = state.S + kf.unsqueeze(-1) * vf.unsqueeze(-2)
-        z = state.z + kf
-        new_state = LinearState(S, z, state.n_tokens + 1)
-    else:
-        S, z = state.S, state.z
-        S.view(B * H, Dk, Dv).baddbmm_(kf.reshape(B * H, Dk, 1), vf.reshape(B * H, 1, Dv))
-        z.add_(kf)
-        state.n_tokens += 1
-        new_state = state
-    num = torch.matmul(qf.unsqueeze(-2), S).squeeze(-2)  # [B, H, Dv]
-    den = (qf * z).sum(-1, keepdim=True).add_(eps)
-    return (num / den).to(q.dtype), new_state
+        out, S, z = step_functional(qf, kf, vf, state.S, state.z, eps)
+        return out.to(q.dtype), LinearState(S, z, state.n_tokens + 1)
+    state.S.view(B * H, Dk, Dv).baddbmm_(kf.reshape(B * H, Dk, 1), vf.reshape(B * H, 1, Dv))
+    state.z.add_(kf)
+    state.n_tokens += 1
+    return readout(qf, state.S, state.z, eps).to(q.dtype), state
+
+
+def step_functional(q, k, v, S, z, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The step as a pure function of tensors (autograd, tracing and export):
+    q, k [B, H, Dk], v [B, H, Dv], S [B, H, Dk, Dv], z [B, H, Dk] -> (out, S + k v^T, z + k)."""
+    S = S + k.unsqueeze(-1) * v.unsqueeze(-2)
+    z = z + k
+    return readout(q, S, z, eps), S, z
+
+
+def readout(q: torch.Tensor, S: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+    """phi(q)^T S / (phi(q)^T z + eps) for q [B, H, Dk] against a state that includes this token."""
+    num = torch.matmul(q.unsqueeze(-2), S).squeeze(-2)  # [B, H, Dv]
+    return num / ((q * z).sum(-1, keepdim=True) + eps)

@@ -1,0 +1,252 @@
+"""Export the recurrent step of a causal linear transformer to ONNX (`linear-transformers export`).
+
+With linear attention the whole model is an RNN with a fixed-size state, so one step is a small
+static graph that any ONNX runtime (onnxruntime in Python, onnxruntime-web in a browser) can run:
+
+    inputs   token [B] int64, position [1] int64, S_0, z_0, ..., S_{L-1}, z_{L-1}
+    outputs  params [B, n_params], log_probs [B, vocab], position_out [1], S_0_out, z_0_out, ...
+
+S_i [B, H, Dk', Dv] and z_i [B, H, Dk'] are layer i's state (float32, zeros to start); position is
+the index of the token being fed. A token id >= vocab_size is a start token: vocab_size + class for
+a class-conditional model, vocab_size for an unconditional one; it goes in first, at position 0,
+and its outputs are the distribution of the first token (what `CausalTransformer.prefill` of an
+empty prompt gives). `params` are the head's parameters (logits, or the mixture of logistics);
+`log_probs` the distribution over all tokens, so a client samples without knowing the head.
+
+A JSON sidecar (same name, .json) records the model config, the data layout (image shape,
+alphabet), the tensor names and shapes, and the verification: the file is run with onnxruntime
+against the PyTorch model's own `step` for a few hundred steps before the export is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .model import CausalTransformer
+from .ops.step import step_functional
+
+FORMAT = "linear-transformers-step"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = "runs/model"  # run folder (its latest checkpoint) or checkpoint folder
+    onnx: str = "model.onnx"  # the ONNX file to write (the JSON sidecar goes next to it)
+    opset: int = 18  # ONNX opset of the graph
+    exporter: str = "torchscript"  # torch's "torchscript" exporter (fast; deprecated by torch) or "dynamo" (onnxscript)
+    verify_steps: int = 300  # steps run with onnxruntime against PyTorch before the file is kept (0: skip)
+    tolerance: float = 1e-4  # largest difference allowed: params, probabilities; states relative to their size
+
+
+def check_exportable(model: CausalTransformer) -> None:
+    """A clear error for models whose step is not a fixed-size graph."""
+    kind = model.cfg.attention
+    if kind == "causal-softmax":
+        raise ValueError(
+            "export: causal-softmax attention has no fixed-size state (its KV cache grows by one key and "
+            "value per token), so its step is not a static graph; export a causal-linear model"
+        )
+    if kind != "causal-linear":
+        raise ValueError(f"export: {kind!r} attention has no recurrent step to export; export a causal-linear model")
+
+
+class RecurrentStep(nn.Module):
+    """The model's `step` as a pure function of tensors (the graph that is exported).
+
+    It computes what CausalTransformer.step computes, with the position and the state as tensors
+    instead of Python values, and a start token as an ordinary token id (see the module docstring).
+    """
+
+    def __init__(self, model: CausalTransformer) -> None:
+        super().__init__()
+        check_exportable(model)
+        self.model = model
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.model.blocks)
+
+    def state_shapes(self, batch: int) -> list[tuple[int, ...]]:
+        shapes = []
+        for block in self.model.blocks:
+            H, Dk, Dv = block.attn._state_shape
+            shapes += [(batch, H, Dk, Dv), (batch, H, Dk)]
+        return shapes
+
+    def initial_state(self, batch: int) -> list[torch.Tensor]:
+        return [torch.zeros(shape) for shape in self.state_shapes(batch)]
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor, *state: torch.Tensor):
+        m = self.model
+        table = torch.cat([m.embed.weight, m.start.weight])  # ids >= vocab_size are start tokens
+        x = nn.functional.embedding(token, table)
+        if m.cfg.positional == "learned":
+            x = x + m.pos(position)
+        elif m.cfg.positional == "sinusoidal":
+            x = x + m.pos_table.index_select(0, position)
+        new_state = []
+        for i, block in enumerate(m.blocks):
+            attn, S, z = block.attn, state[2 * i], state[2 * i + 1]
+
+            def attend(h, attn=attn, S=S, z=z):
+                q, k, v = attn._project(h)
+                out, S, z = step_functional(q, k, v, S, z, attn.eps)
+                return attn.out(out.reshape(h.shape[0], -1)), (S, z)
+
+            x, (S, z) = block._mix(x, attend)
+            new_state += [S, z]
+        params = m.head(m.norm(x))
+        log_probs = m.head.log_probs(params, dtype=torch.float32)
+        return (params, log_probs, position + 1, *new_state)
+
+
+def names(n_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output tensor names of the exported step."""
+    state = [f"{t}_{i}" for i in range(n_layers) for t in ("S", "z")]
+    return ["token", "position", *state], ["params", "log_probs", "position_out", *(s + "_out" for s in state)]
+
+
+EXPORTERS = ("torchscript", "dynamo")
+
+
+def _export_graph(step: RecurrentStep, path: Path, opset: int, exporter: str) -> None:
+    inputs, outputs = names(step.n_layers)
+    args = (torch.zeros(2, dtype=torch.long), torch.zeros(1, dtype=torch.long), *step.initial_state(2))
+    if exporter == "dynamo":  # torch.export, then onnxscript's translation
+        batch = torch.export.Dim("batch")
+        shapes = {"token": {0: batch}, "position": None, "state": tuple({0: batch} for _ in args[2:])}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it notes that the batch axes share one name
+            torch.onnx.export(
+                step, args, str(path), input_names=inputs, output_names=outputs, opset_version=opset,
+                dynamo=True, dynamic_shapes=shapes, external_data=False, verbose=False,
+            )  # fmt: skip
+        return
+    batch = {0: "batch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
+        torch.onnx.export(
+            step, args, str(path), input_names=inputs, output_names=outputs, opset_version=opset,
+            dynamic_axes={name: batch for name in inputs + outputs if not name.startswith("position")},
+            dynamo=False,
+        )  # fmt: skip
+
+
+def verify(model: CausalTransformer, onnx_path: Path, steps: int, batch: int = 3, seed: int = 0) -> dict:
+    """Run the ONNX file with onnxruntime next to the model's own `step` (the path `generate` takes),
+    feeding both the tokens PyTorch samples, for `steps` steps (restarting at max_len); returns the
+    largest absolute differences of params and probabilities, and of the states relative to their
+    largest entry (S sums a term per token, so its entries grow with the position)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rnn = RecurrentStep(model)
+    inputs, _ = names(rnn.n_layers)
+    cfg = model.cfg
+    generator = torch.Generator().manual_seed(seed)
+    worst = {"params": 0.0, "probs": 0.0, "state_rel": 0.0}
+    done = 0
+    with torch.no_grad():
+        while done < steps:
+            labels = torch.randint(cfg.n_classes, (batch,), generator=generator) if cfg.n_classes else None
+            params, state = model.prefill(torch.zeros(batch, 0, dtype=torch.long), labels)
+            start = cfg.vocab_size + (labels if labels is not None else torch.zeros(batch, dtype=torch.long))
+            feeds = dict(zip(inputs, [start, torch.zeros(1, dtype=torch.long), *rnn.initial_state(batch)], strict=True))
+            for t in range(min(cfg.max_len, steps - done)):
+                got = session.run(None, {k: v.numpy() for k, v in feeds.items()})
+                want_probs = model.head.log_probs(params).exp()
+                worst["params"] = max(worst["params"], float(np.abs(got[0] - params.numpy()).max()))
+                worst["probs"] = max(worst["probs"], float(np.abs(np.exp(got[1]) - want_probs.numpy()).max()))
+                pairs = zip(got[3:], [x for s in state.layers for x in (s.S, s.z)], strict=True)
+                rel = [float(np.abs(g - w.numpy()).max() / max(1.0, float(w.abs().max()))) for g, w in pairs]
+                worst["state_rel"] = max(worst["state_rel"], *rel)
+                token = model.head.sample(params, generator=generator)
+                if t + 1 < cfg.max_len:
+                    params, state = model.step(token, state)
+                feeds = dict(
+                    zip(inputs, [token, torch.from_numpy(got[2]), *map(torch.from_numpy, got[3:])], strict=True)
+                )
+                done += 1
+    return {"steps": done, "batch": batch, "max_abs_diff": worst}
+
+
+def export(model: CausalTransformer, onnx_path: str | Path, *, data: dict | None = None, opset: int = 18,
+           exporter: str = "torchscript", verify_steps: int = 300, tolerance: float = 1e-4) -> dict:  # fmt: skip
+    """Write the step graph to onnx_path and its JSON sidecar; returns the sidecar's content.
+
+    The file is verified (see `verify`) in a temporary location first and moved into place only if
+    every difference is within `tolerance`; otherwise nothing is written and ValueError says what differed.
+    """
+    check_exportable(model)
+    if exporter not in EXPORTERS:
+        raise ValueError(f"export: exporter must be one of {EXPORTERS}, got {exporter!r}")
+    model = model.float().eval()
+    onnx_path = Path(onnx_path)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    step = RecurrentStep(model)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=onnx_path.parent, prefix=f".{onnx_path.name}.")
+    os.close(fd)
+    try:
+        _export_graph(step, Path(tmp), opset, exporter)
+        verified = verify(model, Path(tmp), verify_steps) if verify_steps else None
+        if verified and max(verified["max_abs_diff"].values()) > tolerance:
+            raise ValueError(f"export: onnxruntime and PyTorch differ by more than {tolerance}: {verified}")
+        inputs, outputs = names(step.n_layers)
+        shapes = [("batch",), (1,), *[("batch", *s[1:]) for s in step.state_shapes(1)]]
+        cfg = model.cfg
+        sidecar = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "onnx": onnx_path.name,
+            "opset": opset,
+            "exporter": exporter,
+            "model": cfg.to_dict(),
+            "data": data,
+            "start_token": {"id": cfg.vocab_size, "per_class": bool(cfg.n_classes)},
+            "inputs": [
+                {"name": n, "shape": list(s), "dtype": "int64" if i < 2 else "float32"}
+                for i, (n, s) in enumerate(zip(inputs, shapes, strict=True))
+            ],
+            "outputs": outputs,
+            "state_pairs": [[i, o] for i, o in zip(inputs[2:], outputs[3:], strict=True)]
+            + [["position", "position_out"]],
+            "verified": verified,
+        }
+        os.chmod(tmp, 0o644)  # mkstemp made it private
+        os.replace(tmp, onnx_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    sidecar_path = onnx_path.with_suffix(".json")
+    tmp_json = sidecar_path.with_name(f".{sidecar_path.name}.tmp")
+    tmp_json.write_text(json.dumps(sidecar, indent=2) + "\n")
+    os.replace(tmp_json, sidecar_path)
+    return sidecar
+
+
+def run_export(cfg: ExportConfig) -> Path:
+    from .train import load_model
+
+    model, config = load_model(cfg.checkpoint)
+    sidecar = export(
+        model, cfg.onnx, data=config.get("data"), opset=cfg.opset, exporter=cfg.exporter,
+        verify_steps=cfg.verify_steps, tolerance=cfg.tolerance,
+    )  # fmt: skip
+    size = Path(cfg.onnx).stat().st_size / 2**20
+    print(f"wrote {cfg.onnx} ({size:.1f} MiB) and {Path(cfg.onnx).with_suffix('.json')}")
+    if sidecar["verified"]:
+        v = sidecar["verified"]
+        diffs = ", ".join(f"{k} {x:.1e}" for k, x in v["max_abs_diff"].items())
+        print(f"verified with onnxruntime against PyTorch over {v['steps']} steps (batch {v['batch']}): "
+              f"largest differences {diffs}")  # fmt: skip
+    return Path(cfg.onnx)
