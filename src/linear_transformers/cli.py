@@ -1,8 +1,8 @@
-"""The `linear-transformers` command: train, sample, eval, bench, experiment, demo.
+"""The `linear-transformers` command: train, sample, eval, export, web, bench, experiment, demo.
 
-Options of train, sample and eval are generated from the config dataclasses (ModelConfig,
-TrainConfig, SampleConfig, EvalConfig): every field is an option with its default and the field's
-comment as help, and an unknown option is an error.
+Options of train, sample, eval, export and web are generated from the config dataclasses
+(ModelConfig, TrainConfig, SampleConfig, EvalConfig, ExportConfig, WebConfig): every field is an
+option with its default and the field's comment as help, and an unknown option is an error.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .export import ExportConfig, run_export
 from .model import ModelConfig
 from .train import TrainConfig, evaluate, load_model, train
+from .web import WebConfig, run_web
 
 # ModelConfig fields that the data decides (vocabulary, length, classes): not options of `train`.
 DERIVED_MODEL_FIELDS = ("vocab_size", "n_classes", "max_len")
@@ -178,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(p, SampleConfig)
     p = sub.add_parser("eval", help="test bits/dim of a checkpoint", formatter_class=fmt)
     add_dataclass_options(p, EvalConfig)
+    p = sub.add_parser("export", help="export a causal-linear model's recurrent step to ONNX", formatter_class=fmt)
+    add_dataclass_options(p, ExportConfig)
+    p = sub.add_parser("web", help="serve the in-browser generation demo on localhost", formatter_class=fmt)
+    add_dataclass_options(p, WebConfig)
     sub.add_parser("bench", help="benchmarks: linear-transformers bench attention|generate|gpu --help", add_help=False)
     sub.add_parser("experiment", help="the paper's experiments: linear-transformers experiment copy|image --help",
                    add_help=False)  # fmt: skip
@@ -226,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         run_sample(dataclass_from_args(SampleConfig, args))
     elif args.command == "eval":
         run_eval(dataclass_from_args(EvalConfig, args))
+    elif args.command == "export":
+        run_export(dataclass_from_args(ExportConfig, args))
+    elif args.command == "web":
+        run_web(dataclass_from_args(WebConfig, args))
     return 0
 
 

@@ -1,0 +1,129 @@
+"""`linear-transformers web`: serve the in-browser demo (web/) on localhost.
+
+The checkpoint's recurrent step is exported to ONNX (verified against PyTorch, see export.py) into
+a temporary folder served at /model/; the page (web/index.html, web/demo.js) runs it with
+onnxruntime-web, which `make web` installs from the npm registry and copies into web/vendor/.
+Without --checkpoint the model shipped in web/checkpoint/ is served.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+import threading
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+WEB_DIR = Path(__file__).resolve().parents[2] / "web"  # the repository's web/ (an editable install)
+VENDOR_FILES = ("ort.wasm.bundle.min.mjs", "ort-wasm-simd-threaded.wasm")
+
+
+@dataclass
+class WebConfig:
+    checkpoint: str = ""  # run or checkpoint folder to serve (default: the model shipped in web/checkpoint)
+    host: str = "127.0.0.1"  # address to listen on
+    port: int = 8000  # port to listen on (0: any free port)
+    web_dir: str = ""  # the page's folder (default: web/ of this repository)
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Static files of web/, with /model/ mapped to the exported model's folder."""
+
+    extensions_map: ClassVar[dict[str, str]] = {
+        **SimpleHTTPRequestHandler.extensions_map,
+        ".js": "text/javascript",
+        ".mjs": "text/javascript",
+        ".wasm": "application/wasm",
+        ".onnx": "application/octet-stream",
+        ".json": "application/json",
+    }
+
+    def __init__(self, *args, model_dir: Path, **kwargs) -> None:
+        self.model_dir = model_dir
+        super().__init__(*args, **kwargs)
+
+    def translate_path(self, path: str) -> str:
+        name = path.split("?", 1)[0].split("#", 1)[0]
+        if name.startswith("/model/"):
+            inside = Path(name[len("/model/") :]).name  # one file name, no folders
+            return str(self.model_dir / inside)
+        return super().translate_path(path)
+
+    def end_headers(self) -> None:
+        self.send_header("Cache-Control", "no-store")
+        super().end_headers()
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+
+def check_web_dir(web_dir: Path) -> None:
+    if not (web_dir / "index.html").is_file():
+        raise FileNotFoundError(f"web: {web_dir} has no index.html; pass --web-dir, the repository's web/ folder")
+    missing = [f for f in VENDOR_FILES if not (web_dir / "vendor" / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"web: onnxruntime-web is not built into {web_dir / 'vendor'} (missing {', '.join(missing)}); "
+            f"run `make web` (or `npm ci && npm run build` in {web_dir})"
+        )
+
+
+def export_for_web(checkpoint: str | Path, model_dir: Path) -> dict:
+    """Export a checkpoint as model_dir/model.onnx + model.json (what the page loads)."""
+    from .export import export
+    from .train import load_model
+
+    model, config = load_model(checkpoint)
+    return export(model, model_dir / "model.onnx", data=config.get("data"))
+
+
+def make_server(web_dir: Path, model_dir: Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    check_web_dir(web_dir)
+    handler = functools.partial(_Handler, directory=str(web_dir), model_dir=model_dir)
+    return ThreadingHTTPServer((host, port), handler)
+
+
+class DemoServer:
+    """The demo served from a background thread (for tests and notebooks): `with DemoServer(...) as url:`."""
+
+    def __init__(self, checkpoint: str | Path | None = None, web_dir: str | Path | None = None, port: int = 0):
+        self.web_dir = Path(web_dir) if web_dir else WEB_DIR
+        self.checkpoint = Path(checkpoint) if checkpoint else self.web_dir / "checkpoint"
+        self.port = port
+
+    def __enter__(self) -> str:
+        check_web_dir(self.web_dir)
+        self._tmp = tempfile.TemporaryDirectory(prefix="lt-web-")
+        self.export = export_for_web(self.checkpoint, Path(self._tmp.name))
+        self._server = make_server(self.web_dir, Path(self._tmp.name), port=self.port)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        self._tmp.cleanup()
+
+
+def run_web(cfg: WebConfig) -> None:
+    web_dir = Path(cfg.web_dir) if cfg.web_dir else WEB_DIR
+    check_web_dir(web_dir)
+    checkpoint = cfg.checkpoint or web_dir / "checkpoint"
+    with tempfile.TemporaryDirectory(prefix="lt-web-") as tmp:
+        sidecar = export_for_web(checkpoint, Path(tmp))
+        v = sidecar["verified"]
+        print(f"exported {checkpoint} (checked with onnxruntime over {v['steps']} steps)")
+        server = make_server(web_dir, Path(tmp), cfg.host, cfg.port)
+        host, port = server.server_address[:2]
+        print(f"serving the demo at http://{host}:{port}/ (Ctrl-C stops)")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()

@@ -1,0 +1,180 @@
+"""The web demo: the server, and the page in headless Chromium against PyTorch.
+
+The browser test needs Node.js, web/node_modules (`make web`: npm ci + build) and Chromium
+(Debian's `chromium`; CI installs it); it is skipped, with the reason, where one is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from linear_transformers.data import levels_to_images
+from linear_transformers.train import load_model
+from linear_transformers.web import WEB_DIR, DemoServer, check_web_dir
+
+pytest.importorskip("onnxruntime")
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+def _built() -> str | None:
+    try:
+        check_web_dir(WEB_DIR)
+    except FileNotFoundError as e:
+        return str(e)
+    return None
+
+
+needs_build = pytest.mark.skipif(_built() is not None, reason=f"{_built()}")
+
+
+# ---- the page's sampler, in Python (web/demo.js: random and choose) ----------------------------------
+def mulberry32(seed: int):
+    """The page's seeded generator (mulberry32), bit for bit: uniforms in [0, 1)."""
+    mask = 0xFFFFFFFF
+    a = seed & mask
+
+    def rand() -> float:
+        nonlocal a
+        a = (a + 0x6D2B79F5) & mask
+        t = ((a ^ (a >> 15)) * (a | 1)) & mask
+        t ^= (t + (((t ^ (t >> 7)) * (t | 61)) & mask)) & mask
+        return ((t ^ (t >> 14)) & mask) / 4294967296
+
+    return rand
+
+
+def choose(log_probs: list[float], temperature: float, rand) -> int:
+    best = max(range(len(log_probs)), key=lambda i: (log_probs[i], -i))  # the first maximum, as torch.argmax
+    if temperature == 0:
+        return best
+    weights = [math.exp((x - log_probs[best]) / temperature) for x in log_probs]
+    u = rand() * sum(weights)
+    for i, w in enumerate(weights):
+        u -= w
+        if u < 0:
+            return i
+    return best
+
+
+@torch.no_grad()
+def pytorch_tokens(model, label: int, temperature: float, seed: int) -> list[int]:
+    """What the page generates, computed by the PyTorch model (prefill + step) with the page's sampler."""
+    rand = mulberry32(seed)
+    params, state = model.prefill(torch.zeros(1, 0, dtype=torch.long), torch.tensor([label]))
+    tokens = []
+    for t in range(model.cfg.max_len):
+        tokens.append(choose(model.head.log_probs(params)[0].tolist(), temperature, rand))
+        if t + 1 < model.cfg.max_len:
+            params, state = model.step(torch.tensor([tokens[-1]]), state)
+    return tokens
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_python_port_of_the_sampler_matches_the_page(tmp_path):
+    """mulberry32 and choose, run by Node from web/sampling.js, against the Python port above."""
+    g = torch.Generator().manual_seed(1)
+    cases = [
+        (seed, temperature, torch.log_softmax(3 * torch.randn(16, generator=g), 0).tolist())
+        for seed in (0, 1, 7, 123456789, 2**32 - 1)
+        for temperature in (0.0, 0.5, 1.0, 1.5)
+    ]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    script = (
+        f"import {{ choose, random }} from {json.dumps((WEB_DIR / 'sampling.js').as_uri())};"
+        "import { readFileSync } from 'node:fs';"
+        f"const cases = JSON.parse(readFileSync({json.dumps(str(tmp_path / 'cases.json'))}, 'utf8'));"
+        "console.log(JSON.stringify(cases.map(([seed, temperature, lp]) => {"
+        "  const r = random(seed); const draws = [r(), r(), r()];"
+        "  const rc = random(seed); return [draws, Array.from({length: 20}, () => choose(lp, temperature, rc))];"
+        "})));"
+    )
+    out = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for (seed, temperature, lp), (draws, chosen) in zip(cases, json.loads(out.stdout), strict=True):
+        r = mulberry32(seed)
+        assert [r(), r(), r()] == draws
+        rc = mulberry32(seed)
+        assert [choose(lp, temperature, rc) for _ in range(20)] == chosen
+    assert len({tuple(c) for _, c in json.loads(out.stdout)}) > 10  # the cases do differ
+
+
+# ---- the server -----------------------------------------------------------------------------------
+@needs_build
+def test_server_serves_the_page_the_runtime_and_the_exported_model():
+    with DemoServer() as url:
+        page = urllib.request.urlopen(url).read().decode()
+        assert "demo.js" in page
+        with urllib.request.urlopen(url + "vendor/ort-wasm-simd-threaded.wasm") as r:
+            assert r.headers["Content-Type"] == "application/wasm"
+        with urllib.request.urlopen(url + "vendor/ort.wasm.bundle.min.mjs") as r:
+            assert r.headers["Content-Type"] == "text/javascript"
+        meta = json.loads(urllib.request.urlopen(url + "model/model.json").read())
+        assert meta["format"] == "linear-transformers-step" and meta["verified"]["steps"] >= 300
+        assert len(urllib.request.urlopen(url + "model/model.onnx").read()) > 1_000_000
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(url + "model/../../pyproject.toml")
+
+
+def test_missing_runtime_is_a_clear_error(tmp_path):
+    (tmp_path / "index.html").write_text("<html></html>")
+    with pytest.raises(FileNotFoundError, match="make web"):
+        check_web_dir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no index.html"):
+        check_web_dir(tmp_path / "nowhere")
+
+
+# ---- the page in a real browser -------------------------------------------------------------------
+def _browser_missing() -> str | None:
+    if shutil.which("node") is None:
+        return "Node.js is not installed"
+    if not (WEB_DIR / "node_modules" / "playwright-core").is_dir():
+        return "playwright-core is not installed in web/ (make web)"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; or set CHROMIUM)"
+    return _built()
+
+
+@pytest.mark.skipif(_browser_missing() is not None, reason=f"{_browser_missing()}")
+def test_page_in_chromium_draws_what_pytorch_generates(tmp_path):
+    """Headless Chromium, driven by playwright-core, uses the form to generate three images; the canvas
+    holds exactly the image the PyTorch model generates with the same digit, temperature and seed."""
+    runs = [(3, 1.0, 7), (8, 0.8, 1), (5, 0.0, 0)]  # digit, temperature, seed; the last is greedy
+    shot = tmp_path / "screenshot.png"
+    with DemoServer() as url:
+        proc = subprocess.run(
+            ["node", "e2e.mjs", "--url", url, "--runs", ",".join(f"{d}:{t}:{s}" for d, t, s in runs),
+             "--screenshot", str(shot), "--chromium", CHROMIUM],
+            cwd=WEB_DIR, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errors"] == []
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
+
+    model, config = load_model(WEB_DIR / "checkpoint")
+    shape, levels = tuple(config["data"]["image_shape"]), config["data"]["vocab_size"]
+    for (digit, temperature, seed), got in zip(runs, result["runs"], strict=True):
+        assert got["state"] == "done", got["status"]
+        assert got["last"]["label"] == digit and got["last"]["temperature"] == temperature
+        want = pytorch_tokens(model, digit, temperature, seed)
+        assert got["last"]["tokens"] == want, f"digit {digit}, temperature {temperature}, seed {seed}"
+        rgba = np.array(got["rgba"], dtype=np.uint8).reshape(got["height"], got["width"], 4)
+        image = levels_to_images(torch.tensor([want]), shape, levels)[0]
+        for channel in range(3):
+            np.testing.assert_array_equal(rgba[..., channel], image)
+        assert (rgba[..., 3] == 255).all()
+        if temperature > 0:
+            assert (image > 0).sum() > 10, "a sampled digit is not blank"
+        assert got["last"]["tokensPerSecond"] > 0
