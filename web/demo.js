@@ -108,7 +108,7 @@ async function main() {
     });
     ctx.putImageData(image, 0, 0);
     const rate = gen.length / result.seconds;
-    $("stats").textContent = `${gen.length} tokens in ${result.seconds.toFixed(2)} s: ${rate.toFixed(0)} tokens/s (model steps only)`;
+    $("stats").textContent = `${gen.length} tokens in ${result.seconds.toFixed(2)} s: ${rate.toFixed(0)} tokens/s (one WebAssembly thread, drawing included)`;
     $("status").textContent = `Done: ${nClasses ? `digit ${options.label}, ` : ""}temperature ${options.temperature}, seed ${options.seed}.`;
     $("generate").disabled = false;
     window.demo.last = { ...options, ...result, tokensPerSecond: rate };
