@@ -71,7 +71,8 @@ def choose(log_probs: list[float], temperature: float, rand) -> int:
 def pytorch_tokens(model, label: int, temperature: float, seed: int) -> list[int]:
     """What the page generates, computed by the PyTorch model (prefill + step) with the page's sampler."""
     rand = mulberry32(seed)
-    params, state = model.prefill(torch.zeros(1, 0, dtype=torch.long), torch.tensor([label]))
+    labels = torch.tensor([label]) if model.cfg.n_classes else None
+    params, state = model.prefill(torch.zeros(1, 0, dtype=torch.long), labels)
     tokens = []
     for t in range(model.cfg.max_len):
         tokens.append(choose(model.head.log_probs(params)[0].tolist(), temperature, rand))
@@ -145,13 +146,42 @@ def _browser_missing() -> str | None:
     return _built()
 
 
+def tiny_rgb_checkpoint(folder) -> str:
+    """An unconditional 4x4 RGB model with the mixture-of-logistics head (random weights), saved as a checkpoint."""
+    from safetensors.torch import save_file
+
+    from linear_transformers.model import CausalTransformer, ModelConfig
+
+    cfg = ModelConfig(vocab_size=256, max_len=48, d_model=32, n_layers=2, n_heads=2, d_ff=64, head="mol")
+    model = CausalTransformer(cfg)
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    data = {
+        "name": "tiny",
+        "vocab_size": 256,
+        "seq_len": 48,
+        "n_classes": 0,
+        "image_shape": [4, 4, 3],
+        "alphabet": None,
+    }
+    (folder / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "data": data, "step": 0}))
+    return str(folder)
+
+
 @pytest.mark.skipif(_browser_missing() is not None, reason=f"{_browser_missing()}")
-def test_page_in_chromium_draws_what_pytorch_generates(tmp_path):
+@pytest.mark.parametrize("model_name", ["shipped", "tiny-rgb-mol"])
+def test_page_in_chromium_draws_what_pytorch_generates(tmp_path, model_name):
     """Headless Chromium, driven by playwright-core, uses the form to generate three images; the canvas
-    holds exactly the image the PyTorch model generates with the same digit, temperature and seed."""
-    runs = [(3, 1.0, 7), (8, 0.8, 1), (5, 0.0, 0)]  # digit, temperature, seed; the last is greedy
+    holds exactly the image the PyTorch model generates with the same digit, temperature and seed.
+    Also for an unconditional colour model with the mixture-of-logistics head (the page is generic)."""
+    if model_name == "shipped":
+        checkpoint = WEB_DIR / "checkpoint"
+        runs = [(3, 1.0, 7), (8, 0.8, 1), (5, 0.0, 0)]  # digit, temperature, seed; the last is greedy
+    else:
+        checkpoint = tiny_rgb_checkpoint(tmp_path / "tiny")
+        runs = [(0, 1.0, 5), (0, 0.0, 0)]
     shot = tmp_path / "screenshot.png"
-    with DemoServer() as url:
+    with DemoServer(checkpoint) as url:
         proc = subprocess.run(
             ["node", "e2e.mjs", "--url", url, "--runs", ",".join(f"{d}:{t}:{s}" for d, t, s in runs),
              "--screenshot", str(shot), "--chromium", CHROMIUM],
@@ -163,7 +193,7 @@ def test_page_in_chromium_draws_what_pytorch_generates(tmp_path):
     assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
 
-    model, config = load_model(WEB_DIR / "checkpoint")
+    model, config = load_model(checkpoint)
     shape, levels = tuple(config["data"]["image_shape"]), config["data"]["vocab_size"]
     for (digit, temperature, seed), got in zip(runs, result["runs"], strict=True):
         assert got["state"] == "done", got["status"]
@@ -172,9 +202,9 @@ def test_page_in_chromium_draws_what_pytorch_generates(tmp_path):
         assert got["last"]["tokens"] == want, f"digit {digit}, temperature {temperature}, seed {seed}"
         rgba = np.array(got["rgba"], dtype=np.uint8).reshape(got["height"], got["width"], 4)
         image = levels_to_images(torch.tensor([want]), shape, levels)[0]
-        for channel in range(3):
-            np.testing.assert_array_equal(rgba[..., channel], image)
+        rgb = np.stack([image] * 3, axis=-1) if image.ndim == 2 else image  # grey levels fill R, G and B
+        np.testing.assert_array_equal(rgba[..., :3], rgb)
         assert (rgba[..., 3] == 255).all()
         if temperature > 0:
-            assert (image > 0).sum() > 10, "a sampled digit is not blank"
+            assert (image > 0).sum() > 10, "a sampled image is not blank"
         assert got["last"]["tokensPerSecond"] > 0

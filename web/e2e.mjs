@@ -42,7 +42,7 @@ try {
   const runs = [];
   for (const run of opt.runs.split(",")) {
     const [digit, temperature, seed] = run.split(":");
-    await page.selectOption("#digit", digit);
+    if (await page.isEnabled("#digit")) await page.selectOption("#digit", digit); // unconditional: disabled
     await page.locator("#temperature").evaluate((el, v) => {
       el.value = v;
       el.dispatchEvent(new Event("input", { bubbles: true }));
