@@ -75,3 +75,31 @@ def test_layer_step_equals_parallel_on_cuda(fm):
         y_t, state = layer.step(x[:, t], state)
         steps.append(y_t)
     assert rel_err(torch.stack(steps, 1), y) < 1e-10
+
+
+def test_triton_step_replays_from_a_cuda_graph():
+    """The fused step allocates nothing, so it can be captured once and replayed per token: the
+    replayed graph, fed new q, k, v in its input buffers, matches the PyTorch step token by token."""
+    from linear_transformers.bench.gpu import capture_step
+    from linear_transformers.ops import LinearState
+    from linear_transformers.ops import triton as triton_backend
+    from linear_transformers.ops.step import step_pytorch
+
+    if not triton_backend.available(torch.device("cuda")):
+        pytest.skip(triton_backend.unavailable_reason(torch.device("cuda")))
+    B, H, Dk, Dv, T = 2, 3, 40, 24, 30  # Dk, Dv not powers of two
+    q, k, v = (torch.zeros(B, H, d, device="cuda") for d in (Dk, Dk, Dv))
+    state = LinearState.zeros(B, H, Dk, Dv, device="cuda")
+    out = torch.empty(B, H, Dv, device="cuda")
+    graph = capture_step(q, k, v, state.S, state.z, out)
+    assert state.S.abs().max() == 0  # capturing did not advance the state
+    ref = LinearState.zeros(B, H, Dk, Dv, device="cuda")
+    for _ in range(T):
+        new = [torch.rand(B, H, d, device="cuda") for d in (Dk, Dk, Dv)]
+        for buffer, x in zip((q, k, v), new, strict=True):
+            buffer.copy_(x)
+        graph.replay()
+        with torch.no_grad():
+            want, ref = step_pytorch(*new, ref, 1e-6)
+        assert rel_err(out, want) < 1e-5
+    assert rel_err(state.S, ref.S) < 1e-5 and rel_err(state.z, ref.z) < 1e-5
