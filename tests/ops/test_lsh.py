@@ -124,6 +124,25 @@ def test_low_precision_inputs(dtype):
         assert rel_err(out, ref) < tol
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_padding_content_never_reaches_real_positions(causal):
+    """Padded positions sort after every real one (their own bucket), so neither their values nor their
+    hashes change a real position's output: padding holding zeros or noise gives the same result."""
+    qk, v = _inputs(2, 40, 2, 8, 4)
+    kpm = torch.zeros(2, 40, dtype=torch.bool)
+    kpm[0, 25:] = True
+    kpm[1, 10:14] = True
+    outs = []
+    for scale in (0.0, 50.0):
+        qk2, v2 = qk.clone(), v.clone()
+        qk2[kpm], v2[kpm] = scale * torch.randn_like(qk2[kpm]), scale * torch.randn_like(v2[kpm])
+        outs.append(ops.lsh_attention(qk2, v2, causal=causal, n_hashes=3, n_buckets=4, key_padding_mask=kpm,
+                                      generator=torch.Generator().manual_seed(2)))  # fmt: skip
+    assert torch.equal(outs[0][~kpm], outs[1][~kpm])
+    buckets = lsh.hash_buckets(qk, lsh.random_rotations(2, 8, 3, 4, dtype=torch.float64), kpm)
+    assert (buckets.permute(0, 3, 1, 2)[kpm] == 4).all() and (buckets.permute(0, 3, 1, 2)[~kpm] < 4).all()
+
+
 def test_causal_output_ignores_future_values():
     """Hashing and sorting see the whole sequence (that is Reformer), but no output may depend on a
     later position's value."""

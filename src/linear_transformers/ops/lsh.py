@@ -9,7 +9,9 @@ and of the previous one (chunk 0 has no previous chunk; nothing wraps around). W
     causal        keys after the query are masked;
     self          a query scores its own key at SELF_SCORE (-1e5), so it attends to itself only when
                   it has nothing else to attend to (the first token of a causal sequence);
-    padding       keys marked by key_padding_mask are masked.
+    padding       keys marked by key_padding_mask are masked, and padded positions are given a bucket
+                  past all others, so they sort last and what padding holds never moves real
+                  positions between chunks.
 
 Each round gives an output o_r and the log-sum-exp l_r of its scores; the rounds are combined as
 sum_r softmax_r(l_r) o_r (the paper's multi-round combination; a pair of positions that meets in
@@ -65,10 +67,16 @@ def random_rotations(
     return r.to(device=device, dtype=dtype)
 
 
-def hash_buckets(qk: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Bucket of every position in every round: qk [B, T, H, D] -> [B, H, n_hashes, T] (int64)."""
+def hash_buckets(
+    qk: torch.Tensor, rotations: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bucket of every position in every round: qk [B, T, H, D] -> [B, H, n_hashes, T] (int64);
+    padded positions (key_padding_mask True) get bucket n_buckets, after every real one."""
     rotated = torch.einsum("bthd,hdrk->bhrtk", qk.detach().to(rotations.dtype), rotations)
-    return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+    buckets = torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+    if key_padding_mask is not None:
+        buckets = buckets.masked_fill(key_padding_mask.to(buckets.device)[:, None, None, :], 2 * rotations.shape[-1])
+    return buckets
 
 
 def lsh_attention(
@@ -109,7 +117,7 @@ def lsh_attention(
     pad = n_chunks * m - T
     R = n_hashes
 
-    buckets = hash_buckets(qk, rotations)  # [B, H, R, T]
+    buckets = hash_buckets(qk, rotations, key_padding_mask)  # [B, H, R, T]
     positions = torch.arange(T, device=qk.device)
     perm = (buckets * T + positions).argsort(dim=-1)  # sorted by (bucket, position): [B, H, R, T]
 

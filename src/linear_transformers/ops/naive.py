@@ -161,7 +161,7 @@ def lsh_attention(
     T, D = qk.shape[1], qk.shape[3]
     q = qk.to(acc)
     k = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    attended = lsh_attended(hash_buckets(qk, rotations), chunk_size, causal)  # [B, H, R, T, T]
+    attended = lsh_attended(hash_buckets(qk, rotations, key_padding_mask), chunk_size, causal)  # [B, H, R, T, T]
     if key_padding_mask is not None:
         attended &= ~key_padding_mask[:, None, None, None, :]
     scores = torch.einsum("bthd,bshd->bhts", q, k).unsqueeze(2) * D**-0.5  # [B, H, 1, T, T]
