@@ -185,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("web", help="serve the in-browser generation demo on localhost", formatter_class=fmt)
     add_dataclass_options(p, WebConfig)
     sub.add_parser("bench", help="benchmarks: linear-transformers bench attention|generate|gpu --help", add_help=False)
-    sub.add_parser("experiment", help="the paper's experiments: linear-transformers experiment copy|image --help",
-                   add_help=False)  # fmt: skip
+    sub.add_parser(
+        "experiment", help="the paper's experiments: linear-transformers experiment copy|image|speech --help",
+        add_help=False,
+    )  # fmt: skip
     sub.add_parser(
         "demo", help="train a small model on MNIST and generate digits as an RNN (make demo)", add_help=False
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 from ..cli import dispatch
-from . import copy, image
+from . import copy, image, speech
 
-EXPERIMENTS = {"copy": copy, "image": image}
+EXPERIMENTS = {"copy": copy, "image": image, "speech": speech}
 
 
 def main(argv: list[str] | None = None) -> int:

