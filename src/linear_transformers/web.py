@@ -8,6 +8,7 @@ Without --checkpoint the model shipped in web/checkpoint/ is served.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
 import threading
@@ -86,18 +87,23 @@ def make_server(web_dir: Path, model_dir: Path, host: str = "127.0.0.1", port: i
 
 
 class DemoServer:
-    """The demo served from a background thread (for tests and notebooks): `with DemoServer(...) as url:`."""
+    """The demo served from a background thread: `with DemoServer(...) as url:` (the command, the tests)."""
 
-    def __init__(self, checkpoint: str | Path | None = None, web_dir: str | Path | None = None, port: int = 0):
+    def __init__(self, checkpoint: str | Path | None = None, web_dir: str | Path | None = None, port: int = 0,
+                 host: str = "127.0.0.1") -> None:  # fmt: skip
         self.web_dir = Path(web_dir) if web_dir else WEB_DIR
         self.checkpoint = Path(checkpoint) if checkpoint else self.web_dir / "checkpoint"
-        self.port = port
+        self.host, self.port = host, port
 
     def __enter__(self) -> str:
         check_web_dir(self.web_dir)
         self._tmp = tempfile.TemporaryDirectory(prefix="lt-web-")
-        self.export = export_for_web(self.checkpoint, Path(self._tmp.name))
-        self._server = make_server(self.web_dir, Path(self._tmp.name), port=self.port)
+        try:
+            self.export = export_for_web(self.checkpoint, Path(self._tmp.name))
+            self._server = make_server(self.web_dir, Path(self._tmp.name), self.host, self.port)
+        except BaseException:
+            self._tmp.cleanup()
+            raise
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         host, port = self._server.server_address[:2]
@@ -111,19 +117,11 @@ class DemoServer:
 
 
 def run_web(cfg: WebConfig) -> None:
-    web_dir = Path(cfg.web_dir) if cfg.web_dir else WEB_DIR
-    check_web_dir(web_dir)
-    checkpoint = cfg.checkpoint or web_dir / "checkpoint"
-    with tempfile.TemporaryDirectory(prefix="lt-web-") as tmp:
-        sidecar = export_for_web(checkpoint, Path(tmp))
-        v = sidecar["verified"]
-        print(f"exported {checkpoint} (checked with onnxruntime over {v['steps']} steps)")
-        server = make_server(web_dir, Path(tmp), cfg.host, cfg.port)
-        host, port = server.server_address[:2]
-        print(f"serving the demo at http://{host}:{port}/ (Ctrl-C stops)")
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.server_close()
+    server = DemoServer(cfg.checkpoint or None, cfg.web_dir or None, cfg.port, cfg.host)
+    with server as url:
+        print(
+            f"exported {server.checkpoint} (checked with onnxruntime over {server.export['verified']['steps']} steps)"
+        )
+        print(f"serving the demo at {url} (Ctrl-C stops)")
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
