@@ -196,6 +196,60 @@ def test_fused_step_with_bfloat16_weights_stays_close():
     assert 0 < err < 2e-2  # bfloat16 projections: close, not equal
 
 
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm):
+    """dot=bfloat16 computes exactly this: projection weights and their inputs rounded to bfloat16,
+    products and sums in float32. Emulated in PyTorch (rounded weights, inputs rounded by a hook),
+    the eager step agrees with the fused one to float32 summation-order error."""
+    import copy
+
+    from linear_transformers.ops import cpu
+
+    if not (cpu.available() and cpu.has_bf16_dot()):
+        pytest.skip("needs the CPU kernel on a CPU with AVX512-BF16")
+    model = _model(n_classes=0, norm=norm)
+    model.fused_weights = model.fused_dot = torch.bfloat16
+    emulated = copy.deepcopy(model)
+    emulated.fused_step = False
+    with torch.no_grad():
+        for block in emulated.blocks:
+            for lin in (block.attn.qkv, block.attn.out, block.ff[0], block.ff[2]):
+                lin.weight.copy_(lin.weight.bfloat16().float())
+                lin.register_forward_pre_hook(lambda _, args: (args[0].bfloat16().float(),))
+    tokens = torch.randint(0, 16, (3, 30))
+    outs = []
+    with torch.no_grad():
+        start_params, start_state = model.prefill(tokens[:, :4])  # in parallel, float32: the same for both
+        for m in (model, emulated):
+            params, state = start_params, start_state.clone()
+            seq = [params]
+            for t in range(4, 29):
+                params, state = m.step(tokens[:, t], state)
+                seq.append(params)
+            outs.append(torch.stack(seq, 1))
+    assert model._fused.dot == torch.bfloat16
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-4, rtol=2e-4)
+    assert (outs[0] - model(tokens)[:, 4:]).abs().max() > 1e-4  # and it is not the float32 model
+
+
+def test_bfloat16_dots_are_refused_where_they_cannot_run():
+    from linear_transformers.ops import cpu
+
+    if not cpu.available():
+        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    layers = _model(n_classes=0)._block_weights()
+    kw = dict(n_heads=4, dk=8, dv=8, pre_norm=True, feature_map="elu", ln_eps=1e-5, attn_eps=1e-6)
+    with pytest.raises(ValueError, match="needs weights=torch.bfloat16"):
+        cpu.FusedModelStep(layers, **kw, dot=torch.bfloat16)
+    with pytest.raises(ValueError, match="dot must be"):
+        cpu.FusedModelStep(layers, **kw, weights=torch.bfloat16, dot=torch.float16)
+    if cpu.has_bf16_dot():
+        narrow = CausalTransformer(ModelConfig(vocab_size=16, d_model=24, n_layers=1, n_heads=4, d_ff=64))
+        narrow = narrow._block_weights()
+        with pytest.raises(ValueError, match="divisible by 32"):
+            cpu.FusedModelStep(narrow, **{**kw, "dk": 6, "dv": 6}, weights=torch.bfloat16, dot=torch.bfloat16)
+
+
 def test_fused_step_falls_back_where_it_does_not_apply():
     tokens = torch.randint(0, 16, (1, 12))
     for kwargs in (dict(feature_map="favor"), dict(attention="causal-softmax")):

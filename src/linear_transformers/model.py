@@ -171,9 +171,12 @@ class CausalTransformer(nn.Module):
         # Generation on the CPU runs all blocks of a step in one C call where it applies (see
         # _fused_step); False always takes the PyTorch path. fused_weights=torch.bfloat16 streams
         # bfloat16 copies of the projection weights (half the bytes per token; float32 arithmetic;
-        # the copies are taken at the start of each generate()).
+        # the copies are taken at the start of each generate()). fused_dot=torch.bfloat16 (with bfloat16
+        # weights, on a CPU with AVX512-BF16) also rounds the projections' inputs to bfloat16 and
+        # multiplies bfloat16 pairs (vdpbf16ps), accumulating in float32.
         self.fused_step = True
         self.fused_weights = torch.float32
+        self.fused_dot = torch.float32
         self._fused: cpu.FusedModelStep | None = None
 
     # ---- inputs ---------------------------------------------------------------------------------
@@ -313,7 +316,7 @@ class CausalTransformer(nn.Module):
             and cpu.available()
         ):
             return None
-        if self._fused is None or self._fused.weights != self.fused_weights:
+        if self._fused is None or (self._fused.weights, self._fused.dot) != (self.fused_weights, self.fused_dot):
             # (reset by _apply: .to(), .float(), ...; the step keeps the weights it points into alive)
             layers = self._block_weights()
             if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
@@ -322,7 +325,7 @@ class CausalTransformer(nn.Module):
             self._fused = cpu.FusedModelStep(
                 layers, n_heads=cfg.n_heads, dk=cfg.d_model // cfg.n_heads, dv=cfg.d_model // cfg.n_heads,
                 pre_norm=cfg.norm == "pre", feature_map=cfg.feature_map, ln_eps=self.blocks[0].norm1.eps,
-                attn_eps=cfg.eps, weights=self.fused_weights,
+                attn_eps=cfg.eps, weights=self.fused_weights, dot=self.fused_dot,
             )  # fmt: skip
         return self._fused
 

@@ -5,11 +5,12 @@ Models with random weights (speed does not depend on them):
     cifar   16 layers, same widths, 3072 tokens
 
 Generators compared: linear attention as an RNN (the fused CPU step; also with bfloat16 copies of
-the projection weights), softmax with a key/value cache ("stateful"), and softmax recomputing the
-whole prefix for every token (the paper's softmax baseline); --tables adds Reformer (lsh-1, lsh-4,
-chunks of 32 positions), which has no recurrent form and recomputes, as in the paper, and writes
-the paper's Tables 1 and 4 speed columns next to ours (paper.md). Each is first
-verified (greedy RNN/cache generation must equal greedy recomputation), then timed per token at
+the projection weights, and, on CPUs with AVX512-BF16, with bfloat16 dot products), softmax with a
+key/value cache ("stateful"), and softmax recomputing the whole prefix for every token (the paper's
+softmax baseline); --tables adds Reformer (lsh-1, lsh-4, chunks of 32 positions), which has no
+recurrent form and recomputes, as in the paper, and writes the paper's Tables 1 and 4 speed columns
+next to ours (paper.md). Each is first verified (greedy RNN/cache generation must equal greedy
+recomputation; bfloat16 dots within bfloat16 error of float32), then timed per token at
 a set of positions; seconds per image is the sum over all positions, integrated from those
 measurements (exact for the RNN, whose per-token cost is flat; marked "integrated" for the
 others, whose cost grows with the position). Also: training step tokens/s, linear vs softmax.
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from ..model import CausalTransformer, ModelConfig, ModelState
+from ..ops import cpu
 from .measure import machine_info
 from .report import fmt, markdown_table, write_csv
 
@@ -119,6 +121,24 @@ def verify(model_linear: CausalTransformer, model_softmax: CausalTransformer) ->
     return lines
 
 
+def verify_bf16_dot(model: CausalTransformer, reference: CausalTransformer) -> str:
+    """bfloat16 dots change the arithmetic: the step's outputs must stay within bfloat16 error of float32."""
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        outs = []
+        for m in (model, reference):
+            params, state = m.prefill(tokens[:, :0])
+            seq = [params]
+            for t in range(23):
+                params, state = m.step(tokens[:, t], state)
+                seq.append(params)
+            outs.append(torch.stack(seq, 1))
+    err = float((outs[0] - outs[1]).abs().max() / outs[1].abs().max())
+    if not 0 < err < 0.05:
+        raise SystemExit(f"verification failed: bfloat16-dot step differs from float32 by {err:.3g} (relative)")
+    return f"linear RNN with bfloat16 dots: 24 steps within {err:.1e} (relative) of float32"
+
+
 def verify_lsh(model: CausalTransformer) -> str:
     """LSH draws its rotations from torch's RNG: seeded generation must reproduce, tokens in range."""
     runs = []
@@ -171,6 +191,14 @@ def main(args: argparse.Namespace) -> int:
         generators = [
             ("linear-rnn", linear, "rnn"),
             ("linear-rnn-bf16", linear_bf16, "rnn"),
+        ]
+        if cpu.available() and cpu.has_bf16_dot():
+            linear_dot = CausalTransformer(cfg).eval()
+            linear_dot.load_state_dict(linear.state_dict())
+            linear_dot.fused_weights = linear_dot.fused_dot = torch.bfloat16
+            print("  verified: " + verify_bf16_dot(linear_dot, linear))
+            generators.append(("linear-rnn-bf16dot", linear_dot, "rnn"))
+        generators += [
             ("softmax-cache", softmax, "cache"),
             ("softmax-recompute", softmax, "recompute"),
         ]
@@ -242,7 +270,8 @@ def paper_tables(rows: list[dict], batch: int) -> str:
     """The paper's Tables 1 (MNIST) and 4 (CIFAR-10), speed columns: images/s and the speedup over
     softmax, theirs (one GPU) next to ours (this CPU, at the fixed batch and at batch 1)."""
     names = {"softmax-recompute": "softmax", "softmax-cache": "stateful softmax", "lsh-1": "lsh-1", "lsh-4": "lsh-4",
-             "linear-rnn": "linear", "linear-rnn-bf16": "linear (bf16 weights)"}  # fmt: skip
+             "linear-rnn": "linear", "linear-rnn-bf16": "linear (bf16 weights)",
+             "linear-rnn-bf16dot": "linear (bf16 dots)"}  # fmt: skip
     gen = [r for r in rows if "seconds_per_image" in r]
     out = ""
     for config in dict.fromkeys(r["config"] for r in gen):
@@ -280,7 +309,8 @@ def plot(curves, path: Path, batch: int) -> None:
 
     configs = list(dict.fromkeys(k[0] for k in curves))
     fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 4), squeeze=False)
-    colors = {"linear-rnn": "tab:blue", "linear-rnn-bf16": "tab:cyan", "softmax-cache": "tab:orange",
+    colors = {"linear-rnn": "tab:blue", "linear-rnn-bf16": "tab:cyan", "linear-rnn-bf16dot": "tab:purple",
+              "softmax-cache": "tab:orange",
               "softmax-recompute": "tab:red", "lsh-1": "tab:green", "lsh-4": "tab:olive"}  # fmt: skip
     for ax, config in zip(axes[0], configs, strict=True):
         for (c, label, b), (pos, times) in curves.items():

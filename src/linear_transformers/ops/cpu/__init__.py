@@ -91,6 +91,7 @@ def _build() -> ctypes.CDLL:
         bwd.restype = ctypes.c_int
     lib.lt_model_step_f32.argtypes = [ctypes.POINTER(_LtModel), ctypes.c_int, ptr, ptr, ptr, ptr]
     lib.lt_model_step_f32.restype = ctypes.c_int
+    lib.lt_has_bf16_dot.restype = ctypes.c_int
     return lib
 
 
@@ -137,12 +138,23 @@ class _LtModel(ctypes.Structure):
 FUSED_FEATURE_MAPS = {"elu": 0, "relu": 1}
 
 
+def has_bf16_dot() -> bool:
+    """Whether the compiled step has bfloat16 dot products (the CPU has AVX512-BF16)."""
+    lib = load()
+    return bool(lib is not None and lib.lt_has_bf16_dot())
+
+
 class FusedModelStep:
     """One generation step of all blocks of a causal linear transformer in one C call.
 
     Built from the blocks' parameter tensors (float32, contiguous, CPU). It keeps references to
     them, so their memory outlives any reassignment; the model rebuilds it when its parameters move
     (CausalTransformer._apply). In-place updates (optimizer steps, load_state_dict) are seen.
+
+    weights=torch.bfloat16 streams bfloat16 copies of the four projection weights (taken here: later
+    updates are not seen) and widens them to float32 for float32 arithmetic. dot=torch.bfloat16 (with
+    bfloat16 weights, on a CPU with AVX512-BF16) also rounds the activations entering those
+    projections to bfloat16 and multiplies bfloat16 pairs, accumulating in float32: no widening.
     """
 
     WEIGHTS = (
@@ -173,12 +185,23 @@ class FusedModelStep:
         ln_eps: float,
         attn_eps: float,
         weights: torch.dtype = torch.float32,
+        dot: torch.dtype = torch.float32,
     ) -> None:
         if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu"
                for layer in layers for t in layer.values()):  # fmt: skip
             raise ValueError("FusedModelStep: every weight must be a contiguous float32 CPU tensor")
         if weights not in (torch.float32, torch.bfloat16):
             raise ValueError(f"FusedModelStep: weights must be torch.float32 or torch.bfloat16, got {weights}")
+        if dot not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"FusedModelStep: dot must be torch.float32 or torch.bfloat16, got {dot}")
+        if dot == torch.bfloat16:
+            if weights != torch.bfloat16:
+                raise ValueError("FusedModelStep: dot=torch.bfloat16 needs weights=torch.bfloat16")
+            if not has_bf16_dot():
+                raise ValueError("FusedModelStep: dot=torch.bfloat16 needs a CPU with AVX512-BF16 (vdpbf16ps)")
+            widths = {n: layers[0][n].shape[1] for n in self.PROJECTIONS}
+            if any(w % 32 for w in widths.values()):
+                raise ValueError(f"FusedModelStep: dot=torch.bfloat16 needs input widths divisible by 32, got {widths}")
         if weights == torch.bfloat16:  # copies of the four projections: half the bytes to stream per token
             layers = [{k: t.to(torch.bfloat16) if k in self.PROJECTIONS else t for k, t in layer.items()}
                       for layer in layers]  # fmt: skip
@@ -187,9 +210,9 @@ class FusedModelStep:
         self.arrays = {name: (ctypes.c_void_p * len(layers))(*[layer[name].data_ptr() for layer in layers])
                        for name in self.WEIGHTS}  # fmt: skip
         self.model = _LtModel(len(layers), d, n_heads, dk, dv, dff, int(pre_norm), FUSED_FEATURE_MAPS[feature_map], 0,
-                              int(weights == torch.bfloat16), ln_eps, attn_eps,
+                              2 if dot == torch.bfloat16 else int(weights == torch.bfloat16), ln_eps, attn_eps,
                               *[self.arrays[name] for name in self.WEIGHTS])  # fmt: skip
-        self.weights = weights
+        self.weights, self.dot = weights, dot
         self.d, self.width = d, n_heads * (2 * dk + dv) + n_heads * dv + dff + d
         self._work: torch.Tensor | None = None
 

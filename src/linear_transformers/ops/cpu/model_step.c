@@ -41,7 +41,9 @@ typedef struct {
     int pre_norm;     /* 1: LN before each sublayer; 0: after the residual add */
     int feature_map;  /* 0: elu(x) + 1, 1: relu(x) */
     int gelu_tanh;    /* 0: exact (erf), 1: tanh approximation */
-    int bf16;         /* the four projection weights are bfloat16 (uint16) rather than float32 */
+    int bf16;         /* the four projection weights: 0 float32; 1 bfloat16 (uint16), widened to float32;
+                         2 bfloat16, and dot products on bfloat16 pairs (activations rounded to bfloat16,
+                         AVX512-BF16 vdpbf16ps, float32 accumulation); 2 needs lt_has_bf16_dot() */
     float ln_eps, attn_eps;
     /* per layer, n_layers pointers each (PyTorch layouts: Linear weights [out, in] row-major) */
     const float *const *ln1_w, *const *ln1_b, *const *qkv_w, *const *qkv_b, *const *out_w, *const *out_b;
@@ -108,9 +110,46 @@ static inline float wscalar_bf16(const void *W, long i) {
 DEFINE_GEMV(gemv_f32, wload_f32, wscalar_f32)
 DEFINE_GEMV(gemv_bf16, wload_bf16, wscalar_bf16)
 
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+int lt_has_bf16_dot(void) { return 1; }
+
+/* The same GEMV with x rounded to bfloat16 (round to nearest even) and W . x as sums of bfloat16
+ * pair products in float32 (vdpbf16ps): no widening of W, 32 weights per instruction. n_in must be
+ * a multiple of 32 (checked by the caller, FusedModelStep). */
+static void gemv_bf16dot(int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
+                         const float *x, float *y, const float *base, int gelu_kind) {
+    const uint16_t *Wh = W;
+    __m512bh xh[n_in / 32];
+    for (int b = 0; b < B; b++) {
+        const float *xb = x + (long)b * n_in;
+        for (int i = 0; i < n_in; i += 32)
+            xh[i / 32] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb + i + 16), _mm512_loadu_ps(xb + i));
+        for (int j = j0; j < j1; j += 4) {
+            const int nr = j1 - j < 4 ? j1 - j : 4;
+            const uint16_t *w[4];
+            for (int r = 0; r < 4; r++) w[r] = Wh + (long)(j + (r < nr ? r : 0)) * n_in;
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int i = 0; i < n_in; i += 32)
+                for (int r = 0; r < 4; r++)
+                    acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w[r] + i), xh[i / 32]);
+            for (int r = 0; r < nr; r++) {
+                float s = _mm512_reduce_add_ps(acc[r]) + bias[j + r];
+                const long o = (long)b * n_out + j + r;
+                if (base) s += base[o];
+                y[o] = gelu_kind >= 0 ? gelu(s, gelu_kind) : s;
+            }
+        }
+    }
+}
+#else
+int lt_has_bf16_dot(void) { return 0; }
+#define gemv_bf16dot gemv_bf16 /* never chosen: FusedModelStep refuses mode 2 without AVX512-BF16 */
+#endif
+
 static void gemv(int bf16, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
                  const float *x, float *y, const float *base, int gelu_kind) {
-    (bf16 ? gemv_bf16 : gemv_f32)(B, n_in, n_out, j0, j1, W, bias, x, y, base, gelu_kind);
+    (bf16 == 2 ? gemv_bf16dot : bf16 ? gemv_bf16 : gemv_f32)(B, n_in, n_out, j0, j1, W, bias, x, y, base, gelu_kind);
 }
 
 /* This thread's share [*lo, *hi) of n items, in blocks of `grain`. */
