@@ -185,3 +185,19 @@ def test_a_fresh_run_never_touches_an_earlier_one(tmp_path, mnist_dir):
     assert {p.name: p.stat().st_mtime_ns for p in run.glob("step-*")} == before
     cli_main([*args, "--steps", "20", "--resume"])  # continuing it is fine
     assert (run / "latest").read_text().strip() == "step-000020"
+
+
+def test_time_limit_counts_the_time_before_a_resume(tmp_path, mnist_dir, capsys):
+    """The training time is saved with each checkpoint: a resumed run gets what is left of its limit."""
+    args = ["train", "--data-path", str(mnist_dir), "--checkpoint-every", "10", "--eval-every", "0", *TINY,
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert cli_main([*args, "--steps", "20"]) == 0
+    state_path = resolve_checkpoint(tmp_path / "run") / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    assert 0 < state["train_seconds"] < 300
+    state["train_seconds"] = 1000.0  # as if the earlier processes had trained for 1000 s
+    torch.save(state, state_path)
+    capsys.readouterr()
+    assert cli_main([*args, "--steps", "40", "--resume", "--time-limit", "900"]) == 0
+    assert "stopped at step 21: time limit of 900 s" in capsys.readouterr().out
+    assert torch.load(resolve_checkpoint(tmp_path / "run") / "state.pt", weights_only=True)["train_seconds"] > 1000

@@ -53,7 +53,7 @@ class TrainConfig:
     eval_batches: int = 20  # test batches per evaluation
     checkpoint_every: int = 200  # steps between checkpoints (and one at the end)
     keep: int = 2  # checkpoints kept in the run folder
-    time_limit: float = 0.0  # stop after this many seconds, with a checkpoint (0: no limit)
+    time_limit: float = 0.0  # stop after this many seconds of training, resumes included, with a checkpoint (0: none)
     resume: bool = False  # continue from the run folder's latest checkpoint
     seed: int = 0
     threads: int = 0  # CPU threads (0: torch's default)
@@ -263,7 +263,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
     optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
     sampler = Sampler(d.n_items("train"), cfg.batch_size, cfg.seed)
-    step = 0
+    step, trained_before = 0, 0.0  # seconds of training in earlier processes of this run
     if cfg.resume and (run / "latest").exists():
         ckpt = resolve_checkpoint(run)
         model.load_state_dict(load_file(ckpt / "model.safetensors"))
@@ -273,6 +273,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"])
         step = state["step"]
+        trained_before = float(state.get("train_seconds", 0.0))  # (absent in older checkpoints)
         if rank == 0:
             print(f"resuming {run} from {ckpt.name}", flush=True)
     elif (run / "latest").exists():
@@ -292,6 +293,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
                 "sampler": sampler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "step": at,
+                "train_seconds": trained_before + time.perf_counter() - start,  # time_limit spans resumes
             }
             save_checkpoint(run, at, model, model_cfg, cfg, meta, extra, cfg.keep)
         if world > 1:
@@ -344,7 +346,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
                     post["test_bpd"] = f"{test_bpd:.3f}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
-        out_of_time = cfg.time_limit and time.perf_counter() - start > cfg.time_limit
+        out_of_time = cfg.time_limit and trained_before + time.perf_counter() - start > cfg.time_limit
         if world > 1:  # every rank stops at the same step
             flag = torch.tensor([float(bool(out_of_time))], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
