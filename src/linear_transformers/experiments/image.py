@@ -133,8 +133,10 @@ def run_method(s: ImageSettings, method: str, d: datasets.SequenceData, out: Pat
     print(f"  {method}: {'resuming' if resume else 'training'} (at most {s.steps} steps"
           + (f", {s.minutes:g} minutes)" if s.minutes else ")"), flush=True)  # fmt: skip
     start = time.perf_counter()
-    train(model_config(s, method, d), train_config(s, run, resume), data=d)
-    train_seconds = time.perf_counter() - start
+    checkpoint = train(model_config(s, method, d), train_config(s, run, resume), data=d)
+    # the training time of every process of this run (resumes included), as the checkpoint records it
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    train_seconds = float(state.get("train_seconds", time.perf_counter() - start))
     model, config = load_model(run)
     batches = max(1, s.eval_images // s.batch)
     eval_cfg = replace(train_config(s, run, True), batch_size=min(s.batch, s.eval_images))
