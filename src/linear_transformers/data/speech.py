@@ -348,8 +348,9 @@ def load_corpus(folder: str | Path) -> tuple[SpeechSplit, SpeechSplit]:
 
 def load_folder_corpus(folder: str | Path) -> tuple[SpeechSplit, SpeechSplit]:
     """A real corpus: `<folder>/train/*.wav` and `<folder>/test/*.wav` (16-bit mono PCM, any rate), each
-    with a `.phn` file beside it holding its phones (ARPAbet, space separated; TIMIT's 61 are folded
-    by FLITE_PHONES' rules where they coincide, and others are an error naming the file)."""
+    with a `.phn` file beside it holding its phones, space separated, in the 39-phone set (ARPAbet,
+    any case; "ax" is read as "ah" and "pau" dropped, as for flite). Any other phone is an error
+    naming the file: fold a larger set (TIMIT's 61) before."""
     splits = []
     for name in ("train", "test"):
         d = Path(folder) / name

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -19,3 +21,18 @@ def save_finished(path: Path, settings: dict, rows: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"settings": settings, "rows": rows}))
     tmp.replace(path)
+
+
+def finished_or_run(out: Path, method: str, settings: dict, fresh: bool, run: Callable[[], list[dict]]) -> list[dict]:
+    """A method's rows from out/<method>/result.json when it finished with these settings (unless
+    fresh: then its folder is cleared); otherwise run() it and save what it returns."""
+    done = out / method / "result.json"
+    saved = None if fresh else load_finished(done, settings)
+    if saved is not None:
+        print(f"  {method}: finished earlier with these settings ({done}); --fresh retrains")
+        return saved
+    if fresh and (out / method).exists():
+        shutil.rmtree(out / method)
+    rows = run()
+    save_finished(done, settings, rows)
+    return rows

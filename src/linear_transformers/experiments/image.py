@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ from ..bench.report import fmt, markdown_table, write_csv
 from ..cli import image_grid, write_png
 from ..model import ModelConfig
 from ..train import TrainConfig, evaluate, load_model, train
-from . import load_finished, save_finished
+from . import finished_or_run
 
 METHODS = {  # name -> (ModelConfig fields, generation mode)
     "softmax": (dict(attention="causal-softmax"), "recompute"),
@@ -184,17 +183,7 @@ def main(args: argparse.Namespace) -> int:
     del settings["methods"]
     rows = []
     for method in s.methods:
-        done = out / method / "result.json"
-        saved = None if args.fresh else load_finished(done, settings)
-        if saved is not None:
-            print(f"  {method}: finished earlier with these settings ({done}); --fresh retrains")
-            rows += saved
-            continue
-        if args.fresh and (out / method).exists():
-            shutil.rmtree(out / method)
-        result = run_method(s, method, d, out)
-        save_finished(done, settings, result)
-        rows += result
+        rows += finished_or_run(out, method, settings, args.fresh, lambda method=method: run_method(s, method, d, out))
     write_csv(out / "image.csv", rows)
     table = summary(rows)
     (out / "table.md").write_text(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from ..bench.measure import machine_info
 from ..bench.report import fmt, markdown_table, write_csv
 from ..data import speech
 from ..model import sinusoidal_table
-from . import load_finished, save_finished
+from . import finished_or_run
 
 METHODS = ("bilstm", "softmax", "linear", "lsh-4")
 ATTENTION = {"softmax": ("softmax", 1), "linear": ("linear", 1), "lsh-4": ("lsh", 4)}  # kind, hashing rounds
@@ -332,17 +331,9 @@ def main(args: argparse.Namespace) -> int:
     del settings["methods"]
     rows, histories = [], []
     for method in s.methods:
-        done = out / method / "result.json"
-        saved = None if args.fresh else load_finished(done, settings)
-        if saved is not None:
-            print(f"  {method}: finished earlier with these settings ({done}); --fresh retrains")
-            rows.append(saved[0]["row"])
-            histories.append(saved[0]["history"])
-            continue
-        if args.fresh and (out / method).exists():
-            shutil.rmtree(out / method)
-        result = run_method(method, s, train, test, out)
-        save_finished(done, settings, [result])
+        (result,) = finished_or_run(
+            out, method, settings, args.fresh, lambda method=method: [run_method(method, s, train, test, out)]
+        )
         rows.append(result["row"])
         histories.append(result["history"])
     write_csv(out / "speech.csv", rows)
