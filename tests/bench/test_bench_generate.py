@@ -13,7 +13,11 @@ def test_quick_generate_benchmark(tmp_path, capsys):
     generators = {r["generator"] for r in rows}
     assert {"linear-rnn", "linear-rnn-bf16", "softmax-cache", "softmax-recompute", "lsh-1", "lsh-4"} < generators
     assert all(float(r["seconds_per_image"]) > 0 for r in rows if r["seconds_per_image"])
-    assert "| mnist | linear-rnn |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| mnist | linear-rnn |" in table and "whole images at batch 1: median s" in table
+    whole = {r["generator"]: r for r in rows if r["whole_image_median_s"]}
+    assert {"linear-rnn", "linear-rnn-bf16"} <= set(whole)  # generate(n=1) timed per RNN mode, 2 images each
+    assert all(len(r["whole_image_s"].split()) == 2 and float(r["whole_image_median_s"]) > 0 for r in whole.values())
     assert (tmp_path / "generate.png").stat().st_size > 10_000
     paper = (tmp_path / "paper.md").read_text()
     assert "mnist (Table 1 of the paper)" in paper and "| lsh-4 | 0.270 | 0.6x |" in paper

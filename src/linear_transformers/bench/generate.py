@@ -13,7 +13,10 @@ next to ours (paper.md). Each is first verified (greedy RNN/cache generation mus
 recomputation; bfloat16 dots within bfloat16 error of float32), then timed per token at
 a set of positions; seconds per image is the sum over all positions, integrated from those
 measurements (exact for the RNN, whose per-token cost is flat; marked "integrated" for the
-others, whose cost grows with the position). Also: training step tokens/s, linear vs softmax.
+others, whose cost grows with the position); every timed token includes drawing it from the head
+(temperature 1). The RNN modes are also timed the way a user meets them: whole images at batch 1
+through model.generate(n=1), the modes taking turns (median of --images). Also: training step
+tokens/s, linear vs softmax.
 Writes generate.csv, table.md and generate.png under --out.
 """
 
@@ -55,6 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--points", type=int, default=6, help="positions at which per-token cost is timed")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", type=Path, default=Path("results/bench_generate"))
+    p.add_argument("--images", type=int, default=7, help="whole images at batch 1 per RNN mode (median reported)")
     p.add_argument("--quick", action="store_true", help="tiny models: a smoke test in seconds")
     p.add_argument("--tables", action="store_true", help="add lsh-1/lsh-4 and the paper's Tables 1 and 4 (paper.md)")
 
@@ -83,7 +87,7 @@ def per_token_seconds(model: CausalTransformer, mode: str, batch: int, position:
             tokens = torch.randint(0, model.cfg.vocab_size, (batch, position + 1))
 
             def run():
-                model.head.log_probs(model(tokens)[:, position]).argmax(-1)
+                model.head.sample(model(tokens)[:, position])
 
             return _time(run, 1)
         # token `position` comes from stepping token position - 1, which sits at network position `position`
@@ -93,7 +97,7 @@ def per_token_seconds(model: CausalTransformer, mode: str, batch: int, position:
         start = state.position
 
         def run():
-            model.head.log_probs(model.step(token, state)[0]).argmax(-1)
+            model.head.sample(model.step(token, state)[0])
             # a cache grows by the token: roll it back, so every run sees the same position
             for s, n in zip(state.layers, lengths, strict=True):
                 if n is not None:
@@ -108,6 +112,20 @@ def seconds_per_image(model, mode, batch, positions) -> tuple[float, list[float]
     times = [per_token_seconds(model, mode, batch, p) for p in positions]
     total = float(np.trapezoid(times, positions)) + (times[0] + times[-1]) / 2
     return total / batch, times
+
+
+def whole_images(models: dict[str, CausalTransformer], repeats: int) -> dict[str, list[float]]:
+    """Seconds for whole images at batch 1 through model.generate(n=1) (sampling at temperature 1):
+    the models take turns, image by image, so the machine's drift falls on all of them alike."""
+    times: dict[str, list[float]] = {label: [] for label in models}
+    for model in models.values():  # a few tokens each, untimed: builds the fused step
+        model.generate(n=1, max_new_tokens=8)
+    for _ in range(repeats):
+        for label, model in models.items():
+            t0 = time.perf_counter()
+            model.generate(n=1)
+            times[label].append(time.perf_counter() - t0)
+    return times
 
 
 def verify(model_linear: CausalTransformer, model_softmax: CausalTransformer) -> list[str]:
@@ -171,7 +189,7 @@ def main(args: argparse.Namespace) -> int:
     configs = {k: CONFIGS[k] for k in args.configs}
     if args.quick:
         configs = {k: replace(v, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64) for k, v in configs.items()}
-        args.batch, args.points = 4, 3
+        args.batch, args.points, args.images = 4, 3, 2
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} threads")
     rows, curves = [], {}
@@ -207,6 +225,12 @@ def main(args: argparse.Namespace) -> int:
                 lsh = CausalTransformer(replace(cfg, attention="causal-lsh", lsh_hashes=hashes, lsh_chunk=LSH_CHUNK))
                 print("  verified: " + verify_lsh(lsh.eval()))
                 generators.append((f"lsh-{hashes}", lsh, "recompute"))
+        rnn = {label: model for label, model, mode in generators if mode == "rnn"}
+        for label, times in whole_images(rnn, args.images).items():
+            median = float(np.median(times))
+            rows.append({"config": name, "generator": label, "batch": 1, "whole_image_median_s": median,
+                         "whole_image_s": " ".join(f"{t:.4g}" for t in times)})  # fmt: skip
+            print(f"  {label:18s} whole images, batch 1: median {median:.3f} s ({min(times):.3f}-{max(times):.3f})")
         for label, model, mode in generators:
             for batch in sorted({1, recompute_batch if mode == "recompute" else args.batch}):
                 s, times = seconds_per_image(model, mode, batch, positions)
@@ -260,6 +284,12 @@ def summary(rows: list[dict], batch: int) -> str:
     table = markdown_table(
         ["config", "generator", "s/image, batch 1", f"images/s, batch {batch}", "linear speedup, batch 1",
          f"linear speedup, batch {batch}", "paper images/s"], out)  # fmt: skip
+    whole = [r for r in rows if "whole_image_median_s" in r]
+    table += "\n" + markdown_table(
+        ["config", "generator", "whole images at batch 1: median s", "range s"],
+        [[r["config"], r["generator"], fmt(r["whole_image_median_s"], 3),
+          "-".join(fmt(f(map(float, r["whole_image_s"].split())), 3) for f in (min, max))] for r in whole],
+    )  # fmt: skip
     train = [r for r in rows if "tokens_per_s" in r]
     train_rows = [[r["config"], r["generator"], fmt(r["tokens_per_s"], 0)] for r in train]
     table += "\n" + markdown_table(["config", "training step", "tokens/s"], train_rows)
