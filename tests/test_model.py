@@ -151,12 +151,18 @@ def test_bad_inputs_are_named():
 @pytest.mark.parametrize("norm", ["pre", "post"])
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fused_cpu_step_equals_the_pytorch_step(norm, feature_map, batch):
+@pytest.mark.parametrize(("positional", "head"), [("sinusoidal", "mol"), ("learned", "categorical"), ("none", "mol")])
+def test_fused_cpu_step_equals_the_pytorch_step(norm, feature_map, batch, positional, head):
+    """The C step (embedding, positions, blocks, final norm, head) against the PyTorch step."""
     from linear_transformers.ops import cpu
 
     if not cpu.available():
         pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
-    model = _model(n_classes=3, norm=norm, feature_map=feature_map, head="mol")
+    model = _model(n_classes=3, norm=norm, feature_map=feature_map, head=head, positional=positional)
+    with torch.no_grad():  # trained-looking parameters, not LayerNorm's ones and zeros
+        for name, t in model.named_parameters():
+            if "norm" in name:
+                t.add_(torch.randn_like(t) * 0.3)
     tokens, labels = torch.randint(0, 16, (batch, 30)), torch.randint(0, 3, (batch,))
     results = []
     with torch.no_grad():
@@ -237,17 +243,41 @@ def test_bfloat16_dots_are_refused_where_they_cannot_run():
 
     if not cpu.available():
         pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
-    layers = _model(n_classes=0)._block_weights()
-    kw = dict(n_heads=4, dk=8, dv=8, pre_norm=True, feature_map="elu", ln_eps=1e-5, attn_eps=1e-6)
+    model = _model(n_classes=0)
+    layers, io = model._block_weights(), model._io_weights()
+    kw = dict(n_heads=4, dk=8, dv=8, pre_norm=True, feature_map="elu", ln_eps=1e-5, norm_eps=1e-5, attn_eps=1e-6)
     with pytest.raises(ValueError, match="needs weights=torch.bfloat16"):
-        cpu.FusedModelStep(layers, **kw, dot=torch.bfloat16)
+        cpu.FusedModelStep(layers, io, **kw, dot=torch.bfloat16)
     with pytest.raises(ValueError, match="dot must be"):
-        cpu.FusedModelStep(layers, **kw, weights=torch.bfloat16, dot=torch.float16)
+        cpu.FusedModelStep(layers, io, **kw, weights=torch.bfloat16, dot=torch.float16)
+    with pytest.raises(ValueError, match="io must map"):
+        cpu.FusedModelStep(layers, {**io, "embed": None}, **kw)
     if cpu.has_bf16_dot():
         narrow = CausalTransformer(ModelConfig(vocab_size=16, d_model=24, n_layers=1, n_heads=4, d_ff=64))
-        narrow = narrow._block_weights()
         with pytest.raises(ValueError, match="divisible by 32"):
-            cpu.FusedModelStep(narrow, **{**kw, "dk": 6, "dv": 6}, weights=torch.bfloat16, dot=torch.bfloat16)
+            cpu.FusedModelStep(narrow._block_weights(), narrow._io_weights(), **{**kw, "dk": 6, "dv": 6},
+                               weights=torch.bfloat16, dot=torch.bfloat16)  # fmt: skip
+
+
+def test_fused_step_refuses_bad_tokens_and_positions_without_touching_the_state():
+    from linear_transformers.ops import cpu
+
+    if not cpu.available():
+        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    model = _model(n_classes=0, max_len=8)
+    with torch.no_grad():
+        _, state = model.prefill(torch.randint(0, 16, (2, 3)))
+        before = state.clone()
+        for bad in (torch.tensor([3, 16]), torch.tensor([-1, 0])):
+            with pytest.raises(ValueError, match=r"tokens must lie in \[0, 16\)"):
+                model.step(bad, state)
+        assert model._fused is not None and state.position == before.position == 4  # start token + 3
+        for a, b in zip(state.layers, before.layers, strict=True):
+            assert torch.equal(a.S, b.S) and torch.equal(a.z, b.z) and a.n_tokens == b.n_tokens
+        for _ in range(4):
+            model.step(torch.tensor([1, 2]), state)
+        with pytest.raises(ValueError, match="past max_len=8"):
+            model.step(torch.tensor([1, 2]), state)
 
 
 def test_fused_step_falls_back_where_it_does_not_apply():
@@ -269,6 +299,30 @@ def test_fused_step_falls_back_where_it_does_not_apply():
     _, state = model.prefill(tokens)  # autograd on: the differentiable PyTorch path
     model.step(tokens[:, 0], state)
     assert model._fused is None
+
+
+def test_mixture_sampling_in_c_equals_the_pytorch_arithmetic(monkeypatch):
+    """On the CPU the mixture is sampled in C from PyTorch's random numbers: the same generator
+    gives the same levels as the PyTorch arithmetic (a level may differ by one where the two
+    roundings straddle a bin edge)."""
+    from linear_transformers.ops import cpu
+
+    if not cpu.available():
+        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    head = MixtureOfLogisticsHead(8, 256, 10)
+    params = torch.randn(20_000, 30) * torch.tensor([3.0] * 10 + [1.0] * 10 + [2.0] * 10) - torch.tensor(
+        [0.0] * 20 + [3.0] * 10
+    )
+    fast = head.sample(params, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(cpu, "available", lambda: False)
+    slow = head.sample(params, generator=torch.Generator().manual_seed(1))
+    monkeypatch.undo()
+    differ = fast != slow
+    assert differ.sum() <= 3 and ((fast - slow).abs() <= 1).all()
+    assert len(set(fast.tolist())) > 200  # the draws cover the levels, including both ends
+    assert fast.min() == 0 and fast.max() == 255
+    with pytest.raises(ValueError, match="not finite"):
+        head.sample(torch.cat([params[:2], torch.full((1, 30), float("nan"))]))
 
 
 def test_mixture_sampling_shortcut_draws_the_discretised_distribution():

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops import cpu
+
 
 def sample(
     log_probs: torch.Tensor,
@@ -138,10 +140,12 @@ class MixtureOfLogisticsHead(nn.Module):
         K, L = self.n_components, self.vocab_size
         params = params.float()
         race = torch.empty_like(params[..., :K]).exponential_(generator=generator)
+        u = torch.empty_like(params[..., 0]).uniform_(1e-7, 1 - 1e-7, generator=generator)
+        if params.device.type == "cpu" and params.dim() == 2 and cpu.available():  # the same arithmetic in C
+            return cpu.mol_sample(params.contiguous(), race, u, L)
         k = (torch.log_softmax(params[..., :K], -1) - race.log()).argmax(-1, keepdim=True)
         mu = params[..., K : 2 * K].gather(-1, k)[..., 0]
         s = torch.exp(params[..., 2 * K :].clamp(min=-7.0).gather(-1, k)[..., 0])
-        u = torch.empty_like(mu).uniform_(1e-7, 1 - 1e-7, generator=generator)
         x = mu + s * (torch.log(u) - torch.log1p(-u))
         return torch.round((x + 1) * ((L - 1) / 2)).clamp(0, L - 1).long()
 

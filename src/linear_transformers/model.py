@@ -267,19 +267,22 @@ class CausalTransformer(nn.Module):
         """Feed one token [B]; returns the head parameters of the next token [B, n_params] and the state.
         With linear attention this costs the same at every position (the state is updated in place
         under torch.no_grad)."""
+        fused = self._fused_step(token, state)
+        if fused is not None:  # embedding to head in one C call
+            if state.position >= self.cfg.max_len:
+                self._positions(state.position, 1, token.device)  # raises: past max_len
+            params = fused(token, state.position, [s.S for s in state.layers], [s.z for s in state.layers])
+            for s in state.layers:
+                s.n_tokens += 1
+            state.position += 1
+            return params, state
         x = self.embed(token.long())
         pos = self._positions(state.position, 1, token.device)
         if pos is not None:
             x = x + pos[0]
         x = self.dropout(x)
-        fused = self._fused_step(x, state)
-        if fused is not None:
-            x = fused(x.contiguous(), [s.S for s in state.layers], [s.z for s in state.layers])
-            for s in state.layers:
-                s.n_tokens += 1
-        else:
-            for i, block in enumerate(self.blocks):
-                x, state.layers[i] = block.step(x, state.layers[i])
+        for i, block in enumerate(self.blocks):
+            x, state.layers[i] = block.step(x, state.layers[i])
         state.position += 1
         return self.head(self.norm(x)), state
 
@@ -297,8 +300,18 @@ class CausalTransformer(nn.Module):
             for b in self.blocks
         ]  # fmt: skip
 
-    def _fused_step(self, x: torch.Tensor, state: ModelState) -> cpu.FusedModelStep | None:
-        """The fused C step (ops/cpu/model_step.c) where it computes what the blocks would (linear
+    def _io_weights(self) -> dict[str, torch.Tensor | None]:
+        """The weights around the blocks, as the fused step reads them."""
+        pos = {"learned": lambda: self.pos.weight, "sinusoidal": lambda: self.pos_table, "none": lambda: None}
+        norm = self.norm if isinstance(self.norm, nn.LayerNorm) else None
+        return {
+            "embed": self.embed.weight, "pos": pos[self.cfg.positional](),
+            "norm_w": norm.weight if norm else None, "norm_b": norm.bias if norm else None,
+            "head_w": self.head.proj.weight, "head_b": self.head.proj.bias,
+        }  # fmt: skip
+
+    def _fused_step(self, token: torch.Tensor, state: ModelState) -> cpu.FusedModelStep | None:
+        """The fused C step (ops/cpu/model_step.c) where it computes what the model would (linear
         attention with an elementwise feature map, float32 on the CPU, no autograd, no dropout) and
         is the faster way (batch <= FUSED_MAX_BATCH)."""
         cfg = self.cfg
@@ -308,9 +321,8 @@ class CausalTransformer(nn.Module):
             and cfg.feature_map in cpu.FUSED_FEATURE_MAPS
             and not self.training
             and not torch.is_grad_enabled()
-            and x.shape[0] <= FUSED_MAX_BATCH
-            and x.dtype == torch.float32
-            and x.device.type == "cpu"
+            and token.shape[0] <= FUSED_MAX_BATCH
+            and token.device.type == "cpu"
             and all(isinstance(s, LinearState) and s.S.is_contiguous() and s.z.is_contiguous() for s in state.layers)
             and all(s.S.dtype == torch.float32 for s in state.layers)
             and cpu.available()
@@ -318,14 +330,15 @@ class CausalTransformer(nn.Module):
             return None
         if self._fused is None or (self._fused.weights, self._fused.dot) != (self.fused_weights, self.fused_dot):
             # (reset by _apply: .to(), .float(), ...; the step keeps the weights it points into alive)
-            layers = self._block_weights()
-            if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
-                   for layer in layers for t in layer.values()):  # fmt: skip
+            layers, io = self._block_weights(), self._io_weights()
+            tensors = [t for layer in layers for t in layer.values()] + [t for t in io.values() if t is not None]
+            if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
                 return None
             self._fused = cpu.FusedModelStep(
-                layers, n_heads=cfg.n_heads, dk=cfg.d_model // cfg.n_heads, dv=cfg.d_model // cfg.n_heads,
+                layers, io, n_heads=cfg.n_heads, dk=cfg.d_model // cfg.n_heads, dv=cfg.d_model // cfg.n_heads,
                 pre_norm=cfg.norm == "pre", feature_map=cfg.feature_map, ln_eps=self.blocks[0].norm1.eps,
-                attn_eps=cfg.eps, weights=self.fused_weights, dot=self.fused_dot,
+                norm_eps=getattr(self.norm, "eps", 0.0), attn_eps=cfg.eps, weights=self.fused_weights,
+                dot=self.fused_dot,
             )  # fmt: skip
         return self._fused
 

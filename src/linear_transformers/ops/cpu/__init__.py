@@ -89,9 +89,11 @@ def _build() -> ctypes.CDLL:
         bwd = getattr(lib, f"cla_backward_{suffix}")
         bwd.argtypes = [ptr] * 15 + [i64] * 6 + [ctypes.c_int]
         bwd.restype = ctypes.c_int
-    lib.lt_model_step_f32.argtypes = [ctypes.POINTER(_LtModel), ctypes.c_int, ptr, ptr, ptr, ptr]
-    lib.lt_model_step_f32.restype = ctypes.c_int
+    lib.lt_model_token_f32.argtypes = [ctypes.POINTER(_LtModel), ctypes.c_int, ptr, ctypes.c_long] + [ptr] * 4
+    lib.lt_model_token_f32.restype = ctypes.c_int
     lib.lt_has_bf16_dot.restype = ctypes.c_int
+    lib.lt_mol_sample_f32.argtypes = [ctypes.c_int] * 3 + [ptr] * 4
+    lib.lt_mol_sample_f32.restype = ctypes.c_int
     return lib
 
 
@@ -132,6 +134,9 @@ class _LtModel(ctypes.Structure):
         ("attn_eps", ctypes.c_float),
         *[(name, ctypes.POINTER(ctypes.c_void_p)) for name in ("ln1_w", "ln1_b", "qkv_w", "qkv_b", "out_w", "out_b",
                                                                "ln2_w", "ln2_b", "ff1_w", "ff1_b", "ff2_w", "ff2_b")],
+        *[(name, ctypes.c_int) for name in ("vocab", "max_len", "n_params")],
+        ("norm_eps", ctypes.c_float),
+        *[(name, ctypes.c_void_p) for name in ("embed", "pos", "norm_w", "norm_b", "head_w", "head_b")],
     ]  # fmt: skip
 
 
@@ -145,16 +150,21 @@ def has_bf16_dot() -> bool:
 
 
 class FusedModelStep:
-    """One generation step of all blocks of a causal linear transformer in one C call.
+    """One generation step of a causal linear transformer in one C call: token ids in, the
+    parameters of the next token's distribution out (embedding and positions, all blocks, final
+    norm, head).
 
-    Built from the blocks' parameter tensors (float32, contiguous, CPU). It keeps references to
-    them, so their memory outlives any reassignment; the model rebuilds it when its parameters move
-    (CausalTransformer._apply). In-place updates (optimizer steps, load_state_dict) are seen.
+    Built from the model's parameter tensors (float32, contiguous, CPU): `layers`, the blocks' (see
+    WEIGHTS), and `io`, those around them (see IO; "pos", "norm_w" and "norm_b" may be None). It
+    keeps references to them, so their memory outlives any reassignment; the model rebuilds it when
+    its parameters move (CausalTransformer._apply). In-place updates (optimizer steps,
+    load_state_dict) are seen.
 
     weights=torch.bfloat16 streams bfloat16 copies of the four projection weights (taken here: later
     updates are not seen) and widens them to float32 for float32 arithmetic. dot=torch.bfloat16 (with
     bfloat16 weights, on a CPU with AVX512-BF16) also rounds the activations entering those
     projections to bfloat16 and multiplies bfloat16 pairs, accumulating in float32: no widening.
+    The embedding, norms and head stay float32.
     """
 
     WEIGHTS = (
@@ -172,10 +182,12 @@ class FusedModelStep:
         "ff2_b",
     )
     PROJECTIONS = ("qkv_w", "out_w", "ff1_w", "ff2_w")
+    IO = ("embed", "pos", "norm_w", "norm_b", "head_w", "head_b")
 
     def __init__(
         self,
         layers: list[dict[str, torch.Tensor]],
+        io: dict[str, torch.Tensor | None],
         *,
         n_heads: int,
         dk: int,
@@ -183,13 +195,16 @@ class FusedModelStep:
         pre_norm: bool,
         feature_map: str,
         ln_eps: float,
+        norm_eps: float,
         attn_eps: float,
         weights: torch.dtype = torch.float32,
         dot: torch.dtype = torch.float32,
     ) -> None:
-        if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu"
-               for layer in layers for t in layer.values()):  # fmt: skip
+        tensors = [t for layer in layers for t in layer.values()] + [t for t in io.values() if t is not None]
+        if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
             raise ValueError("FusedModelStep: every weight must be a contiguous float32 CPU tensor")
+        if set(io) != set(self.IO) or any(io[k] is None for k in ("embed", "head_w", "head_b")):
+            raise ValueError(f"FusedModelStep: io must map {', '.join(self.IO)} to tensors (pos and norm_*: or None)")
         if weights not in (torch.float32, torch.bfloat16):
             raise ValueError(f"FusedModelStep: weights must be torch.float32 or torch.bfloat16, got {weights}")
         if dot not in (torch.float32, torch.bfloat16):
@@ -205,28 +220,56 @@ class FusedModelStep:
         if weights == torch.bfloat16:  # copies of the four projections: half the bytes to stream per token
             layers = [{k: t.to(torch.bfloat16) if k in self.PROJECTIONS else t for k, t in layer.items()}
                       for layer in layers]  # fmt: skip
-        self.layers = layers  # keeps every tensor the C side points into alive
+        self.layers, self.io = layers, dict(io)  # keeps every tensor the C side points into alive
         d, dff = layers[0]["ln1_w"].numel(), layers[0]["ff1_w"].shape[0]
+        vocab, n_params = io["embed"].shape[0], io["head_w"].shape[0]
+        max_len = io["pos"].shape[0] if io["pos"] is not None else 2**31 - 1
         self.arrays = {name: (ctypes.c_void_p * len(layers))(*[layer[name].data_ptr() for layer in layers])
                        for name in self.WEIGHTS}  # fmt: skip
         self.model = _LtModel(len(layers), d, n_heads, dk, dv, dff, int(pre_norm), FUSED_FEATURE_MAPS[feature_map], 0,
                               2 if dot == torch.bfloat16 else int(weights == torch.bfloat16), ln_eps, attn_eps,
-                              *[self.arrays[name] for name in self.WEIGHTS])  # fmt: skip
+                              *[self.arrays[name] for name in self.WEIGHTS], vocab, max_len, n_params, norm_eps,
+                              *[_ptr(io[name]) for name in self.IO])  # fmt: skip
         self.weights, self.dot = weights, dot
-        self.d, self.width = d, n_heads * (2 * dk + dv) + n_heads * dv + dff + d
+        self.vocab, self.max_len, self.n_params = vocab, max_len, n_params
+        self.width = n_heads * (2 * dk + dv) + n_heads * dv + dff + 2 * d
         self._work: torch.Tensor | None = None
+        self._states: tuple[tuple[int, ...], ctypes.Array, ctypes.Array] | None = None
 
-    def __call__(self, x: torch.Tensor, S: list[torch.Tensor], z: list[torch.Tensor]) -> torch.Tensor:
-        """x [B, d] contiguous float32, the embedded token, is overwritten with the last block's output
-        and returned; S and z are updated in place."""
-        B = x.shape[0]
+    def __call__(self, tokens: torch.Tensor, position: int, S: list[torch.Tensor], z: list[torch.Tensor]):
+        """tokens [B] (int64) at `position` -> the head's parameters [B, n_params] for the next token;
+        S [B, H, Dk, Dv] and z [B, H, Dk] (contiguous float32, one per block) are updated in place."""
+        B = tokens.shape[0]
+        tokens = tokens.to(torch.int64).contiguous()
         if self._work is None or self._work.numel() < B * self.width:
             self._work = torch.empty(B * self.width, dtype=torch.float32)
-        S_ptrs = (ctypes.c_void_p * len(S))(*[s.data_ptr() for s in S])
-        z_ptrs = (ctypes.c_void_p * len(z))(*[t.data_ptr() for t in z])
-        if load().lt_model_step_f32(ctypes.byref(self.model), B, x.data_ptr(), S_ptrs, z_ptrs, self._work.data_ptr()):
+        key = tuple(t.data_ptr() for t in S) + tuple(t.data_ptr() for t in z)
+        if self._states is None or self._states[0] != key:  # the pointer arrays, rebuilt when the state moves
+            n = len(S)
+            self._states = key, (ctypes.c_void_p * n)(*key[:n]), (ctypes.c_void_p * n)(*key[n:])
+        params = torch.empty(B, self.n_params, dtype=torch.float32)
+        _, S_ptrs, z_ptrs = self._states
+        status = load().lt_model_token_f32(ctypes.byref(self.model), B, tokens.data_ptr(), position, S_ptrs, z_ptrs,
+                                           self._work.data_ptr(), params.data_ptr())  # fmt: skip
+        if status == 2:
+            raise ValueError(
+                f"fused model step: tokens must lie in [0, {self.vocab}) and the position in [0, {self.max_len}), "
+                f"got tokens in [{int(tokens.min())}, {int(tokens.max())}] at position {position}"
+            )
+        if status:
             raise MemoryError("fused model step: out of memory for its per-thread buffers")
-        return x
+        return params
+
+
+def mol_sample(params: torch.Tensor, race: torch.Tensor, u: torch.Tensor, levels: int) -> torch.Tensor:
+    """Levels [B] (int64) drawn from the discretised mixtures params [B, 3K] with the given random
+    numbers race [B, K] ~ Exp(1) and u [B] ~ U(0, 1): MixtureOfLogisticsHead.sample's arithmetic
+    in one C call (all float32 contiguous CPU tensors)."""
+    B, K = race.shape
+    out = torch.empty(B, dtype=torch.int64)
+    if load().lt_mol_sample_f32(B, K, levels, params.data_ptr(), race.data_ptr(), u.data_ptr(), out.data_ptr()):
+        raise ValueError("mixture-of-logistics sampling: the head's parameters are not finite (NaN or inf)")
+    return out
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -1,5 +1,6 @@
-/* One generation step of a whole causal linear transformer (all blocks) for a batch of tokens,
- * float32: the fused "RNN step" behind CausalTransformer.step on the CPU.
+/* One generation step of a whole causal linear transformer for a batch of tokens, float32: the
+ * fused "RNN step" behind CausalTransformer.step on the CPU, from the token ids to the parameters of
+ * the next token's distribution (embedding and positions, all blocks, final norm and head).
  *
  * Per block, for each of the B rows x (in place):
  *   pre-LN:  h = LN1(x); x += Out(attn(QKV(h))); x += FF2(GELU(FF1(LN2(x))))
@@ -49,6 +50,11 @@ typedef struct {
     const float *const *ln1_w, *const *ln1_b, *const *qkv_w, *const *qkv_b, *const *out_w, *const *out_b;
     const float *const *ln2_w, *const *ln2_b, *const *ff1_w, *const *ff1_b, *const *ff2_w, *const *ff2_b;
     /* (qkv_w, out_w, ff1_w and ff2_w point to uint16 bfloat16 values when bf16 is set) */
+    /* around the blocks (lt_model_token_f32): token embeddings [vocab, d]; positional encodings
+       [max_len, d] or NULL; the final LayerNorm (NULL: none, post-norm models); the head [n_params, d] */
+    int vocab, max_len, n_params;
+    float norm_eps;
+    const float *embed, *pos, *norm_w, *norm_b, *head_w, *head_b;
 } lt_model;
 
 static inline float phi(float v, int kind) { return kind == 0 ? (v > 0 ? v + 1.0f : expf(v)) : (v > 0 ? v : 0.0f); }
@@ -173,14 +179,25 @@ static void layer_norm(int B, int d, const float *x, const float *w, const float
     }
 }
 
-/* One token for B rows. x [B, d]: the embedded input in, the last block's output out.
+/* One token for B rows. tokens [B] in [0, vocab); position: theirs in the sequence (< max_len).
+ * x = embed[token] + pos[position]; x = blocks(x); params [B, n_params] = head(norm(x)).
  * S[l] [B, H, dk, dv] and z[l] [B, H, dk]: layer l's state, updated in place.
- * work: B * (H (2 dk + dv) + H dv + dff + d) floats shared, plus 2 B d per thread (malloc'd here).
+ * work: B * (H (2 dk + dv) + H dv + dff + 2 d) floats shared, plus 2 B d per thread (malloc'd here).
  * Every thread normalises x itself (identical results) instead of waiting for one that does, so a
- * pre-norm block costs four barriers: after attention, the output projection, and each FF layer. */
-int lt_model_step_f32(const lt_model *m, int B, float *x, float *const *S, float *const *z, float *work) {
+ * pre-norm block costs four barriers: after attention, the output projection, and each FF layer.
+ * Returns 0, 1 when out of memory, 2 for a token or position out of range (nothing is touched). */
+int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long position, float *const *S,
+                       float *const *z, float *work, float *params) {
     const int d = m->d, H = m->n_heads, dk = m->dk, dv = m->dv, dff = m->dff, width = 2 * dk + dv;
     float *qkv = work, *att = qkv + (long)B * H * width, *ff = att + (long)B * H * dv, *x2 = ff + (long)B * dff;
+    float *x = x2 + (long)B * d;
+    if (position < 0 || position >= m->max_len) return 2;
+    for (int b = 0; b < B; b++)
+        if (tokens[b] < 0 || tokens[b] >= m->vocab) return 2;
+    for (int b = 0; b < B; b++) {
+        const float *e = m->embed + tokens[b] * d, *p = m->pos ? m->pos + position * d : NULL;
+        for (int i = 0; i < d; i++) x[(long)b * d + i] = p ? e[i] + p[i] : e[i];
+    }
     int failed = 0;
 #pragma omp parallel
     {
@@ -253,8 +270,53 @@ int lt_model_step_f32(const lt_model *m, int B, float *x, float *const *S, float
                         layer_norm(1, d, x2 + (long)r * d, m->ln2_w[l], m->ln2_b[l], m->ln_eps, x + (long)r * d);
                 }
             }
+            /* the head: x is complete (the last barrier above, or the implicit one of omp for) */
+            const float *h = x;
+            if (m->norm_w) {
+                layer_norm(B, d, x, m->norm_w, m->norm_b, m->norm_eps, xp);
+                h = xp;
+            }
+            int lo, hi;
+            share(m->n_params, 4, &lo, &hi);
+            gemv_f32(B, d, m->n_params, lo, hi, m->head_w, m->head_b, h, params, NULL, -1);
         }
         free(xp);
     }
     return failed ? 1 : 0;
+}
+
+/* Draw one level per row from a discretised mixture of logistics (heads.MixtureOfLogisticsHead.sample
+ * at temperature 1), with the random numbers drawn by the caller so the stream is PyTorch's:
+ * params [B, 3K] (K logits, K means, K log-scales), race [B, K] ~ Exp(1), u [B] ~ U(0, 1).
+ * Component k = argmax(log_softmax(logits) - log(race)); x = mu_k + s_k (log u - log(1 - u));
+ * level = round-half-even((x + 1) (L - 1) / 2) clamped to [0, L - 1].
+ * Returns the number of rows whose parameters were not finite (their level is left at 0). */
+int lt_mol_sample_f32(int B, int K, int L, const float *params, const float *race, const float *u, int64_t *out) {
+    int bad = 0;
+    for (int b = 0; b < B; b++) {
+        const float *p = params + (long)b * 3 * K, *r = race + (long)b * K;
+        int finite = 1;
+        for (int j = 0; j < 3 * K; j++) finite &= isfinite(p[j]) != 0;
+        if (!finite) {
+            bad++;
+            out[b] = 0;
+            continue;
+        }
+        float top = p[0];
+        for (int j = 1; j < K; j++) top = p[j] > top ? p[j] : top;
+        float sum = 0;
+        for (int j = 0; j < K; j++) sum += expf(p[j] - top);
+        const float log_sum = logf(sum);
+        int k = 0;
+        float best = -INFINITY;
+        for (int j = 0; j < K; j++) {
+            const float score = (p[j] - top - log_sum) - logf(r[j]);
+            if (score > best) best = score, k = j;
+        }
+        const float log_s = p[2 * K + k] < -7.0f ? -7.0f : p[2 * K + k];
+        const float x = p[K + k] + expf(log_s) * (logf(u[b]) - log1pf(-u[b]));
+        const float level = nearbyintf((x + 1.0f) * ((float)(L - 1) / 2.0f));
+        out[b] = level < 0 ? 0 : level > L - 1 ? L - 1 : (int64_t)level;
+    }
+    return bad;
 }
