@@ -150,7 +150,7 @@ def test_bad_inputs_are_named():
 
 @pytest.mark.parametrize("norm", ["pre", "post"])
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 6, 7])  # the C step works in tiles of 4 rows: full, 2 and 3 left over
 @pytest.mark.parametrize(("positional", "head"), [("sinusoidal", "mol"), ("learned", "categorical"), ("none", "mol")])
 def test_fused_cpu_step_equals_the_pytorch_step(norm, feature_map, batch, positional, head):
     """The C step (embedding, positions, blocks, final norm, head) against the PyTorch step."""
@@ -222,7 +222,7 @@ def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm):
             for lin in (block.attn.qkv, block.attn.out, block.ff[0], block.ff[2]):
                 lin.weight.copy_(lin.weight.bfloat16().float())
                 lin.register_forward_pre_hook(lambda _, args: (args[0].bfloat16().float(),))
-    tokens = torch.randint(0, 16, (3, 30))
+    tokens = torch.randint(0, 16, (7, 30))
     outs = []
     with torch.no_grad():
         start_params, start_state = model.prefill(tokens[:, :4])  # in parallel, float32: the same for both
@@ -257,6 +257,25 @@ def test_bfloat16_dots_are_refused_where_they_cannot_run():
         with pytest.raises(ValueError, match="divisible by 32"):
             cpu.FusedModelStep(narrow._block_weights(), narrow._io_weights(), **{**kw, "dk": 6, "dv": 6},
                                weights=torch.bfloat16, dot=torch.bfloat16)  # fmt: skip
+
+
+@pytest.mark.parametrize("dot", ["float32", "bfloat16"])
+def test_fused_step_rows_do_not_depend_on_the_batch(dot):
+    """The C step tiles rows of the batch; a row's result is bit for bit the same alone or in a batch."""
+    from linear_transformers.ops import cpu
+
+    if not cpu.available() or (dot == "bfloat16" and not cpu.has_bf16_dot()):
+        pytest.skip("needs the CPU kernel (and AVX512-BF16 for bfloat16 dots)")
+    model = _model(n_classes=0)
+    model.fused_weights = model.fused_dot = getattr(torch, dot)
+    tokens = torch.randint(0, 16, (7, 12))
+    with torch.no_grad():
+        _, state = model.prefill(tokens[:, :2])
+        outs = []
+        for rows, st in ((tokens, state.clone()), (tokens[5:6], state.index_select(torch.tensor([5])))):
+            seq = [model.step(rows[:, t], st)[0] for t in range(2, 12)]
+            outs.append(torch.stack(seq, 1))
+    assert torch.equal(outs[0][5:6], outs[1])
 
 
 def test_fused_step_refuses_bad_tokens_and_positions_without_touching_the_state():

@@ -86,29 +86,49 @@ static inline float wscalar_bf16(const void *W, long i) {
 }
 
 /* y[b, j] = (base ? base[b, j] : 0) + bias[j] + W[j, :] . x[b, :] for rows j in [j0, j1), then GELU if
- * gelu_kind >= 0. Four rows of W at a time share each load of x; W streams through once whatever B is. */
+ * gelu_kind >= 0. A tile is 4 rows of W by NB <= 4 rows of x: each weight vector loaded serves NB
+ * rows and each x vector 4 weight rows, so W streams from cache B / 4 times, not B times. Every
+ * output sums its products in the same order whatever the tile, so results do not depend on B.
+ * The tile body is inlined for each NB (1..4), so its accumulators stay in registers. */
 #define DEFINE_GEMV(NAME, WLOAD, WSCALAR)                                                                          \
+    static inline __attribute__((always_inline)) void NAME##_tile(                                                 \
+        const int NB, int b0, int n_in, int n_out, int j, int nr, const void *W, const float *bias, const float *x, \
+        float *y, const float *base, int gelu_kind) {                                                              \
+        long w[4];                                                                                                 \
+        for (int r = 0; r < 4; r++) w[r] = (long)(j + (r < nr ? r : 0)) * n_in;                                    \
+        vf acc[4][4];                                                                                              \
+        for (int c = 0; c < NB; c++)                                                                               \
+            for (int r = 0; r < 4; r++) acc[c][r] = (vf){0};                                                       \
+        int i = 0;                                                                                                 \
+        for (; i + VLF <= n_in; i += VLF) {                                                                        \
+            vf wv[4];                                                                                              \
+            for (int r = 0; r < 4; r++) wv[r] = WLOAD(W, w[r] + i);                                                \
+            for (int c = 0; c < NB; c++) {                                                                         \
+                const vf xv = vload(x + (long)(b0 + c) * n_in + i);                                                \
+                for (int r = 0; r < 4; r++) acc[c][r] += wv[r] * xv;                                               \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int c = 0; c < NB; c++) {                                                                             \
+            const float *xb = x + (long)(b0 + c) * n_in;                                                           \
+            for (int r = 0; r < nr; r++) {                                                                         \
+                float s = hsum(acc[c][r]) + bias[j + r];                                                           \
+                for (int t = i; t < n_in; t++) s += WSCALAR(W, w[r] + t) * xb[t];                                  \
+                const long o = (long)(b0 + c) * n_out + j + r;                                                     \
+                if (base) s += base[o];                                                                            \
+                y[o] = gelu_kind >= 0 ? gelu(s, gelu_kind) : s;                                                    \
+            }                                                                                                      \
+        }                                                                                                          \
+    }                                                                                                              \
     static void NAME(int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias, const float *x, \
                      float *y, const float *base, int gelu_kind) {                                                 \
         for (int j = j0; j < j1; j += 4) {                                                                         \
             const int nr = j1 - j < 4 ? j1 - j : 4;                                                                \
-            long w[4];                                                                                             \
-            for (int r = 0; r < 4; r++) w[r] = (long)(j + (r < nr ? r : 0)) * n_in;                                \
-            for (int b = 0; b < B; b++) {                                                                          \
-                const float *xb = x + (long)b * n_in;                                                              \
-                vf acc[4] = {{0}, {0}, {0}, {0}};                                                                  \
-                int i = 0;                                                                                         \
-                for (; i + VLF <= n_in; i += VLF) {                                                                \
-                    const vf xv = vload(xb + i);                                                                   \
-                    for (int r = 0; r < 4; r++) acc[r] += WLOAD(W, w[r] + i) * xv;                                 \
-                }                                                                                                  \
-                for (int r = 0; r < nr; r++) {                                                                     \
-                    float s = hsum(acc[r]) + bias[j + r];                                                          \
-                    for (int t = i; t < n_in; t++) s += WSCALAR(W, w[r] + t) * xb[t];                              \
-                    const long o = (long)b * n_out + j + r;                                                        \
-                    if (base) s += base[o];                                                                        \
-                    y[o] = gelu_kind >= 0 ? gelu(s, gelu_kind) : s;                                                \
-                }                                                                                                  \
+            int b0 = 0;                                                                                            \
+            for (; b0 + 4 <= B; b0 += 4) NAME##_tile(4, b0, n_in, n_out, j, nr, W, bias, x, y, base, gelu_kind);   \
+            switch (B - b0) {                                                                                      \
+                case 3: NAME##_tile(3, b0, n_in, n_out, j, nr, W, bias, x, y, base, gelu_kind); break;             \
+                case 2: NAME##_tile(2, b0, n_in, n_out, j, nr, W, bias, x, y, base, gelu_kind); break;             \
+                case 1: NAME##_tile(1, b0, n_in, n_out, j, nr, W, bias, x, y, base, gelu_kind); break;             \
             }                                                                                                      \
         }                                                                                                          \
     }
@@ -121,30 +141,52 @@ DEFINE_GEMV(gemv_bf16, wload_bf16, wscalar_bf16)
 int lt_has_bf16_dot(void) { return 1; }
 
 /* The same GEMV with x rounded to bfloat16 (round to nearest even) and W . x as sums of bfloat16
- * pair products in float32 (vdpbf16ps): no widening of W, 32 weights per instruction. n_in must be
- * a multiple of 32 (checked by the caller, FusedModelStep). */
-static void gemv_bf16dot(int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
-                         const float *x, float *y, const float *base, int gelu_kind) {
-    const uint16_t *Wh = W;
-    __m512bh xh[n_in / 32];
-    for (int b = 0; b < B; b++) {
-        const float *xb = x + (long)b * n_in;
-        for (int i = 0; i < n_in; i += 32)
-            xh[i / 32] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb + i + 16), _mm512_loadu_ps(xb + i));
-        for (int j = j0; j < j1; j += 4) {
-            const int nr = j1 - j < 4 ? j1 - j : 4;
-            const uint16_t *w[4];
-            for (int r = 0; r < 4; r++) w[r] = Wh + (long)(j + (r < nr ? r : 0)) * n_in;
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (int i = 0; i < n_in; i += 32)
-                for (int r = 0; r < 4; r++)
-                    acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w[r] + i), xh[i / 32]);
+ * pair products in float32 (vdpbf16ps): no widening of W, 32 weights per instruction; tiles of 4
+ * rows of W by NB <= 4 rows of x as above. n_in must be a multiple of 32 (checked by the caller,
+ * FusedModelStep). */
+static inline __attribute__((always_inline)) void bf16dot_tile(const int NB, int n_in, int n_out, int b0, int j0,
+                                                               int j1, const uint16_t *Wh, const float *bias,
+                                                               const __m512bh *xh, float *y, const float *base,
+                                                               int gelu_kind) {
+    const int n32 = n_in / 32;
+    for (int j = j0; j < j1; j += 4) {
+        const int nr = j1 - j < 4 ? j1 - j : 4;
+        const uint16_t *w[4];
+        for (int r = 0; r < 4; r++) w[r] = Wh + (long)(j + (r < nr ? r : 0)) * n_in;
+        __m512 acc[4][4];
+        for (int c = 0; c < NB; c++)
+            for (int r = 0; r < 4; r++) acc[c][r] = _mm512_setzero_ps();
+        for (int i = 0; i < n32; i++) {
+            __m512bh wv[4];
+            for (int r = 0; r < 4; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w[r] + 32 * i);
+            for (int c = 0; c < NB; c++)
+                for (int r = 0; r < 4; r++) acc[c][r] = _mm512_dpbf16_ps(acc[c][r], wv[r], xh[c * n32 + i]);
+        }
+        for (int c = 0; c < NB; c++)
             for (int r = 0; r < nr; r++) {
-                float s = _mm512_reduce_add_ps(acc[r]) + bias[j + r];
-                const long o = (long)b * n_out + j + r;
+                float s = _mm512_reduce_add_ps(acc[c][r]) + bias[j + r];
+                const long o = (long)(b0 + c) * n_out + j + r;
                 if (base) s += base[o];
                 y[o] = gelu_kind >= 0 ? gelu(s, gelu_kind) : s;
             }
+    }
+}
+
+static void gemv_bf16dot(int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
+                         const float *x, float *y, const float *base, int gelu_kind) {
+    __m512bh xh[4 * (n_in / 32)];
+    for (int b0 = 0; b0 < B; b0 += 4) {
+        const int nb = B - b0 < 4 ? B - b0 : 4;
+        for (int c = 0; c < nb; c++) {
+            const float *xb = x + (long)(b0 + c) * n_in;
+            for (int i = 0; i < n_in; i += 32)
+                xh[c * (n_in / 32) + i / 32] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb + i + 16), _mm512_loadu_ps(xb + i));
+        }
+        switch (nb) {
+            case 4: bf16dot_tile(4, n_in, n_out, b0, j0, j1, W, bias, xh, y, base, gelu_kind); break;
+            case 3: bf16dot_tile(3, n_in, n_out, b0, j0, j1, W, bias, xh, y, base, gelu_kind); break;
+            case 2: bf16dot_tile(2, n_in, n_out, b0, j0, j1, W, bias, xh, y, base, gelu_kind); break;
+            default: bf16dot_tile(1, n_in, n_out, b0, j0, j1, W, bias, xh, y, base, gelu_kind); break;
         }
     }
 }
@@ -217,9 +259,8 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
                 }
                 share(H, 1, &lo, &hi);
                 for (int h = lo; h < hi; h++) {
-                    for (int b = 0; b < B; b++)
-                        gemv(m->bf16, 1, d, H * width, h * width, (h + 1) * width, m->qkv_w[l], m->qkv_b[l], in + (long)b * d,
-                             qkv + (long)b * H * width, NULL, -1);
+                    gemv(m->bf16, B, d, H * width, h * width, (h + 1) * width, m->qkv_w[l], m->qkv_b[l], in, qkv, NULL,
+                         -1);
                     for (int b = 0; b < B; b++) {
                         const long bh = (long)b * H + h;
                         float *q = qkv + bh * width, *k = q + dk, *v = k + dk;
