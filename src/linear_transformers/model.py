@@ -175,6 +175,7 @@ class CausalTransformer(nn.Module):
         # weights, on a CPU with AVX512-BF16) also rounds the projections' inputs to bfloat16 and
         # multiplies bfloat16 pairs (vdpbf16ps), accumulating in float32.
         self.fused_step = True
+        self.fused_max_batch = FUSED_MAX_BATCH  # larger batches take the PyTorch path (bench generate measures it)
         self.fused_weights = torch.float32
         self.fused_dot = torch.float32
         self._fused: cpu.FusedModelStep | None = None
@@ -313,7 +314,7 @@ class CausalTransformer(nn.Module):
     def _fused_step(self, token: torch.Tensor, state: ModelState) -> cpu.FusedModelStep | None:
         """The fused C step (ops/cpu/model_step.c) where it computes what the model would (linear
         attention with an elementwise feature map, float32 on the CPU, no autograd, no dropout) and
-        is the faster way (batch <= FUSED_MAX_BATCH)."""
+        is the faster way (batch <= fused_max_batch)."""
         cfg = self.cfg
         if not (
             self.fused_step
@@ -321,7 +322,7 @@ class CausalTransformer(nn.Module):
             and cfg.feature_map in cpu.FUSED_FEATURE_MAPS
             and not self.training
             and not torch.is_grad_enabled()
-            and token.shape[0] <= FUSED_MAX_BATCH
+            and token.shape[0] <= self.fused_max_batch
             and token.device.type == "cpu"
             and all(isinstance(s, LinearState) and s.S.is_contiguous() and s.z.is_contiguous() for s in state.layers)
             and all(s.S.dtype == torch.float32 for s in state.layers)

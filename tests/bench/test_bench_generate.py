@@ -18,6 +18,8 @@ def test_quick_generate_benchmark(tmp_path, capsys):
     whole = {r["generator"]: r for r in rows if r["whole_image_median_s"]}
     assert {"linear-rnn", "linear-rnn-bf16"} <= set(whole)  # generate(n=1) timed per RNN mode, 2 images each
     assert all(len(r["whole_image_s"].split()) == 2 and float(r["whole_image_median_s"]) > 0 for r in whole.values())
+    steps = [r for r in rows if r["step_ms_fused"]]
+    assert [int(r["batch"]) for r in steps] == [1, 4, 8] and "RNN step, fused C: ms" in table
     assert (tmp_path / "generate.png").stat().st_size > 10_000
     paper = (tmp_path / "paper.md").read_text()
     assert "mnist (Table 1 of the paper)" in paper and "| lsh-4 | 0.270 | 0.6x |" in paper

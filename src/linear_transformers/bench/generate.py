@@ -128,6 +128,27 @@ def whole_images(models: dict[str, CausalTransformer], repeats: int) -> dict[str
     return times
 
 
+def step_crossover(cfg: ModelConfig, batches: list[int], repeats: int) -> list[dict]:
+    """Milliseconds per RNN step of the fused C step and of the PyTorch step at each batch size
+    (best of `repeats`, the two taking turns): where the model should switch (fused_max_batch)."""
+    model = CausalTransformer(cfg).eval()
+    model.fused_max_batch = max(batches)
+    rows = []
+    with torch.no_grad():
+        for batch in batches:
+            _, state = _state_at(model, batch, 8)
+            token = torch.randint(0, cfg.vocab_size, (batch,))
+            best = {True: float("inf"), False: float("inf")}
+            for _ in range(repeats):
+                for fused in (True, False):
+                    model.fused_step = fused
+                    t0 = time.perf_counter()
+                    model.step(token, state)
+                    best[fused] = min(best[fused], time.perf_counter() - t0)
+            rows.append({"batch": batch, "step_ms_fused": best[True] * 1e3, "step_ms_pytorch": best[False] * 1e3})
+    return rows
+
+
 def verify(model_linear: CausalTransformer, model_softmax: CausalTransformer) -> list[str]:
     lines = []
     for name, m in (("linear RNN", model_linear), ("softmax KV cache", model_softmax)):
@@ -225,6 +246,10 @@ def main(args: argparse.Namespace) -> int:
                 lsh = CausalTransformer(replace(cfg, attention="causal-lsh", lsh_hashes=hashes, lsh_chunk=LSH_CHUNK))
                 print("  verified: " + verify_lsh(lsh.eval()))
                 generators.append((f"lsh-{hashes}", lsh, "recompute"))
+        for r in step_crossover(cfg, [1, 4, 8] if args.quick else [1, 4, 16, 32, 64, 128], 3 if args.quick else 10):
+            rows.append({"config": name, "generator": "linear-rnn step", **r})
+            print(f"  one RNN step at batch {r['batch']:3d}: fused C {r['step_ms_fused']:8.3f} ms, "
+                  f"PyTorch {r['step_ms_pytorch']:8.3f} ms")  # fmt: skip
         rnn = {label: model for label, model, mode in generators if mode == "rnn"}
         for label, times in whole_images(rnn, args.images).items():
             median = float(np.median(times))
@@ -289,6 +314,12 @@ def summary(rows: list[dict], batch: int) -> str:
         ["config", "generator", "whole images at batch 1: median s", "range s"],
         [[r["config"], r["generator"], fmt(r["whole_image_median_s"], 3),
           "-".join(fmt(f(map(float, r["whole_image_s"].split())), 3) for f in (min, max))] for r in whole],
+    )  # fmt: skip
+    steps = [r for r in rows if "step_ms_fused" in r]
+    table += "\n" + markdown_table(
+        ["config", "batch", "RNN step, fused C: ms", "RNN step, PyTorch: ms", "PyTorch / fused"],
+        [[r["config"], str(r["batch"]), fmt(r["step_ms_fused"], 3), fmt(r["step_ms_pytorch"], 3),
+          fmt(r["step_ms_pytorch"] / r["step_ms_fused"], 2) + "x"] for r in steps],
     )  # fmt: skip
     train = [r for r in rows if "tokens_per_s" in r]
     train_rows = [[r["config"], r["generator"], fmt(r["tokens_per_s"], 0)] for r in train]
