@@ -26,6 +26,7 @@ def test_quick_mnist_experiment(tmp_path, capsys):
     assert "| linear | 3 |" in table and "paper bits/dim" in table
     for m in ("softmax", "lsh-1", "lsh-4", "linear"):
         assert (tmp_path / f"samples_{m}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "samples.png").stat().st_size > 5_000  # the four grids side by side
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().out.count("finished earlier with these settings") == 4

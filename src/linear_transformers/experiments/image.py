@@ -13,7 +13,7 @@ batch 16); --paper sets the paper's model and optimiser (8 layers, 8 heads, d_mo
 RAdam 1e-4, batch 10) and no time limit, for a GPU. `--dataset cifar10 --data-path DIR` reads the
 CIFAR-10 binary batches. A method that finished with the same settings is not trained again
 (--fresh retrains); one that was stopped resumes from its last checkpoint. Writes image.csv,
-table.md, samples_<method>.png and the runs under --out.
+table.md, samples_<method>.png, samples.png (all methods side by side) and the runs under --out.
 """
 
 from __future__ import annotations
@@ -171,6 +171,24 @@ def summary(rows: list[dict]) -> str:
     )
 
 
+def plot_samples(out: Path, methods: list[str]) -> Path:
+    """The methods' sample grids (samples_<method>.png) side by side in one figure, samples.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.7 * len(methods), 2.9), squeeze=False)
+    for ax, method in zip(axes[0], methods, strict=True):
+        ax.imshow(plt.imread(out / f"samples_{method}.png"), cmap="gray", interpolation="nearest")
+        ax.set_title(method)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "samples.png", dpi=100)
+    plt.close(fig)
+    return out / "samples.png"
+
+
 def main(args: argparse.Namespace) -> int:
     s = settings_from(args)
     out = args.out or Path(f"results/image-{s.dataset}")
@@ -192,5 +210,7 @@ def main(args: argparse.Namespace) -> int:
     )
     print()
     print(table)
-    print(f"wrote {out / 'image.csv'}, {out / 'table.md'}, " + ", ".join(f"samples_{m}.png" for m in s.methods))
+    figure = plot_samples(out, s.methods)
+    grids = ", ".join(f"samples_{m}.png" for m in s.methods)
+    print(f"wrote {out / 'image.csv'}, {out / 'table.md'}, {figure} and {grids}")
     return 0
