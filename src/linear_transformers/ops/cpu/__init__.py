@@ -28,6 +28,10 @@ from ..validation import accumulation_dtype
 
 _SOURCE_DIR = Path(__file__).parent
 _SOURCES = ("causal_linear.c", "causal_linear_impl.h", "model_step.c")
+# Read once, at import: the library is built (on first use, maybe hours later) from the source this
+# module was imported with, so it always matches the ctypes signatures below even if the files on
+# disk change meanwhile (an editable install being edited while a long run goes on).
+_SOURCE_TEXT = {name: (_SOURCE_DIR / name).read_bytes() for name in _SOURCES}
 # -fopenmp: model_step.c shares work with OpenMP; loaded after torch, the library binds to torch's own
 # libgomp.so.1 (same soname), so both use one thread pool.
 _BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-fopenmp", "-std=gnu11"]
@@ -58,7 +62,9 @@ def _compile(cc: str, out: Path) -> None:
     for arch in _ARCH_FLAGS:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_out = Path(tmp) / out.name
-            sources = [str(_SOURCE_DIR / name) for name in _SOURCES if name.endswith(".c")]
+            for name, text in _SOURCE_TEXT.items():
+                (Path(tmp) / name).write_bytes(text)
+            sources = [str(Path(tmp) / name) for name in _SOURCES if name.endswith(".c")]
             cmd = [cc, *_BASE_FLAGS, *arch, *sources, "-lm", "-o", str(tmp_out)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
@@ -73,7 +79,7 @@ def _build() -> ctypes.CDLL:
     if not cc:
         raise RuntimeError("no C compiler found (install gcc or set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.partition("\n")[0]
-    source = b"".join((_SOURCE_DIR / name).read_bytes() for name in _SOURCES)
+    source = b"".join(_SOURCE_TEXT.values())
     key = repr((cc, version, _BASE_FLAGS, _ARCH_FLAGS, platform.machine(), _cpu_signature())).encode()
     digest = hashlib.sha256(source + key).hexdigest()[:16]
     out = cache_dir() / f"causal_linear-{digest}.so"
