@@ -178,13 +178,13 @@ def plot_samples(out: Path, methods: list[str]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(methods), figsize=(2.7 * len(methods), 2.9), squeeze=False)
+    fig, axes = plt.subplots(1, len(methods), figsize=(2.7 * len(methods), 3.1), squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
         ax.imshow(plt.imread(out / f"samples_{method}.png"), cmap="gray", interpolation="nearest")
         ax.set_title(method)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out / "samples.png", dpi=100)
+    fig.savefig(out / "samples.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return out / "samples.png"
 
