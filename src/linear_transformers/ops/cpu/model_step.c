@@ -37,6 +37,30 @@ static inline float hsum(vf v) {
     return t[0];
 }
 
+/* hsum of four vectors at once (out[r] = hsum(v[r]), the same pairs added in the same order), with
+ * whole-vector shuffles instead of four scalar reductions. */
+static inline void hsum4(const vf *v, float *out) {
+#if defined(__clang__) || __GNUC__ >= 12
+#define SH __builtin_shufflevector
+    const vf u = SH(v[0], v[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                 SH(v[0], v[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const vf w = SH(v[2], v[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                 SH(v[2], v[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    const vf x = SH(u, w, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                 SH(u, w, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    const vf y = SH(x, x, 0, 1, 4, 5, 8, 9, 12, 13, 0, 1, 4, 5, 8, 9, 12, 13) +
+                 SH(x, x, 2, 3, 6, 7, 10, 11, 14, 15, 2, 3, 6, 7, 10, 11, 14, 15);
+    const vf z = SH(y, y, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6) +
+                 SH(y, y, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7, 1, 3, 5, 7);
+#undef SH
+    float t[VLF];
+    memcpy(t, &z, sizeof z);
+    for (int r = 0; r < 4; r++) out[r] = t[r];
+#else
+    for (int r = 0; r < 4; r++) out[r] = hsum(v[r]);
+#endif
+}
+
 typedef struct {
     int n_layers, d, n_heads, dk, dv, dff;
     int pre_norm;     /* 1: LN before each sublayer; 0: after the residual add */
@@ -110,8 +134,10 @@ static inline float wscalar_bf16(const void *W, long i) {
         }                                                                                                          \
         for (int c = 0; c < NB; c++) {                                                                             \
             const float *xb = x + (long)(b0 + c) * n_in;                                                           \
+            float sums[4];                                                                                         \
+            hsum4(acc[c], sums);                                                                                   \
             for (int r = 0; r < nr; r++) {                                                                         \
-                float s = hsum(acc[c][r]) + bias[j + r];                                                           \
+                float s = sums[r] + bias[j + r];                                                                   \
                 for (int t = i; t < n_in; t++) s += WSCALAR(W, w[r] + t) * xb[t];                                  \
                 const long o = (long)(b0 + c) * n_out + j + r;                                                     \
                 if (base) s += base[o];                                                                            \
