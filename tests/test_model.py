@@ -278,6 +278,25 @@ def test_fused_step_rows_do_not_depend_on_the_batch(dot):
     assert torch.equal(outs[0][5:6], outs[1])
 
 
+@pytest.mark.parametrize("d_ff", [36, 100])
+def test_fused_step_with_feed_forward_widths_that_leave_a_remainder(d_ff):
+    """The C step applies GELU 16 outputs at a time; widths whose share is not a multiple of 16 go
+    through the remainder path, and the feed-forward layers' own tails with them."""
+    from linear_transformers.ops import cpu
+
+    if not cpu.available():
+        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    cfg = ModelConfig(vocab_size=16, max_len=48, d_model=40, n_layers=2, n_heads=4, d_ff=d_ff, head="mol")
+    model = CausalTransformer(cfg).eval()
+    tokens = torch.randint(0, 16, (3, 20))
+    with torch.no_grad():
+        parallel = model(tokens)
+        _, state = model.prefill(tokens[:, :0])
+        outs = [model.step(tokens[:, t], state)[0] for t in range(19)]
+    assert model._fused is not None
+    torch.testing.assert_close(torch.stack(outs, 1), parallel[:, 1:], atol=1e-5, rtol=1e-5)
+
+
 def test_fused_step_refuses_bad_tokens_and_positions_without_touching_the_state():
     from linear_transformers.ops import cpu
 

@@ -23,10 +23,11 @@ from .heads import HEADS, sample  # noqa: F401 (sample is part of the model API)
 from .ops import KVCache, LinearState, cpu
 
 POSITIONAL = ("sinusoidal", "learned", "none")
-# Up to this batch the fused CPU step wins (it removes per-operation overhead); above it PyTorch's
-# matrix products are faster (measured on the paper's MNIST model, 2 cores: 1.05 vs 3.00 ms per
-# step at batch 1, 5.5 vs 5.7 at 16, 12.3 vs 7.3 at 32).
-FUSED_MAX_BATCH = 16
+# Up to this batch the fused CPU step wins (it removes per-operation overhead and streams each weight
+# once per 4 rows); above it PyTorch's matrix products are faster. Measured by `bench generate` on the
+# paper's MNIST model, 2 cores, ms per step fused vs PyTorch: batch 1 0.70 vs 3.03, 32 5.0 vs 7.6,
+# 64 9.2 vs 10.1 (BENCHMARKS.md).
+FUSED_MAX_BATCH = 64
 NORMS = ("pre", "post")
 
 
