@@ -25,8 +25,8 @@ from .ops import KVCache, LinearState, cpu
 POSITIONAL = ("sinusoidal", "learned", "none")
 # Up to this batch the fused CPU step wins (it removes per-operation overhead and streams each weight
 # once per 4 rows); above it PyTorch's matrix products are faster. Measured by `bench generate` on the
-# paper's MNIST model, 2 cores, ms per step fused vs PyTorch: batch 1 0.70 vs 3.03, 32 5.0 vs 7.6,
-# 64 9.2 vs 10.1 (BENCHMARKS.md).
+# paper's MNIST model, 2 cores, 2026-11-27, ms per step fused vs PyTorch: batch 1 0.61 vs 2.78, 32
+# 4.26 vs 6.73, 64 8.54 vs 9.71, 128 17.0 vs 16.8 (BENCHMARKS.md).
 FUSED_MAX_BATCH = 64
 NORMS = ("pre", "post")
 
