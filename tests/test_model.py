@@ -22,8 +22,8 @@ KINDS = [
 IDS = ["linear-cat-pre-sin", "linear-mol-post-learned", "linear-favor-nopos", "softmax-cat-pre", "softmax-mol-post"]
 
 
-def _model(n_classes=3, vocab=16, max_len=48, **kw) -> CausalTransformer:
-    cfg = ModelConfig(vocab_size=vocab, n_classes=n_classes, max_len=max_len, d_model=32, n_layers=2, n_heads=4,
+def _model(n_classes=3, vocab=16, max_len=48, n_heads=4, **kw) -> CausalTransformer:
+    cfg = ModelConfig(vocab_size=vocab, n_classes=n_classes, max_len=max_len, d_model=32, n_layers=2, n_heads=n_heads,
                       d_ff=64, chunk_size=16, **kw)  # fmt: skip
     return CausalTransformer(cfg).eval()
 
@@ -202,11 +202,13 @@ def test_fused_step_with_bfloat16_weights_stays_close():
     assert 0 < err < 2e-2  # bfloat16 projections: close, not equal
 
 
+@pytest.mark.parametrize("batch", [7, 37])  # 37: the batched layout (rows as vector lanes)
 @pytest.mark.parametrize("norm", ["pre", "post"])
-def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm):
+def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm, batch):
     """dot=bfloat16 computes exactly this: projection weights and their inputs rounded to bfloat16,
     products and sums in float32. Emulated in PyTorch (rounded weights, inputs rounded by a hook),
-    the eager step agrees with the fused one to float32 summation-order error."""
+    the eager step agrees with the fused one to float32 summation-order error (but for the rare
+    rounding that such an error flips)."""
     import copy
 
     from linear_transformers.ops import cpu
@@ -222,7 +224,7 @@ def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm):
             for lin in (block.attn.qkv, block.attn.out, block.ff[0], block.ff[2]):
                 lin.weight.copy_(lin.weight.bfloat16().float())
                 lin.register_forward_pre_hook(lambda _, args: (args[0].bfloat16().float(),))
-    tokens = torch.randint(0, 16, (7, 30))
+    tokens = torch.randint(0, 16, (batch, 30))
     outs = []
     with torch.no_grad():
         start_params, start_state = model.prefill(tokens[:, :4])  # in parallel, float32: the same for both
@@ -234,7 +236,11 @@ def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm):
                 seq.append(params)
             outs.append(torch.stack(seq, 1))
     assert model._fused.dot == torch.bfloat16
-    torch.testing.assert_close(outs[0], outs[1], atol=2e-4, rtol=2e-4)
+    # A float32 difference of an ulp (vectorised sums, exp) in a value about to be rounded to bfloat16
+    # can flip its rounding, which moves what follows by ~1e-3: rare, so nearly every output agrees.
+    diff = (outs[0] - outs[1]).abs()
+    assert (diff <= 2e-4 + 2e-4 * outs[1].abs()).float().mean() > 0.99, diff.max()
+    assert diff.max() < 5e-3
     assert (outs[0] - model(tokens)[:, 4:]).abs().max() > 1e-4  # and it is not the float32 model
 
 
@@ -260,22 +266,57 @@ def test_bfloat16_dots_are_refused_where_they_cannot_run():
 
 
 @pytest.mark.parametrize("dot", ["float32", "bfloat16"])
-def test_fused_step_rows_do_not_depend_on_the_batch(dot):
-    """The C step tiles rows of the batch; a row's result is bit for bit the same alone or in a batch."""
+@pytest.mark.parametrize(("batch", "rows"), [(7, [5]), (45, list(range(3, 26)))])
+def test_fused_step_rows_do_not_depend_on_the_batch(dot, batch, rows):
+    """The C step tiles rows of the batch; a row's result is bit for bit the same alone or in a batch
+    of any size in the same layout (below 20 rows: rows as tiles; from 20: rows as vector lanes)."""
     from linear_transformers.ops import cpu
 
     if not cpu.available() or (dot == "bfloat16" and not cpu.has_bf16_dot()):
         pytest.skip("needs the CPU kernel (and AVX512-BF16 for bfloat16 dots)")
     model = _model(n_classes=0)
     model.fused_weights = model.fused_dot = getattr(torch, dot)
-    tokens = torch.randint(0, 16, (7, 12))
+    tokens = torch.randint(0, 16, (batch, 12))
     with torch.no_grad():
         _, state = model.prefill(tokens[:, :2])
         outs = []
-        for rows, st in ((tokens, state.clone()), (tokens[5:6], state.index_select(torch.tensor([5])))):
-            seq = [model.step(rows[:, t], st)[0] for t in range(2, 12)]
+        for part, st in ((tokens, state.clone()), (tokens[rows], state.index_select(torch.tensor(rows)))):
+            seq = [model.step(part[:, t], st)[0] for t in range(2, 12)]
             outs.append(torch.stack(seq, 1))
-    assert torch.equal(outs[0][5:6], outs[1])
+    assert torch.equal(outs[0][rows], outs[1])
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+@pytest.mark.parametrize("n_heads", [2, 4])  # heads of 16 (attention 16 lanes at a time) and of 8
+@pytest.mark.parametrize("batch", [19, 20, 37, 70])  # 19: rows as tiles; then 2, 3 and 4 + 1 vectors of rows
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_fused_step_in_the_batched_layout_equals_the_pytorch_step(norm, n_heads, batch, weights):
+    from linear_transformers.ops import cpu
+
+    if not cpu.available():
+        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    model = _model(n_classes=0, norm=norm, n_heads=n_heads)
+    model.fused_max_batch = 128
+    if weights == "bfloat16":  # the eager reference gets the same rounded weights
+        with torch.no_grad():
+            for block in model.blocks:
+                for lin in (block.attn.qkv, block.attn.out, block.ff[0], block.ff[2]):
+                    lin.weight.copy_(lin.weight.bfloat16().float())
+        model.fused_weights = torch.bfloat16
+    tokens = torch.randint(0, 16, (batch, 24))
+    with torch.no_grad():
+        _, state = model.prefill(tokens[:, :3])
+        results = []
+        for fused in (True, False):
+            model.fused_step = fused
+            st = state.clone()
+            results.append((torch.stack([model.step(tokens[:, t], st)[0] for t in range(3, 24)], 1), st))
+    assert model._fused is not None and model._fused.weights == getattr(torch, weights)
+    (fused_out, fused_state), (eager_out, eager_state) = results
+    torch.testing.assert_close(fused_out, eager_out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused_state.layers, eager_state.layers, strict=True):
+        torch.testing.assert_close(a.S, b.S, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.z, b.z, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("d_ff", [36, 100])

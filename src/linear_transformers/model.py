@@ -23,11 +23,10 @@ from .heads import HEADS, sample  # noqa: F401 (sample is part of the model API)
 from .ops import KVCache, LinearState, cpu
 
 POSITIONAL = ("sinusoidal", "learned", "none")
-# Up to this batch the fused CPU step wins (it removes per-operation overhead and streams each weight
-# once per 4 rows); above it PyTorch's matrix products are faster. Measured by `bench generate` on the
-# paper's MNIST model, 2 cores, 2026-11-27, ms per step fused vs PyTorch: batch 1 0.61 vs 2.78, 32
-# 4.26 vs 6.73, 64 8.54 vs 9.71, 128 17.0 vs 16.8 (BENCHMARKS.md).
-FUSED_MAX_BATCH = 64
+# Up to this batch the fused CPU step wins (no per-operation overhead; from 20 rows on the batch rides
+# in vector lanes, one weight broadcast per 16 rows); above it, untested: PyTorch takes over. Measured
+# by bench generate's step table on the paper's MNIST model (BENCHMARKS.md).
+FUSED_MAX_BATCH = 256
 NORMS = ("pre", "post")
 
 

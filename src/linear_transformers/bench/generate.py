@@ -246,7 +246,8 @@ def main(args: argparse.Namespace) -> int:
                 lsh = CausalTransformer(replace(cfg, attention="causal-lsh", lsh_hashes=hashes, lsh_chunk=LSH_CHUNK))
                 print("  verified: " + verify_lsh(lsh.eval()))
                 generators.append((f"lsh-{hashes}", lsh, "recompute"))
-        for r in step_crossover(cfg, [1, 4, 8] if args.quick else [1, 4, 16, 32, 64, 128], 3 if args.quick else 10):
+        step_batches = [1, 4, 8] if args.quick else [1, 4, 16, 32, 64, 128, 256]
+        for r in step_crossover(cfg, step_batches, 3 if args.quick else 10):
             rows.append({"config": name, "generator": "linear-rnn step", **r})
             print(f"  one RNN step at batch {r['batch']:3d}: fused C {r['step_ms_fused']:8.3f} ms, "
                   f"PyTorch {r['step_ms_pytorch']:8.3f} ms")  # fmt: skip

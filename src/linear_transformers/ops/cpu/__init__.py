@@ -247,8 +247,9 @@ class FusedModelStep:
         S [B, H, Dk, Dv] and z [B, H, Dk] (contiguous float32, one per block) are updated in place."""
         B = tokens.shape[0]
         tokens = tokens.to(torch.int64).contiguous()
-        if self._work is None or self._work.numel() < B * self.width:
-            self._work = torch.empty(B * self.width, dtype=torch.float32)
+        padded = -(-B // 16) * 16  # the C step's shared buffers hold B rounded up to 16 rows
+        if self._work is None or self._work.numel() < padded * self.width:
+            self._work = torch.empty(padded * self.width, dtype=torch.float32)
         key = tuple(t.data_ptr() for t in S) + tuple(t.data_ptr() for t in z)
         if self._states is None or self._states[0] != key:  # the pointer arrays, rebuilt when the state moves
             n = len(S)

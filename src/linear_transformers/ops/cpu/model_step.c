@@ -6,9 +6,10 @@
  *   pre-LN:  h = LN1(x); x += Out(attn(QKV(h))); x += FF2(GELU(FF1(LN2(x))))
  *   post-LN: x = LN1(x + Out(attn(QKV(x)))); x = LN2(x + FF2(GELU(FF1(x))))
  * attn, per head: q, k = phi(q), phi(k); S += k v^T; z += k; o = q^T S / (q . z + eps), with S and z
- * updated in place. Every weight is read once per step whatever B is, so a step costs about one
- * pass over the weights: the whole point at batch 1, where the eager path is dominated by the
- * overhead of ~15 small operations per block.
+ * updated in place. Every weight is read once per step for up to 64 rows, so at batch 1 a step costs
+ * about one pass over the weights: the whole point there, where the eager path is dominated by the
+ * overhead of ~15 small operations per block. Larger batches run in the batched layout (rows in
+ * vector lanes, see batched_gemv), where the step is bound by arithmetic, not memory.
  *
  * Work is shared with OpenMP (`omp for` over output features or (row, head) pairs). Loaded after
  * PyTorch, the library binds to PyTorch's own libgomp (same soname), so it uses the same threads.
@@ -28,6 +29,8 @@ static inline vf vload(const float *p) {
     memcpy(&v, p, sizeof v);
     return v;
 }
+
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 static inline float hsum(vf v) {
     float t[VLF];
@@ -206,7 +209,8 @@ static void gemv_bf16dot(int B, int n_in, int n_out, int j0, int j1, const void 
         for (int c = 0; c < nb; c++) {
             const float *xb = x + (long)(b0 + c) * n_in;
             for (int i = 0; i < n_in; i += 32)
-                xh[c * (n_in / 32) + i / 32] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb + i + 16), _mm512_loadu_ps(xb + i));
+                xh[c * (n_in / 32) + i / 32] =
+                    _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb + i + 16), _mm512_loadu_ps(xb + i));
         }
         switch (nb) {
             case 4: bf16dot_tile(4, n_in, n_out, b0, j0, j1, W, bias, xh, y, base, gelu_kind); break;
@@ -277,6 +281,129 @@ static void gelu_row(float *y, int n) {
     }
 }
 
+/* The batched layout, for larger batches (B >= LT_BATCHED_MIN): a projection's input is transposed,
+ * xt[i * Bp + b] = x[b, i] with Bp = B rounded up to 16 (the extra lanes hold zeros), and 16 rows of
+ * the batch share a vector: acc[b] += W[j, i] * xt[i, b..b+16), one weight broadcast per 16 products.
+ * A tile is R rows of W by NV vectors of rows (R * NV = 24 accumulators), so no horizontal sums and
+ * no per-output epilogue beyond a store. Each output sums its products in order of i in its own lane:
+ * the result of a row does not depend on the other rows, the batch size or the tile.
+ * Weights: kind 0 float32, 1 bfloat16 widened to float32, 2 bfloat16 pairs (vdpbf16ps) against xt2,
+ * the input rounded to bfloat16 with pairs of i interleaved: xt2[(i / 2) * 2 Bp + 2 b + i % 2]. */
+#ifndef LT_BATCHED_MIN
+#define LT_BATCHED_MIN 20
+#endif
+#define LT_ACC 24
+
+static inline int round16(int n) { return (n + VLF - 1) / VLF * VLF; }
+
+static inline __attribute__((always_inline)) void batched_tile(const int kind, const int R, const int NV, int n_in,
+                                                               const void *W, int j, int nr, const float *xt,
+                                                               const void *xt2, int Bp, int c0, vf acc[LT_ACC]) {
+    long w[LT_ACC];
+    for (int r = 0; r < R; r++) w[r] = (long)(j + (r < nr ? r : 0)) * n_in;
+    for (int a = 0; a < R * NV; a++) acc[a] = (vf){0};
+    if (kind == 2) {
+#ifdef __AVX512BF16__
+        const uint16_t *Wh = W;
+        const uint16_t *x2 = (const uint16_t *)xt2 + 2 * c0 * VLF;
+        for (int i = 0; i < n_in; i += 2, x2 += 2 * Bp) {
+            __m512bh xv[4];
+            for (int c = 0; c < NV; c++) xv[c] = (__m512bh)_mm512_loadu_si512(x2 + 2 * c * VLF);
+            for (int r = 0; r < R; r++) {
+                uint32_t pair;
+                memcpy(&pair, Wh + w[r] + i, sizeof pair);
+                const __m512bh wv = (__m512bh)_mm512_set1_epi32((int)pair);
+                for (int c = 0; c < NV; c++) acc[r * NV + c] = (vf)_mm512_dpbf16_ps((__m512)acc[r * NV + c], wv, xv[c]);
+            }
+        }
+#endif
+        return;
+    }
+    for (int i = 0; i < n_in; i++) {
+        if (i % 16 == 0) /* each weight row is its own stream: fetch a few lines ahead of its broadcasts */
+            for (int r = 0; r < R; r++)
+                __builtin_prefetch((const char *)W + (w[r] + i) * (kind == 0 ? 4 : 2) + 256);
+        vf xv[4];
+        for (int c = 0; c < NV; c++) xv[c] = vload(xt + (long)i * Bp + (c0 + c) * VLF);
+        for (int r = 0; r < R; r++) {
+            const float wr = kind == 0 ? wscalar_f32(W, w[r] + i) : wscalar_bf16(W, w[r] + i);
+            for (int c = 0; c < NV; c++) acc[r * NV + c] += wr * xv[c];
+        }
+    }
+}
+
+/* Rows [j0, j1) of y = x W^T + bias (+ base) in the batched layout: into yt[j * Bp + b] (transposed,
+ * every lane) when yt is given, else into y[b, j] (row layout, rows b < B; base[b, j] added if given). */
+static inline __attribute__((always_inline)) void batched_rows(const int kind, const int NV, int B, int n_in,
+                                                               int n_out, int j0, int j1, const void *W,
+                                                               const float *bias, const float *xt, const void *xt2,
+                                                               int c0, float *y, float *yt, const float *base) {
+    const int R = LT_ACC / NV, Bp = round16(B);
+    for (int j = j0; j < j1; j += R) {
+        const int nr = j1 - j < R ? j1 - j : R;
+        vf acc[LT_ACC];
+        batched_tile(kind, R, NV, n_in, W, j, nr, xt, xt2, Bp, c0, acc);
+        if (yt) {
+            for (int r = 0; r < nr; r++)
+                for (int c = 0; c < NV; c++)
+                    vstore(yt + (long)(j + r) * Bp + (c0 + c) * VLF, acc[r * NV + c] + bias[j + r]);
+            continue;
+        }
+        float t[LT_ACC][4 * VLF]; /* the tile transposed back, a row of the batch at a time */
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < NV; c++) vstore(t[r] + c * VLF, acc[r * NV + c] + bias[j + r]);
+        for (int b = c0 * VLF; b < (c0 + NV) * VLF && b < B; b++) {
+            const long o = (long)b * n_out + j;
+            for (int r = 0; r < nr; r++) y[o + r] = (base ? base[o + r] : 0.0f) + t[r][b - c0 * VLF];
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void batched_kind(const int kind, int B, int n_in, int n_out, int j0,
+                                                               int j1, const void *W, const float *bias,
+                                                               const float *xt, const void *xt2, float *y, float *yt,
+                                                               const float *base) {
+    const int nv = round16(B) / VLF;
+    for (int c0 = 0; c0 < nv; c0 += 4) {
+        switch (nv - c0 < 4 ? nv - c0 : 4) {
+            case 4: batched_rows(kind, 4, B, n_in, n_out, j0, j1, W, bias, xt, xt2, c0, y, yt, base); break;
+            case 3: batched_rows(kind, 3, B, n_in, n_out, j0, j1, W, bias, xt, xt2, c0, y, yt, base); break;
+            case 2: batched_rows(kind, 2, B, n_in, n_out, j0, j1, W, bias, xt, xt2, c0, y, yt, base); break;
+            default: batched_rows(kind, 1, B, n_in, n_out, j0, j1, W, bias, xt, xt2, c0, y, yt, base); break;
+        }
+    }
+}
+
+/* xt2 (bfloat16 pairs, see above) from xt, n_in even, for weights of kind 2 (else nothing to do). */
+static void batched_pairs(int kind, int Bp, int n_in, const float *xt, uint16_t *xt2) {
+#ifdef __AVX512BF16__
+    if (kind != 2) return;
+    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int i = 0; i < n_in; i += 2)
+        for (int b = 0; b < Bp; b += VLF) {
+            /* cvtne2ps_pbh(hi, lo): lanes 0-15 from lo (x[., i]), 16-31 from hi (x[., i + 1]); then interleave */
+            const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xt + (long)(i + 1) * Bp + b),
+                                                           _mm512_loadu_ps(xt + (long)i * Bp + b));
+            _mm512_storeu_si512(xt2 + (long)i * Bp + 2 * b, _mm512_permutexvar_epi16(order, h));
+        }
+#else
+    (void)kind, (void)Bp, (void)n_in, (void)xt, (void)xt2;
+#endif
+}
+
+/* xt2: batched_pairs of xt, for kind 2 */
+static void batched_gemv(int kind, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
+                         const float *xt, const uint16_t *xt2, float *y, float *yt, const float *base) {
+    if (kind == 2) {
+        batched_kind(2, B, n_in, n_out, j0, j1, W, bias, xt, xt2, y, yt, base);
+    } else if (kind == 1) {
+        batched_kind(1, B, n_in, n_out, j0, j1, W, bias, xt, xt2, y, yt, base);
+    } else {
+        batched_kind(0, B, n_in, n_out, j0, j1, W, bias, xt, xt2, y, yt, base);
+    }
+}
+
 /* gelu_kind 0 (exact GELU) is applied after the products, 16 outputs at a time (vgelu): libm's scalar
  * erff cost as much as the bfloat16 products at batch 1. */
 static void gemv(int bf16, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
@@ -296,30 +423,112 @@ static void share(int n, int grain, int *lo, int *hi) {
     if (*lo > n) *lo = n;
 }
 
-static void layer_norm(int B, int d, const float *x, const float *w, const float *b, float eps, float *y) {
+/* LayerNorm of B rows of d into y [B, d] and/or (each may be NULL) yt [d, Bp] (transposed, the
+ * lanes from B to Bp zeroed): the sums 16 lanes at a time, then across the lanes (hsum). */
+static void layer_norm(int B, int d, const float *x, const float *w, const float *b, float eps, float *y, float *yt,
+                       int Bp) {
     for (int r = 0; r < B; r++) {
         const float *xr = x + (long)r * d;
-        float mean = 0, var = 0;
-        for (int i = 0; i < d; i++) mean += xr[i];
+        vf acc = (vf){0};
+        int i = 0;
+        for (; i + VLF <= d; i += VLF) acc += vload(xr + i);
+        float mean = hsum(acc);
+        for (; i < d; i++) mean += xr[i];
         mean /= d;
-        for (int i = 0; i < d; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        acc = (vf){0};
+        for (i = 0; i + VLF <= d; i += VLF) {
+            const vf t = vload(xr + i) - mean;
+            acc += t * t;
+        }
+        float var = hsum(acc);
+        for (; i < d; i++) var += (xr[i] - mean) * (xr[i] - mean);
         const float inv = 1.0f / sqrtf(var / d + eps);
-        for (int i = 0; i < d; i++) y[(long)r * d + i] = (xr[i] - mean) * inv * w[i] + b[i];
+        if (y)
+            for (i = 0; i < d; i++) y[(long)r * d + i] = (xr[i] - mean) * inv * w[i] + b[i];
+        if (yt)
+            for (i = 0; i < d; i++) yt[(long)i * Bp + r] = (xr[i] - mean) * inv * w[i] + b[i];
     }
+    for (int i = 0; yt && i < d; i++)
+        for (int r = B; r < Bp; r++) yt[(long)i * Bp + r] = 0;
+}
+
+/* xt [d, Bp] = x [B, d] transposed, the lanes from B to Bp zeroed. */
+static void transpose(int B, int d, const float *x, float *xt, int Bp) {
+    for (int i = 0; i < d; i++)
+        for (int r = 0; r < Bp; r++) xt[(long)i * Bp + r] = r < B ? x[(long)r * d + i] : 0;
+}
+
+/* phi on 16 lanes: elu(v) + 1 (v + 1 above 0, exp(v) at or below) or relu(v). */
+static inline vf vphi(vf v, int kind) {
+    const vi pos = v > 0.0f;
+    if (kind != 0) return (vf)((vi)v & pos);
+    const vf e = vexp_neg((vf)((vi)v & ~pos)); /* exp(min(v, 0)) */
+    return (vf)(((vi)(v + 1.0f) & pos) | ((vi)e & ~pos));
+}
+
+/* One head of one row: q, k = phi(q), phi(k) (in place); z += k; S += k v^T; o = q^T S / (q . z + eps).
+ * 16 lanes at a time where dk and dv are multiples of 16, else one value at a time. */
+static void attend(int dk, int dv, int feature_map, float eps, float *restrict q, float *restrict k,
+                   const float *restrict v, float *restrict S, float *restrict z, float *restrict o) {
+    if (dk % VLF == 0 && dv % VLF == 0) {
+        vf den = (vf){0};
+        for (int i = 0; i < dk; i += VLF) {
+            const vf qv = vphi(vload(q + i), feature_map), kv = vphi(vload(k + i), feature_map);
+            const vf zv = vload(z + i) + kv;
+            vstore(q + i, qv);
+            vstore(k + i, kv);
+            vstore(z + i, zv);
+            den += qv * zv;
+        }
+        const float inv = 1.0f / (eps + hsum(den));
+        for (int e = 0; e < dv; e += VLF) {
+            const vf vv = vload(v + e);
+            vf acc = (vf){0};
+            for (int i = 0; i < dk; i++) {
+                const vf row = vload(S + (long)i * dv + e) + k[i] * vv;
+                vstore(S + (long)i * dv + e, row);
+                acc += q[i] * row;
+            }
+            vstore(o + e, acc * inv);
+        }
+        return;
+    }
+    float den = eps;
+    for (int i = 0; i < dk; i++) {
+        q[i] = phi(q[i], feature_map);
+        k[i] = phi(k[i], feature_map);
+        z[i] += k[i];
+        den += q[i] * z[i];
+    }
+    for (int e = 0; e < dv; e++) o[e] = 0;
+    for (int i = 0; i < dk; i++) {
+        float *row = S + (long)i * dv;
+        const float ki = k[i], qi = q[i];
+        for (int e = 0; e < dv; e++) {
+            row[e] += ki * v[e];
+            o[e] += qi * row[e];
+        }
+    }
+    const float inv = 1.0f / den;
+    for (int e = 0; e < dv; e++) o[e] *= inv;
 }
 
 /* One token for B rows. tokens [B] in [0, vocab); position: theirs in the sequence (< max_len).
  * x = embed[token] + pos[position]; x = blocks(x); params [B, n_params] = head(norm(x)).
  * S[l] [B, H, dk, dv] and z[l] [B, H, dk]: layer l's state, updated in place.
- * work: B * (H (2 dk + dv) + H dv + dff + 2 d) floats shared, plus 2 B d per thread (malloc'd here).
+ * work: Bp * (H (2 dk + dv) + H dv + dff + 2 d) floats shared (Bp = B rounded up to 16), plus
+ * per-thread buffers malloc'd here. From LT_BATCHED_MIN rows on, the projections run in the batched
+ * layout (batched_gemv): their inputs are transposed (normalised straight into it, attention
+ * writes it) and the first feed-forward layer's output stays transposed for the second.
  * Every thread normalises x itself (identical results) instead of waiting for one that does, so a
  * pre-norm block costs four barriers: after attention, the output projection, and each FF layer.
  * Returns 0, 1 when out of memory, 2 for a token or position out of range (nothing is touched). */
 int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long position, float *const *S,
                        float *const *z, float *work, float *params) {
     const int d = m->d, H = m->n_heads, dk = m->dk, dv = m->dv, dff = m->dff, width = 2 * dk + dv;
-    float *qkv = work, *att = qkv + (long)B * H * width, *ff = att + (long)B * H * dv, *x2 = ff + (long)B * dff;
-    float *x = x2 + (long)B * d;
+    const int batched = B >= LT_BATCHED_MIN, Bp = round16(B), kind = m->bf16;
+    float *qkv = work, *att = qkv + (long)Bp * H * width, *ff = att + (long)Bp * H * dv, *x2 = ff + (long)Bp * dff;
+    float *x = x2 + (long)Bp * d;
     if (position < 0 || position >= m->max_len) return 2;
     for (int b = 0; b < B; b++)
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return 2;
@@ -327,10 +536,15 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
         const float *e = m->embed + tokens[b] * d, *p = m->pos ? m->pos + position * d : NULL;
         for (int i = 0; i < d; i++) x[(long)b * d + i] = p ? e[i] + p[i] : e[i];
     }
+    /* per thread: xp, x1 [B, d]; batched: xt [d, Bp], one head's output [dv], xt2 (bfloat16 pairs) */
+    const int widest = d > dff ? (d > H * dv ? d : H * dv) : (dff > H * dv ? dff : H * dv);
+    const size_t mine = 2 * (size_t)B * d + (batched ? (size_t)d * Bp + dv + (size_t)widest * Bp / 2 + VLF : 0);
     int failed = 0;
 #pragma omp parallel
     {
-        float *xp = malloc(sizeof(float) * 2 * (size_t)B * d), *x1 = xp ? xp + (long)B * d : NULL;
+        float *xp = malloc(sizeof(float) * mine), *x1 = xp ? xp + (long)B * d : NULL;
+        float *xt = xp && batched ? x1 + (long)B * d : NULL, *o = xt ? xt + (long)d * Bp : NULL;
+        uint16_t *xt2 = o ? (uint16_t *)(o + dv) : NULL;
         int ok = xp != NULL;
 #pragma omp atomic
         failed += !ok;
@@ -341,67 +555,81 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
                 /* A: queries, keys, values and attention, a head (for all rows) per work item */
                 const float *in = x;
                 if (m->pre_norm) {
-                    layer_norm(B, d, x, m->ln1_w[l], m->ln1_b[l], m->ln_eps, xp);
+                    layer_norm(B, d, x, m->ln1_w[l], m->ln1_b[l], m->ln_eps, batched ? NULL : xp, xt, Bp);
                     in = xp;
+                } else if (batched) {
+                    transpose(B, d, x, xt, Bp);
                 }
+                if (batched) batched_pairs(kind, Bp, d, xt, xt2);
                 share(H, 1, &lo, &hi);
                 for (int h = lo; h < hi; h++) {
-                    gemv(m->bf16, B, d, H * width, h * width, (h + 1) * width, m->qkv_w[l], m->qkv_b[l], in, qkv, NULL,
-                         -1);
+                    if (batched)
+                        batched_gemv(kind, B, d, H * width, h * width, (h + 1) * width, m->qkv_w[l], m->qkv_b[l], xt,
+                                     xt2, qkv, NULL, NULL);
+                    else
+                        gemv(kind, B, d, H * width, h * width, (h + 1) * width, m->qkv_w[l], m->qkv_b[l], in, qkv,
+                             NULL, -1);
                     for (int b = 0; b < B; b++) {
                         const long bh = (long)b * H + h;
-                        float *q = qkv + bh * width, *k = q + dk, *v = k + dk;
-                        float *Sbh = S[l] + bh * dk * dv, *zbh = z[l] + bh * dk, *o = att + bh * dv;
-                        float den = m->attn_eps;
-                        for (int i = 0; i < dk; i++) {
-                            q[i] = phi(q[i], m->feature_map);
-                            k[i] = phi(k[i], m->feature_map);
-                            zbh[i] += k[i];
-                            den += q[i] * zbh[i];
-                        }
-                        for (int e = 0; e < dv; e++) o[e] = 0;
-                        for (int i = 0; i < dk; i++) {
-                            float *row = Sbh + (long)i * dv;
-                            const float ki = k[i], qi = q[i];
-                            for (int e = 0; e < dv; e++) {
-                                row[e] += ki * v[e];
-                                o[e] += qi * row[e];
-                            }
-                        }
-                        const float inv = 1.0f / den;
-                        for (int e = 0; e < dv; e++) o[e] *= inv;
+                        float *q = qkv + bh * width;
+                        attend(dk, dv, m->feature_map, m->attn_eps, q, q + dk, q + 2 * dk, S[l] + bh * dk * dv,
+                               z[l] + bh * dk, batched ? o : att + bh * dv);
+                        if (batched) /* into the transposed input of the output projection */
+                            for (int e = 0; e < dv; e++) att[(long)(h * dv + e) * Bp + b] = o[e];
                     }
+                    for (int e = 0; batched && e < dv; e++)
+                        for (int b = B; b < Bp; b++) att[(long)(h * dv + e) * Bp + b] = 0;
                 }
 #pragma omp barrier
                 /* B: output projection and residual (post-norm: into x2, normalised below) */
                 share(d, 4, &lo, &hi);
-                gemv(m->bf16, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, m->pre_norm ? x : x2, x, -1);
+                if (batched) batched_pairs(kind, Bp, H * dv, att, xt2);
+                if (batched)
+                    batched_gemv(kind, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, xt2, m->pre_norm ? x : x2,
+                                 NULL, x);
+                else
+                    gemv(kind, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, m->pre_norm ? x : x2, x, -1);
 #pragma omp barrier
                 /* C: first feed-forward layer with its GELU */
                 if (m->pre_norm) {
-                    layer_norm(B, d, x, m->ln2_w[l], m->ln2_b[l], m->ln_eps, xp);
-                } else {
-                    layer_norm(B, d, x2, m->ln1_w[l], m->ln1_b[l], m->ln_eps, x1); /* x1 = LN1(x + attn) */
+                    layer_norm(B, d, x, m->ln2_w[l], m->ln2_b[l], m->ln_eps, batched ? NULL : xp, xt, Bp);
+                } else { /* x1 = LN1(x + attn), the residual of the feed-forward sublayer */
+                    layer_norm(B, d, x2, m->ln1_w[l], m->ln1_b[l], m->ln_eps, x1, xt, Bp);
                 }
                 in = m->pre_norm ? xp : x1;
                 share(dff, 4, &lo, &hi);
-                gemv(m->bf16, B, d, dff, lo, hi, m->ff1_w[l], m->ff1_b[l], in, ff, NULL, m->gelu_tanh);
+                if (batched) {
+                    batched_pairs(kind, Bp, d, xt, xt2);
+                    batched_gemv(kind, B, d, dff, lo, hi, m->ff1_w[l], m->ff1_b[l], xt, xt2, NULL, ff, NULL);
+                    if (m->gelu_tanh)
+                        for (long i = (long)lo * Bp; i < (long)hi * Bp; i++) ff[i] = gelu(ff[i], 1);
+                    else
+                        gelu_row(ff + (long)lo * Bp, (hi - lo) * Bp);
+                } else {
+                    gemv(kind, B, d, dff, lo, hi, m->ff1_w[l], m->ff1_b[l], in, ff, NULL, m->gelu_tanh);
+                }
 #pragma omp barrier
                 /* D: second feed-forward layer and residual */
                 share(d, 4, &lo, &hi);
-                gemv(m->bf16, B, dff, d, lo, hi, m->ff2_w[l], m->ff2_b[l], ff, m->pre_norm ? x : x2,
-                     m->pre_norm ? x : x1, -1);
+                if (batched) batched_pairs(kind, Bp, dff, ff, xt2);
+                if (batched)
+                    batched_gemv(kind, B, dff, d, lo, hi, m->ff2_w[l], m->ff2_b[l], ff, xt2, m->pre_norm ? x : x2,
+                                 NULL, m->pre_norm ? x : x1);
+                else
+                    gemv(kind, B, dff, d, lo, hi, m->ff2_w[l], m->ff2_b[l], ff, m->pre_norm ? x : x2,
+                         m->pre_norm ? x : x1, -1);
 #pragma omp barrier
                 if (!m->pre_norm) { /* x = LN2(x1 + FF(x1)), a row per thread */
 #pragma omp for schedule(static)
                     for (int r = 0; r < B; r++)
-                        layer_norm(1, d, x2 + (long)r * d, m->ln2_w[l], m->ln2_b[l], m->ln_eps, x + (long)r * d);
+                        layer_norm(1, d, x2 + (long)r * d, m->ln2_w[l], m->ln2_b[l], m->ln_eps, x + (long)r * d, NULL,
+                                   0);
                 }
             }
             /* the head: x is complete (the last barrier above, or the implicit one of omp for) */
             const float *h = x;
             if (m->norm_w) {
-                layer_norm(B, d, x, m->norm_w, m->norm_b, m->norm_eps, xp);
+                layer_norm(B, d, x, m->norm_w, m->norm_b, m->norm_eps, xp, NULL, 0);
                 h = xp;
             }
             int lo, hi;
