@@ -116,8 +116,11 @@ static inline float wscalar_bf16(const void *W, long i) {
  * gelu_kind >= 0. A tile is 4 rows of W by NB <= 4 rows of x: each weight vector loaded serves NB
  * rows and each x vector 4 weight rows, so W streams from cache B / 4 times, not B times. Every
  * output sums its products in the same order whatever the tile, so results do not depend on B.
- * The tile body is inlined for each NB (1..4), so its accumulators stay in registers. */
-#define DEFINE_GEMV(NAME, WLOAD, WSCALAR)                                                                          \
+ * The tile body is inlined for each NB (1..4), so its accumulators stay in registers. Each of the four
+ * weight rows is its own stream: they are prefetched LT_AHEAD bytes ahead (the hardware's prefetcher
+ * alone left ~10% of the batch-1 step on the table). */
+#define LT_AHEAD 256
+#define DEFINE_GEMV(NAME, WLOAD, WSCALAR, ESIZE)                                                                   \
     static inline __attribute__((always_inline)) void NAME##_tile(                                                 \
         const int NB, int b0, int n_in, int n_out, int j, int nr, const void *W, const float *bias, const float *x, \
         float *y, const float *base, int gelu_kind) {                                                              \
@@ -128,6 +131,7 @@ static inline float wscalar_bf16(const void *W, long i) {
             for (int r = 0; r < 4; r++) acc[c][r] = (vf){0};                                                       \
         int i = 0;                                                                                                 \
         for (; i + VLF <= n_in; i += VLF) {                                                                        \
+            for (int r = 0; r < 4; r++) __builtin_prefetch((const char *)W + (w[r] + i) * ESIZE + LT_AHEAD);       \
             vf wv[4];                                                                                              \
             for (int r = 0; r < 4; r++) wv[r] = WLOAD(W, w[r] + i);                                                \
             for (int c = 0; c < NB; c++) {                                                                         \
@@ -162,8 +166,8 @@ static inline float wscalar_bf16(const void *W, long i) {
         }                                                                                                          \
     }
 
-DEFINE_GEMV(gemv_f32, wload_f32, wscalar_f32)
-DEFINE_GEMV(gemv_bf16, wload_bf16, wscalar_bf16)
+DEFINE_GEMV(gemv_f32, wload_f32, wscalar_f32, 4)
+DEFINE_GEMV(gemv_bf16, wload_bf16, wscalar_bf16, 2)
 
 #ifdef __AVX512BF16__
 #include <immintrin.h>
@@ -186,6 +190,7 @@ static inline __attribute__((always_inline)) void bf16dot_tile(const int NB, int
         for (int c = 0; c < NB; c++)
             for (int r = 0; r < 4; r++) acc[c][r] = _mm512_setzero_ps();
         for (int i = 0; i < n32; i++) {
+            for (int r = 0; r < 4; r++) __builtin_prefetch((const char *)(w[r] + 32 * i) + LT_AHEAD);
             __m512bh wv[4];
             for (int r = 0; r < 4; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w[r] + 32 * i);
             for (int c = 0; c < NB; c++)
@@ -322,7 +327,7 @@ static inline __attribute__((always_inline)) void batched_tile(const int kind, c
     for (int i = 0; i < n_in; i++) {
         if (i % 16 == 0) /* each weight row is its own stream: fetch a few lines ahead of its broadcasts */
             for (int r = 0; r < R; r++)
-                __builtin_prefetch((const char *)W + (w[r] + i) * (kind == 0 ? 4 : 2) + 256);
+                __builtin_prefetch((const char *)W + (w[r] + i) * (kind == 0 ? 4 : 2) + LT_AHEAD);
         vf xv[4];
         for (int c = 0; c < NV; c++) xv[c] = vload(xt + (long)i * Bp + (c0 + c) * VLF);
         for (int r = 0; r < R; r++) {
