@@ -338,6 +338,36 @@ def test_fused_step_with_feed_forward_widths_that_leave_a_remainder(d_ff):
     torch.testing.assert_close(torch.stack(outs, 1), parallel[:, 1:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("batch", "n_classes", "prompt_len"), [(2, 0, 0), (3, 3, 5), (21, 0, 4)])
+def test_generation_loop_in_c_draws_the_same_tokens_as_stepping(monkeypatch, batch, n_classes, prompt_len):
+    """With a mixture-of-logistics head at temperature 1, generate() runs its loop through
+    FusedModelStep.sample_mol (C step, then the head sampled in C); token for token it equals
+    stepping the model and sampling the head, under the same generator."""
+    from linear_transformers.ops import cpu
+
+    if not cpu.available():
+        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    calls = []
+    original = cpu.FusedModelStep.sample_mol
+    monkeypatch.setattr(cpu.FusedModelStep, "sample_mol", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = _model(n_classes=n_classes, head="mol")
+    prompt = torch.randint(0, 16, (batch, prompt_len))
+    labels = torch.randint(0, 3, (batch,)) if n_classes else None
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        fast = model.generate(prompt=prompt, labels=labels, max_new_tokens=40, generator=gen)
+        assert calls == [1]
+        gen.manual_seed(7)
+        params, state = model.prefill(prompt, labels)
+        slow = [prompt]
+        for t in range(40):
+            slow.append(model.head.sample(params, generator=gen)[:, None])
+            if t < 39:
+                params, state = model.step(slow[-1][:, 0], state)
+    assert torch.equal(fast, torch.cat(slow, 1))
+    assert calls == [1]  # the reference loop did not use it
+
+
 def test_fused_step_refuses_bad_tokens_and_positions_without_touching_the_state():
     from linear_transformers.ops import cpu
 

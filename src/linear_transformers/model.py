@@ -19,7 +19,7 @@ from torch import nn
 
 from .attention import ATTENTION_KINDS, AttentionLayer
 from .feature_maps import FEATURE_MAPS
-from .heads import HEADS, sample  # noqa: F401 (sample is part of the model API)
+from .heads import HEADS, MixtureOfLogisticsHead, sample  # noqa: F401 (sample is part of the model API)
 from .ops import KVCache, LinearState, cpu
 
 POSITIONAL = ("sinusoidal", "learned", "none")
@@ -390,6 +390,16 @@ class CausalTransformer(nn.Module):
             return out
         if mode == "rnn":
             params, state = self.prefill(prompt, labels)
+            plain = temperature == 1.0 and not top_k and (top_p is None or top_p >= 1.0)
+            plain = plain and isinstance(self.head, MixtureOfLogisticsHead)
+            fused = self._fused_step(out[:, 0], state) if plain else None
+            if fused is not None:  # the per-token loop in C calls: the same draws, so the same tokens
+                out[:, T0] = self.head.sample(params, generator=generator)
+                S, z = [s.S for s in state.layers], [s.z for s in state.layers]
+                rest = fused.sample_mol(out[:, T0], state.position, S, z, max_new_tokens - 1, self.head.vocab_size,
+                                        generator)  # fmt: skip
+                out[:, T0 + 1 :] = rest.T
+                return out
         for t in range(T0, T0 + max_new_tokens):
             if mode == "recompute":  # the last input token is dropped by forward: any value will do
                 params = self(torch.cat([out[:, :t], torch.zeros_like(out[:, :1])], 1), labels)[:, t]

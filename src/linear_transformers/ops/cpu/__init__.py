@@ -242,11 +242,7 @@ class FusedModelStep:
         self._work: torch.Tensor | None = None
         self._states: tuple[tuple[int, ...], ctypes.Array, ctypes.Array] | None = None
 
-    def __call__(self, tokens: torch.Tensor, position: int, S: list[torch.Tensor], z: list[torch.Tensor]):
-        """tokens [B] (int64) at `position` -> the head's parameters [B, n_params] for the next token;
-        S [B, H, Dk, Dv] and z [B, H, Dk] (contiguous float32, one per block) are updated in place."""
-        B = tokens.shape[0]
-        tokens = tokens.to(torch.int64).contiguous()
+    def _prepare(self, B: int, S: list[torch.Tensor], z: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
         padded = -(-B // 16) * 16  # the C step's shared buffers hold B rounded up to 16 rows
         if self._work is None or self._work.numel() < padded * self.width:
             self._work = torch.empty(padded * self.width, dtype=torch.float32)
@@ -254,10 +250,9 @@ class FusedModelStep:
         if self._states is None or self._states[0] != key:  # the pointer arrays, rebuilt when the state moves
             n = len(S)
             self._states = key, (ctypes.c_void_p * n)(*key[:n]), (ctypes.c_void_p * n)(*key[n:])
-        params = torch.empty(B, self.n_params, dtype=torch.float32)
-        _, S_ptrs, z_ptrs = self._states
-        status = load().lt_model_token_f32(ctypes.byref(self.model), B, tokens.data_ptr(), position, S_ptrs, z_ptrs,
-                                           self._work.data_ptr(), params.data_ptr())  # fmt: skip
+        return self._states[1], self._states[2]
+
+    def _check(self, status: int, tokens: torch.Tensor, position: int) -> None:
         if status == 2:
             raise ValueError(
                 f"fused model step: tokens must lie in [0, {self.vocab}) and the position in [0, {self.max_len}), "
@@ -265,7 +260,52 @@ class FusedModelStep:
             )
         if status:
             raise MemoryError("fused model step: out of memory for its per-thread buffers")
+
+    def __call__(self, tokens: torch.Tensor, position: int, S: list[torch.Tensor], z: list[torch.Tensor]):
+        """tokens [B] (int64) at `position` -> the head's parameters [B, n_params] for the next token;
+        S [B, H, Dk, Dv] and z [B, H, Dk] (contiguous float32, one per block) are updated in place."""
+        B = tokens.shape[0]
+        tokens = tokens.to(torch.int64).contiguous()
+        S_ptrs, z_ptrs = self._prepare(B, S, z)
+        params = torch.empty(B, self.n_params, dtype=torch.float32)
+        status = load().lt_model_token_f32(ctypes.byref(self.model), B, tokens.data_ptr(), position, S_ptrs, z_ptrs,
+                                           self._work.data_ptr(), params.data_ptr())  # fmt: skip
+        self._check(status, tokens, position)
         return params
+
+    def sample_mol(
+        self,
+        first: torch.Tensor,
+        position: int,
+        S: list[torch.Tensor],
+        z: list[torch.Tensor],
+        n: int,
+        levels: int,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Generation with a mixture-of-logistics head at temperature 1, n tokens after `first` [B]
+        (the token at `position`): per token one C step, then the head sampled in C (mol_sample) from
+        PyTorch's draws, race [B, K] ~ Exp(1) then u [B] ~ U(1e-7, 1 - 1e-7) from `generator`. The
+        same draws in the same order as stepping the model and calling MixtureOfLogisticsHead.sample
+        each time, so the same tokens, without the per-token tensor work. Returns [n, B] (int64); S
+        and z advance by n tokens (the last one sampled is not fed)."""
+        B, K = first.shape[0], self.n_params // 3
+        out = torch.empty(n + 1, B, dtype=torch.int64)
+        out[0] = first
+        params = torch.empty(B, self.n_params, dtype=torch.float32)
+        race, u = torch.empty(B, K), torch.empty(B)
+        S_ptrs, z_ptrs = self._prepare(B, S, z)
+        lib, model, work, row = load(), ctypes.byref(self.model), self._work.data_ptr(), 8 * B
+        out_ptr, params_ptr, race_ptr, u_ptr = out.data_ptr(), params.data_ptr(), race.data_ptr(), u.data_ptr()
+        for t in range(n):
+            status = lib.lt_model_token_f32(model, B, out_ptr + t * row, position + t, S_ptrs, z_ptrs, work, params_ptr)
+            if status:
+                self._check(status, out[t], position + t)
+            race.exponential_(generator=generator)
+            u.uniform_(1e-7, 1 - 1e-7, generator=generator)
+            if lib.lt_mol_sample_f32(B, K, levels, params_ptr, race_ptr, u_ptr, out_ptr + (t + 1) * row):
+                raise ValueError("mixture-of-logistics sampling: the head's parameters are not finite (NaN or inf)")
+        return out[1:]
 
 
 def mol_sample(params: torch.Tensor, race: torch.Tensor, u: torch.Tensor, levels: int) -> torch.Tensor:
