@@ -11,9 +11,10 @@ softmax baseline); --tables adds Reformer (lsh-1, lsh-4, chunks of 32 positions)
 recurrent form and recomputes, as in the paper, and writes the paper's Tables 1 and 4 speed columns
 next to ours (paper.md). Each is first verified (greedy RNN/cache generation must equal greedy
 recomputation; bfloat16 dots within bfloat16 error of float32), then timed per token at
-a set of positions; seconds per image is the sum over all positions, integrated from those
-measurements (exact for the RNN, whose per-token cost is flat; marked "integrated" for the
-others, whose cost grows with the position); every timed token includes drawing it from the head
+a set of positions (best of 10 for a stepped token, one run for a recomputed one); seconds per
+image is the sum over all positions, integrated from those measurements (exact for the RNN, whose
+per-token cost is flat; marked "integrated" for the others, whose cost grows with the position);
+every timed token includes drawing it from the head
 (temperature 1). The RNN modes are also timed the way a user meets them: whole images at batch 1
 through model.generate(n=1), the modes taking turns (median of --images). Also: training step
 tokens/s, linear vs softmax.
@@ -80,8 +81,10 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def per_token_seconds(model: CausalTransformer, mode: str, batch: int, position: int, repeats: int = 3) -> float:
-    """Seconds to produce the token at `position` (0-based) for a batch, sampling included."""
+def per_token_seconds(model: CausalTransformer, mode: str, batch: int, position: int, repeats: int = 10) -> float:
+    """Seconds to produce the token at `position` (0-based) for a batch, sampling included: best of
+    `repeats` for the stepping modes (milliseconds each, so a moment of noise would otherwise decide
+    the row), one run for recomputing (seconds each)."""
     with torch.no_grad():
         if mode == "recompute":
             tokens = torch.randint(0, model.cfg.vocab_size, (batch, position + 1))
