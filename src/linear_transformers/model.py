@@ -23,9 +23,10 @@ from .heads import HEADS, MixtureOfLogisticsHead, sample  # noqa: F401 (sample i
 from .ops import KVCache, LinearState, cpu
 
 POSITIONAL = ("sinusoidal", "learned", "none")
-# Up to this batch the fused CPU step wins (no per-operation overhead; from 20 rows on the batch rides
-# in vector lanes, one weight broadcast per 16 rows); above it, untested: PyTorch takes over. Measured
-# by bench generate's step table on the paper's MNIST model (BENCHMARKS.md).
+# Up to this batch the fused CPU step runs (no per-operation overhead; from 20 rows on the batch rides
+# in vector lanes, one weight broadcast per 16 rows): bench generate's step table measured it faster
+# than PyTorch's step at every batch up to 256 on the paper's MNIST model (BENCHMARKS.md), and no
+# further; PyTorch's step takes larger batches.
 FUSED_MAX_BATCH = 256
 NORMS = ("pre", "post")
 
