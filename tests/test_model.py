@@ -202,7 +202,7 @@ def test_fused_step_with_bfloat16_weights_stays_close():
     assert 0 < err < 2e-2  # bfloat16 projections: close, not equal
 
 
-@pytest.mark.parametrize("batch", [7, 37])  # 37: the batched layout (rows as vector lanes)
+@pytest.mark.parametrize("batch", [7, 37])  # 37: the batched layout (on AMX tiles where cpu.has_amx())
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm, batch):
     """dot=bfloat16 computes exactly this: projection weights and their inputs rounded to bfloat16,

@@ -239,6 +239,7 @@ def main(args: argparse.Namespace) -> int:
             linear_dot.load_state_dict(linear.state_dict())
             linear_dot.fused_weights = linear_dot.fused_dot = torch.bfloat16
             print("  verified: " + verify_bf16_dot(linear_dot, linear))
+            print(f"  bfloat16 dots from 20 rows on: {'AMX tiles' if cpu.has_amx() else 'AVX512-BF16 (no AMX)'}")
             generators.append(("linear-rnn-bf16dot", linear_dot, "rnn"))
         generators += [
             ("softmax-cache", softmax, "cache"),

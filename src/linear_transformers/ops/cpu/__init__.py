@@ -98,6 +98,7 @@ def _build() -> ctypes.CDLL:
     lib.lt_model_token_f32.argtypes = [ctypes.POINTER(_LtModel), ctypes.c_int, ptr, ctypes.c_long] + [ptr] * 4
     lib.lt_model_token_f32.restype = ctypes.c_int
     lib.lt_has_bf16_dot.restype = ctypes.c_int
+    lib.lt_has_amx.restype = ctypes.c_int
     lib.lt_mol_sample_f32.argtypes = [ctypes.c_int] * 3 + [ptr] * 4
     lib.lt_mol_sample_f32.restype = ctypes.c_int
     return lib
@@ -155,6 +156,13 @@ def has_bf16_dot() -> bool:
     return bool(lib is not None and lib.lt_has_bf16_dot())
 
 
+def has_amx() -> bool:
+    """Whether bfloat16 dots in the batched layout (20 rows and more) run on AMX tiles: the kernel was
+    built with AMX-BF16 and Linux granted this process the tile registers."""
+    lib = load()
+    return bool(lib is not None and lib.lt_has_amx())
+
+
 class FusedModelStep:
     """One generation step of a causal linear transformer in one C call: token ids in, the
     parameters of the next token's distribution out (embedding and positions, all blocks, final
@@ -169,7 +177,8 @@ class FusedModelStep:
     weights=torch.bfloat16 streams bfloat16 copies of the four projection weights (taken here: later
     updates are not seen) and widens them to float32 for float32 arithmetic. dot=torch.bfloat16 (with
     bfloat16 weights, on a CPU with AVX512-BF16) also rounds the activations entering those
-    projections to bfloat16 and multiplies bfloat16 pairs, accumulating in float32: no widening.
+    projections to bfloat16 and multiplies bfloat16 pairs, accumulating in float32: no widening
+    (from 20 rows on, on AMX tiles where the CPU and the kernel allow it: has_amx()).
     The embedding, norms and head stay float32.
     """
 

@@ -397,9 +397,98 @@ static void batched_pairs(int kind, int Bp, int n_in, const float *xt, uint16_t 
 #endif
 }
 
-/* xt2: batched_pairs of xt, for kind 2 */
-static void batched_gemv(int kind, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
-                         const float *xt, const uint16_t *xt2, float *y, float *yt, const float *base) {
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define LT_AMX 1
+
+/* AMX tiles for bfloat16 dots in the batched layout: C^T = W X^T, a tile product at a time. The
+ * weights are AMX's A operand as they are (16 rows of W by 32 inputs, row-major bfloat16), and xt2 is
+ * already its B operand (16 pair rows of inputs by 16 rows of the batch: the "VNNI" layout), so
+ * neither is repacked; each 16 x 16 float32 tile of C^T is 16 outputs for 16 rows of the batch.
+ * Linux hands out the tile registers on request (arch_prctl), once per process. */
+static int amx_state = -1; /* -1 unknown, 0 refused, 1 granted */
+
+static int amx_enable(void) {
+    if (amx_state < 0) {
+        unsigned long mask = 0;
+        amx_state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 &&
+                    syscall(SYS_arch_prctl, 0x1022 /* ARCH_GET_XCOMP_PERM */, &mask) == 0 && (mask >> 18) & 1;
+    }
+    return amx_state;
+}
+
+int lt_has_amx(void) { return amx_enable(); }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+/* tiles 0-1: C (two blocks of 16 outputs), 2-3: A (their weights), 4: B (16 rows of the batch) */
+static void amx_configure(void) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 5; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    _tile_loadconfig(&c);
+}
+
+/* Rows [j0, j0 + 16 * nblk) (nblk 1 or 2) of C^T for every 16 rows of the batch, through t[16][16] to
+ * yt (transposed) or y (row layout, + base), as batched_rows does. */
+static void amx_rows(int nblk, int B, int n_in, int n_out, int j0, const uint16_t *W, const float *bias,
+                     const uint16_t *xt2, float *y, float *yt, const float *base) {
+    const int Bp = round16(B);
+    float t[2][16][16];
+    for (int b0 = 0; b0 < Bp; b0 += 16) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int k = 0; k < n_in; k += 32) {
+            _tile_loadd(4, xt2 + (long)k * Bp + 2 * b0, 4 * Bp);
+            _tile_loadd(2, W + (long)j0 * n_in + k, 2 * n_in);
+            _tile_dpbf16ps(0, 2, 4);
+            if (nblk == 2) {
+                _tile_loadd(3, W + (long)(j0 + 16) * n_in + k, 2 * n_in);
+                _tile_dpbf16ps(1, 3, 4);
+            }
+        }
+        _tile_stored(0, t[0], 64);
+        if (nblk == 2) _tile_stored(1, t[1], 64);
+        for (int m = 0; m < 16 * nblk; m++) {
+            const vf v = vload(t[m / 16][m % 16]) + bias[j0 + m];
+            if (yt) {
+                vstore(yt + (long)(j0 + m) * Bp + b0, v);
+                continue;
+            }
+            float u[VLF];
+            vstore(u, v);
+            for (int l = 0; l < VLF && b0 + l < B; l++) {
+                const long o = (long)(b0 + l) * n_out + j0 + m;
+                y[o] = (base ? base[o] : 0.0f) + u[l];
+            }
+        }
+    }
+}
+#endif
+
+#ifndef LT_AMX
+int lt_has_amx(void) { return 0; }
+#endif
+
+/* xt2: batched_pairs of xt, for kind 2; amx: use AMX tiles for kind 2 (configured by the caller) */
+static void batched_gemv(int amx, int kind, int B, int n_in, int n_out, int j0, int j1, const void *W,
+                         const float *bias, const float *xt, const uint16_t *xt2, float *y, float *yt,
+                         const float *base) {
+#ifdef LT_AMX
+    if (kind == 2 && amx) { /* 32 and 16 outputs at a time, what is left (< 16) below */
+        for (; j1 - j0 >= 16; j0 += j1 - j0 >= 32 ? 32 : 16)
+            amx_rows(j1 - j0 >= 32 ? 2 : 1, B, n_in, n_out, j0, W, bias, xt2, y, yt, base);
+    }
+#else
+    (void)amx;
+#endif
     if (kind == 2) {
         batched_kind(2, B, n_in, n_out, j0, j1, W, bias, xt, xt2, y, yt, base);
     } else if (kind == 1) {
@@ -532,6 +621,11 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
                        float *const *z, float *work, float *params) {
     const int d = m->d, H = m->n_heads, dk = m->dk, dv = m->dv, dff = m->dff, width = 2 * dk + dv;
     const int batched = B >= LT_BATCHED_MIN, Bp = round16(B), kind = m->bf16;
+#ifdef LT_AMX
+    const int amx = batched && kind == 2 && amx_enable();
+#else
+    const int amx = 0;
+#endif
     float *qkv = work, *att = qkv + (long)Bp * H * width, *ff = att + (long)Bp * H * dv, *x2 = ff + (long)Bp * dff;
     float *x = x2 + (long)Bp * d;
     if (position < 0 || position >= m->max_len) return 2;
@@ -554,6 +648,9 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
 #pragma omp atomic
         failed += !ok;
 #pragma omp barrier
+#ifdef LT_AMX
+        if (amx) amx_configure(); /* the tile configuration is each thread's own */
+#endif
         if (!failed) {
             for (int l = 0; l < m->n_layers; l++) {
                 int lo, hi;
@@ -569,8 +666,8 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
                 share(H, 1, &lo, &hi);
                 for (int h = lo; h < hi; h++) {
                     if (batched)
-                        batched_gemv(kind, B, d, H * width, h * width, (h + 1) * width, m->qkv_w[l], m->qkv_b[l], xt,
-                                     xt2, qkv, NULL, NULL);
+                        batched_gemv(amx, kind, B, d, H * width, h * width, (h + 1) * width, m->qkv_w[l],
+                                     m->qkv_b[l], xt, xt2, qkv, NULL, NULL);
                     else
                         gemv(kind, B, d, H * width, h * width, (h + 1) * width, m->qkv_w[l], m->qkv_b[l], in, qkv,
                              NULL, -1);
@@ -590,8 +687,8 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
                 share(d, 4, &lo, &hi);
                 if (batched) batched_pairs(kind, Bp, H * dv, att, xt2);
                 if (batched)
-                    batched_gemv(kind, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, xt2, m->pre_norm ? x : x2,
-                                 NULL, x);
+                    batched_gemv(amx, kind, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, xt2,
+                                 m->pre_norm ? x : x2, NULL, x);
                 else
                     gemv(kind, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, m->pre_norm ? x : x2, x, -1);
 #pragma omp barrier
@@ -605,7 +702,7 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
                 share(dff, 4, &lo, &hi);
                 if (batched) {
                     batched_pairs(kind, Bp, d, xt, xt2);
-                    batched_gemv(kind, B, d, dff, lo, hi, m->ff1_w[l], m->ff1_b[l], xt, xt2, NULL, ff, NULL);
+                    batched_gemv(amx, kind, B, d, dff, lo, hi, m->ff1_w[l], m->ff1_b[l], xt, xt2, NULL, ff, NULL);
                     if (m->gelu_tanh)
                         for (long i = (long)lo * Bp; i < (long)hi * Bp; i++) ff[i] = gelu(ff[i], 1);
                     else
@@ -618,7 +715,7 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
                 share(d, 4, &lo, &hi);
                 if (batched) batched_pairs(kind, Bp, dff, ff, xt2);
                 if (batched)
-                    batched_gemv(kind, B, dff, d, lo, hi, m->ff2_w[l], m->ff2_b[l], ff, xt2, m->pre_norm ? x : x2,
+                    batched_gemv(amx, kind, B, dff, d, lo, hi, m->ff2_w[l], m->ff2_b[l], ff, xt2, m->pre_norm ? x : x2,
                                  NULL, m->pre_norm ? x : x1);
                 else
                     gemv(kind, B, dff, d, lo, hi, m->ff2_w[l], m->ff2_b[l], ff, m->pre_norm ? x : x2,
@@ -641,6 +738,9 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
             share(m->n_params, 4, &lo, &hi);
             gemv_f32(B, d, m->n_params, lo, hi, m->head_w, m->head_b, h, params, NULL, -1);
         }
+#ifdef LT_AMX
+        if (amx) _tile_release();
+#endif
         free(xp);
     }
     return failed ? 1 : 0;
