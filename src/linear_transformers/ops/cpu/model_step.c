@@ -293,7 +293,8 @@ static void gelu_row(float *y, int n) {
  * no per-output epilogue beyond a store. Each output sums its products in order of i in its own lane:
  * the result of a row does not depend on the other rows, the batch size or the tile.
  * Weights: kind 0 float32, 1 bfloat16 widened to float32, 2 bfloat16 pairs (vdpbf16ps) against xt2,
- * the input rounded to bfloat16 with pairs of i interleaved: xt2[(i / 2) * 2 Bp + 2 b + i % 2]. */
+ * the input rounded to bfloat16 with pairs of i interleaved: xt2[(i / 2) * 2 Bp + 2 b + i % 2].
+ * Kind 2 runs on AMX tiles instead where the kernel has them and Linux grants them (amx_rows). */
 #ifndef LT_BATCHED_MIN
 #define LT_BATCHED_MIN 20
 #endif
