@@ -136,7 +136,7 @@ class _LtModel(ctypes.Structure):
 
     _fields_ = [
         *[(name, ctypes.c_int) for name in ("n_layers", "d", "n_heads", "dk", "dv", "dff", "pre_norm", "feature_map",
-                                            "gelu_tanh", "bf16")],
+                                            "bf16")],
         ("ln_eps", ctypes.c_float),
         ("attn_eps", ctypes.c_float),
         *[(name, ctypes.POINTER(ctypes.c_void_p)) for name in ("ln1_w", "ln1_b", "qkv_w", "qkv_b", "out_w", "out_b",
@@ -148,6 +148,10 @@ class _LtModel(ctypes.Structure):
 
 
 FUSED_FEATURE_MAPS = {"elu": 0, "relu": 1}
+# The mixture-of-logistics sampler's uniform draw, kept off 0 and 1 (heads.MixtureOfLogisticsHead.sample
+# and FusedModelStep.sample_mol draw it alike, so both give the same tokens).
+MOL_UNIFORM = (1e-7, 1 - 1e-7)
+_MOL_NOT_FINITE = "mixture-of-logistics sampling: the head's parameters are not finite (NaN or inf)"
 
 
 def has_bf16_dot() -> bool:
@@ -241,7 +245,7 @@ class FusedModelStep:
         max_len = io["pos"].shape[0] if io["pos"] is not None else 2**31 - 1
         self.arrays = {name: (ctypes.c_void_p * len(layers))(*[layer[name].data_ptr() for layer in layers])
                        for name in self.WEIGHTS}  # fmt: skip
-        self.model = _LtModel(len(layers), d, n_heads, dk, dv, dff, int(pre_norm), FUSED_FEATURE_MAPS[feature_map], 0,
+        self.model = _LtModel(len(layers), d, n_heads, dk, dv, dff, int(pre_norm), FUSED_FEATURE_MAPS[feature_map],
                               2 if dot == torch.bfloat16 else int(weights == torch.bfloat16), ln_eps, attn_eps,
                               *[self.arrays[name] for name in self.WEIGHTS], vocab, max_len, n_params, norm_eps,
                               *[_ptr(io[name]) for name in self.IO])  # fmt: skip
@@ -294,7 +298,7 @@ class FusedModelStep:
     ) -> torch.Tensor:
         """Generation with a mixture-of-logistics head at temperature 1, n tokens after `first` [B]
         (the token at `position`): per token one C step, then the head sampled in C (mol_sample) from
-        PyTorch's draws, race [B, K] ~ Exp(1) then u [B] ~ U(1e-7, 1 - 1e-7) from `generator`. The
+        PyTorch's draws, race [B, K] ~ Exp(1) then u [B] ~ U(MOL_UNIFORM) from `generator`. The
         same draws in the same order as stepping the model and calling MixtureOfLogisticsHead.sample
         each time, so the same tokens, without the per-token tensor work. Returns [n, B] (int64); S
         and z advance by n tokens (the last one sampled is not fed)."""
@@ -311,9 +315,9 @@ class FusedModelStep:
             if status:
                 self._check(status, out[t], position + t)
             race.exponential_(generator=generator)
-            u.uniform_(1e-7, 1 - 1e-7, generator=generator)
+            u.uniform_(*MOL_UNIFORM, generator=generator)
             if lib.lt_mol_sample_f32(B, K, levels, params_ptr, race_ptr, u_ptr, out_ptr + (t + 1) * row):
-                raise ValueError("mixture-of-logistics sampling: the head's parameters are not finite (NaN or inf)")
+                raise ValueError(_MOL_NOT_FINITE)
         return out[1:]
 
 
@@ -324,7 +328,7 @@ def mol_sample(params: torch.Tensor, race: torch.Tensor, u: torch.Tensor, levels
     B, K = race.shape
     out = torch.empty(B, dtype=torch.int64)
     if load().lt_mol_sample_f32(B, K, levels, params.data_ptr(), race.data_ptr(), u.data_ptr(), out.data_ptr()):
-        raise ValueError("mixture-of-logistics sampling: the head's parameters are not finite (NaN or inf)")
+        raise ValueError(_MOL_NOT_FINITE)
     return out
 
 

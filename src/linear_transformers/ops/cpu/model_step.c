@@ -68,7 +68,6 @@ typedef struct {
     int n_layers, d, n_heads, dk, dv, dff;
     int pre_norm;     /* 1: LN before each sublayer; 0: after the residual add */
     int feature_map;  /* 0: elu(x) + 1, 1: relu(x) */
-    int gelu_tanh;    /* 0: exact (erf), 1: tanh approximation */
     int bf16;         /* the four projection weights: 0 float32; 1 bfloat16 (uint16), widened to float32;
                          2 bfloat16, and dot products on bfloat16 pairs (activations rounded to bfloat16,
                          AVX512-BF16 vdpbf16ps, float32 accumulation); 2 needs lt_has_bf16_dot() */
@@ -85,11 +84,6 @@ typedef struct {
 } lt_model;
 
 static inline float phi(float v, int kind) { return kind == 0 ? (v > 0 ? v + 1.0f : expf(v)) : (v > 0 ? v : 0.0f); }
-
-static inline float gelu(float v, int tanh_approx) { /* 0: exact (erf), 1: tanh approximation */
-    if (tanh_approx) return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-    return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
-}
 
 typedef uint16_t vh __attribute__((vector_size(32), aligned(2)));
 typedef uint32_t vu __attribute__((vector_size(64)));
@@ -112,9 +106,9 @@ static inline float wscalar_bf16(const void *W, long i) {
     return f;
 }
 
-/* y[b, j] = (base ? base[b, j] : 0) + bias[j] + W[j, :] . x[b, :] for rows j in [j0, j1), then GELU if
- * gelu_kind >= 0. A tile is 4 rows of W by NB <= 4 rows of x: each weight vector loaded serves NB
- * rows and each x vector 4 weight rows, so W streams from cache B / 4 times, not B times. Every
+/* y[b, j] = (base ? base[b, j] : 0) + bias[j] + W[j, :] . x[b, :] for rows j in [j0, j1). A tile is
+ * 4 rows of W by NB <= 4 rows of x: each weight vector loaded serves NB rows and each x vector 4
+ * weight rows, so W streams from cache B / 4 times, not B times. Every
  * output sums its products in the same order whatever the tile, so results do not depend on B.
  * The tile body is inlined for each NB (1..4), so its accumulators stay in registers. Each of the four
  * weight rows is its own stream: they are prefetched LT_AHEAD bytes ahead (the hardware's prefetcher
@@ -123,7 +117,7 @@ static inline float wscalar_bf16(const void *W, long i) {
 #define DEFINE_GEMV(NAME, WLOAD, WSCALAR, ESIZE)                                                                   \
     static inline __attribute__((always_inline)) void NAME##_tile(                                                 \
         const int NB, int b0, int n_in, int n_out, int j, int nr, const void *W, const float *bias, const float *x, \
-        float *y, const float *base, int gelu_kind) {                                                              \
+        float *y, const float *base) {                                                                             \
         long w[4];                                                                                                 \
         for (int r = 0; r < 4; r++) w[r] = (long)(j + (r < nr ? r : 0)) * n_in;                                    \
         vf acc[4][4];                                                                                              \
@@ -148,20 +142,20 @@ static inline float wscalar_bf16(const void *W, long i) {
                 for (int t = i; t < n_in; t++) s += WSCALAR(W, w[r] + t) * xb[t];                                  \
                 const long o = (long)(b0 + c) * n_out + j + r;                                                     \
                 if (base) s += base[o];                                                                            \
-                y[o] = gelu_kind >= 0 ? gelu(s, gelu_kind) : s;                                                    \
+                y[o] = s;                                                                                          \
             }                                                                                                      \
         }                                                                                                          \
     }                                                                                                              \
     static void NAME(int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias, const float *x, \
-                     float *y, const float *base, int gelu_kind) {                                                 \
+                     float *y, const float *base) {                                                                \
         for (int j = j0; j < j1; j += 4) {                                                                         \
             const int nr = j1 - j < 4 ? j1 - j : 4;                                                                \
             int b0 = 0;                                                                                            \
-            for (; b0 + 4 <= B; b0 += 4) NAME##_tile(4, b0, n_in, n_out, j, nr, W, bias, x, y, base, gelu_kind);   \
+            for (; b0 + 4 <= B; b0 += 4) NAME##_tile(4, b0, n_in, n_out, j, nr, W, bias, x, y, base);              \
             switch (B - b0) {                                                                                      \
-                case 3: NAME##_tile(3, b0, n_in, n_out, j, nr, W, bias, x, y, base, gelu_kind); break;             \
-                case 2: NAME##_tile(2, b0, n_in, n_out, j, nr, W, bias, x, y, base, gelu_kind); break;             \
-                case 1: NAME##_tile(1, b0, n_in, n_out, j, nr, W, bias, x, y, base, gelu_kind); break;             \
+                case 3: NAME##_tile(3, b0, n_in, n_out, j, nr, W, bias, x, y, base); break;                        \
+                case 2: NAME##_tile(2, b0, n_in, n_out, j, nr, W, bias, x, y, base); break;                        \
+                case 1: NAME##_tile(1, b0, n_in, n_out, j, nr, W, bias, x, y, base); break;                        \
             }                                                                                                      \
         }                                                                                                          \
     }
@@ -179,8 +173,7 @@ int lt_has_bf16_dot(void) { return 1; }
  * FusedModelStep). */
 static inline __attribute__((always_inline)) void bf16dot_tile(const int NB, int n_in, int n_out, int b0, int j0,
                                                                int j1, const uint16_t *Wh, const float *bias,
-                                                               const __m512bh *xh, float *y, const float *base,
-                                                               int gelu_kind) {
+                                                               const __m512bh *xh, float *y, const float *base) {
     const int n32 = n_in / 32;
     for (int j = j0; j < j1; j += 4) {
         const int nr = j1 - j < 4 ? j1 - j : 4;
@@ -200,14 +193,13 @@ static inline __attribute__((always_inline)) void bf16dot_tile(const int NB, int
             for (int r = 0; r < nr; r++) {
                 float s = _mm512_reduce_add_ps(acc[c][r]) + bias[j + r];
                 const long o = (long)(b0 + c) * n_out + j + r;
-                if (base) s += base[o];
-                y[o] = gelu_kind >= 0 ? gelu(s, gelu_kind) : s;
+                y[o] = base ? s + base[o] : s;
             }
     }
 }
 
 static void gemv_bf16dot(int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
-                         const float *x, float *y, const float *base, int gelu_kind) {
+                         const float *x, float *y, const float *base) {
     __m512bh xh[4 * (n_in / 32)];
     for (int b0 = 0; b0 < B; b0 += 4) {
         const int nb = B - b0 < 4 ? B - b0 : 4;
@@ -218,10 +210,10 @@ static void gemv_bf16dot(int B, int n_in, int n_out, int j0, int j1, const void 
                     _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb + i + 16), _mm512_loadu_ps(xb + i));
         }
         switch (nb) {
-            case 4: bf16dot_tile(4, n_in, n_out, b0, j0, j1, W, bias, xh, y, base, gelu_kind); break;
-            case 3: bf16dot_tile(3, n_in, n_out, b0, j0, j1, W, bias, xh, y, base, gelu_kind); break;
-            case 2: bf16dot_tile(2, n_in, n_out, b0, j0, j1, W, bias, xh, y, base, gelu_kind); break;
-            default: bf16dot_tile(1, n_in, n_out, b0, j0, j1, W, bias, xh, y, base, gelu_kind); break;
+            case 4: bf16dot_tile(4, n_in, n_out, b0, j0, j1, W, bias, xh, y, base); break;
+            case 3: bf16dot_tile(3, n_in, n_out, b0, j0, j1, W, bias, xh, y, base); break;
+            case 2: bf16dot_tile(2, n_in, n_out, b0, j0, j1, W, bias, xh, y, base); break;
+            default: bf16dot_tile(1, n_in, n_out, b0, j0, j1, W, bias, xh, y, base); break;
         }
     }
 }
@@ -499,14 +491,12 @@ static void batched_gemv(int amx, int kind, int B, int n_in, int n_out, int j0, 
     }
 }
 
-/* gelu_kind 0 (exact GELU) is applied after the products, 16 outputs at a time (vgelu): libm's scalar
- * erff cost as much as the bfloat16 products at batch 1. */
+/* With gelu set, GELU (exact) is applied after the products, 16 outputs at a time (vgelu): libm's
+ * scalar erff cost as much as the bfloat16 products at batch 1. */
 static void gemv(int bf16, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
-                 const float *x, float *y, const float *base, int gelu_kind) {
-    (bf16 == 2 ? gemv_bf16dot : bf16 ? gemv_bf16 : gemv_f32)(B, n_in, n_out, j0, j1, W, bias, x, y, base,
-                                                             gelu_kind == 0 ? -1 : gelu_kind);
-    if (gelu_kind == 0)
-        for (int b = 0; b < B; b++) gelu_row(y + (long)b * n_out + j0, j1 - j0);
+                 const float *x, float *y, const float *base, int gelu) {
+    (bf16 == 2 ? gemv_bf16dot : bf16 ? gemv_bf16 : gemv_f32)(B, n_in, n_out, j0, j1, W, bias, x, y, base);
+    for (int b = 0; gelu && b < B; b++) gelu_row(y + (long)b * n_out + j0, j1 - j0);
 }
 
 /* This thread's share [*lo, *hi) of n items, in blocks of `grain`. */
@@ -671,7 +661,7 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
                                      m->qkv_b[l], xt, xt2, qkv, NULL, NULL);
                     else
                         gemv(kind, B, d, H * width, h * width, (h + 1) * width, m->qkv_w[l], m->qkv_b[l], in, qkv,
-                             NULL, -1);
+                             NULL, 0);
                     for (int b = 0; b < B; b++) {
                         const long bh = (long)b * H + h;
                         float *q = qkv + bh * width;
@@ -691,7 +681,7 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
                     batched_gemv(amx, kind, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, xt2,
                                  m->pre_norm ? x : x2, NULL, x);
                 else
-                    gemv(kind, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, m->pre_norm ? x : x2, x, -1);
+                    gemv(kind, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, m->pre_norm ? x : x2, x, 0);
 #pragma omp barrier
                 /* C: first feed-forward layer with its GELU */
                 if (m->pre_norm) {
@@ -704,12 +694,9 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
                 if (batched) {
                     batched_pairs(kind, Bp, d, xt, xt2);
                     batched_gemv(amx, kind, B, d, dff, lo, hi, m->ff1_w[l], m->ff1_b[l], xt, xt2, NULL, ff, NULL);
-                    if (m->gelu_tanh)
-                        for (long i = (long)lo * Bp; i < (long)hi * Bp; i++) ff[i] = gelu(ff[i], 1);
-                    else
-                        gelu_row(ff + (long)lo * Bp, (hi - lo) * Bp);
+                    gelu_row(ff + (long)lo * Bp, (hi - lo) * Bp);
                 } else {
-                    gemv(kind, B, d, dff, lo, hi, m->ff1_w[l], m->ff1_b[l], in, ff, NULL, m->gelu_tanh);
+                    gemv(kind, B, d, dff, lo, hi, m->ff1_w[l], m->ff1_b[l], in, ff, NULL, 1);
                 }
 #pragma omp barrier
                 /* D: second feed-forward layer and residual */
@@ -720,7 +707,7 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
                                  NULL, m->pre_norm ? x : x1);
                 else
                     gemv(kind, B, dff, d, lo, hi, m->ff2_w[l], m->ff2_b[l], ff, m->pre_norm ? x : x2,
-                         m->pre_norm ? x : x1, -1);
+                         m->pre_norm ? x : x1, 0);
 #pragma omp barrier
                 if (!m->pre_norm) { /* x = LN2(x1 + FF(x1)), a row per thread */
 #pragma omp for schedule(static)
@@ -737,7 +724,7 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
             }
             int lo, hi;
             share(m->n_params, 4, &lo, &hi);
-            gemv_f32(B, d, m->n_params, lo, hi, m->head_w, m->head_b, h, params, NULL, -1);
+            gemv_f32(B, d, m->n_params, lo, hi, m->head_w, m->head_b, h, params, NULL);
         }
 #ifdef LT_AMX
         if (amx) _tile_release();
