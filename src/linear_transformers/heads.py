@@ -131,16 +131,22 @@ class MixtureOfLogisticsHead(nn.Module):
         cdf = F.pad(F.pad(cdf, (1, 0), value=0.0), (0, 1), value=1.0)
         return torch.log((cdf[..., 1:] - cdf[..., :-1]).clamp(min=torch.finfo(dtype).tiny)).float()
 
+    @staticmethod
+    def draws_directly(temperature: float, top_k: int | None, top_p: float | None) -> bool:
+        """Whether `sample` draws from the mixture itself (temperature 1, no truncation), not from
+        `log_probs`: the case FusedModelStep.sample_mol reproduces in C."""
+        return temperature == 1.0 and not top_k and (top_p is None or top_p >= 1.0)
+
     def sample(self, params, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
         """One level per row of params [B, 3K]. At temperature 1 without truncation, draw a component,
         then a logistic value, and bin it: exactly the discretised mixture, without evaluating all L
         levels. Otherwise sample from `log_probs` (tempered, truncated)."""
-        if temperature != 1.0 or top_k or (top_p is not None and top_p < 1.0):
+        if not self.draws_directly(temperature, top_k, top_p):
             return sample(self.log_probs(params), temperature, top_k, top_p, generator)
         K, L = self.n_components, self.vocab_size
         params = params.float()
         race = torch.empty_like(params[..., :K]).exponential_(generator=generator)
-        u = torch.empty_like(params[..., 0]).uniform_(1e-7, 1 - 1e-7, generator=generator)
+        u = torch.empty_like(params[..., 0]).uniform_(*cpu.MOL_UNIFORM, generator=generator)
         if params.device.type == "cpu" and params.dim() == 2 and cpu.available():  # the same arithmetic in C
             return cpu.mol_sample(params.contiguous(), race, u, L)
         k = (torch.log_softmax(params[..., :K], -1) - race.log()).argmax(-1, keepdim=True)

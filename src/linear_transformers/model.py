@@ -391,9 +391,9 @@ class CausalTransformer(nn.Module):
             return out
         if mode == "rnn":
             params, state = self.prefill(prompt, labels)
-            plain = temperature == 1.0 and not top_k and (top_p is None or top_p >= 1.0)
-            plain = plain and isinstance(self.head, MixtureOfLogisticsHead)
-            fused = self._fused_step(out[:, 0], state) if plain else None
+            head = self.head
+            direct = isinstance(head, MixtureOfLogisticsHead) and head.draws_directly(temperature, top_k, top_p)
+            fused = self._fused_step(out[:, 0], state) if direct else None
             if fused is not None:  # the per-token loop in C calls: the same draws, so the same tokens
                 out[:, T0] = self.head.sample(params, generator=generator)
                 S, z = [s.S for s in state.layers], [s.z for s in state.layers]

@@ -14,10 +14,9 @@ recomputation; bfloat16 dots within bfloat16 error of float32), then timed per t
 a set of positions (best of 10 for a stepped token, one run for a recomputed one); seconds per
 image is the sum over all positions, integrated from those measurements (exact for the RNN, whose
 per-token cost is flat; marked "integrated" for the others, whose cost grows with the position);
-every timed token includes drawing it from the head
-(temperature 1). The RNN modes are also timed the way a user meets them: whole images at batch 1
-through model.generate(n=1), the modes taking turns (median of --images). Also: training step
-tokens/s, linear vs softmax.
+every timed token includes drawing it from the head (temperature 1). The RNN modes are also timed
+the way a user meets them: whole images at batch 1 through model.generate(n=1), the modes taking
+turns (median of --images). Also: training step tokens/s, linear vs softmax.
 Writes generate.csv, table.md and generate.png under --out.
 """
 
