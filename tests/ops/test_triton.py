@@ -77,6 +77,22 @@ def test_triton_low_precision_within_twice_the_reference_error(dtype):
         assert err_got <= 2 * err_ref + 1e-6, f"{name}: {err_got:.2e} vs reference {err_ref:.2e}"
 
 
+@pytest.mark.skipif(triton_backend.interpreting(), reason="the interpreter ignores a dot's input_precision")
+@pytest.mark.parametrize(("precision", "tol"), [("ieee", 1e-5), ("tf32x3", 1e-4), ("tf32", 1e-2)])
+def test_triton_dot_precisions_on_float32(precision, tol):
+    """Each dot precision on float32 inputs, against the float64 reference: outputs, states, gradients."""
+    B, T, H, Dk, Dv = 2, 200, 2, 32, 48
+    q, k, v = (x.to(DEVICE).requires_grad_() for x in qkv(B, T, H, Dk, Dv, torch.float32))
+    state = _to(random_state(B, H, Dk, Dv, torch.float32), requires_grad=True)
+    exact = _run("naive", *(x.detach().double().requires_grad_() for x in (q, k, v)),
+                 _to(LinearState(state.S.double(), state.z.double(), 0), requires_grad=True))  # fmt: skip
+    with triton_backend.precision(precision):
+        got = _run("triton", q, k, v, state)
+    errors = {name: rel_err(got[name], exact[name]) for name in got}
+    print(precision, {name: f"{e:.1e}" for name, e in errors.items()})
+    assert max(errors.values()) < tol, errors
+
+
 def test_triton_state_handoff_and_step():
     B, T, H, Dk, Dv = 2, 90, 2, 16, 32
     q, k, v = (x.to(DEVICE) for x in qkv(B, T, H, Dk, Dv, torch.float32))

@@ -1,17 +1,21 @@
-"""GPU: the Triton kernels against the PyTorch chunked path and causal SDPA (FlashAttention for half
-precision), and flash-linear-attention's chunk_linear_attn or pytorch-fast-transformers'
-CausalLinearAttention when importable.
+"""GPU: the Triton kernels against the PyTorch chunked path, causal SDPA (FlashAttention for half
+precision), flash-linear-attention's chunk_linear_attn (normalised) when importable, and
+pytorch-fast-transformers' CUDA causal product when importable or built from its source
+(--fast-transformers-src: only that one kernel is compiled, with torch's extension builder).
 
-First verified (Triton against the float32 PyTorch path: outputs and gradients), then forward and
-forward+backward are timed (triton.testing.do_bench, median) over sequence lengths, head widths and
-dtypes, plus the latency of one decode step of one layer at batch 1, and the achieved TFLOP/s
-(the chunked algorithm's FLOP count) against the card's measured matmul rate. Writes gpu.csv and
-table.md under --out.
+First verified (every implementation against a float64 reference: outputs and gradients, and each
+Triton dot precision), then forward and forward+backward are timed (triton.testing.do_bench,
+median) over sequence lengths, head widths and dtypes, then the kernels' share of one Triton
+forward+backward (torch.profiler), the latency of one decode step of one layer at batch 1, and the
+achieved TFLOP/s (the chunked algorithm's FLOP count) against the card's measured matmul rate.
+Writes gpu.csv, table.md and gpu.png under --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -20,17 +24,28 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops import LinearState
+from ..ops import triton as triton_backend
 from .attention import chunked_flops
 from .measure import machine_info
-from .report import fmt, markdown_table, write_csv
+from .report import finish_log_log, fmt, markdown_table, write_csv
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# "triton" is the default dot precision for the dtype (ops.triton.dot_precision); the others force one
+TRITON_VARIANTS = {f"triton-{p}": p for p in triton_backend.PRECISIONS}
+IMPLS = ["triton", *TRITON_VARIANTS, "chunked", "sdpa", "fla", "fast-transformers"]
+DEFAULT_IMPLS = ["triton", "chunked", "sdpa", "fla", "fast-transformers"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bfloat16", "float32"])
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=DEFAULT_IMPLS,
+                   help="what to time; fla and fast-transformers only where importable (or built)")  # fmt: skip
+    p.add_argument("--chunked-max-length", type=int, default=65536,
+                   help="time the PyTorch chunked path only up to this length (it is the slow one)")  # fmt: skip
+    p.add_argument("--fast-transformers-src", type=Path, default=None,
+                   help="an unpacked pytorch-fast-transformers source: build its CUDA causal product")  # fmt: skip
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path("results/bench_gpu"))
@@ -50,48 +65,151 @@ def _inputs(B, N, H, D, dtype, seed=0):
     return q, k, v
 
 
-def _implementations(q, k, v):
-    """name -> forward function taking nothing and returning the [B, N, H, D] (or head-major) output."""
-    impls = {
-        "triton": lambda: ops.causal_linear_attention(q, k, v, backend="triton"),
-        "chunked": lambda: ops.causal_linear_attention(q, k, v, backend="chunked"),
-    }
-    qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
-    impls["sdpa"] = lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
-    impls["sdpa"].inputs = (qh, kh, vh)
-    if importlib.util.find_spec("fla") is not None:
-        try:
-            from fla.ops.linear_attn import chunk_linear_attn
+def fast_transformers_kernel(src: Path | None):
+    """pytorch-fast-transformers' CUDA causal product (its `causal_dot_product` and
+    `causal_dot_backward`), from the installed package or compiled from `src`; None if neither."""
+    try:
+        from fast_transformers.causal_product import causal_product_cuda
 
-            impls["fla"] = lambda: chunk_linear_attn(q, k, v, normalize=True)[0]
-        except ImportError:
-            pass
+        return causal_product_cuda
+    except ImportError:
+        pass
+    if src is None:
+        return None
+    cu = Path(src) / "fast_transformers" / "causal_product" / "causal_product_cuda.cu"
+    if not cu.is_file():
+        raise SystemExit(f"--fast-transformers-src: no {cu}")
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(name="fast_transformers_causal_product_cuda", sources=[str(cu)], extra_cuda_cflags=["-O3"])
+    except (RuntimeError, OSError) as e:  # a failed build is reported and the column left empty
+        print(f"pytorch-fast-transformers: building {cu} failed: {e}")
+        return None
+
+
+def _fast_transformers_attention(kernel):
+    """CausalLinearAttention of pytorch-fast-transformers on feature-mapped q, k ([B, N, H, D],
+    float32): its CUDA causal product and its normaliser, 1 / (q . cumsum(k) + eps)."""
+
+    class CausalDotProduct(torch.autograd.Function):  # the package's own autograd wrapper, as written there
+        @staticmethod
+        def forward(ctx, Q, K, V):
+            ctx.save_for_backward(Q, K, V)
+            product = torch.zeros(*Q.shape[:3], V.shape[-1], device=Q.device)
+            kernel.causal_dot_product(Q, K, V, product)
+            return product
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            Q, K, V = ctx.saved_tensors
+            grads = [torch.zeros_like(x) for x in (Q, K, V)]
+            kernel.causal_dot_backward(Q, K, V, grad_out.contiguous(), *grads)
+            return tuple(grads)
+
+    def attend(q, k, v, eps=1e-6):
+        Z = 1 / (torch.einsum("nlhi,nlhi->nlh", q, k.cumsum(1)) + eps)
+        heads = [x.permute(0, 2, 1, 3).contiguous() for x in (q, k, v)]
+        return CausalDotProduct.apply(*heads).permute(0, 2, 1, 3) * Z[..., None]
+
+    return attend
+
+
+def _fla():
+    if importlib.util.find_spec("fla") is None:
+        return None
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except ImportError:
+        return None
+    return lambda q, k, v: chunk_linear_attn(q, k, v, scale=1.0, normalize=True)[0]
+
+
+def _implementations(q, k, v, wanted: list[str], ft_kernel, chunked_max_length: int | None = None) -> dict:
+    """name -> forward function taking nothing and returning the [B, N, H, D] (or head-major) output;
+    those that cannot run here (not importable, another dtype, longer than chunked_max_length) left out.
+    flash-linear-attention is timed in half precision only: its float32 autotuning alone ran past
+    four minutes on an H200."""
+    impls = {}
+    for name in wanted:
+        if name == "triton" or name in TRITON_VARIANTS:
+            impls[name] = _triton_impl(q, k, v, TRITON_VARIANTS.get(name))
+        elif name == "chunked" and (chunked_max_length is None or q.shape[1] <= chunked_max_length):
+            impls[name] = lambda: ops.causal_linear_attention(q, k, v, backend="chunked")
+        elif name == "sdpa":
+            impls[name] = _sdpa_impl(q, k, v)
+        elif name == "fla" and q.dtype != torch.float32 and (fla := _fla()) is not None:
+            impls[name] = functools.partial(fla, q, k, v)
+        elif name == "fast-transformers" and ft_kernel is not None and q.dtype == torch.float32:
+            impls[name] = functools.partial(_fast_transformers_attention(ft_kernel), q, k, v)
     return impls
 
 
-def verify(dtype_names: list[str]) -> list[str]:
-    lines = []
-    q, k, v = _inputs(2, 1000, 4, 64, torch.float32, seed=1)
-    outs = {}
-    for backend in ("chunked", "triton"):
-        out = ops.causal_linear_attention(q, k, v, backend=backend)
-        outs[backend] = [out, *torch.autograd.grad(out.square().sum(), (q, k, v))]
-    err = max(
-        ((a - b).abs().max() / b.abs().max()).item() for a, b in zip(outs["triton"], outs["chunked"], strict=True)
-    )
-    lines.append(f"triton vs PyTorch chunked, float32, outputs and dq/dk/dv: rel. error {err:.1e}")
-    if not err < 1e-4:
-        raise SystemExit(f"verification failed: triton differs from the PyTorch path: {err:.2e}")
+def _triton_impl(q, k, v, precision: str | None):
+    """The Triton backend at its default dot precision (None) or at `precision`."""
+
+    def run():
+        with triton_backend.precision(precision) if precision else contextlib.nullcontext():
+            return ops.causal_linear_attention(q, k, v, backend="triton")
+
+    return run
+
+
+def _sdpa_impl(q, k, v):
+    """Causal softmax SDPA on head-major copies (its `inputs`, for the gradients)."""
+    qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+
+    def run():
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+
+    run.inputs = (qh, kh, vh)
+    return run
+
+
+def _outputs_and_grads(fn, inputs):
+    out = fn()
+    g = torch.Generator(device="cuda").manual_seed(3)
+    w = torch.randn(out.shape, device="cuda", generator=g).to(out.dtype)
+    return [out.detach(), *torch.autograd.grad(out, inputs, w)]
+
+
+def verify(dtype_names: list[str], impls: list[str], ft_kernel) -> list[dict]:
+    """Every implementation (SDPA excepted: it is softmax) against float64 PyTorch, B=2, N=1000,
+    H=4, D=64: max abs error of the output and of dq, dk, dv, each over the reference's max abs.
+    Exits when the Triton kernels at their default precision are off (float32: 1e-4; half: 5e-2)."""
+    rows = []
+    base = _inputs(2, 1000, 4, 64, torch.float64, seed=1)
+    ref = _outputs_and_grads(lambda: ops.causal_linear_attention(*base, backend="chunked"), base)
     for name in dtype_names:
-        if DTYPES[name] == torch.float32:
-            continue
-        qd, kd, vd = (x.detach().to(DTYPES[name]) for x in (q, k, v))
-        got = ops.causal_linear_attention(qd, kd, vd, backend="triton").float()
-        err = ((got - outs["chunked"][0]).abs().max() / outs["chunked"][0].abs().max()).item()
-        lines.append(f"triton {name} vs float32: rel. error {err:.1e}")
-        if not err < 5e-2:
-            raise SystemExit(f"verification failed: triton {name} output error {err:.2e}")
-    return lines
+        q, k, v = (x.detach().to(DTYPES[name]).requires_grad_() for x in base)
+        for impl, fn in _implementations(q, k, v, [i for i in impls if i != "sdpa"], ft_kernel).items():
+            got = _outputs_and_grads(fn, (q, k, v))
+            errs = [((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref, strict=True)]
+            rows.append({"dtype": name, "impl": impl, "out_err": errs[0], "grad_err": max(errs[1:])})
+            print(f"  verified: {impl:18s} {name:8s} rel. error: output {errs[0]:.1e}, gradients {max(errs[1:]):.1e}")
+            limit = 1e-4 if DTYPES[name] == torch.float32 else 5e-2
+            if impl == "triton" and not max(errs) < limit:
+                raise SystemExit(f"verification failed: triton {name} differs from float64 by {max(errs):.2e}")
+    return rows
+
+
+def kernel_share(B, N, H, D, dtype) -> tuple[float, float]:
+    """(milliseconds of GPU kernels, milliseconds measured by do_bench) of one Triton forward+backward:
+    what is left over is launch and Python overhead."""
+    q, k, v = _inputs(B, N, H, D, dtype)
+    g = torch.randn_like(q)
+
+    def fwd_bwd():
+        torch.autograd.grad(ops.causal_linear_attention(q, k, v, backend="triton"), (q, k, v), g)
+
+    wall = _bench(fwd_bwd)
+    reps = 20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fwd_bwd()
+        torch.cuda.synchronize()
+    kernels_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return kernels_us / reps / 1e3, wall
 
 
 def capture_step(q, k, v, S, z, out, eps: float = 1e-6) -> torch.cuda.CUDAGraph:
@@ -139,21 +257,38 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("bench gpu needs a CUDA device")
     info = machine_info()
     print(f"device: {info.get('gpu')}, torch {info['torch']}")
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    bf16_tflops = 2 * 8192**3 / _bench(lambda: a @ a) / 1e9
-    a32 = a.float()
-    f32_tflops = 2 * 8192**3 / _bench(lambda: a32 @ a32) / 1e9
-    print(f"matmul 8192^3: bfloat16 {bf16_tflops:.0f} TFLOP/s, float32 {f32_tflops:.0f} TFLOP/s")
-    for line in verify(args.dtypes):
-        print("  verified: " + line)
+    ft_kernel = fast_transformers_kernel(args.fast_transformers_src) if "fast-transformers" in args.impls else None
+    found = {"fla": _fla(), "fast-transformers": ft_kernel}
+    missing = [name for name, ok in found.items() if name in args.impls and ok is None]
+    if missing:
+        print(f"not importable here, left out: {', '.join(missing)}")
+    rates = _matmul_rates()
+    print(f"matmul 8192^3: {rates}")
+    errors = verify(args.dtypes, args.impls, ft_kernel)
+    share = {}
+    for name in args.dtypes:
+        N = 4096 if 4096 in args.lengths else args.lengths[0]
+        kernels_ms, wall_ms = kernel_share(args.batch, N, args.heads, args.dims[0], DTYPES[name])
+        share[name] = (N, kernels_ms, wall_ms)
+        print(f"triton {name} N={N} D={args.dims[0]} fwd+bwd: kernels {kernels_ms:.3f} ms of {wall_ms:.3f} ms")
+    decode = decode_latency_us(args.heads, 64)
+    decode_text = (
+        f"triton {decode['triton']:.1f} us, triton in a CUDA graph {decode['triton-graph']:.1f} us, "
+        f"PyTorch {decode['pytorch']:.1f} us"
+    )
+    print(f"decode step, one layer (B=1, H={args.heads}, D=64): {decode_text}")
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    extra = [{"impl": f"decode-step-{name}", "us": us} for name, us in decode.items()]
+    extra += [{"impl": "verify", **e} for e in errors]
     for name in args.dtypes:
         dtype = DTYPES[name]
         for D in args.dims:
             for N in args.lengths:
                 q, k, v = _inputs(args.batch, N, args.heads, D, dtype)
                 g = torch.randn(args.batch, N, args.heads, D, device="cuda", dtype=dtype)
-                for impl, fn in _implementations(q, k, v).items():
+                impls = _implementations(q, k, v, args.impls, ft_kernel, args.chunked_max_length)
+                for impl, fn in impls.items():
                     inputs = getattr(fn, "inputs", (q, k, v))
                     grad = g.transpose(1, 2).contiguous() if impl == "sdpa" else g
 
@@ -171,50 +306,100 @@ def main(args: argparse.Namespace) -> int:
                         row["skipped"] = "out of memory"
                         torch.cuda.empty_cache()
                         rows.append(row)
+                        write_csv(args.out / "gpu.csv", rows + extra)
                         continue
-                    if impl in ("triton", "chunked", "fla"):
+                    if impl != "sdpa":
                         flops = chunked_flops(N, args.batch, args.heads, D, D, 64, True)
                         row["fwdbwd_tflops"] = flops / (row["fwdbwd_ms"] * 1e-3) / 1e12
                     rows.append(row)
-                    print(f"  {name:8s} D={D:3d} N={N:6d} {impl:8s} fwd {row['fwd_ms']:8.3f} ms  "
+                    write_csv(args.out / "gpu.csv", rows + extra)  # kept if the run is stopped
+                    print(f"  {name:8s} D={D:3d} N={N:6d} {impl:18s} fwd {row['fwd_ms']:8.3f} ms  "
                           f"fwd+bwd {row['fwdbwd_ms']:8.3f} ms", flush=True)  # fmt: skip
                 del q, k, v, g
-    decode = decode_latency_us(args.heads, 64)
-    decode_text = (
-        f"triton {decode['triton']:.1f} us, triton in a CUDA graph {decode['triton-graph']:.1f} us, "
-        f"PyTorch {decode['pytorch']:.1f} us"
-    )
-    print(f"decode step, one layer (B=1, H={args.heads}, D=64): {decode_text}")
-    rows += [{"impl": f"decode-step-{name}", "us": us} for name, us in decode.items()]
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_csv(args.out / "gpu.csv", rows)
-    table = summary(rows)
+    plot(rows, args.out / "gpu.png", f"{info.get('gpu')}, B={args.batch}, H={args.heads}: forward+backward")
+    share_text = "; ".join(f"{n} N={N}: {k:.3f} of {w:.3f} ms" for n, (N, k, w) in share.items())
+    table = summary(rows) + "\n" + times_table(rows)
     header = (
         f"GPU: {info.get('gpu')}, torch {info['torch']}, B={args.batch}, H={args.heads}; median of "
-        f"triton.testing.do_bench. Matmul: bf16 {bf16_tflops:.0f}, fp32 {f32_tflops:.0f} TFLOP/s.\n"
-        f"Decode step, one layer, batch 1: {decode_text}.\n\n"
+        f"triton.testing.do_bench. Matmul: {rates}.\n"
+        f"Decode step, one layer, batch 1: {decode_text}.\n"
+        f"Kernels' share of a Triton forward+backward (D={args.dims[0]}): {share_text}.\n\n"
     )
     (args.out / "table.md").write_text(header + table)
     print()
     print(table)
-    print(f"wrote {args.out / 'gpu.csv'}, {args.out / 'table.md'}")
+    print(f"wrote {args.out / 'gpu.csv'}, {args.out / 'table.md'}, {args.out / 'gpu.png'}")
     return 0
 
 
+def _matmul_rates() -> str:
+    """The card's measured 8192^3 matmul rates: bfloat16, TF32 and float32."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    bf16 = 2 * 8192**3 / _bench(lambda: a @ a) / 1e9
+    a = a.float()
+    with _matmul_precision("high"):
+        tf32 = 2 * 8192**3 / _bench(lambda: a @ a) / 1e9
+    with _matmul_precision("highest"):
+        f32 = 2 * 8192**3 / _bench(lambda: a @ a) / 1e9
+    return f"bfloat16 {bf16:.0f}, TF32 {tf32:.0f}, float32 {f32:.0f} TFLOP/s"
+
+
+@contextlib.contextmanager
+def _matmul_precision(name: str):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(name)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def summary(rows: list[dict]) -> str:
-    by = {(r["dtype"], r["D"], r["N"], r["impl"]): r for r in rows if "dtype" in r}
+    """The default Triton path per (dtype, D, N), and every other implementation's time over it."""
+    by = {(r["dtype"], r["D"], r["N"], r["impl"]): r for r in rows if "fwdbwd_ms" in r}
+    others = ["chunked", "sdpa", "fla", "fast-transformers"]
     out = []
     for (dtype, D, N, impl), r in by.items():
         if impl != "triton":
             continue
-        c, s, f = by.get((dtype, D, N, "chunked"), {}), by.get((dtype, D, N, "sdpa"), {}), by.get((dtype, D, N, "fla"))
 
-        def ratio(other, key, r=r):
-            return fmt(other[key] / r[key], 1) + "x" if key in other and key in r else "-"
+        def ratio(other, key, r=r, dtype=dtype, D=D, N=N):
+            o = by.get((dtype, D, N, other))
+            return fmt(o[key] / r[key], 1) + "x" if o else "-"
 
-        out.append([dtype, str(D), str(N), fmt(r.get("fwd_ms"), 3), fmt(r.get("fwdbwd_ms"), 3),
-                    fmt(r.get("fwdbwd_tflops"), 1), ratio(c, "fwdbwd_ms"), ratio(s, "fwd_ms"), ratio(s, "fwdbwd_ms"),
-                    ratio(f, "fwdbwd_ms") if f else "-"])  # fmt: skip
+        out.append([dtype, str(D), str(N), fmt(r["fwd_ms"], 3), fmt(r["fwdbwd_ms"], 3), fmt(r["fwdbwd_tflops"], 1),
+                    ratio("sdpa", "fwd_ms"), *(ratio(o, "fwdbwd_ms") for o in others)])  # fmt: skip
     return markdown_table(
-        ["dtype", "D", "N", "triton fwd ms", "triton fwd+bwd ms", "TFLOP/s", "vs chunked (fwd+bwd)",
-         "vs SDPA fwd", "vs SDPA fwd+bwd", "vs fla"], out)  # fmt: skip
+        ["dtype", "D", "N", "triton fwd ms", "triton fwd+bwd ms", "TFLOP/s", "vs SDPA fwd",
+         *(f"vs {o} (fwd+bwd)" for o in others)], out)  # fmt: skip
+
+
+def times_table(rows: list[dict]) -> str:
+    """Forward+backward milliseconds of every implementation timed, one column each."""
+    impls = list(dict.fromkeys(r["impl"] for r in rows if "fwdbwd_ms" in r))
+    cells = {}
+    for r in rows:
+        if "fwdbwd_ms" in r:
+            cells.setdefault((r["dtype"], r["D"], r["N"]), {})[r["impl"]] = r["fwdbwd_ms"]
+    out = [[dtype, str(D), str(N), *(fmt(c.get(i), 3) for i in impls)] for (dtype, D, N), c in cells.items()]
+    return markdown_table(["dtype", "D", "N", *(f"{i} fwd+bwd ms" for i in impls)], out)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Forward+backward time against N, one panel per (dtype, D), one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["dtype"], r["D"]) for r in rows if "fwdbwd_ms" in r))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (dtype, D) in zip(axes[0], panels, strict=True):
+        mine = [r for r in rows if (r["dtype"], r["D"]) == (dtype, D) and "fwdbwd_ms" in r]
+        for impl in dict.fromkeys(r["impl"] for r in mine):
+            pts = sorted((r["N"], r["fwdbwd_ms"]) for r in mine if r["impl"] == impl)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
+        ax.set_title(f"{dtype}, D={D}", fontsize=9)
+    finish_log_log(fig, [(ax, "forward+backward ms") for ax in axes[0]], title, path)

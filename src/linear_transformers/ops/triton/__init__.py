@@ -54,14 +54,59 @@ def _blocks(DK: int, DV: int) -> tuple[int, int, int]:
     return 64, BK, BV
 
 
+# Launch options of the chunk kernels: with 4 warps every one of them spills registers at 64-wide
+# tiles (ptxas -v for sm_90: up to 27 KB of spill stores per thread with IEEE dots, ~1 KB with
+# TF32); with 8 warps and no software pipelining, at most ~100 bytes.
+LAUNCH = dict(num_warps=8, num_stages=1)
+
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+_precision_override: str | None = None
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Precision of the kernels' dot products for inputs of `dtype` (sums and states are float32
+    whatever it is):
+
+    - bfloat16: "tf32" (tensor cores). The inputs are exact in TF32, so their products are exact;
+      only float32 intermediates (the chunk's scores, the states, dout / den) are rounded, to 10
+      mantissa bits, well inside the 8 a bfloat16 output keeps.
+    - float16: "tf32x3" (three tensor-core passes): TF32 would round the intermediates to the 10
+      bits a float16 output keeps, doubling its error.
+    - float32: as PyTorch's `torch.get_float32_matmul_precision()` says for matrix products:
+      "highest" (PyTorch's default) gives "ieee" (float32 on the CUDA cores); "high" or
+      "medium" give "tf32".
+
+    `precision(...)` overrides the choice (the GPU benchmark compares them)."""
+    if _precision_override is not None:
+        return _precision_override
+    if dtype == torch.bfloat16:
+        return "tf32"
+    if dtype == torch.float16:
+        return "tf32x3"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+class precision:
+    """Context manager: the kernels' dot products at `name` ("ieee", "tf32" or "tf32x3") whatever
+    the input dtype, e.g. `with precision("tf32x3"): ...`."""
+
+    def __init__(self, name: str):
+        if name not in PRECISIONS:
+            raise ValueError(f"precision: unknown dot precision {name!r}; choose one of {', '.join(PRECISIONS)}")
+        self.name = name
+
+    def __enter__(self):
+        global _precision_override
+        self.previous, _precision_override = _precision_override, self.name
+        return self
+
+    def __exit__(self, *exc):
+        global _precision_override
+        _precision_override = self.previous
+
+
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _exclusive_prefix(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sum of the entries before each index along `dim` (the state entering each chunk)."""
-    inclusive = torch.cumsum(x, dim)
-    return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), inclusive.narrow(dim, 0, x.shape[dim] - 1)], dim)
 
 
 def check_shapes(fn: str, q: torch.Tensor, v: torch.Tensor) -> None:
@@ -78,26 +123,30 @@ def aux_shapes(B: int, T: int, H: int, Dk: int, Dv: int, C: int) -> tuple[tuple[
 
 
 def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
-    """-> (y, S_final, z_final, out_acc (always empty: y is kept), S, z, den). The chunk is 64 whatever C."""
+    """-> (y, S_final, z_final, out_acc (always empty: y is kept), S, z, den). The chunk is 64 whatever C.
+    Four launches: chunk states, two prefix sums, outputs (which also write the final state)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    S0, z0 = S0.float().contiguous(), z0.float().contiguous()
     B, T, H, DK = q.shape
     DV = v.shape[-1]
     BT, BK, BV = _blocks(DK, DV)
     NT, NK, NV = triton.cdiv(T, BT), triton.cdiv(DK, BK), triton.cdiv(DV, BV)
+    PREC = dot_precision(q.dtype)
     f32 = dict(dtype=torch.float32, device=q.device)
     kv, ks = torch.empty(B, H, NT, DK, DV, **f32), torch.empty(B, H, NT, DK, **f32)
     kernels.chunk_state_fwd_kernel[(NT, B * H, NK * NV)](
-        k, v, kv, ks, T, H, DK, DV, *_strides(k), *_strides(v), BT=BT, BK=BK, BV=BV
+        k, v, kv, ks, T, H, DK, DV, *_strides(k), *_strides(v), BT=BT, BK=BK, BV=BV, PREC=PREC, **LAUNCH
     )
-    S = _exclusive_prefix(kv, 2) + S0[:, :, None]
-    z = _exclusive_prefix(ks, 2) + z0[:, :, None]
-    S_final, z_final = S[:, :, -1] + kv[:, :, -1], z[:, :, -1] + ks[:, :, -1]
-    del kv, ks
+    S, c = torch.cumsum(kv, 2), torch.cumsum(ks, 2)  # S: inclusive sums, turned into entering states below
     y = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)
     den = torch.empty(B, H, T, **f32)
+    z = torch.empty(B, H, NT, DK, **f32) if save else den
+    S_final, z_final = torch.empty_like(S0), torch.empty_like(z0)
     kernels.chunk_out_fwd_kernel[(NT, B * H, NV)](
-        q, k, v, S, z, y, den, T, H, DK, DV, eps, *_strides(q), *_strides(v), *_strides(y), BT=BT, BK=BK, BV=BV
-    )
+        q, k, v, S, kv, c, ks, S0, z0, y, den, z, S_final, z_final, T, H, DK, DV, eps,
+        *_strides(q), *_strides(v), *_strides(y), BT=BT, BK=BK, BV=BV, PREC=PREC, SAVE=save, **LAUNCH,
+    )  # fmt: skip
+    del kv, ks, c
 
     def empty():  # a distinct placeholder per output: operator outputs may not alias
         return den.new_empty(0)
@@ -108,31 +157,33 @@ def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
 
 
 def run_backward(q, k, v, y, out_acc, S, z, den, do, dS_final, dz_final, eps: float, C: int):
-    """Gradients of run_forward: (dq, dk, dv, dS0, dz0)."""
-    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    """Gradients of run_forward: (dq, dk, dv, dS0, dz0). Five launches: the per-chunk state gradients
+    (with dden), two prefix sums, dq and dk, dv (with dS0; dz0 comes with dq and dk)."""
+    q, k, v, y, do = q.contiguous(), k.contiguous(), v.contiguous(), y.contiguous(), do.contiguous()
+    dS_final, dz_final = dS_final.float().contiguous(), dz_final.float().contiguous()
     B, T, H, DK = q.shape
     DV = v.shape[-1]
     BT, BK, BV = _blocks(DK, DV)
     NT, NK, NV = triton.cdiv(T, BT), triton.cdiv(DK, BK), triton.cdiv(DV, BV)
+    PREC = dot_precision(q.dtype)
     f32 = dict(dtype=torch.float32, device=q.device)
-    # dden = -(dnum . out) with dnum = dout / den: per position, a cheap reduction
-    dden = (-(do.float() * y.float()).sum(-1).transpose(1, 2) / den).contiguous()
     qd, qg = torch.empty(B, H, NT, DK, DV, **f32), torch.empty(B, H, NT, DK, **f32)
+    dden = torch.empty(B, H, T, **f32)
     kernels.chunk_state_bwd_kernel[(NT, B * H, NK * NV)](
-        q, do, den, dden, qd, qg, T, H, DK, DV, *_strides(q), *_strides(do), BT=BT, BK=BK, BV=BV
+        q, do, y, den, dden, qd, qg, T, H, DK, DV, *_strides(q), *_strides(do), BT=BT, BK=BK, BV=BV, PREC=PREC, **LAUNCH
     )
-    # gradient of the state leaving chunk n: everything the later chunks read from it
-    G = _exclusive_prefix(qd.flip(2), 2).flip(2) + dS_final.float()[:, :, None]
-    g = _exclusive_prefix(qg.flip(2), 2).flip(2) + dz_final.float()[:, :, None]
-    dS0, dz0 = G[:, :, 0] + qd[:, :, 0], g[:, :, 0] + qg[:, :, 0]
-    del qd, qg
-    dq, dk = torch.empty(B, T, H, DK, **f32), torch.empty(B, T, H, DK, **f32)
-    dv = torch.empty(B, T, H, DV, **f32)
-    kernels.chunk_dqkv_bwd_kernel[(NT, B * H)](
-        q, k, v, do, den, dden, S, z, G, g, dq, dk, dv, T, H, DK, DV,
-        *_strides(q), *_strides(v), *_strides(do), BT=BT, BK=BK, BV=BV,
+    Gc, gc = torch.cumsum(qd, 2), torch.cumsum(qg, 2)  # chunks in reverse order: sums over the later ones
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dS0, dz0 = torch.empty_like(dS_final), torch.empty_like(dz_final)
+    kernels.chunk_dqk_bwd_kernel[(NT, B * H, NK)](
+        q, k, v, do, den, dden, S, z, qd, Gc, qg, gc, dS_final, dz_final, dq, dk, dz0, T, H, DK, DV,
+        *_strides(q), *_strides(v), *_strides(do), BT=BT, BK=BK, BV=BV, PREC=PREC, **LAUNCH,
     )  # fmt: skip
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dS0, dz0
+    kernels.chunk_dv_bwd_kernel[(NT, B * H, NV)](
+        q, k, do, den, qd, Gc, dS_final, dv, dS0, T, H, DK, DV,
+        *_strides(q), *_strides(do), BT=BT, BK=BK, BV=BV, PREC=PREC, **LAUNCH,
+    )  # fmt: skip
+    return dq, dk, dv, dS0, dz0
 
 
 def step(q, k, v, S, z, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
