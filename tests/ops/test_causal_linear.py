@@ -106,6 +106,31 @@ def test_operators_are_registered_with_fake_implementations():
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_eager_path_equals_the_registered_operators(backend):
+    """Outside torch.compile the layer calls the backend through EagerCausalLinearAttention, not
+    the operators: outputs, final states and all gradients are the same, bit for bit."""
+    from linear_transformers.ops import library
+
+    q, k, v = qkv(2, 70, 2, 8, 6, torch.float32, requires_grad=True)
+    state = random_state(2, 2, 8, 6, torch.float32)
+    S0, z0 = state.S.requires_grad_(), state.z.requires_grad_()
+    w = [torch.randn(2, 70, 2, 6), torch.randn(2, 2, 8, 6), torch.randn(2, 2, 8)]
+
+    def run(fn):
+        y, S, z = fn()[:3]
+        loss = (y * w[0]).sum() + (S * w[1]).sum() + (z * w[2]).sum()
+        return [y, S, z, *torch.autograd.grad(loss, (q, k, v, S0, z0))]
+
+    op = torch.ops.linear_transformers.causal_linear_attention_fwd
+    via_op = run(lambda: op(q, k, v, S0, z0, 1e-6, 16, backend, True))
+    eager = run(lambda: library.EagerCausalLinearAttention.apply(q, k, v, S0, z0, 1e-6, 16, backend))
+    public = ops.causal_linear_attention(q, k, v, initial_state=state, chunk_size=16, backend=backend)
+    for a, b in zip(eager, via_op, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(public, via_op[0])
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_non_contiguous_inputs(backend):
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in qkv(2, 40, 3, 8, 8))
     assert not q.is_contiguous()

@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import chunked, cpu, library, naive, softmax  # noqa: F401 (library registers the operators)
+from . import chunked, cpu, library, naive, softmax  # noqa: F401 (library also registers the operators)
 from . import triton as triton_backend
 from .lsh import lsh_attention
 from .state import KVCache, LinearState
@@ -76,8 +76,9 @@ def _naive_causal(q, k, v, *, initial_state, eps, chunk_size):
 
 
 def _kernel_backend(name: str) -> CausalImpl:
-    """A backend computed by the registered operator pair in library.py (one opaque node for
-    torch.compile), which dispatches to the backend's run_forward / run_backward."""
+    """A backend computed by the backend's run_forward / run_backward: under torch.compile through
+    the registered operator pair in library.py (one opaque node), in eager mode through the same
+    forward and backward called directly (library.EagerCausalLinearAttention)."""
 
     def run(q, k, v, *, initial_state, eps, chunk_size):
         if initial_state is None:
@@ -87,9 +88,14 @@ def _kernel_backend(name: str) -> CausalImpl:
             return v.new_zeros(v.shape), initial_state
         S0, z0 = initial_state.S, initial_state.z
         save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, S0, z0))
-        y, S, z, *_ = torch.ops.linear_transformers.causal_linear_attention_fwd(
-            q, k, v, S0, z0, eps, chunk_size, name, save
-        )
+        if torch.compiler.is_compiling():  # one opaque node for the compiler
+            y, S, z, *_ = torch.ops.linear_transformers.causal_linear_attention_fwd(
+                q, k, v, S0, z0, eps, chunk_size, name, save
+            )
+        elif save:  # the same computation without the operator dispatch (library.py)
+            y, S, z = library.EagerCausalLinearAttention.apply(q, k, v, S0, z0, eps, chunk_size, name)
+        else:
+            y, S, z, *_ = library.BACKENDS[name].run_forward(q, k, v, S0, z0, eps, chunk_size, False)
         return y, LinearState(S, z, initial_state.n_tokens + q.shape[1])
 
     return run
