@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import chunked, cpu, library, naive, softmax  # noqa: F401 (library also registers the operators)
+from . import chunked, cpu, library, naive, softmax  # noqa: F401 (chunked is re-exported: ops.chunked)
 from . import triton as triton_backend
 from .lsh import lsh_attention
 from .state import KVCache, LinearState
