@@ -389,6 +389,34 @@ def test_fused_step_refuses_bad_tokens_and_positions_without_touching_the_state(
             model.step(torch.tensor([1, 2]), state)
 
 
+def test_generation_loop_in_c_refuses_bad_requests_and_non_finite_parameters():
+    """FusedModelStep.sample_mol runs all its tokens in one C call: a request past max_len or with
+    more levels than the vocabulary is refused before anything moves; parameters that are not
+    finite stop it with the token where they appeared."""
+    from linear_transformers.ops import cpu
+
+    if not cpu.available():
+        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    model = _model(n_classes=0, head="mol", max_len=12)
+    with torch.no_grad():
+        _, state = model.prefill(torch.randint(0, 16, (2, 3)))
+        fused = model._fused_step(torch.tensor([1, 2]), state)
+        S, z = [s.S for s in state.layers], [s.z for s in state.layers]
+        before = [t.clone() for t in S + z]
+        first = torch.tensor([1, 2])
+        with pytest.raises(ValueError, match=r"position \+ n <= 12"):
+            fused.sample_mol(first, state.position, S, z, 12 - state.position + 1, 16)
+        with pytest.raises(ValueError, match="levels <= 16"):
+            fused.sample_mol(first, state.position, S, z, 2, 17)
+        with pytest.raises(ValueError, match=r"tokens must lie in \[0, 16\)"):
+            fused.sample_mol(torch.tensor([1, 16]), state.position, S, z, 2, 16)
+        assert all(torch.equal(a, b) for a, b in zip(S + z, before, strict=True))
+        assert fused.sample_mol(first, state.position, S, z, 12 - state.position, 16).shape == (8, 2)
+        model.head.proj.bias[0] = float("nan")
+        with pytest.raises(ValueError, match=r"not finite \(NaN or inf\) \(token 1 of 3\)"):
+            fused.sample_mol(first, 0, S, z, 3, 16)
+
+
 def test_fused_step_falls_back_where_it_does_not_apply():
     tokens = torch.randint(0, 16, (1, 12))
     for kwargs in (dict(feature_map="favor"), dict(attention="causal-softmax")):

@@ -394,7 +394,7 @@ class CausalTransformer(nn.Module):
             head = self.head
             direct = isinstance(head, MixtureOfLogisticsHead) and head.draws_directly(temperature, top_k, top_p)
             fused = self._fused_step(out[:, 0], state) if direct else None
-            if fused is not None:  # the per-token loop in C calls: the same draws, so the same tokens
+            if fused is not None:  # all the tokens in one C call: the same draws, so the same tokens
                 out[:, T0] = self.head.sample(params, generator=generator)
                 S, z = [s.S for s in state.layers], [s.z for s in state.layers]
                 rest = fused.sample_mol(out[:, T0], state.position, S, z, max_new_tokens - 1, self.head.vocab_size,

@@ -101,6 +101,13 @@ def _build() -> ctypes.CDLL:
     lib.lt_has_amx.restype = ctypes.c_int
     lib.lt_mol_sample_f32.argtypes = [ctypes.c_int] * 3 + [ptr] * 4
     lib.lt_mol_sample_f32.restype = ctypes.c_int
+    c_int = ctypes.c_int
+    lib.lt_generate_mol_f32.argtypes = (
+        [ctypes.POINTER(_LtModel), c_int, ptr, ctypes.c_long, c_int]
+        + [ptr] * 4
+        + [c_int, c_int, ptr, ptr, ctypes.POINTER(c_int)]
+    )
+    lib.lt_generate_mol_f32.restype = c_int
     return lib
 
 
@@ -297,27 +304,33 @@ class FusedModelStep:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Generation with a mixture-of-logistics head at temperature 1, n tokens after `first` [B]
-        (the token at `position`): per token one C step, then the head sampled in C (mol_sample) from
-        PyTorch's draws, race [B, K] ~ Exp(1) then u [B] ~ U(MOL_UNIFORM) from `generator`. The
-        same draws in the same order as stepping the model and calling MixtureOfLogisticsHead.sample
-        each time, so the same tokens, without the per-token tensor work. Returns [n, B] (int64); S
-        and z advance by n tokens (the last one sampled is not fed)."""
+        (the token at `position`), in one C call (lt_generate_mol_f32): per token the C step, then the
+        head sampled in C from PyTorch's draws, race [B, K] ~ Exp(1) then u [B] ~ U(MOL_UNIFORM)
+        from `generator`, all drawn before the call in that order, token by token. The same draws in
+        the same order as stepping the model and calling MixtureOfLogisticsHead.sample each time, so
+        the same tokens. Returns [n, B] (int64); S and z advance by n tokens (the last one sampled is
+        not fed)."""
         B, K = first.shape[0], self.n_params // 3
         out = torch.empty(n + 1, B, dtype=torch.int64)
         out[0] = first
+        race, u = torch.empty(n, B, K), torch.empty(n, B)
+        for r, v in zip(race, u, strict=True):  # per token, as MixtureOfLogisticsHead.sample draws them
+            r.exponential_(generator=generator)
+            v.uniform_(*MOL_UNIFORM, generator=generator)
         params = torch.empty(B, self.n_params, dtype=torch.float32)
-        race, u = torch.empty(B, K), torch.empty(B)
         S_ptrs, z_ptrs = self._prepare(B, S, z)
-        lib, model, work, row = load(), ctypes.byref(self.model), self._work.data_ptr(), 8 * B
-        out_ptr, params_ptr, race_ptr, u_ptr = out.data_ptr(), params.data_ptr(), race.data_ptr(), u.data_ptr()
-        for t in range(n):
-            status = lib.lt_model_token_f32(model, B, out_ptr + t * row, position + t, S_ptrs, z_ptrs, work, params_ptr)
-            if status:
-                self._check(status, out[t], position + t)
-            race.exponential_(generator=generator)
-            u.uniform_(*MOL_UNIFORM, generator=generator)
-            if lib.lt_mol_sample_f32(B, K, levels, params_ptr, race_ptr, u_ptr, out_ptr + (t + 1) * row):
-                raise ValueError(_MOL_NOT_FINITE)
+        done = ctypes.c_int(0)
+        status = load().lt_generate_mol_f32(ctypes.byref(self.model), B, out.data_ptr(), position, n, S_ptrs, z_ptrs,
+                                            self._work.data_ptr(), params.data_ptr(), K, levels, race.data_ptr(),
+                                            u.data_ptr(), ctypes.byref(done))  # fmt: skip
+        if status == 3:
+            raise ValueError(f"{_MOL_NOT_FINITE} (token {done.value + 1} of {n})")
+        if status == 2 and (levels > self.vocab or position + n > self.max_len):
+            raise ValueError(
+                f"fused model step: {n} tokens from position {position} with {levels} levels need "
+                f"position + n <= {self.max_len} and levels <= {self.vocab}"
+            )
+        self._check(status, first, position)
         return out[1:]
 
 

@@ -598,140 +598,238 @@ static void attend(int dk, int dv, int feature_map, float eps, float *restrict q
     for (int e = 0; e < dv; e++) o[e] *= inv;
 }
 
-/* One token for B rows. tokens [B] in [0, vocab); position: theirs in the sequence (< max_len).
- * x = embed[token] + pos[position]; x = blocks(x); params [B, n_params] = head(norm(x)).
- * S[l] [B, H, dk, dv] and z[l] [B, H, dk]: layer l's state, updated in place.
- * work: Bp * (H (2 dk + dv) + H dv + dff + 2 d) floats shared (Bp = B rounded up to 16), plus
- * per-thread buffers malloc'd here. From LT_BATCHED_MIN rows on, the projections run in the batched
- * layout (batched_gemv): their inputs are transposed (normalised straight into it, attention
- * writes it) and the first feed-forward layer's output stays transposed for the second.
- * Every thread normalises x itself (identical results) instead of waiting for one that does, so a
- * pre-norm block costs four barriers: after attention, the output projection, and each FF layer.
- * Returns 0, 1 when out of memory, 2 for a token or position out of range (nothing is touched). */
-int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long position, float *const *S,
-                       float *const *z, float *work, float *params) {
-    const int d = m->d, H = m->n_heads, dk = m->dk, dv = m->dv, dff = m->dff, width = 2 * dk + dv;
-    const int batched = B >= LT_BATCHED_MIN, Bp = round16(B), kind = m->bf16;
+/* A step's shapes and buffers. Shared (work, Bp * (H (2 dk + dv) + H dv + dff + 2 d) floats, Bp = B
+ * rounded up to 16): qkv, att, ff, x2 and x, the residual stream, which holds the embedded tokens
+ * when a step starts. Per thread (malloc'd in the parallel region): xp, x1 [B, d]; in the batched
+ * layout also xt [d, Bp], one head's output o [dv] and xt2 (bfloat16 pairs). */
+typedef struct {
+    int B, Bp, batched, kind, amx;
+    float *qkv, *att, *ff, *x2, *x;
+} lt_step;
+
+typedef struct {
+    float *xp, *x1, *xt, *o;
+    uint16_t *xt2;
+} lt_mine;
+
+static lt_step step_layout(const lt_model *m, int B, float *work) {
+    lt_step s;
+    s.B = B, s.Bp = round16(B), s.batched = B >= LT_BATCHED_MIN, s.kind = m->bf16;
 #ifdef LT_AMX
-    const int amx = batched && kind == 2 && amx_enable();
+    s.amx = s.batched && s.kind == 2 && amx_enable();
 #else
-    const int amx = 0;
+    s.amx = 0;
 #endif
-    float *qkv = work, *att = qkv + (long)Bp * H * width, *ff = att + (long)Bp * H * dv, *x2 = ff + (long)Bp * dff;
-    float *x = x2 + (long)Bp * d;
+    s.qkv = work, s.att = s.qkv + (long)s.Bp * m->n_heads * (2 * m->dk + m->dv);
+    s.ff = s.att + (long)s.Bp * m->n_heads * m->dv, s.x2 = s.ff + (long)s.Bp * m->dff, s.x = s.x2 + (long)s.Bp * m->d;
+    return s;
+}
+
+/* 0, or 2 when a token or a position is out of range. */
+static int check_tokens(const lt_model *m, int B, const int64_t *tokens, long position) {
     if (position < 0 || position >= m->max_len) return 2;
     for (int b = 0; b < B; b++)
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return 2;
+    return 0;
+}
+
+/* x = embed[token] + pos[position] for the B rows (checked by check_tokens). */
+static void embed(const lt_model *m, int B, const int64_t *tokens, long position, float *x) {
+    const int d = m->d;
     for (int b = 0; b < B; b++) {
         const float *e = m->embed + tokens[b] * d, *p = m->pos ? m->pos + position * d : NULL;
         for (int i = 0; i < d; i++) x[(long)b * d + i] = p ? e[i] + p[i] : e[i];
     }
-    /* per thread: xp, x1 [B, d]; batched: xt [d, Bp], one head's output [dv], xt2 (bfloat16 pairs) */
-    const int widest = d > dff ? (d > H * dv ? d : H * dv) : (dff > H * dv ? dff : H * dv);
-    const size_t mine = 2 * (size_t)B * d + (batched ? (size_t)d * Bp + dv + (size_t)widest * Bp / 2 + VLF : 0);
+}
+
+/* This thread's buffers (inside the parallel region); NULL pointers when out of memory. */
+static lt_mine mine_alloc(const lt_model *m, const lt_step *s) {
+    const int d = m->d, dff = m->dff, Hdv = m->n_heads * m->dv, B = s->B, Bp = s->Bp;
+    const int widest = d > dff ? (d > Hdv ? d : Hdv) : (dff > Hdv ? dff : Hdv);
+    const size_t n = 2 * (size_t)B * d + (s->batched ? (size_t)d * Bp + m->dv + (size_t)widest * Bp / 2 + VLF : 0);
+    lt_mine t = {NULL, NULL, NULL, NULL, NULL};
+    t.xp = malloc(sizeof(float) * n);
+    if (!t.xp) return t;
+    t.x1 = t.xp + (long)B * d;
+    if (s->batched) t.xt = t.x1 + (long)B * d, t.o = t.xt + (long)d * Bp, t.xt2 = (uint16_t *)(t.o + m->dv);
+    return t;
+}
+
+/* Every thread of the parallel region, together: the blocks and the head for the embedded tokens in
+ * s->x, into params [B, n_params]; S[l], z[l] updated. No barrier at the end: the caller's. From
+ * LT_BATCHED_MIN rows on, the projections run in the batched layout (batched_gemv): their inputs
+ * are transposed (normalised straight into it, attention writes it) and the first feed-forward
+ * layer's output stays transposed for the second. Every thread normalises x itself (identical
+ * results) instead of waiting for one that does, so a pre-norm block costs four barriers: after
+ * attention, the output projection, and each FF layer. */
+static void step_blocks(const lt_model *m, const lt_step *s, const lt_mine *t, float *const *S, float *const *z,
+                        float *params) {
+    const int d = m->d, H = m->n_heads, dk = m->dk, dv = m->dv, dff = m->dff, width = 2 * dk + dv;
+    const int B = s->B, Bp = s->Bp, batched = s->batched, kind = s->kind, amx = s->amx;
+    float *qkv = s->qkv, *att = s->att, *ff = s->ff, *x2 = s->x2, *x = s->x;
+    float *xp = t->xp, *x1 = t->x1, *xt = t->xt, *o = t->o;
+    uint16_t *xt2 = t->xt2;
+    for (int l = 0; l < m->n_layers; l++) {
+        int lo, hi;
+        /* A: queries, keys, values and attention, a head (for all rows) per work item */
+        const float *in = x;
+        if (m->pre_norm) {
+            layer_norm(B, d, x, m->ln1_w[l], m->ln1_b[l], m->ln_eps, batched ? NULL : xp, xt, Bp);
+            in = xp;
+        } else if (batched) {
+            transpose(B, d, x, xt, Bp);
+        }
+        if (batched) batched_pairs(kind, Bp, d, xt, xt2);
+        share(H, 1, &lo, &hi);
+        for (int h = lo; h < hi; h++) {
+            if (batched)
+                batched_gemv(amx, kind, B, d, H * width, h * width, (h + 1) * width, m->qkv_w[l],
+                             m->qkv_b[l], xt, xt2, qkv, NULL, NULL);
+            else
+                gemv(kind, B, d, H * width, h * width, (h + 1) * width, m->qkv_w[l], m->qkv_b[l], in, qkv,
+                     NULL, 0);
+            for (int b = 0; b < B; b++) {
+                const long bh = (long)b * H + h;
+                float *q = qkv + bh * width;
+                attend(dk, dv, m->feature_map, m->attn_eps, q, q + dk, q + 2 * dk, S[l] + bh * dk * dv,
+                       z[l] + bh * dk, batched ? o : att + bh * dv);
+                if (batched) /* into the transposed input of the output projection */
+                    for (int e = 0; e < dv; e++) att[(long)(h * dv + e) * Bp + b] = o[e];
+            }
+            for (int e = 0; batched && e < dv; e++)
+                for (int b = B; b < Bp; b++) att[(long)(h * dv + e) * Bp + b] = 0;
+        }
+#pragma omp barrier
+        /* B: output projection and residual (post-norm: into x2, normalised below) */
+        share(d, 4, &lo, &hi);
+        if (batched) batched_pairs(kind, Bp, H * dv, att, xt2);
+        if (batched)
+            batched_gemv(amx, kind, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, xt2,
+                         m->pre_norm ? x : x2, NULL, x);
+        else
+            gemv(kind, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, m->pre_norm ? x : x2, x, 0);
+#pragma omp barrier
+        /* C: first feed-forward layer with its GELU */
+        if (m->pre_norm) {
+            layer_norm(B, d, x, m->ln2_w[l], m->ln2_b[l], m->ln_eps, batched ? NULL : xp, xt, Bp);
+        } else { /* x1 = LN1(x + attn), the residual of the feed-forward sublayer */
+            layer_norm(B, d, x2, m->ln1_w[l], m->ln1_b[l], m->ln_eps, x1, xt, Bp);
+        }
+        in = m->pre_norm ? xp : x1;
+        share(dff, 4, &lo, &hi);
+        if (batched) {
+            batched_pairs(kind, Bp, d, xt, xt2);
+            batched_gemv(amx, kind, B, d, dff, lo, hi, m->ff1_w[l], m->ff1_b[l], xt, xt2, NULL, ff, NULL);
+            gelu_row(ff + (long)lo * Bp, (hi - lo) * Bp);
+        } else {
+            gemv(kind, B, d, dff, lo, hi, m->ff1_w[l], m->ff1_b[l], in, ff, NULL, 1);
+        }
+#pragma omp barrier
+        /* D: second feed-forward layer and residual */
+        share(d, 4, &lo, &hi);
+        if (batched) batched_pairs(kind, Bp, dff, ff, xt2);
+        if (batched)
+            batched_gemv(amx, kind, B, dff, d, lo, hi, m->ff2_w[l], m->ff2_b[l], ff, xt2, m->pre_norm ? x : x2,
+                         NULL, m->pre_norm ? x : x1);
+        else
+            gemv(kind, B, dff, d, lo, hi, m->ff2_w[l], m->ff2_b[l], ff, m->pre_norm ? x : x2,
+                 m->pre_norm ? x : x1, 0);
+#pragma omp barrier
+        if (!m->pre_norm) { /* x = LN2(x1 + FF(x1)), a row per thread */
+#pragma omp for schedule(static)
+            for (int r = 0; r < B; r++)
+                layer_norm(1, d, x2 + (long)r * d, m->ln2_w[l], m->ln2_b[l], m->ln_eps, x + (long)r * d, NULL,
+                           0);
+        }
+    }
+    /* the head: x is complete (the last barrier above, or the implicit one of omp for) */
+    const float *h = x;
+    if (m->norm_w) {
+        layer_norm(B, d, x, m->norm_w, m->norm_b, m->norm_eps, xp, NULL, 0);
+        h = xp;
+    }
+    int lo, hi;
+    share(m->n_params, 4, &lo, &hi);
+    gemv_f32(B, d, m->n_params, lo, hi, m->head_w, m->head_b, h, params, NULL);
+}
+
+/* One token for B rows. tokens [B] in [0, vocab); position: theirs in the sequence (< max_len).
+ * x = embed[token] + pos[position]; x = blocks(x); params [B, n_params] = head(norm(x)).
+ * S[l] [B, H, dk, dv] and z[l] [B, H, dk]: layer l's state, updated in place. work: see lt_step.
+ * Returns 0, 1 when out of memory, 2 for a token or position out of range (nothing is touched). */
+int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long position, float *const *S,
+                       float *const *z, float *work, float *params) {
+    if (check_tokens(m, B, tokens, position)) return 2;
+    const lt_step s = step_layout(m, B, work);
+    embed(m, B, tokens, position, s.x);
     int failed = 0;
 #pragma omp parallel
     {
-        float *xp = malloc(sizeof(float) * mine), *x1 = xp ? xp + (long)B * d : NULL;
-        float *xt = xp && batched ? x1 + (long)B * d : NULL, *o = xt ? xt + (long)d * Bp : NULL;
-        uint16_t *xt2 = o ? (uint16_t *)(o + dv) : NULL;
-        int ok = xp != NULL;
+        lt_mine t = mine_alloc(m, &s);
 #pragma omp atomic
-        failed += !ok;
+        failed += t.xp == NULL;
 #pragma omp barrier
 #ifdef LT_AMX
-        if (amx) amx_configure(); /* the tile configuration is each thread's own */
+        if (s.amx) amx_configure(); /* the tile configuration is each thread's own */
 #endif
-        if (!failed) {
-            for (int l = 0; l < m->n_layers; l++) {
-                int lo, hi;
-                /* A: queries, keys, values and attention, a head (for all rows) per work item */
-                const float *in = x;
-                if (m->pre_norm) {
-                    layer_norm(B, d, x, m->ln1_w[l], m->ln1_b[l], m->ln_eps, batched ? NULL : xp, xt, Bp);
-                    in = xp;
-                } else if (batched) {
-                    transpose(B, d, x, xt, Bp);
-                }
-                if (batched) batched_pairs(kind, Bp, d, xt, xt2);
-                share(H, 1, &lo, &hi);
-                for (int h = lo; h < hi; h++) {
-                    if (batched)
-                        batched_gemv(amx, kind, B, d, H * width, h * width, (h + 1) * width, m->qkv_w[l],
-                                     m->qkv_b[l], xt, xt2, qkv, NULL, NULL);
-                    else
-                        gemv(kind, B, d, H * width, h * width, (h + 1) * width, m->qkv_w[l], m->qkv_b[l], in, qkv,
-                             NULL, 0);
-                    for (int b = 0; b < B; b++) {
-                        const long bh = (long)b * H + h;
-                        float *q = qkv + bh * width;
-                        attend(dk, dv, m->feature_map, m->attn_eps, q, q + dk, q + 2 * dk, S[l] + bh * dk * dv,
-                               z[l] + bh * dk, batched ? o : att + bh * dv);
-                        if (batched) /* into the transposed input of the output projection */
-                            for (int e = 0; e < dv; e++) att[(long)(h * dv + e) * Bp + b] = o[e];
-                    }
-                    for (int e = 0; batched && e < dv; e++)
-                        for (int b = B; b < Bp; b++) att[(long)(h * dv + e) * Bp + b] = 0;
-                }
-#pragma omp barrier
-                /* B: output projection and residual (post-norm: into x2, normalised below) */
-                share(d, 4, &lo, &hi);
-                if (batched) batched_pairs(kind, Bp, H * dv, att, xt2);
-                if (batched)
-                    batched_gemv(amx, kind, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, xt2,
-                                 m->pre_norm ? x : x2, NULL, x);
-                else
-                    gemv(kind, B, H * dv, d, lo, hi, m->out_w[l], m->out_b[l], att, m->pre_norm ? x : x2, x, 0);
-#pragma omp barrier
-                /* C: first feed-forward layer with its GELU */
-                if (m->pre_norm) {
-                    layer_norm(B, d, x, m->ln2_w[l], m->ln2_b[l], m->ln_eps, batched ? NULL : xp, xt, Bp);
-                } else { /* x1 = LN1(x + attn), the residual of the feed-forward sublayer */
-                    layer_norm(B, d, x2, m->ln1_w[l], m->ln1_b[l], m->ln_eps, x1, xt, Bp);
-                }
-                in = m->pre_norm ? xp : x1;
-                share(dff, 4, &lo, &hi);
-                if (batched) {
-                    batched_pairs(kind, Bp, d, xt, xt2);
-                    batched_gemv(amx, kind, B, d, dff, lo, hi, m->ff1_w[l], m->ff1_b[l], xt, xt2, NULL, ff, NULL);
-                    gelu_row(ff + (long)lo * Bp, (hi - lo) * Bp);
-                } else {
-                    gemv(kind, B, d, dff, lo, hi, m->ff1_w[l], m->ff1_b[l], in, ff, NULL, 1);
-                }
-#pragma omp barrier
-                /* D: second feed-forward layer and residual */
-                share(d, 4, &lo, &hi);
-                if (batched) batched_pairs(kind, Bp, dff, ff, xt2);
-                if (batched)
-                    batched_gemv(amx, kind, B, dff, d, lo, hi, m->ff2_w[l], m->ff2_b[l], ff, xt2, m->pre_norm ? x : x2,
-                                 NULL, m->pre_norm ? x : x1);
-                else
-                    gemv(kind, B, dff, d, lo, hi, m->ff2_w[l], m->ff2_b[l], ff, m->pre_norm ? x : x2,
-                         m->pre_norm ? x : x1, 0);
-#pragma omp barrier
-                if (!m->pre_norm) { /* x = LN2(x1 + FF(x1)), a row per thread */
-#pragma omp for schedule(static)
-                    for (int r = 0; r < B; r++)
-                        layer_norm(1, d, x2 + (long)r * d, m->ln2_w[l], m->ln2_b[l], m->ln_eps, x + (long)r * d, NULL,
-                                   0);
-                }
-            }
-            /* the head: x is complete (the last barrier above, or the implicit one of omp for) */
-            const float *h = x;
-            if (m->norm_w) {
-                layer_norm(B, d, x, m->norm_w, m->norm_b, m->norm_eps, xp, NULL, 0);
-                h = xp;
-            }
-            int lo, hi;
-            share(m->n_params, 4, &lo, &hi);
-            gemv_f32(B, d, m->n_params, lo, hi, m->head_w, m->head_b, h, params, NULL);
-        }
+        if (!failed) step_blocks(m, &s, &t, S, z, params);
 #ifdef LT_AMX
-        if (amx) _tile_release();
+        if (s.amx) _tile_release();
 #endif
-        free(xp);
+        free(t.xp);
     }
     return failed ? 1 : 0;
+}
+
+int lt_mol_sample_f32(int B, int K, int L, const float *params, const float *race, const float *u, int64_t *out);
+
+/* n tokens of a model with a discretised-mixture head (L levels, K components) in one call: out
+ * [n + 1, B] holds the tokens at position (row 0, given) and receives the n sampled after them;
+ * each step is lt_model_token_f32's, each draw lt_mol_sample_f32's with race [n, B, K] and u [n, B]
+ * (drawn by the caller, row t for token t + 1). One parallel region for all n steps: the threads
+ * stay in it, and one of them samples and embeds the next token between steps. S and z advance by n
+ * tokens (the last token sampled is not fed); params ends as the last step's. *done: the tokens
+ * sampled. Returns 0; 1 out of memory; 2 a token, position or L out of range (nothing is touched);
+ * 3 non-finite parameters (the tokens up to *done are sampled). */
+int lt_generate_mol_f32(const lt_model *m, int B, int64_t *out, long position, int n, float *const *S,
+                        float *const *z, float *work, float *params, int K, int L, const float *race, const float *u,
+                        int *done) {
+    *done = 0;
+    if (n < 0 || L > m->vocab || 3 * K != m->n_params || position + n > m->max_len) return 2;
+    if (check_tokens(m, B, out, position)) return 2;
+    if (n == 0) return 0;
+    const lt_step s = step_layout(m, B, work);
+    embed(m, B, out, position, s.x);
+    int failed = 0, bad = 0;
+#pragma omp parallel
+    {
+        lt_mine t = mine_alloc(m, &s);
+#pragma omp atomic
+        failed += t.xp == NULL;
+#pragma omp barrier
+#ifdef LT_AMX
+        if (s.amx) amx_configure();
+#endif
+        for (int i = 0; !failed && i < n; i++) {
+            step_blocks(m, &s, &t, S, z, params);
+#pragma omp barrier
+#pragma omp single
+            {
+                int64_t *next = out + (long)(i + 1) * B;
+                bad = lt_mol_sample_f32(B, K, L, params, race + (long)i * B * K, u + (long)i * B, next);
+                if (!bad) {
+                    *done = i + 1;
+                    if (i + 1 < n) embed(m, B, next, position + i + 1, s.x);
+                }
+            }
+            if (bad) break; /* every thread reads it after the single's barrier */
+        }
+#ifdef LT_AMX
+        if (s.amx) _tile_release();
+#endif
+        free(t.xp);
+    }
+    return failed ? 1 : bad ? 3 : 0;
 }
 
 /* Draw one level per row from a discretised mixture of logistics (heads.MixtureOfLogisticsHead.sample
