@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+from linear_transformers.bench import generate
 from linear_transformers.bench.__main__ import main
 
 
@@ -18,6 +19,7 @@ def test_quick_generate_benchmark(tmp_path, capsys):
     whole = {r["generator"]: r for r in rows if r["whole_image_median_s"]}
     assert {"linear-rnn", "linear-rnn-bf16"} <= set(whole)  # generate(n=1) timed per RNN mode, 2 images each
     assert all(len(r["whole_image_s"].split()) == 2 and float(r["whole_image_median_s"]) > 0 for r in whole.values())
+    assert generate.FLOOR in whole  # the bandwidth floor is timed with them
     steps = [r for r in rows if r["step_ms_fused"]]
     assert [int(r["batch"]) for r in steps] == [1, 4, 8] and "RNN step, fused C: ms" in table
     assert (tmp_path / "generate.png").stat().st_size > 10_000
