@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from linear_transformers.cli import main as cli_main
+from linear_transformers.model import CausalTransformer
 from linear_transformers.train import resolve_checkpoint
 from test_data import write_mnist_folder
 
@@ -133,6 +134,39 @@ def test_sample_and_eval_commands(tmp_path, mnist_dir, capsys):
     assert cli_main(["eval", "--checkpoint", str(run), "--batches", "1"]) == 0
     out = capsys.readouterr().out
     assert "wrote" in out and "s.png" in out and "bits/dim" in out
+
+
+def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
+    """--cpu-precision sets the fused CPU step's precision for sampling (the same images as the
+    model itself draws with it), and is refused where it would be ignored."""
+    from linear_transformers import cli
+    from linear_transformers.ops import cpu
+
+    if not cpu.available():
+        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    run = tmp_path / "run"
+    cli_main(["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "2", "--checkpoint-every", "2",
+              "--head", "mol", *TINY])  # fmt: skip
+    seen, generate = [], CausalTransformer.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append((self.fused_weights, self.fused_dot))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalTransformer, "generate", spy)
+    names = ["bf16-weights"] + (["bf16"] if cpu.has_bf16_dot() else [])
+    for name in names:
+        assert cli_main(["sample", "--checkpoint", str(run), "--n", "1", "--cpu-precision", name,
+                         "--out", str(tmp_path / f"{name}.png")]) == 0  # fmt: skip
+        assert f"CPU precision {name}" in capsys.readouterr().out
+    assert seen == [cli.CPU_PRECISIONS[name] for name in names]  # one batch each
+    with pytest.raises(ValueError, match="cpu_precision must be one of float32, bf16-weights, bf16, got 'fp16'"):
+        cli_main(["sample", "--checkpoint", str(run), "--cpu-precision", "fp16"])
+    softmax = tmp_path / "softmax"
+    cli_main(["train", "--data-path", str(mnist_dir), "--out", str(softmax), "--steps", "1", "--checkpoint-every", "1",
+              "--attention", "causal-softmax", *TINY])  # fmt: skip
+    with pytest.raises(ValueError, match="needs the fused CPU step: causal-linear attention"):
+        cli_main(["sample", "--checkpoint", str(softmax), "--cpu-precision", "bf16-weights"])
 
 
 def test_text_model_samples_text(tmp_path, capsys):

@@ -42,6 +42,21 @@ class SampleConfig:
     seed: int = 0
     out: str = ""  # output file (default: samples.png or samples.txt next to the checkpoint)
     device: str = "auto"  # auto, cpu or cuda
+    cpu_precision: str = "float32"  # linear RNN on the CPU: float32, bf16-weights or bf16 (faster, see README)
+
+    def __post_init__(self) -> None:
+        if self.cpu_precision not in CPU_PRECISIONS:
+            raise ValueError(
+                f"SampleConfig: cpu_precision must be one of {', '.join(CPU_PRECISIONS)}, got {self.cpu_precision!r}"
+            )
+
+
+# --cpu-precision: the fused CPU step's (weights, dot products), see CausalTransformer.fused_weights
+CPU_PRECISIONS = {
+    "float32": (torch.float32, torch.float32),
+    "bf16-weights": (torch.bfloat16, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+}
 
 
 @dataclass
@@ -117,6 +132,7 @@ def write_png(path: Path, grid: np.ndarray, scale: int = 4) -> None:
 def run_sample(cfg: SampleConfig) -> Path:
     device = _device(cfg.device)
     model, config = load_model(cfg.checkpoint, device)
+    _set_cpu_precision(model, cfg.cpu_precision, device)
     meta = config["data"]
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     kwargs = dict(
@@ -151,8 +167,30 @@ def run_sample(cfg: SampleConfig) -> Path:
         out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / "samples.png"
         write_png(out, image_grid(images, rows=n_classes or int(np.ceil(np.sqrt(total)))))
     elapsed = time.perf_counter() - start
-    print(f"wrote {out} ({len(tokens)} samples in {elapsed:.1f} s, mode {cfg.mode})")
+    precision = "" if cfg.cpu_precision == "float32" else f", CPU precision {cfg.cpu_precision}"
+    print(f"wrote {out} ({len(tokens)} samples in {elapsed:.1f} s, mode {cfg.mode}{precision})")
     return out
+
+
+def _set_cpu_precision(model, name: str, device: torch.device) -> None:
+    """--cpu-precision: refused where the fused CPU step would not run (so it cannot be ignored)."""
+    if name == "float32":
+        return
+    from .ops import cpu
+
+    cfg = model.cfg
+    if device.type != "cpu":
+        raise ValueError(f"sample: --cpu-precision {name} is for generation on the CPU; the device is {device}")
+    if cfg.attention != "causal-linear" or cfg.feature_map not in cpu.FUSED_FEATURE_MAPS:
+        raise ValueError(
+            f"sample: --cpu-precision {name} needs the fused CPU step: causal-linear attention with one of the "
+            f"feature maps {', '.join(cpu.FUSED_FEATURE_MAPS)}; this model has {cfg.attention}, {cfg.feature_map}"
+        )
+    if not cpu.available():
+        raise ValueError(f"sample: --cpu-precision {name} needs the CPU kernel: {cpu.unavailable_reason()}")
+    if name == "bf16" and not cpu.has_bf16_dot():
+        raise ValueError("sample: --cpu-precision bf16 needs a CPU with AVX512-BF16; bf16-weights runs anywhere")
+    model.fused_weights, model.fused_dot = CPU_PRECISIONS[name]
 
 
 def run_eval(cfg: EvalConfig) -> float:
