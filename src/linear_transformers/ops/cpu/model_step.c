@@ -111,15 +111,32 @@ static inline float wscalar_bf16(const void *W, long i) {
  * weight rows, so W streams from cache B / 4 times, not B times. Every
  * output sums its products in the same order whatever the tile, so results do not depend on B.
  * The tile body is inlined for each NB (1..4), so its accumulators stay in registers. Each of the four
- * weight rows is its own stream: they are prefetched LT_AHEAD bytes ahead (the hardware's prefetcher
- * alone left ~10% of the batch-1 step on the table). */
+ * weight rows is its own stream, prefetched LT_AHEAD bytes ahead (the hardware's prefetcher alone
+ * left ~10% of the batch-1 step on the table), and the four lie a quarter of [j0, j1) apart (tile_rows):
+ * four adjacent rows make one short stream per 4 KB page, which the hardware prefetcher restarts on
+ * every page. */
+#ifndef LT_AHEAD
 #define LT_AHEAD 256
+#endif
+
+/* Tile t of rows [j0, j1): its first row *j, the stride *rs between its rows, and the number of rows
+ * (0: no tile t). With Q = (j1 - j0) / 4, tiles 0..Q-1 take rows j, j + Q, j + 2Q, j + 3Q, then the
+ * rest (fewer than 4) goes in one tile of adjacent rows. */
+static inline int tile_rows(int j0, int j1, int t, int *j, int *rs) {
+    const int Q = (j1 - j0) / 4;
+    if (t < Q) {
+        *j = j0 + t, *rs = Q;
+        return 4;
+    }
+    *j = j0 + 4 * Q, *rs = 1;
+    return t == Q && *j < j1 ? j1 - *j : 0;
+}
 #define DEFINE_GEMV(NAME, WLOAD, WSCALAR, ESIZE)                                                                   \
     static inline __attribute__((always_inline)) void NAME##_tile(                                                 \
-        const int NB, int b0, int n_in, int n_out, int j, int nr, const void *W, const float *bias, const float *x, \
-        float *y, const float *base) {                                                                             \
+        const int NB, int b0, int n_in, int n_out, int j, int nr, int rs, const void *W, const float *bias,         \
+        const float *x, float *y, const float *base) {                                                             \
         long w[4];                                                                                                 \
-        for (int r = 0; r < 4; r++) w[r] = (long)(j + (r < nr ? r : 0)) * n_in;                                    \
+        for (int r = 0; r < 4; r++) w[r] = (long)(j + (r < nr ? r : 0) * rs) * n_in;                               \
         vf acc[4][4];                                                                                              \
         for (int c = 0; c < NB; c++)                                                                               \
             for (int r = 0; r < 4; r++) acc[c][r] = (vf){0};                                                       \
@@ -138,9 +155,9 @@ static inline float wscalar_bf16(const void *W, long i) {
             float sums[4];                                                                                         \
             hsum4(acc[c], sums);                                                                                   \
             for (int r = 0; r < nr; r++) {                                                                         \
-                float s = sums[r] + bias[j + r];                                                                   \
+                float s = sums[r] + bias[j + r * rs];                                                              \
                 for (int t = i; t < n_in; t++) s += WSCALAR(W, w[r] + t) * xb[t];                                  \
-                const long o = (long)(b0 + c) * n_out + j + r;                                                     \
+                const long o = (long)(b0 + c) * n_out + j + r * rs;                                                \
                 if (base) s += base[o];                                                                            \
                 y[o] = s;                                                                                          \
             }                                                                                                      \
@@ -148,14 +165,14 @@ static inline float wscalar_bf16(const void *W, long i) {
     }                                                                                                              \
     static void NAME(int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias, const float *x, \
                      float *y, const float *base) {                                                                \
-        for (int j = j0; j < j1; j += 4) {                                                                         \
-            const int nr = j1 - j < 4 ? j1 - j : 4;                                                                \
+        int j, rs, nr;                                                                                             \
+        for (int t = 0; (nr = tile_rows(j0, j1, t, &j, &rs)); t++) {                                               \
             int b0 = 0;                                                                                            \
-            for (; b0 + 4 <= B; b0 += 4) NAME##_tile(4, b0, n_in, n_out, j, nr, W, bias, x, y, base);              \
+            for (; b0 + 4 <= B; b0 += 4) NAME##_tile(4, b0, n_in, n_out, j, nr, rs, W, bias, x, y, base);          \
             switch (B - b0) {                                                                                      \
-                case 3: NAME##_tile(3, b0, n_in, n_out, j, nr, W, bias, x, y, base); break;                        \
-                case 2: NAME##_tile(2, b0, n_in, n_out, j, nr, W, bias, x, y, base); break;                        \
-                case 1: NAME##_tile(1, b0, n_in, n_out, j, nr, W, bias, x, y, base); break;                        \
+                case 3: NAME##_tile(3, b0, n_in, n_out, j, nr, rs, W, bias, x, y, base); break;                    \
+                case 2: NAME##_tile(2, b0, n_in, n_out, j, nr, rs, W, bias, x, y, base); break;                    \
+                case 1: NAME##_tile(1, b0, n_in, n_out, j, nr, rs, W, bias, x, y, base); break;                    \
             }                                                                                                      \
         }                                                                                                          \
     }
@@ -175,10 +192,10 @@ static inline __attribute__((always_inline)) void bf16dot_tile(const int NB, int
                                                                int j1, const uint16_t *Wh, const float *bias,
                                                                const __m512bh *xh, float *y, const float *base) {
     const int n32 = n_in / 32;
-    for (int j = j0; j < j1; j += 4) {
-        const int nr = j1 - j < 4 ? j1 - j : 4;
+    int j, rs, nr;
+    for (int t = 0; (nr = tile_rows(j0, j1, t, &j, &rs)); t++) {
         const uint16_t *w[4];
-        for (int r = 0; r < 4; r++) w[r] = Wh + (long)(j + (r < nr ? r : 0)) * n_in;
+        for (int r = 0; r < 4; r++) w[r] = Wh + (long)(j + (r < nr ? r : 0) * rs) * n_in;
         __m512 acc[4][4];
         for (int c = 0; c < NB; c++)
             for (int r = 0; r < 4; r++) acc[c][r] = _mm512_setzero_ps();
@@ -191,8 +208,8 @@ static inline __attribute__((always_inline)) void bf16dot_tile(const int NB, int
         }
         for (int c = 0; c < NB; c++)
             for (int r = 0; r < nr; r++) {
-                float s = _mm512_reduce_add_ps(acc[c][r]) + bias[j + r];
-                const long o = (long)(b0 + c) * n_out + j + r;
+                float s = _mm512_reduce_add_ps(acc[c][r]) + bias[j + r * rs];
+                const long o = (long)(b0 + c) * n_out + j + r * rs;
                 y[o] = base ? s + base[o] : s;
             }
     }
