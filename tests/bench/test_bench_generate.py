@@ -46,3 +46,21 @@ def test_paper_tables_when_a_generator_is_timed_at_batch_1_only():
     assert "| softmax | 0.004 | 1.0x | 0.001 (batch 1) | 1.0x | 1000.00 | 1.0x |" in table
     assert "| linear | 17.850 | 4462.5x | 0.500 | 500.0x | 10.00 | 100.0x |" in table
     assert "| lsh-4 | 0.005 | 1.2x | 0.000 (batch 1) | 0.2x | 4000.00 | 0.2x |" in table
+
+
+def test_read_f32_reads_every_element():
+    """The floor's read (cpu.read_f32) covers every element of every tensor, whatever its size."""
+    import pytest
+    import torch
+
+    from linear_transformers.ops import cpu
+
+    if not cpu.available():
+        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    tensors = [torch.rand(n) + 1 for n in (1, 15, 64, 65, 1000, 65536 + 7, 300_001)]
+    expected = sum(float(t.double().sum()) for t in tensors)
+    assert abs(cpu.read_f32(tensors) - expected) < 1e-5 * expected
+    for t in tensors:  # each alone, so a missed tail of a small one shows
+        assert abs(cpu.read_f32([t]) - float(t.double().sum())) <= 1e-5 * float(t.double().sum())
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensors"):
+        cpu.read_f32([torch.rand(8, dtype=torch.float64)])

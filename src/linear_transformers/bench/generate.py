@@ -17,8 +17,8 @@ per-token cost is flat; marked "integrated" for the others, whose cost grows wit
 every timed token includes drawing it from the head (temperature 1). The RNN modes are also timed
 the way a user meets them: whole images at batch 1 through model.generate(n=1), the modes taking
 turns (median of --images); with them, in turn, the floor for float32 at batch 1: one read of the
-float32 projection weights (torch.sum over a flat copy) per token, what memory bandwidth alone
-costs per image. Also: training step tokens/s, linear vs softmax.
+float32 projection weights per token (cpu.read_f32, the step's threads reading the way its GEMVs
+do), what memory bandwidth alone costs per image. Also: training step tokens/s, linear vs softmax.
 Writes generate.csv, table.md and generate.png under --out.
 """
 
@@ -121,21 +121,18 @@ def seconds_per_image(model, mode, batch, positions) -> tuple[float, list[float]
 FLOOR = "float32 weights, one read per token"
 
 
-def streamed_weights(model: CausalTransformer) -> torch.Tensor:
-    """A flat float32 copy of the blocks' projection weights: what the fused step streams from
-    memory for every token at batch 1 (embedding, norms, head and state are small beside them)."""
-    layers = model._block_weights()
-    return torch.cat(
-        [layer[name].detach().reshape(-1).float() for layer in layers for name in cpu.FusedModelStep.PROJECTIONS]
-    )
+def streamed_weights(model: CausalTransformer) -> list[torch.Tensor]:
+    """The blocks' float32 projection weights: what the fused step streams from memory for every
+    token at batch 1 (embedding, norms, head and state are small beside them)."""
+    return [layer[name] for layer in model._block_weights() for name in cpu.FusedModelStep.PROJECTIONS]
 
 
-def whole_images(models: dict[str, CausalTransformer], repeats: int, floor: torch.Tensor | None = None):
+def whole_images(models: dict[str, CausalTransformer], repeats: int, floor: list[torch.Tensor] | None = None):
     """Seconds for whole images at batch 1 through model.generate(n=1) (sampling at temperature 1):
     the models take turns, image by image, so the machine's drift falls on all of them alike. With
-    `floor` (streamed_weights), each turn also times reading it once (torch.sum, the same threads;
-    median of 20) and counts that once per token: what reading float32 weights alone costs per
-    image at that moment, the bound a float32 step at batch 1 cannot beat on this machine."""
+    `floor` (streamed_weights), each turn also times reading those tensors once (cpu.read_f32: the
+    step's threads, in the pattern its GEMVs read; median of 20) and counts that once per token:
+    what reading the float32 weights alone costs per image at that moment."""
     times: dict[str, list[float]] = {label: [] for label in models}
     if floor is not None:
         times[FLOOR] = []
@@ -150,7 +147,7 @@ def whole_images(models: dict[str, CausalTransformer], repeats: int, floor: torc
             reads = []
             for _ in range(20):
                 t0 = time.perf_counter()
-                floor.sum()
+                cpu.read_f32(floor)
                 reads.append(time.perf_counter() - t0)
             times[FLOOR].append(float(np.median(reads)) * next(iter(models.values())).cfg.max_len)
     return times
@@ -281,7 +278,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"  one RNN step at batch {r['batch']:3d}: fused C {r['step_ms_fused']:8.3f} ms, "
                   f"PyTorch {r['step_ms_pytorch']:8.3f} ms")  # fmt: skip
         rnn = {label: model for label, model, mode in generators if mode == "rnn"}
-        for label, times in whole_images(rnn, args.images, streamed_weights(linear)).items():
+        floor = streamed_weights(linear) if cpu.available() else None
+        for label, times in whole_images(rnn, args.images, floor).items():
             median = float(np.median(times))
             rows.append({"config": name, "generator": label, "batch": 1, "whole_image_median_s": median,
                          "whole_image_s": " ".join(f"{t:.4g}" for t in times)})  # fmt: skip
