@@ -17,8 +17,9 @@ per-token cost is flat; marked "integrated" for the others, whose cost grows wit
 every timed token includes drawing it from the head (temperature 1). The RNN modes are also timed
 the way a user meets them: whole images at batch 1 through model.generate(n=1), the modes taking
 turns (median of --images); with them, in turn, the floor for float32 at batch 1: one read of the
-float32 projection weights per token (cpu.read_f32, the step's threads reading the way its GEMVs
-do), what memory bandwidth alone costs per image. Also: training step tokens/s, linear vs softmax.
+float32 projection weights per token (cpu.read_f32: a pass per token in one parallel region, the
+step's threads reading the way its GEMVs do), what memory bandwidth alone costs per image. Also:
+training step tokens/s, linear vs softmax.
 Writes generate.csv, table.md and generate.png under --out.
 """
 
@@ -130,9 +131,9 @@ def streamed_weights(model: CausalTransformer) -> list[torch.Tensor]:
 def whole_images(models: dict[str, CausalTransformer], repeats: int, floor: list[torch.Tensor] | None = None):
     """Seconds for whole images at batch 1 through model.generate(n=1) (sampling at temperature 1):
     the models take turns, image by image, so the machine's drift falls on all of them alike. With
-    `floor` (streamed_weights), each turn also times reading those tensors once (cpu.read_f32: the
-    step's threads, in the pattern its GEMVs read; median of 20) and counts that once per token:
-    what reading the float32 weights alone costs per image at that moment."""
+    `floor` (streamed_weights), each turn also times reading those tensors once per token of an
+    image (cpu.read_f32: max_len passes in one parallel region, the step's threads, in the pattern
+    its GEMVs read): what reading the float32 weights alone costs per image at that moment."""
     times: dict[str, list[float]] = {label: [] for label in models}
     if floor is not None:
         times[FLOOR] = []
@@ -144,12 +145,9 @@ def whole_images(models: dict[str, CausalTransformer], repeats: int, floor: list
             model.generate(n=1)
             times[label].append(time.perf_counter() - t0)
         if floor is not None:
-            reads = []
-            for _ in range(20):
-                t0 = time.perf_counter()
-                cpu.read_f32(floor)
-                reads.append(time.perf_counter() - t0)
-            times[FLOOR].append(float(np.median(reads)) * next(iter(models.values())).cfg.max_len)
+            t0 = time.perf_counter()
+            cpu.read_f32(floor, passes=next(iter(models.values())).cfg.max_len)
+            times[FLOOR].append(time.perf_counter() - t0)
     return times
 
 
