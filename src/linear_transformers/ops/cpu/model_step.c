@@ -13,6 +13,8 @@
  *
  * Work is shared with OpenMP (`omp for` over output features or (row, head) pairs). Loaded after
  * PyTorch, the library binds to PyTorch's own libgomp (same soname), so it uses the same threads.
+ * lt_model_token_f32 is one step; lt_generate_mol_f32 runs a whole sequence of steps, each followed
+ * by sampling a mixture-of-logistics head, in one parallel region.
  */
 
 #include <math.h>
