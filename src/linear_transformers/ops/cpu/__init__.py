@@ -338,8 +338,9 @@ class FusedModelStep:
 
 def read_f32(tensors: list[torch.Tensor], passes: int = 1) -> float:
     """Read float32 CPU tensors (contiguous) `passes` times in one parallel region with the fused
-    step's threads, the way its GEMVs read weights; returns their sum (the mean over passes). bench generate
-    times 784 passes against a 784-token image: the bandwidth floor of generation at batch 1."""
+    step's threads, the way its GEMVs read weights; returns their sum (the mean over passes).
+    bench generate times 784 passes against a 784-token image: the bandwidth floor of generation
+    at batch 1."""
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         raise ValueError("read_f32: tensors must be contiguous float32 CPU tensors")
     if passes < 1:
