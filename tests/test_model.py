@@ -338,13 +338,16 @@ def test_fused_step_with_feed_forward_widths_that_leave_a_remainder(d_ff):
     torch.testing.assert_close(torch.stack(outs, 1), parallel[:, 1:], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("precision", "chunk"), [("float32", 64), ("float32", 7), ("bfloat16", 7)])
 @pytest.mark.parametrize(("batch", "n_classes", "prompt_len"), [(2, 0, 0), (3, 3, 5), (21, 0, 4)])
-def test_generation_loop_in_c_draws_the_same_tokens_as_stepping(monkeypatch, batch, n_classes, prompt_len, precision):
+def test_generation_loop_in_c_draws_the_same_tokens_as_stepping(
+    monkeypatch, batch, n_classes, prompt_len, precision, chunk
+):
     """With a mixture-of-logistics head at temperature 1, generate() runs all its tokens in one C
     call (FusedModelStep.sample_mol: the steps and the head sampled in C, in one parallel region);
     token for token it equals stepping the model and sampling the head, under the same generator,
-    in float32 and with bfloat16 dots (batch 21: the batched layout, on AMX tiles where available)."""
+    in float32 and with bfloat16 dots (batch 21: the batched layout, on AMX tiles where available),
+    in one C call or in calls of 7 tokens."""
     from linear_transformers.ops import cpu
 
     if not cpu.available() or (precision == "bfloat16" and not cpu.has_bf16_dot()):
@@ -354,6 +357,7 @@ def test_generation_loop_in_c_draws_the_same_tokens_as_stepping(monkeypatch, bat
     monkeypatch.setattr(cpu.FusedModelStep, "sample_mol", lambda *a, **k: calls.append(1) or original(*a, **k))
     model = _model(n_classes=n_classes, head="mol")
     model.fused_weights = model.fused_dot = getattr(torch, precision)
+    monkeypatch.setattr(cpu.FusedModelStep, "GENERATE_CHUNK", chunk)
     prompt = torch.randint(0, 16, (batch, prompt_len))
     labels = torch.randint(0, 3, (batch,)) if n_classes else None
     gen = torch.Generator().manual_seed(7)

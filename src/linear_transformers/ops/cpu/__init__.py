@@ -210,6 +210,8 @@ class FusedModelStep:
         "ff2_b",
     )
     PROJECTIONS = ("qkv_w", "out_w", "ff1_w", "ff2_w")
+    # sample_mol's tokens per C call: a call is uninterruptible, and one costs ~50 us more than its steps
+    GENERATE_CHUNK = 64
     IO = ("embed", "pos", "norm_w", "norm_b", "head_w", "head_b")
 
     def __init__(
@@ -306,12 +308,17 @@ class FusedModelStep:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Generation with a mixture-of-logistics head at temperature 1, n tokens after `first` [B]
-        (the token at `position`), in one C call (lt_generate_mol_f32): per token the C step, then the
-        head sampled in C from PyTorch's draws, race [B, K] ~ Exp(1) then u [B] ~ U(MOL_UNIFORM)
-        from `generator`, all drawn before the call in that order, token by token. The same draws in
-        the same order as stepping the model and calling MixtureOfLogisticsHead.sample each time, so
-        the same tokens. Returns [n, B] (int64); S and z advance by n tokens (the last one sampled is
-        not fed)."""
+        (the token at `position`), in C calls of GENERATE_CHUNK tokens (lt_generate_mol_f32): per
+        token the C step, then the head sampled in C from PyTorch's draws, race [B, K] ~ Exp(1)
+        then u [B] ~ U(MOL_UNIFORM) from `generator`, all drawn first in that order, token by token.
+        The same draws in the same order as stepping the model and calling
+        MixtureOfLogisticsHead.sample each time, so the same tokens. Returns [n, B] (int64); S and z
+        advance by n tokens (the last one sampled is not fed)."""
+        if levels > self.vocab or position + n > self.max_len:
+            raise ValueError(
+                f"fused model step: {n} tokens from position {position} with {levels} levels need "
+                f"position + n <= {self.max_len} and levels <= {self.vocab}"
+            )
         B, K = first.shape[0], self.n_params // 3
         out = torch.empty(n + 1, B, dtype=torch.int64)
         out[0] = first
@@ -321,18 +328,15 @@ class FusedModelStep:
             v.uniform_(*MOL_UNIFORM, generator=generator)
         params = torch.empty(B, self.n_params, dtype=torch.float32)
         S_ptrs, z_ptrs = self._prepare(B, S, z)
-        done = ctypes.c_int(0)
-        status = load().lt_generate_mol_f32(ctypes.byref(self.model), B, out.data_ptr(), position, n, S_ptrs, z_ptrs,
-                                            self._work.data_ptr(), params.data_ptr(), K, levels, race.data_ptr(),
-                                            u.data_ptr(), ctypes.byref(done))  # fmt: skip
-        if status == 3:
-            raise ValueError(f"{_MOL_NOT_FINITE} (token {done.value + 1} of {n})")
-        if status == 2 and (levels > self.vocab or position + n > self.max_len):
-            raise ValueError(
-                f"fused model step: {n} tokens from position {position} with {levels} levels need "
-                f"position + n <= {self.max_len} and levels <= {self.vocab}"
-            )
-        self._check(status, first, position)
+        lib, model, work, done = load(), ctypes.byref(self.model), self._work.data_ptr(), ctypes.c_int(0)
+        for t in range(0, n, self.GENERATE_CHUNK):  # Python between chunks: Ctrl-C is seen
+            k = min(self.GENERATE_CHUNK, n - t)
+            status = lib.lt_generate_mol_f32(model, B, out[t].data_ptr(), position + t, k, S_ptrs, z_ptrs, work,
+                                             params.data_ptr(), K, levels, race[t].data_ptr(), u[t].data_ptr(),
+                                             ctypes.byref(done))  # fmt: skip
+            if status == 3:
+                raise ValueError(f"{_MOL_NOT_FINITE} (token {t + done.value + 1} of {n})")
+            self._check(status, out[t], position + t)
         return out[1:]
 
 
