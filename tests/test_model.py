@@ -343,11 +343,11 @@ def test_fused_step_with_feed_forward_widths_that_leave_a_remainder(d_ff):
 def test_generation_loop_in_c_draws_the_same_tokens_as_stepping(
     monkeypatch, batch, n_classes, prompt_len, precision, chunk
 ):
-    """With a mixture-of-logistics head at temperature 1, generate() runs all its tokens in one C
-    call (FusedModelStep.sample_mol: the steps and the head sampled in C, in one parallel region);
+    """With a mixture-of-logistics head at temperature 1, generate() runs its tokens in C calls
+    (FusedModelStep.sample_mol: the steps and the head sampled in C, a parallel region per call);
     token for token it equals stepping the model and sampling the head, under the same generator,
     in float32 and with bfloat16 dots (batch 21: the batched layout, on AMX tiles where available),
-    in one C call or in calls of 7 tokens."""
+    in one call or in calls of 7 tokens."""
     from linear_transformers.ops import cpu
 
     if not cpu.available() or (precision == "bfloat16" and not cpu.has_bf16_dot()):
@@ -397,7 +397,7 @@ def test_fused_step_refuses_bad_tokens_and_positions_without_touching_the_state(
 
 
 def test_generation_loop_in_c_refuses_bad_requests_and_non_finite_parameters():
-    """FusedModelStep.sample_mol runs all its tokens in one C call: a request past max_len or with
+    """FusedModelStep.sample_mol runs its tokens in C calls: a request past max_len or with
     more levels than the vocabulary is refused before anything moves; parameters that are not
     finite stop it with the token where they appeared."""
     from linear_transformers.ops import cpu

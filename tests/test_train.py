@@ -137,8 +137,8 @@ def test_sample_and_eval_commands(tmp_path, mnist_dir, capsys):
 
 
 def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
-    """--cpu-precision sets the fused CPU step's precision for sampling (the same images as the
-    model itself draws with it), and is refused where it would be ignored."""
+    """--cpu-precision sets the fused CPU step's precision for sampling, and is refused where it
+    would be ignored."""
     from linear_transformers import cli
     from linear_transformers.ops import cpu
 

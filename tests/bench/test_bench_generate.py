@@ -62,7 +62,7 @@ def test_read_f32_reads_every_element():
     assert abs(cpu.read_f32(tensors) - expected) < 1e-5 * expected
     for t in tensors:  # each alone, so a missed tail of a small one shows
         assert abs(cpu.read_f32([t]) - float(t.double().sum())) <= 1e-5 * float(t.double().sum())
-    assert abs(cpu.read_f32(tensors, passes=3) - expected) < 1e-5 * expected  # the sum of one pass
+    assert abs(cpu.read_f32(tensors, passes=3) - expected) < 1e-5 * expected  # the mean over passes
     with pytest.raises(ValueError, match="passes must be >= 1"):
         cpu.read_f32(tensors, passes=0)
     with pytest.raises(ValueError, match="contiguous float32 CPU tensors"):
