@@ -5,6 +5,7 @@ batches equal one-by-one; the mixture of logistics is a distribution over the 25
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -156,8 +157,8 @@ def test_fused_cpu_step_equals_the_pytorch_step(norm, feature_map, batch, positi
     """The C step (embedding, positions, blocks, final norm, head) against the PyTorch step."""
     from linear_transformers.ops import cpu
 
-    if not cpu.available():
-        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    if not cpu.step_available():
+        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
     model = _model(n_classes=3, norm=norm, feature_map=feature_map, head=head, positional=positional)
     with torch.no_grad():  # trained-looking parameters, not LayerNorm's ones and zeros
         for name, t in model.named_parameters():
@@ -185,8 +186,8 @@ def test_fused_cpu_step_equals_the_pytorch_step(norm, feature_map, batch, positi
 def test_fused_step_with_bfloat16_weights_stays_close():
     from linear_transformers.ops import cpu
 
-    if not cpu.available():
-        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    if not cpu.step_available():
+        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
     model = _model(n_classes=0)
     tokens = torch.randint(0, 16, (2, 30))
     with torch.no_grad():
@@ -213,7 +214,7 @@ def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm, batch)
 
     from linear_transformers.ops import cpu
 
-    if not (cpu.available() and cpu.has_bf16_dot()):
+    if not (cpu.step_available() and cpu.has_bf16_dot()):
         pytest.skip("needs the CPU kernel on a CPU with AVX512-BF16")
     model = _model(n_classes=0, norm=norm)
     model.fused_weights = model.fused_dot = torch.bfloat16
@@ -247,8 +248,8 @@ def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm, batch)
 def test_bfloat16_dots_are_refused_where_they_cannot_run():
     from linear_transformers.ops import cpu
 
-    if not cpu.available():
-        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    if not cpu.step_available():
+        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
     model = _model(n_classes=0)
     layers, io = model._block_weights(), model._io_weights()
     kw = dict(n_heads=4, dk=8, dv=8, pre_norm=True, feature_map="elu", ln_eps=1e-5, norm_eps=1e-5, attn_eps=1e-6)
@@ -272,7 +273,7 @@ def test_fused_step_rows_do_not_depend_on_the_batch(dot, batch, rows):
     of any size in the same layout (below 20 rows: rows as tiles; from 20: rows as vector lanes)."""
     from linear_transformers.ops import cpu
 
-    if not cpu.available() or (dot == "bfloat16" and not cpu.has_bf16_dot()):
+    if not cpu.step_available() or (dot == "bfloat16" and not cpu.has_bf16_dot()):
         pytest.skip("needs the CPU kernel (and AVX512-BF16 for bfloat16 dots)")
     model = _model(n_classes=0)
     model.fused_weights = model.fused_dot = getattr(torch, dot)
@@ -293,8 +294,8 @@ def test_fused_step_rows_do_not_depend_on_the_batch(dot, batch, rows):
 def test_fused_step_in_the_batched_layout_equals_the_pytorch_step(norm, n_heads, batch, weights):
     from linear_transformers.ops import cpu
 
-    if not cpu.available():
-        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    if not cpu.step_available():
+        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
     model = _model(n_classes=0, norm=norm, n_heads=n_heads)
     model.fused_max_batch = 128
     if weights == "bfloat16":  # the eager reference gets the same rounded weights
@@ -325,8 +326,8 @@ def test_fused_step_with_feed_forward_widths_that_leave_a_remainder(d_ff):
     through the remainder path, and the feed-forward layers' own tails with them."""
     from linear_transformers.ops import cpu
 
-    if not cpu.available():
-        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    if not cpu.step_available():
+        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
     cfg = ModelConfig(vocab_size=16, max_len=48, d_model=40, n_layers=2, n_heads=4, d_ff=d_ff, head="mol")
     model = CausalTransformer(cfg).eval()
     tokens = torch.randint(0, 16, (3, 20))
@@ -350,7 +351,7 @@ def test_generation_loop_in_c_draws_the_same_tokens_as_stepping(
     in one call or in calls of 7 tokens."""
     from linear_transformers.ops import cpu
 
-    if not cpu.available() or (precision == "bfloat16" and not cpu.has_bf16_dot()):
+    if not cpu.step_available() or (precision == "bfloat16" and not cpu.has_bf16_dot()):
         pytest.skip("needs the CPU kernel (and AVX512-BF16 for bfloat16 dots)")
     calls = []
     original = cpu.FusedModelStep.sample_mol
@@ -378,8 +379,8 @@ def test_generation_loop_in_c_draws_the_same_tokens_as_stepping(
 def test_fused_step_refuses_bad_tokens_and_positions_without_touching_the_state():
     from linear_transformers.ops import cpu
 
-    if not cpu.available():
-        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    if not cpu.step_available():
+        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
     model = _model(n_classes=0, max_len=8)
     with torch.no_grad():
         _, state = model.prefill(torch.randint(0, 16, (2, 3)))
@@ -402,8 +403,8 @@ def test_generation_loop_in_c_refuses_bad_requests_and_non_finite_parameters():
     finite stop it with the token where they appeared."""
     from linear_transformers.ops import cpu
 
-    if not cpu.available():
-        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    if not cpu.step_available():
+        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
     model = _model(n_classes=0, head="mol", max_len=12)
     with torch.no_grad():
         _, state = model.prefill(torch.randint(0, 16, (2, 3)))
@@ -445,20 +446,47 @@ def test_fused_step_falls_back_where_it_does_not_apply():
     assert model._fused is None
 
 
+@pytest.mark.parametrize("winner", ["fused", "pytorch"])
+def test_the_fused_step_runs_only_where_it_measured_faster(monkeypatch, tmp_path, winner):
+    """By default the model takes the fused step only where its build measured faster than the
+    PyTorch step on this machine (cpu.verdict, kept beside the library); either way the outputs agree."""
+    from linear_transformers import model as model_module
+    from linear_transformers.ops import cpu
+
+    if not cpu.step_available():
+        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    monkeypatch.setenv("LINEAR_TRANSFORMERS_AUTO_KERNELS", "measure")
+    monkeypatch.setenv("LINEAR_TRANSFORMERS_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu, "_loaded", {})
+    monkeypatch.setattr(cpu, "_warned", set())
+    times = (1e-4, 2e-4) if winner == "fused" else (2e-4, 1e-4)
+    monkeypatch.setattr(model_module, "_measure_fused_step", lambda: times)
+    monkeypatch.setattr(cpu, "_measure_attention", lambda: (1.0, 2.0))
+    model = _model(n_classes=0, head="mol")
+    tokens = torch.randint(0, 16, (2, 10))
+    with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _, state = model.prefill(tokens[:, :0])
+        outs = [model.step(tokens[:, t], state)[0] for t in range(9)]
+    assert (model._fused is not None) == (winner == "fused")
+    assert any("fused_step kernel" in str(w.message) for w in seen) == (winner == "pytorch")
+    torch.testing.assert_close(torch.stack(outs, 1), model(tokens)[:, 1:], atol=1e-5, rtol=1e-5)
+
+
 def test_mixture_sampling_in_c_equals_the_pytorch_arithmetic(monkeypatch):
     """On the CPU the mixture is sampled in C from PyTorch's random numbers: the same generator
     gives the same levels as the PyTorch arithmetic (a level may differ by one where the two
     roundings straddle a bin edge)."""
     from linear_transformers.ops import cpu
 
-    if not cpu.available():
-        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    if not cpu.step_available():
+        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
     head = MixtureOfLogisticsHead(8, 256, 10)
     params = torch.randn(20_000, 30) * torch.tensor([3.0] * 10 + [1.0] * 10 + [2.0] * 10) - torch.tensor(
         [0.0] * 20 + [3.0] * 10
     )
     fast = head.sample(params, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(cpu, "available", lambda: False)
+    monkeypatch.setattr(cpu, "step_available", lambda: False)
     slow = head.sample(params, generator=torch.Generator().manual_seed(1))
     monkeypatch.undo()
     differ = fast != slow

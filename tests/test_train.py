@@ -142,8 +142,8 @@ def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
     from linear_transformers import cli
     from linear_transformers.ops import cpu
 
-    if not cpu.available():
-        pytest.skip(f"no CPU kernel: {cpu.unavailable_reason()}")
+    if not cpu.step_available():
+        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
     run = tmp_path / "run"
     cli_main(["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "2", "--checkpoint-every", "2",
               "--head", "mol", *TINY])  # fmt: skip

@@ -186,8 +186,8 @@ def _set_cpu_precision(model, name: str, device: torch.device) -> None:
             f"sample: --cpu-precision {name} needs the fused CPU step: causal-linear attention with one of the "
             f"feature maps {', '.join(cpu.FUSED_FEATURE_MAPS)}; this model has {cfg.attention}, {cfg.feature_map}"
         )
-    if not cpu.available():
-        raise ValueError(f"sample: --cpu-precision {name} needs the CPU kernel: {cpu.unavailable_reason()}")
+    if not cpu.step_available():
+        raise ValueError(f"sample: --cpu-precision {name} needs the CPU kernel: {cpu.step_unavailable_reason()}")
     if name == "bf16" and not cpu.has_bf16_dot():
         raise ValueError("sample: --cpu-precision bf16 needs a CPU with AVX512-BF16; bf16-weights runs anywhere")
     model.fused_weights, model.fused_dot = CPU_PRECISIONS[name]

@@ -147,7 +147,7 @@ class MixtureOfLogisticsHead(nn.Module):
         params = params.float()
         race = torch.empty_like(params[..., :K]).exponential_(generator=generator)
         u = torch.empty_like(params[..., 0]).uniform_(*cpu.MOL_UNIFORM, generator=generator)
-        if params.device.type == "cpu" and params.dim() == 2 and cpu.available():  # the same arithmetic in C
+        if params.device.type == "cpu" and params.dim() == 2 and cpu.step_available():  # the same arithmetic in C
             return cpu.mol_sample(params.contiguous(), race, u, L)
         k = (torch.log_softmax(params[..., :K], -1) - race.log()).argmax(-1, keepdim=True)
         mu = params[..., K : 2 * K].gather(-1, k)[..., 0]

@@ -169,8 +169,9 @@ class CausalTransformer(nn.Module):
             else head_cls(cfg.d_model, cfg.vocab_size)
         )  # fmt: skip
         self.dropout = nn.Dropout(cfg.dropout)
-        # Generation on the CPU runs all blocks of a step in one C call where it applies (see
-        # _fused_step); False always takes the PyTorch path. fused_weights=torch.bfloat16 streams
+        # Generation on the CPU runs all blocks of a step in one C call where it applies and was
+        # measured faster than the PyTorch step on this machine (see _fused_step); False always takes
+        # the PyTorch path. fused_weights=torch.bfloat16 streams
         # bfloat16 copies of the projection weights (half the bytes per token; float32 arithmetic;
         # the copies are taken at the start of each generate()). fused_dot=torch.bfloat16 (with bfloat16
         # weights, on a CPU with AVX512-BF16) also rounds the projections' inputs to bfloat16 and
@@ -315,7 +316,8 @@ class CausalTransformer(nn.Module):
     def _fused_step(self, token: torch.Tensor, state: ModelState) -> cpu.FusedModelStep | None:
         """The fused C step (ops/cpu/model_step.c) where it computes what the model would (linear
         attention with an elementwise feature map, float32 on the CPU, no autograd, no dropout) and
-        is the faster way (batch <= fused_max_batch)."""
+        is the faster way (batch <= fused_max_batch, and the build measured faster than the PyTorch
+        step on this machine: cpu.verdict, once per build)."""
         cfg = self.cfg
         if not (
             self.fused_step
@@ -327,9 +329,14 @@ class CausalTransformer(nn.Module):
             and token.device.type == "cpu"
             and all(isinstance(s, LinearState) and s.S.is_contiguous() and s.z.is_contiguous() for s in state.layers)
             and all(s.S.dtype == torch.float32 for s in state.layers)
-            and cpu.available()
+            and cpu.step_available()
+            and cpu.verdict("fused_step", _measure_fused_step, library="model_step")
         ):
             return None
+        return self._build_fused()
+
+    def _build_fused(self) -> cpu.FusedModelStep | None:
+        cfg = self.cfg
         if self._fused is None or (self._fused.weights, self._fused.dot) != (self.fused_weights, self.fused_dot):
             # (reset by _apply: .to(), .float(), ...; the step keeps the weights it points into alive)
             layers, io = self._block_weights(), self._io_weights()
@@ -408,3 +415,29 @@ class CausalTransformer(nn.Module):
             if mode == "rnn" and t + 1 < T0 + max_new_tokens:
                 params, state = self.step(out[:, t], state)
         return out
+
+
+def _measure_fused_step() -> tuple[float, float]:
+    """Seconds per token at batch 1 of the fused C step and of the PyTorch step, best of 5 runs of
+    16 tokens interleaved, on a representative model (4 blocks, d_model 256, 8 heads, d_ff 1024, a
+    mixture-of-logistics head): cpu.verdict's measurement for the fused step (~0.1 s, once per build)."""
+    cfg = ModelConfig(vocab_size=256, max_len=64, d_model=256, n_layers=4, n_heads=8, d_ff=1024, head="mol")
+    model = CausalTransformer(cfg).eval()
+    fused = model._build_fused()
+    tokens = torch.randint(0, 256, (16, 1))
+    with torch.no_grad():
+        _, state = model.prefill(torch.zeros(1, 0, dtype=torch.long))
+        S, z = [s.S for s in state.layers], [s.z for s in state.layers]
+
+        def run_fused():
+            for t in range(16):
+                fused(tokens[t], t, S, z)
+
+        def run_pytorch():
+            model.fused_step = False
+            st = state.clone()
+            for t in range(16):
+                model.step(tokens[t], st)
+
+        kernel, pytorch = cpu.best_of([run_fused, run_pytorch])
+    return kernel / 16, pytorch / 16

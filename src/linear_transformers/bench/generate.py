@@ -254,7 +254,7 @@ def main(args: argparse.Namespace) -> int:
             ("linear-rnn", linear, "rnn"),
             ("linear-rnn-bf16", linear_bf16, "rnn"),
         ]
-        if cpu.available() and cpu.has_bf16_dot():
+        if cpu.step_available() and cpu.has_bf16_dot():
             linear_dot = CausalTransformer(cfg).eval()
             linear_dot.load_state_dict(linear.state_dict())
             linear_dot.fused_weights = linear_dot.fused_dot = torch.bfloat16
@@ -276,7 +276,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"  one RNN step at batch {r['batch']:3d}: fused C {r['step_ms_fused']:8.3f} ms, "
                   f"PyTorch {r['step_ms_pytorch']:8.3f} ms")  # fmt: skip
         rnn = {label: model for label, model, mode in generators if mode == "rnn"}
-        floor = streamed_weights(linear) if cpu.available() else None
+        floor = streamed_weights(linear) if cpu.step_available() else None
         for label, times in whole_images(rnn, args.images, floor).items():
             median = float(np.median(times))
             rows.append({"config": name, "generator": label, "batch": 1, "whole_image_median_s": median,

@@ -26,8 +26,10 @@ Implementations of causal linear attention live in a small table keyed by backen
     "cpu"      cpu/        the same algorithm as a compiled C kernel (CPU tensors; built on first use)
     "triton"   triton/     Triton GPU kernels, normaliser fused (CUDA tensors; float16/bfloat16/float32)
 
-"auto" takes "cpu" for CPU tensors when its kernel builds and "triton" for CUDA tensors when Triton
-imports (float64 always goes to "chunked"); otherwise "chunked", with one warning naming the reason.
+"auto" takes "cpu" for CPU tensors when its kernel builds and measured faster than "chunked" on this
+machine (cpu/__init__.py: a few milliseconds on first use, the verdict kept beside the compiled
+library), and "triton" for CUDA tensors when Triton imports (float64 always goes to "chunked");
+otherwise "chunked", with one warning naming the reason.
 
 The baselines: `softmax_attention` (SDPA, with a growable KV cache for generation) and
 `lsh_attention` (Reformer's LSH attention, lsh.py; queries and keys shared, qk [B, T, H, D]).
@@ -123,7 +125,9 @@ def _fallback(fn: str, name: str, reason: str) -> CausalImpl:
 def _causal_backend(fn: str, backend: str, q: torch.Tensor, v: torch.Tensor) -> CausalImpl:
     if backend == "auto":
         if q.device.type == "cpu":
-            return CAUSAL_BACKENDS["cpu"] if cpu.available() else _fallback(fn, "cpu", cpu.unavailable_reason())
+            if not cpu.available():
+                return _fallback(fn, "cpu", cpu.unavailable_reason())
+            return CAUSAL_BACKENDS["cpu" if cpu.auto_uses_kernel() else "chunked"]
         dims_fit = q.shape[-1] <= triton_backend.MAX_DIM and v.shape[-1] <= triton_backend.MAX_DIM
         if q.device.type == "cuda" and q.dtype != torch.float64 and dims_fit:
             reason = triton_backend.unavailable_reason(q.device)
@@ -228,8 +232,9 @@ def causal_linear_attention(
         return_state: also return the final LinearState (prefill for `linear_attention_step`).
         eps: added to the normaliser (float >= 0; the paper uses 1e-6).
         chunk_size: tokens per chunk for the "chunked" backend (int >= 1; any T works).
-        backend: "auto" ("cpu" on CPU, "triton" on CUDA, when available; else "chunked"), "cpu" (compiled
-            C kernel), "triton" (GPU kernels), "chunked" (PyTorch, any device) or "naive" (the reference).
+        backend: "auto" ("cpu" on CPU where it is available and measured faster than "chunked" here,
+            "triton" on CUDA when available; else "chunked"), "cpu" (compiled C kernel), "triton" (GPU
+            kernels), "chunked" (PyTorch, any device) or "naive" (the reference).
         key_padding_mask: optional bool [B, T], True where the key is padding; padded keys enter
             neither the numerator nor the normaliser (nor the returned state).
 

@@ -1,107 +1,102 @@
-"""Backend "cpu": the compiled CPU kernel for causal linear attention (causal_linear_impl.h).
+"""Backend "cpu": compiled CPU kernels, loaded with ctypes.
 
-The C source is compiled on first use with the machine's C compiler (`CC`, else cc/gcc/clang) and
-`-O3 -march=native`, into a cache directory (LINEAR_TRANSFORMERS_CACHE, else
-~/.cache/linear_transformers) under a name that hashes the source, the compiler and the CPU, so a
-rebuild happens only when one of them changes. It is plain C (no PyTorch headers): about a second.
-Without a working compiler the backend is unavailable and "auto" falls back to "chunked" with one
-warning; LINEAR_TRANSFORMERS_NO_CPU_KERNEL=1 disables it.
+Two libraries, each built on first use for this CPU's ISA level (build.py: explicit -march flags,
+never -march=native; vectors and register tiles sized for the target, simd.h) and cached on disk:
+
+    causal_linear  causal linear attention forward/backward (causal_linear_impl.h), pthreads only
+    model_step     the fused generation step of a whole model and its sampler (model_step.c), OpenMP
+                   where the compiler has it (else single-threaded, with one warning)
+
+Plain C (no PyTorch headers): about a second each. Without a working compiler a library is
+unavailable and "auto" / the model fall back to the PyTorch paths with one warning;
+LINEAR_TRANSFORMERS_NO_CPU_KERNEL=1 disables both. LINEAR_TRANSFORMERS_ISA=<level> forces a level and
+CC a compiler; `use(level, cc)` selects another build within a process (tests, benchmarks).
+
+"auto" takes a compiled kernel only where it is faster than the PyTorch path on this machine:
+the first use measures both on a small representative shape (a few milliseconds) and stores the
+verdict beside the library (`verdict`); LINEAR_TRANSFORMERS_AUTO_KERNELS=always|never overrides.
 
 float32 and float64 run natively; float16/bfloat16 inputs are computed in float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..validation import accumulation_dtype
+from . import build
 
 _SOURCE_DIR = Path(__file__).parent
-_SOURCES = ("causal_linear.c", "causal_linear_impl.h", "model_step.c")
-# Read once, at import: the library is built (on first use, maybe hours later) from the source this
+LIBRARIES = {
+    "causal_linear": ("causal_linear.c", "causal_linear_impl.h", "simd.h"),
+    "model_step": ("model_step.c", "simd.h"),
+}
+_OPENMP = {"causal_linear": False, "model_step": True}
+# Read once, at import: a library is built (on first use, maybe hours later) from the source this
 # module was imported with, so it always matches the ctypes signatures below even if the files on
 # disk change meanwhile (an editable install being edited while a long run goes on).
-_SOURCE_TEXT = {name: (_SOURCE_DIR / name).read_bytes() for name in _SOURCES}
-# -fopenmp: model_step.c shares work with OpenMP; loaded after torch, the library binds to torch's own
-# libgomp.so.1 (same soname), so both use one thread pool.
-_BASE_FLAGS = ["-O3", "-shared", "-fPIC", "-pthread", "-fopenmp", "-std=gnu11"]
-_ARCH_FLAGS = (["-march=native"], [])  # the second is tried where the compiler has no -march=native
+_SOURCE_TEXT = {name: (_SOURCE_DIR / name).read_bytes() for files in LIBRARIES.values() for name in files}
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
+
+@dataclass
+class _Loaded:
+    lib: ctypes.CDLL | None
+    error: str | None
+    build: build.Build | None
+
+
+_lock = threading.RLock()
+_loaded: dict[tuple[str, str | None, str | None], _Loaded] = {}
+_selected: tuple[str | None, str | None] = (None, None)  # (level, compiler); None: the defaults
+_warned: set[object] = set()  # what was said once per process
 
 
 def cache_dir() -> Path:
-    if os.environ.get("LINEAR_TRANSFORMERS_CACHE"):
-        return Path(os.environ["LINEAR_TRANSFORMERS_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "linear_transformers"
+    return build.cache_dir()
 
 
-def _cpu_signature() -> str:
+@contextlib.contextmanager
+def use(level: str | None = None, cc: str | None = None) -> Iterator[None]:
+    """Within the block, the kernels come from the build for `level` (see build.LEVELS) with the
+    compiler `cc` (a path or name); None keeps the default."""
+    global _selected
+    if level is not None:
+        build.check_level(level)
+    before = _selected
+    _selected = (level, cc)
     try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
+        yield
+    finally:
+        _selected = before
 
 
-def _compile(cc: str, out: Path) -> None:
-    errors = []
-    for arch in _ARCH_FLAGS:
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            tmp_out = Path(tmp) / out.name
-            for name, text in _SOURCE_TEXT.items():
-                (Path(tmp) / name).write_bytes(text)
-            sources = [str(Path(tmp) / name) for name in _SOURCES if name.endswith(".c")]
-            cmd = [cc, *_BASE_FLAGS, *arch, *sources, "-lm", "-o", str(tmp_out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode == 0:
-                os.replace(tmp_out, out)  # atomic: concurrent builders never see a partial file
-                return
-            errors.append(f"{' '.join(cmd)}\n{proc.stderr.strip()[-1500:]}")
-    raise RuntimeError("compiling the CPU kernel failed:\n" + "\n".join(errors))
-
-
-def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise RuntimeError("no C compiler found (install gcc or set CC)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.partition("\n")[0]
-    source = b"".join(_SOURCE_TEXT.values())
-    key = repr((cc, version, _BASE_FLAGS, _ARCH_FLAGS, platform.machine(), _cpu_signature())).encode()
-    digest = hashlib.sha256(source + key).hexdigest()[:16]
-    out = cache_dir() / f"causal_linear-{digest}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _compile(cc, out)
-    lib = ctypes.CDLL(str(out))
-    ptr, i64 = ctypes.c_void_p, ctypes.c_long
-    for suffix in ("f32", "f64"):
-        fwd = getattr(lib, f"cla_forward_{suffix}")
-        fwd.argtypes = [ptr] * 11 + [i64] * 6 + [ctypes.c_double, ctypes.c_int]
-        fwd.restype = ctypes.c_int
-        bwd = getattr(lib, f"cla_backward_{suffix}")
-        bwd.argtypes = [ptr] * 15 + [i64] * 6 + [ctypes.c_int]
-        bwd.restype = ctypes.c_int
-    lib.lt_model_token_f32.argtypes = [ctypes.POINTER(_LtModel), ctypes.c_int, ptr, ctypes.c_long] + [ptr] * 4
-    lib.lt_model_token_f32.restype = ctypes.c_int
-    lib.lt_has_bf16_dot.restype = ctypes.c_int
-    lib.lt_has_amx.restype = ctypes.c_int
-    lib.lt_mol_sample_f32.argtypes = [ctypes.c_int] * 3 + [ptr] * 4
-    lib.lt_mol_sample_f32.restype = ctypes.c_int
-    c_int = ctypes.c_int
+def _set_signatures(name: str, lib: ctypes.CDLL) -> None:
+    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    if name == "causal_linear":
+        for suffix in ("f32", "f64"):
+            fwd = getattr(lib, f"cla_forward_{suffix}")
+            fwd.argtypes = [ptr] * 11 + [i64] * 6 + [ctypes.c_double, c_int]
+            fwd.restype = c_int
+            bwd = getattr(lib, f"cla_backward_{suffix}")
+            bwd.argtypes = [ptr] * 15 + [i64] * 6 + [c_int]
+            bwd.restype = c_int
+        return
+    lib.lt_model_token_f32.argtypes = [ctypes.POINTER(_LtModel), c_int, ptr, ctypes.c_long] + [ptr] * 4
+    lib.lt_model_token_f32.restype = c_int
+    lib.lt_has_bf16_dot.restype = c_int
+    lib.lt_has_amx.restype = c_int
+    lib.lt_mol_sample_f32.argtypes = [c_int] * 3 + [ptr] * 4
+    lib.lt_mol_sample_f32.restype = c_int
     lib.lt_generate_mol_f32.argtypes = (
         [ctypes.POINTER(_LtModel), c_int, ptr, ctypes.c_long, c_int]
         + [ptr] * 4
@@ -110,34 +105,157 @@ def _build() -> ctypes.CDLL:
     lib.lt_generate_mol_f32.restype = c_int
     lib.lt_read_f32.argtypes = [c_int, ptr, ptr, c_int]
     lib.lt_read_f32.restype = ctypes.c_float
-    return lib
+
+
+def _load(name: str) -> _Loaded:
+    with _lock:
+        key = (name, *_selected)
+        if key not in _loaded:
+            _loaded[key] = _build_and_open(name)
+        return _loaded[key]
+
+
+def _build_and_open(name: str) -> _Loaded:
+    if os.environ.get("LINEAR_TRANSFORMERS_NO_CPU_KERNEL", "") not in ("", "0"):
+        return _Loaded(None, "disabled by LINEAR_TRANSFORMERS_NO_CPU_KERNEL", None)
+    level, cc = _selected
+    try:
+        level = level or build.best_level()
+        cc = build.default_compiler() if cc is None else cc
+        sources = {f: _SOURCE_TEXT[f] for f in LIBRARIES[name]}
+        b = build.build(name, sources, level, cc, openmp=_OPENMP[name])
+        lib = ctypes.CDLL(str(b.path))
+        _set_signatures(name, lib)
+    except (OSError, RuntimeError, ValueError, AttributeError) as e:
+        return _Loaded(None, f"{name}: {e}", None)
+    if _OPENMP[name] and not b.openmp and name not in _warned:
+        _warned.add(name)
+        warnings.warn(
+            f"the CPU kernel {name} was built without OpenMP ({b.compiler} has none; install libomp or use gcc): "
+            "it runs single-threaded",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return _Loaded(lib, None, b)
 
 
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, building it on first call; None if it cannot be built."""
-    global _lib, _error
-    with _lock:
-        if _lib is None and _error is None:
-            if os.environ.get("LINEAR_TRANSFORMERS_NO_CPU_KERNEL", "") not in ("", "0"):
-                _error = "disabled by LINEAR_TRANSFORMERS_NO_CPU_KERNEL"
-            else:
-                try:
-                    _lib = _build()
-                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                    _error = str(e)
-    return _lib
+    """The attention kernel library (causal_linear), building it on first call; None if it cannot be built."""
+    return _load("causal_linear").lib
+
+
+def load_step() -> ctypes.CDLL | None:
+    """The fused model step library (model_step), building it on first call; None if it cannot be built."""
+    return _load("model_step").lib
+
+
+def build_info(name: str = "causal_linear") -> build.Build | None:
+    """How the library `name` was built (level, flags, compiler), or None where it is unavailable."""
+    return _load(name).build
 
 
 # Evaluated once while torch.compile traces (the answer does not change within a process).
 @torch.compiler.assume_constant_result
 def available() -> bool:
+    """Whether the attention kernel (backend "cpu") is built and loaded."""
     return load() is not None
 
 
 @torch.compiler.assume_constant_result
 def unavailable_reason() -> str | None:
-    load()
-    return _error
+    return _load("causal_linear").error
+
+
+def step_available() -> bool:
+    """Whether the fused model step library is built and loaded."""
+    return load_step() is not None
+
+
+def step_unavailable_reason() -> str | None:
+    return _load("model_step").error
+
+
+def verdict(kind: str, measure: Callable[[], tuple[float, float]], library: str = "causal_linear") -> bool:
+    """Whether "auto" should use the compiled `kind` ("attention", "fused_step") of `library` here:
+    LINEAR_TRANSFORMERS_AUTO_KERNELS=always/never, else the stored verdict of `measure` (seconds of
+    the compiled kernel and of the PyTorch path on a representative shape, run once per build,
+    thread count and kind; the result is kept beside the library). A loss is said once per process."""
+    policy = build.auto_policy()
+    if policy != "measure":
+        return policy == "always"
+    loaded = _load(library)
+    if loaded.build is None:
+        return False
+    what = f"{kind}@{torch.get_num_threads()}threads"
+    with _lock:
+        stored = build.read_verdict(loaded.build, what)
+        if stored is None:
+            kernel_s, pytorch_s = measure()
+            stored = {
+                "kernel_ms": round(kernel_s * 1e3, 4),
+                "pytorch_ms": round(pytorch_s * 1e3, 4),
+                # a tie goes to the kernel: within 5% either choice is as fast, and a noisy
+                # measurement must not keep a faster kernel off for good
+                "faster": kernel_s <= VERDICT_TOLERANCE * pytorch_s,
+                "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            }
+            build.store_verdict(loaded.build, what, stored)
+    if not stored["faster"] and (loaded.build.path, what) not in _warned:
+        _warned.add((loaded.build.path, what))
+        warnings.warn(
+            f"the compiled {kind} kernel ({loaded.build.describe()}) measured slower than PyTorch on this machine "
+            f"({stored['kernel_ms']:.3g} vs {stored['pytorch_ms']:.3g} ms); 'auto' uses the PyTorch path "
+            f"(LINEAR_TRANSFORMERS_AUTO_KERNELS=always overrides; the verdict lies in {loaded.build.info_path})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return bool(stored["faster"])
+
+
+def best_of(fns: list[Callable[[], object]], repeats: int = 7, warmup: int = 2) -> list[float]:
+    """Each function's best time in seconds, the functions interleaved (a slow moment hits all)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+# The verdict's shape: one training forward+backward at B=1, T=1024, H=8, D=64 (float32), ~5-10 ms.
+VERDICT_SHAPE = (1, 1024, 8, 64)
+VERDICT_TOLERANCE = 1.05
+
+
+def _measure_attention() -> tuple[float, float]:
+    from .. import chunked
+
+    B, T, H, D = VERDICT_SHAPE
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.rand(B, T, H, D, generator=g) + 0.1 for _ in range(2))
+    v, dy = (torch.randn(B, T, H, D, generator=g) for _ in range(2))
+    S0, z0 = torch.zeros(B, H, D, D), torch.zeros(B, H, D)
+    dS, dz = torch.zeros(B, H, D, D), torch.zeros(B, H, D)
+
+    def fwd_bwd(forward, backward):
+        def run():
+            y, _, _, out_acc, *aux = forward(q, k, v, S0, z0, 1e-6, 64, True)
+            backward(q, k, v, y, out_acc, *aux, dy, dS, dz, 1e-6, 64)
+
+        return run
+
+    kernel, pytorch = best_of([fwd_bwd(run_forward, run_backward), fwd_bwd(chunked.run_forward, chunked.run_backward)])
+    return kernel, pytorch
+
+
+@torch.compiler.assume_constant_result
+def auto_uses_kernel() -> bool:
+    """Whether "auto" takes the attention kernel for CPU tensors: it is built and beats "chunked" here."""
+    return available() and verdict("attention", _measure_attention)
 
 
 class _LtModel(ctypes.Structure):
@@ -165,14 +283,14 @@ _MOL_NOT_FINITE = "mixture-of-logistics sampling: the head's parameters are not 
 
 def has_bf16_dot() -> bool:
     """Whether the compiled step has bfloat16 dot products (the CPU has AVX512-BF16)."""
-    lib = load()
+    lib = load_step()
     return bool(lib is not None and lib.lt_has_bf16_dot())
 
 
 def has_amx() -> bool:
     """Whether bfloat16 dots in the batched layout (20 rows and more) run on AMX tiles: the kernel was
     built with AMX-BF16 and Linux granted this process the tile registers."""
-    lib = load()
+    lib = load_step()
     return bool(lib is not None and lib.lt_has_amx())
 
 
@@ -243,7 +361,11 @@ class FusedModelStep:
             if weights != torch.bfloat16:
                 raise ValueError("FusedModelStep: dot=torch.bfloat16 needs weights=torch.bfloat16")
             if not has_bf16_dot():
-                raise ValueError("FusedModelStep: dot=torch.bfloat16 needs a CPU with AVX512-BF16 (vdpbf16ps)")
+                level = build_info("model_step").level
+                raise ValueError(
+                    "FusedModelStep: dot=torch.bfloat16 needs a CPU with AVX512-BF16 (vdpbf16ps) and a kernel built "
+                    f"for it (level x86-64-v4-amx); this one is built for {level}"
+                )
             widths = {n: layers[0][n].shape[1] for n in self.PROJECTIONS}
             if any(w % 32 for w in widths.values()):
                 raise ValueError(f"FusedModelStep: dot=torch.bfloat16 needs input widths divisible by 32, got {widths}")
@@ -292,8 +414,8 @@ class FusedModelStep:
         tokens = tokens.to(torch.int64).contiguous()
         S_ptrs, z_ptrs = self._prepare(B, S, z)
         params = torch.empty(B, self.n_params, dtype=torch.float32)
-        status = load().lt_model_token_f32(ctypes.byref(self.model), B, tokens.data_ptr(), position, S_ptrs, z_ptrs,
-                                           self._work.data_ptr(), params.data_ptr())  # fmt: skip
+        status = load_step().lt_model_token_f32(ctypes.byref(self.model), B, tokens.data_ptr(), position, S_ptrs,
+                                                z_ptrs, self._work.data_ptr(), params.data_ptr())  # fmt: skip
         self._check(status, tokens, position)
         return params
 
@@ -328,7 +450,7 @@ class FusedModelStep:
             v.uniform_(*MOL_UNIFORM, generator=generator)
         params = torch.empty(B, self.n_params, dtype=torch.float32)
         S_ptrs, z_ptrs = self._prepare(B, S, z)
-        lib, model, work, done = load(), ctypes.byref(self.model), self._work.data_ptr(), ctypes.c_int(0)
+        lib, model, work, done = load_step(), ctypes.byref(self.model), self._work.data_ptr(), ctypes.c_int(0)
         for t in range(0, n, self.GENERATE_CHUNK):  # Python between chunks: Ctrl-C is seen
             k = min(self.GENERATE_CHUNK, n - t)
             status = lib.lt_generate_mol_f32(model, B, out[t].data_ptr(), position + t, k, S_ptrs, z_ptrs, work,
@@ -351,7 +473,7 @@ def read_f32(tensors: list[torch.Tensor], passes: int = 1) -> float:
         raise ValueError(f"read_f32: passes must be >= 1, got {passes}")
     ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
     sizes = (ctypes.c_long * len(tensors))(*[t.numel() for t in tensors])
-    return load().lt_read_f32(len(tensors), ptrs, sizes, passes)
+    return load_step().lt_read_f32(len(tensors), ptrs, sizes, passes)
 
 
 def mol_sample(params: torch.Tensor, race: torch.Tensor, u: torch.Tensor, levels: int) -> torch.Tensor:
@@ -360,7 +482,7 @@ def mol_sample(params: torch.Tensor, race: torch.Tensor, u: torch.Tensor, levels
     in one C call (all float32 contiguous CPU tensors)."""
     B, K = race.shape
     out = torch.empty(B, dtype=torch.int64)
-    if load().lt_mol_sample_f32(B, K, levels, params.data_ptr(), race.data_ptr(), u.data_ptr(), out.data_ptr()):
+    if load_step().lt_mol_sample_f32(B, K, levels, params.data_ptr(), race.data_ptr(), u.data_ptr(), out.data_ptr()):
         raise ValueError(_MOL_NOT_FINITE)
     return out
 
@@ -372,7 +494,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def _call(name: str, dtype: torch.dtype, *args) -> None:
     lib = load()
     if lib is None:
-        raise RuntimeError(f"the CPU kernel is unavailable: {_error}")
+        raise RuntimeError(f"the CPU kernel is unavailable: {unavailable_reason()}")
     suffix = "f64" if dtype == torch.float64 else "f32"
     status = getattr(lib, f"{name}_{suffix}")(*args)
     if status:

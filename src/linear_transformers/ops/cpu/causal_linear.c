@@ -1,6 +1,9 @@
-/* Causal linear attention kernels for the CPU (float32 and float64), loaded by ops/cpu.py with
- * ctypes. Plain C with GCC vector extensions and pthreads: no PyTorch headers, so it compiles in
- * about a second on first use. The algorithm is in causal_linear_impl.h. */
+/* Causal linear attention kernels for the CPU (float32 and float64), loaded by ops/cpu with ctypes.
+ * Plain C with GCC/clang vector extensions of the target's width (simd.h) and pthreads (no OpenMP):
+ * no PyTorch headers, so it compiles in about a second on first use. The algorithm is in
+ * causal_linear_impl.h. */
+
+#include "simd.h"
 
 #include <pthread.h>
 #include <stdint.h>
@@ -8,6 +11,21 @@
 #include <string.h>
 
 enum { MM_FULL = 0, MM_LOWER_A = 1, MM_UPPER_A = 2, MM_LOWER_C = 3 };
+
+/* Register tiles of the matrix products (causal_linear_impl.h's mm), MM_ROWS rows x MM_NV vectors
+ * for full products, MM_TRI_ROWS x MM_TRI_NV for triangular outputs: 16 accumulators with 32
+ * registers (AVX-512, NEON); 12 with 16 (AVX2: the 6 x 2 tile of the usual AVX2 SGEMM kernels). */
+#if LT_NREGS >= 32
+#define MM_ROWS 4
+#define MM_NV 4
+#define MM_TRI_ROWS 8
+#define MM_TRI_NV 2
+#else
+#define MM_ROWS 6
+#define MM_NV 2
+#define MM_TRI_ROWS 6
+#define MM_TRI_NV 2
+#endif
 
 typedef int (*range_fn)(const void *args, long begin, long end);
 
@@ -49,21 +67,17 @@ static int parallel_over(long n_items, int n_threads, range_fn fn, const void *a
 }
 
 #define T float
-#define ITYPE int32_t
 #define SUF f32
-#define VL 16
+#define VL LT_VLF
 #include "causal_linear_impl.h"
 #undef T
-#undef ITYPE
 #undef SUF
 #undef VL
 
 #define T double
-#define ITYPE int64_t
 #define SUF f64
-#define VL 8
+#define VL LT_VLD
 #include "causal_linear_impl.h"
 #undef T
-#undef ITYPE
 #undef SUF
 #undef VL

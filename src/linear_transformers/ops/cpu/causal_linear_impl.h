@@ -1,13 +1,13 @@
 /* Causal linear attention on the CPU, one scalar type. Included by causal_linear.c with
  *   T    the scalar type (float or double)
  *   SUF  the suffix of the exported names (f32, f64)
- *   VL   lanes in a 64-byte vector (16 floats, 8 doubles)
+ *   VL   lanes of T in a vector of the compile target (LT_VBYTES / sizeof(T), simd.h)
  *
  * Each (batch, head) sequence is walked chunk by chunk (C tokens). A chunk's queries, keys and
  * values are copied into small contiguous buffers that stay in L1/L2, and every product is a
- * small matrix product computed by `mm` below: a 4-row x 4-vector register tile, GCC vector
- * extensions (compiled with -march=native, so AVX-512 where the machine has it). Products with a
- * masked (triangular) operand skip the zero half.
+ * small matrix product computed by `mm` below: a register tile of MM_ROWS rows x up to MM_NV vectors
+ * (sized in causal_linear.c for the target's registers), GCC/clang vector extensions of the
+ * target's width. Products with a masked (triangular) operand skip the zero half.
  *
  * Forward, chunk n (state S, z entering it; A = tril(Q K^T)):
  *   out = (A V + Q S) / (rowsum(A) + Q z + eps),   S += K^T V,   z += K^T 1
@@ -23,16 +23,15 @@
 #define CAT(a, b) CAT2(a, b)
 #define FN(name) CAT(name, SUF)
 
-typedef T FN(vec) __attribute__((vector_size(64), aligned(sizeof(T))));
+/* Vectors at any T-aligned address. Loads and stores go through a may_alias pointer, not memcpy:
+ * GCC copies a 32-byte memcpy in 16-byte pieces through the stack under generic tuning (4x slower). */
+typedef T FN(vec) __attribute__((vector_size(LT_VBYTES), aligned(sizeof(T))));
+typedef T FN(vmem) __attribute__((vector_size(LT_VBYTES), aligned(sizeof(T)), may_alias));
 #define V FN(vec)
 
-static inline V FN(vload)(const T *p) {
-    V v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
+static inline V FN(vload)(const T *p) { return *(const FN(vmem) *)p; }
 
-static inline void FN(vstore)(T *p, V v) { memcpy(p, &v, sizeof v); }
+static inline void FN(vstore)(T *p, V v) { *(FN(vmem) *)p = v; }
 
 /* Sum of the lanes, as a tree: log2(VL) dependent additions rather than VL. */
 static inline T FN(hsum)(V v) {
@@ -61,23 +60,25 @@ static inline void FN(copy)(T *dst, const T *src, int n, T scale) {
 }
 
 /* C[0:R, 0:NV*VL] (+)= sum_{k0 <= k < k1} A(r, k) B[k, 0:NV*VL], with A(r, k) = A[r*ars + k*acs].
- * R <= 8, NV <= 4 and R * NV <= 16 are compile-time constants at every call, so the loops unroll
- * into registers: up to 16 independent accumulators, enough to keep both FMA units busy. */
+ * R <= 8 and NV <= 4 are compile-time constants at every call (R * NV <= MM_ACC), so the loops
+ * unroll into registers: up to MM_ACC independent accumulators, enough to keep both FMA units busy
+ * with the NV vectors of B and one broadcast of A still in registers. */
 static inline __attribute__((always_inline)) void FN(tile)(int R, int NV, int k0, int k1, const T *A, long ars,
                                                            long acs, const T *B, long ldb, T *C, long ldc, int acc) {
     V c[8][4];
-    for (int r = 0; r < R; r++)
-        for (int u = 0; u < NV; u++) c[r][u] = acc ? FN(vload)(C + r * ldc + u * VL) : (V){0};
+    /* unrolled by hand for GCC, whose cost model otherwise keeps c[][] on the stack for 32-byte vectors */
+    LT_UNROLL for (int r = 0; r < R; r++)
+        LT_UNROLL for (int u = 0; u < NV; u++) c[r][u] = acc ? FN(vload)(C + r * ldc + u * VL) : (V){0};
     for (int k = k0; k < k1; k++) {
         V b[4];
-        for (int u = 0; u < NV; u++) b[u] = FN(vload)(B + k * ldb + u * VL);
-        for (int r = 0; r < R; r++) {
+        LT_UNROLL for (int u = 0; u < NV; u++) b[u] = FN(vload)(B + k * ldb + u * VL);
+        LT_UNROLL for (int r = 0; r < R; r++) {
             T a = A[r * ars + k * acs];
-            for (int u = 0; u < NV; u++) c[r][u] += a * b[u];
+            LT_UNROLL for (int u = 0; u < NV; u++) c[r][u] += a * b[u];
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int u = 0; u < NV; u++) FN(vstore)(C + r * ldc + u * VL, c[r][u]);
+    LT_UNROLL for (int r = 0; r < R; r++)
+        LT_UNROLL for (int u = 0; u < NV; u++) FN(vstore)(C + r * ldc + u * VL, c[r][u]);
 }
 
 /* The same for n < VL leftover columns, scalar. */
@@ -92,19 +93,17 @@ static void FN(tile_tail)(int R, int n, int k0, int k1, const T *A, long ars, lo
 }
 
 #define TILE(R_, NV) FN(tile)(R_, NV, k0, k1, Ai, ars, acs, B + j, ldb, Ci + j, ldc, acc)
-#define TILE_R(NV)                   \
-    switch (R) {                     \
-        case 4: TILE(4, NV); break;  \
-        case 3: TILE(3, NV); break;  \
-        case 2: TILE(2, NV); break;  \
-        default: TILE(1, NV); break; \
-    }
-#define TILE_R8(NV)                 \
+/* A tile of R (1..8, a runtime value) rows by NV vectors, with R a constant inside each case. */
+#define TILE_R(NV)                  \
     switch (R) {                    \
         case 8: TILE(8, NV); break; \
         case 7: TILE(7, NV); break; \
         case 6: TILE(6, NV); break; \
-        default: TILE(5, NV); break; \
+        case 5: TILE(5, NV); break; \
+        case 4: TILE(4, NV); break; \
+        case 3: TILE(3, NV); break; \
+        case 2: TILE(2, NV); break; \
+        default: TILE(1, NV); break; \
     }
 
 /* C[M, N] = (acc ? C : 0) + op(A)[M, K] B[K, N]; op(A)(i, k) = A[i*ars + k*acs] (a transposed
@@ -116,8 +115,8 @@ static void FN(tile_tail)(int R, int n, int k0, int k1, const T *A, long ars, lo
  *               to a vector) are not computed and hold garbage the caller masks. */
 static void FN(mm)(int M, int N, int K, const T *A, long ars, long acs, const T *B, long ldb, T *C, long ldc, int acc,
                    int tri) {
-    /* A triangular output is narrow near the top: 8-row tiles keep 8 to 16 accumulators there. */
-    const int rows = tri == MM_LOWER_C ? 8 : 4;
+    /* A triangular output is narrow near the top: taller tiles (MM_TRI_ROWS) keep more accumulators there. */
+    const int rows = tri == MM_LOWER_C ? MM_TRI_ROWS : MM_ROWS, nv = tri == MM_LOWER_C ? MM_TRI_NV : MM_NV;
     for (int i = 0; i < M; i += rows) {
         int R = M - i < rows ? M - i : rows;
         int k0 = 0, k1 = K, n_end = N;
@@ -130,48 +129,56 @@ static void FN(mm)(int M, int N, int K, const T *A, long ars, long acs, const T 
         const T *Ai = A + (long)i * ars;
         T *Ci = C + (long)i * ldc;
         int j = 0;
-        if (R > 4) {
-            for (; j + 2 * VL <= n_end; j += 2 * VL) TILE_R8(2)
-            for (; j + VL <= n_end; j += VL) TILE_R8(1)
-        } else {
+        if (nv >= 4)
             for (; j + 4 * VL <= n_end; j += 4 * VL) TILE_R(4)
+        if (nv >= 2)
             for (; j + 2 * VL <= n_end; j += 2 * VL) TILE_R(2)
-            for (; j + VL <= n_end; j += VL) TILE_R(1)
-        }
+        for (; j + VL <= n_end; j += VL) TILE_R(1)
         if (j < n_end) FN(tile_tail)(R, n_end - j, k0, k1, Ai, ars, acs, B + j, ldb, Ci + j, ldc, acc);
     }
 }
 
-typedef ITYPE FN(lanes) __attribute__((vector_size(64)));
-
 /* dst[c, r] = src[r, c] for an R x Cn row-major src. VL x VL blocks are transposed in registers:
- * round w (= 1, 2, 4, ...) swaps the off-diagonal w x w sub-blocks of row pairs (i, i + w) with
- * two-vector shuffles; after log2(VL) rounds vector i holds column i. Edges are copied one by one. */
-static void FN(transpose)(int R, int Cn, const T *src, T *dst) {
-    FN(lanes) lo[8], hi[8];
-    int n_rounds = 0;
-    for (int w = 1; w < VL; w *= 2, n_rounds++)
-        for (int c = 0; c < VL; c++) {
-            lo[n_rounds][c] = (c & w) ? VL + c - w : c;
-            hi[n_rounds][c] = (c & w) ? VL + c : c + w;
+ * round w (= 1, 2, 4, ...) swaps the off-diagonal w x w sub-blocks of vector pairs (i, i + w) with
+ * constant two-vector shuffles (index lists in simd.h); after log2(VL) rounds vector i holds column
+ * i. Edges, and compilers without __builtin_shufflevector, go one value at a time. */
+#define TR_ROUND(W)                                                   \
+    for (int base = 0; base < VL; base += 2 * (W))                    \
+        for (int i = base; i < base + (W); i++) {                     \
+            const V a = x[i], b = x[i + (W)];                         \
+            x[i] = __builtin_shufflevector(a, b, TR_LIST(LO, VL, W)); \
+            x[i + (W)] = __builtin_shufflevector(a, b, TR_LIST(HI, VL, W)); \
         }
+#define TR_LIST(P, N, W) TR_LIST2(P, N, W)
+#define TR_LIST2(P, N, W) LT_TR_##P##_##N##_##W
+static void FN(transpose)(int R, int Cn, const T *src, T *dst) {
+#if defined(LT_HAS_SHUFFLEVECTOR) && VL >= 2
     const int R_full = R - R % VL, C_full = Cn - Cn % VL;
     for (int r0 = 0; r0 < R_full; r0 += VL)
         for (int c0 = 0; c0 < C_full; c0 += VL) {
             V x[VL];
             for (int i = 0; i < VL; i++) x[i] = FN(vload)(src + (long)(r0 + i) * Cn + c0);
-            for (int k = 0, w = 1; k < n_rounds; k++, w *= 2)
-                for (int base = 0; base < VL; base += 2 * w)
-                    for (int i = base; i < base + w; i++) {
-                        V a = x[i], b = x[i + w];
-                        x[i] = __builtin_shuffle(a, b, lo[k]);
-                        x[i + w] = __builtin_shuffle(a, b, hi[k]);
-                    }
+            TR_ROUND(1)
+#if VL >= 4
+            TR_ROUND(2)
+#endif
+#if VL >= 8
+            TR_ROUND(4)
+#endif
+#if VL >= 16
+            TR_ROUND(8)
+#endif
             for (int i = 0; i < VL; i++) FN(vstore)(dst + (long)(c0 + i) * R + r0, x[i]);
         }
+#else
+    const int R_full = 0, C_full = 0;
+#endif
     for (int r = 0; r < R; r++)
         for (int c = (r < R_full ? C_full : 0); c < Cn; c++) dst[(long)c * R + r] = src[(long)r * Cn + c];
 }
+#undef TR_ROUND
+#undef TR_LIST
+#undef TR_LIST2
 
 /* Rows [t0, t0 + len) of head h of sequence b from x [B, T, H, D] into buf [C, D], zero-filling to C rows. */
 static void FN(load_rows)(const T *x, long b, long t0, int len, int C, long Tn, long H, long h, int D, T *buf) {
@@ -192,12 +199,12 @@ static T *FN(alloc)(long n) {
     return posix_memalign(&p, 64, sizeof(T) * (size_t)n) ? NULL : p;
 }
 
-/* Zero A[i, j] for i < j < i + 4: the only entries above the diagonal that a triangular product
- * reads (MM_LOWER_A sums k < i + 4, MM_UPPER_A starts at k = i for a 4-row tile); the rest of the
- * upper triangle is never read, so it is left as it is. */
+/* Zero A[i, j] for i < j < i + MM_ROWS: the only entries above the diagonal that a triangular
+ * product reads (MM_LOWER_A sums k < i + MM_ROWS, MM_UPPER_A starts at the first row of an
+ * MM_ROWS-row tile); the rest of the upper triangle is never read, so it is left as it is. */
 static void FN(mask_band)(int C, T *A) {
     for (int i = 0; i < C; i++)
-        for (int j = i + 1; j < i + 4 && j < C; j++) A[(long)i * C + j] = 0;
+        for (int j = i + 1; j < i + MM_ROWS && j < C; j++) A[(long)i * C + j] = 0;
 }
 
 typedef struct {
@@ -365,7 +372,6 @@ int FN(cla_backward)(const T *q, const T *k, const T *v, const T *out, const T *
 #undef V
 #undef TILE
 #undef TILE_R
-#undef TILE_R8
 #undef FN
 #undef CAT
 #undef CAT2

@@ -13,26 +13,47 @@
  *
  * Work is shared with OpenMP (`omp for` over output features or (row, head) pairs). Loaded after
  * PyTorch, the library binds to PyTorch's own libgomp (same soname), so it uses the same threads.
+ * Built without OpenMP (a compiler without it), the pragmas fall away and one thread does it all.
+ * Vectors and register tiles follow the compile target (simd.h): 16 floats and 32 registers with
+ * AVX-512, 8 and 16 with AVX2, 4 and 32 with NEON; bfloat16 dots and AMX tiles only where the
+ * target has AVX512-BF16 / AMX-BF16.
  * lt_model_token_f32 is one step; lt_generate_mol_f32 runs a whole sequence of steps, each followed
  * by sampling a mixture-of-logistics head, in one parallel region.
  */
 
+#include "simd.h"
+
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-typedef float vf __attribute__((vector_size(64), aligned(4)));
-#define VLF 16
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+#endif
 
-static inline vf vload(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
+/* may_alias, loaded and stored through pointers (not memcpy, which GCC splits through the stack) */
+typedef float vf __attribute__((vector_size(LT_VBYTES), aligned(4)));
+typedef float vf_mem __attribute__((vector_size(LT_VBYTES), aligned(4), may_alias));
+#define VLF LT_VLF
+/* Register tiles: rows of the batch per row-layout GEMV tile (each with 4 weight rows: 4 NB
+ * accumulators), and the batched layout's accumulators and vectors of rows per tile. */
+#if LT_NREGS >= 32
+#define LT_GEMV_NB 4
+#define LT_ACC 24
+#define LT_BNV 4
+#else
+#define LT_GEMV_NB 2
+#define LT_ACC 12
+#define LT_BNV 2
+#endif
 
-static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf vload(const float *p) { return *(const vf_mem *)p; }
+
+static inline void vstore(float *p, vf v) { *(vf_mem *)p = v; }
 
 static inline float hsum(vf v) {
     float t[VLF];
@@ -45,7 +66,7 @@ static inline float hsum(vf v) {
 /* hsum of four vectors at once (out[r] = hsum(v[r]), the same pairs added in the same order), with
  * whole-vector shuffles instead of four scalar reductions. */
 static inline void hsum4(const vf *v, float *out) {
-#if defined(__clang__) || __GNUC__ >= 12
+#if defined(LT_HAS_SHUFFLEVECTOR) && LT_VLF == 16
 #define SH __builtin_shufflevector
     const vf u = SH(v[0], v[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
                  SH(v[0], v[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
@@ -87,10 +108,10 @@ typedef struct {
 
 static inline float phi(float v, int kind) { return kind == 0 ? (v > 0 ? v + 1.0f : expf(v)) : (v > 0 ? v : 0.0f); }
 
-typedef uint16_t vh __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(LT_VBYTES / 2), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(LT_VBYTES)));
 
-/* 16 weights as float32: plain loads, or bfloat16 widened (its bits are the top half of a float32). */
+/* VLF weights as float32: plain loads, or bfloat16 widened (its bits are the top half of a float32). */
 static inline vf wload_f32(const void *W, long i) { return vload((const float *)W + i); }
 static inline vf wload_bf16(const void *W, long i) {
     vh h;
@@ -109,8 +130,8 @@ static inline float wscalar_bf16(const void *W, long i) {
 }
 
 /* y[b, j] = (base ? base[b, j] : 0) + bias[j] + W[j, :] . x[b, :] for rows j in [j0, j1). A tile is
- * 4 rows of W by NB <= 4 rows of x: each weight vector loaded serves NB rows and each x vector 4
- * weight rows, so W streams from cache B / 4 times, not B times. Every
+ * 4 rows of W by NB <= LT_GEMV_NB rows of x: each weight vector loaded serves NB rows and each x
+ * vector 4 weight rows, so W streams from cache B / LT_GEMV_NB times, not B times. Every
  * output sums its products in the same order whatever the tile, so results do not depend on B.
  * The tile body is inlined for each NB (1..4), so its accumulators stay in registers. Each of the four
  * weight rows is its own stream, prefetched LT_AHEAD bytes ahead (the hardware's prefetcher alone
@@ -139,7 +160,7 @@ static inline int tile_rows(int j0, int j1, int t, int *j, int *rs) {
         const float *x, float *y, const float *base) {                                                             \
         long w[4];                                                                                                 \
         for (int r = 0; r < 4; r++) w[r] = (long)(j + (r < nr ? r : 0) * rs) * n_in;                               \
-        vf acc[4][4];                                                                                              \
+        vf acc[4][4]; /* NB x 4 used: NB is a constant, so only those live in registers */                        \
         for (int c = 0; c < NB; c++)                                                                               \
             for (int r = 0; r < 4; r++) acc[c][r] = (vf){0};                                                       \
         int i = 0;                                                                                                 \
@@ -170,7 +191,8 @@ static inline int tile_rows(int j0, int j1, int t, int *j, int *rs) {
         int j, rs, nr;                                                                                             \
         for (int t = 0; (nr = tile_rows(j0, j1, t, &j, &rs)); t++) {                                               \
             int b0 = 0;                                                                                            \
-            for (; b0 + 4 <= B; b0 += 4) NAME##_tile(4, b0, n_in, n_out, j, nr, rs, W, bias, x, y, base);          \
+            for (; b0 + LT_GEMV_NB <= B; b0 += LT_GEMV_NB)                                                         \
+                NAME##_tile(LT_GEMV_NB, b0, n_in, n_out, j, nr, rs, W, bias, x, y, base);                          \
             switch (B - b0) {                                                                                      \
                 case 3: NAME##_tile(3, b0, n_in, n_out, j, nr, rs, W, bias, x, y, base); break;                    \
                 case 2: NAME##_tile(2, b0, n_in, n_out, j, nr, rs, W, bias, x, y, base); break;                    \
@@ -241,9 +263,9 @@ int lt_has_bf16_dot(void) { return 0; }
 #define gemv_bf16dot gemv_bf16 /* never chosen: FusedModelStep refuses mode 2 without AVX512-BF16 */
 #endif
 
-typedef int32_t vi __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(LT_VBYTES)));
 
-/* exp(x) for x <= 0, 16 lanes: x = n ln2 + r (|r| <= ln2 / 2), exp(r) by its Taylor polynomial of
+/* exp(x) for x <= 0, VLF lanes: x = n ln2 + r (|r| <= ln2 / 2), exp(r) by its Taylor polynomial of
  * degree 7 (relative error < 3e-8 plus rounding), times 2^n built in the exponent bits. Below -87
  * (where exp underflows float32's normal range) it returns exp(-87) ~ 1.6e-38. */
 static inline vf vexp_neg(vf x) {
@@ -263,7 +285,7 @@ static inline vf vexp_neg(vf x) {
     return p * (vf)scale;
 }
 
-/* GELU(v) = v (1 + erf(v / sqrt 2)) / 2 on 16 lanes, erf by Abramowitz & Stegun 7.1.26 (absolute
+/* GELU(v) = v (1 + erf(v / sqrt 2)) / 2 on VLF lanes, erf by Abramowitz & Stegun 7.1.26 (absolute
  * error < 1.5e-7): with a = |v| / sqrt 2 and q = 1 - erf(a) = poly(1 / (1 + 0.3275911 a)) exp(-a^2),
  * GELU = v (2 - q) / 2 for v >= 0 and v q / 2 below (no cancellation for negative v). */
 static inline vf vgelu(vf v) {
@@ -281,7 +303,7 @@ static inline vf vgelu(vf v) {
     return 0.5f * v * factor;
 }
 
-/* GELU in place on y[0, n): 16 at a time, the rest through a zero-padded vector (same arithmetic). */
+/* GELU in place on y[0, n): VLF at a time, the rest through a zero-padded vector (same arithmetic). */
 static void gelu_row(float *y, int n) {
     int i = 0;
     for (; i + VLF <= n; i += VLF) {
@@ -298,9 +320,10 @@ static void gelu_row(float *y, int n) {
 }
 
 /* The batched layout, for larger batches (B >= LT_BATCHED_MIN): a projection's input is transposed,
- * xt[i * Bp + b] = x[b, i] with Bp = B rounded up to 16 (the extra lanes hold zeros), and 16 rows of
- * the batch share a vector: acc[b] += W[j, i] * xt[i, b..b+16), one weight broadcast per 16 products.
- * A tile is R rows of W by NV vectors of rows (R * NV = 24 accumulators), so no horizontal sums and
+ * xt[i * Bp + b] = x[b, i] with Bp = B rounded up to whole vectors (the extra lanes hold zeros), and
+ * VLF rows of the batch share a vector: acc[b] += W[j, i] * xt[i, b..b+VLF), one weight broadcast
+ * per VLF products. A tile is R rows of W by NV <= LT_BNV vectors of rows (R * NV = LT_ACC
+ * accumulators: 24 with 32 registers, 12 with 16), so no horizontal sums and
  * no per-output epilogue beyond a store. Each output sums its products in order of i in its own lane:
  * the result of a row does not depend on the other rows, the batch size or the tile.
  * Weights: kind 0 float32, 1 bfloat16 widened to float32, 2 bfloat16 pairs (vdpbf16ps) against xt2,
@@ -309,9 +332,9 @@ static void gelu_row(float *y, int n) {
 #ifndef LT_BATCHED_MIN
 #define LT_BATCHED_MIN 20
 #endif
-#define LT_ACC 24
 
-static inline int round16(int n) { return (n + VLF - 1) / VLF * VLF; }
+/* n rounded up to whole vectors (FusedModelStep pads its buffers to 16 rows, a multiple of every VLF) */
+static inline int roundv(int n) { return (n + VLF - 1) / VLF * VLF; }
 
 static inline __attribute__((always_inline)) void batched_tile(const int kind, const int R, const int NV, int n_in,
                                                                const void *W, int j, int nr, const float *xt,
@@ -340,7 +363,7 @@ static inline __attribute__((always_inline)) void batched_tile(const int kind, c
         if (i % 16 == 0) /* each weight row is its own stream: fetch a few lines ahead of its broadcasts */
             for (int r = 0; r < R; r++)
                 __builtin_prefetch((const char *)W + (w[r] + i) * (kind == 0 ? 4 : 2) + LT_AHEAD);
-        vf xv[4];
+        vf xv[LT_BNV];
         for (int c = 0; c < NV; c++) xv[c] = vload(xt + (long)i * Bp + (c0 + c) * VLF);
         for (int r = 0; r < R; r++) {
             const float wr = kind == 0 ? wscalar_f32(W, w[r] + i) : wscalar_bf16(W, w[r] + i);
@@ -355,7 +378,7 @@ static inline __attribute__((always_inline)) void batched_rows(const int kind, c
                                                                int n_out, int j0, int j1, const void *W,
                                                                const float *bias, const float *xt, const void *xt2,
                                                                int c0, float *y, float *yt, const float *base) {
-    const int R = LT_ACC / NV, Bp = round16(B);
+    const int R = LT_ACC / NV, Bp = roundv(B);
     for (int j = j0; j < j1; j += R) {
         const int nr = j1 - j < R ? j1 - j : R;
         vf acc[LT_ACC];
@@ -366,7 +389,7 @@ static inline __attribute__((always_inline)) void batched_rows(const int kind, c
                     vstore(yt + (long)(j + r) * Bp + (c0 + c) * VLF, acc[r * NV + c] + bias[j + r]);
             continue;
         }
-        float t[LT_ACC][4 * VLF]; /* the tile transposed back, a row of the batch at a time */
+        float t[LT_ACC][LT_BNV * VLF]; /* the tile transposed back, a row of the batch at a time */
         for (int r = 0; r < nr; r++)
             for (int c = 0; c < NV; c++) vstore(t[r] + c * VLF, acc[r * NV + c] + bias[j + r]);
         for (int b = c0 * VLF; b < (c0 + NV) * VLF && b < B; b++) {
@@ -380,11 +403,13 @@ static inline __attribute__((always_inline)) void batched_kind(const int kind, i
                                                                int j1, const void *W, const float *bias,
                                                                const float *xt, const void *xt2, float *y, float *yt,
                                                                const float *base) {
-    const int nv = round16(B) / VLF;
-    for (int c0 = 0; c0 < nv; c0 += 4) {
-        switch (nv - c0 < 4 ? nv - c0 : 4) {
+    const int nv = roundv(B) / VLF;
+    for (int c0 = 0; c0 < nv; c0 += LT_BNV) {
+        switch (nv - c0 < LT_BNV ? nv - c0 : LT_BNV) {
+#if LT_BNV >= 4
             case 4: batched_rows(kind, 4, B, n_in, n_out, j0, j1, W, bias, xt, xt2, c0, y, yt, base); break;
             case 3: batched_rows(kind, 3, B, n_in, n_out, j0, j1, W, bias, xt, xt2, c0, y, yt, base); break;
+#endif
             case 2: batched_rows(kind, 2, B, n_in, n_out, j0, j1, W, bias, xt, xt2, c0, y, yt, base); break;
             default: batched_rows(kind, 1, B, n_in, n_out, j0, j1, W, bias, xt, xt2, c0, y, yt, base); break;
         }
@@ -452,7 +477,7 @@ static void amx_configure(void) {
  * yt (transposed) or y (row layout, + base), as batched_rows does. */
 static void amx_rows(int nblk, int B, int n_in, int n_out, int j0, const uint16_t *W, const float *bias,
                      const uint16_t *xt2, float *y, float *yt, const float *base) {
-    const int Bp = round16(B);
+    const int Bp = roundv(B);
     float t[2][16][16];
     for (int b0 = 0; b0 < Bp; b0 += 16) {
         _tile_zero(0);
@@ -510,7 +535,7 @@ static void batched_gemv(int amx, int kind, int B, int n_in, int n_out, int j0, 
     }
 }
 
-/* With gelu set, GELU (exact) is applied after the products, 16 outputs at a time (vgelu): libm's
+/* With gelu set, GELU (exact) is applied after the products, VLF outputs at a time (vgelu): libm's
  * scalar erff cost as much as the bfloat16 products at batch 1. */
 static void gemv(int bf16, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
                  const float *x, float *y, const float *base, int gelu) {
@@ -528,7 +553,7 @@ static void share(int n, int grain, int *lo, int *hi) {
 }
 
 /* LayerNorm of B rows of d into y [B, d] and/or (each may be NULL) yt [d, Bp] (transposed, the
- * lanes from B to Bp zeroed): the sums 16 lanes at a time, then across the lanes (hsum). */
+ * lanes from B to Bp zeroed): the sums VLF lanes at a time, then across the lanes (hsum). */
 static void layer_norm(int B, int d, const float *x, const float *w, const float *b, float eps, float *y, float *yt,
                        int Bp) {
     for (int r = 0; r < B; r++) {
@@ -562,7 +587,7 @@ static void transpose(int B, int d, const float *x, float *xt, int Bp) {
         for (int r = 0; r < Bp; r++) xt[(long)i * Bp + r] = r < B ? x[(long)r * d + i] : 0;
 }
 
-/* phi on 16 lanes: elu(v) + 1 (v + 1 above 0, exp(v) at or below) or relu(v). */
+/* phi on VLF lanes: elu(v) + 1 (v + 1 above 0, exp(v) at or below) or relu(v). */
 static inline vf vphi(vf v, int kind) {
     const vi pos = v > 0.0f;
     if (kind != 0) return (vf)((vi)v & pos);
@@ -571,7 +596,7 @@ static inline vf vphi(vf v, int kind) {
 }
 
 /* One head of one row: q, k = phi(q), phi(k) (in place); z += k; S += k v^T; o = q^T S / (q . z + eps).
- * 16 lanes at a time where dk and dv are multiples of 16, else one value at a time. */
+ * VLF lanes at a time where dk and dv are multiples of VLF, else one value at a time. */
 static void attend(int dk, int dv, int feature_map, float eps, float *restrict q, float *restrict k,
                    const float *restrict v, float *restrict S, float *restrict z, float *restrict o) {
     if (dk % VLF == 0 && dv % VLF == 0) {
@@ -633,7 +658,7 @@ typedef struct {
 
 static lt_step step_layout(const lt_model *m, int B, float *work) {
     lt_step s;
-    s.B = B, s.Bp = round16(B), s.batched = B >= LT_BATCHED_MIN, s.kind = m->bf16;
+    s.B = B, s.Bp = roundv(B), s.batched = B >= LT_BATCHED_MIN, s.kind = m->bf16;
 #ifdef LT_AMX
     s.amx = s.batched && s.kind == 2 && amx_enable();
 #else

@@ -1,0 +1,129 @@
+"""The CPU kernels built for AArch64 (NEON: 4 floats a vector, 32 registers), cross-compiled with
+Debian's gcc-aarch64-linux-gnu and run under qemu-user through a small driver
+(tests/native/kernel_harness.c): the attention forward/backward against the PyTorch reference and
+the fused model step against the PyTorch step. Correctness only (qemu's speed says nothing). The
+same driver built for this machine checks the driver itself. Skipped, naming the package, where the
+cross compiler or qemu is missing (.ci/run installs both)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from linear_transformers import ops
+from linear_transformers.model import CausalTransformer, ModelConfig, ModelState
+from linear_transformers.ops import LinearState, cpu
+from linear_transformers.ops.cpu import build
+
+from helpers import qkv, random_state, rel_err
+
+HARNESS = Path(__file__).parent / "native" / "kernel_harness.c"
+KERNELS = [Path(cpu.__file__).parent / name for name in ("causal_linear.c", "model_step.c")]
+TARGETS = {
+    # target: (compiler, level flags, how to run the program)
+    "aarch64": ("aarch64-linux-gnu-gcc", build.LEVELS["armv8-a"].flags, ["qemu-aarch64"]),
+    "native": ("gcc", build.LEVELS[build.best_level()].flags, []),
+}
+PACKAGES = {"aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu", "qemu-aarch64": "qemu-user", "gcc": "gcc"}
+
+
+@pytest.fixture(scope="module", params=list(TARGETS))
+def harness(request, tmp_path_factory):
+    cc, flags, runner = TARGETS[request.param]
+    for tool in [cc, *runner]:
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (apt-get install {PACKAGES[tool]})")
+    exe = tmp_path_factory.mktemp(request.param) / "kernel_harness"
+    static = ["-static"] if runner else []  # qemu then needs no AArch64 sysroot
+    cmd = [cc, "-O3", "-std=gnu11", *flags, "-fopenmp", "-pthread", *static, str(HARNESS), *map(str, KERNELS), "-lm",
+           "-o", str(exe)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def run(kind: str, request_bytes: bytes, tmp: Path) -> bytes:
+        (tmp / "in.bin").write_bytes(request_bytes)
+        proc = subprocess.run([*runner, str(exe), kind, str(tmp / "in.bin"), str(tmp / "out.bin")],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, (proc.returncode, proc.stderr)
+        return (tmp / "out.bin").read_bytes()
+
+    return run
+
+
+def _i64(*values: int) -> bytes:
+    return np.array(values, dtype=np.int64).tobytes()
+
+
+def _split(data: bytes, dtype, shapes):
+    flat = np.frombuffer(data, dtype=dtype)
+    out, at = [], 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        out.append(torch.from_numpy(flat[at : at + n].copy()).reshape(shape))
+        at += n
+    assert at == flat.size
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("B", "T", "H", "Dk", "Dv"), [(2, 65, 3, 16, 24), (1, 63, 2, 5, 3), (1, 130, 1, 33, 17)])
+def test_attention_kernel_equals_the_reference(harness, tmp_path, dtype, B, T, H, Dk, Dv):
+    C = 16
+    q, k, v = qkv(B, T, H, Dk, Dv, requires_grad=True)
+    state = random_state(B, H, Dk, Dv, requires_grad=True)
+    dy, dS, dz = torch.randn(B, T, H, Dv, dtype=torch.float64), torch.randn(B, H, Dk, Dv), torch.randn(B, H, Dk)
+    y, final = ops.causal_linear_attention(q, k, v, initial_state=state, return_state=True, backend="naive")
+    grads = torch.autograd.grad((y, final.S, final.z), (q, k, v, state.S, state.z), (dy, dS.double(), dz.double()))
+    want = [y, final.S, final.z, *grads]
+    es = 8 if dtype == torch.float64 else 4
+    inputs = [x.detach().to(dtype).contiguous().numpy().tobytes() for x in (q, k, v, state.S, state.z, dy, dS, dz)]
+    data = harness("attention", _i64(es, B, T, H, Dk, Dv, C) + np.float64(1e-6).tobytes() + b"".join(inputs), tmp_path)
+    shapes = [(B, T, H, Dv), (B, H, Dk, Dv), (B, H, Dk), (B, T, H, Dk), (B, T, H, Dk), (B, T, H, Dv), (B, H, Dk, Dv),
+              (B, H, Dk)]  # fmt: skip
+    got = _split(data, np.float64 if es == 8 else np.float32, shapes)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for name, g, w in zip(("y", "S", "z", "dq", "dk", "dv", "dS0", "dz0"), got, want, strict=True):
+        assert rel_err(g, w) < tol, (name, rel_err(g, w))
+
+
+def _step_request(model: CausalTransformer, tokens: torch.Tensor) -> bytes:
+    cfg, n, B = model.cfg, tokens.shape[1], tokens.shape[0]
+    io = model._io_weights()
+    dk = cfg.d_model // cfg.n_heads
+    header = _i64(cfg.n_layers, cfg.d_model, cfg.n_heads, dk, dk, cfg.d_ff, cfg.norm == "pre",
+                  cpu.FUSED_FEATURE_MAPS[cfg.feature_map], cfg.vocab_size, cfg.max_len, io["head_w"].shape[0],
+                  io["pos"] is not None, io["norm_w"] is not None, B, n)  # fmt: skip
+    eps = np.array([model.blocks[0].norm1.eps, cfg.eps, getattr(model.norm, "eps", 0.0)], dtype=np.float32)
+    tensors = [t for layer in model._block_weights() for t in (layer[name] for name in cpu.FusedModelStep.WEIGHTS)]
+    tensors += [t for t in (io[name] for name in cpu.FusedModelStep.IO) if t is not None]
+    body = b"".join(t.detach().float().contiguous().numpy().tobytes() for t in tensors)
+    return header + eps.tobytes() + body + tokens.T.contiguous().numpy().astype(np.int64).tobytes()
+
+
+@pytest.mark.parametrize(("norm", "feature_map", "batch", "n_heads"), [("pre", "elu", 1, 2), ("post", "relu", 5, 4),
+                                                                      ("pre", "elu", 21, 2)])  # fmt: skip
+def test_fused_step_equals_the_pytorch_step(harness, tmp_path, norm, feature_map, batch, n_heads):
+    """batch 21: the batched layout; heads of 16 (attention a vector at a time) and of 8."""
+    cfg = ModelConfig(vocab_size=16, max_len=32, d_model=32, n_layers=2, n_heads=n_heads, d_ff=72, norm=norm,
+                      feature_map=feature_map, head="mol")  # fmt: skip
+    model = CausalTransformer(cfg).eval()
+    model.fused_step = False
+    tokens = torch.randint(0, 16, (batch, 12))
+    dk = cfg.d_model // cfg.n_heads
+    state = ModelState([LinearState.zeros(batch, n_heads, dk, dk, dtype=torch.float32) for _ in model.blocks])
+    with torch.no_grad():  # from an empty state at position 0, as the driver steps
+        want = [model.step(tokens[:, t], state)[0] for t in range(tokens.shape[1])]
+    n_params = model.head.proj.weight.shape[0]
+    shapes = [(12, batch, n_params)]
+    shapes += [s for _ in range(cfg.n_layers) for s in ((batch, n_heads, dk, dk), (batch, n_heads, dk))]
+    params, *states = _split(harness("step", _step_request(model, tokens), tmp_path), np.float32, shapes)
+    torch.testing.assert_close(params, torch.stack(want), atol=1e-5, rtol=1e-5)
+    for (S, z), layer in zip(zip(states[::2], states[1::2], strict=True), state.layers, strict=True):
+        assert isinstance(layer, LinearState)
+        torch.testing.assert_close(S, layer.S, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(z, layer.z, atol=1e-5, rtol=1e-5)
