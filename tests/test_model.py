@@ -459,6 +459,7 @@ def test_the_fused_step_runs_only_where_it_measured_faster(monkeypatch, tmp_path
     monkeypatch.setenv("LINEAR_TRANSFORMERS_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu, "_loaded", {})
     monkeypatch.setattr(cpu, "_warned", set())
+    monkeypatch.setattr(cpu, "_verdicts", {})
     times = (1e-4, 2e-4) if winner == "fused" else (2e-4, 1e-4)
     monkeypatch.setattr(model_module, "_measure_fused_step", lambda: times)
     monkeypatch.setattr(cpu, "_measure_attention", lambda: (1.0, 2.0))

@@ -10,13 +10,35 @@ from linear_transformers.bench.__main__ import main
 def test_quick_attention_benchmark(tmp_path, capsys):
     assert main(["attention", "--quick", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "attention.csv").read_text().splitlines()))
-    assert {r["impl"] for r in rows} == {"naive", "chunked", "cpu", "softmax"}
+    assert {r["impl"] for r in rows} == {"naive", "chunked", "cpu", "auto", "softmax"}
     assert all(float(r["fwd_ms"]) > 0 and float(r["fwdbwd_ms"]) > 0 for r in rows)
     assert "| N |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "attention.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "chunked vs naive, outputs and dq/dk/dv" in out and "cpu vs naive, outputs and dq/dk/dv" in out
     assert str(tmp_path) in out
+
+
+def test_attention_benchmark_per_isa_level(tmp_path, capsys):
+    """--isa: one process per level, each with its own kernel build and PyTorch capped to the same
+    level, then the levels side by side."""
+    from linear_transformers.ops.cpu import build
+
+    below_best = [lv for lv in build.supported_levels() if lv in ("x86-64-v3", "x86-64", "armv8-a")]
+    levels = [*below_best[:1], "generic"]
+    args = ["attention", "--quick", "--impls", "chunked", "cpu", "auto", "--out", str(tmp_path), "--isa", *levels]
+    assert main(args) == 0
+    rows = list(csv.DictReader((tmp_path / "levels.csv").read_text().splitlines()))
+    assert [r["level"] for r in rows] == [lv for lv in levels for _ in (128, 256)]
+    assert all(float(r["cpu_vs_chunked_fwdbwd"]) > 0 and float(r["auto_vs_best_fwdbwd"]) > 0 for r in rows)
+    text = (tmp_path / "levels.md").read_text()
+    for level in levels:  # each level's own header names its build
+        assert f"C kernels: {level} (" in text
+        assert (tmp_path / level / "attention.csv").exists()
+    if "x86-64-v3" in levels:
+        assert "PyTorch kernels: AVX2" in text  # capped like an AVX2 machine
+    assert (tmp_path / "levels.png").stat().st_size > 10_000
+    assert str(tmp_path / "levels.md") in capsys.readouterr().out
 
 
 def test_verification_failure_stops_the_benchmark(tmp_path, monkeypatch):

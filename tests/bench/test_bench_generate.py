@@ -17,7 +17,8 @@ def test_quick_generate_benchmark(tmp_path, capsys):
     table = (tmp_path / "table.md").read_text()
     assert "| mnist | linear-rnn |" in table and "whole images at batch 1: median s" in table
     whole = {r["generator"]: r for r in rows if r["whole_image_median_s"]}
-    assert {"linear-rnn", "linear-rnn-bf16"} <= set(whole)  # generate(n=1) timed per RNN mode, 2 images each
+    # generate(n=1) timed per RNN mode, 2 images each, and through the PyTorch step
+    assert {"linear-rnn", "linear-rnn-bf16", "linear-rnn-pytorch"} <= set(whole)
     assert all(len(r["whole_image_s"].split()) == 2 and float(r["whole_image_median_s"]) > 0 for r in whole.values())
     assert generate.FLOOR in whole  # the bandwidth floor is timed with them
     steps = [r for r in rows if r["step_ms_fused"]]
@@ -28,6 +29,25 @@ def test_quick_generate_benchmark(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "greedy generation of 24 tokens equals recomputing the prefix" in out
     assert "lsh-4: seeded greedy generation (recomputing) reproduces" in out
+
+
+def test_generate_benchmark_per_isa_level(tmp_path, capsys):
+    """--isa with --parts: per level (own process, own build) whole images and one step at batch 1,
+    fused against the PyTorch step of the same process."""
+    from linear_transformers.ops.cpu import build
+
+    level = build.supported_levels()[0]
+    args = ["generate", "--quick", "--configs", "mnist", "--parts", "images", "steps", "--isa", level, "generic"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "levels.csv").read_text().splitlines()))
+    assert [r["level"] for r in rows] == [level, "generic"]
+    measured = ("fused_f32_image_s", "pytorch_image_s", "fused_step_ms", "pytorch_step_ms")
+    assert all(float(r[k]) > 0 for r in rows for k in measured)
+    inner = list(csv.DictReader((tmp_path / level / "generate.csv").read_text().splitlines()))
+    assert not any(r.get("seconds_per_image") or r.get("tokens_per_s") for r in inner)  # only the parts asked for
+    text = (tmp_path / "levels.md").read_text()
+    assert f"C kernels: {level} (" in text and "C kernels: generic (" in text and "| PyTorch / fused |" in text
+    assert str(tmp_path / "levels.md") in capsys.readouterr().out
 
 
 def test_paper_tables_when_a_generator_is_timed_at_batch_1_only():

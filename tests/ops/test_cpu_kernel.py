@@ -24,6 +24,7 @@ def fresh_kernel(monkeypatch, tmp_path):
     """Forget the loaded libraries and build into an empty cache directory."""
     monkeypatch.setattr(cpu, "_loaded", {})
     monkeypatch.setattr(cpu, "_warned", set())
+    monkeypatch.setattr(cpu, "_verdicts", {})
     monkeypatch.setenv("LINEAR_TRANSFORMERS_CACHE", str(tmp_path))
     monkeypatch.setattr(ops, "_warned_fallback", set())
     return tmp_path
@@ -142,6 +143,7 @@ def test_auto_takes_the_kernel_only_where_it_measured_faster(fresh_kernel, monke
     stored = json.loads(cpu.build_info().info_path.read_text())["verdicts"]
     assert [v["faster"] for v in stored.values()] == [winner == "kernel"]
     monkeypatch.setattr(cpu, "_loaded", {})
+    monkeypatch.setattr(cpu, "_verdicts", {})
     _auto_choice(q, v)
     assert calls == [1]
     # explicit "cpu" is always honoured

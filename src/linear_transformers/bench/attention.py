@@ -6,12 +6,18 @@ Implementations, all with feature-mapped q, k of [B, N, H, D] and the normaliser
     naive     quadratic masked linear attention (the reference; skipped where N^2 does not fit)
     chunked   causal_linear_attention(backend="chunked"): the chunkwise PyTorch path
     cpu       causal_linear_attention(backend="cpu"): the compiled C kernel (CPU only)
+    auto      causal_linear_attention(backend="auto"): what users get ("cpu" where it measured faster here)
     softmax   torch's causal scaled_dot_product_attention on head-major contiguous inputs (its best case)
 
 First every length is verified (each linear implementation against the token-by-token recurrence,
 gradients against the naive reference, softmax against an explicit softmax), then forward and
 forward+backward are timed and the extra peak memory of forward+backward is measured. Writes
 attention.csv, table.md and attention.png under --out.
+
+--isa LEVEL... (or all) runs the benchmark once per ISA level of the C kernels, each in its own
+process with PyTorch capped to that level (bench/levels.py), and adds levels.csv, levels.md and
+levels.png: the levels side by side, with the kernel's speed-up over "chunked" and SDPA measured in
+the same process.
 """
 
 from __future__ import annotations
@@ -26,12 +32,12 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops import naive
-from . import figure1
-from .measure import batched_gemm_gflops, machine_info, peak_extra_memory, time_fn
+from . import figure1, levels
+from .measure import batched_gemm_gflops, isa_lines, machine_info, peak_extra_memory, time_fn
 from .report import finish_log_log, fmt, markdown_table, write_csv
 
-IMPLS = ("naive", "chunked", "cpu", "softmax")
-FAST = ("chunked", "cpu")
+IMPLS = ("naive", "chunked", "cpu", "auto", "softmax")
+FAST = ("chunked", "cpu", "auto")
 DEFAULT_OUT = Path("results/bench_attention")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke test in seconds")
     figure1.add_figure1_arguments(p)
+    levels.add_isa_argument(p)
 
 
 def chunked_flops(N: int, B: int, H: int, Dk: int, Dv: int, C: int, backward: bool) -> float:
@@ -212,7 +219,7 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     except ImportError:
         return False
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"naive": "tab:gray", "chunked": "tab:blue", "cpu": "tab:green", "softmax": "tab:red"}
+    colors = {"naive": "tab:gray", "chunked": "tab:blue", "cpu": "tab:green", "auto": "tab:olive", "softmax": "tab:red"}
     for impl in IMPLS:
         pts = sorted((r["N"], r) for r in rows if r["impl"] == impl and "fwd_ms" in r)
         if not pts:
@@ -234,6 +241,8 @@ def main(args: argparse.Namespace) -> int:
         return figure1.main(args)
     if args.quick:
         args.lengths, args.heads, args.dim, args.repeats = [128, 256], 2, 16, 1
+    if args.isa:
+        return per_level(args)
     if "cpu" in args.impls and (args.device != "cpu" or not ops.cpu.available()):
         why = "not a CPU run" if args.device != "cpu" else ops.cpu.unavailable_reason()
         print(f"skipping impl 'cpu': {why}", file=sys.stderr)
@@ -249,6 +258,8 @@ def main(args: argparse.Namespace) -> int:
         + (f", {info['gpu']}" if "gpu" in info else "")
     )
     print(f"config:  {config}")
+    for line in isa_lines():
+        print(line)
     print("verifying ...", flush=True)
     for line in verify(args, args.lengths):
         print("  " + line)
@@ -273,6 +284,7 @@ def main(args: argparse.Namespace) -> int:
     table = summary_table(rows)
     machine = info["gpu"] if args.device.startswith("cuda") and "gpu" in info else info["cpu"]
     header = f"Causal attention, {config}; best of {args.repeats} runs\n\nMachine: {machine}, torch {info['torch']}\n"
+    header += "".join(line + "\n" for line in isa_lines())
     if gemm == gemm:
         header += f"Batched 64x64x64 float32 matmul rate measured in the same run: {gemm:.0f} GFLOP/s\n"
     (out / "table.md").write_text(header + "\n" + table)
@@ -283,3 +295,87 @@ def main(args: argparse.Namespace) -> int:
     if not plotted:
         print("(no plot: matplotlib is not installed)", file=sys.stderr)
     return 0
+
+
+def per_level(args: argparse.Namespace) -> int:
+    """The benchmark once per ISA level (bench/levels.py), then the levels side by side."""
+    import csv
+
+    argv = ["--lengths", *map(str, args.lengths), "--batch", str(args.batch), "--heads", str(args.heads), "--dim",
+            str(args.dim), "--chunk-size", str(args.chunk_size), "--dtype", args.dtype, "--impls", *args.impls,
+            "--threads", str(args.threads), "--repeats", str(args.repeats)]  # fmt: skip
+    folders = levels.run_each("attention", argv, levels.resolve(args.isa), args.out)
+    rows = []
+    for level, folder in folders.items():
+        with open(folder / "attention.csv") as f:
+            rows += [{**r, "level": level} for r in csv.DictReader(f)]
+    table, out_rows = levels_table(rows)
+    write_csv(args.out / "levels.csv", out_rows)
+    heads = [(folder / "table.md").read_text().split("\n\n")[1].strip() for folder in folders.values()]
+    text = f"Causal attention per ISA level, B={args.batch} H={args.heads} D={args.dim} {args.dtype}\n\n"
+    text += "\n\n".join(f"{level}: {head}" for level, head in zip(folders, heads, strict=True))
+    (args.out / "levels.md").write_text(text + "\n\n" + table)
+    print()
+    print(table)
+    plot_levels(out_rows, args.out / "levels.png", f"causal attention per ISA level, B={args.batch} H={args.heads} "
+                f"D={args.dim} {args.dtype}")  # fmt: skip
+    print(f"wrote {args.out / 'levels.csv'}, {args.out / 'levels.md'}, {args.out / 'levels.png'}")
+    return 0
+
+
+def levels_table(rows: list[dict]) -> tuple[str, list[dict]]:
+    """Per (level, N): the kernel's fwd and fwd+bwd, its ratio to "chunked" and SDPA, and "auto"
+    against the faster of "cpu" and "chunked" (all from one process per level)."""
+    by = {(r["level"], int(r["N"]), r["impl"]): r for r in rows if r.get("fwd_ms")}
+    out = []
+    for level in dict.fromkeys(r["level"] for r in rows):
+        for N in sorted({int(r["N"]) for r in rows}):
+            get = {impl: by.get((level, N, impl)) for impl in IMPLS}
+            if not get["cpu"] or not get["chunked"]:
+                continue
+            ms = {impl: (float(r["fwd_ms"]), float(r["fwdbwd_ms"])) for impl, r in get.items() if r}
+            row = {"level": level, "N": N, "cpu_fwd_ms": ms["cpu"][0], "cpu_fwdbwd_ms": ms["cpu"][1],
+                   "chunked_fwd_ms": ms["chunked"][0], "chunked_fwdbwd_ms": ms["chunked"][1],
+                   "cpu_vs_chunked_fwd": ms["chunked"][0] / ms["cpu"][0],
+                   "cpu_vs_chunked_fwdbwd": ms["chunked"][1] / ms["cpu"][1]}  # fmt: skip
+            if "softmax" in ms:
+                row["cpu_vs_softmax_fwdbwd"] = ms["softmax"][1] / ms["cpu"][1]
+            if "auto" in ms:
+                row["auto_vs_best_fwdbwd"] = ms["auto"][1] / min(ms["cpu"][1], ms["chunked"][1])
+            out.append(row)
+    header = ["level", "N", "cpu fwd ms", "cpu fwd+bwd ms", "chunked fwd ms", "chunked fwd+bwd ms", "cpu/chunked fwd",
+              "cpu/chunked fwd+bwd", "cpu/SDPA fwd+bwd", "auto / best"]  # fmt: skip
+    cells = [
+        [r["level"], str(r["N"]), fmt(r["cpu_fwd_ms"]), fmt(r["cpu_fwdbwd_ms"]), fmt(r["chunked_fwd_ms"]),
+         fmt(r["chunked_fwdbwd_ms"]), fmt(r["cpu_vs_chunked_fwd"], 2) + "x", fmt(r["cpu_vs_chunked_fwdbwd"], 2) + "x",
+         fmt(r.get("cpu_vs_softmax_fwdbwd")) + "x" if "cpu_vs_softmax_fwdbwd" in r else "-",
+         fmt(r.get("auto_vs_best_fwdbwd"), 2) if "auto_vs_best_fwdbwd" in r else "-"]
+        for r in out
+    ]  # fmt: skip
+    return markdown_table(header, cells), out
+
+
+def plot_levels(rows: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for level in dict.fromkeys(r["level"] for r in rows):
+        pts = [r for r in rows if r["level"] == level]
+        Ns = [r["N"] for r in pts]
+        ax.plot(Ns, [r["cpu_vs_chunked_fwdbwd"] for r in pts], "o-", label=f"{level}: fwd+bwd")
+        ax.plot(Ns, [r["cpu_vs_chunked_fwd"] for r in pts], "s--", alpha=0.6, label=f"{level}: fwd")
+    ax.axhline(1, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length N")
+    ax.set_ylabel('speed-up of the C kernel over "chunked"')
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

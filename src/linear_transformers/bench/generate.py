@@ -19,8 +19,13 @@ the way a user meets them: whole images at batch 1 through model.generate(n=1), 
 turns (median of --images); with them, in turn, the floor for float32 at batch 1: one read of the
 float32 projection weights per token (cpu.read_f32: a pass per token in one parallel region, the
 step's threads reading the way its GEMVs do), what memory bandwidth alone costs per image. Also:
-training step tokens/s, linear vs softmax.
+training step tokens/s, linear vs softmax. Where whole images take seconds (MNIST), the PyTorch step
+("linear-rnn-pytorch", the fused step switched off) takes turns with them too. --parts picks the parts.
 Writes generate.csv, table.md and generate.png under --out.
+
+--isa LEVEL... (or all) runs the benchmark once per ISA level of the C kernels, each in its own
+process with PyTorch capped to that level (bench/levels.py), and adds levels.csv and levels.md: per
+level, whole images and one step at batch 1, fused against the PyTorch step of the same process.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ import torch
 
 from ..model import CausalTransformer, ModelConfig, ModelState
 from ..ops import cpu
-from .measure import machine_info
+from . import levels
+from .measure import isa_lines, machine_info
 from .report import fmt, markdown_table, write_csv
 
 CONFIGS = {
@@ -53,6 +59,8 @@ PAPER = {  # the paper's generation speed (images/s on its GPU; Tables 1 and 4),
     ("cifar", "linear-rnn"): 17.85,
 }
 LSH_CHUNK = 32
+PARTS = ("steps", "images", "tokens", "train")  # step table, whole images, per-token timings, training
+PYTORCH_IMAGES_MAX_LEN = 784  # whole images through the PyTorch step are timed where they take seconds
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=7, help="whole images at batch 1 per RNN mode (median reported)")
     p.add_argument("--quick", action="store_true", help="tiny models: a smoke test in seconds")
     p.add_argument("--tables", action="store_true", help="add lsh-1/lsh-4 and the paper's Tables 1 and 4 (paper.md)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="steps: one RNN step, fused vs PyTorch, per batch; images: whole images at batch 1; "
+                   "tokens: per-token timings and images/s; train: training tokens/s")  # fmt: skip
+    levels.add_isa_argument(p)
 
 
 def _state_at(model: CausalTransformer, batch: int, position: int) -> tuple[torch.Tensor, ModelState]:
@@ -234,8 +246,12 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         configs = {k: replace(v, d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64) for k, v in configs.items()}
         args.batch, args.points, args.images = 4, 3, 2
+    if args.isa:
+        return per_level(args)
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} threads")
+    for line in isa_lines():
+        print(line)
     rows, curves = [], {}
     for name, cfg in configs.items():
         linear = CausalTransformer(cfg).eval()
@@ -271,18 +287,23 @@ def main(args: argparse.Namespace) -> int:
                 print("  verified: " + verify_lsh(lsh.eval()))
                 generators.append((f"lsh-{hashes}", lsh, "recompute"))
         step_batches = [1, 4, 8] if args.quick else [1, 4, 16, 32, 64, 128, 256]
-        for r in step_crossover(cfg, step_batches, 3 if args.quick else 10):
+        for r in step_crossover(cfg, step_batches, 3 if args.quick else 10) if "steps" in args.parts else []:
             rows.append({"config": name, "generator": "linear-rnn step", **r})
             print(f"  one RNN step at batch {r['batch']:3d}: fused C {r['step_ms_fused']:8.3f} ms, "
                   f"PyTorch {r['step_ms_pytorch']:8.3f} ms")  # fmt: skip
         rnn = {label: model for label, model, mode in generators if mode == "rnn"}
+        if T <= PYTORCH_IMAGES_MAX_LEN:
+            rnn["linear-rnn-pytorch"] = CausalTransformer(cfg).eval()
+            rnn["linear-rnn-pytorch"].load_state_dict(linear.state_dict())
+            rnn["linear-rnn-pytorch"].fused_step = False
         floor = streamed_weights(linear) if cpu.step_available() else None
-        for label, times in whole_images(rnn, args.images, floor).items():
+        images = whole_images(rnn, args.images, floor).items() if "images" in args.parts else []
+        for label, times in images:
             median = float(np.median(times))
             rows.append({"config": name, "generator": label, "batch": 1, "whole_image_median_s": median,
                          "whole_image_s": " ".join(f"{t:.4g}" for t in times)})  # fmt: skip
             print(f"  {label:18s} whole images, batch 1: median {median:.3f} s ({min(times):.3f}-{max(times):.3f})")
-        for label, model, mode in generators:
+        for label, model, mode in generators if "tokens" in args.parts else []:
             for batch in sorted({1, recompute_batch if mode == "recompute" else args.batch}):
                 s, times = seconds_per_image(model, mode, batch, positions)
                 how = f"timed at {len(positions)} positions, integrated over {T}"
@@ -296,7 +317,7 @@ def main(args: argparse.Namespace) -> int:
                 })  # fmt: skip
                 curves[(name, label, batch)] = (positions, times)
                 print(f"  {label:18s} batch {batch:3d}: {s:9.3f} s/image  {1 / s:9.2f} images/s", flush=True)
-        for attention in ("causal-linear", "causal-softmax"):
+        for attention in ("causal-linear", "causal-softmax") if "train" in args.parts else []:
             tps = train_tokens_per_s(replace(cfg, attention=attention), batch=max(1, 4 * 784 // T))
             rows.append({"config": name, "generator": f"train {attention}", "tokens_per_s": tps})
             print(f"  training step, {attention}: {tps:.0f} tokens/s", flush=True)
@@ -310,18 +331,25 @@ def main(args: argparse.Namespace) -> int:
         )
         print(paper)
     (args.out / "table.md").write_text(
-        f"Generation speed, {info['cpu']}, {args.threads} threads, torch {info['torch']}\n\n" + table
+        f"Generation speed, {info['cpu']}, {args.threads} threads, torch {info['torch']}\n"
+        + "".join(line + "\n" for line in isa_lines())
+        + "\n"
+        + table
     )
     print()
     print(table)
-    plot(curves, args.out / "generate.png", args.batch)
-    print(f"wrote {args.out / 'generate.csv'}, {args.out / 'table.md'}, {args.out / 'generate.png'}")
+    written = [args.out / "generate.csv", args.out / "table.md"]
+    if curves:  # the per-token timings (part "tokens")
+        plot(curves, args.out / "generate.png", args.batch)
+        written.append(args.out / "generate.png")
+    print("wrote " + ", ".join(map(str, written)))
     return 0
 
 
 def summary(rows: list[dict], batch: int) -> str:
     out = []
     gen = [r for r in rows if "seconds_per_image" in r]
+    table = ""
     for config in dict.fromkeys(r["config"] for r in gen):
         by = {(r["generator"], r["fixed_batch"]): r for r in gen if r["config"] == config}
         lin1, linb = by[("linear-rnn", False)], by[("linear-rnn", True)]
@@ -332,9 +360,10 @@ def summary(rows: list[dict], batch: int) -> str:
             speedup_b = fmt(linb["images_per_s"] / rb["images_per_s"], 1) + "x"
             out.append([config, g, fmt(r1["seconds_per_image"], 3), fmt(rb["images_per_s"], 2) + note, speedup_1,
                         speedup_b, str(rb["paper_images_per_s"] or "-")])  # fmt: skip
-    table = markdown_table(
-        ["config", "generator", "s/image, batch 1", f"images/s, batch {batch}", "linear speedup, batch 1",
-         f"linear speedup, batch {batch}", "paper images/s"], out)  # fmt: skip
+    if out:
+        table = markdown_table(
+            ["config", "generator", "s/image, batch 1", f"images/s, batch {batch}", "linear speedup, batch 1",
+             f"linear speedup, batch {batch}", "paper images/s"], out)  # fmt: skip
     whole = [r for r in rows if "whole_image_median_s" in r]
     table += "\n" + markdown_table(
         ["config", "generator", "whole images at batch 1: median s", "range s"],
@@ -413,3 +442,50 @@ def plot(curves, path: Path, batch: int) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def per_level(args: argparse.Namespace) -> int:
+    """The benchmark once per ISA level (bench/levels.py), then per level: whole images and one
+    step at batch 1, the fused C step against the PyTorch step measured in the same process."""
+    import csv
+
+    argv = ["--configs", *args.configs, "--images", str(args.images), "--threads", str(args.threads), "--parts",
+            *args.parts, *(["--quick"] if args.quick else [])]  # fmt: skip
+    folders = levels.run_each("generate", argv, levels.resolve(args.isa), args.out)
+    out = []
+    for level, folder in folders.items():
+        with open(folder / "generate.csv") as f:
+            rows = list(csv.DictReader(f))
+        for config in dict.fromkeys(r["config"] for r in rows):
+            mine = [r for r in rows if r["config"] == config]
+            image = {r["generator"]: float(r["whole_image_median_s"]) for r in mine if r.get("whole_image_median_s")}
+            step = next((r for r in mine if r.get("step_ms_fused") and int(r["batch"]) == 1), None)
+            row = {"level": level, "config": config}
+            if "linear-rnn" in image:
+                row["fused_f32_image_s"] = image["linear-rnn"]
+            if "linear-rnn-pytorch" in image:
+                row["pytorch_image_s"] = image["linear-rnn-pytorch"]
+            if step:
+                row["fused_step_ms"] = float(step["step_ms_fused"])
+                row["pytorch_step_ms"] = float(step["step_ms_pytorch"])
+            out.append(row)
+    write_csv(args.out / "levels.csv", out)
+
+    def ratio(r, a, b):
+        return fmt(r[b] / r[a], 2) + "x" if a in r and b in r else "-"
+
+    cells = [[r["level"], r["config"], fmt(r.get("fused_f32_image_s"), 3), fmt(r.get("pytorch_image_s"), 3),
+              ratio(r, "fused_f32_image_s", "pytorch_image_s"), fmt(r.get("fused_step_ms"), 3),
+              fmt(r.get("pytorch_step_ms"), 3), ratio(r, "fused_step_ms", "pytorch_step_ms")] for r in out]  # fmt: skip
+    table = markdown_table(["level", "config", "whole image, fused float32: median s", "whole image, PyTorch step: s",
+                            "PyTorch / fused", "step ms, fused (batch 1)", "step ms, PyTorch", "PyTorch / fused"],
+                           cells)  # fmt: skip
+    heads = [(folder / "table.md").read_text().split("\n\n")[0].strip() for folder in folders.values()]
+    text = "Generation at batch 1 per ISA level\n\n" + "\n\n".join(
+        f"{level}: {head}" for level, head in zip(folders, heads, strict=True)
+    )
+    (args.out / "levels.md").write_text(text + "\n\n" + table + "\n")
+    print()
+    print(table)
+    print(f"wrote {args.out / 'levels.csv'}, {args.out / 'levels.md'}")
+    return 0

@@ -89,6 +89,27 @@ def machine_info() -> dict[str, str]:
     return info
 
 
+def isa_info() -> dict[str, str]:
+    """What decides CPU speed besides the chip: its vector flags, the ISA level PyTorch's kernels
+    run at, and how the project's C kernels were built (level, flags, compiler)."""
+    from ..ops import cpu
+    from ..ops.cpu import build
+
+    flags = build.cpu_flags() or frozenset()
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
+    b = cpu.build_info()
+    return {
+        "cpu_flags": " ".join(f for f in wanted if f in flags) or "(none of " + ", ".join(wanted) + ")",
+        "torch_isa": torch.backends.cpu.get_cpu_capability(),
+        "kernel": b.describe() if b else f"unavailable: {cpu.unavailable_reason()}",
+    }
+
+
+def isa_lines() -> list[str]:
+    i = isa_info()
+    return [f"CPU flags: {i['cpu_flags']}; PyTorch kernels: {i['torch_isa']}", f"C kernels: {i['kernel']}"]
+
+
 def batched_gemm_gflops(n: int = 64, batch: int = 1024, repeats: int = 5) -> float:
     """Measured float32 rate (GFLOP/s) of batched n x n x n matmuls on the CPU: the ceiling for the chunked path."""
     a, b = torch.randn(batch, n, n), torch.randn(batch, n, n)

@@ -59,6 +59,7 @@ _lock = threading.RLock()
 _loaded: dict[tuple[str, str | None, str | None], _Loaded] = {}
 _selected: tuple[str | None, str | None] = (None, None)  # (level, compiler); None: the defaults
 _warned: set[object] = set()  # what was said once per process
+_verdicts: dict[tuple[Path, str], bool] = {}  # verdicts read or measured in this process
 
 
 def cache_dir() -> Path:
@@ -187,6 +188,9 @@ def verdict(kind: str, measure: Callable[[], tuple[float, float]], library: str 
     if loaded.build is None:
         return False
     what = f"{kind}@{torch.get_num_threads()}threads"
+    key = (loaded.build.path, what)
+    if key in _verdicts:  # the common case, on every call of "auto": no file read
+        return _verdicts[key]
     with _lock:
         stored = build.read_verdict(loaded.build, what)
         if stored is None:
@@ -209,7 +213,8 @@ def verdict(kind: str, measure: Callable[[], tuple[float, float]], library: str 
             RuntimeWarning,
             stacklevel=3,
         )
-    return bool(stored["faster"])
+    _verdicts[key] = bool(stored["faster"])
+    return _verdicts[key]
 
 
 def best_of(fns: list[Callable[[], object]], repeats: int = 7, warmup: int = 2) -> list[float]:
