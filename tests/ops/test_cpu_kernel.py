@@ -197,3 +197,29 @@ def test_the_step_builds_and_runs_without_openmp(fresh_kernel, monkeypatch):
         fused = [model.step(tokens[:, t], state)[0] for t in range(11)]
         assert model._fused is not None
         torch.testing.assert_close(torch.stack(fused, 1), model(tokens)[:, 1:], atol=1e-5, rtol=1e-5)
+
+
+@needs_compiler
+def test_compilers_without_the_level_names_get_the_older_flags(fresh_kernel, monkeypatch):
+    """GCC < 11 and clang < 12 do not know -march=x86-64-v3/v4: the same instruction set is asked
+    for by an older name (haswell, skylake-avx512), and the kernel still builds and computes."""
+    level = build.supported_levels()[0]
+    if not build.LEVELS[level].older:
+        pytest.skip(f"level {level} has no older spelling")
+    old_gcc = fresh_kernel / "old-gcc"
+    old_gcc.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do case "$a" in -march=x86-64-v*) echo "error: bad value for -march" >&2; exit 1;; esac; done\n'
+        f'exec {build.compilers()[0]} "$@"\n'
+    )
+    old_gcc.chmod(0o755)
+    monkeypatch.setenv("CC", str(old_gcc))
+    assert cpu.available(), cpu.unavailable_reason()
+    assert cpu.build_info().flags[4:6] == build.LEVELS[level].older[:2]
+    q, k, v = qkv(1, 70, 2, 8, 8)
+    assert (
+        rel_err(
+            ops.causal_linear_attention(q, k, v, backend="cpu"), ops.causal_linear_attention(q, k, v, backend="naive")
+        )
+        < 1e-12
+    )

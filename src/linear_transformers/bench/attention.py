@@ -364,11 +364,11 @@ def plot_levels(rows: list[dict], path: Path, title: str) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for level in dict.fromkeys(r["level"] for r in rows):
+    for i, level in enumerate(dict.fromkeys(r["level"] for r in rows)):
         pts = [r for r in rows if r["level"] == level]
-        Ns = [r["N"] for r in pts]
-        ax.plot(Ns, [r["cpu_vs_chunked_fwdbwd"] for r in pts], "o-", label=f"{level}: fwd+bwd")
-        ax.plot(Ns, [r["cpu_vs_chunked_fwd"] for r in pts], "s--", alpha=0.6, label=f"{level}: fwd")
+        Ns, color = [r["N"] for r in pts], f"C{i}"
+        ax.plot(Ns, [r["cpu_vs_chunked_fwdbwd"] for r in pts], "o-", color=color, label=f"{level}: fwd+bwd")
+        ax.plot(Ns, [r["cpu_vs_chunked_fwd"] for r in pts], "s--", color=color, alpha=0.6, label=f"{level}: fwd")
     ax.axhline(1, color="gray", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length N")

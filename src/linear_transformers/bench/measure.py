@@ -97,17 +97,21 @@ def isa_info() -> dict[str, str]:
 
     flags = build.cpu_flags() or frozenset()
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
-    b = cpu.build_info()
+    b, step = cpu.build_info(), cpu.build_info("model_step")
     return {
         "cpu_flags": " ".join(f for f in wanted if f in flags) or "(none of " + ", ".join(wanted) + ")",
         "torch_isa": torch.backends.cpu.get_cpu_capability(),
         "kernel": b.describe() if b else f"unavailable: {cpu.unavailable_reason()}",
+        "step_openmp": "unavailable" if step is None else "with OpenMP" if step.openmp else "without OpenMP",
     }
 
 
 def isa_lines() -> list[str]:
     i = isa_info()
-    return [f"CPU flags: {i['cpu_flags']}; PyTorch kernels: {i['torch_isa']}", f"C kernels: {i['kernel']}"]
+    return [
+        f"CPU flags: {i['cpu_flags']}; PyTorch kernels: {i['torch_isa']}",
+        f"C kernels: {i['kernel']} (the fused step {i['step_openmp']})",
+    ]
 
 
 def batched_gemm_gflops(n: int = 64, batch: int = 1024, repeats: int = 5) -> float:

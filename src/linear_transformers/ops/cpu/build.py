@@ -55,6 +55,8 @@ class Level:
     needs: frozenset[str]
     machine: str  # "x86_64", "aarch64", or "" (any)
     gcc_flags: tuple[str, ...] = ()  # added for GCC only
+    # the same instruction set for compilers that predate the x86-64-vN names (GCC < 11, clang < 12)
+    older: tuple[str, ...] = ()
 
 
 LEVELS: dict[str, Level] = {
@@ -65,8 +67,15 @@ LEVELS: dict[str, Level] = {
             ("-march=x86-64-v4", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mtune=generic"),
             _V4 | {"avx512_bf16", "amx_tile", "amx_bf16"},
             "x86_64",
+            older=("-march=skylake-avx512", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mtune=generic"),
         ),
-        Level("x86-64-v4", ("-march=x86-64-v4", "-mtune=generic"), _V4, "x86_64"),
+        Level(
+            "x86-64-v4",
+            ("-march=x86-64-v4", "-mtune=generic"),
+            _V4,
+            "x86_64",
+            older=("-march=skylake-avx512", "-mtune=generic"),
+        ),
         # GCC's generic tuning splits every unaligned 32-byte load and store in two halves, through
         # memory where the vector was built by memcpy: 4x slower here (2026-12-02); clang does not split.
         Level(
@@ -75,6 +84,7 @@ LEVELS: dict[str, Level] = {
             _V3,
             "x86_64",
             ("-mno-avx256-split-unaligned-load", "-mno-avx256-split-unaligned-store"),
+            older=("-march=haswell", "-mtune=generic"),
         ),
         Level("x86-64", ("-march=x86-64", "-mtune=generic"), frozenset(), "x86_64"),
         Level("armv8-a", ("-march=armv8-a",), frozenset(), "aarch64"),
@@ -206,8 +216,10 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: boo
     """Compile the .c files of `sources` (name -> text; headers beside them) into lib `name` for
     `level` with `cc`, or reuse the cached one. Raises RuntimeError with the compiler's message."""
     version = compiler_version(cc)
-    level_flags = LEVELS[level].flags + (() if "clang" in version.lower() else LEVELS[level].gcc_flags)
-    key = repr((name, cc, version, _BASE_FLAGS, level_flags, openmp, machine())).encode()
+    spec = LEVELS[level]
+    extra = () if "clang" in version.lower() else spec.gcc_flags
+    flag_sets = [spec.flags + extra] + ([spec.older + extra] if spec.older else [])
+    key = repr((name, cc, version, _BASE_FLAGS, flag_sets, openmp, machine())).encode()
     digest = hashlib.sha256(b"".join(sources[n] for n in sorted(sources)) + key).hexdigest()[:16]
     out = cache_dir() / f"{name}-{level}-{Path(cc).name}-{digest}.so"
     info = out.with_suffix(".json")
@@ -219,7 +231,8 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: boo
             pass  # rebuilt below
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for omp in _openmp_flags(cc) if openmp else [[]]:
+    attempts = [(level_flags, omp) for level_flags in flag_sets for omp in (_openmp_flags(cc) if openmp else [[]])]
+    for level_flags, omp in attempts:
         flags = (*_BASE_FLAGS, *level_flags, *(["-pthread"] if omp or not openmp else []), *omp)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             for file, text in sources.items():
