@@ -107,7 +107,9 @@ def test_levels_follow_the_cpu_flags(monkeypatch):
     avx2 = build._V3 | {"sse2"}
     monkeypatch.setattr(build, "cpu_flags", lambda: avx2)
     assert build.supported_levels() == ["x86-64-v3", "x86-64", "generic"]
-    monkeypatch.setattr(build, "cpu_flags", lambda: build._V4 | {"avx512_bf16"})  # AMX missing
+    monkeypatch.setattr(build, "cpu_flags", lambda: build._V4 | {"avx512_bf16"})  # AMX missing (AMD Zen 4)
+    assert build.supported_levels()[:2] == ["x86-64-v4-bf16", "x86-64-v4"]
+    monkeypatch.setattr(build, "cpu_flags", lambda: build._V4)
     assert build.supported_levels()[0] == "x86-64-v4"
     monkeypatch.setattr(build, "cpu_flags", lambda: None)  # no /proc/cpuinfo: PyTorch's view
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")

@@ -369,7 +369,7 @@ class FusedModelStep:
                 level = build_info("model_step").level
                 raise ValueError(
                     "FusedModelStep: dot=torch.bfloat16 needs a CPU with AVX512-BF16 (vdpbf16ps) and a kernel built "
-                    f"for it (level x86-64-v4-amx); this one is built for {level}"
+                    f"for it (level x86-64-v4-amx or x86-64-v4-bf16); this one is built for {level}"
                 )
             widths = {n: layers[0][n].shape[1] for n in self.PROJECTIONS}
             if any(w % 32 for w in widths.values()):
