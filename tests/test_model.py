@@ -376,6 +376,51 @@ def test_generation_loop_in_c_draws_the_same_tokens_as_stepping(
     assert calls == [1]  # the reference loop did not use it
 
 
+def test_a_token_batch_that_does_not_match_the_state_is_refused():
+    """A batch larger than the state's used to be written past the state's buffers by the C step
+    (heap corruption); smaller, silently wrong. Both paths now refuse it, naming both batches."""
+    for fused in (True, False):
+        model = _model(n_classes=0)
+        model.fused_step = fused
+        with torch.no_grad():
+            _, state = model.prefill(torch.zeros(2, 0, dtype=torch.long))
+            before = [s.S.clone() for s in state.layers]
+            for tokens in (torch.ones(64, dtype=torch.long), torch.ones(1, dtype=torch.long), torch.ones(2, 1)):
+                with pytest.raises(ValueError, match=r"token must be \[B\], B the state's batch \{2\}"):
+                    model.step(tokens, state)
+            assert all(torch.equal(a, s.S) for a, s in zip(before, state.layers, strict=True))
+            model.step(torch.ones(2, dtype=torch.long), state)  # the right batch still works
+
+
+def test_the_fused_step_checks_every_state_tensor_it_writes():
+    """Replaced state tensors (another shape, dtype, a view that is not contiguous, too few layers)
+    are refused before the C step writes into them."""
+    from linear_transformers.ops import cpu
+
+    if not cpu.step_available():
+        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    model = _model(n_classes=0)
+    with torch.no_grad():
+        _, state = model.prefill(torch.zeros(3, 0, dtype=torch.long))
+        fused = model._build_fused()
+        S, z = [s.S for s in state.layers], [s.z for s in state.layers]
+        token = torch.ones(3, dtype=torch.long)
+        cases = [
+            (S[:1], z, "one state per layer"),
+            ([S[0][:, :1], *S[1:]], z, r"layer 0's state S must be .* \[3, 4, 8, 8\] .* got .* \[3, 1, 8, 8\]"),
+            ([S[0].double(), *S[1:]], z, "layer 0's state S must be a contiguous float32"),
+            (S, [z[0], z[1].transpose(1, 2).contiguous().transpose(1, 2)], "layer 1's state z .* not contiguous"),
+            ([S[0], S[1].transpose(2, 3)], z, "not contiguous"),
+        ]
+        for bad_S, bad_z, message in cases:
+            with pytest.raises(ValueError, match=message):
+                fused(token, 0, bad_S, bad_z)
+        with pytest.raises(ValueError, match="tokens must be"):
+            fused(token[:, None], 0, S, z)
+        with pytest.raises(ValueError, match="at least one token"):
+            fused(token[:0], 0, [s[:0] for s in S], [t[:0] for t in z])
+
+
 def test_fused_step_refuses_bad_tokens_and_positions_without_touching_the_state():
     from linear_transformers.ops import cpu
 

@@ -270,6 +270,10 @@ class CausalTransformer(nn.Module):
         """Feed one token [B]; returns the head parameters of the next token [B, n_params] and the state.
         With linear attention this costs the same at every position (the state is updated in place
         under torch.no_grad)."""
+        batches = {s.S.shape[0] if isinstance(s, LinearState) else s.batch for s in state.layers}
+        if not isinstance(token, torch.Tensor) or token.dim() != 1 or batches != {token.shape[0]}:
+            got = f"shape {list(token.shape)}" if isinstance(token, torch.Tensor) else type(token).__name__
+            raise ValueError(f"CausalTransformer.step: token must be [B], B the state's batch {batches}; got {got}")
         fused = self._fused_step(token, state)
         if fused is not None:  # embedding to head in one C call
             if state.position >= self.cfg.max_len:

@@ -225,3 +225,30 @@ def test_compilers_without_the_level_names_get_the_older_flags(fresh_kernel, mon
         )
         < 1e-12
     )
+
+
+@needs_compiler
+@pytest.mark.parametrize("chunk_size", [2**32, 2**32 + 1, 10**9])
+@pytest.mark.parametrize("backend", ["cpu", "chunked"])
+def test_huge_chunk_sizes_are_clamped_to_the_sequence(backend, chunk_size):
+    """A chunk longer than the sequence computes what one chunk of its length does: no division by
+    a truncated 0, no wrap-around to 1, no allocation for a billion positions."""
+    q, k, v = qkv(2, 37, 2, 8, 4)
+    out = ops.causal_linear_attention(q, k, v, backend=backend, chunk_size=chunk_size)
+    assert rel_err(out, ops.causal_linear_attention(q, k, v, backend="naive")) < 1e-12
+
+
+@needs_compiler
+@pytest.mark.parametrize("bad", [dict(C=0), dict(C=2**31), dict(Dk=0), dict(B=-1), dict(T=0)])
+def test_the_c_entry_points_refuse_sizes_out_of_range(bad):
+    """The kernel checks every size it is given (it does not trust the caller to have) and
+    touches nothing when one is out of range."""
+    sizes = dict(B=1, T=8, H=1, Dk=4, Dv=4, C=4) | bad
+    buf = torch.zeros(4096, dtype=torch.float64)
+    args = [buf.data_ptr()] * 11 + list(sizes.values()) + [1e-6, 1]
+    with pytest.raises(ValueError, match=r"sizes out of range, got B=.* \(each >= 1"):
+        cpu._call("cla_forward", torch.float64, *args)
+    args = [buf.data_ptr()] * 15 + list(sizes.values()) + [1]
+    with pytest.raises(ValueError, match="cla_backward.*sizes out of range"):
+        cpu._call("cla_backward", torch.float64, *args)
+    assert not buf.any()

@@ -244,7 +244,8 @@ def causal_linear_attention(
     fn = "causal_linear_attention"
     check_qkv(fn, q, k, v, same_length=True)
     eps = check_eps(fn, eps)
-    chunk_size = check_chunk_size(fn, chunk_size)
+    # a chunk longer than the sequence computes the same as one of its length (and allocates no more)
+    chunk_size = min(check_chunk_size(fn, chunk_size), max(q.shape[1], 1))
     impl = _causal_backend(fn, backend, q, v)
     if initial_state is not None:
         _check_state(fn, initial_state, q, v)

@@ -136,6 +136,10 @@ class KVCache:
         return self._k.shape[2]
 
     @property
+    def batch(self) -> int:
+        return self._k.shape[0]
+
+    @property
     def n_tokens(self) -> int:
         return self.length
 

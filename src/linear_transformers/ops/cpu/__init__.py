@@ -62,10 +62,6 @@ _warned: set[object] = set()  # what was said once per process
 _verdicts: dict[tuple[Path, str], bool] = {}  # verdicts read or measured in this process
 
 
-def cache_dir() -> Path:
-    return build.cache_dir()
-
-
 @contextlib.contextmanager
 def use(level: str | None = None, cc: str | None = None) -> Iterator[None]:
     """Within the block, the kernels come from the build for `level` (see build.LEVELS) with the
@@ -194,7 +190,11 @@ def verdict(kind: str, measure: Callable[[], tuple[float, float]], library: str 
     with _lock:
         stored = build.read_verdict(loaded.build, what)
         if stored is None:
-            kernel_s, pytorch_s = measure()
+            try:
+                kernel_s, pytorch_s = measure()
+            except Exception as e:  # unverified is not faster: PyTorch, said once, measured again next process
+                kernel_s, pytorch_s = float("nan"), float("nan")
+                warnings.warn(f"timing the compiled {kind} kernel failed ({e!r})", RuntimeWarning, stacklevel=3)
             stored = {
                 "kernel_ms": round(kernel_s * 1e3, 4),
                 "pytorch_ms": round(pytorch_s * 1e3, 4),
@@ -203,9 +203,10 @@ def verdict(kind: str, measure: Callable[[], tuple[float, float]], library: str 
                 "faster": kernel_s <= VERDICT_TOLERANCE * pytorch_s,
                 "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             }
-            build.store_verdict(loaded.build, what, stored)
-    if not stored["faster"] and (loaded.build.path, what) not in _warned:
-        _warned.add((loaded.build.path, what))
+            if kernel_s == kernel_s:  # (a failed measurement is not kept)
+                build.store_verdict(loaded.build, what, stored)
+    if not stored["faster"] and key not in _warned:
+        _warned.add(key)
         warnings.warn(
             f"the compiled {kind} kernel ({loaded.build.describe()}) measured slower than PyTorch on this machine "
             f"({stored['kernel_ms']:.3g} vs {stored['pytorch_ms']:.3g} ms); 'auto' uses the PyTorch path "
@@ -394,6 +395,7 @@ class FusedModelStep:
         self._states: tuple[tuple[int, ...], ctypes.Array, ctypes.Array] | None = None
 
     def _prepare(self, B: int, S: list[torch.Tensor], z: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
+        self._check_states(B, S, z)
         padded = -(-B // 16) * 16  # the C step's shared buffers hold B rounded up to 16 rows
         if self._work is None or self._work.numel() < padded * self.width:
             self._work = torch.empty(padded * self.width, dtype=torch.float32)
@@ -402,6 +404,23 @@ class FusedModelStep:
             n = len(S)
             self._states = key, (ctypes.c_void_p * n)(*key[:n]), (ctypes.c_void_p * n)(*key[n:])
         return self._states[1], self._states[2]
+
+    def _check_states(self, B: int, S: list[torch.Tensor], z: list[torch.Tensor]) -> None:
+        """The C step writes B rows of every layer's state in place: each must be exactly that
+        (a wrong batch, a view or a replaced tensor would be written out of bounds)."""
+        H, dk, dv, L = self.model.n_heads, self.model.dk, self.model.dv, self.model.n_layers
+        if B < 1:
+            raise ValueError(f"fused model step: the token batch must hold at least one token, got {B}")
+        if len(S) != L or len(z) != L:
+            raise ValueError(f"fused model step: one state per layer ({L}), got {len(S)} S and {len(z)} z")
+        for layer, (s, zz) in enumerate(zip(S, z, strict=True)):
+            for name, t, shape in (("S", s, (B, H, dk, dv)), ("z", zz, (B, H, dk))):
+                if t.shape != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                    raise ValueError(
+                        f"fused model step: layer {layer}'s state {name} must be a contiguous float32 CPU tensor "
+                        f"of shape {list(shape)} for a batch of {B} tokens, got {t.dtype} {list(t.shape)} on "
+                        f"{t.device}{'' if t.is_contiguous() else ', not contiguous'}"
+                    )
 
     def _check(self, status: int, tokens: torch.Tensor, position: int) -> None:
         if status == 2:
@@ -415,6 +434,8 @@ class FusedModelStep:
     def __call__(self, tokens: torch.Tensor, position: int, S: list[torch.Tensor], z: list[torch.Tensor]):
         """tokens [B] (int64) at `position` -> the head's parameters [B, n_params] for the next token;
         S [B, H, Dk, Dv] and z [B, H, Dk] (contiguous float32, one per block) are updated in place."""
+        if tokens.dim() != 1:
+            raise ValueError(f"fused model step: tokens must be [B], got shape {list(tokens.shape)}")
         B = tokens.shape[0]
         tokens = tokens.to(torch.int64).contiguous()
         S_ptrs, z_ptrs = self._prepare(B, S, z)
@@ -502,6 +523,12 @@ def _call(name: str, dtype: torch.dtype, *args) -> None:
         raise RuntimeError(f"the CPU kernel is unavailable: {unavailable_reason()}")
     suffix = "f64" if dtype == torch.float64 else "f32"
     status = getattr(lib, f"{name}_{suffix}")(*args)
+    if status == 2:
+        B, T, H, Dk, Dv, C = args[-8:-2] if name == "cla_forward" else args[-7:-1]
+        raise ValueError(
+            f"causal linear attention CPU kernel ({name}): sizes out of range, got B={B} T={T} H={H} Dk={Dk} Dv={Dv} "
+            f"chunk={C} (each >= 1; Dk, Dv and the chunk below 2**29)"
+        )
     if status:
         raise MemoryError(f"causal linear attention CPU kernel ({name}): out of memory for its chunk buffers")
 

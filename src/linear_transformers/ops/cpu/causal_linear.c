@@ -5,6 +5,7 @@
 
 #include "simd.h"
 
+#include <limits.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -671,7 +671,7 @@ static lt_step step_layout(const lt_model *m, int B, float *work) {
 
 /* 0, or 2 when a token or a position is out of range. */
 static int check_tokens(const lt_model *m, int B, const int64_t *tokens, long position) {
-    if (position < 0 || position >= m->max_len) return 2;
+    if (B < 1 || position < 0 || position >= m->max_len) return 2;
     for (int b = 0; b < B; b++)
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return 2;
     return 0;
