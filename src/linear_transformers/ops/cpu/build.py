@@ -100,6 +100,18 @@ LEVELS: dict[str, Level] = {
     )
 }
 _BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11")
+# LINEAR_TRANSFORMERS_SANITIZE=address builds the kernels with AddressSanitizer (a test job: the
+# process must preload the compiler's libasan), so an out-of-bounds access fails instead of passing
+_SANITIZERS = {"address": ("-fsanitize=address", "-fno-omit-frame-pointer", "-g")}
+
+
+def sanitize_flags() -> tuple[str, ...]:
+    name = os.environ.get("LINEAR_TRANSFORMERS_SANITIZE", "")
+    if name and name not in _SANITIZERS:
+        raise ValueError(f"LINEAR_TRANSFORMERS_SANITIZE must be one of {', '.join(_SANITIZERS)}, got {name!r}")
+    return _SANITIZERS.get(name, ())
+
+
 _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 # PyTorch's capability names, where /proc/cpuinfo is missing (macOS, Windows)
 _FROM_TORCH = {"avx512": "x86-64-v4", "avx2": "x86-64-v3"}
@@ -226,6 +238,7 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: boo
     version = compiler_version(cc)
     spec = LEVELS[level]
     extra = () if "clang" in version.lower() else spec.gcc_flags
+    extra += sanitize_flags()
     flag_sets = [spec.flags + extra] + ([spec.older + extra] if spec.older else [])
     key = repr((name, cc, version, _BASE_FLAGS, flag_sets, openmp, machine())).encode()
     digest = hashlib.sha256(b"".join(sources[n] for n in sorted(sources)) + key).hexdigest()[:16]
