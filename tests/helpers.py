@@ -34,3 +34,18 @@ def random_state(B, H, Dk, Dv, dtype=torch.float64, requires_grad=False, n_token
 
 def shape_id(**dims) -> str:
     return "-".join(f"{k}{v}" for k, v in dims.items())
+
+
+def cli_error(capsys, argv: list[str], match: str) -> str:
+    """Runs the command line expecting a user error: exit status 2 and one line on stderr,
+    `linear-transformers <command>: error: ...` matching `match`; returns that line."""
+    import re
+
+    from linear_transformers.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"linear-transformers {argv[0]}: error: "), err
+    assert re.search(match, err[0]), (match, err[0])
+    return err[0]

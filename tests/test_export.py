@@ -14,6 +14,8 @@ from linear_transformers.export import RecurrentStep, check_exportable, export, 
 from linear_transformers.model import CausalTransformer, ModelConfig
 from linear_transformers.ops import step as step_module
 
+from helpers import cli_error
+
 pytest.importorskip("onnxruntime")
 
 TINY = dict(vocab_size=11, max_len=23, d_model=24, n_layers=2, n_heads=3, d_ff=40)
@@ -155,5 +157,4 @@ def test_export_command(tmp_path, capsys):
     assert "verified with onnxruntime against PyTorch over 250 steps" in printed
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["data"]["image_shape"] == [14, 14] and sidecar["model"]["n_classes"] == 10
-    with pytest.raises(FileNotFoundError):
-        cli_main(["export", "--checkpoint", str(tmp_path / "nowhere"), "--onnx", str(out)])
+    cli_error(capsys, ["export", "--checkpoint", str(tmp_path / "nowhere"), "--onnx", str(out)], "no checkpoint at")

@@ -1,8 +1,8 @@
 """The C kernels under AddressSanitizer: the ISA-level tests (attention forward/backward, the fused
-step, its generation loop and sampler) rerun in a child process whose kernels are built with
--fsanitize=address (LINEAR_TRANSFORMERS_SANITIZE=address) and gcc's libasan preloaded, so an
-out-of-bounds read or write fails the suite instead of passing by luck. (A kernel that reads one
-row past q on the last chunk was caught this way: heap-buffer-overflow in vload_f64.)"""
+step, its generation loop and sampler) and the property-based tests rerun in a child process whose
+kernels are built with -fsanitize=address (LINEAR_TRANSFORMERS_SANITIZE=address) and gcc's libasan
+preloaded, so an out-of-bounds read or write fails the suite instead of passing by luck. (A kernel
+that reads one row past q on the last chunk was caught this way: heap-buffer-overflow in vload_f64.)"""
 
 from __future__ import annotations
 
@@ -34,8 +34,11 @@ def test_kernels_under_address_sanitizer(tmp_path):
         "LD_PRELOAD": _libasan(),
         "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",  # Python's own allocations are not ours to judge
     }
-    tests = Path(__file__).parent / "test_isa_levels.py"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(tests), "-k", f"{level}-gcc"]
+    env["CC"] = "gcc"  # libasan is gcc's
+    here = Path(__file__).parent
+    tests = [str(here / "test_isa_levels.py"), str(here / "test_properties.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, "-k",
+           f"{level}-gcc or test_properties"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     report = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "AddressSanitizer" not in report, report

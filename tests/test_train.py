@@ -17,9 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from linear_transformers.cli import main as cli_main
-from linear_transformers.model import CausalTransformer
+from linear_transformers.model import CausalTransformer, ModelConfig
 from linear_transformers.train import resolve_checkpoint
 from test_data import write_mnist_folder
+
+from helpers import cli_error
 
 TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--batch-size", "8",
         "--levels", "16", "--optimizer", "adamw", "--lr", "1e-2", "--warmup", "3", "--eval-batches", "1",
@@ -160,13 +162,19 @@ def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
                          "--out", str(tmp_path / f"{name}.png")]) == 0  # fmt: skip
         assert f"CPU precision {name}" in capsys.readouterr().out
     assert seen == [cli.CPU_PRECISIONS[name] for name in names]  # one batch each
-    with pytest.raises(ValueError, match="cpu_precision must be one of float32, bf16-weights, bf16, got 'fp16'"):
-        cli_main(["sample", "--checkpoint", str(run), "--cpu-precision", "fp16"])
+    cli_error(
+        capsys,
+        ["sample", "--checkpoint", str(run), "--cpu-precision", "fp16"],
+        "--cpu-precision must be one of float32, bf16-weights, bf16, got 'fp16'",
+    )
     softmax = tmp_path / "softmax"
     cli_main(["train", "--data-path", str(mnist_dir), "--out", str(softmax), "--steps", "1", "--checkpoint-every", "1",
               "--attention", "causal-softmax", *TINY])  # fmt: skip
-    with pytest.raises(ValueError, match="needs the fused CPU step: causal-linear attention"):
-        cli_main(["sample", "--checkpoint", str(softmax), "--cpu-precision", "bf16-weights"])
+    cli_error(
+        capsys,
+        ["sample", "--checkpoint", str(softmax), "--cpu-precision", "bf16-weights"],
+        "needs the fused CPU step: causal-linear attention",
+    )
 
 
 def test_text_model_samples_text(tmp_path, capsys):
@@ -177,8 +185,7 @@ def test_text_model_samples_text(tmp_path, capsys):
     assert cli_main(["sample", "--checkpoint", str(run), "--n", "2", "--prompt", "abc", "--max-new-tokens", "20"]) == 0
     text = (run / "samples.txt").read_text()
     assert text.startswith("abc") and len(text.split("\n\n")[0]) == 23
-    with pytest.raises(ValueError, match="characters the model never saw"):
-        cli_main(["sample", "--checkpoint", str(run), "--prompt", "xyz"])
+    cli_error(capsys, ["sample", "--checkpoint", str(run), "--prompt", "xyz"], "characters the model never saw")
 
 
 def test_cli_options_and_errors(tmp_path, capsys):
@@ -191,10 +198,8 @@ def test_cli_options_and_errors(tmp_path, capsys):
     for option in ("--d-model", "--feature-map", "--norm", "--head", "--steps", "--resume", "--bf16", "--time-limit"):
         assert option in help_text
     assert "width of the residual stream (default: 256)" in " ".join(help_text.split())
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        cli_main(["sample", "--checkpoint", str(tmp_path / "none")])
-    with pytest.raises(ValueError, match="TrainConfig: optimizer must be 'radam' or 'adamw'"):
-        cli_main(["train", "--optimizer", "sgd"])
+    cli_error(capsys, ["sample", "--checkpoint", str(tmp_path / "none")], "no checkpoint at")
+    cli_error(capsys, ["train", "--optimizer", "sgd"], "TrainConfig: optimizer must be 'radam' or 'adamw'")
 
 
 def test_bfloat16_autocast_training_runs_and_learns(tmp_path, mnist_dir):
@@ -209,13 +214,12 @@ def test_bfloat16_autocast_training_runs_and_learns(tmp_path, mnist_dir):
     assert all(t.dtype == torch.float32 for t in weights.values())  # autocast leaves the weights in float32
 
 
-def test_a_fresh_run_never_touches_an_earlier_one(tmp_path, mnist_dir):
+def test_a_fresh_run_never_touches_an_earlier_one(tmp_path, mnist_dir, capsys):
     run = tmp_path / "run"
     args = ["train", "--data-path", str(mnist_dir), "--out", str(run), "--checkpoint-every", "5", *TINY]
     cli_main([*args, "--steps", "10"])
     before = {p.name: p.stat().st_mtime_ns for p in run.glob("step-*")}
-    with pytest.raises(FileExistsError, match="already holds a run .*pass --resume"):
-        cli_main([*args, "--steps", "20"])
+    cli_error(capsys, [*args, "--steps", "20"], "already holds a run .*pass --resume")
     assert {p.name: p.stat().st_mtime_ns for p in run.glob("step-*")} == before
     cli_main([*args, "--steps", "20", "--resume"])  # continuing it is fine
     assert (run / "latest").read_text().strip() == "step-000020"
@@ -235,3 +239,39 @@ def test_time_limit_counts_the_time_before_a_resume(tmp_path, mnist_dir, capsys)
     assert cli_main([*args, "--steps", "40", "--resume", "--time-limit", "900"]) == 0
     assert "stopped at step 21: time limit of 900 s" in capsys.readouterr().out
     assert torch.load(resolve_checkpoint(tmp_path / "run") / "state.pt", weights_only=True)["train_seconds"] > 1000
+
+
+def test_user_errors_are_one_line_and_exit_2_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    from linear_transformers import cli
+
+    bad = [
+        (["sample", "--top-p", "0"], r"top_p must be in \(0, 1\]"),
+        (["sample", "--temperature", "nan"], "temperature must be a finite number >= 0"),
+        (["sample", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+        (["sample", "--top-k", "-2"], "--top-k must be >= 0"),
+        (["sample", "--n", "0"], "--n must be >= 1"),
+        (["sample", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+        (["sample", "--mode", "fast"], "--mode must be rnn or recompute"),
+        (["eval", "--batches", "-1"], "--batches must be >= 0"),
+        (["eval", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["export", "--onnx", str(tmp_path / "x.json")], "--onnx must name a .onnx file"),
+        (["export", "--verify-steps", "-1"], "--verify-steps must be >= 0"),
+    ]
+    for argv, match in bad:
+        cli_error(capsys, argv, match)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):  # --debug: the traceback
+        cli_main(["sample", "--top-p", "0", "--debug"])
+    monkeypatch.setattr(cli, "run_eval", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli_main(["eval"]) == 130 and "eval: interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "run_eval", lambda cfg: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # not a user error: shown as it is
+        cli_main(["eval"])
+
+
+def test_generate_refuses_sampling_settings_it_cannot_honour():
+    model = CausalTransformer(ModelConfig(vocab_size=8, max_len=8, d_model=8, n_layers=1, n_heads=2, d_ff=8)).eval()
+    for kwargs, match in [(dict(top_p=0.0), "top_p"), (dict(temperature=float("nan")), "temperature"),
+                          (dict(temperature=float("inf")), "temperature"), (dict(top_k=0), "top_k"),
+                          (dict(n=0), "n must be"), (dict(max_new_tokens=-1), "max_new_tokens")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"generate: {match}"):
+            model.generate(**{"n": 2, **kwargs})

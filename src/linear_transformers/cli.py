@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .export import ExportConfig, run_export
+from .heads import check_sampling
 from .model import ModelConfig
 from .train import TrainConfig, evaluate, load_model, train
 from .web import WebConfig, run_web
@@ -46,9 +47,17 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         if self.cpu_precision not in CPU_PRECISIONS:
-            raise ValueError(
-                f"SampleConfig: cpu_precision must be one of {', '.join(CPU_PRECISIONS)}, got {self.cpu_precision!r}"
-            )
+            raise ValueError(f"--cpu-precision must be one of {', '.join(CPU_PRECISIONS)}, got {self.cpu_precision!r}")
+        if self.mode not in ("rnn", "recompute"):
+            raise ValueError(f"--mode must be rnn or recompute, got {self.mode!r}")
+        for name in ("n", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0 (0: fill max_len), got {self.max_new_tokens}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0 (0: every token), got {self.top_k}")
+        check_sampling("sample", self.temperature, self.top_k or None, self.top_p)
 
 
 # --cpu-precision: the fused CPU step's (weights, dot products), see CausalTransformer.fused_weights
@@ -65,6 +74,12 @@ class EvalConfig:
     batches: int = 0  # test batches (0: the whole test split)
     batch_size: int = 64
     device: str = "auto"  # auto, cpu or cuda
+
+    def __post_init__(self) -> None:
+        if self.batches < 0:
+            raise ValueError(f"--batches must be >= 0 (0: the whole test split), got {self.batches}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
 def field_comments(cls) -> dict[str, str]:
@@ -209,6 +224,7 @@ def run_eval(cfg: EvalConfig) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linear-transformers", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("train", help="train (or resume) a causal transformer", formatter_class=fmt)
@@ -249,8 +265,33 @@ def dispatch(prog: str, description: str, modules: dict, argv: list[str] | None)
     return modules[args.name].main(args)
 
 
+# What a user can cause by what they typed or pointed at (a bad value, a missing or existing file):
+# one line and exit status 2. Anything else is a bug in the program and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The command line. A user error prints `linear-transformers <command>: error: <what>` and
+    returns 2 (`--debug` shows the traceback instead); Ctrl-C returns 130."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    try:
+        return _run(argv)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"linear-transformers {command}: error: {e}".replace("  ", " "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"linear-transformers {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str]) -> int:
     if argv and argv[0] == "bench":
         from .bench.__main__ import main as bench_main
 

@@ -47,6 +47,16 @@ class ExportConfig:
     verify_steps: int = 300  # steps run with onnxruntime against PyTorch before the file is kept (0: skip)
     tolerance: float = 1e-4  # largest difference allowed: params, probabilities; states relative to their size
 
+    def __post_init__(self) -> None:
+        # the sidecar is the same path with .json: any other suffix could overwrite a JSON file (or a
+        # checkpoint's config.json) and leave no ONNX file
+        if Path(self.onnx).suffix != ".onnx":
+            raise ValueError(f"--onnx must name a .onnx file (its .json sidecar goes beside it), got {self.onnx!r}")
+        if self.verify_steps < 0:
+            raise ValueError(f"--verify-steps must be >= 0 (0: skip the check), got {self.verify_steps}")
+        if not self.tolerance > 0:
+            raise ValueError(f"--tolerance must be > 0, got {self.tolerance}")
+
 
 def check_exportable(model: CausalTransformer) -> None:
     """A clear error for models whose step is not a fixed-size graph."""

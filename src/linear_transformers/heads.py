@@ -18,6 +18,17 @@ from torch import nn
 from .ops import cpu
 
 
+def check_sampling(fn: str, temperature: object, top_k: object, top_p: object) -> None:
+    """Sampling settings a draw can honour: a finite temperature >= 0, top_k None or an int >= 1,
+    top_p None or in (0, 1]. (top_p 0 or a NaN temperature would silently give token 0 everywhere.)"""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"{fn}: temperature must be a finite number >= 0 (0: the likeliest token), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{fn}: top_k must be an int >= 1 (or None: every token), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"{fn}: top_p must be in (0, 1] (1: no truncation), got {top_p!r}")
+
+
 def sample(
     log_probs: torch.Tensor,
     temperature: float = 1.0,
@@ -27,8 +38,7 @@ def sample(
 ) -> torch.Tensor:
     """Draw one token per row of log_probs [B, V]: temperature 0 is argmax; top_k keeps the k most
     likely tokens, top_p the smallest set whose probability reaches p (nucleus sampling)."""
-    if temperature < 0:
-        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+    check_sampling("sample", temperature, top_k, top_p)
     if temperature == 0:
         return log_probs.argmax(-1)
     logits = log_probs / temperature
@@ -141,6 +151,7 @@ class MixtureOfLogisticsHead(nn.Module):
         """One level per row of params [B, 3K]. At temperature 1 without truncation, draw a component,
         then a logistic value, and bin it: exactly the discretised mixture, without evaluating all L
         levels. Otherwise sample from `log_probs` (tempered, truncated)."""
+        check_sampling("sample", temperature, top_k, top_p)
         if not self.draws_directly(temperature, top_k, top_p):
             return sample(self.log_probs(params), temperature, top_k, top_p, generator)
         K, L = self.n_components, self.vocab_size

@@ -19,7 +19,7 @@ from torch import nn
 
 from .attention import ATTENTION_KINDS, AttentionLayer
 from .feature_maps import FEATURE_MAPS
-from .heads import HEADS, MixtureOfLogisticsHead, sample  # noqa: F401 (sample is part of the model API)
+from .heads import HEADS, MixtureOfLogisticsHead, check_sampling, sample  # noqa: F401 (sample: the model API)
 from .ops import KVCache, LinearState, cpu
 
 POSITIONAL = ("sinusoidal", "learned", "none")
@@ -380,6 +380,11 @@ class CausalTransformer(nn.Module):
         """
         if mode not in ("rnn", "recompute"):
             raise ValueError(f"generate: mode must be 'rnn' or 'recompute', got {mode!r}")
+        check_sampling("generate", temperature, top_k, top_p)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"generate: n must be an int >= 1, got {n!r}")
+        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
+            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if self.cfg.attention == "causal-lsh":
             mode = "recompute"
         if self.fused_weights != torch.float32:

@@ -86,8 +86,9 @@ def _kernel_backend(name: str) -> CausalImpl:
         if initial_state is None:
             B, _, H, Dk = q.shape
             initial_state = LinearState.zeros(B, H, Dk, v.shape[-1], dtype=q.dtype, device=q.device)
-        if q.shape[1] == 0:
-            return v.new_zeros(v.shape), initial_state
+        if q.numel() == 0 or v.numel() == 0:  # no tokens, heads or features: nothing for a kernel to do
+            n_tokens = initial_state.n_tokens + q.shape[1]
+            return v.new_zeros(v.shape), LinearState(initial_state.S, initial_state.z, n_tokens)
         S0, z0 = initial_state.S, initial_state.z
         save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, S0, z0))
         if torch.compiler.is_compiling():  # one opaque node for the compiler

@@ -190,8 +190,15 @@ def default_compiler() -> str:
     return found[0]
 
 
+def _compiler_env() -> dict[str, str]:
+    """The environment for the compiler: without a preloaded library (a sanitizer's runtime, meant
+    for this process, would make the compiler itself run instrumented)."""
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
 def compiler_version(cc: str) -> str:
-    return subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.partition("\n")[0].strip()
+    proc = subprocess.run([cc, "--version"], capture_output=True, text=True, env=_compiler_env())
+    return proc.stdout.partition("\n")[0].strip()
 
 
 def is_clang(cc: str) -> bool:
@@ -261,7 +268,7 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: boo
             tmp_out = Path(tmp) / out.name
             c_files = [str(Path(tmp) / f) for f in sorted(sources) if f.endswith(".c")]
             cmd = [cc, *flags, *c_files, "-lm", "-o", str(tmp_out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=_compiler_env())
             if proc.returncode == 0:
                 os.replace(tmp_out, out)  # atomic: concurrent builders never see a partial file
                 result = Build(out, level, version, tuple(flags), bool(omp), openmp)
