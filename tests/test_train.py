@@ -275,3 +275,85 @@ def test_generate_refuses_sampling_settings_it_cannot_honour():
                           (dict(n=0), "n must be"), (dict(max_new_tokens=-1), "max_new_tokens")]:  # fmt: skip
         with pytest.raises(ValueError, match=f"generate: {match}"):
             model.generate(**{"n": 2, **kwargs})
+
+
+def test_a_diverging_run_stops_and_keeps_its_finite_checkpoints(tmp_path, mnist_dir, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--data-path", str(mnist_dir), "--out", str(run), "--checkpoint-every", "2", "--eval-every", "0",
+            *TINY]  # fmt: skip
+    assert cli_main([*args, "--steps", "4"]) == 0
+    good = _weights(run)
+    changed = "lr=1000000.0 \\(the run has 0.01\\); warmup=1 \\(the run has 3\\); clip=0.0 \\(the run has 1.0\\)"
+    cli_error(capsys, [*args, "--steps", "40", "--resume", "--lr", "1e6", "--clip", "0", "--warmup", "1"],
+              f"resume: .* other settings: {changed}")  # fmt: skip
+    diverging = tmp_path / "diverging"
+    line = cli_error(capsys, ["train", "--data-path", str(mnist_dir), "--out", str(diverging), "--steps", "200",
+                              "--checkpoint-every", "2", "--eval-every", "0", *TINY, "--lr", "1e6", "--clip", "0"],
+                     r"the (loss|gradient norm) .* at step \d+ is not finite; stopped before applying it")  # fmt: skip
+    assert "Try a lower --lr" in line
+    for ckpt in diverging.glob("step-*"):  # whatever was saved before is finite
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values()), ckpt
+    assert all(torch.equal(a, b) for a, b in zip(good.values(), _weights(run).values(), strict=True))
+
+
+def test_checkpoints_are_checked_against_their_checksum(tmp_path, mnist_dir, capsys):
+    run = tmp_path / "run"
+    cli_main(["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "2", "--checkpoint-every", "2",
+              *TINY])  # fmt: skip
+    weights = resolve_checkpoint(run) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit flipped in the middle of the tensors
+    weights.write_bytes(bytes(data))
+    cli_error(capsys, ["eval", "--checkpoint", str(run)], "model.safetensors does not match the SHA-256")
+    weights.write_bytes(bytes(data[: len(data) // 3]))  # truncated
+    cli_error(capsys, ["sample", "--checkpoint", str(run)], "model.safetensors does not match the SHA-256")
+    cli_error(capsys, ["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "4", "--resume", *TINY],
+              "does not match the SHA-256")  # fmt: skip
+    (resolve_checkpoint(run) / "config.json").write_text("{not json")
+    cli_error(capsys, ["eval", "--checkpoint", str(run)], r"config.json is not valid JSON .* the checkpoint is damaged")
+
+
+def test_resume_refuses_what_it_cannot_continue_and_fills_in_the_rest(tmp_path, mnist_dir, capsys):
+    run = tmp_path / "run"
+    cli_error(capsys, ["train", "--data-path", str(mnist_dir), "--out", str(run), "--resume", *TINY],
+              "holds no run to resume \\(no 'latest' file\\); leave out --resume")  # fmt: skip
+    assert not (run / "log.csv").exists()
+    args = ["train", "--data-path", str(mnist_dir), "--out", str(run), "--checkpoint-every", "2", "--eval-every", "0"]
+    cli_main([*args, "--steps", "4", *TINY])
+    log_before = (run / "log.csv").read_text()
+    line = cli_error(capsys, [*args, "--steps", "6", "--resume", *TINY[:-3], "--optimizer", "radam", "--seq-len",
+                              "99", "--d-model", "16"],
+                     "other settings:")  # fmt: skip
+    for named in ("optimizer='radam' (the run has 'adamw')", "seq_len=99 (the run has 256)", "d_model=16"):
+        assert named in line
+    assert (run / "log.csv").read_text() == log_before  # nothing touched
+    # the model flags and the rest left out: the run's own are used, and it continues
+    assert cli_main([*args, "--steps", "6", "--resume", "--no-progress", "--threads", "1"]) == 0
+    assert (run / "latest").read_text().strip() == "step-000006"
+    assert (run / "log.csv").read_text().startswith(log_before) and len((run / "log.csv").read_text().splitlines()) == 7
+    (run / "latest").write_text("../elsewhere/step-000010\n")
+    cli_error(capsys, ["eval", "--checkpoint", str(run)], "must name a checkpoint folder of the run")
+
+
+def test_sigint_writes_a_checkpoint_and_exits_130(tmp_path, mnist_dir):
+    run = tmp_path / "run"
+    (run / ".step-000002.tmp12345").mkdir(parents=True)  # what a killed checkpoint write leaves
+    args = ["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "100000", "--checkpoint-every",
+            "10000", "--eval-every", "0", *TINY]  # fmt: skip
+    proc = _cli(*args)
+    deadline = time.time() + 120
+    while not (run / "log.csv").exists() or len((run / "log.csv").read_text().splitlines()) < 4:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "SIGINT at step" in out and "--resume continues" in out and "Traceback" not in out
+    step = int(out.split("SIGINT at step ")[1].split(":")[0])
+    assert (run / "latest").read_text().strip() == f"step-{step:06d}"  # between the periodic checkpoints
+    assert not list(run.glob(".step-*"))  # the stale temporary folder is gone
+    again = [sys.executable, "-m", "linear_transformers.cli", *args[: -len(TINY)], "--steps", str(step + 2), "--resume",
+             "--no-progress"]  # fmt: skip
+    resumed = subprocess.run(again, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert (run / "latest").read_text().strip() == f"step-{step + 2:06d}"

@@ -22,7 +22,7 @@ import torch
 from .export import ExportConfig, run_export
 from .heads import check_sampling
 from .model import ModelConfig
-from .train import TrainConfig, evaluate, load_model, train
+from .train import TrainConfig, TrainingDiverged, evaluate, load_model, read_config, resolve_checkpoint, train
 from .web import WebConfig, run_web
 
 # ModelConfig fields that the data decides (vocabulary, length, classes): not options of `train`.
@@ -95,7 +95,9 @@ def field_comments(cls) -> dict[str, str]:
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), defaults=True) -> None:
+    """Every field of the dataclass `cls` as an option (defaults=False: options left out are absent
+    from the parsed namespace, to tell what was given)."""
     group = parser.add_argument_group(cls.__name__)
     comments = field_comments(cls)
     for f in dataclasses.fields(cls):
@@ -104,10 +106,11 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str,
         kind = _TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
         option = "--" + f.name.replace("_", "-")
         help_text = comments.get(f.name, f.name.replace("_", " ")).replace("%", "%%")
+        default = f.default if defaults else argparse.SUPPRESS
         if kind is bool:
-            group.add_argument(option, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            group.add_argument(option, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            group.add_argument(option, type=kind, default=f.default, help=help_text, metavar=kind.__name__.upper())
+            group.add_argument(option, type=kind, default=default, help=help_text, metavar=kind.__name__.upper())
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **fixed):
@@ -249,6 +252,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_train_options(argv: list[str]) -> set[str]:
+    """The fields of ModelConfig and TrainConfig that `train` was given on the command line."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_dataclass_options(parser, ModelConfig, skip=DERIVED_MODEL_FIELDS, defaults=False)
+    add_dataclass_options(parser, TrainConfig, defaults=False)
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
+def resumed_configs(model_cfg: ModelConfig, train_cfg: TrainConfig, given: set[str]):
+    """`train --resume`: every setting left out is the run's own (from its latest checkpoint);
+    those given are kept, and train() refuses the ones that would change the run."""
+    try:
+        stored = read_config(resolve_checkpoint(train_cfg.out))
+    except FileNotFoundError:
+        return model_cfg, train_cfg  # train() says there is nothing to resume
+    model_values = {k: v for k, v in stored["model"].items() if k not in given}
+    # (the run folder is where the command line points: it may have moved since)
+    train_values = {k: v for k, v in stored.get("train", {}).items() if k not in given and k not in ("resume", "out")}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return (
+        dataclasses.replace(model_cfg, **{k: v for k, v in model_values.items() if k in model_fields}),
+        dataclasses.replace(train_cfg, **{k: v for k, v in train_values.items() if k in train_fields}),
+    )
+
+
 def dispatch(prog: str, description: str, modules: dict, argv: list[str] | None) -> int:
     """A command whose subcommands are modules with `add_arguments(parser)`, `main(args)` and a docstring."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -267,7 +296,8 @@ def dispatch(prog: str, description: str, modules: dict, argv: list[str] | None)
 
 # What a user can cause by what they typed or pointed at (a bad value, a missing or existing file):
 # one line and exit status 2. Anything else is a bug in the program and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+               TrainingDiverged)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,8 +336,10 @@ def _run(argv: list[str]) -> int:
         return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        model_cfg = dataclass_from_args(ModelConfig, args)
-        ckpt = train(model_cfg, dataclass_from_args(TrainConfig, args))
+        model_cfg, train_cfg = dataclass_from_args(ModelConfig, args), dataclass_from_args(TrainConfig, args)
+        if train_cfg.resume:
+            model_cfg, train_cfg = resumed_configs(model_cfg, train_cfg, given_train_options(argv[1:]))
+        ckpt = train(model_cfg, train_cfg)
         print(f"checkpoint: {ckpt}")
     elif args.command == "sample":
         run_sample(dataclass_from_args(SampleConfig, args))

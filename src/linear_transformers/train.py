@@ -9,16 +9,24 @@ A run folder holds
     log.csv             step, loss, bits/dim, learning rate, tokens/s, test bits/dim
 
 A checkpoint is written into a temporary folder that is renamed into place, then `latest` is
-replaced: whatever moment a run is killed at, `latest` names a whole checkpoint.
+replaced: whatever moment a run is killed at, `latest` names a whole checkpoint. Its config.json
+holds the SHA-256 of its weights, checked on every load. A loss or gradient that stops being finite
+ends the run (TrainingDiverged) before the optimiser applies it, so no checkpoint ever holds NaN
+weights; SIGINT/SIGTERM end it at the next step boundary with a checkpoint (then KeyboardInterrupt).
+`resume` continues the run exactly: settings that would change it are refused, naming each.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -70,6 +78,16 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "keep", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
+
+
+# Settings a resumed run may change: how long it goes on, how often it reports and saves, where it
+# runs. Every other one (model, data, optimiser, schedule, batch, seed) must be the run's own.
+RESUME_MAY_CHANGE = ("steps", "time_limit", "eval_every", "eval_batches", "checkpoint_every", "keep", "resume",
+                     "threads", "device", "progress", "out", "data_path")  # fmt: skip
+
+
+class TrainingDiverged(ArithmeticError):
+    """The loss or the gradient norm stopped being finite."""
 
 
 # ---- data order ---------------------------------------------------------------------------------
@@ -139,16 +157,26 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_checkpoint(run: Path, step: int, model, model_cfg, train_cfg, meta, extra_state: dict, keep: int) -> Path:
     """Write checkpoint `step` into the run folder atomically, point `latest` at it, keep the newest `keep`."""
     run.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
+    for stale in run.glob(".step-*.tmp*"):  # left by a write that was killed (this process writes one at a time)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = run / f".{name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, tmp / "model.safetensors")
-    config = {"model": model_cfg.to_dict(), "train": asdict(train_cfg), "data": meta, "step": step}
+    config = {"model": model_cfg.to_dict(), "train": asdict(train_cfg), "data": meta, "step": step,
+              "weights_sha256": _sha256(tmp / "model.safetensors")}  # fmt: skip
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     torch.save(extra_state, tmp / "state.pt")
     for f in tmp.iterdir():
@@ -165,10 +193,14 @@ def save_checkpoint(run: Path, step: int, model, model_cfg, train_cfg, meta, ext
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its `latest` checkpoint)."""
+    """A checkpoint folder, or a run folder (its `latest` checkpoint, which must name a step-N
+    folder inside it)."""
     path = Path(path)
     if (path / "latest").exists():
-        path = path / (path / "latest").read_text().strip()
+        name = (path / "latest").read_text().strip()
+        if not re.fullmatch(r"step-\d{6,}", name):
+            raise ValueError(f"{path / 'latest'} must name a checkpoint folder of the run (step-NNNNNN), got {name!r}")
+        path = path / name
     if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
         raise FileNotFoundError(
             f"no checkpoint at {path}: expected a run folder with a 'latest' file, or a checkpoint folder "
@@ -180,10 +212,33 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CausalTransformer, dict]:
     """Load a trained model (in eval mode) and its config.json from a checkpoint or run folder."""
     ckpt = resolve_checkpoint(path)
-    config = json.loads((ckpt / "config.json").read_text())
+    config = read_config(ckpt)
     model = CausalTransformer(ModelConfig(**config["model"]))
-    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    model.load_state_dict(load_weights(ckpt, config))
     return model.to(device).eval(), config
+
+
+def read_config(ckpt: Path) -> dict:
+    try:
+        config = json.loads((ckpt / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{ckpt / 'config.json'} is not valid JSON ({e}): the checkpoint is damaged") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f"{ckpt / 'config.json'} has no model settings: the checkpoint is damaged")
+    return config
+
+
+def load_weights(ckpt: Path, config: dict) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights, after checking them against the SHA-256 in its config.json (older
+    checkpoints carry none)."""
+    path = ckpt / "model.safetensors"
+    expected = config.get("weights_sha256")
+    if expected and _sha256(path) != expected:
+        raise ValueError(f"{path} does not match the SHA-256 in its config.json: the file is corrupted or truncated")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own error type for a malformed file
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -264,9 +319,15 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
     sampler = Sampler(d.n_items("train"), cfg.batch_size, cfg.seed)
     step, trained_before = 0, 0.0  # seconds of training in earlier processes of this run
-    if cfg.resume and (run / "latest").exists():
+    if cfg.resume:
+        if not (run / "latest").exists():
+            raise FileNotFoundError(
+                f"resume: {run} holds no run to resume (no 'latest' file); leave out --resume to start one there"
+            )
         ckpt = resolve_checkpoint(run)
-        model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        stored = read_config(ckpt)
+        check_resume(run, stored, model_cfg, cfg)
+        model.load_state_dict(load_weights(ckpt, stored))
         state = torch.load(ckpt / "state.pt", weights_only=True)  # tensors and plain containers only
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -313,57 +374,126 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
     local = cfg.batch_size // world
     start, tokens_seen = time.perf_counter(), 0
     model.train()
-    while step < cfg.steps:
-        idx = sampler.next()[rank * local : (rank + 1) * local]
-        tokens, labels = d.get("train", idx)
-        tokens = tokens.to(device)
-        labels = labels.to(device) if labels is not None and model_cfg.n_classes else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            params = net(tokens, labels)
-            loss = model.head.nll(params, tokens.long()).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        tokens_seen += tokens.numel() * world
-        loss_value = loss.item()
-        bpd = loss_value / math.log(2)
-        test_bpd = None
-        if rank == 0 and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            test_bpd = evaluate(model, d, cfg, device, cfg.eval_batches)
-        elapsed = time.perf_counter() - start
-        tok_s = tokens_seen / max(elapsed, 1e-9)
-        if rank == 0:
-            with open(log_path, "a", newline="") as f:
-                csv.writer(f).writerow([step, f"{loss_value:.5f}", f"{bpd:.4f}", f"{scheduler.get_last_lr()[0]:.3g}",
-                                        f"{tok_s:.0f}", "" if test_bpd is None else f"{test_bpd:.4f}"])  # fmt: skip
-            if bar is not None:
-                post = {"loss": f"{loss_value:.3f}", "bpd": f"{bpd:.3f}", "tok/s": f"{tok_s:.0f}"}
-                if test_bpd is not None:
-                    post["test_bpd"] = f"{test_bpd:.3f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-        out_of_time = cfg.time_limit and trained_before + time.perf_counter() - start > cfg.time_limit
-        if world > 1:  # every rank stops at the same step
-            flag = torch.tensor([float(bool(out_of_time))], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time:
-            checkpoint(step)
-        if out_of_time:
+    with _StopOnSignal() as stop:
+        while step < cfg.steps:
+            idx = sampler.next()[rank * local : (rank + 1) * local]
+            tokens, labels = d.get("train", idx)
+            tokens = tokens.to(device)
+            labels = labels.to(device) if labels is not None and model_cfg.n_classes else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                params = net(tokens, labels)
+                loss = model.head.nll(params, tokens.long()).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            loss_value = loss.item()
+            # (max_norm inf: the norm, no clipping; under data parallelism the gradients are already
+            # averaged, so every rank sees the same norm)
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip or math.inf))
+            diverged = not (math.isfinite(loss_value) and math.isfinite(norm))
+            if world > 1:  # (each rank's loss is its own): every rank stops together
+                flag = torch.tensor([float(diverged)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                diverged = bool(flag.item())
+            if diverged:
+                if bar is not None:
+                    bar.close()
+                what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {norm}"
+                latest = (run / "latest").read_text().strip() if (run / "latest").exists() else "none yet"
+                raise TrainingDiverged(
+                    f"train: the {what} at step {step + 1} is not finite; stopped before applying it (the last "
+                    f"checkpoint, {latest}, is untouched). Try a lower --lr, --clip 1 or a longer --warmup"
+                )
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            tokens_seen += tokens.numel() * world
+            bpd = loss_value / math.log(2)
+            test_bpd = None
+            if rank == 0 and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                test_bpd = evaluate(model, d, cfg, device, cfg.eval_batches)
+            elapsed = time.perf_counter() - start
+            tok_s = tokens_seen / max(elapsed, 1e-9)
             if rank == 0:
-                print(f"\nstopped at step {step}: time limit of {cfg.time_limit:.0f} s", flush=True)
-            break
-        if bar is None and rank == 0 and step % 100 == 0:
-            print(f"step {step}: loss {loss_value:.4f}, {bpd:.3f} bits/dim, {tok_s:.0f} tokens/s", flush=True)
+                with open(log_path, "a", newline="") as f:
+                    lr = scheduler.get_last_lr()[0]
+                    csv.writer(f).writerow([step, f"{loss_value:.5f}", f"{bpd:.4f}", f"{lr:.3g}", f"{tok_s:.0f}",
+                                            "" if test_bpd is None else f"{test_bpd:.4f}"])  # fmt: skip
+                if bar is not None:
+                    post = {"loss": f"{loss_value:.3f}", "bpd": f"{bpd:.3f}", "tok/s": f"{tok_s:.0f}"}
+                    if test_bpd is not None:
+                        post["test_bpd"] = f"{test_bpd:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+            out_of_time = cfg.time_limit and trained_before + time.perf_counter() - start > cfg.time_limit
+            interrupted = stop.name is not None
+            if world > 1:  # every rank stops at the same step
+                flags = torch.tensor([float(bool(out_of_time)), float(interrupted)], device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                out_of_time, interrupted = bool(flags[0].item()), bool(flags[1].item())
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or out_of_time or interrupted:
+                checkpoint(step)
+            if interrupted:
+                if bar is not None:
+                    bar.close()
+                if rank == 0:
+                    print(f"\n{stop.name or 'a signal'} at step {step}: checkpoint step-{step:06d} written to {run}; "
+                          "--resume continues", flush=True)  # fmt: skip
+                raise KeyboardInterrupt
+            if out_of_time:
+                if rank == 0:
+                    print(f"\nstopped at step {step}: time limit of {cfg.time_limit:.0f} s", flush=True)
+                break
+            if bar is None and rank == 0 and step % 100 == 0:
+                print(f"step {step}: loss {loss_value:.4f}, {bpd:.3f} bits/dim, {tok_s:.0f} tokens/s", flush=True)
     if bar is not None:
         bar.close()
     if world > 1:
         _check_ranks_agree(model)
     return resolve_checkpoint(run)
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM during training set a flag; the loop checkpoints at the end of the step and
+    stops. A second signal interrupts at once. Only the main thread can hold signal handlers."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def check_resume(run: Path, stored: dict, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """A resumed run continues exactly: refuse settings that differ from the run's (but those in
+    RESUME_MAY_CHANGE), naming each."""
+
+    def same(a, b) -> bool:
+        return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+    diffs = [
+        f"{k}={v!r} (the run has {stored['train'][k]!r})"
+        for k, v in asdict(cfg).items()
+        if k not in RESUME_MAY_CHANGE and k in stored.get("train", {}) and not same(v, stored["train"][k])
+    ]
+    diffs += [f"{k}={v!r} (the run has {stored['model'][k]!r})" for k, v in model_cfg.to_dict().items()
+              if k in stored["model"] and not same(v, stored["model"][k])]  # fmt: skip
+    if diffs:
+        raise ValueError(
+            f"resume: {run} was trained with other settings: {'; '.join(diffs)}. A resumed run continues "
+            "exactly; leave these out (the command line then takes the run's own)"
+        )
 
 
 def _check_ranks_agree(model: torch.nn.Module) -> None:
