@@ -62,6 +62,47 @@ def test_idx_errors_name_the_file(tmp_path):
     short.write_bytes(bytes([0, 0, 8, 2, 0, 0, 0, 3, 0, 0, 0, 3]) + bytes(5))
     with pytest.raises(ValueError, match=r"short.idx: header says shape \(3, 3\) \(9 bytes\), the file holds 5"):
         img.read_idx(short)
+    long = tmp_path / "long.idx"
+    long.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 3]) + bytes(4))
+    with pytest.raises(ValueError, match=r"long.idx: header says shape \(3,\) \(3 bytes\), the file holds more"):
+        img.read_idx(long)
+    huge = tmp_path / "huge.idx"  # dims whose product overflows 64 bits
+    huge.write_bytes(bytes([0, 0, 8, 3]) + b"\xff\xff\xff\xff" * 3 + bytes(10))
+    with pytest.raises(ValueError, match=r"huge.idx: header says shape .* over 17179869184: damaged"):
+        img.read_idx(huge)
+    cut = tmp_path / "cut.idx"
+    cut.write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+    with pytest.raises(ValueError, match="the header ends inside its 3 dimensions"):
+        img.read_idx(cut)
+
+
+def test_a_gzip_bomb_is_not_decompressed_past_its_header(tmp_path, monkeypatch):
+    """A .gz whose header promises 10 bytes but which decompresses to 200 MB is refused after
+    reading 11 bytes of its body, not after inflating it all."""
+    import gzip
+
+    bomb = tmp_path / "bomb-idx1-ubyte.gz"
+    with gzip.open(bomb, "wb") as f:
+        f.write(bytes([0, 0, 8, 1, 0, 0, 0, 10]))
+        for _ in range(200):
+            f.write(bytes(1 << 20))
+    inflated = []
+    real_open = gzip.open
+
+    def counting_open(*args, **kwargs):
+        f = real_open(*args, **kwargs)
+        read = f.read
+        f.read = lambda n=-1: (lambda b: inflated.append(len(b)) or b)(read(n))
+        return f
+
+    monkeypatch.setattr(img.gzip, "open", counting_open)
+    with pytest.raises(ValueError, match=r"header says shape \(10,\) \(10 bytes\), the file holds more"):
+        img.read_idx(bomb)
+    assert 0 < sum(inflated) <= 8 + 11
+    broken = tmp_path / "broken.gz"
+    broken.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="broken.gz: not a readable IDX file"):
+        img.read_idx(broken)
 
 
 def test_cifar10_binary_batches(tmp_path):

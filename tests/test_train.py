@@ -357,3 +357,18 @@ def test_sigint_writes_a_checkpoint_and_exits_130(tmp_path, mnist_dir):
     resumed = subprocess.run(again, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert (run / "latest").read_text().strip() == f"step-{step + 2:06d}"
+
+
+def test_eval_runs_from_another_directory_and_takes_a_moved_data_path(tmp_path, mnist_dir, capsys, monkeypatch):
+    """The run stores the data path absolute, so eval works from anywhere; --data-path points it at
+    data that has moved since."""
+    monkeypatch.chdir(tmp_path)
+    cli_main(["train", "--data-path", "mnist", "--out", "run", "--steps", "2", "--checkpoint-every", "2", *TINY])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "run"), "--batches", "1"]) == 0
+    mnist_dir.rename(tmp_path / "moved")
+    cli_error(capsys, ["eval", "--checkpoint", str(tmp_path / "run")], "mnist")
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "run"), "--data-path", str(tmp_path / "moved")]) == 0
+    assert "bits/dim" in capsys.readouterr().out

@@ -208,3 +208,40 @@ def test_page_in_chromium_draws_what_pytorch_generates(tmp_path, model_name):
         if temperature > 0:
             assert (image > 0).sum() > 10, "a sampled image is not blank"
         assert got["last"]["tokensPerSecond"] > 0
+
+
+def test_server_lists_no_directories_and_answers_only_its_own_host(tmp_path):
+    import http.client
+    import threading
+
+    from linear_transformers.web import VENDOR_FILES, make_server
+
+    (tmp_path / "site" / "sub").mkdir(parents=True)
+    (tmp_path / "site" / "index.html").write_text("<p>demo</p>")
+    (tmp_path / "site" / "sub" / "secret.txt").write_text("x")
+    (tmp_path / "site" / "vendor").mkdir()
+    for name in VENDOR_FILES:  # stand-ins: make_server checks they exist
+        (tmp_path / "site" / "vendor" / name).write_text("")
+    server = make_server(tmp_path / "site", tmp_path, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+
+    def get(path, host):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", path, headers={"Host": host})
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        return response.status, body
+
+    try:
+        assert get("/", f"localhost:{port}") == (200, b"<p>demo</p>")
+        assert get("/", f"127.0.0.1:{port}")[0] == 200
+        assert get("/sub/", f"localhost:{port}")[0] == 404  # no listing of what the folder holds
+        assert get("/sub/secret.txt", f"localhost:{port}")[0] == 200  # files are still served
+        for host in ("evil.example", f"evil.example:{port}", "localhost:1", ""):
+            assert get("/", host)[0] == 403, host
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -73,6 +73,7 @@ class EvalConfig:
     checkpoint: str = "runs/model"  # run folder or checkpoint folder
     batches: int = 0  # test batches (0: the whole test split)
     batch_size: int = 64
+    data_path: str = ""  # where the data is now (default: where training found it)
     device: str = "auto"  # auto, cpu or cuda
 
     def __post_init__(self) -> None:
@@ -217,7 +218,8 @@ def run_eval(cfg: EvalConfig) -> float:
     device = _device(cfg.device)
     model, config = load_model(cfg.checkpoint, device)
     t = config["train"]
-    d = datasets.load(t["data"], t["data_path"] or None, size=t["image_size"], levels=t["levels"], seq_len=t["seq_len"])
+    data_path = cfg.data_path or t["data_path"] or None
+    d = datasets.load(t["data"], data_path, size=t["image_size"], levels=t["levels"], seq_len=t["seq_len"])
     train_cfg = TrainConfig(**{**t, "batch_size": cfg.batch_size, "conditional": bool(model.cfg.n_classes)})
     batches = cfg.batches or -(-d.n_items("test") // cfg.batch_size)
     bpd = evaluate(model, d, train_cfg, device, batches)

@@ -302,6 +302,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} data-parallel ranks")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.data_path:  # stored absolute: eval and sample may run from another directory
+        cfg = replace(cfg, data_path=str(Path(cfg.data_path).resolve()))
     run = Path(cfg.out)
     d = data or datasets.load(
         cfg.data, cfg.data_path or None, size=cfg.image_size, levels=cfg.levels, seq_len=cfg.seq_len

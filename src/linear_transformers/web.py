@@ -30,7 +30,9 @@ class WebConfig:
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    """Static files of web/, with /model/ mapped to the exported model's folder."""
+    """Static files of web/, with /model/ mapped to the exported model's folder. No directory
+    listings, and only requests addressed to this server by name (Host: localhost, 127.0.0.1, [::1]
+    or the listening address, with its port): a page elsewhere cannot reach it through DNS rebinding."""
 
     extensions_map: ClassVar[dict[str, str]] = {
         **SimpleHTTPRequestHandler.extensions_map,
@@ -44,6 +46,27 @@ class _Handler(SimpleHTTPRequestHandler):
     def __init__(self, *args, model_dir: Path, **kwargs) -> None:
         self.model_dir = model_dir
         super().__init__(*args, **kwargs)
+
+    def _host_allowed(self) -> bool:
+        host, port = self.server.server_address[:2]
+        names = {"localhost", "127.0.0.1", "[::1]", str(host), f"[{host}]"}
+        return self.headers.get("Host", "") in {f"{name}:{port}" for name in names}
+
+    def do_GET(self) -> None:
+        if not self._host_allowed():
+            self.send_error(403, "unexpected Host header")
+            return
+        super().do_GET()
+
+    def do_HEAD(self) -> None:
+        if not self._host_allowed():
+            self.send_error(403, "unexpected Host header")
+            return
+        super().do_HEAD()
+
+    def list_directory(self, path):
+        self.send_error(404, "no directory listings")
+        return None
 
     def translate_path(self, path: str) -> str:
         name = path.split("?", 1)[0].split("#", 1)[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import importlib.metadata
 import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -67,18 +68,39 @@ def mnist_bundled(split: str) -> tuple[np.ndarray, np.ndarray]:
         return _zarr_array(archive, f"{split}_images"), _zarr_array(archive, f"{split}_labels").astype(np.int64)
 
 
+IDX_MAX_BYTES = 1 << 34  # 16 GiB: more than any image set this reads; a larger header is damage
+
+
 def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file (the MNIST format; .gz allowed) as a uint8 array."""
+    """An IDX file (the MNIST format; .gz allowed) as a uint8 array. The header is checked before the
+    body is read, and the body is read (decompressed) only as far as the header says: a damaged
+    header or a gzip bomb gives an error, not gigabytes of memory."""
     path = Path(path)
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic 0x0000 08 nn), got {raw[:4].hex()}")
-    ndim = raw[3]
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says shape {dims} ({int(np.prod(dims))} bytes), the file holds {data.size}")
-    return data.reshape(dims)
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        try:
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != b"\x00\x00\x08":
+                raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic 0x0000 08 nn), got {head.hex()}")
+            dim_bytes = f.read(4 * head[3])
+            if len(dim_bytes) < 4 * head[3]:
+                raise ValueError(f"{path}: the header ends inside its {head[3]} dimensions")
+            dims = tuple(int.from_bytes(dim_bytes[4 * i : 4 * i + 4], "big") for i in range(head[3]))
+            size = math.prod(dims)  # Python ints: no overflow
+            if size > IDX_MAX_BYTES:
+                raise ValueError(f"{path}: header says shape {dims} ({size} bytes), over {IDX_MAX_BYTES}: damaged")
+            chunks, got = [], 0
+            while got <= size:  # one byte past the end tells a file that is too long
+                chunk = f.read(min(1 << 24, size + 1 - got))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+            raise ValueError(f"{path}: not a readable IDX file ({e})") from None
+    if got != size:
+        holds = "more" if got > size else got
+        raise ValueError(f"{path}: header says shape {dims} ({size} bytes), the file holds {holds}")
+    return np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(dims)
 
 
 def _find(folder: Path, stem: str) -> Path:
