@@ -132,3 +132,18 @@ def test_lookup_errors():
         make_feature_map("nope", 4)
     with pytest.raises(TypeError, match="feature map 'elu'"):
         make_feature_map("elu", 4, 1, n_features=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["elu", "relu", "favor", "fourier", "hedgehog", "taylor"])
+def test_no_feature_map_overflows_silently_at_large_inputs(name, dtype):
+    """Inputs scaled by 1e4: every map gives finite features in the input's dtype, or (the softmax
+    variant of random Fourier features, whose exp(|x|^2 / 2) has no finite value there) raises."""
+    fm = make_feature_map(name, 16, 2)
+    x = (1e4 * torch.randn(5, 2, 16)).to(dtype)
+    for features in (fm.forward_queries(x), fm.forward_keys(x)):
+        assert features.dtype == dtype and torch.isfinite(features).all(), name
+    fourier = make_feature_map("fourier", 16, 2, softmax=True)
+    with pytest.raises(ValueError, match=r"overflows float32 for inputs this large .* use the 'favor' map"):
+        fourier.forward_keys(x)
+    assert torch.isfinite(fourier.forward_keys(torch.randn(5, 2, 16).to(dtype))).all()  # ordinary inputs still work

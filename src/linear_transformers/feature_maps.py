@@ -82,9 +82,10 @@ def _generator(seed: int | None) -> torch.Generator:
 
 
 def _clamp_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast float32 features to `dtype`, saturating instead of overflowing to inf (float16)."""
+    """Cast float32 features to `dtype`, saturating instead of overflowing to +-inf (float16)."""
     if dtype in (torch.float16, torch.bfloat16):
-        x = x.clamp(max=torch.finfo(dtype).max)
+        big = torch.finfo(dtype).max
+        x = x.clamp(min=-big, max=big)
     return x.to(dtype)
 
 
@@ -192,7 +193,14 @@ class RandomFourierFeatureMap(_RandomProjection):
         xs, u = self._project(x)
         phi = torch.cat([torch.cos(u), torch.sin(u)], dim=-1) * self.n_projections**-0.5
         if self.softmax:
-            phi = phi * torch.exp(0.5 * (xs * xs).sum(-1, keepdim=True))
+            sq = (xs * xs).sum(-1, keepdim=True)
+            if not torch.compiler.is_compiling() and not bool(sq.max() < 170.0):  # exp(85) ~ 8e36: float32's edge
+                raise ValueError(
+                    f"RandomFourierFeatureMap(softmax=True): exp(|x|^2 / (2 sqrt(D))) overflows float32 for inputs "
+                    f"this large (|x|^2 / sqrt(D) up to {sq.max().item():.3g}, above 170); normalise the inputs "
+                    "or use the 'favor' map, whose features are stabilised"
+                )
+            phi = phi * torch.exp(0.5 * sq)
         return _clamp_to(phi, dtype)
 
 
@@ -239,12 +247,16 @@ class TaylorFeatureMap(FeatureMap):
         self.feature_dim = 1 + head_dim + len(i)
 
     def forward_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Computed in float32 for half-precision inputs (the squares of float16 values above 256
+        overflow), the result saturated to the input's dtype instead of becoming inf."""
         self._check(x)
-        x = x * self.head_dim**-0.25
+        dtype = x.dtype
+        x = (x.float() if dtype in (torch.float16, torch.bfloat16) else x) * self.head_dim**-0.25
         # x_i x_j / sqrt(2) on the diagonal, x_i x_j off it (sqrt(2) for the two symmetric terms / sqrt(2))
         scale = self._diagonal.to(x.dtype) * (math.sqrt(0.5) - 1) + 1
         second = x[..., self._i] * x[..., self._j] * scale
-        return torch.cat([torch.ones_like(x[..., :1]), x, second], dim=-1)
+        phi = torch.cat([torch.ones_like(x[..., :1]), x, second], dim=-1)
+        return _clamp_to(phi, dtype) if dtype != x.dtype else phi
 
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {
