@@ -293,7 +293,18 @@ def dispatch(prog: str, description: str, modules: dict, argv: list[str] | None)
         )
         module.add_arguments(p)
     args = parser.parse_args(argv)
+    # which options were given (presets such as --quick and --paper fill in only the others)
+    chosen = sub.choices[args.name]
+    for action in chosen._actions:
+        action.default = argparse.SUPPRESS
+    rest = list(sys.argv[1:] if argv is None else argv)
+    args.given = set(vars(chosen.parse_known_args(rest[rest.index(args.name) + 1 :])[0]))
     return modules[args.name].main(args)
+
+
+def apply_preset(settings, preset: dict, given: set[str]):
+    """`settings` (a dataclass) with the preset's values for the fields not given on the command line."""
+    return dataclasses.replace(settings, **{k: v for k, v in preset.items() if k not in given})
 
 
 # What a user can cause by what they typed or pointed at (a bad value, a missing or existing file):

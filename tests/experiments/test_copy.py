@@ -48,3 +48,27 @@ def test_quick_copy_experiment_writes_results_and_resumes(tmp_path, capsys):
     # other settings retrain
     assert main([*args, "--seed", "1"]) == 0
     assert capsys.readouterr().out.count("training 12 steps") == 3
+
+
+def test_options_given_win_over_the_quick_and_paper_presets(tmp_path):
+    """--quick and --paper fill in only what the command line left out: --quick --steps 5 runs 5 steps."""
+    import argparse
+
+    from linear_transformers.cli import dispatch
+    from linear_transformers.experiments import copy as copy_experiment
+
+    seen = {}
+
+    class Probe:
+        __doc__ = copy_experiment.__doc__
+        add_arguments = staticmethod(copy_experiment.add_arguments)
+
+        @staticmethod
+        def main(args: argparse.Namespace) -> int:
+            seen["s"] = copy_experiment.settings_from(args)
+            return 0
+
+    assert dispatch("x", "x", {"copy": Probe}, ["copy", "--quick", "--steps", "5", "--d-model", "24"]) == 0
+    assert (seen["s"].steps, seen["s"].d_model, seen["s"].n_layers) == (5, 24, 2)  # n_layers from the preset
+    dispatch("x", "x", {"copy": Probe}, ["copy", "--paper", "--max-symbols", "64"])
+    assert (seen["s"].max_symbols, seen["s"].steps) == (64, 10000)

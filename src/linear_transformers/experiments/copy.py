@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..bench.measure import machine_info
 from ..bench.report import fmt, markdown_table, write_csv
+from ..cli import apply_preset
 from ..data import copy as copy_data
 from ..model import CausalTransformer, ModelConfig
 from . import load_finished, save_finished
@@ -79,11 +80,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> CopySettings:
     s = CopySettings(**{k: getattr(args, k) for k in CopySettings.__dataclass_fields__ if k != "methods"},
                      methods=tuple(args.methods))  # fmt: skip
+    given = getattr(args, "given", set())  # options given on the command line win over the presets
     if args.paper:
-        s.max_symbols, s.steps, s.lr_drop_step = 128, 10000, 3000
+        s = apply_preset(s, dict(max_symbols=128, steps=10000, lr_drop_step=3000), given)
     if args.quick:
-        s.max_symbols, s.n_layers, s.n_heads, s.d_model, s.d_ff, s.batch = 8, 2, 2, 16, 32, 8
-        s.steps, s.lr_drop_step, s.eval_every, s.eval_batches, s.lsh_buckets = 12, 8, 6, 1, 4
+        s = apply_preset(s, dict(max_symbols=8, n_layers=2, n_heads=2, d_model=16, d_ff=32, batch=8, steps=12,
+                                 lr_drop_step=8, eval_every=6, eval_batches=1, lsh_buckets=4), given)  # fmt: skip
     return s
 
 

@@ -29,7 +29,7 @@ import torch
 from .. import data as datasets
 from ..bench.measure import machine_info
 from ..bench.report import fmt, markdown_table, write_csv
-from ..cli import image_grid, write_png
+from ..cli import apply_preset, image_grid, write_png
 from ..model import ModelConfig
 from ..train import TrainConfig, evaluate, load_model, train
 from . import finished_or_run
@@ -94,11 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> ImageSettings:
     fields = {k: getattr(args, k) for k in ImageSettings.__dataclass_fields__ if hasattr(args, k) and k != "methods"}
     s = ImageSettings(**fields, methods=tuple(args.methods))
+    given = getattr(args, "given", set())  # options given on the command line win over the presets
     if args.paper:
-        s = replace(s, n_layers=8, n_heads=8, d_model=256, d_ff=1024, lr=1e-4, batch=10, minutes=0.0)
+        s = apply_preset(s, dict(n_layers=8, n_heads=8, d_model=256, d_ff=1024, lr=1e-4, batch=10, minutes=0.0), given)
     if args.quick:
-        s = replace(s, n_layers=1, n_heads=2, d_model=16, d_ff=32, lsh_chunk=4, batch=4, steps=3, minutes=0.0,
-                    eval_images=8, samples=2, image_size=4, levels=8)  # fmt: skip
+        s = apply_preset(s, dict(n_layers=1, n_heads=2, d_model=16, d_ff=32, lsh_chunk=4, batch=4, steps=3, minutes=0.0,
+                                 eval_images=8, samples=2, image_size=4, levels=8), given)  # fmt: skip
     return s
 
 

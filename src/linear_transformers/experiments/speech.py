@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from torch import nn
 from ..attention import AttentionLayer
 from ..bench.measure import machine_info
 from ..bench.report import fmt, markdown_table, write_csv
+from ..cli import apply_preset
 from ..data import speech
 from ..model import sinusoidal_table
 from . import finished_or_run
@@ -294,9 +295,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> SpeechSettings:
     fields = {k: getattr(args, k) for k in SpeechSettings.__dataclass_fields__ if hasattr(args, k) and k != "methods"}
     s = SpeechSettings(**fields, methods=tuple(args.methods))
-    if args.quick:
-        s = replace(s, train_utterances=12, test_utterances=4, minutes=0.0, max_epochs=1, batch=4, lstm_hidden=8,
-                    lstm_layers=2, n_layers=1, n_heads=2, d_model=16, d_ff=32, lsh_buckets=2)  # fmt: skip
+    if args.quick:  # options given on the command line win over the preset
+        s = apply_preset(s, dict(train_utterances=12, test_utterances=4, minutes=0.0, max_epochs=1, batch=4,
+                                 lstm_hidden=8, lstm_layers=2, n_layers=1, n_heads=2, d_model=16, d_ff=32,
+                                 lsh_buckets=2), getattr(args, "given", set()))  # fmt: skip
     return s
 
 
