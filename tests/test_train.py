@@ -372,3 +372,26 @@ def test_eval_runs_from_another_directory_and_takes_a_moved_data_path(tmp_path, 
     cli_error(capsys, ["eval", "--checkpoint", str(tmp_path / "run")], "mnist")
     assert cli_main(["eval", "--checkpoint", str(tmp_path / "run"), "--data-path", str(tmp_path / "moved")]) == 0
     assert "bits/dim" in capsys.readouterr().out
+
+
+def test_bad_settings_are_one_line_errors(tmp_path, mnist_dir, capsys):
+    """What a user can type wrong is named in one line: devices this machine lacks, settings out of
+    range, options that do not apply to the model."""
+    import torch
+
+    base = ["train", "--data-path", str(mnist_dir), "--out", str(tmp_path / "r"), "--steps", "2", *TINY]
+    if not torch.cuda.is_available():
+        cli_error(capsys, [*base, "--device", "cuda"], "device 'cuda': .*use --device cpu")
+    cli_error(capsys, [*base, "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'")
+    out_of_range = [("--levels", "1", r"levels must be in \[2, 256\]"), ("--warmup", "-5", "warmup must"),
+                    ("--threads", "-1", "threads must"), ("--time-limit", "-1", "time_limit must"),
+                    ("--lr", "0", "lr must be a finite number > 0"), ("--lr", "inf", "lr must")]  # fmt: skip
+    for option, value, match in out_of_range:
+        cli_error(capsys, [*base, option, value], match)
+    run = tmp_path / "run"
+    cli_main(["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "2", "--checkpoint-every", "2",
+              *TINY])  # fmt: skip
+    cli_error(capsys, ["sample", "--checkpoint", str(run), "--prompt", "abc"], "--prompt is for text models")
+    cli_error(capsys, ["sample", "--checkpoint", str(run), "--max-new-tokens", "9"], "--max-new-tokens is for text")
+    cli_error(capsys, ["export", "--checkpoint", str(run), "--opset", "3", "--onnx", str(tmp_path / "m.onnx")],
+              r"--opset must be in \[13, ")  # fmt: skip

@@ -22,7 +22,16 @@ import torch
 from .export import ExportConfig, run_export
 from .heads import check_sampling
 from .model import ModelConfig
-from .train import TrainConfig, TrainingDiverged, evaluate, load_model, read_config, resolve_checkpoint, train
+from .train import (
+    TrainConfig,
+    TrainingDiverged,
+    evaluate,
+    load_model,
+    read_config,
+    resolve_checkpoint,
+    resolve_device,
+    train,
+)
 from .web import WebConfig, run_web
 
 # ModelConfig fields that the data decides (vocabulary, length, classes): not options of `train`.
@@ -121,9 +130,7 @@ def dataclass_from_args(cls, args: argparse.Namespace, **fixed):
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
@@ -153,6 +160,10 @@ def run_sample(cfg: SampleConfig) -> Path:
     model, config = load_model(cfg.checkpoint, device)
     _set_cpu_precision(model, cfg.cpu_precision, device)
     meta = config["data"]
+    if meta["alphabet"] is None:
+        for option, value in (("--prompt", cfg.prompt), ("--max-new-tokens", cfg.max_new_tokens)):
+            if value:
+                raise ValueError(f"{option} is for text models; this is an image model, whose samples are whole images")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     kwargs = dict(
         temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p, generator=generator, mode=cfg.mode
@@ -220,7 +231,9 @@ def run_eval(cfg: EvalConfig) -> float:
     t = config["train"]
     data_path = cfg.data_path or t["data_path"] or None
     d = datasets.load(t["data"], data_path, size=t["image_size"], levels=t["levels"], seq_len=t["seq_len"])
-    train_cfg = TrainConfig(**{**t, "batch_size": cfg.batch_size, "conditional": bool(model.cfg.n_classes)})
+    # (the device it trained on may not be here: the evaluation's own)
+    train_cfg = TrainConfig(**{**t, "batch_size": cfg.batch_size, "conditional": bool(model.cfg.n_classes),
+                               "device": str(device), "data_path": data_path or ""})  # fmt: skip
     batches = cfg.batches or -(-d.n_items("test") // cfg.batch_size)
     bpd = evaluate(model, d, train_cfg, device, batches)
     print(f"{d.name} test: {bpd:.4f} bits/dim over {min(batches * cfg.batch_size, d.n_items('test'))} sequences")

@@ -52,6 +52,10 @@ class ExportConfig:
         # checkpoint's config.json) and leave no ONNX file
         if Path(self.onnx).suffix != ".onnx":
             raise ValueError(f"--onnx must name a .onnx file (its .json sidecar goes beside it), got {self.onnx!r}")
+        from torch.onnx._constants import ONNX_MAX_OPSET
+
+        if not 13 <= self.opset <= ONNX_MAX_OPSET:
+            raise ValueError(f"--opset must be in [13, {ONNX_MAX_OPSET}] (this torch's exporter), got {self.opset}")
         if self.verify_steps < 0:
             raise ValueError(f"--verify-steps must be >= 0 (0: skip the check), got {self.verify_steps}")
         if not self.tolerance > 0:

@@ -78,6 +78,35 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "keep", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("image_size", "warmup", "eval_every", "threads", "weight_decay", "clip", "time_limit"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"TrainConfig: lr must be a finite number > 0, got {self.lr}")
+        if self.levels == 1 or self.levels < 0 or self.levels > 256:
+            raise ValueError(f"TrainConfig: levels must be in [2, 256] (0 keeps 256), got {self.levels}")
+        if self.seq_len < 2:
+            raise ValueError(f"TrainConfig: seq_len must be >= 2, got {self.seq_len}")
+        resolve_device(self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" (CUDA when there is one), "cpu", "cuda" or "cuda:N", checked against this machine."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no CUDA device found"
+            raise ValueError(f"device {name!r}: {why}; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 # Settings a resumed run may change: how long it goes on, how often it reports and saves, where it
@@ -283,8 +312,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData 
     a gloo group left alive at interpreter exit aborts the process ("terminate called without an
     active exception") after the run has finished.
     """
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))  # fmt: skip
+    device = resolve_device(cfg.device)
     owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     try:
         return _train(model_cfg, cfg, data, device)
