@@ -147,6 +147,16 @@ def test_bad_inputs_are_named():
         model.generate(labels=torch.tensor([0]), max_new_tokens=49)
     with pytest.raises(TypeError, match="tokens must be an integer tensor"):
         model(torch.zeros(1, 4), torch.tensor([0]))
+    with pytest.raises(ValueError, match="the prompt's 60 tokens exceed max_len=48"):
+        model.generate(prompt=torch.zeros(1, 60, dtype=torch.long), labels=torch.tensor([0]))
+    with pytest.raises(ValueError, match="must agree on the batch, got n 3, the prompt's batch 2, the labels 2"):
+        model.generate(n=3, labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"bits_per_dim: tokens must be \[B, T\] with T >= 1"):
+        model.bits_per_dim(torch.zeros(1, 0, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ValueError, match="mol_components must be >= 1"):
+        ModelConfig(head="mol", mol_components=0)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        ModelConfig(eps=float("nan"))
 
 
 @pytest.mark.parametrize("norm", ["pre", "post"])

@@ -63,7 +63,8 @@ class ModelConfig:
         choose("positional", self.positional, POSITIONAL)
         choose("norm", self.norm, NORMS)
         choose("head", self.head, list(HEADS))
-        for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff", "chunk_size", "lsh_hashes"):
+        for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff", "chunk_size", "lsh_hashes",
+                     "mol_components"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig: {name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
@@ -77,6 +78,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: n_classes must be >= 0, got {self.n_classes}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"ModelConfig: dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.eps < math.inf:
+            raise ValueError(f"ModelConfig: eps must be a finite number >= 0, got {self.eps}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -247,6 +250,8 @@ class CausalTransformer(nn.Module):
 
     def bits_per_dim(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean negative log2-likelihood per token (per sub-pixel for images)."""
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"bits_per_dim: tokens must be [B, T] with T >= 1, got shape {list(tokens.shape)}")
         return self.nll(tokens, labels).mean() / math.log(2)
 
     # ---- recurrent ------------------------------------------------------------------------------
@@ -397,6 +402,12 @@ class CausalTransformer(nn.Module):
             prompt = torch.zeros(B, 0, dtype=torch.long, device=device)
         prompt = prompt.long()
         T0 = prompt.shape[1]
+        if T0 > self.cfg.max_len:
+            raise ValueError(f"generate: the prompt's {T0} tokens exceed max_len={self.cfg.max_len}")
+        batch = {"n": n, "the prompt's batch": prompt.shape[0], "the labels": None if labels is None else len(labels)}
+        if len({b for b in batch.values() if b is not None}) > 1:
+            given = ", ".join(f"{k} {b}" for k, b in batch.items() if b is not None)
+            raise ValueError(f"generate: n, the prompt and the labels must agree on the batch, got {given}")
         if max_new_tokens is None:
             max_new_tokens = self.cfg.max_len - T0
         if T0 + max_new_tokens > self.cfg.max_len:
