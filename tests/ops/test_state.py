@@ -35,3 +35,25 @@ def test_rejects_inconsistent_parts():
         LinearState(torch.zeros(2, 3, 4, 5, dtype=torch.bfloat16), torch.zeros(2, 3, 4, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=r"S must have 4 dimensions"):
         LinearState(torch.zeros(3, 4, 5), torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpu", "naive"])
+def test_a_state_whose_tensors_were_replaced_is_checked_again(backend):
+    """LinearState checks its tensors when made; every op checks them again, since they can be
+    replaced afterwards (a wrong z used to be read out of bounds by the C kernel)."""
+    from linear_transformers import ops
+
+    q, k, v = (torch.rand(2, 5, 3, 4) for _ in range(3))
+    for replace, match in [(("z", torch.zeros(2, 3, 2)), r"z must have shape \[B, H, Dk\] = \[2, 3, 4\]"),
+                           (("z", torch.zeros(2, 3, 4, dtype=torch.float64)), "S and z must share dtype"),
+                           (("S", torch.zeros(2, 3, 4)), r"state: S must have 4 dimensions")]:  # fmt: skip
+        state = ops.LinearState.zeros(2, 3, 4, 4)
+        setattr(state, *replace)
+        with pytest.raises((ValueError, TypeError), match=match):
+            ops.causal_linear_attention(q, k, v, initial_state=state, backend=backend)
+        with pytest.raises((ValueError, TypeError), match=match):
+            ops.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state)
+    state = ops.LinearState.zeros(2, 3, 4, 4)
+    state.S = state.S.transpose(2, 3).contiguous().transpose(2, 3)  # not contiguous: computed right all the same
+    out = ops.causal_linear_attention(q, k, v, initial_state=state, backend=backend)
+    torch.testing.assert_close(out, ops.causal_linear_attention(q, k, v, backend="naive"))

@@ -153,6 +153,7 @@ def _causal_backend(fn: str, backend: str, q: torch.Tensor, v: torch.Tensor) -> 
 def _check_state(fn: str, state: object, q: torch.Tensor, v: torch.Tensor) -> LinearState:
     if not isinstance(state, LinearState):
         raise TypeError(f"{fn}: the state must be a LinearState, got {type(state).__name__}")
+    state.check(f"{fn}: state")  # (its tensors may have been replaced since it was made)
     B, H, Dk = q.shape[0], q.shape[-2], q.shape[-1]
     expected = [B, H, Dk, v.shape[-1]]
     if list(state.S.shape) != expected:

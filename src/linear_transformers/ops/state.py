@@ -24,7 +24,11 @@ class LinearState:
     n_tokens: int = 0
 
     def __post_init__(self) -> None:
-        fn = "LinearState"
+        self.check()
+
+    def check(self, fn: str = "LinearState") -> None:
+        """S and z agree (shapes, dtype, device): checked at construction and again by every op
+        that reads the state, since its tensors can be replaced after it was made."""
         check_tensor(fn, "S", self.S, 4, "[B, H, Dk, Dv]")
         check_tensor(fn, "z", self.z, 3, "[B, H, Dk]")
         if list(self.z.shape) != list(self.S.shape[:3]):

@@ -550,9 +550,12 @@ def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
     z_final = torch.empty(B, H, Dk, dtype=acc)
     shapes = aux_shapes(B, T, H, Dk, Dv, C)
     S_save, z_save, den = (torch.empty(shape, dtype=acc) if save else None for shape in shapes)
+    # (bound to names: a temporary made inside the call's arguments could be freed before the C
+    # call reads it, leaving a dangling pointer)
+    S0_, z0_ = S0.contiguous(), z0.contiguous()
     _call(
         "cla_forward", acc,
-        *map(_ptr, (q_, k_, v_, S0.contiguous(), z0.contiguous(), out, S_final, z_final, S_save, z_save, den)),
+        *map(_ptr, (q_, k_, v_, S0_, z0_, out, S_final, z_final, S_save, z_save, den)),
         B, T, H, Dk, Dv, C, eps, torch.get_num_threads(),
     )  # fmt: skip
     y = out.to(q.dtype)
