@@ -5,6 +5,7 @@ kernel only where it measured faster than PyTorch here, and says so once where i
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -252,3 +253,39 @@ def test_the_c_entry_points_refuse_sizes_out_of_range(bad):
     with pytest.raises(ValueError, match="cla_backward.*sizes out of range"):
         cpu._call("cla_backward", torch.float64, *args)
     assert not buf.any()
+
+
+@needs_compiler
+def test_the_fused_step_c_entry_points_check_what_they_are_given():
+    """The C step does not trust its caller: a model with an unusable size or a missing weight, or
+    missing buffers, is refused (status 2) before anything is read or written."""
+    import ctypes
+
+    from linear_transformers.model import CausalTransformer, ModelConfig
+
+    model = CausalTransformer(ModelConfig(vocab_size=16, max_len=16, d_model=16, n_layers=2, n_heads=2, d_ff=32)).eval()
+    fused = model._build_fused()
+    lib = cpu.load_step()
+    S = [torch.zeros(1, 2, 8, 8) for _ in range(2)]
+    z = [torch.zeros(1, 2, 8) for _ in range(2)]
+    S_ptrs, z_ptrs = fused._prepare(1, S, z)
+    tokens, params = torch.ones(1, dtype=torch.int64), torch.empty(1, fused.n_params)
+
+    def call(m=fused.model, s=S_ptrs, work=True):
+        w = fused._work.data_ptr() if work else None
+        return lib.lt_model_token_f32(ctypes.byref(m), 1, tokens.data_ptr(), 0, s, z_ptrs, w, params.data_ptr())
+
+    assert call() == 0
+    for field, bad in [("n_layers", 0), ("dk", 0), ("bf16", 7), ("embed", None), ("head_w", None)]:
+        broken = type(fused.model).from_buffer_copy(fused.model)
+        setattr(broken, field, bad)
+        assert call(broken) == 2, field
+    broken = type(fused.model).from_buffer_copy(fused.model)
+    broken.qkv_w = None
+    assert call(broken) == 2
+    assert call(s=(ctypes.c_void_p * 2)(S[0].data_ptr(), None)) == 2  # a layer without its state
+    assert call(work=False) == 2
+    before = [s.clone() for s in S]
+    assert all(torch.equal(a, b) for a, b in zip(before, S, strict=True))
+    assert cpu.load_step().lt_mol_sample_f32(1, 0, 16, None, None, None, None) == -1
+    assert cpu.read_f32([torch.ones(10)]) == 10 and math.isnan(lib.lt_read_f32(1, None, None, 1))

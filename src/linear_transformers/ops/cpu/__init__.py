@@ -507,8 +507,17 @@ def mol_sample(params: torch.Tensor, race: torch.Tensor, u: torch.Tensor, levels
     numbers race [B, K] ~ Exp(1) and u [B] ~ U(0, 1): MixtureOfLogisticsHead.sample's arithmetic
     in one C call (all float32 contiguous CPU tensors)."""
     B, K = race.shape
+    shapes = {"params": (params, (B, 3 * K)), "race": (race, (B, K)), "u": (u, (B,))}
+    for name, (t, shape) in shapes.items():
+        if t.shape != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"mol_sample: {name} must be a contiguous float32 CPU tensor {list(shape)}, got "
+                             f"{t.dtype} {list(t.shape)} on {t.device}")  # fmt: skip
     out = torch.empty(B, dtype=torch.int64)
-    if load_step().lt_mol_sample_f32(B, K, levels, params.data_ptr(), race.data_ptr(), u.data_ptr(), out.data_ptr()):
+    status = load_step().lt_mol_sample_f32(B, K, levels, params.data_ptr(), race.data_ptr(), u.data_ptr(),
+                                            out.data_ptr())  # fmt: skip
+    if status < 0:
+        raise ValueError(f"mol_sample: levels must be >= 2 and K >= 1, got {levels} and {K}")
+    if status:
         raise ValueError(_MOL_NOT_FINITE)
     return out
 

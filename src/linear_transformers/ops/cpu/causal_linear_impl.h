@@ -362,7 +362,9 @@ static int FN(bad_sizes)(long B, long Tn, long H, long Dk, long Dv, long C) {
 int FN(cla_forward)(const T *q, const T *k, const T *v, const T *S0, const T *z0, T *out, T *S_final, T *z_final,
                     T *S_save, T *z_save, T *den_save, long B, long Tn, long H, long Dk, long Dv, long C, double eps,
                     int n_threads) {
-    if (FN(bad_sizes)(B, Tn, H, Dk, Dv, C)) return 2;
+    if (FN(bad_sizes)(B, Tn, H, Dk, Dv, C) || !q || !k || !v || !S0 || !z0 || !out || !S_final || !z_final ||
+        !S_save != !z_save || !S_save != !den_save)
+        return 2;
     FN(fwd_args) a = {q, k, v, S0, z0, out, S_final, z_final, S_save, z_save, den_save,
                       B, Tn, H, (int)Dk, (int)Dv, (int)C, (T)eps};
     return parallel_over(B * H, n_threads, FN(forward_range), &a);
@@ -371,7 +373,9 @@ int FN(cla_forward)(const T *q, const T *k, const T *v, const T *S0, const T *z0
 int FN(cla_backward)(const T *q, const T *k, const T *v, const T *out, const T *dout, const T *S_save,
                      const T *z_save, const T *den_save, const T *dS_final, const T *dz_final, T *dq, T *dk, T *dv,
                      T *dS0, T *dz0, long B, long Tn, long H, long Dk, long Dv, long C, int n_threads) {
-    if (FN(bad_sizes)(B, Tn, H, Dk, Dv, C)) return 2;
+    if (FN(bad_sizes)(B, Tn, H, Dk, Dv, C) || !q || !k || !v || !out || !dout || !S_save || !z_save || !den_save ||
+        !dS_final || !dz_final || !dq || !dk || !dv || !dS0 || !dz0)
+        return 2;
     FN(bwd_args) a = {q, k, v, out, dout, S_save, z_save, den_save, dS_final, dz_final,
                       dq, dk, dv, dS0, dz0, B, Tn, H, (int)Dk, (int)Dv, (int)C};
     return parallel_over(B * H, n_threads, FN(backward_range), &a);

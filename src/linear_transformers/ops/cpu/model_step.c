@@ -669,9 +669,25 @@ static lt_step step_layout(const lt_model *m, int B, float *work) {
     return s;
 }
 
+/* 0, or 2 when the model's sizes or pointers are unusable (the caller's checks are not trusted). */
+static int check_model(const lt_model *m) {
+    if (!m || m->n_layers < 1 || m->d < 1 || m->n_heads < 1 || m->dk < 1 || m->dv < 1 || m->dff < 1 ||
+        m->vocab < 1 || m->max_len < 1 || m->n_params < 1 || m->bf16 < 0 || m->bf16 > 2 || m->feature_map < 0 ||
+        m->feature_map > 1 || !m->embed || !m->head_w || !m->head_b || !m->norm_w != !m->norm_b)
+        return 2;
+    const float *const *arrays[12] = {m->ln1_w, m->ln1_b, m->qkv_w, m->qkv_b, m->out_w, m->out_b,
+                                      m->ln2_w, m->ln2_b, m->ff1_w, m->ff1_b, m->ff2_w, m->ff2_b};
+    for (int a = 0; a < 12; a++) {
+        if (!arrays[a]) return 2;
+        for (int l = 0; l < m->n_layers; l++)
+            if (!arrays[a][l]) return 2;
+    }
+    return 0;
+}
+
 /* 0, or 2 when a token or a position is out of range. */
 static int check_tokens(const lt_model *m, int B, const int64_t *tokens, long position) {
-    if (B < 1 || position < 0 || position >= m->max_len) return 2;
+    if (check_model(m) || B < 1 || !tokens || position < 0 || position >= m->max_len) return 2;
     for (int b = 0; b < B; b++)
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return 2;
     return 0;
@@ -803,7 +819,9 @@ static void step_blocks(const lt_model *m, const lt_step *s, const lt_mine *t, f
  * Returns 0, 1 when out of memory, 2 for a token or position out of range (nothing is touched). */
 int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long position, float *const *S,
                        float *const *z, float *work, float *params) {
-    if (check_tokens(m, B, tokens, position)) return 2;
+    if (check_tokens(m, B, tokens, position) || !S || !z || !work || !params) return 2;
+    for (int l = 0; l < m->n_layers; l++)
+        if (!S[l] || !z[l]) return 2;
     const lt_step s = step_layout(m, B, work);
     embed(m, B, tokens, position, s.x);
     int failed = 0;
@@ -838,8 +856,13 @@ int lt_mol_sample_f32(int B, int K, int L, const float *params, const float *rac
 int lt_generate_mol_f32(const lt_model *m, int B, int64_t *out, long position, int n, float *const *S,
                         float *const *z, float *work, float *params, int K, int L, const float *race, const float *u,
                         int *done) {
+    if (!done) return 2;
     *done = 0;
-    if (n < 0 || L > m->vocab || 3 * K != m->n_params || position + n > m->max_len) return 2;
+    if (check_model(m) || n < 0 || K < 1 || L < 2 || L > m->vocab || 3 * K != m->n_params ||
+        position + n > m->max_len || !S || !z || !work || !params || !race || !u)
+        return 2;
+    for (int l = 0; l < m->n_layers; l++)
+        if (!S[l] || !z[l]) return 2;
     if (check_tokens(m, B, out, position)) return 2;
     if (n == 0) return 0;
     const lt_step s = step_layout(m, B, work);
@@ -881,6 +904,9 @@ int lt_generate_mol_f32(const lt_model *m, int B, int64_t *out, long position, i
  * of every array as four streams a quarter apart, the way the row-layout GEMVs read weights. For bench
  * generate: what reading the float32 weights alone, once per token, costs for a whole sequence. */
 float lt_read_f32(int n, const float *const *arrays, const long *sizes, int passes) {
+    if (n < 0 || passes < 1 || (n > 0 && (!arrays || !sizes))) return NAN;
+    for (int a = 0; a < n; a++)
+        if (sizes[a] < 0 || (sizes[a] > 0 && !arrays[a])) return NAN;
     float total = 0;
 #pragma omp parallel reduction(+ : total)
     {
@@ -911,6 +937,7 @@ float lt_read_f32(int n, const float *const *arrays, const long *sizes, int pass
  * level = round-half-even((x + 1) (L - 1) / 2) clamped to [0, L - 1].
  * Returns the number of rows whose parameters were not finite (their level is left at 0). */
 int lt_mol_sample_f32(int B, int K, int L, const float *params, const float *race, const float *u, int64_t *out) {
+    if (B < 0 || K < 1 || L < 2 || !params || !race || !u || !out) return -1; /* a call the caller got wrong */
     int bad = 0;
     for (int b = 0; b < B; b++) {
         const float *p = params + (long)b * 3 * K, *r = race + (long)b * K;
