@@ -28,7 +28,7 @@ from .train import TrainConfig, evaluate, load_model, train
 MODEL = ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, attention="causal-linear", feature_map="elu")
 TRAIN = TrainConfig(
     data="mnist", image_size=14, levels=16, steps=900, batch_size=32, lr=2e-3, warmup=50,
-    eval_every=300, eval_batches=10, checkpoint_every=100, resume=True,
+    eval_every=300, eval_batches=10, checkpoint_every=100,
 )  # fmt: skip
 # What 900 steps reach on the full test split (0.968 bits/dim, 2026-11-28, committed as
 # docs/demo_samples.png): above this the digits are visibly weaker, and the demo says so.
@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.out)
-    cfg = replace(TRAIN, out=str(run), time_limit=args.minutes * 60, threads=args.threads)
+    cfg = replace(TRAIN, out=str(run), time_limit=args.minutes * 60, threads=args.threads,
+                  resume=(run / "latest").exists())  # an interrupted run goes on; a new one starts  # fmt: skip
     d = datasets.load("mnist", size=cfg.image_size, levels=cfg.levels)
     side = d.image_shape[0]
     print(f"MNIST {side}x{side}, {d.vocab_size} levels: {len(d.train)} train / {len(d.test)} test images")
