@@ -105,9 +105,8 @@ def field_comments(cls) -> dict[str, str]:
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), defaults=True) -> None:
-    """Every field of the dataclass `cls` as an option (defaults=False: options left out are absent
-    from the parsed namespace, to tell what was given)."""
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """Every field of the dataclass `cls` as an option with its default and its comment as help."""
     group = parser.add_argument_group(cls.__name__)
     comments = field_comments(cls)
     for f in dataclasses.fields(cls):
@@ -116,11 +115,10 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str,
         kind = _TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
         option = "--" + f.name.replace("_", "-")
         help_text = comments.get(f.name, f.name.replace("_", " ")).replace("%", "%%")
-        default = f.default if defaults else argparse.SUPPRESS
         if kind is bool:
-            group.add_argument(option, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            group.add_argument(option, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
-            group.add_argument(option, type=kind, default=default, help=help_text, metavar=kind.__name__.upper())
+            group.add_argument(option, type=kind, default=f.default, help=help_text, metavar=kind.__name__.upper())
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **fixed):
@@ -244,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linear-transformers", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # name -> its parser
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("train", help="train (or resume) a causal transformer", formatter_class=fmt)
     add_dataclass_options(p, ModelConfig, skip=DERIVED_MODEL_FIELDS)
@@ -267,11 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def given_train_options(argv: list[str]) -> set[str]:
-    """The fields of ModelConfig and TrainConfig that `train` was given on the command line."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_dataclass_options(parser, ModelConfig, skip=DERIVED_MODEL_FIELDS, defaults=False)
-    add_dataclass_options(parser, TrainConfig, defaults=False)
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options in argv (not those left at their defaults). Changes the
+    parser's defaults: call it on a parser that has done its parsing."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
     return set(vars(parser.parse_known_args(argv)[0]))
 
 
@@ -307,11 +306,8 @@ def dispatch(prog: str, description: str, modules: dict, argv: list[str] | None)
         module.add_arguments(p)
     args = parser.parse_args(argv)
     # which options were given (presets such as --quick and --paper fill in only the others)
-    chosen = sub.choices[args.name]
-    for action in chosen._actions:
-        action.default = argparse.SUPPRESS
     rest = list(sys.argv[1:] if argv is None else argv)
-    args.given = set(vars(chosen.parse_known_args(rest[rest.index(args.name) + 1 :])[0]))
+    args.given = given_options(sub.choices[args.name], rest[rest.index(args.name) + 1 :])
     return modules[args.name].main(args)
 
 
@@ -360,11 +356,13 @@ def _run(argv: list[str]) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "train":
         model_cfg, train_cfg = dataclass_from_args(ModelConfig, args), dataclass_from_args(TrainConfig, args)
         if train_cfg.resume:
-            model_cfg, train_cfg = resumed_configs(model_cfg, train_cfg, given_train_options(argv[1:]))
+            given = given_options(parser.commands["train"], argv[argv.index("train") + 1 :])
+            model_cfg, train_cfg = resumed_configs(model_cfg, train_cfg, given)
         ckpt = train(model_cfg, train_cfg)
         print(f"checkpoint: {ckpt}")
     elif args.command == "sample":

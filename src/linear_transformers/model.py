@@ -174,9 +174,9 @@ class CausalTransformer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         # Generation on the CPU runs all blocks of a step in one C call where it applies and was
         # measured faster than the PyTorch step on this machine (see _fused_step); False always takes
-        # the PyTorch path. fused_weights=torch.bfloat16 streams
-        # bfloat16 copies of the projection weights (half the bytes per token; float32 arithmetic;
-        # the copies are taken at the start of each generate()). fused_dot=torch.bfloat16 (with bfloat16
+        # the PyTorch path. fused_weights=torch.bfloat16 streams bfloat16 copies of the projection
+        # weights (half the bytes per token; float32 arithmetic; the copies are taken at the start of
+        # each generate()). fused_dot=torch.bfloat16 (with bfloat16
         # weights, on a CPU with AVX512-BF16) also rounds the projections' inputs to bfloat16 and
         # multiplies bfloat16 pairs (vdpbf16ps), accumulating in float32.
         self.fused_step = True
@@ -438,7 +438,7 @@ class CausalTransformer(nn.Module):
 
 
 def _measure_fused_step() -> tuple[float, float]:
-    """Seconds per token at batch 1 of the fused C step and of the PyTorch step, best of 5 runs of
+    """Seconds per token at batch 1 of the fused C step and of the PyTorch step, best of 7 runs of
     16 tokens interleaved, on a representative model (4 blocks, d_model 256, 8 heads, d_ff 1024, a
     mixture-of-logistics head): cpu.verdict's measurement for the fused step (~0.1 s, once per build)."""
     with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
