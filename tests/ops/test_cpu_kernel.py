@@ -188,7 +188,7 @@ def test_the_step_builds_and_runs_without_openmp(fresh_kernel, monkeypatch):
     single-threaded, with one warning that says so."""
     from linear_transformers.model import CausalTransformer, ModelConfig
 
-    monkeypatch.setattr(build, "_openmp_flags", lambda cc: [[]])
+    monkeypatch.setattr(build, "_openmp_flags", lambda clang: [[]])
     with pytest.warns(RuntimeWarning, match="built without OpenMP .* it runs single-threaded"):
         assert cpu.step_available()
     assert not cpu.build_info("model_step").openmp

@@ -201,10 +201,6 @@ def compiler_version(cc: str) -> str:
     return proc.stdout.partition("\n")[0].strip()
 
 
-def is_clang(cc: str) -> bool:
-    return "clang" in compiler_version(cc).lower()
-
-
 def cache_dir() -> Path:
     if os.environ.get("LINEAR_TRANSFORMERS_CACHE"):
         return Path(os.environ["LINEAR_TRANSFORMERS_CACHE"])
@@ -232,9 +228,9 @@ class Build:
         return f"{self.level} ({' '.join(self.flags)}), {self.compiler}{', no OpenMP' if missing else ''}"
 
 
-def _openmp_flags(cc: str) -> list[list[str]]:
+def _openmp_flags(clang: bool) -> list[list[str]]:
     """OpenMP flag sets to try, best first; [] (none) last."""
-    if is_clang(cc) and platform.system() == "Linux":  # libgomp: PyTorch's runtime, one thread pool
+    if clang and platform.system() == "Linux":  # libgomp: PyTorch's runtime, one thread pool
         return [["-fopenmp=libgomp"], ["-fopenmp"], []]
     return [["-fopenmp"], []]
 
@@ -244,7 +240,8 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: boo
     `level` with `cc`, or reuse the cached one. Raises RuntimeError with the compiler's message."""
     version = compiler_version(cc)
     spec = LEVELS[level]
-    extra = () if "clang" in version.lower() else spec.gcc_flags
+    clang = "clang" in version.lower()
+    extra = () if clang else spec.gcc_flags
     extra += sanitize_flags()
     flag_sets = [spec.flags + extra] + ([spec.older + extra] if spec.older else [])
     key = repr((name, cc, version, _BASE_FLAGS, flag_sets, openmp, machine())).encode()
@@ -259,7 +256,7 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: boo
             pass  # rebuilt below
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    attempts = [(level_flags, omp) for level_flags in flag_sets for omp in (_openmp_flags(cc) if openmp else [[]])]
+    attempts = [(level_flags, omp) for level_flags in flag_sets for omp in (_openmp_flags(clang) if openmp else [[]])]
     for level_flags, omp in attempts:
         flags = (*_BASE_FLAGS, *level_flags, *(["-pthread"] if omp or not openmp else []), *omp)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
