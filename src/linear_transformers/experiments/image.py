@@ -3,24 +3,34 @@ trained on the same budget, then test bits/dim, generation speed and uncondition
 
 Each method is an autoregressive pixel model with the discretised mixture of logistics (10
 components) trained by `linear_transformers.train` (RAdam, checkpoints, exact resume) on the same
-data order; the budget is a time limit per method (--minutes) and a step cap (--steps). Then:
-test bits/dim on --eval-images test images, --samples unconditional samples (a PNG grid per
-method), and generation speed in images/s at that batch (linear attention as an RNN, softmax with
-its KV cache and by recomputing the prefix, LSH by recomputing, as in the paper).
+data order. The budget is the same number of steps for every method (--steps, or --epochs of the
+training set) and, optionally, a time limit per method (--minutes; then the methods get equal
+time, not equal steps, and the table says so). Then: test bits/dim on --eval-images test images
+(0: all of them), --samples unconditional samples (a PNG grid per method), and generation speed
+in images/s at that batch (linear attention as an RNN, softmax with its KV cache and by
+recomputing the prefix, LSH by recomputing, as in the paper). With --eval-every, the held-out
+bits/dim on the first --curve-images test images is logged during training and plotted against
+steps (curves.png), which shows whether a method had stopped improving.
 
 The default fits about 30 minutes of training per method on 2 CPU cores (a 4-layer, 128-wide model,
-batch 16); --paper sets the paper's model and optimiser (8 layers, 8 heads, d_model 256, d_ff 1024,
-RAdam 1e-4, batch 10) and no time limit, for a GPU. `--dataset cifar10 --data-path DIR` reads the
-CIFAR-10 binary batches. A method that finished with the same settings is not trained again
-(--fresh retrains); one that was stopped resumes from its last checkpoint. Writes image.csv,
-table.md, samples_<method>.png, samples.png (all methods side by side) and the runs under --out.
+batch 16); --paper sets the paper's model, optimiser and budget (MNIST: 8 layers, CIFAR-10: 16;
+8 heads, d_model 256, d_ff 1024, RAdam 1e-4, batch 10, 250 epochs, all test images), days on a GPU;
+the command prints its estimate on --device first. `--dataset cifar10 --data-path DIR` reads the
+CIFAR-10 binary batches or the "python" batches (without running their pickle code). A method that
+finished with the same settings is not trained again (--fresh retrains); one that was stopped
+resumes from its last checkpoint. Writes image.csv, table.md, curves.png, samples_<method>.png,
+samples.png (all methods side by side) and the runs under --out (default results/image-<dataset>;
+--quick: results/image-<dataset>-quick).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,9 +40,9 @@ from .. import data as datasets
 from ..bench.measure import machine_info
 from ..bench.report import fmt, markdown_table, write_csv
 from ..cli import apply_preset, image_grid, write_png
-from ..model import ModelConfig
-from ..train import TrainConfig, evaluate, load_model, train
-from . import finished_or_run
+from ..model import CausalTransformer, ModelConfig
+from ..train import TrainConfig, evaluate, load_model, resolve_device, train
+from . import finished_or_run, load_finished
 
 METHODS = {  # name -> (ModelConfig fields, generation mode)
     "softmax": (dict(attention="causal-softmax"), "recompute"),
@@ -64,12 +74,24 @@ class ImageSettings:
     batch: int = 16
     lr: float = 1e-3
     steps: int = 100_000
+    epochs: float = 0.0  # > 0: steps = epochs of the training set (overrides --steps)
     minutes: float = 30.0  # training time limit per method (0: none)
-    eval_images: int = 1000
+    eval_images: int = 0  # test images scored at the end (0: all)
+    eval_every: int = 0  # steps between held-out evaluations during training (0: none)
+    curve_images: int = 160  # test images of each evaluation during training
     samples: int = 16
     seed: int = 0
     image_size: int = 0  # --quick shrinks the images
     levels: int = 0
+    device: str = "cpu"
+    jobs: int = 1  # methods trained at once, each in its own process (threads split between them)
+
+
+# what a result depends on: not where or how parallel it ran
+NOT_SETTINGS = ("methods", "device", "jobs")
+PAPER = dict(n_layers=8, n_heads=8, d_model=256, d_ff=1024, lr=1e-4, batch=10, minutes=0.0, epochs=250.0,
+             eval_images=0)  # fmt: skip
+PAPER_LAYERS = {"mnist": 8, "fashion-mnist": 8, "cifar10": 16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,16 +101,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods", nargs="+", choices=[m for m in METHODS if m != "softmax-cache"], default=list(d.methods)
     )
-    for name in ("n_layers", "n_heads", "d_model", "d_ff", "lsh_chunk", "batch", "steps", "eval_images", "samples",
-                 "seed"):  # fmt: skip
+    for name in ("n_layers", "n_heads", "d_model", "d_ff", "lsh_chunk", "batch", "steps", "samples", "seed", "jobs",
+                 "eval_every", "curve_images"):  # fmt: skip
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    p.add_argument("--eval-images", type=int, default=d.eval_images, help="test images scored at the end (0: all)")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--epochs", type=float, default=d.epochs, help="> 0: train this many epochs (overrides --steps)")
     p.add_argument("--minutes", type=float, default=d.minutes, help="training time limit per method (0: none)")
+    p.add_argument("--device", default=d.device, help="where training, evaluation and timing run: cpu, cuda or auto")
     p.add_argument("--paper", action="store_true",
-                   help="the paper's model and optimiser: 8 layers, d_model 256, RAdam 1e-4, batch 10")  # fmt: skip
+                   help="the paper's model, optimiser and budget: 8 layers (CIFAR-10: 16), d_model 256, RAdam 1e-4, "
+                        "batch 10, 250 epochs, all test images")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a tiny run in seconds (the tests run it)")
     p.add_argument("--fresh", action="store_true", help="train every method again")
-    p.add_argument("--out", type=Path, default=None, help="default results/image-<dataset>")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default results/image-<dataset> (--quick: results/image-<dataset>-quick)")  # fmt: skip
 
 
 def settings_from(args: argparse.Namespace) -> ImageSettings:
@@ -96,11 +123,23 @@ def settings_from(args: argparse.Namespace) -> ImageSettings:
     s = ImageSettings(**fields, methods=tuple(args.methods))
     given = getattr(args, "given", set())  # options given on the command line win over the presets
     if args.paper:
-        s = apply_preset(s, dict(n_layers=8, n_heads=8, d_model=256, d_ff=1024, lr=1e-4, batch=10, minutes=0.0), given)
+        s = apply_preset(s, {**PAPER, "n_layers": PAPER_LAYERS[s.dataset]}, given)
     if args.quick:
         s = apply_preset(s, dict(n_layers=1, n_heads=2, d_model=16, d_ff=32, lsh_chunk=4, batch=4, steps=3, minutes=0.0,
-                                 eval_images=8, samples=2, image_size=4, levels=8), given)  # fmt: skip
+                                 eval_images=8, samples=2, image_size=4, levels=8, curve_images=4), given)  # fmt: skip
+    for name in ("eval_images", "eval_every", "epochs", "minutes"):
+        if getattr(s, name) < 0:
+            raise ValueError(f"image: --{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    for name in ("jobs", "curve_images", "batch", "steps", "samples"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"image: --{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    resolve_device(s.device)
     return s
+
+
+def steps_of(s: ImageSettings, d: datasets.SequenceData) -> int:
+    """The training steps: --epochs of the training set when given, else --steps."""
+    return math.ceil(s.epochs * d.n_items("train") / s.batch) if s.epochs else s.steps
 
 
 def model_config(s: ImageSettings, method: str, d: datasets.SequenceData) -> ModelConfig:
@@ -110,52 +149,111 @@ def model_config(s: ImageSettings, method: str, d: datasets.SequenceData) -> Mod
     )  # fmt: skip
 
 
-def train_config(s: ImageSettings, run: Path, resume: bool) -> TrainConfig:
+def train_config(s: ImageSettings, run: Path, resume: bool, steps: int, threads: int = 0) -> TrainConfig:
     return TrainConfig(
         data=s.dataset, data_path=s.data_path, image_size=s.image_size, levels=s.levels, conditional=False,
-        out=str(run), steps=s.steps, batch_size=s.batch, lr=s.lr, warmup=min(100, s.steps // 10),
-        schedule="constant", eval_every=0, eval_batches=1, checkpoint_every=200, time_limit=60 * s.minutes,
-        resume=resume, seed=s.seed, progress=False,
+        out=str(run), steps=steps, batch_size=s.batch, lr=s.lr, warmup=min(100, steps // 10),
+        schedule="constant", eval_every=s.eval_every, eval_batches=max(1, s.curve_images // s.batch),
+        checkpoint_every=200, time_limit=60 * s.minutes, resume=resume, seed=s.seed, progress=False,
+        device=s.device, threads=threads,
     )  # fmt: skip
 
 
-def images_per_s(model, mode: str, n: int) -> tuple[float, torch.Tensor]:
+def images_per_s(model, mode: str, n: int, device: torch.device) -> tuple[float, torch.Tensor]:
     torch.manual_seed(0)
     start = time.perf_counter()
-    tokens = model.generate(n=n, mode=mode, generator=torch.Generator().manual_seed(0))
+    tokens = model.generate(n=n, mode=mode, generator=torch.Generator(device).manual_seed(0))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return n / (time.perf_counter() - start), tokens
 
 
-def run_method(s: ImageSettings, method: str, d: datasets.SequenceData, out: Path) -> list[dict]:
+def run_method(s: ImageSettings, method: str, d: datasets.SequenceData, out: Path, threads: int = 0) -> list[dict]:
     folder = out / method
     run = folder / "run"
     resume = (run / "latest").exists()
-    print(f"  {method}: {'resuming' if resume else 'training'} (at most {s.steps} steps"
-          + (f", {s.minutes:g} minutes)" if s.minutes else ")"), flush=True)  # fmt: skip
+    steps = steps_of(s, d)
+    device = resolve_device(s.device)
+    print(f"  {method}: {'resuming' if resume else 'training'} ({steps} steps"
+          + (f", at most {s.minutes:g} minutes)" if s.minutes else ")"), flush=True)  # fmt: skip
     start = time.perf_counter()
-    checkpoint = train(model_config(s, method, d), train_config(s, run, resume), data=d)
+    checkpoint = train(model_config(s, method, d), train_config(s, run, resume, steps, threads), data=d)
     # the training time of every process of this run (resumes included), as the checkpoint records it
     state = torch.load(checkpoint / "state.pt", weights_only=True)
     train_seconds = float(state.get("train_seconds", time.perf_counter() - start))
     model, config = load_model(run)
-    batches = max(1, s.eval_images // s.batch)
-    eval_cfg = replace(train_config(s, run, True), batch_size=min(s.batch, s.eval_images))
-    bpd = evaluate(model, d, eval_cfg, torch.device("cpu"), batches=batches)
+    model.to(device)
+    n_test = d.n_items("test")
+    n_eval = min(s.eval_images or n_test, n_test)
+    eval_batch = min(max(s.batch, 32), n_eval)
+    eval_cfg = replace(train_config(s, run, True, steps), batch_size=eval_batch)
+    t0 = time.perf_counter()
+    bpd = evaluate(model, d, eval_cfg, device, batches=math.ceil(n_eval / eval_batch))
+    if n_eval % eval_batch:  # evaluate() scores whole batches; score exactly n_eval images
+        bpd = evaluate_exact(model, d, eval_cfg, device, n_eval)
+    print(f"  {method}: {n_eval} test images scored in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     modes = [(method, METHODS[method][1])] + ([("softmax-cache", "rnn")] if method == "softmax" else [])
     for name, mode in modes:
-        speed, tokens = images_per_s(model, mode, s.samples)
+        speed, tokens = images_per_s(model, mode, s.samples, device)
         if name == method:
-            grid = image_grid(d.to_images(tokens), rows=max(1, int(s.samples**0.5)))
+            grid = image_grid(d.to_images(tokens.cpu()), rows=max(1, int(s.samples**0.5)))
             write_png(out / f"samples_{method}.png", grid, scale=4)
         rows.append({
             "method": name, "dataset": s.dataset, "steps": config["step"], "train_seconds": train_seconds,
-            "test_bpd": bpd, "eval_images": batches * min(s.batch, s.eval_images), "images_per_s": speed,
+            "test_bpd": bpd, "eval_images": n_eval, "images_per_s": speed, "device": str(device),
             "generation_batch": s.samples, "paper_bpd": PAPER_BPD.get(s.dataset, {}).get(name, ""),
             "paper_images_per_s": PAPER_IMAGES_PER_S.get(s.dataset, {}).get(name, ""),
         })  # fmt: skip
         print(f"  {name:14s} step {config['step']:6d}  test {bpd:.4f} bits/dim  {speed:8.3f} images/s", flush=True)
     return rows
+
+
+@torch.no_grad()
+def evaluate_exact(model, d: datasets.SequenceData, cfg: TrainConfig, device, n: int) -> float:
+    """Bits/dim over exactly the first n test images."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, n, cfg.batch_size):
+        tokens, _ = d.get("test", torch.arange(start, min(start + cfg.batch_size, n)))
+        nll = model.nll(tokens.to(device), None)
+        total += nll.double().sum().item()
+        count += nll.numel()
+    return total / count / math.log(2)
+
+
+def _run_method(s: ImageSettings, method: str, out: Path) -> list[dict]:
+    """run_method in a worker process (--jobs): its share of the threads, its own copy of the data."""
+    threads = max(1, torch.get_num_threads() // s.jobs)
+    torch.set_num_threads(threads)
+    d = datasets.load(s.dataset, s.data_path or None, size=s.image_size, levels=s.levels)
+    return run_method(s, method, d, out, threads)
+
+
+def estimate_seconds(s: ImageSettings, d: datasets.SequenceData, methods: list[str]) -> float:
+    """Seconds this command will take on --device: two timed training steps of each method (after one
+    untimed) scaled to the steps, plus scoring the test images at a third of a step per batch."""
+    device = resolve_device(s.device)
+    steps = steps_of(s, d)
+    n_eval = min(s.eval_images or d.n_items("test"), d.n_items("test"))
+    total = 0.0
+    for method in methods:
+        torch.manual_seed(0)
+        model = CausalTransformer(model_config(s, method, d)).to(device)
+        opt = torch.optim.RAdam(model.parameters(), lr=s.lr)
+        tokens = torch.randint(0, d.vocab_size, (s.batch, d.seq_len), device=device)
+        for i in range(3):
+            if i == 1:
+                t0 = time.perf_counter()
+            loss = model.nll(tokens, None).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss.item()
+        per_step = (time.perf_counter() - t0) / 2
+        train_s = min(steps * per_step, 60 * s.minutes) if s.minutes else steps * per_step
+        total += train_s + per_step / 3 * n_eval / s.batch
+    return total / min(s.jobs, len(methods))
 
 
 def summary(rows: list[dict]) -> str:
@@ -190,28 +288,93 @@ def plot_samples(out: Path, methods: list[str]) -> Path:
     return out / "samples.png"
 
 
+def plot_curves(out: Path, methods: list[str]) -> Path | None:
+    """Held-out bits/dim against steps for each method (from its run's log.csv), curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    plotted = False
+    for method in methods:
+        log = out / method / "run" / "log.csv"
+        if not log.exists():
+            continue
+        rows = [r for r in csv.DictReader(log.read_text().splitlines()) if r["test_bits_per_dim"]]
+        if rows:
+            ax.plot([int(r["step"]) for r in rows], [float(r["test_bits_per_dim"]) for r in rows], label=method)
+            plotted = True
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("training steps")
+    ax.set_ylabel("held-out bits/dim (first test images)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    return out / "curves.png"
+
+
+def gap_line(rows: list[dict], dataset: str) -> str:
+    """linear - softmax test bits/dim here and in the paper."""
+    bpd = {r["method"]: r["test_bpd"] for r in rows}
+    paper = PAPER_BPD.get(dataset, {})
+    if "linear" not in bpd or "softmax" not in bpd:
+        return ""
+    line = f"linear - softmax: {bpd['linear'] - bpd['softmax']:+.3f} bits/dim"
+    if "linear" in paper and "softmax" in paper:
+        line += f" (the paper: {paper['linear'] - paper['softmax']:+.3f})"
+    return line
+
+
+def _finish_method(s: ImageSettings, method: str, out: Path, settings: dict, fresh: bool) -> list[dict]:
+    """A worker process's whole method (--jobs > 1): reused when finished, else trained and saved."""
+    return finished_or_run(out, method, settings, fresh, lambda: _run_method(s, method, out))
+
+
 def main(args: argparse.Namespace) -> int:
     s = settings_from(args)
-    out = args.out or Path(f"results/image-{s.dataset}")
+    out = args.out or Path(f"results/image-{s.dataset}" + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     d = datasets.load(s.dataset, s.data_path or None, size=s.image_size, levels=s.levels)
     info = machine_info()
+    steps = steps_of(s, d)
+    budget = f"{steps} steps each" + (f", at most {s.minutes:g} minutes each (equal time)" if s.minutes else "")
     print(f"{s.dataset}: {len(d.train)} train / {len(d.test)} test images, {d.seq_len} tokens each, "
-          f"{d.vocab_size} levels; {info['cpu']}, {torch.get_num_threads()} threads")  # fmt: skip
-    settings = asdict(s)
-    del settings["methods"]
+          f"{d.vocab_size} levels; {info['cpu']}, {s.device}, {torch.get_num_threads()} threads; {budget}")  # fmt: skip
+    settings = {k: v for k, v in asdict(s).items() if k not in NOT_SETTINGS}
+    todo = [m for m in s.methods if args.fresh or load_finished(out / m / "result.json", settings) is None]
+    if todo:
+        print(f"  estimated {estimate_seconds(s, d, todo) / 3600:.2f} hours here for {', '.join(todo)}", flush=True)
+    results = {}
+    if s.jobs > 1 and len(todo) > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {m: pool.submit(_finish_method, s, m, out, settings, args.fresh) for m in todo}
+            results = {m: f.result() for m, f in futures.items()}
     rows = []
     for method in s.methods:
-        rows += finished_or_run(out, method, settings, args.fresh, lambda method=method: run_method(s, method, d, out))
+        if method not in results:
+            train_it = lambda m=method: run_method(s, m, d, out)  # noqa: E731
+            results[method] = finished_or_run(out, method, settings, args.fresh, train_it)
+        rows += results[method]
     write_csv(out / "image.csv", rows)
     table = summary(rows)
+    gap = gap_line(rows, s.dataset)
     (out / "table.md").write_text(
-        f"Image generation, {s.dataset}, {info['cpu']}, {torch.get_num_threads()} threads, torch {info['torch']}; "
-        f"settings {json.dumps(settings)}\n\n" + table
+        f"Image generation, {s.dataset}, {info['cpu']}, {s.device}, torch {info['torch']}; {budget}; "
+        f"settings {json.dumps(settings)}\n\n" + table + (f"\n\n{gap}\n" if gap else "\n")
     )
     print()
     print(table)
+    if gap:
+        print(gap)
     figure = plot_samples(out, s.methods)
+    curves = plot_curves(out, s.methods)
     grids = ", ".join(f"samples_{m}.png" for m in s.methods)
-    print(f"wrote {out / 'image.csv'}, {out / 'table.md'}, {figure} and {grids}")
+    print(f"wrote {out / 'image.csv'}, {out / 'table.md'}, {figure}{', ' + str(curves) if curves else ''} and {grids}")
     return 0
