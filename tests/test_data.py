@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -129,6 +130,44 @@ def test_cifar10_binary_batches(tmp_path):
         img.cifar10_binary(tmp_path, "test")
     with pytest.raises(ValueError, match="cifar10: pass the folder"):
         data.load("cifar10")
+
+
+def test_cifar10_python_batches_are_read_without_running_pickle_code(tmp_path):
+    import pickle
+
+    rng = np.random.default_rng(1)
+    expected = {}
+    for name in img.CIFAR_PYTHON_FILES["train"] + img.CIFAR_PYTHON_FILES["test"]:
+        pixels = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, 3).tolist()
+        batch = {b"batch_label": b"x", b"labels": labels, b"data": pixels, b"filenames": [b"a.png"] * 3}
+        (tmp_path / name).write_bytes(pickle.dumps(batch, protocol=2))
+        expected[name] = (labels, pixels)
+    x, y = img.cifar10_python(tmp_path, "test")
+    labels, pixels = expected["test_batch"]
+    assert x.shape == (3, 32, 32, 3) and y.tolist() == labels
+    assert (x[2, 5, 9] == pixels[2].reshape(3, 32, 32)[:, 5, 9]).all()
+    d = data.load("cifar10", tmp_path)  # the folder's version is found by its file names
+    assert d.train.shape == (15, 3072) and d.test.shape == (3, 3072)
+
+    class Payload:  # a pickle that would run a command when loaded
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    (tmp_path / "data_batch_2").write_bytes(pickle.dumps({b"data": Payload()}, protocol=2))
+    with pytest.raises(ValueError, match="data_batch_2: not a CIFAR-10 python batch .*refused to load .*system"):
+        img.cifar10_python(tmp_path, "train")
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "data_batch_2").write_bytes(pickle.dumps({b"data": np.zeros((2, 5), np.uint8), b"labels": [1, 2]}))
+    with pytest.raises(ValueError, match=r"data_batch_2: expected b'data' as a uint8 array \[N, 3072\]"):
+        img.cifar10_python(tmp_path, "train")
+    (tmp_path / "data_batch_2").write_bytes(pickle.dumps({b"data": pixels, b"labels": [1, 2, 12]}))
+    with pytest.raises(ValueError, match="data_batch_2: expected b'labels' as 3 labels in 0..9"):
+        img.cifar10_python(tmp_path, "train")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no CIFAR-10 batches found; expected the binary version"):
+        img.cifar10(empty, "train")
 
 
 def test_downsample_and_quantize():

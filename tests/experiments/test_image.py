@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
 
 from linear_transformers.data import images as img
 from linear_transformers.experiments.__main__ import main
@@ -47,3 +48,43 @@ def test_quick_cifar10_experiment_on_generated_binary_batches(tmp_path):
     assert [r["method"] for r in rows] == ["linear", "softmax", "softmax-cache"]
     assert {r["paper_bpd"] for r in rows} == {"3.4", "3.47", ""}
     assert (out / "samples_linear.png").exists()
+
+
+def test_equal_steps_all_test_images_curves_and_parallel_methods(tmp_path, monkeypatch, capsys):
+    """--epochs sets the same steps for every method, --eval-images 0 scores every test image, the
+    held-out curve is logged and plotted, --jobs 2 trains two methods at once, and --quick results
+    go to a folder of their own."""
+    monkeypatch.chdir(tmp_path)
+    args = ["image", "--quick", "--methods", "softmax", "linear", "--eval-images", "0", "--eval-every", "2",
+            "--jobs", "2", "--epochs", "0.0004"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "hours here for softmax, linear" in out
+    folder = tmp_path / "results" / "image-mnist-quick"
+    rows = _rows(folder)
+    steps = -(-60000 * 0.0004 // 4)  # ceil(epochs * train images / batch)
+    assert {r["steps"] for r in rows} == {str(int(steps))}
+    assert {r["eval_images"] for r in rows} == {"10000"}
+    assert (folder / "curves.png").stat().st_size > 5_000
+    assert "linear - softmax:" in (folder / "table.md").read_text() and "(the paper: +0.023)" in out
+    with pytest.raises(ValueError, match="image: --jobs must be >= 1"):
+        main(["image", "--quick", "--jobs", "0"])
+
+
+def test_paper_preset_is_the_papers_budget():
+    import argparse
+
+    from linear_transformers.cli import given_options
+    from linear_transformers.experiments import image as exp
+
+    def settings(argv):
+        p = argparse.ArgumentParser()
+        exp.add_arguments(p)
+        args = p.parse_args(argv)
+        args.given = given_options(p, argv)
+        return exp.settings_from(args)
+
+    mnist = settings(["--paper"])
+    assert (mnist.n_layers, mnist.epochs, mnist.eval_images, mnist.minutes, mnist.lr) == (8, 250, 0, 0.0, 1e-4)
+    cifar = settings(["--paper", "--dataset", "cifar10", "--data-path", "x"])
+    assert cifar.n_layers == 16

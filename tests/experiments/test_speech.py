@@ -64,6 +64,7 @@ def test_quick_speech_experiment(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "corpus: train 12 utterances" in out and "test 4 utterances" in out
+    assert "estimated" in out and "minutes here for bilstm, softmax, linear, lsh-4" in out
     rows = list(csv.DictReader((tmp_path / "out" / "speech.csv").read_text().splitlines()))
     assert [r["method"] for r in rows] == ["bilstm", "softmax", "linear", "lsh-4"]
     assert all(float(r["test_per"]) > 0 and float(r["seconds_per_epoch"]) > 0 for r in rows)
@@ -73,3 +74,44 @@ def test_quick_speech_experiment(tmp_path, capsys):
     assert main(args) == 0
     assert capsys.readouterr().out.count("finished earlier with these settings") == 4
     assert main([*args, "--corpus-only"]) == 0
+
+
+@pytest.mark.skipif(bool(speech.synthesizers_missing()), reason="espeak-ng / flite not installed")
+def test_utterances_of_several_sentences_and_the_wsj_length_preset(tmp_path, capsys, monkeypatch):
+    """--sentences-per-utterance k speaks k sentences as one utterance (one voice): about k times as
+    long; --wsj-length sets 3 sentences, no stacking and equal epochs, in folders of its own."""
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november".split()
+    g = torch.Generator().manual_seed(1)
+    lines = [" ".join(words[i] for i in torch.randint(len(words), (5,), generator=g)) + "." for _ in range(60)]
+    (tmp_path / "text.txt").write_text("\n".join(lines))
+    frames = {}
+    for k in (1, 3):
+        settings = speech.CorpusSettings(6, 2, min_words=4, max_words=14, text=str(tmp_path / "text.txt"),
+                                         sentences_per_utterance=k)  # fmt: skip
+        info = speech.build_corpus(tmp_path / f"c{k}", settings, log=lambda *a: None)
+        assert info["splits"]["train"]["utterances"] == 6
+        train, _ = speech.load_corpus(tmp_path / f"c{k}")
+        frames[k] = sum(len(f) for f in train.features)
+    assert 2.2 < frames[3] / frames[1] < 3.8
+    monkeypatch.chdir(tmp_path)
+    args = ["speech", "--wsj-length", "--quick", "--text", str(tmp_path / "text.txt"), "--methods", "linear"]
+    assert main([*args, "--train-utterances", "6", "--test-utterances", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "minutes here for linear" in out and "1 frame(s) per model step" in out
+    assert (tmp_path / "results" / "speech-corpus-3sent" / "corpus.json").exists()
+    assert (tmp_path / "results" / "speech-wsj-length-quick" / "table.md").exists()
+    s = exp.settings_from(_parse(["--wsj-length"]))
+    assert (s.sentences_per_utterance, s.stack, s.minutes) == (3, 1, 0.0)
+    assert exp.settings_from(_parse(["--wsj-length", "--stack", "2"])).stack == 2  # given options win
+
+
+def _parse(argv):
+    import argparse
+
+    from linear_transformers.cli import given_options
+
+    p = argparse.ArgumentParser()
+    exp.add_arguments(p)
+    args = p.parse_args(argv)
+    args.given = given_options(p, argv)
+    return args

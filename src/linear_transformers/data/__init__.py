@@ -115,8 +115,8 @@ def load(
         return _image_data(name, img.digits, 10, 17, size, levels)
     if name == "cifar10":
         if not path:
-            raise ValueError("cifar10: pass the folder of the CIFAR-10 binary batches (--data-path)")
-        return _image_data(name, lambda s: img.cifar10_binary(path, s), 10, 256, size, levels)
+            raise ValueError("cifar10: pass the folder of the CIFAR-10 binary or python batches (--data-path)")
+        return _image_data(name, lambda s: img.cifar10(path, s), 10, 256, size, levels)
     if name == "text":
         if not path:
             raise ValueError("text: pass a UTF-8 file or a .tar.gz of .txt files (--data-path)")

