@@ -563,3 +563,48 @@ def test_mixture_sampling_shortcut_draws_the_discretised_distribution():
     expected = head.log_probs(params[:1])[0].exp().double()
     assert (freq - expected).abs().max() < 4e-3
     assert head.sample(params[:3], temperature=0).tolist() == [int(expected.argmax())] * 3
+
+
+@pytest.mark.parametrize("attention", ["causal-linear", "causal-softmax"])
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
+def test_left_padding_leaves_every_real_token_as_it_is_alone(attention, positional):
+    """Prompts of different lengths in one batch: with padding, each row's outputs, states and
+    generated tokens are those of the row alone (padding enters no attention; positions start at
+    the first real token)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=13, max_len=32, d_model=32, n_layers=2, n_heads=4, d_ff=48, attention=attention,
+                      positional=positional)  # fmt: skip
+    m = CausalTransformer(cfg).eval()
+    rows = [torch.randint(0, 13, (n,)) for n in (7, 3, 5)]
+    T = 7
+    tokens = torch.stack([torch.cat([torch.full((T - len(r),), 4), r]) for r in rows])
+    padding = torch.stack([torch.arange(T) < T - len(r) for r in rows])
+    with torch.no_grad():
+        out = m(tokens, padding=padding)
+        for b, r in enumerate(rows):
+            torch.testing.assert_close(out[b, T - len(r) :], m(r[None])[0], atol=2e-5, rtol=2e-5)
+        greedy = m.generate(prompt=tokens, padding=padding, max_new_tokens=6, temperature=0)
+        for b, r in enumerate(rows):
+            alone = m.generate(prompt=r[None], max_new_tokens=6, temperature=0)
+            assert greedy[b, T:].tolist() == alone[0, len(r) :].tolist()
+        if attention == "causal-linear":
+            params, state = m.prefill(tokens, padding=padding)
+            assert state.offsets.tolist() == [0, 4, 2]
+            for b, r in enumerate(rows):
+                p_alone, s_alone = m.prefill(r[None])
+                torch.testing.assert_close(params[b], p_alone[0], atol=2e-5, rtol=2e-5)
+                for layer, layer_alone in zip(state.layers, s_alone.layers, strict=True):
+                    torch.testing.assert_close(layer.S[b], layer_alone.S[0], atol=2e-5, rtol=2e-5)
+            picked = state.index_select(torch.tensor([2, 1]))
+            assert picked.offsets.tolist() == [2, 4]
+
+
+def test_padding_must_be_on_the_left_and_boolean():
+    m = CausalTransformer(ModelConfig(vocab_size=5, max_len=8, d_model=8, n_layers=1, n_heads=2, d_ff=8)).eval()
+    tokens = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="padding must be on the left"):
+        m(tokens, padding=torch.tensor([[False, True, False, False], [False] * 4]))
+    with pytest.raises(ValueError, match=r"padding must be bool \[2, 4\] like the tokens"):
+        m(tokens, padding=torch.zeros(2, 4, dtype=torch.long))
+    with torch.no_grad():
+        assert torch.equal(m(tokens, padding=torch.zeros(2, 4, dtype=torch.bool)), m(tokens))  # no padding at all

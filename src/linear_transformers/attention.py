@@ -179,9 +179,7 @@ class AttentionLayer(nn.Module):
                 chunk_size=self.lsh_chunk_size, key_padding_mask=key_padding_mask,
             )  # fmt: skip
         elif state is not None or return_state:  # causal-softmax with a cache
-            if key_padding_mask is not None:
-                raise ValueError("AttentionLayer: key_padding_mask is not supported together with a KV cache")
-            out, new_state = ops.softmax_attention_with_cache(q, k, v, state)
+            out, new_state = ops.softmax_attention_with_cache(q, k, v, state, key_padding_mask=key_padding_mask)
         else:
             out = ops.softmax_attention(q, k, v, causal=self.is_causal, key_padding_mask=key_padding_mask)
         y = self.dropout(self.out(out.reshape(B, T, -1)))

@@ -87,16 +87,22 @@ class ModelConfig:
 
 @dataclass
 class ModelState:
-    """The recurrent state of the whole model: one state per layer and the next position."""
+    """The recurrent state of the whole model: one state per layer and the next position.
+
+    offsets: [B] left-padding tokens of each row of a padded prompt (prefill with padding), or None;
+    row b's next token sits at position `position - offsets[b]`."""
 
     layers: list[LinearState | KVCache] = field(default_factory=list)
     position: int = 0
+    offsets: torch.Tensor | None = None
 
     def index_select(self, batch_index: torch.Tensor) -> ModelState:
-        return ModelState([s.index_select(batch_index) for s in self.layers], self.position)
+        offsets = None if self.offsets is None else self.offsets.index_select(0, batch_index.to(self.offsets.device))
+        return ModelState([s.index_select(batch_index) for s in self.layers], self.position, offsets)
 
     def clone(self) -> ModelState:
-        return ModelState([s.clone() for s in self.layers], self.position)
+        offsets = None if self.offsets is None else self.offsets.clone()
+        return ModelState([s.clone() for s in self.layers], self.position, offsets)
 
 
 class Block(nn.Module):
@@ -122,13 +128,14 @@ class Block(nn.Module):
         x = self.norm1(x + self.dropout(y))
         return self.norm2(x + self.ff(x)), state
 
-    def forward(self, x: torch.Tensor, state=None, return_state: bool = False):
-        """x [B, T, d_model] -> y (and the attention state after the last token)."""
+    def forward(self, x: torch.Tensor, state=None, return_state: bool = False, key_padding_mask=None):
+        """x [B, T, d_model] -> y (and the attention state after the last token). key_padding_mask
+        [B, T]: True where x is padding, which no position attends to."""
 
         def attend(h):
             if return_state or state is not None:
-                return self.attn(h, state=state, return_state=True)
-            return self.attn(h), None
+                return self.attn(h, key_padding_mask=key_padding_mask, state=state, return_state=True)
+            return self.attn(h, key_padding_mask=key_padding_mask), None
 
         y, new_state = self._mix(x, attend)
         return (y, new_state) if return_state else y
@@ -198,6 +205,30 @@ class CausalTransformer(nn.Module):
             return self.pos_table[start : start + n]
         return None
 
+    def _positions_of(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """The positional encodings of positions [B, T] (each row its own), [B, T, d_model]."""
+        if int(positions.max()) >= self.cfg.max_len:
+            raise ValueError(
+                f"CausalTransformer: position {int(positions.max())} is past max_len={self.cfg.max_len}; "
+                "raise ModelConfig.max_len"
+            )
+        if self.cfg.positional == "learned":
+            return self.pos(positions)
+        if self.cfg.positional == "sinusoidal":
+            return self.pos_table[positions]
+        return None
+
+    def _check_padding(self, tokens: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor | None:
+        """padding [B, T] bool, True at left-padding tokens; None where there is none."""
+        if padding is None:
+            return None
+        if padding.shape != tokens.shape or padding.dtype != torch.bool:
+            raise ValueError(f"CausalTransformer: padding must be bool {list(tokens.shape)} like the tokens, "
+                             f"got {padding.dtype} {list(padding.shape)}")  # fmt: skip
+        if padding.shape[1] > 1 and bool((padding[:, 1:] & ~padding[:, :-1]).any()):
+            raise ValueError("CausalTransformer: padding must be on the left (no padding after a real token)")
+        return padding if bool(padding.any()) else None
+
     def _check_tokens(self, tokens: torch.Tensor, labels: torch.Tensor | None, batch: int | None = None) -> None:
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"CausalTransformer: tokens must be an integer tensor, got {tokens.dtype}")
@@ -227,21 +258,40 @@ class CausalTransformer(nn.Module):
         idx = labels.long() if labels is not None else torch.zeros(batch, dtype=torch.long, device=device)
         return self.start(idx)  # [B, d_model]
 
-    def _inputs(self, tokens: torch.Tensor, labels: torch.Tensor | None, with_last: bool) -> torch.Tensor:
-        """The network's input sequence: start token, then tokens (without the last unless with_last)."""
+    def _inputs(self, tokens: torch.Tensor, labels: torch.Tensor | None, with_last: bool, padding=None):
+        """The network's input sequence: start token, then tokens (without the last unless with_last),
+        and its key padding mask. With n left-padding tokens in a row, the start token moves to
+        index n, just before the first real token, the n positions before it are masked out of every
+        attention, and the real sequence takes the positions it has without padding (0, 1, ...)."""
         B, T = tokens.shape
         body = tokens if with_last else tokens[:, : T - 1]
-        x = torch.cat([self._start_tokens(B, labels, tokens.device)[:, None], self.embed(body.long())], dim=1)
-        pos = self._positions(0, x.shape[1], tokens.device)
-        return self.dropout(x if pos is None else x + pos)
+        start = self._start_tokens(B, labels, tokens.device)
+        x = torch.cat([start[:, None], self.embed(body.long())], dim=1)
+        if padding is None:
+            pos = self._positions(0, x.shape[1], tokens.device)
+            return self.dropout(x if pos is None else x + pos), None
+        n = padding.sum(1, keepdim=True)  # [B, 1]
+        j = torch.arange(x.shape[1], device=tokens.device)[None]
+        x = torch.where((j == n)[..., None], start[:, None], x)
+        pos = self._positions_of((j - n).clamp(min=0))
+        return self.dropout(x if pos is None else x + pos), j < n
 
     # ---- parallel -------------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, T] (T >= 1) -> head parameters [B, T, n_params]; row t is the distribution of tokens[:, t]."""
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
+        include_next: bool = False,
+    ) -> torch.Tensor:
+        """tokens [B, T] (T >= 1) -> head parameters [B, T, n_params]; row t is the distribution of tokens[:, t].
+        padding: bool [B, T], True at left padding: the real tokens' rows are what they are without it
+        (the padding's rows mean nothing). include_next: one more row, the distribution of the token
+        after the last ([B, T + 1, n_params])."""
         self._check_tokens(tokens, labels)
-        x = self._inputs(tokens, labels, with_last=False)
+        x, mask = self._inputs(tokens, labels, with_last=include_next, padding=self._check_padding(tokens, padding))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, key_padding_mask=mask)
         return self.head(self.norm(x))
 
     def nll(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -255,21 +305,32 @@ class CausalTransformer(nn.Module):
         return self.nll(tokens, labels).mean() / math.log(2)
 
     # ---- recurrent ------------------------------------------------------------------------------
-    def prefill(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        padding: torch.Tensor | None = None,
+        all_rows: bool = False,
+    ) -> tuple[torch.Tensor, ModelState]:
         """Run the prompt tokens [B, T0] (T0 may be 0) in parallel; returns the head parameters of the
-        next token [B, n_params] and the state to `step` from."""
+        next token [B, n_params] (all_rows: of every position, [B, T0 + 1, n_params], as
+        forward(include_next=True)) and the state to `step` from. padding: bool [B, T0], True at left
+        padding (prompts of different lengths): it enters no state (a KV cache marks it as padding),
+        and each row goes on at its own position."""
         if self.cfg.attention == "causal-lsh":
             raise ValueError(
                 "CausalTransformer: causal-lsh attention has no recurrent state (its buckets depend on the "
                 "whole sequence); generate() recomputes the prefix for every token instead"
             )
         self._check_tokens(tokens, labels)
-        x = self._inputs(tokens, labels, with_last=True)
+        padding = self._check_padding(tokens, padding)
+        x, mask = self._inputs(tokens, labels, with_last=True, padding=padding)
         states = []
         for block in self.blocks:
-            x, state = block(x, return_state=True)
+            x, state = block(x, return_state=True, key_padding_mask=mask)
             states.append(state)
-        return self.head(self.norm(x[:, -1])), ModelState(states, x.shape[1])
+        offsets = None if padding is None else padding.sum(1)
+        return self.head(self.norm(x if all_rows else x[:, -1])), ModelState(states, x.shape[1], offsets)
 
     def step(self, token: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
         """Feed one token [B]; returns the head parameters of the next token [B, n_params] and the state.
@@ -279,7 +340,7 @@ class CausalTransformer(nn.Module):
         if not isinstance(token, torch.Tensor) or token.dim() != 1 or batches != {token.shape[0]}:
             got = f"shape {list(token.shape)}" if isinstance(token, torch.Tensor) else type(token).__name__
             raise ValueError(f"CausalTransformer.step: token must be [B], B the state's batch {batches}; got {got}")
-        fused = self._fused_step(token, state)
+        fused = self._fused_step(token, state) if state.offsets is None else None
         if fused is not None:  # embedding to head in one C call
             if state.position >= self.cfg.max_len:
                 self._positions(state.position, 1, token.device)  # raises: past max_len
@@ -289,9 +350,14 @@ class CausalTransformer(nn.Module):
             state.position += 1
             return params, state
         x = self.embed(token.long())
-        pos = self._positions(state.position, 1, token.device)
+        if state.offsets is None:
+            pos = self._positions(state.position, 1, token.device)
+            pos = None if pos is None else pos[0]
+        else:  # each row at its own position
+            pos = self._positions_of((state.position - state.offsets)[:, None])
+            pos = None if pos is None else pos[:, 0]
         if pos is not None:
-            x = x + pos[0]
+            x = x + pos
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             x, state.layers[i] = block.step(x, state.layers[i])
@@ -338,11 +404,20 @@ class CausalTransformer(nn.Module):
             and token.device.type == "cpu"
             and all(isinstance(s, LinearState) and s.S.is_contiguous() and s.z.is_contiguous() for s in state.layers)
             and all(s.S.dtype == torch.float32 for s in state.layers)
+            and self._plain_modules()
             and cpu.step_available()
             and cpu.verdict("fused_step", _measure_fused_step, library="model_step")
         ):
             return None
         return self._build_fused()
+
+    def _plain_modules(self) -> bool:
+        """Whether every layer the fused step reads weights from is a plain nn.Linear / nn.LayerNorm:
+        a wrapped one (a LoRA adapter, say) computes more than its .weight, which the C step would
+        silently drop."""
+        modules = [self.head.proj] + [m for b in self.blocks for m in (b.attn.qkv, b.attn.out, b.ff[0], b.ff[2])]
+        norms = [n for b in self.blocks for n in (b.norm1, b.norm2)] + ([self.norm] if self.cfg.norm == "pre" else [])
+        return all(type(m) is nn.Linear for m in modules) and all(type(n) is nn.LayerNorm for n in norms)
 
     def _build_fused(self) -> cpu.FusedModelStep | None:
         cfg = self.cfg
@@ -373,6 +448,7 @@ class CausalTransformer(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         mode: str = "rnn",
+        padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sample continuations. Returns [B, T0 + max_new_tokens] tokens (prompt included).
 
@@ -382,6 +458,8 @@ class CausalTransformer(nn.Module):
         token (O(1) per token for linear attention, a KV cache for softmax); "recompute": re-run the
         whole prefix in parallel for every token (the paper's softmax baseline). LSH attention has no
         recurrent form (its buckets depend on the whole sequence), so it always recomputes.
+        padding: bool [B, T0], True at the left padding of prompts of different lengths; each row
+        is continued as if it were alone.
         """
         if mode not in ("rnn", "recompute"):
             raise ValueError(f"generate: mode must be 'rnn' or 'recompute', got {mode!r}")
@@ -416,10 +494,15 @@ class CausalTransformer(nn.Module):
         out[:, :T0] = prompt
         if max_new_tokens == 0:
             return out
+        if padding is not None:
+            padding = self._check_padding(prompt, padding.to(device))
+            if padding is not None:
+                padding = torch.cat([padding, padding.new_zeros(prompt.shape[0], max_new_tokens)], 1)
         if mode == "rnn":
-            params, state = self.prefill(prompt, labels)
+            params, state = self.prefill(prompt, labels, None if padding is None else padding[:, :T0])
             head = self.head
             direct = isinstance(head, MixtureOfLogisticsHead) and head.draws_directly(temperature, top_k, top_p)
+            direct = direct and state.offsets is None
             fused = self._fused_step(out[:, 0], state) if direct else None
             if fused is not None:  # all the tokens in one C call: the same draws, so the same tokens
                 out[:, T0] = self.head.sample(params, generator=generator)
@@ -430,7 +513,8 @@ class CausalTransformer(nn.Module):
                 return out
         for t in range(T0, T0 + max_new_tokens):
             if mode == "recompute":  # the last input token is dropped by forward: any value will do
-                params = self(torch.cat([out[:, :t], torch.zeros_like(out[:, :1])], 1), labels)[:, t]
+                window = torch.cat([out[:, :t], torch.zeros_like(out[:, :1])], 1)
+                params = self(window, labels, None if padding is None else padding[:, : t + 1])[:, t]
             out[:, t] = self.head.sample(params, temperature, top_k, top_p, generator)
             if mode == "rnn" and t + 1 < T0 + max_new_tokens:
                 params, state = self.step(out[:, t], state)

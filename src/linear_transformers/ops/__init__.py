@@ -329,17 +329,27 @@ def softmax_attention(
 
 
 def softmax_attention_with_cache(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None = None, *, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCache | None = None,
+    *,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, KVCache]:
     """Causal softmax attention of a block of new tokens against a key/value cache.
 
     Appends k [B, T, H, Dk] and v [B, T, H, Dv] to `cache` (a new one if None), then lets each
     query in q [B, T, H, Dk] attend to all cached tokens up to and including its own position.
-    Returns (out [B, T, H, Dv], cache). Prefill is this with an empty cache.
+    key_padding_mask: optional bool [B, T], True where a new token is padding: the cache remembers
+    it, and no query, now or later, attends to it. Returns (out [B, T, H, Dv], cache). Prefill is
+    this with an empty cache.
     """
     fn = "softmax_attention_with_cache"
     check_qkv(fn, q, k, v, same_length=True)
     B, T, H, Dk = q.shape
+    if key_padding_mask is not None:
+        check_key_padding_mask(fn, key_padding_mask, B, T, k.device)
     if cache is None:
         cache = KVCache.empty(B, H, Dk, v.shape[3], capacity=max(T, 256), dtype=q.dtype, device=q.device)
     elif not isinstance(cache, KVCache):
@@ -348,7 +358,7 @@ def softmax_attention_with_cache(
         raise TypeError(
             f"{fn}: the cache holds {cache.dtype} on {cache.device} but the inputs are {q.dtype} on {q.device}"
         )
-    return softmax.attend_with_cache(q, k, v, cache, scale=scale), cache
+    return softmax.attend_with_cache(q, k, v, cache, scale=scale, key_padding_mask=key_padding_mask), cache
 
 
 def softmax_attention_step(

@@ -41,10 +41,17 @@ def attend(
 
 
 def attend_with_cache(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, *, scale: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCache,
+    *,
+    scale: float | None,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Append k, v [B, T, H, D] to `cache`, then let q [B, T, H, Dk] attend causally to everything
-    cached. Returns [B, T, H, Dv]."""
-    cache.append(k, v)
-    out = attend(q.transpose(1, 2), cache.keys(), cache.values(), causal=True, key_padding_mask=None, scale=scale)
+    """Append k, v [B, T, H, D] to `cache` (key_padding_mask [B, T]: which of them are padding),
+    then let q [B, T, H, Dk] attend causally to everything cached but padding. Returns [B, T, H, Dv]."""
+    cache.append(k, v, key_padding_mask)
+    out = attend(q.transpose(1, 2), cache.keys(), cache.values(), causal=True, key_padding_mask=cache.padding(),
+                 scale=scale)  # fmt: skip
     return out.transpose(1, 2)

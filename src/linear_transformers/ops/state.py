@@ -102,7 +102,7 @@ class KVCache:
     costs O(N) amortised copies. Keys and values keep the input dtype.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int = 0) -> None:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int = 0, padding: torch.Tensor | None = None) -> None:
         fn = "KVCache"
         check_tensor(fn, "k", k, 4, "[B, H, capacity, Dk]")
         check_tensor(fn, "v", v, 4, "[B, H, capacity, Dv]")
@@ -113,8 +113,12 @@ class KVCache:
             )
         if not 0 <= length <= k.shape[2]:
             raise ValueError(f"{fn}: length must be in [0, capacity={k.shape[2]}], got {length}")
+        if padding is not None and (padding.shape != k.shape[:1] + k.shape[2:3] or padding.dtype != torch.bool):
+            raise ValueError(f"{fn}: padding must be bool [B, capacity] = {list(k.shape[:1] + k.shape[2:3])}, "
+                             f"got {padding.dtype} {list(padding.shape)}")  # fmt: skip
         self._k = k
         self._v = v
+        self._pad = padding  # True at cached tokens that are padding (None: none is)
         self.length = length
 
     @classmethod
@@ -164,10 +168,15 @@ class KVCache:
         v = self._v.new_zeros(B, H, capacity, self._v.shape[3])
         k[:, :, : self.length] = self._k[:, :, : self.length]
         v[:, :, : self.length] = self._v[:, :, : self.length]
+        if self._pad is not None:
+            pad = self._pad.new_zeros(B, capacity)
+            pad[:, : self.length] = self._pad[:, : self.length]
+            self._pad = pad
         self._k, self._v = k, v
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append keys [B, T, H, Dk] and values [B, T, H, Dv] (the public layout)."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None = None) -> None:
+        """Append keys [B, T, H, Dk] and values [B, T, H, Dv] (the public layout); padding: bool [B, T],
+        True at tokens that are padding (no query attends to them)."""
         B, H, _, Dk = self._k.shape
         if k.dim() != 4 or k.shape[0] != B or k.shape[2] != H or k.shape[3] != Dk:
             raise ValueError(
@@ -179,10 +188,21 @@ class KVCache:
                 f"KVCache.append: v must have shape [B, T, H, Dv] = [{B}, {k.shape[1]}, {H}, {Dv}], got {list(v.shape)}"
             )
         T = k.shape[1]
+        if padding is not None and (padding.shape != (B, T) or padding.dtype != torch.bool):
+            raise ValueError(f"KVCache.append: padding must be bool [B, T] = [{B}, {T}], got {padding.dtype} "
+                             f"{list(padding.shape)}")  # fmt: skip
         self._reserve(self.length + T)
         self._k[:, :, self.length : self.length + T] = k.transpose(1, 2)
         self._v[:, :, self.length : self.length + T] = v.transpose(1, 2)
+        if padding is not None and self._pad is None and bool(padding.any()):
+            self._pad = torch.zeros(B, self.capacity, dtype=torch.bool, device=self._k.device)
+        if self._pad is not None:
+            self._pad[:, self.length : self.length + T] = False if padding is None else padding
         self.length += T
+
+    def padding(self) -> torch.Tensor | None:
+        """bool [B, length], True at cached tokens that are padding; None when none is."""
+        return None if self._pad is None else self._pad[:, : self.length]
 
     def keys(self) -> torch.Tensor:
         """Cached keys as a [B, H, length, Dk] view (head-major, the layout attention kernels take)."""
@@ -193,16 +213,19 @@ class KVCache:
         return self._v[:, :, : self.length]
 
     def detach(self) -> KVCache:
-        return KVCache(self._k.detach(), self._v.detach(), self.length)
+        return KVCache(self._k.detach(), self._v.detach(), self.length, self._pad)
 
     def clone(self) -> KVCache:
-        return KVCache(self._k.clone(), self._v.clone(), self.length)
+        pad = None if self._pad is None else self._pad.clone()
+        return KVCache(self._k.clone(), self._v.clone(), self.length, pad)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        return KVCache(self._k.to(device=device, dtype=dtype), self._v.to(device=device, dtype=dtype), self.length)
+        pad = None if self._pad is None else self._pad.to(device=device)
+        return KVCache(self._k.to(device=device, dtype=dtype), self._v.to(device=device, dtype=dtype), self.length, pad)
 
     def index_select(self, batch_index: torch.Tensor) -> KVCache:
-        return KVCache(self._k.index_select(0, batch_index), self._v.index_select(0, batch_index), self.length)
+        pad = None if self._pad is None else self._pad.index_select(0, batch_index)
+        return KVCache(self._k.index_select(0, batch_index), self._v.index_select(0, batch_index), self.length, pad)
 
     def __repr__(self) -> str:
         B, H, cap, Dk = self._k.shape
