@@ -16,7 +16,7 @@ WEB_DEPS := $(if $(shell command -v npm),$(WEB_STAMP),)
 # torch is pinned here (the CPU wheel lies on these machines); the package itself asks only torch>=2.4.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0 -e '.[dev,data,export]'
+	$(PY) -m pip install --quiet torch==2.13.0 -e '.[dev,data,export,hf]'
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -46,6 +46,7 @@ class ExportConfig:
     exporter: str = "torchscript"  # torch's "torchscript" exporter (fast; deprecated by torch) or "dynamo" (onnxscript)
     verify_steps: int = 300  # steps run with onnxruntime against PyTorch before the file is kept (0: skip)
     tolerance: float = 1e-4  # largest difference allowed: params, probabilities; states relative to their size
+    hf: str = ""  # write a Hugging Face transformers folder here instead of ONNX (pip install '.[hf]')
 
     def __post_init__(self) -> None:
         # the sidecar is the same path with .json: any other suffix could overwrite a JSON file (or a
@@ -252,6 +253,8 @@ def run_export(cfg: ExportConfig) -> Path:
     from .train import load_model
 
     model, config = load_model(cfg.checkpoint)
+    if cfg.hf:
+        return export_hf(model, config, cfg)
     sidecar = export(
         model, cfg.onnx, data=config.get("data"), opset=cfg.opset, exporter=cfg.exporter,
         verify_steps=cfg.verify_steps, tolerance=cfg.tolerance,
@@ -264,3 +267,27 @@ def run_export(cfg: ExportConfig) -> Path:
         print(f"verified with onnxruntime against PyTorch over {v['steps']} steps (batch {v['batch']}): "
               f"largest differences {diffs}")  # fmt: skip
     return Path(cfg.onnx)
+
+
+def export_hf(model: CausalTransformer, config: dict, cfg: ExportConfig) -> Path:
+    """Write the model as a transformers folder, load it back with AutoModelForCausalLM and check its
+    logits against ours on random tokens before saying it is done."""
+    from transformers import AutoModelForCausalLM
+
+    from .hf import save_hf
+
+    folder = save_hf(model, cfg.hf, config.get("data"))
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, min(16, model.cfg.max_len - 1)))
+    with torch.no_grad():
+        ours = model.forward(tokens, include_next=True)[:, 1:]
+        theirs = loaded(tokens, use_cache=False).logits
+        if model.cfg.head != "categorical":
+            ours = model.head.log_probs(ours)
+    diff = (ours - theirs).abs().max().item()
+    if not diff <= cfg.tolerance:
+        raise RuntimeError(f"export --hf: the loaded folder's logits differ from the model's by {diff:.2e}")
+    files = ", ".join(sorted(p.name for p in folder.iterdir()))
+    print(f"wrote {folder} ({files}); AutoModelForCausalLM.from_pretrained gives the same logits (largest "
+          f"difference {diff:.1e})")  # fmt: skip
+    return folder

@@ -239,12 +239,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CausalTransformer, dict]:
-    """Load a trained model (in eval mode) and its config.json from a checkpoint or run folder."""
+    """Load a trained model (in eval mode) and its config.json from a checkpoint or run folder, or
+    from a Hugging Face transformers folder of ours (`export --hf`, `save_pretrained`)."""
+    if _is_hf_folder(Path(path)):
+        from .hf import load_hf  # needs the [hf] extra
+
+        return load_hf(path, device)
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
     model = CausalTransformer(ModelConfig(**config["model"]))
     model.load_state_dict(load_weights(ckpt, config))
     return model.to(device).eval(), config
+
+
+def _is_hf_folder(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "linear_transformer"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_config(ckpt: Path) -> dict:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 from ..cli import dispatch
-from . import attention, generate, gpu
+from . import attention, generate, gpu, hf
 
-BENCHMARKS = {"attention": attention, "generate": generate, "gpu": gpu}
+BENCHMARKS = {"attention": attention, "generate": generate, "gpu": gpu, "hf": hf}
 
 
 def main(argv: list[str] | None = None) -> int:

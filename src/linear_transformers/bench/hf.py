@@ -1,0 +1,159 @@
+"""Decoding through Hugging Face transformers' `generate()` against our own `generate`, per token.
+
+    linear-transformers bench hf                      # a 4-layer, 256-wide character model, batch 1
+    linear-transformers bench hf --tokens 2048 --n-layers 8
+
+One model (random weights: speed does not depend on them), three ways to decode --tokens tokens
+after a 16-token prompt, greedy, batch 1: our `CausalTransformer.generate` (the fused C step where
+it applies), the same with the fused step off (the PyTorch step), and transformers' `generate()`
+on `LinearTransformerForCausalLM` (the same weights, a RecurrentStateCache, our step inside).
+First the three must produce the same tokens; then each runs --repeats times and the time of every
+token is read off a stopping criterion (transformers) or from runs of growing length (ours).
+Writes hf.csv (ms per token against the position), hf.png and table.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .measure import isa_lines, machine_info
+from .report import fmt, markdown_table, write_csv
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=1024, help="tokens generated after the prompt")
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("results/bench-hf"))
+
+
+def _model(args: argparse.Namespace):
+    from ..model import CausalTransformer, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=args.vocab, max_len=args.tokens + 32, d_model=args.d_model, n_layers=args.n_layers,
+                      n_heads=args.n_heads, d_ff=4 * args.d_model)  # fmt: skip
+    return CausalTransformer(cfg).eval()
+
+
+class _Clock:
+    """A stopping criterion that never stops: it records when each token was chosen."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+def main(args: argparse.Namespace) -> int:
+    from transformers import StoppingCriteriaList
+
+    from ..hf import from_model
+
+    if args.tokens < 64 or args.repeats < 1:
+        raise ValueError("bench hf: --tokens must be >= 64 and --repeats >= 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = _model(args)
+    hf = from_model(model)
+    prompt = torch.randint(0, args.vocab, (1, 16), generator=torch.Generator().manual_seed(1))
+    n = args.tokens
+
+    def ours(tokens: int, fused: bool) -> torch.Tensor:
+        model.fused_step = fused
+        return model.generate(prompt=prompt, max_new_tokens=tokens, temperature=0)
+
+    def theirs(clock: _Clock | None = None) -> torch.Tensor:
+        hf.model.fused_step = True
+        criteria = StoppingCriteriaList([clock]) if clock else None
+        return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, stopping_criteria=criteria)
+
+    # 1. the same tokens three ways
+    reference = ours(n, True)
+    same = {"ours, PyTorch step": ours(n, False), "transformers generate()": theirs()}
+    for name, tokens in same.items():
+        if not torch.equal(tokens, reference):
+            raise RuntimeError(f"bench hf: {name} produced other tokens than our generate")
+    print(f"the three decoders produce the same {n} tokens")
+
+    # 2. time: ours from runs of n/4, n/2, 3n/4 and n tokens (per-token time between them);
+    #    transformers' from the time each token was chosen
+    marks = [n // 4, n // 2, 3 * n // 4, n]
+    rows, summary = [], {}
+    for name, fused in (("ours (fused step)", True), ("ours (PyTorch step)", False)):
+        best = {}
+        for m in marks:
+            ts = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                ours(m, fused)
+                ts.append(time.perf_counter() - t0)
+            best[m] = min(ts)
+        prev = 0
+        for m in marks:
+            per = (best[m] - best.get(prev, 0.0)) / (m - prev) * 1e3 if prev else best[m] / m * 1e3
+            rows.append({"decoder": name, "position": m, "ms_per_token": per})
+            prev = m
+        summary[name] = best[n] / n * 1e3
+    clocks = []
+    for _ in range(args.repeats):
+        clock = _Clock()
+        t0 = time.perf_counter()
+        theirs(clock)
+        clocks.append((time.perf_counter() - t0, clock.times))
+    total, times = min(clocks, key=lambda c: c[0])
+    summary["transformers generate()"] = total / n * 1e3
+    for i, m in enumerate(marks):
+        lo = marks[i - 1] if i else 1
+        per = (times[m - 1] - times[lo - 1]) / (m - lo) * 1e3
+        rows.append({"decoder": "transformers generate()", "position": m, "ms_per_token": per})
+    write_csv(args.out / "hf.csv", rows)
+
+    base = summary["ours (fused step)"]
+    body = []
+    for name, ms in summary.items():
+        per = [r["ms_per_token"] for r in rows if r["decoder"] == name]
+        body.append([name, fmt(ms, 3), fmt(ms / base, 2) + "x", fmt(per[0], 3), fmt(per[-1], 3)])
+    table = markdown_table(["decoder", "ms/token (all)", "vs ours", f"ms/token at {marks[0]}", f"ms/token at {n}"],
+                           body)  # fmt: skip
+    info = machine_info()
+    header = (f"bench hf: {args.n_layers} layers, d_model {args.d_model}, {args.n_heads} heads, vocab {args.vocab}, "
+              f"batch 1, greedy, {n} tokens after 16; {info['cpu']}, {info['threads']} threads, "
+              f"torch {info['torch']}")  # fmt: skip
+    (args.out / "table.md").write_text(header + "\n" + "\n".join(isa_lines()) + "\n\n" + table + "\n")
+    options = {k: v for k, v in vars(args).items() if k not in ("given", "out", "name")}
+    (args.out / "settings.json").write_text(json.dumps({**options, **info}, indent=2))
+    _plot(rows, args.out / "hf.png", header)
+    print(table)
+    print(f"wrote {args.out / 'hf.csv'}, {args.out / 'hf.png'}, {args.out / 'table.md'}")
+    return 0
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in dict.fromkeys(r["decoder"] for r in rows):
+        r = [x for x in rows if x["decoder"] == name]
+        ax.plot([x["position"] for x in r], [x["ms_per_token"] for x in r], marker="o", label=name)
+    ax.set_xlabel("position (tokens generated)")
+    ax.set_ylabel("ms per token")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title[:90] + ("..." if len(title) > 90 else ""), fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
