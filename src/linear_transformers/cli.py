@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .commands import given_options
+from .data.images import image_grid, write_png
 from .export import ExportConfig, run_export
 from .heads import check_sampling
 from .model import ModelConfig
@@ -127,34 +129,8 @@ def dataclass_from_args(cls, args: argparse.Namespace, **fixed):
     return cls(**values)
 
 
-def _device(name: str) -> torch.device:
-    return resolve_device(name)
-
-
-def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
-    """uint8 images [N, H, W] or [N, H, W, C] -> one [rows * (H + 1) + 1, cols * (W + 1) + 1(, C)] grid."""
-    n, h, w = images.shape[:3]
-    cols = -(-n // rows)
-    grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, *images.shape[3:]), 255 // 3, dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = im
-    return grid
-
-
-def write_png(path: Path, grid: np.ndarray, scale: int = 4) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    big = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plt.imsave(path, big, cmap="gray" if big.ndim == 2 else None, vmin=0, vmax=255)
-
-
 def run_sample(cfg: SampleConfig) -> Path:
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model, config = load_model(cfg.checkpoint, device)
     _set_cpu_precision(model, cfg.cpu_precision, device)
     meta = config["data"]
@@ -224,7 +200,7 @@ def _set_cpu_precision(model, name: str, device: torch.device) -> None:
 def run_eval(cfg: EvalConfig) -> float:
     from . import data as datasets
 
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model, config = load_model(cfg.checkpoint, device)
     t = config["train"]
     data_path = cfg.data_path or t["data_path"] or None
@@ -266,14 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The destinations of the options in argv (not those left at their defaults). Changes the
-    parser's defaults: call it on a parser that has done its parsing."""
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_known_args(argv)[0]))
-
-
 def resumed_configs(model_cfg: ModelConfig, train_cfg: TrainConfig, given: set[str]):
     """`train --resume`: every setting left out is the run's own (from its latest checkpoint);
     those given are kept, and train() refuses the ones that would change the run."""
@@ -290,30 +258,6 @@ def resumed_configs(model_cfg: ModelConfig, train_cfg: TrainConfig, given: set[s
         dataclasses.replace(model_cfg, **{k: v for k, v in model_values.items() if k in model_fields}),
         dataclasses.replace(train_cfg, **{k: v for k, v in train_values.items() if k in train_fields}),
     )
-
-
-def dispatch(prog: str, description: str, modules: dict, argv: list[str] | None) -> int:
-    """A command whose subcommands are modules with `add_arguments(parser)`, `main(args)` and a docstring."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    sub = parser.add_subparsers(dest="name", required=True)
-    for name, module in modules.items():
-        p = sub.add_parser(
-            name,
-            help=module.__doc__.splitlines()[0],
-            description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(p)
-    args = parser.parse_args(argv)
-    # which options were given (presets such as --quick and --paper fill in only the others)
-    rest = list(sys.argv[1:] if argv is None else argv)
-    args.given = given_options(sub.choices[args.name], rest[rest.index(args.name) + 1 :])
-    return modules[args.name].main(args)
-
-
-def apply_preset(settings, preset: dict, given: set[str]):
-    """`settings` (a dataclass) with the preset's values for the fields not given on the command line."""
-    return dataclasses.replace(settings, **{k: v for k, v in preset.items() if k not in given})
 
 
 # What a user can cause by what they typed or pointed at (a bad value, a missing or existing file):

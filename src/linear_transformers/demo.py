@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import data as datasets
-from .cli import image_grid, write_png
+from .data.images import image_grid, write_png
 from .model import CausalTransformer, ModelConfig
 from .train import TrainConfig, evaluate, load_model, train
 

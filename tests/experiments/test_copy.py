@@ -100,7 +100,7 @@ def test_options_given_win_over_the_quick_and_paper_presets(tmp_path):
     """--quick and --paper fill in only what the command line left out: --quick --steps 5 runs 5 steps."""
     import argparse
 
-    from linear_transformers.cli import dispatch
+    from linear_transformers.commands import dispatch
     from linear_transformers.experiments import copy as copy_experiment
 
     seen = {}

@@ -74,7 +74,7 @@ def test_equal_steps_all_test_images_curves_and_parallel_methods(tmp_path, monke
 def test_paper_preset_is_the_papers_budget():
     import argparse
 
-    from linear_transformers.cli import given_options
+    from linear_transformers.commands import given_options
     from linear_transformers.experiments import image as exp
 
     def settings(argv):

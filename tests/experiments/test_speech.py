@@ -108,7 +108,7 @@ def test_utterances_of_several_sentences_and_the_wsj_length_preset(tmp_path, cap
 def _parse(argv):
     import argparse
 
-    from linear_transformers.cli import given_options
+    from linear_transformers.commands import given_options
 
     p = argparse.ArgumentParser()
     exp.add_arguments(p)

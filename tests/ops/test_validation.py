@@ -73,6 +73,11 @@ def test_causal_rejects_bad_inputs(mutate, exc, match):
             ValueError,
             "unknown backend 'cuda-magic'; choose one of 'auto', 'naive', 'chunked', 'cpu', 'triton'",
         ),
+        (
+            dict(backend="triton", chunk_size=32),
+            ValueError,
+            "backend 'triton' computes in chunks of 64, not chunk_size=32; pass chunk_size=64 or another backend",
+        ),
         (dict(initial_state="x"), TypeError, "state must be a LinearState"),
         (
             dict(initial_state=LinearState.zeros(2, 3, 4, 5)),
@@ -97,6 +102,7 @@ def test_causal_rejects_bad_inputs(mutate, exc, match):
         "eps-neg",
         "eps-str",
         "backend",
+        "triton-chunk",
         "state-type",
         "state-shape",
         "state-dtype",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import dispatch
+from ..commands import dispatch
 from . import attention, generate, gpu, hf
 
 BENCHMARKS = {"attention": attention, "generate": generate, "gpu": gpu, "hf": hf}

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops import naive
 from . import figure1, levels
-from .measure import batched_gemm_gflops, isa_lines, machine_info, peak_extra_memory, time_fn
+from .measure import batched_gemm_gflops, isa_lines, machine_info, peak_extra_memory, rel_error, time_fn
 from .report import finish_log_log, fmt, markdown_table, write_csv
 
 IMPLS = ("naive", "chunked", "cpu", "auto", "softmax")
@@ -95,10 +95,6 @@ def _attention(impl: str, q, k, v, chunk_size: int):
     return sdpa
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
-
-
 def verify(args, lengths: list[int]) -> list[str]:
     """Check every implementation on the benchmark's own inputs; returns the report lines, raises on failure."""
     lines = []
@@ -110,7 +106,7 @@ def verify(args, lengths: list[int]) -> list[str]:
         with torch.no_grad():
             ref, _ = naive.causal_linear_attention_recurrent(q.double(), k.double(), v.double())
             for impl in fast:
-                err = _rel(_attention(impl, q, k, v, args.chunk_size)(), ref)
+                err = rel_error(_attention(impl, q, k, v, args.chunk_size)(), ref)
                 lines.append(f"N={N}: {impl} vs token-by-token recurrence (float64): rel. error {err:.1e}")
                 if not err < tol:
                     raise SystemExit(f"verification failed: {impl} differs from the recurrence at N={N}: {err:.2e}")
@@ -126,14 +122,14 @@ def verify(args, lengths: list[int]) -> list[str]:
 
     reference = outputs_and_grads("naive")
     for impl in fast:
-        err = max(_rel(a, b) for a, b in zip(outputs_and_grads(impl), reference, strict=True))
+        err = max(rel_error(a, b) for a, b in zip(outputs_and_grads(impl), reference, strict=True))
         lines.append(f"N={N}: {impl} vs naive, outputs and dq/dk/dv (float64): rel. error {err:.1e}")
         if not err < 1e-10:
             raise SystemExit(f"verification failed: {impl} gradients differ from the naive reference: {err:.2e}")
     with torch.no_grad():
         sdpa = _attention("softmax", q, k, v, args.chunk_size)().transpose(1, 2)
         ref = naive.softmax_attention(q, k, v, causal=True)
-    err = _rel(sdpa, ref)
+    err = rel_error(sdpa, ref)
     lines.append(f"N={N}: softmax (SDPA) vs explicit softmax (float64): rel. error {err:.1e}")
     if not err < 1e-10:
         raise SystemExit(f"verification failed: SDPA differs from the explicit softmax: {err:.2e}")

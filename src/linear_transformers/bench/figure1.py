@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import ops
 from ..ops import lsh, naive
-from .measure import machine_info, peak_extra_memory
+from .measure import machine_info, peak_extra_memory, rel_error
 from .report import finish_log_log, fmt, markdown_table, write_csv
 
 METHODS = ("softmax", "softmax-math", "linear", "lsh-1", "lsh-4", "lsh-8")
@@ -86,23 +86,19 @@ def peak_bytes(method: str, B: int, N: int, H: int, D: int, chunk: int) -> float
     return 0.0
 
 
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
 def verify(args) -> list[str]:
     """Each method against its reference, float64, on an awkward length (not a multiple of the chunks)."""
     N, H, D = 3 * args.lsh_chunk + 5, 2, 16
     lines = []
     q, k, v = _inputs("linear", 2, N, H, D, 0)  # float32: the backend that is timed
     ref, _ = naive.causal_linear_attention(q.double(), k.double(), v.double())
-    err = _rel(ops.causal_linear_attention(q, k, v), ref)
+    err = rel_error(ops.causal_linear_attention(q, k, v), ref)
     lines.append(f"linear (float32) vs naive quadratic form (float64): rel. error {err:.1e}")
     ok = err < 1e-5
     qh, kh, vh = (x.double() for x in _inputs("softmax", 2, N, H, D, 1))
     ref = naive.softmax_attention(*(x.transpose(1, 2) for x in (qh, kh, vh)), causal=True).transpose(1, 2)
     for method in ("softmax", "softmax-math"):
-        err = _rel(_function(method, N, args.lsh_chunk)(qh, kh, vh), ref)
+        err = rel_error(_function(method, N, args.lsh_chunk)(qh, kh, vh), ref)
         lines.append(f"{method} vs explicit softmax: rel. error {err:.1e}")
         ok &= err < 1e-10
     qk, v = (x.double() for x in _inputs("lsh-4", 2, N, H, D, 2))
@@ -111,7 +107,7 @@ def verify(args) -> list[str]:
         rot = lsh.random_rotations(H, D, R, n_buckets, dtype=torch.float64)
         out = ops.lsh_attention(qk, v, causal=True, n_hashes=R, n_buckets=n_buckets, chunk_size=args.lsh_chunk,
                                 rotations=rot)  # fmt: skip
-        err = _rel(out, naive.lsh_attention(qk, v, rot, causal=True, chunk_size=args.lsh_chunk))
+        err = rel_error(out, naive.lsh_attention(qk, v, rot, causal=True, chunk_size=args.lsh_chunk))
         lines.append(f"lsh-{R} vs dense masked reference (same buckets): rel. error {err:.1e}")
         ok &= err < 1e-10
     if not ok:

@@ -41,7 +41,7 @@ import torch
 from ..model import CausalTransformer, ModelConfig, ModelState
 from ..ops import cpu
 from . import levels
-from .measure import isa_lines, machine_info
+from .measure import isa_lines, machine_info, time_fn
 from .report import fmt, markdown_table, write_csv
 
 CONFIGS = {
@@ -85,14 +85,9 @@ def _state_at(model: CausalTransformer, batch: int, position: int) -> tuple[torc
     return model.prefill(tokens, labels)
 
 
-def _time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _best_seconds(fn, repeats: int) -> float:
+    """Best of `repeats` runs after one warm-up, in seconds."""
+    return time_fn(fn, repeats).best_ms / 1e3
 
 
 def per_token_seconds(model: CausalTransformer, mode: str, batch: int, position: int, repeats: int = 10) -> float:
@@ -106,7 +101,7 @@ def per_token_seconds(model: CausalTransformer, mode: str, batch: int, position:
             def run():
                 model.head.sample(model(tokens)[:, position])
 
-            return _time(run, 1)
+            return _best_seconds(run, 1)
         # token `position` comes from stepping token position - 1, which sits at network position `position`
         _, state = _state_at(model, batch, max(position - 1, 0))
         token = torch.randint(0, model.cfg.vocab_size, (batch,))
@@ -121,7 +116,7 @@ def per_token_seconds(model: CausalTransformer, mode: str, batch: int, position:
                     s.length = n
             state.position = start
 
-        return _time(run, repeats)
+        return _best_seconds(run, repeats)
 
 
 def seconds_per_image(model, mode, batch, positions) -> tuple[float, list[float]]:
@@ -236,7 +231,7 @@ def train_tokens_per_s(cfg: ModelConfig, batch: int) -> float:
         loss.backward()
         opt.step()
 
-    return batch * cfg.max_len / _time(step, 1)
+    return batch * cfg.max_len / _best_seconds(step, 1)
 
 
 def main(args: argparse.Namespace) -> int:

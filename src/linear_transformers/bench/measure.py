@@ -21,6 +21,11 @@ class Timing:
     repeats: int
 
 
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference of a from the reference b, relative to b's largest magnitude (float64)."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
 def time_fn(fn: Callable[[], object], repeats: int, device: torch.device | None = None, warmup: int = 1) -> Timing:
     """Best and median wall time of `fn` over `repeats` runs after `warmup` runs (synchronising CUDA)."""
     sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)

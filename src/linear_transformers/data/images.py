@@ -245,3 +245,28 @@ def quantize(images: np.ndarray, levels: int, max_value: int = 255) -> np.ndarra
     if levels == max_value + 1:
         return images
     return (images.astype(np.int64) * levels // (max_value + 1)).astype(np.uint8)
+
+
+# ---- pictures -------------------------------------------------------------------------------------
+
+
+def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
+    """uint8 images [N, H, W] or [N, H, W, C] -> one [rows * (H + 1) + 1, cols * (W + 1) + 1(, C)] grid."""
+    n, h, w = images.shape[:3]
+    cols = -(-n // rows)
+    grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, *images.shape[3:]), 255 // 3, dtype=np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = im
+    return grid
+
+
+def write_png(path: Path, grid: np.ndarray, scale: int = 4) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    big = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt.imsave(path, big, cmap="gray" if big.ndim == 2 else None, vmin=0, vmax=255)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..cli import dispatch
+from ..commands import dispatch
 from . import copy, image, speech
 
 EXPERIMENTS = {"copy": copy, "image": image, "speech": speech}

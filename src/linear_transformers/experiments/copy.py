@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..bench.measure import machine_info
 from ..bench.report import fmt, markdown_table, write_csv
-from ..cli import apply_preset
+from ..commands import apply_preset
 from ..data import copy as copy_data
 from ..model import CausalTransformer, ModelConfig
 from ..train import resolve_device

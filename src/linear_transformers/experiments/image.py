@@ -39,7 +39,8 @@ import torch
 from .. import data as datasets
 from ..bench.measure import machine_info
 from ..bench.report import fmt, markdown_table, write_csv
-from ..cli import apply_preset, image_grid, write_png
+from ..commands import apply_preset
+from ..data.images import image_grid, write_png
 from ..model import CausalTransformer, ModelConfig
 from ..train import TrainConfig, evaluate, load_model, resolve_device, train
 from . import finished_or_run, load_finished
@@ -73,6 +74,7 @@ class ImageSettings:
     lsh_chunk: int = 32
     batch: int = 16
     lr: float = 1e-3
+    schedule: str = "constant"  # after 100 warm-up steps: constant, cosine (to 10% of lr) or linear (to 0)
     steps: int = 100_000
     epochs: float = 0.0  # > 0: steps = epochs of the training set (overrides --steps)
     minutes: float = 30.0  # training time limit per method (0: none)
@@ -106,6 +108,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--eval-images", type=int, default=d.eval_images, help="test images scored at the end (0: all)")
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--schedule", choices=["constant", "cosine", "linear"], default=d.schedule,
+                   help="learning rate after the warm-up")  # fmt: skip
     p.add_argument("--epochs", type=float, default=d.epochs, help="> 0: train this many epochs (overrides --steps)")
     p.add_argument("--minutes", type=float, default=d.minutes, help="training time limit per method (0: none)")
     p.add_argument("--device", default=d.device, help="where training, evaluation and timing run: cpu, cuda or auto")
@@ -153,7 +157,7 @@ def train_config(s: ImageSettings, run: Path, resume: bool, steps: int, threads:
     return TrainConfig(
         data=s.dataset, data_path=s.data_path, image_size=s.image_size, levels=s.levels, conditional=False,
         out=str(run), steps=steps, batch_size=s.batch, lr=s.lr, warmup=min(100, steps // 10),
-        schedule="constant", eval_every=s.eval_every, eval_batches=max(1, s.curve_images // s.batch),
+        schedule=s.schedule, eval_every=s.eval_every, eval_batches=max(1, s.curve_images // s.batch),
         checkpoint_every=200, time_limit=60 * s.minutes, resume=resume, seed=s.seed, progress=False,
         device=s.device, threads=threads,
     )  # fmt: skip

@@ -38,7 +38,7 @@ from torch import nn
 from ..attention import AttentionLayer
 from ..bench.measure import machine_info
 from ..bench.report import fmt, markdown_table, write_csv
-from ..cli import apply_preset
+from ..commands import apply_preset
 from ..data import speech
 from ..model import sinusoidal_table
 from ..train import resolve_device

@@ -233,7 +233,10 @@ def causal_linear_attention(
             Gradients flow into its S and z when they require grad.
         return_state: also return the final LinearState (prefill for `linear_attention_step`).
         eps: added to the normaliser (float >= 0; the paper uses 1e-6).
-        chunk_size: tokens per chunk for the "chunked" backend (int >= 1; any T works).
+        chunk_size: tokens per chunk of the "chunked" and "cpu" backends (int >= 1; any T works). It
+            changes speed, not results. The "triton" backend's chunk is 64 (its tiles are built for
+            it): asked for by name with another chunk_size it is an error; "auto" on CUDA takes it
+            with its own chunk.
         backend: "auto" ("cpu" on CPU where it is available and measured faster than "chunked" here,
             "triton" on CUDA when available; else "chunked"), "cpu" (compiled C kernel), "triton" (GPU
             kernels), "chunked" (PyTorch, any device) or "naive" (the reference).
@@ -247,7 +250,11 @@ def causal_linear_attention(
     check_qkv(fn, q, k, v, same_length=True)
     eps = check_eps(fn, eps)
     # a chunk longer than the sequence computes the same as one of its length (and allocates no more)
-    chunk_size = min(check_chunk_size(fn, chunk_size), max(q.shape[1], 1))
+    check_chunk_size(fn, chunk_size)
+    if backend == "triton" and chunk_size != triton_backend.CHUNK:
+        raise ValueError(f"{fn}: backend 'triton' computes in chunks of {triton_backend.CHUNK}, not chunk_size="
+                         f"{chunk_size}; pass chunk_size={triton_backend.CHUNK} or another backend")  # fmt: skip
+    chunk_size = min(chunk_size, max(q.shape[1], 1))
     impl = _causal_backend(fn, backend, q, v)
     if initial_state is not None:
         _check_state(fn, initial_state, q, v)

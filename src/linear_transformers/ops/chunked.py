@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from .state import forward_result
+
 # Elements of one [n, B, H, C, C] block temporary; 2**18 floats = 1 MiB keeps a block's working set in L2.
 BLOCK_ELEMENTS = 2**18
 
@@ -209,13 +211,9 @@ def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
     U_final = saved["U_final"]
     S_final, z_final = U_final[..., :-1].clone(), U_final[..., -1].clone()
 
-    def empty():  # a distinct placeholder per output: operator outputs may not alias
-        return out.new_empty(0)
-
-    out_acc = out if (save and y is not out) else empty()
-    if not save:
-        return y, S_final, z_final, out_acc, empty(), empty(), empty()
-    return y, S_final, z_final, out_acc, saved["U"], saved["den"], saved["A"]
+    out_acc = out if (save and y is not out) else None
+    kept = (saved["U"], saved["den"], saved["A"]) if save else None
+    return forward_result(y, S_final, z_final, out_acc, kept, like=out)
 
 
 def run_backward(q, k, v, y, out_acc, U, den, A, dy, dS_final, dz_final, eps: float, C: int):

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..state import forward_result
 from ..validation import accumulation_dtype
 from . import build
 
@@ -569,13 +570,8 @@ def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
     )  # fmt: skip
     y = out.to(q.dtype)
 
-    def empty():  # a distinct placeholder per output: operator outputs may not alias
-        return out.new_empty(0)
-
-    out_acc = out if (save and y is not out) else empty()
-    if not save:
-        return y, S_final, z_final, out_acc, empty(), empty(), empty()
-    return y, S_final, z_final, out_acc, S_save, z_save, den
+    out_acc = out if (save and y is not out) else None
+    return forward_result(y, S_final, z_final, out_acc, (S_save, z_save, den) if save else None, like=out)
 
 
 def run_backward(q, k, v, y, out_acc, S_save, z_save, den, dy, dS_final, dz_final, eps: float, C: int):

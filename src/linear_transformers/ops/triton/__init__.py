@@ -16,6 +16,10 @@ import os
 
 import torch
 
+from ..state import forward_result
+
+CHUNK = 64  # tokens per chunk: the kernels' tiles are built for it (chunk_size is not a parameter here)
+
 try:
     import triton
 
@@ -51,7 +55,7 @@ def _blocks(DK: int, DV: int) -> tuple[int, int, int]:
     """(BT, BK, BV): chunk length and key/value block widths (powers of two, >= 16 for tl.dot)."""
     BK = min(64, max(16, triton.next_power_of_2(DK)))
     BV = min(64, max(16, triton.next_power_of_2(DV)))
-    return 64, BK, BV
+    return CHUNK, BK, BV
 
 
 # Launch options of the chunk kernels: with 4 warps every one of them spills registers at 64-wide
@@ -148,12 +152,7 @@ def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
     )  # fmt: skip
     del kv, ks, c
 
-    def empty():  # a distinct placeholder per output: operator outputs may not alias
-        return den.new_empty(0)
-
-    if not save:
-        return y, S_final, z_final, empty(), empty(), empty(), empty()
-    return y, S_final, z_final, empty(), S, z, den
+    return forward_result(y, S_final, z_final, None, (S, z, den) if save else None, like=den)
 
 
 def run_backward(q, k, v, y, out_acc, S, z, den, do, dS_final, dz_final, eps: float, C: int):
