@@ -62,7 +62,7 @@ def test_paper_tables_when_a_generator_is_timed_at_batch_1_only():
     rows = [row("linear-rnn", 1, 10.0), row("linear-rnn", 64, 2.0), row("softmax-recompute", 1, 1000.0),
             row("lsh-4", 1, 4000.0)]  # fmt: skip
     table = paper_tables(rows, 64)
-    assert "cifar (Table 4 of the paper)" in table
+    assert "cifar (Table 2 of the paper)" in table
     assert "| softmax | 0.004 | 1.0x | 0.001 (batch 1) | 1.0x | 1000.00 | 1.0x |" in table
     assert "| linear | 17.850 | 4462.5x | 0.500 | 500.0x | 10.00 | 100.0x |" in table
     assert "| lsh-4 | 0.005 | 1.2x | 0.000 (batch 1) | 0.2x | 4000.00 | 0.2x |" in table

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ..ops.cpu import build
 
-# PyTorch limited to a level's instruction set (measured 2026-12-02: batched 64x64x64 matmul 245 ->
-# 184 GFLOP/s under the AVX2 cap)
+# PyTorch limited to a level's instruction set, so an AVX2 column compares like with like (what the cap
+# changes: BENCHMARKS.md, "The CPU kernels per ISA level")
 PYTORCH_CAPS = {
     "x86-64-v3": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
     "x86-64": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"},

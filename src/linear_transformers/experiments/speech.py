@@ -77,9 +77,8 @@ class SpeechSettings:
 # what a result depends on: not where it ran
 NOT_SETTINGS = ("methods", "device")
 # --wsj-length: utterances of about 8 s (WSJ's average), every 10 ms frame a model step, equal epochs.
-# Sized so that four methods train in about half an hour on 2 CPU cores: 350 utterances (0.8 h),
-# 2 epochs, transformers of 4 layers 128 wide, a Bi-LSTM of 160 (3 epochs of 700 were estimated
-# at 84 minutes here).
+# Sized for about half an hour on 2 CPU cores without the Bi-LSTM (EXPERIMENTS.md: what it costs at
+# this length): 350 utterances (0.8 h), 2 epochs, transformers of 4 layers 128 wide.
 WSJ_LENGTH = dict(sentences_per_utterance=3, train_utterances=350, test_utterances=100, stack=1, minutes=0.0,
                   max_epochs=2, n_layers=4, d_model=128, d_ff=512, lstm_hidden=160)  # fmt: skip
 

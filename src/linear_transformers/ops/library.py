@@ -96,8 +96,8 @@ causal_linear_attention_fwd.register_autograd(_backward, setup_context=_setup_co
 
 class EagerCausalLinearAttention(torch.autograd.Function):
     """The registered operators' forward and backward, calling the backend directly: outside
-    torch.compile this skips the custom-operator dispatch and its autograd wrapper, about 230 us of
-    Python per forward+backward on these CPUs. apply(q, k, v, S0, z0, eps, chunk_size, backend)
+    torch.compile this skips the custom-operator dispatch and its autograd wrapper, which costs more
+    than the math at small sizes (measured: README, "Backends"). apply(q, k, v, S0, z0, eps, chunk_size, backend)
     -> (y, S_final, z_final), keeping what the backward needs."""
 
     @staticmethod

@@ -2,9 +2,8 @@
 compiler), built on first use with explicit flags and cached on disk.
 
 ISA levels (LEVELS) are compile targets with stated flags, never `-march=native`: a VM often masks
-the CPU's model, and `-march=native` then tunes for the wrong chip (measured 2026-12-02 on a Xeon
-reporting model 167: the attention kernel ran 5x slower tuned for "rocketlake" than with generic
-tuning). Each level tunes for `generic`. The kernels pick their vector width and register tiles
+the CPU's model, and `-march=native` then tunes for the wrong chip (what that cost: BENCHMARKS.md,
+"The CPU kernels per ISA level"). Each level tunes for `generic`. The kernels pick their vector width and register tiles
 from the compiler's predefined macros (cpu/simd.h), so each level gets code written for it.
 
     x86-64-v4-amx  AVX-512 + AVX512-BF16 + AMX-BF16 (Sapphire Rapids and later): 16 floats, 32 registers
