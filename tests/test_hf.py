@@ -207,7 +207,7 @@ def test_pipeline_returns_text(folder):
     assert out[0]["generated_text"].startswith("bad cab") and len(out[0]["generated_text"]) == len("bad cab") + 8
 
 
-def test_export_hf_and_our_cli_reads_the_folder_back(tmp_path):
+def test_export_hf_and_our_cli_reads_the_folder_back(tmp_path, capsys):
     from linear_transformers.cli import main
     from linear_transformers.train import TrainConfig, load_model, train
 
@@ -227,3 +227,8 @@ def test_export_hf_and_our_cli_reads_the_folder_back(tmp_path):
     assert main(["sample", "--checkpoint", str(tmp_path / "hf"), "--prompt", "abc", "--max-new-tokens", "5",
                  "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
     assert out.read_text().startswith("abc")
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "hf"), "--batches", "1", "--device", "cpu"]) == 0
+    assert main(["eval", "--checkpoint", str(run), "--batches", "1", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "text test:" in lines[-1] and lines[-1] == lines[-2]  # the folder gives the checkpoint's bits/dim

@@ -202,7 +202,13 @@ def run_eval(cfg: EvalConfig) -> float:
 
     device = resolve_device(cfg.device)
     model, config = load_model(cfg.checkpoint, device)
-    t = config["train"]
+    t = config.get("train")
+    if not t:
+        raise ValueError(
+            f"eval: {cfg.checkpoint} does not record the data it trained on (a transformers folder saved "
+            "without `linear-transformers export --hf`); evaluate the checkpoint"
+        )
+    t = {**TrainConfig().__dict__, **t}  # a transformers folder keeps only the data settings
     data_path = cfg.data_path or t["data_path"] or None
     d = datasets.load(t["data"], data_path, size=t["image_size"], levels=t["levels"], seq_len=t["seq_len"])
     # (the device it trained on may not be here: the evaluation's own)

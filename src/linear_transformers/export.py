@@ -276,7 +276,7 @@ def export_hf(model: CausalTransformer, config: dict, cfg: ExportConfig) -> Path
 
     from .hf import save_hf
 
-    folder = save_hf(model, cfg.hf, config.get("data"))
+    folder = save_hf(model, cfg.hf, config.get("data"), config.get("train"))
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokens = torch.randint(0, model.cfg.vocab_size, (2, min(16, model.cfg.max_len - 1)))
     with torch.no_grad():

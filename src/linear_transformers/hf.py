@@ -62,7 +62,9 @@ PAD_TOKEN, UNK_TOKEN = "<pad>", "<unk>"
 
 class LinearTransformerConfig(PreTrainedConfig):
     """`ModelConfig`'s fields (the same names and defaults) as a transformers config, plus `data`:
-    what the model was trained on (our data meta: the alphabet of a text model, the image shape)."""
+    what the model was trained on (our data meta: the alphabet of a text model, the image shape),
+    and `training`: the data settings of its training run (so `linear-transformers eval` finds
+    the test split)."""
 
     model_type = MODEL_TYPE
     attribute_map = {  # noqa: RUF012 (transformers' own pattern: a class attribute, not a field)
@@ -90,6 +92,7 @@ class LinearTransformerConfig(PreTrainedConfig):
     lsh_buckets: int = 64
     lsh_chunk: int = 0
     data: dict | None = None
+    training: dict | None = None  # the data settings it was trained with (data, data_path, image_size, ...)
     tie_word_embeddings: bool = False
     use_cache: bool = True
 
@@ -101,8 +104,10 @@ class LinearTransformerConfig(PreTrainedConfig):
         return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
 
     @classmethod
-    def from_model_config(cls, cfg: ModelConfig, data: dict | None = None, **kwargs) -> LinearTransformerConfig:
-        return cls(**cfg.to_dict(), data=data, **kwargs)
+    def from_model_config(
+        cls, cfg: ModelConfig, data: dict | None = None, training: dict | None = None, **kwargs
+    ) -> LinearTransformerConfig:
+        return cls(**cfg.to_dict(), data=data, training=training, **kwargs)
 
 
 class RecurrentStateCache(Cache):
@@ -333,18 +338,29 @@ def char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
 # ---- folders --------------------------------------------------------------------------------------
 
 
-def from_model(model: CausalTransformer, data: dict | None = None) -> LinearTransformerForCausalLM:
+# the training settings that say where its data was and how it was cut: what `eval` needs
+TRAINING_DATA_FIELDS = ("data", "data_path", "image_size", "levels", "seq_len", "conditional")
+
+
+def from_model(
+    model: CausalTransformer, data: dict | None = None, training: dict | None = None
+) -> LinearTransformerForCausalLM:
     """The transformers model holding a copy of `model`'s weights."""
-    hf = LinearTransformerForCausalLM(LinearTransformerConfig.from_model_config(model.cfg, data))
+    if training is not None:
+        training = {k: training[k] for k in TRAINING_DATA_FIELDS if k in training}
+    hf = LinearTransformerForCausalLM(LinearTransformerConfig.from_model_config(model.cfg, data, training))
     hf.model.load_state_dict(model.state_dict())
     return hf.eval()
 
 
-def save_hf(model: CausalTransformer, folder: str | Path, data: dict | None = None) -> Path:
+def save_hf(
+    model: CausalTransformer, folder: str | Path, data: dict | None = None, training: dict | None = None
+) -> Path:
     """Write `model` as a transformers folder: config.json, model.safetensors, generation_config.json
-    and, for a text model (data["alphabet"]), the tokenizer."""
+    and, for a text model (data["alphabet"]), the tokenizer. data: our data meta (a checkpoint's
+    config["data"]); training: its training settings (config["train"]: the data fields are kept)."""
     folder = Path(folder)
-    hf = from_model(model, data)
+    hf = from_model(model, data, training)
     alphabet = (data or {}).get("alphabet")
     if alphabet:
         tokenizer = char_tokenizer(alphabet)
@@ -355,11 +371,13 @@ def save_hf(model: CausalTransformer, folder: str | Path, data: dict | None = No
 
 
 def load_hf(folder: str | Path, device: str | torch.device = "cpu") -> tuple[CausalTransformer, dict]:
-    """Our model and a config dict like a checkpoint's ({"model", "data", "step"}) from a transformers
-    folder written by save_hf / save_pretrained (or trained further with Trainer)."""
+    """Our model and a config dict like a checkpoint's ({"model", "data", "train", "step"}) from a
+    transformers folder written by save_hf / save_pretrained (or trained further with Trainer);
+    "train" holds only the data settings, and is None when the folder does not record them."""
     hf = LinearTransformerForCausalLM.from_pretrained(folder)
     model = hf.model.to(device).eval()
-    return model, {"model": model.cfg.to_dict(), "data": hf.config.data or {}, "step": None}
+    data = hf.config.data or {"alphabet": None}
+    return model, {"model": model.cfg.to_dict(), "data": data, "train": hf.config.training, "step": None}
 
 
 AutoConfig.register(MODEL_TYPE, LinearTransformerConfig, exist_ok=True)
