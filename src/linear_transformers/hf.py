@@ -285,7 +285,7 @@ class LinearTransformerForCausalLM(PreTrainedModel, GenerationMixin):
                 p, cache.state = self.model.step(tokens[:, t], cache.state)
                 rows.append(p)
             cache.seen += T
-            params = torch.stack(rows, 1)
+            params = rows[0][:, None] if T == 1 else torch.stack(rows, 1)
         if logits_to_keep:
             params = params[:, -logits_to_keep:]
         logits = self._logits(params)
