@@ -145,6 +145,11 @@ def test_the_cache_is_recurrent_state_and_says_what_it_cannot_do(folder):
     assert cache.batch_size == 3
     cache.reorder_cache(torch.tensor([2, 0]))
     assert cache.batch_size == 2
+    # the loss covers every position whatever logits_to_keep keeps
+    x = ids("abcdefgh")
+    full, last = model(x, labels=x, use_cache=False), model(x, labels=x, use_cache=False, logits_to_keep=1)
+    assert last.logits.shape[1] == 1 and torch.equal(last.logits[:, -1], full.logits[:, -1])
+    torch.testing.assert_close(last.loss, full.loss)
     with pytest.raises(ValueError, match=r"token ids \[13\] are not in the model's vocabulary"):
         model(torch.tensor([[1, 13]]))
     with pytest.raises(ValueError, match="inputs_embeds is not supported"):

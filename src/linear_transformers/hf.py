@@ -286,13 +286,13 @@ class LinearTransformerForCausalLM(PreTrainedModel, GenerationMixin):
                 rows.append(p)
             cache.seen += T
             params = rows[0][:, None] if T == 1 else torch.stack(rows, 1)
-        if logits_to_keep:
-            params = params[:, -logits_to_keep:]
         logits = self._logits(params)
         loss = None
-        if labels is not None:
+        if labels is not None:  # (on every position, whatever logits_to_keep returns)
             shifted = labels[:, 1:].to(logits.device)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
 

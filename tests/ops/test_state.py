@@ -57,3 +57,35 @@ def test_a_state_whose_tensors_were_replaced_is_checked_again(backend):
     state.S = state.S.transpose(2, 3).contiguous().transpose(2, 3)  # not contiguous: computed right all the same
     out = ops.causal_linear_attention(q, k, v, initial_state=state, backend=backend)
     torch.testing.assert_close(out, ops.causal_linear_attention(q, k, v, backend="naive"))
+
+
+def test_a_kv_cache_keeps_padding_out_of_every_later_query():
+    """Keys appended as padding are never attended to: not by the block that brought them, not by
+    later steps, not after the cache grows or rows are selected; the result equals softmax
+    attention over the real keys alone. Bad padding is a one-line error."""
+    from linear_transformers import ops
+    from linear_transformers.ops import KVCache
+
+    torch.manual_seed(0)
+    B, T, H, D = 2, 7, 3, 5
+    q, k, v = (torch.randn(B, T + 300, H, D, dtype=torch.float64) for _ in range(3))
+    padding = torch.zeros(B, T, dtype=torch.bool)
+    padding[1, :4] = True  # row 1: four padding tokens, then three real ones
+    cache = KVCache.empty(B, H, D, D, capacity=8, dtype=torch.float64)
+    out, cache = ops.softmax_attention_with_cache(q[:, :T], k[:, :T], v[:, :T], cache, key_padding_mask=padding)
+    steps = []
+    for t in range(T, T + 300):  # past capacity 8: the padding record grows with the cache
+        o, cache = ops.softmax_attention_step(q[:, t], k[:, t], v[:, t], cache)
+        steps.append(o)
+    assert cache.capacity >= T + 300 and cache.padding().shape == (B, T + 300)
+    for b, n_pad in ((0, 0), (1, 4)):  # each row against attention over its real keys only
+        qs, ks, vs = (x[b : b + 1, n_pad:] for x in (q, k, v))
+        ref = ops.softmax_attention(qs, ks, vs, causal=True)
+        torch.testing.assert_close(out[b, n_pad:], ref[0, : T - n_pad])
+        torch.testing.assert_close(torch.stack(steps, 1)[b], ref[0, T - n_pad :])
+    picked = cache.index_select(torch.tensor([1]))
+    assert picked.padding()[0, :4].all() and not picked.padding()[0, 4:].any()
+    with pytest.raises(ValueError, match=r"KVCache.append: padding must be bool \[B, T\] = \[2, 1\], got torch.float"):
+        cache.append(k[:, :1], v[:, :1], torch.zeros(2, 1))
+    with pytest.raises(ValueError, match=r"KVCache: padding must be bool \[B, capacity\]"):
+        KVCache(torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5), 0, torch.zeros(2, 3, dtype=torch.bool))

@@ -31,7 +31,7 @@ import json
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from ..bench.report import fmt, markdown_table, write_csv
 from ..commands import apply_preset
 from ..data.images import image_grid, write_png
 from ..model import CausalTransformer, ModelConfig
-from ..train import TrainConfig, evaluate, load_model, resolve_device, train
+from ..train import TrainConfig, load_model, resolve_device, train
 from . import finished_or_run, load_finished
 
 METHODS = {  # name -> (ModelConfig fields, generation mode)
@@ -192,12 +192,8 @@ def run_method(s: ImageSettings, method: str, d: datasets.SequenceData, out: Pat
     model.to(device)
     n_test = d.n_items("test")
     n_eval = min(s.eval_images or n_test, n_test)
-    eval_batch = min(max(s.batch, 32), n_eval)
-    eval_cfg = replace(train_config(s, run, True, steps), batch_size=eval_batch)
     t0 = time.perf_counter()
-    bpd = evaluate(model, d, eval_cfg, device, batches=math.ceil(n_eval / eval_batch))
-    if n_eval % eval_batch:  # evaluate() scores whole batches; score exactly n_eval images
-        bpd = evaluate_exact(model, d, eval_cfg, device, n_eval)
+    bpd = score_test_images(model, d, device, n_eval, batch=max(s.batch, 32))
     print(f"  {method}: {n_eval} test images scored in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     modes = [(method, METHODS[method][1])] + ([("softmax-cache", "rnn")] if method == "softmax" else [])
@@ -217,12 +213,12 @@ def run_method(s: ImageSettings, method: str, d: datasets.SequenceData, out: Pat
 
 
 @torch.no_grad()
-def evaluate_exact(model, d: datasets.SequenceData, cfg: TrainConfig, device, n: int) -> float:
-    """Bits/dim over exactly the first n test images."""
+def score_test_images(model, d: datasets.SequenceData, device, n: int, batch: int) -> float:
+    """Bits/dim over exactly the first n test images (unconditional), `batch` at a time."""
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, n, cfg.batch_size):
-        tokens, _ = d.get("test", torch.arange(start, min(start + cfg.batch_size, n)))
+    for start in range(0, n, batch):
+        tokens, _ = d.get("test", torch.arange(start, min(start + batch, n)))
         nll = model.nll(tokens.to(device), None)
         total += nll.double().sum().item()
         count += nll.numel()
