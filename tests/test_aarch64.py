@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from linear_transformers import ops
+from linear_transformers import native, ops
+from linear_transformers.decode import fused
 from linear_transformers.model import CausalTransformer, ModelConfig, ModelState
+from linear_transformers.native import build
 from linear_transformers.ops import LinearState, cpu
-from linear_transformers.ops.cpu import build
 
 from helpers import qkv, random_state, rel_err
 
 HARNESS = Path(__file__).parent / "native" / "kernel_harness.c"
-KERNELS = [Path(cpu.__file__).parent / name for name in ("causal_linear.c", "model_step.c")]
+KERNELS = [Path(cpu.__file__).parent / "causal_linear.c", Path(fused.__file__).parent / "model_step.c"]
 TARGETS = {
     # target: (compiler, level flags, how to run the program)
     "aarch64": ("aarch64-linux-gnu-gcc", build.LEVELS["armv8-a"].flags, ["qemu-aarch64"]),
@@ -40,8 +41,9 @@ def harness(request, tmp_path_factory):
             pytest.skip(f"{tool} is not installed (apt-get install {PACKAGES[tool]})")
     exe = tmp_path_factory.mktemp(request.param) / "kernel_harness"
     static = ["-static"] if runner else []  # qemu then needs no AArch64 sysroot
-    cmd = [cc, "-O3", "-std=gnu11", *flags, "-fopenmp", "-pthread", *static, str(HARNESS), *map(str, KERNELS), "-lm",
-           "-o", str(exe)]  # fmt: skip
+    include = ["-I", str(native.SIMD_H.parent)]
+    cmd = [cc, "-O3", "-std=gnu11", *flags, *include, "-fopenmp", "-pthread", *static, str(HARNESS), *map(str, KERNELS),
+           "-lm", "-o", str(exe)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -93,14 +95,15 @@ def test_attention_kernel_equals_the_reference(harness, tmp_path, dtype, B, T, H
 
 def _step_request(model: CausalTransformer, tokens: torch.Tensor) -> bytes:
     cfg, n, B = model.cfg, tokens.shape[1], tokens.shape[0]
-    io = model._io_weights()
+    step = fused.from_model(model)
+    io = step.io
     dk = cfg.d_model // cfg.n_heads
     header = _i64(cfg.n_layers, cfg.d_model, cfg.n_heads, dk, dk, cfg.d_ff, cfg.norm == "pre",
-                  cpu.FUSED_FEATURE_MAPS[cfg.feature_map], cfg.vocab_size, cfg.max_len, io["head_w"].shape[0],
+                  fused.FEATURE_MAPS[cfg.feature_map], cfg.vocab_size, cfg.max_len, io["head_w"].shape[0],
                   io["pos"] is not None, io["norm_w"] is not None, B, n)  # fmt: skip
     eps = np.array([model.blocks[0].norm1.eps, cfg.eps, getattr(model.norm, "eps", 0.0)], dtype=np.float32)
-    tensors = [t for layer in model._block_weights() for t in (layer[name] for name in cpu.FusedModelStep.WEIGHTS)]
-    tensors += [t for t in (io[name] for name in cpu.FusedModelStep.IO) if t is not None]
+    tensors = [layer[name] for layer in step.layers for name in fused.FusedModelStep.WEIGHTS]
+    tensors += [t for t in (io[name] for name in fused.FusedModelStep.IO) if t is not None]
     body = b"".join(t.detach().float().contiguous().numpy().tobytes() for t in tensors)
     return header + eps.tobytes() + body + tokens.T.contiguous().numpy().astype(np.int64).tobytes()
 
@@ -112,12 +115,11 @@ def test_fused_step_equals_the_pytorch_step(harness, tmp_path, norm, feature_map
     cfg = ModelConfig(vocab_size=16, max_len=32, d_model=32, n_layers=2, n_heads=n_heads, d_ff=72, norm=norm,
                       feature_map=feature_map, head="mol")  # fmt: skip
     model = CausalTransformer(cfg).eval()
-    model.fused_step = False
     tokens = torch.randint(0, 16, (batch, 12))
     dk = cfg.d_model // cfg.n_heads
     state = ModelState([LinearState.zeros(batch, n_heads, dk, dk, dtype=torch.float32) for _ in model.blocks])
     with torch.no_grad():  # from an empty state at position 0, as the driver steps
-        want = [model.step(tokens[:, t], state)[0] for t in range(tokens.shape[1])]
+        want = [model.step_pytorch(tokens[:, t], state)[0] for t in range(tokens.shape[1])]
     n_params = model.head.proj.weight.shape[0]
     shapes = [(12, batch, n_params)]
     shapes += [s for _ in range(cfg.n_layers) for s in ((batch, n_heads, dk, dk), (batch, n_heads, dk))]

@@ -1,7 +1,7 @@
 """Every ISA level this machine runs, with every C compiler it has (gcc, clang): the attention
 kernel against the reference (outputs, states, all gradients; float64 and float32; awkward shapes),
 and the fused model step and its generation loop against the PyTorch step. Each build is its own
-library (ops/cpu/build.py), selected with cpu.use(level, compiler). A compiler that is missing is a
+library (native/build.py), selected with native.use(level, compiler). A compiler that is missing is a
 skip that names it; AArch64 is tested under qemu in tests/test_aarch64.py."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import test_model as model_tests
-from linear_transformers import ops
+from linear_transformers import native, ops
+from linear_transformers.decode import fused
+from linear_transformers.native import build
 from linear_transformers.ops import LinearState, cpu
-from linear_transformers.ops.cpu import build
 
 from helpers import qkv, random_state, rel_err, shape_id
 
@@ -27,11 +28,11 @@ def each_build(request):
     level, cc = request.param
     if shutil.which(cc) is None:
         pytest.skip(f"{cc} is not installed (apt-get install {cc})")
-    with cpu.use(level, cc):
-        if not (cpu.available() and cpu.step_available()):
-            why = cpu.unavailable_reason() or cpu.step_unavailable_reason()
+    with native.use(level, cc):
+        if not (cpu.available() and fused.available()):
+            why = cpu.unavailable_reason() or fused.unavailable_reason()
             pytest.fail(f"{level} with {cc} does not build: {why}")
-        info = cpu.build_info("model_step")
+        info = native.build_info(fused.LIBRARY)
         assert info.level == level and cc in info.compiler.lower()
         yield level, cc
 
@@ -85,13 +86,12 @@ def test_fused_generation_loop_draws_the_same_tokens_as_stepping(each_build, mon
 
 def test_bfloat16_dots_where_the_level_has_them(each_build, monkeypatch):
     level, _ = each_build
-    assert cpu.has_bf16_dot() == (level in ("x86-64-v4-amx", "x86-64-v4-bf16"))
-    assert not cpu.has_amx() or level == "x86-64-v4-amx"  # AMX tiles only where built for them
-    if not cpu.has_bf16_dot():
+    assert fused.has_bf16_dot() == (level in ("x86-64-v4-amx", "x86-64-v4-bf16"))
+    assert not fused.has_amx() or level == "x86-64-v4-amx"  # AMX tiles only where built for them
+    if not fused.has_bf16_dot():
         model = model_tests._model(n_classes=0)
-        model.fused_weights = model.fused_dot = torch.bfloat16
         with pytest.raises(ValueError, match=f"needs a CPU with AVX512-BF16 .* this one is built for {level}"):
-            model._build_fused()
+            fused.from_model(model, torch.bfloat16, torch.bfloat16)
         return
     model_tests.test_fused_step_with_bfloat16_dots_equals_rounding_then_float32("pre", 37)
     model_tests.test_generation_loop_in_c_draws_the_same_tokens_as_stepping(monkeypatch, 3, 3, 5, "bfloat16", 7)

@@ -10,8 +10,11 @@ import warnings
 import pytest
 import torch
 
+from linear_transformers import decode, native
+from linear_transformers.decode import DecodeConfig, fused
 from linear_transformers.heads import MixtureOfLogisticsHead
 from linear_transformers.model import CausalTransformer, ModelConfig, sample
+from linear_transformers.ops import cpu
 
 KINDS = [
     dict(attention="causal-linear", head="categorical", norm="pre", positional="sinusoidal"),
@@ -165,10 +168,8 @@ def test_bad_inputs_are_named():
 @pytest.mark.parametrize(("positional", "head"), [("sinusoidal", "mol"), ("learned", "categorical"), ("none", "mol")])
 def test_fused_cpu_step_equals_the_pytorch_step(norm, feature_map, batch, positional, head):
     """The C step (embedding, positions, blocks, final norm, head) against the PyTorch step."""
-    from linear_transformers.ops import cpu
-
-    if not cpu.step_available():
-        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     model = _model(n_classes=3, norm=norm, feature_map=feature_map, head=head, positional=positional)
     with torch.no_grad():  # trained-looking parameters, not LayerNorm's ones and zeros
         for name, t in model.named_parameters():
@@ -177,12 +178,11 @@ def test_fused_cpu_step_equals_the_pytorch_step(norm, feature_map, batch, positi
     tokens, labels = torch.randint(0, 16, (batch, 30)), torch.randint(0, 3, (batch,))
     results = []
     with torch.no_grad():
-        for fused in (True, False):
-            model.fused_step = fused
+        for config in (DecodeConfig(), DecodeConfig(fused=False)):
             params, state = model.prefill(tokens[:, :5], labels)
             outs = [params]
             for t in range(5, 29):
-                params, state = model.step(tokens[:, t], state)
+                params, state = model.step(tokens[:, t], state, config)
                 outs.append(params)
             assert model._fused is not None  # built by the fused pass (the eager pass ignores it)
             results.append((torch.stack(outs, 1), state))
@@ -194,26 +194,24 @@ def test_fused_cpu_step_equals_the_pytorch_step(norm, feature_map, batch, positi
 
 
 def test_fused_step_with_bfloat16_weights_stays_close():
-    from linear_transformers.ops import cpu
-
-    if not cpu.step_available():
-        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     model = _model(n_classes=0)
     tokens = torch.randint(0, 16, (2, 30))
     with torch.no_grad():
         parallel = model(tokens)
-        model.fused_weights = torch.bfloat16
+        config = DecodeConfig(weights=torch.bfloat16)
         params, state = model.prefill(tokens[:, :0])
         outs = [params]
         for t in range(29):
-            params, state = model.step(tokens[:, t], state)
+            params, state = model.step(tokens[:, t], state, config)
             outs.append(params)
     assert model._fused.weights == torch.bfloat16
     err = (torch.stack(outs, 1) - parallel).abs().max() / parallel.abs().max()
     assert 0 < err < 2e-2  # bfloat16 projections: close, not equal
 
 
-@pytest.mark.parametrize("batch", [7, 37])  # 37: the batched layout (on AMX tiles where cpu.has_amx())
+@pytest.mark.parametrize("batch", [7, 37])  # 37: the batched layout (on AMX tiles where fused.has_amx())
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm, batch):
     """dot=bfloat16 computes exactly this: projection weights and their inputs rounded to bfloat16,
@@ -222,28 +220,24 @@ def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm, batch)
     rounding that such an error flips)."""
     import copy
 
-    from linear_transformers.ops import cpu
-
-    if not (cpu.step_available() and cpu.has_bf16_dot()):
+    if not (fused.available() and fused.has_bf16_dot()):
         pytest.skip("needs the CPU kernel on a CPU with AVX512-BF16")
     model = _model(n_classes=0, norm=norm)
-    model.fused_weights = model.fused_dot = torch.bfloat16
     emulated = copy.deepcopy(model)
-    emulated.fused_step = False
     with torch.no_grad():
         for block in emulated.blocks:
-            for lin in (block.attn.qkv, block.attn.out, block.ff[0], block.ff[2]):
+            for lin in (block.attn.qkv, block.attn.out, block.ff_in, block.ff_out):
                 lin.weight.copy_(lin.weight.bfloat16().float())
                 lin.register_forward_pre_hook(lambda _, args: (args[0].bfloat16().float(),))
     tokens = torch.randint(0, 16, (batch, 30))
     outs = []
     with torch.no_grad():
         start_params, start_state = model.prefill(tokens[:, :4])  # in parallel, float32: the same for both
-        for m in (model, emulated):
+        for m, config in ((model, DecodeConfig.precision("bf16")), (emulated, DecodeConfig(fused=False))):
             params, state = start_params, start_state.clone()
             seq = [params]
             for t in range(4, 29):
-                params, state = m.step(tokens[:, t], state)
+                params, state = m.step(tokens[:, t], state, config)
                 seq.append(params)
             outs.append(torch.stack(seq, 1))
     assert model._fused.dot == torch.bfloat16
@@ -256,24 +250,22 @@ def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm, batch)
 
 
 def test_bfloat16_dots_are_refused_where_they_cannot_run():
-    from linear_transformers.ops import cpu
-
-    if not cpu.step_available():
-        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     model = _model(n_classes=0)
-    layers, io = model._block_weights(), model._io_weights()
+    step = fused.from_model(model)
+    layers, io = step.layers, step.io
     kw = dict(n_heads=4, dk=8, dv=8, pre_norm=True, feature_map="elu", ln_eps=1e-5, norm_eps=1e-5, attn_eps=1e-6)
     with pytest.raises(ValueError, match="needs weights=torch.bfloat16"):
-        cpu.FusedModelStep(layers, io, **kw, dot=torch.bfloat16)
+        fused.FusedModelStep(layers, io, **kw, dot=torch.bfloat16)
     with pytest.raises(ValueError, match="dot must be"):
-        cpu.FusedModelStep(layers, io, **kw, weights=torch.bfloat16, dot=torch.float16)
+        fused.FusedModelStep(layers, io, **kw, weights=torch.bfloat16, dot=torch.float16)
     with pytest.raises(ValueError, match="io must map"):
-        cpu.FusedModelStep(layers, {**io, "embed": None}, **kw)
-    if cpu.has_bf16_dot():
+        fused.FusedModelStep(layers, {**io, "embed": None}, **kw)
+    if fused.has_bf16_dot():
         narrow = CausalTransformer(ModelConfig(vocab_size=16, d_model=24, n_layers=1, n_heads=4, d_ff=64))
         with pytest.raises(ValueError, match="divisible by 32"):
-            cpu.FusedModelStep(narrow._block_weights(), narrow._io_weights(), **{**kw, "dk": 6, "dv": 6},
-                               weights=torch.bfloat16, dot=torch.bfloat16)  # fmt: skip
+            fused.from_model(narrow, torch.bfloat16, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dot", ["float32", "bfloat16"])
@@ -281,18 +273,16 @@ def test_bfloat16_dots_are_refused_where_they_cannot_run():
 def test_fused_step_rows_do_not_depend_on_the_batch(dot, batch, rows):
     """The C step tiles rows of the batch; a row's result is bit for bit the same alone or in a batch
     of any size in the same layout (below 20 rows: rows as tiles; from 20: rows as vector lanes)."""
-    from linear_transformers.ops import cpu
-
-    if not cpu.step_available() or (dot == "bfloat16" and not cpu.has_bf16_dot()):
+    if not fused.available() or (dot == "bfloat16" and not fused.has_bf16_dot()):
         pytest.skip("needs the CPU kernel (and AVX512-BF16 for bfloat16 dots)")
     model = _model(n_classes=0)
-    model.fused_weights = model.fused_dot = getattr(torch, dot)
+    config = DecodeConfig(weights=getattr(torch, dot), dot=getattr(torch, dot))
     tokens = torch.randint(0, 16, (batch, 12))
     with torch.no_grad():
         _, state = model.prefill(tokens[:, :2])
         outs = []
         for part, st in ((tokens, state.clone()), (tokens[rows], state.index_select(torch.tensor(rows)))):
-            seq = [model.step(part[:, t], st)[0] for t in range(2, 12)]
+            seq = [model.step(part[:, t], st, config)[0] for t in range(2, 12)]
             outs.append(torch.stack(seq, 1))
     assert torch.equal(outs[0][rows], outs[1])
 
@@ -302,26 +292,21 @@ def test_fused_step_rows_do_not_depend_on_the_batch(dot, batch, rows):
 @pytest.mark.parametrize("batch", [19, 20, 37, 70])  # 19: rows as tiles; then 2, 3 and 4 + 1 vectors of rows
 @pytest.mark.parametrize("weights", ["float32", "bfloat16"])
 def test_fused_step_in_the_batched_layout_equals_the_pytorch_step(norm, n_heads, batch, weights):
-    from linear_transformers.ops import cpu
-
-    if not cpu.step_available():
-        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     model = _model(n_classes=0, norm=norm, n_heads=n_heads)
-    model.fused_max_batch = 128
     if weights == "bfloat16":  # the eager reference gets the same rounded weights
         with torch.no_grad():
             for block in model.blocks:
-                for lin in (block.attn.qkv, block.attn.out, block.ff[0], block.ff[2]):
+                for lin in (block.attn.qkv, block.attn.out, block.ff_in, block.ff_out):
                     lin.weight.copy_(lin.weight.bfloat16().float())
-        model.fused_weights = torch.bfloat16
     tokens = torch.randint(0, 16, (batch, 24))
     with torch.no_grad():
         _, state = model.prefill(tokens[:, :3])
         results = []
-        for fused in (True, False):
-            model.fused_step = fused
+        for config in (DecodeConfig(max_batch=128, weights=getattr(torch, weights)), DecodeConfig(fused=False)):
             st = state.clone()
-            results.append((torch.stack([model.step(tokens[:, t], st)[0] for t in range(3, 24)], 1), st))
+            results.append((torch.stack([model.step(tokens[:, t], st, config)[0] for t in range(3, 24)], 1), st))
     assert model._fused is not None and model._fused.weights == getattr(torch, weights)
     (fused_out, fused_state), (eager_out, eager_state) = results
     torch.testing.assert_close(fused_out, eager_out, atol=1e-5, rtol=1e-5)
@@ -334,10 +319,8 @@ def test_fused_step_in_the_batched_layout_equals_the_pytorch_step(norm, n_heads,
 def test_fused_step_with_feed_forward_widths_that_leave_a_remainder(d_ff):
     """The C step applies GELU 16 outputs at a time; widths whose share is not a multiple of 16 go
     through the remainder path, and the feed-forward layers' own tails with them."""
-    from linear_transformers.ops import cpu
-
-    if not cpu.step_available():
-        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     cfg = ModelConfig(vocab_size=16, max_len=48, d_model=40, n_layers=2, n_heads=4, d_ff=d_ff, head="mol")
     model = CausalTransformer(cfg).eval()
     tokens = torch.randint(0, 16, (3, 20))
@@ -359,60 +342,55 @@ def test_generation_loop_in_c_draws_the_same_tokens_as_stepping(
     token for token it equals stepping the model and sampling the head, under the same generator,
     in float32 and with bfloat16 dots (batch 21: the batched layout, on AMX tiles where available),
     in one call or in calls of 7 tokens."""
-    from linear_transformers.ops import cpu
-
-    if not cpu.step_available() or (precision == "bfloat16" and not cpu.has_bf16_dot()):
+    if not fused.available() or (precision == "bfloat16" and not fused.has_bf16_dot()):
         pytest.skip("needs the CPU kernel (and AVX512-BF16 for bfloat16 dots)")
     calls = []
-    original = cpu.FusedModelStep.sample_mol
-    monkeypatch.setattr(cpu.FusedModelStep, "sample_mol", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = fused.FusedModelStep.sample_mol
+    monkeypatch.setattr(fused.FusedModelStep, "sample_mol", lambda *a, **k: calls.append(1) or original(*a, **k))
     model = _model(n_classes=n_classes, head="mol")
-    model.fused_weights = model.fused_dot = getattr(torch, precision)
-    monkeypatch.setattr(cpu.FusedModelStep, "GENERATE_CHUNK", chunk)
+    config = DecodeConfig(weights=getattr(torch, precision), dot=getattr(torch, precision))
+    monkeypatch.setattr(fused.FusedModelStep, "GENERATE_CHUNK", chunk)
     prompt = torch.randint(0, 16, (batch, prompt_len))
     labels = torch.randint(0, 3, (batch,)) if n_classes else None
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        fast = model.generate(prompt=prompt, labels=labels, max_new_tokens=40, generator=gen)
-        assert calls == [1]
+        fast = model.generate(prompt=prompt, labels=labels, max_new_tokens=40, generator=gen, config=config)
+        assert len(calls) == -(-39 // chunk)  # the 39 tokens after the first, in calls of `chunk`
         gen.manual_seed(7)
         params, state = model.prefill(prompt, labels)
         slow = [prompt]
         for t in range(40):
             slow.append(model.head.sample(params, generator=gen)[:, None])
             if t < 39:
-                params, state = model.step(slow[-1][:, 0], state)
+                params, state = model.step(slow[-1][:, 0], state, config)
     assert torch.equal(fast, torch.cat(slow, 1))
-    assert calls == [1]  # the reference loop did not use it
+    assert len(calls) == -(-39 // chunk)  # the reference loop did not use it
 
 
 def test_a_token_batch_that_does_not_match_the_state_is_refused():
     """A batch larger than the state's used to be written past the state's buffers by the C step
     (heap corruption); smaller, silently wrong. Both paths now refuse it, naming both batches."""
-    for fused in (True, False):
+    for config in (DecodeConfig(), DecodeConfig(fused=False)):
         model = _model(n_classes=0)
-        model.fused_step = fused
         with torch.no_grad():
             _, state = model.prefill(torch.zeros(2, 0, dtype=torch.long))
             before = [s.S.clone() for s in state.layers]
             for tokens in (torch.ones(64, dtype=torch.long), torch.ones(1, dtype=torch.long), torch.ones(2, 1)):
                 with pytest.raises(ValueError, match=r"token must be \[B\], B the state's batch \{2\}"):
-                    model.step(tokens, state)
+                    model.step(tokens, state, config)
             assert all(torch.equal(a, s.S) for a, s in zip(before, state.layers, strict=True))
-            model.step(torch.ones(2, dtype=torch.long), state)  # the right batch still works
+            model.step(torch.ones(2, dtype=torch.long), state, config)  # the right batch still works
 
 
 def test_the_fused_step_checks_every_state_tensor_it_writes():
     """Replaced state tensors (another shape, dtype, a view that is not contiguous, too few layers)
     are refused before the C step writes into them."""
-    from linear_transformers.ops import cpu
-
-    if not cpu.step_available():
-        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     model = _model(n_classes=0)
     with torch.no_grad():
         _, state = model.prefill(torch.zeros(3, 0, dtype=torch.long))
-        fused = model._build_fused()
+        step = fused.from_model(model)
         S, z = [s.S for s in state.layers], [s.z for s in state.layers]
         token = torch.ones(3, dtype=torch.long)
         cases = [
@@ -424,18 +402,16 @@ def test_the_fused_step_checks_every_state_tensor_it_writes():
         ]
         for bad_S, bad_z, message in cases:
             with pytest.raises(ValueError, match=message):
-                fused(token, 0, bad_S, bad_z)
+                step(token, 0, bad_S, bad_z)
         with pytest.raises(ValueError, match="tokens must be"):
-            fused(token[:, None], 0, S, z)
+            step(token[:, None], 0, S, z)
         with pytest.raises(ValueError, match="at least one token"):
-            fused(token[:0], 0, [s[:0] for s in S], [t[:0] for t in z])
+            step(token[:0], 0, [s[:0] for s in S], [t[:0] for t in z])
 
 
 def test_fused_step_refuses_bad_tokens_and_positions_without_touching_the_state():
-    from linear_transformers.ops import cpu
-
-    if not cpu.step_available():
-        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     model = _model(n_classes=0, max_len=8)
     with torch.no_grad():
         _, state = model.prefill(torch.randint(0, 16, (2, 3)))
@@ -456,28 +432,38 @@ def test_generation_loop_in_c_refuses_bad_requests_and_non_finite_parameters():
     """FusedModelStep.sample_mol runs its tokens in C calls: a request past max_len or with
     more levels than the vocabulary is refused before anything moves; parameters that are not
     finite stop it with the token where they appeared."""
-    from linear_transformers.ops import cpu
-
-    if not cpu.step_available():
-        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     model = _model(n_classes=0, head="mol", max_len=12)
     with torch.no_grad():
         _, state = model.prefill(torch.randint(0, 16, (2, 3)))
-        fused = model._fused_step(torch.tensor([1, 2]), state)
+        step = decode.fused_step(model, 2, state)
         S, z = [s.S for s in state.layers], [s.z for s in state.layers]
         before = [t.clone() for t in S + z]
         first = torch.tensor([1, 2])
+
+        def draws(n):
+            return torch.rand(n, 2, 10) + 0.1, torch.rand(n, 2) * 0.98 + 0.01
+
         with pytest.raises(ValueError, match=r"position \+ n <= 12"):
-            fused.sample_mol(first, state.position, S, z, 12 - state.position + 1, 16)
+            step.sample_mol(first, state.position, S, z, *draws(12 - state.position + 1), 16)
         with pytest.raises(ValueError, match="levels <= 16"):
-            fused.sample_mol(first, state.position, S, z, 2, 17)
+            step.sample_mol(first, state.position, S, z, *draws(2), 17)
         with pytest.raises(ValueError, match=r"tokens must lie in \[0, 16\)"):
-            fused.sample_mol(torch.tensor([1, 16]), state.position, S, z, 2, 16)
+            step.sample_mol(torch.tensor([1, 16]), state.position, S, z, *draws(2), 16)
+        race, u = draws(2)
+        for bad_race, bad_u, name in (
+            (race[:, :1], u, "race"),
+            (race, u.double(), "u"),
+            (race.mT.mT[:, :, :5], u, "race"),
+        ):
+            with pytest.raises(ValueError, match=f"{name} must be a contiguous float32 CPU tensor"):
+                step.sample_mol(first, state.position, S, z, bad_race, bad_u, 16)
         assert all(torch.equal(a, b) for a, b in zip(S + z, before, strict=True))
-        assert fused.sample_mol(first, state.position, S, z, 12 - state.position, 16).shape == (8, 2)
+        assert step.sample_mol(first, state.position, S, z, *draws(12 - state.position), 16).shape == (8, 2)
         model.head.proj.bias[0] = float("nan")
         with pytest.raises(ValueError, match=r"not finite \(NaN or inf\) \(token 1 of 3\)"):
-            fused.sample_mol(first, 0, S, z, 3, 16)
+            step.sample_mol(first, 0, S, z, *draws(3), 16)
 
 
 def test_fused_step_falls_back_where_it_does_not_apply():
@@ -504,19 +490,16 @@ def test_fused_step_falls_back_where_it_does_not_apply():
 @pytest.mark.parametrize("winner", ["fused", "pytorch"])
 def test_the_fused_step_runs_only_where_it_measured_faster(monkeypatch, tmp_path, winner):
     """By default the model takes the fused step only where its build measured faster than the
-    PyTorch step on this machine (cpu.verdict, kept beside the library); either way the outputs agree."""
-    from linear_transformers import model as model_module
-    from linear_transformers.ops import cpu
-
-    if not cpu.step_available():
-        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    PyTorch step on this machine (native.verdict, kept beside the library); either way the outputs agree."""
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     monkeypatch.setenv("LINEAR_TRANSFORMERS_AUTO_KERNELS", "measure")
     monkeypatch.setenv("LINEAR_TRANSFORMERS_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpu, "_loaded", {})
-    monkeypatch.setattr(cpu, "_warned", set())
-    monkeypatch.setattr(cpu, "_verdicts", {})
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.setattr(native, "_verdicts", {})
     times = (1e-4, 2e-4) if winner == "fused" else (2e-4, 1e-4)
-    monkeypatch.setattr(model_module, "_measure_fused_step", lambda: times)
+    monkeypatch.setattr(decode, "measure_fused_step", lambda: times)
     monkeypatch.setattr(cpu, "_measure_attention", lambda: (1.0, 2.0))
     model = _model(n_classes=0, head="mol")
     tokens = torch.randint(0, 16, (2, 10))
@@ -533,16 +516,14 @@ def test_mixture_sampling_in_c_equals_the_pytorch_arithmetic(monkeypatch):
     """On the CPU the mixture is sampled in C from PyTorch's random numbers: the same generator
     gives the same levels as the PyTorch arithmetic (a level may differ by one where the two
     roundings straddle a bin edge)."""
-    from linear_transformers.ops import cpu
-
-    if not cpu.step_available():
-        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     head = MixtureOfLogisticsHead(8, 256, 10)
     params = torch.randn(20_000, 30) * torch.tensor([3.0] * 10 + [1.0] * 10 + [2.0] * 10) - torch.tensor(
         [0.0] * 20 + [3.0] * 10
     )
     fast = head.sample(params, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(cpu, "step_available", lambda: False)
+    monkeypatch.setattr(fused, "available", lambda: False)
     slow = head.sample(params, generator=torch.Generator().manual_seed(1))
     monkeypatch.undo()
     differ = fast != slow
@@ -608,3 +589,31 @@ def test_padding_must_be_on_the_left_and_boolean():
         m(tokens, padding=torch.zeros(2, 4, dtype=torch.long))
     with torch.no_grad():
         assert torch.equal(m(tokens, padding=torch.zeros(2, 4, dtype=torch.bool)), m(tokens))  # no padding at all
+
+
+def test_decode_config_refuses_what_the_step_cannot_do():
+    with pytest.raises(ValueError, match="dot=torch.bfloat16 needs weights=torch.bfloat16"):
+        DecodeConfig(dot=torch.bfloat16)
+    with pytest.raises(ValueError, match="weights must be torch.float32 or torch.bfloat16, got torch.float16"):
+        DecodeConfig(weights=torch.float16)
+    with pytest.raises(ValueError, match="max_batch must be >= 0, got -1"):
+        DecodeConfig(max_batch=-1)
+    with pytest.raises(ValueError, match="cpu precision must be one of float32, bf16-weights, bf16, got 'fp16'"):
+        DecodeConfig.precision("fp16")
+    assert DecodeConfig.precision("bf16-weights") == DecodeConfig(weights=torch.bfloat16)
+
+
+@pytest.mark.parametrize("head", ["mol", "categorical"])
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_k=5), dict(temperature=0)])
+def test_every_stepper_gives_the_same_tokens(head, sampling):
+    """generate() is one loop over the stepper decode.stepper picks: the fused step (or the fused
+    mixture loop), the PyTorch step and recomputing the prefix draw the same tokens from one seed."""
+    model = _model(n_classes=0, head=head)
+    prompt = torch.randint(0, 16, (3, 4))
+    runs = []
+    for mode, config in (("rnn", DecodeConfig()), ("rnn", DecodeConfig(fused=False)), ("recompute", DecodeConfig())):
+        gen = torch.Generator().manual_seed(11)
+        runs.append(
+            model.generate(prompt=prompt, max_new_tokens=30, generator=gen, mode=mode, config=config, **sampling)
+        )
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from linear_transformers import ops
+from linear_transformers.decode import DecodeConfig, fused
 from linear_transformers.model import CausalTransformer, ModelConfig
 from linear_transformers.ops import LinearState, cpu
 
@@ -126,7 +127,7 @@ def model_cases(draw):
     )
 
 
-@pytest.mark.skipif(not cpu.step_available(), reason=f"no CPU kernel: {cpu.step_unavailable_reason()}")
+@pytest.mark.skipif(not fused.available(), reason=f"no CPU kernel: {fused.unavailable_reason()}")
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(case=model_cases())
 def test_the_fused_step_equals_the_pytorch_step_on_random_models(case):
@@ -134,19 +135,18 @@ def test_the_fused_step_equals_the_pytorch_step_on_random_models(case):
                       n_heads=case["n_heads"], d_ff=case["d_ff"], norm=case["norm"], feature_map=case["feature_map"],
                       positional=case["positional"], head=case["head"])  # fmt: skip
     model = CausalTransformer(cfg).eval()
-    model.fused_max_batch = 64
+    configs = (DecodeConfig(max_batch=64), DecodeConfig(fused=False))
     B = case["batch"]
     tokens = torch.randint(0, 16, (B, 12))
     outs = []
     with torch.no_grad():
         _, state = model.prefill(tokens[:, : case["prompt"]])
-        for fused in (True, False):
-            model.fused_step = fused
+        for config in configs:
             st_ = state.clone()
             if case["wrong_batch"] is not None and case["wrong_batch"] != B:
                 with pytest.raises(ValueError, match="the state's batch"):
-                    model.step(torch.zeros(case["wrong_batch"], dtype=torch.long), st_)
-            outs.append(torch.stack([model.step(tokens[:, t], st_)[0] for t in range(case["prompt"], 11)], 1))
+                    model.step(torch.zeros(case["wrong_batch"], dtype=torch.long), st_, config)
+            outs.append(torch.stack([model.step(tokens[:, t], st_, config)[0] for t in range(case["prompt"], 11)], 1))
         assert model._fused is not None
     assert torch.isfinite(outs[0]).all()
     torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)

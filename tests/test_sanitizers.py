@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from linear_transformers.ops.cpu import build
+from linear_transformers.native import build
 
 
 def _libasan() -> str | None:

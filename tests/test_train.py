@@ -141,27 +141,27 @@ def test_sample_and_eval_commands(tmp_path, mnist_dir, capsys):
 def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
     """--cpu-precision sets the fused CPU step's precision for sampling, and is refused where it
     would be ignored."""
-    from linear_transformers import cli
-    from linear_transformers.ops import cpu
+    from linear_transformers import decode
+    from linear_transformers.decode import fused
 
-    if not cpu.step_available():
-        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     run = tmp_path / "run"
     cli_main(["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "2", "--checkpoint-every", "2",
               "--head", "mol", *TINY])  # fmt: skip
     seen, generate = [], CausalTransformer.generate
 
     def spy(self, *args, **kwargs):
-        seen.append((self.fused_weights, self.fused_dot))
+        seen.append((kwargs["config"].weights, kwargs["config"].dot))
         return generate(self, *args, **kwargs)
 
     monkeypatch.setattr(CausalTransformer, "generate", spy)
-    names = ["bf16-weights"] + (["bf16"] if cpu.has_bf16_dot() else [])
+    names = ["bf16-weights"] + (["bf16"] if fused.has_bf16_dot() else [])
     for name in names:
         assert cli_main(["sample", "--checkpoint", str(run), "--n", "1", "--cpu-precision", name,
                          "--out", str(tmp_path / f"{name}.png")]) == 0  # fmt: skip
         assert f"CPU precision {name}" in capsys.readouterr().out
-    assert seen == [cli.CPU_PRECISIONS[name] for name in names]  # one batch each
+    assert seen == [decode.PRECISIONS[name] for name in names]  # one batch each
     cli_error(
         capsys,
         ["sample", "--checkpoint", str(run), "--cpu-precision", "fp16"],

@@ -21,6 +21,7 @@ import torch
 
 from .commands import given_options
 from .data.images import image_grid, write_png
+from .decode import PRECISIONS, DecodeConfig, fused
 from .export import ExportConfig, run_export
 from .heads import check_sampling
 from .model import ModelConfig
@@ -57,8 +58,8 @@ class SampleConfig:
     cpu_precision: str = "float32"  # linear RNN on the CPU: float32, bf16-weights or bf16 (faster, see README)
 
     def __post_init__(self) -> None:
-        if self.cpu_precision not in CPU_PRECISIONS:
-            raise ValueError(f"--cpu-precision must be one of {', '.join(CPU_PRECISIONS)}, got {self.cpu_precision!r}")
+        if self.cpu_precision not in PRECISIONS:
+            raise ValueError(f"--cpu-precision must be one of {', '.join(PRECISIONS)}, got {self.cpu_precision!r}")
         if self.mode not in ("rnn", "recompute"):
             raise ValueError(f"--mode must be rnn or recompute, got {self.mode!r}")
         for name in ("n", "batch_size"):
@@ -69,14 +70,6 @@ class SampleConfig:
         if self.top_k < 0:
             raise ValueError(f"--top-k must be >= 0 (0: every token), got {self.top_k}")
         check_sampling("sample", self.temperature, self.top_k or None, self.top_p)
-
-
-# --cpu-precision: the fused CPU step's (weights, dot products), see CausalTransformer.fused_weights
-CPU_PRECISIONS = {
-    "float32": (torch.float32, torch.float32),
-    "bf16-weights": (torch.bfloat16, torch.float32),
-    "bf16": (torch.bfloat16, torch.bfloat16),
-}
 
 
 @dataclass
@@ -132,7 +125,7 @@ def dataclass_from_args(cls, args: argparse.Namespace, **fixed):
 def run_sample(cfg: SampleConfig) -> Path:
     device = resolve_device(cfg.device)
     model, config = load_model(cfg.checkpoint, device)
-    _set_cpu_precision(model, cfg.cpu_precision, device)
+    decode_config = _decode_config(model, cfg.cpu_precision, device)
     meta = config["data"]
     if meta["alphabet"] is None:
         for option, value in (("--prompt", cfg.prompt), ("--max-new-tokens", cfg.max_new_tokens)):
@@ -140,7 +133,12 @@ def run_sample(cfg: SampleConfig) -> Path:
                 raise ValueError(f"{option} is for text models; this is an image model, whose samples are whole images")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     kwargs = dict(
-        temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p, generator=generator, mode=cfg.mode
+        temperature=cfg.temperature,
+        top_k=cfg.top_k or None,
+        top_p=cfg.top_p,
+        generator=generator,
+        mode=cfg.mode,
+        config=decode_config,
     )
     start = time.perf_counter()
     if meta["alphabet"] is not None:
@@ -176,25 +174,24 @@ def run_sample(cfg: SampleConfig) -> Path:
     return out
 
 
-def _set_cpu_precision(model, name: str, device: torch.device) -> None:
-    """--cpu-precision: refused where the fused CPU step would not run (so it cannot be ignored)."""
+def _decode_config(model, name: str, device: torch.device) -> DecodeConfig:
+    """--cpu-precision as a DecodeConfig: refused where the fused CPU step would not run (so it cannot
+    be ignored)."""
     if name == "float32":
-        return
-    from .ops import cpu
-
+        return DecodeConfig()
     cfg = model.cfg
     if device.type != "cpu":
         raise ValueError(f"sample: --cpu-precision {name} is for generation on the CPU; the device is {device}")
-    if cfg.attention != "causal-linear" or cfg.feature_map not in cpu.FUSED_FEATURE_MAPS:
+    if cfg.attention != "causal-linear" or cfg.feature_map not in fused.FEATURE_MAPS:
         raise ValueError(
             f"sample: --cpu-precision {name} needs the fused CPU step: causal-linear attention with one of the "
-            f"feature maps {', '.join(cpu.FUSED_FEATURE_MAPS)}; this model has {cfg.attention}, {cfg.feature_map}"
+            f"feature maps {', '.join(fused.FEATURE_MAPS)}; this model has {cfg.attention}, {cfg.feature_map}"
         )
-    if not cpu.step_available():
-        raise ValueError(f"sample: --cpu-precision {name} needs the CPU kernel: {cpu.step_unavailable_reason()}")
-    if name == "bf16" and not cpu.has_bf16_dot():
+    if not fused.available():
+        raise ValueError(f"sample: --cpu-precision {name} needs the CPU kernel: {fused.unavailable_reason()}")
+    if name == "bf16" and not fused.has_bf16_dot():
         raise ValueError("sample: --cpu-precision bf16 needs a CPU with AVX512-BF16; bf16-weights runs anywhere")
-    model.fused_weights, model.fused_dot = CPU_PRECISIONS[name]
+    return DecodeConfig.precision(name)
 
 
 def run_eval(cfg: EvalConfig) -> float:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import cpu
+from .decode import fused
 
 
 def check_sampling(fn: str, temperature: object, top_k: object, top_p: object) -> None:
@@ -144,27 +144,44 @@ class MixtureOfLogisticsHead(nn.Module):
     @staticmethod
     def draws_directly(temperature: float, top_k: int | None, top_p: float | None) -> bool:
         """Whether `sample` draws from the mixture itself (temperature 1, no truncation), not from
-        `log_probs`: the case FusedModelStep.sample_mol reproduces in C."""
+        `log_probs`: the case the fused generation runs in C (decode.fused.FusedModelStep.sample_mol)."""
         return temperature == 1.0 and not top_k and (top_p is None or top_p >= 1.0)
 
-    def sample(self, params, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
-        """One level per row of params [B, 3K]. At temperature 1 without truncation, draw a component,
-        then a logistic value, and bin it: exactly the discretised mixture, without evaluating all L
-        levels. Otherwise sample from `log_probs` (tempered, truncated)."""
-        check_sampling("sample", temperature, top_k, top_p)
-        if not self.draws_directly(temperature, top_k, top_p):
-            return sample(self.log_probs(params), temperature, top_k, top_p, generator)
+    # the logistic draw's uniform, kept off 0 and 1 (log u and log(1 - u) stay finite)
+    UNIFORM = (1e-7, 1 - 1e-7)
+
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None):
+        """The random numbers of one direct draw for rows of `shape`, in the order `sample` takes
+        them: race [*shape, K] ~ Exp(1) (which component), then u [*shape] ~ U(UNIFORM) (where in
+        it). The fused generation draws through this too, so both give the same tokens."""
+        race = torch.empty(*shape, self.n_components, dtype=torch.float32, device=device).exponential_(
+            generator=generator
+        )
+        u = torch.empty(*shape, dtype=torch.float32, device=device).uniform_(*self.UNIFORM, generator=generator)
+        return race, u
+
+    def sample_drawn(self, params: torch.Tensor, race: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Levels from params [..., 3K] and one draw's random numbers (`draw`): the component
+        argmax(log pi - log race), then the logistic value mu + s (log u - log(1 - u)), binned. On the
+        CPU this runs in C (fused.mol_sample), the arithmetic the fused generation uses."""
         K, L = self.n_components, self.vocab_size
         params = params.float()
-        race = torch.empty_like(params[..., :K]).exponential_(generator=generator)
-        u = torch.empty_like(params[..., 0]).uniform_(*cpu.MOL_UNIFORM, generator=generator)
-        if params.device.type == "cpu" and params.dim() == 2 and cpu.step_available():  # the same arithmetic in C
-            return cpu.mol_sample(params.contiguous(), race, u, L)
+        if params.device.type == "cpu" and params.dim() == 2 and fused.available():
+            return fused.mol_sample(params.contiguous(), race.contiguous(), u.contiguous(), L)
         k = (torch.log_softmax(params[..., :K], -1) - race.log()).argmax(-1, keepdim=True)
         mu = params[..., K : 2 * K].gather(-1, k)[..., 0]
         s = torch.exp(params[..., 2 * K :].clamp(min=-7.0).gather(-1, k)[..., 0])
         x = mu + s * (torch.log(u) - torch.log1p(-u))
         return torch.round((x + 1) * ((L - 1) / 2)).clamp(0, L - 1).long()
+
+    def sample(self, params, temperature=1.0, top_k=None, top_p=None, generator=None) -> torch.Tensor:
+        """One level per row of params [B, 3K]. At temperature 1 without truncation, draw a component,
+        then a logistic value, and bin it (`draw`, `sample_drawn`): exactly the discretised mixture,
+        without evaluating all L levels. Otherwise sample from `log_probs` (tempered, truncated)."""
+        check_sampling("sample", temperature, top_k, top_p)
+        if not self.draws_directly(temperature, top_k, top_p):
+            return sample(self.log_probs(params), temperature, top_k, top_p, generator)
+        return self.sample_drawn(params, *self.draw(params.shape[:-1], generator, params.device))
 
 
 HEADS = {"categorical": CategoricalHead, "mol": MixtureOfLogisticsHead}

@@ -17,17 +17,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from . import decode
 from .attention import ATTENTION_KINDS, AttentionLayer
+from .decode import DecodeConfig
 from .feature_maps import FEATURE_MAPS
-from .heads import HEADS, MixtureOfLogisticsHead, check_sampling, sample  # noqa: F401 (sample: the model API)
-from .ops import KVCache, LinearState, cpu
+from .heads import HEADS, check_sampling, sample  # noqa: F401 (sample: the model API)
+from .ops import KVCache, LinearState
 
 POSITIONAL = ("sinusoidal", "learned", "none")
-# Up to this batch the fused CPU step runs (no per-operation overhead; from 20 rows on the batch rides
-# in vector lanes, one weight broadcast per 16 rows): bench generate's step table measured it faster
-# than PyTorch's step at every batch up to 256 on the paper's MNIST model (BENCHMARKS.md), and no
-# further; PyTorch's step takes larger batches.
-FUSED_MAX_BATCH = 256
 NORMS = ("pre", "post")
 
 
@@ -119,6 +116,15 @@ class Block(nn.Module):
         )
         self.dropout = nn.Dropout(cfg.dropout)
 
+    # The feed-forward's two linear layers by name (ff stays a Sequential: checkpoints say ff.0, ff.2).
+    @property
+    def ff_in(self) -> nn.Linear:
+        return self.ff[0]
+
+    @property
+    def ff_out(self) -> nn.Linear:
+        return self.ff[2]
+
     def _mix(self, x, attend):
         if self.pre_norm:
             y, state = attend(self.norm1(x))
@@ -179,18 +185,7 @@ class CausalTransformer(nn.Module):
             else head_cls(cfg.d_model, cfg.vocab_size)
         )  # fmt: skip
         self.dropout = nn.Dropout(cfg.dropout)
-        # Generation on the CPU runs all blocks of a step in one C call where it applies and was
-        # measured faster than the PyTorch step on this machine (see _fused_step); False always takes
-        # the PyTorch path. fused_weights=torch.bfloat16 streams bfloat16 copies of the projection
-        # weights (half the bytes per token; float32 arithmetic; the copies are taken at the start of
-        # each generate()). fused_dot=torch.bfloat16 (with bfloat16
-        # weights, on a CPU with AVX512-BF16) also rounds the projections' inputs to bfloat16 and
-        # multiplies bfloat16 pairs (vdpbf16ps), accumulating in float32.
-        self.fused_step = True
-        self.fused_max_batch = FUSED_MAX_BATCH  # larger batches take the PyTorch path (bench generate measures it)
-        self.fused_weights = torch.float32
-        self.fused_dot = torch.float32
-        self._fused: cpu.FusedModelStep | None = None
+        self._fused: decode.fused.FusedModelStep | None = None  # built by decode.fused_step on demand
 
     # ---- inputs ---------------------------------------------------------------------------------
     def _positions(self, start: int, n: int, device) -> torch.Tensor | None:
@@ -204,6 +199,12 @@ class CausalTransformer(nn.Module):
         if self.cfg.positional == "sinusoidal":
             return self.pos_table[start : start + n]
         return None
+
+    def position_table(self) -> torch.Tensor | None:
+        """The positional encodings of every position [max_len, d_model] (None: positional "none")."""
+        if self.cfg.positional == "learned":
+            return self.pos.weight
+        return self.pos_table if self.cfg.positional == "sinusoidal" else None
 
     def _positions_of(self, positions: torch.Tensor) -> torch.Tensor | None:
         """The positional encodings of positions [B, T] (each row its own), [B, T, d_model]."""
@@ -332,23 +333,26 @@ class CausalTransformer(nn.Module):
         offsets = None if padding is None else padding.sum(1)
         return self.head(self.norm(x if all_rows else x[:, -1])), ModelState(states, x.shape[1], offsets)
 
-    def step(self, token: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
+    def step(
+        self, token: torch.Tensor, state: ModelState, config: DecodeConfig = decode.DEFAULT
+    ) -> tuple[torch.Tensor, ModelState]:
         """Feed one token [B]; returns the head parameters of the next token [B, n_params] and the state.
         With linear attention this costs the same at every position (the state is updated in place
-        under torch.no_grad)."""
+        under torch.no_grad). On the CPU the whole step runs in one C call where that computes the
+        same and is faster (decode.fused_step; config chooses and sets its precision)."""
         batches = {s.S.shape[0] if isinstance(s, LinearState) else s.batch for s in state.layers}
         if not isinstance(token, torch.Tensor) or token.dim() != 1 or batches != {token.shape[0]}:
             got = f"shape {list(token.shape)}" if isinstance(token, torch.Tensor) else type(token).__name__
             raise ValueError(f"CausalTransformer.step: token must be [B], B the state's batch {batches}; got {got}")
-        fused = self._fused_step(token, state) if state.offsets is None else None
-        if fused is not None:  # embedding to head in one C call
-            if state.position >= self.cfg.max_len:
-                self._positions(state.position, 1, token.device)  # raises: past max_len
-            params = fused(token, state.position, [s.S for s in state.layers], [s.z for s in state.layers])
-            for s in state.layers:
-                s.n_tokens += 1
-            state.position += 1
-            return params, state
+        fused = decode.fused_step(self, token.shape[0], state, config)
+        if fused is None:
+            return self.step_pytorch(token, state)
+        if state.position >= self.cfg.max_len:
+            self._positions(state.position, 1, token.device)  # raises: past max_len
+        return decode.step_fused(fused, token, state), state
+
+    def step_pytorch(self, token: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
+        """`step` through the blocks' own step, one PyTorch operation at a time."""
         x = self.embed(token.long())
         if state.offsets is None:
             pos = self._positions(state.position, 1, token.device)
@@ -368,78 +372,6 @@ class CausalTransformer(nn.Module):
         self._fused = None  # parameters may move or change dtype: the fused step is rebuilt on demand
         return super()._apply(fn, *args, **kwargs)
 
-    def _block_weights(self) -> list[dict[str, torch.Tensor]]:
-        return [
-            {
-                "ln1_w": b.norm1.weight, "ln1_b": b.norm1.bias, "qkv_w": b.attn.qkv.weight, "qkv_b": b.attn.qkv.bias,
-                "out_w": b.attn.out.weight, "out_b": b.attn.out.bias, "ln2_w": b.norm2.weight, "ln2_b": b.norm2.bias,
-                "ff1_w": b.ff[0].weight, "ff1_b": b.ff[0].bias, "ff2_w": b.ff[2].weight, "ff2_b": b.ff[2].bias,
-            }
-            for b in self.blocks
-        ]  # fmt: skip
-
-    def _io_weights(self) -> dict[str, torch.Tensor | None]:
-        """The weights around the blocks, as the fused step reads them."""
-        pos = {"learned": lambda: self.pos.weight, "sinusoidal": lambda: self.pos_table, "none": lambda: None}
-        norm = self.norm if isinstance(self.norm, nn.LayerNorm) else None
-        return {
-            "embed": self.embed.weight, "pos": pos[self.cfg.positional](),
-            "norm_w": norm.weight if norm else None, "norm_b": norm.bias if norm else None,
-            "head_w": self.head.proj.weight, "head_b": self.head.proj.bias,
-        }  # fmt: skip
-
-    def _fused_step(self, token: torch.Tensor, state: ModelState) -> cpu.FusedModelStep | None:
-        """The fused C step (ops/cpu/model_step.c) where it computes what the model would (linear
-        attention with an elementwise feature map, float32 on the CPU, no autograd, no dropout) and
-        is the faster way (batch <= fused_max_batch, and the build measured faster than the PyTorch
-        step on this machine: cpu.verdict, once per build)."""
-        cfg = self.cfg
-        if not (
-            self.fused_step
-            and cfg.attention == "causal-linear"
-            and cfg.feature_map in cpu.FUSED_FEATURE_MAPS
-            and not self.training
-            and not torch.is_grad_enabled()
-            and token.shape[0] <= self.fused_max_batch
-            and token.device.type == "cpu"
-            and all(isinstance(s, LinearState) and s.S.is_contiguous() and s.z.is_contiguous() for s in state.layers)
-            and all(s.S.dtype == torch.float32 for s in state.layers)
-            and self._plain_modules()
-            and cpu.step_available()
-            and cpu.verdict("fused_step", _measure_fused_step, library="model_step")
-        ):
-            return None
-        return self._build_fused()
-
-    def _plain_modules(self) -> bool:
-        """Whether every layer the fused step reads weights from is a plain nn.Linear / nn.LayerNorm:
-        a wrapped one (a LoRA adapter, say) computes more than its .weight, which the C step would
-        silently drop. (Checked every token, through _modules: a few microseconds.)"""
-        linear, norm = nn.Linear, nn.LayerNorm
-        for b in self.blocks._modules.values():
-            m, attn, ff = b._modules, b._modules["attn"]._modules, b._modules["ff"]._modules
-            if not (type(attn["qkv"]) is linear and type(attn["out"]) is linear and type(ff["0"]) is linear
-                    and type(ff["2"]) is linear and type(m["norm1"]) is norm and type(m["norm2"]) is norm):  # fmt: skip
-                return False
-        final = self._modules["norm"]
-        return type(self._modules["head"]._modules["proj"]) is linear and type(final) in (norm, nn.Identity)
-
-    def _build_fused(self) -> cpu.FusedModelStep | None:
-        cfg = self.cfg
-        if self._fused is None or (self._fused.weights, self._fused.dot) != (self.fused_weights, self.fused_dot):
-            # (reset by _apply: .to(), .float(), ...; the step keeps the weights it points into alive)
-            layers, io = self._block_weights(), self._io_weights()
-            tensors = [t for layer in layers for t in layer.values()] + [t for t in io.values() if t is not None]
-            if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-                return None
-            self._fused = cpu.FusedModelStep(
-                layers, io, n_heads=cfg.n_heads, dk=cfg.d_model // cfg.n_heads, dv=cfg.d_model // cfg.n_heads,
-                pre_norm=cfg.norm == "pre", feature_map=cfg.feature_map, ln_eps=self.blocks[0].norm1.eps,
-                norm_eps=getattr(self.norm, "eps", 0.0), attn_eps=cfg.eps, weights=self.fused_weights,
-                dot=self.fused_dot,
-            )  # fmt: skip
-        return self._fused
-
     @torch.no_grad()
     def generate(
         self,
@@ -454,6 +386,7 @@ class CausalTransformer(nn.Module):
         generator: torch.Generator | None = None,
         mode: str = "rnn",
         padding: torch.Tensor | None = None,
+        config: DecodeConfig = decode.DEFAULT,
     ) -> torch.Tensor:
         """Sample continuations. Returns [B, T0 + max_new_tokens] tokens (prompt included).
 
@@ -464,7 +397,8 @@ class CausalTransformer(nn.Module):
         whole prefix in parallel for every token (the paper's softmax baseline). LSH attention has no
         recurrent form (its buckets depend on the whole sequence), so it always recomputes.
         padding: bool [B, T0], True at the left padding of prompts of different lengths; each row
-        is continued as if it were alone.
+        is continued as if it were alone. config: how the CPU steps (decode.DecodeConfig: the fused
+        C step or not, up to which batch, its precision).
         """
         if mode not in ("rnn", "recompute"):
             raise ValueError(f"generate: mode must be 'rnn' or 'recompute', got {mode!r}")
@@ -475,7 +409,7 @@ class CausalTransformer(nn.Module):
             raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if self.cfg.attention == "causal-lsh":
             mode = "recompute"
-        if self.fused_weights != torch.float32:
+        if config.weights != torch.float32:
             self._fused = None  # fresh low-precision copies of the current weights
         device = next(self.parameters()).device
         if prompt is None:
@@ -503,55 +437,9 @@ class CausalTransformer(nn.Module):
             padding = self._check_padding(prompt, padding.to(device))
             if padding is not None:
                 padding = torch.cat([padding, padding.new_zeros(prompt.shape[0], max_new_tokens)], 1)
-        if mode == "rnn":
-            params, state = self.prefill(prompt, labels, None if padding is None else padding[:, :T0])
-            head = self.head
-            direct = isinstance(head, MixtureOfLogisticsHead) and head.draws_directly(temperature, top_k, top_p)
-            direct = direct and state.offsets is None
-            fused = self._fused_step(out[:, 0], state) if direct else None
-            if fused is not None:  # all the tokens in one C call: the same draws, so the same tokens
-                out[:, T0] = self.head.sample(params, generator=generator)
-                S, z = [s.S for s in state.layers], [s.z for s in state.layers]
-                rest = fused.sample_mol(out[:, T0], state.position, S, z, max_new_tokens - 1, self.head.vocab_size,
-                                        generator)  # fmt: skip
-                out[:, T0 + 1 :] = rest.T
-                return out
-        for t in range(T0, T0 + max_new_tokens):
-            if mode == "recompute":  # the last input token is dropped by forward: any value will do
-                window = torch.cat([out[:, :t], torch.zeros_like(out[:, :1])], 1)
-                params = self(window, labels, None if padding is None else padding[:, : t + 1])[:, t]
-            out[:, t] = self.head.sample(params, temperature, top_k, top_p, generator)
-            if mode == "rnn" and t + 1 < T0 + max_new_tokens:
-                params, state = self.step(out[:, t], state)
+        sampling = decode.Sampling(temperature, top_k, top_p, generator)
+        stepper = decode.stepper(self, out, T0, mode, labels, padding, sampling, config)
+        t = T0
+        while t < T0 + max_new_tokens:
+            t = stepper.advance(out, t, T0 + max_new_tokens)
         return out
-
-
-def _measure_fused_step() -> tuple[float, float]:
-    """Seconds per token at batch 1 of the fused C step and of the PyTorch step, best of 7 runs of
-    16 tokens interleaved, on a representative model (4 blocks, d_model 256, 8 heads, d_ff 1024, a
-    mixture-of-logistics head): cpu.verdict's measurement for the fused step (~0.1 s, once per build)."""
-    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
-        return _time_fused_step()
-
-
-def _time_fused_step() -> tuple[float, float]:
-    cfg = ModelConfig(vocab_size=256, max_len=64, d_model=256, n_layers=4, n_heads=8, d_ff=1024, head="mol")
-    model = CausalTransformer(cfg).eval()
-    fused = model._build_fused()
-    tokens = torch.randint(0, 256, (16, 1))
-    with torch.no_grad():
-        _, state = model.prefill(torch.zeros(1, 0, dtype=torch.long))
-        S, z = [s.S for s in state.layers], [s.z for s in state.layers]
-
-        def run_fused():
-            for t in range(16):
-                fused(tokens[t], t, S, z)
-
-        def run_pytorch():
-            model.fused_step = False
-            st = state.clone()
-            for t in range(16):
-                model.step(tokens[t], st)
-
-        kernel, pytorch = cpu.best_of([run_fused, run_pytorch])
-    return kernel / 16, pytorch / 16

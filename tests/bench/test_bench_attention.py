@@ -22,7 +22,7 @@ def test_quick_attention_benchmark(tmp_path, capsys):
 def test_attention_benchmark_per_isa_level(tmp_path, capsys):
     """--isa: one process per level, each with its own kernel build and PyTorch capped to the same
     level, then the levels side by side."""
-    from linear_transformers.ops.cpu import build
+    from linear_transformers.native import build
 
     below_best = [lv for lv in build.supported_levels() if lv in ("x86-64-v3", "x86-64", "armv8-a")]
     levels = [*below_best[:1], "generic"]

@@ -34,7 +34,7 @@ def test_quick_generate_benchmark(tmp_path, capsys):
 def test_generate_benchmark_per_isa_level(tmp_path, capsys):
     """--isa with --parts: per level (own process, own build) whole images and one step at batch 1,
     fused against the PyTorch step of the same process."""
-    from linear_transformers.ops.cpu import build
+    from linear_transformers.native import build
 
     level = build.supported_levels()[0]
     args = ["generate", "--quick", "--configs", "mnist", "--parts", "images", "steps", "--isa", level, "generic"]
@@ -69,21 +69,21 @@ def test_paper_tables_when_a_generator_is_timed_at_batch_1_only():
 
 
 def test_read_f32_reads_every_element():
-    """The floor's read (cpu.read_f32) covers every element of every tensor, whatever its size."""
+    """The floor's read (fused.read_f32) covers every element of every tensor, whatever its size."""
     import pytest
     import torch
 
-    from linear_transformers.ops import cpu
+    from linear_transformers.decode import fused
 
-    if not cpu.step_available():
-        pytest.skip(f"no CPU kernel: {cpu.step_unavailable_reason()}")
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     tensors = [torch.rand(n) + 1 for n in (1, 15, 64, 65, 1000, 65536 + 7, 300_001)]
     expected = sum(float(t.double().sum()) for t in tensors)
-    assert abs(cpu.read_f32(tensors) - expected) < 1e-5 * expected
+    assert abs(fused.read_f32(tensors) - expected) < 1e-5 * expected
     for t in tensors:  # each alone, so a missed tail of a small one shows
-        assert abs(cpu.read_f32([t]) - float(t.double().sum())) <= 1e-5 * float(t.double().sum())
-    assert abs(cpu.read_f32(tensors, passes=3) - expected) < 1e-5 * expected  # the mean over passes
+        assert abs(fused.read_f32([t]) - float(t.double().sum())) <= 1e-5 * float(t.double().sum())
+    assert abs(fused.read_f32(tensors, passes=3) - expected) < 1e-5 * expected  # the mean over passes
     with pytest.raises(ValueError, match="passes must be >= 1"):
-        cpu.read_f32(tensors, passes=0)
+        fused.read_f32(tensors, passes=0)
     with pytest.raises(ValueError, match="contiguous float32 CPU tensors"):
-        cpu.read_f32([torch.rand(8, dtype=torch.float64)])
+        fused.read_f32([torch.rand(8, dtype=torch.float64)])

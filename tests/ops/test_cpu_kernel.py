@@ -11,9 +11,10 @@ import warnings
 import pytest
 import torch
 
-from linear_transformers import ops
+from linear_transformers import native, ops
+from linear_transformers.decode import fused
+from linear_transformers.native import build
 from linear_transformers.ops import cpu
-from linear_transformers.ops.cpu import build
 
 from helpers import qkv, rel_err
 
@@ -23,9 +24,9 @@ needs_compiler = pytest.mark.skipif(not build.compilers(), reason="no C compiler
 @pytest.fixture
 def fresh_kernel(monkeypatch, tmp_path):
     """Forget the loaded libraries and build into an empty cache directory."""
-    monkeypatch.setattr(cpu, "_loaded", {})
-    monkeypatch.setattr(cpu, "_warned", set())
-    monkeypatch.setattr(cpu, "_verdicts", {})
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_warned", set())
+    monkeypatch.setattr(native, "_verdicts", {})
     monkeypatch.setenv("LINEAR_TRANSFORMERS_CACHE", str(tmp_path))
     monkeypatch.setattr(ops, "_warned_fallback", set())
     return tmp_path
@@ -39,12 +40,12 @@ def _auto_choice(q, v) -> str:
 @needs_compiler
 def test_kernels_build_on_this_machine():
     assert cpu.available(), cpu.unavailable_reason()
-    assert cpu.step_available(), cpu.step_unavailable_reason()
-    info = cpu.build_info()
+    assert fused.available(), fused.unavailable_reason()
+    info = native.build_info(cpu.LIBRARY)
     assert info.level == build.best_level()
     assert not any(f.startswith(("-march=native", "-mtune=native")) for f in info.flags)
     # the attention kernel is its own library, built without OpenMP; the step asks for it
-    assert info.path != cpu.build_info("model_step").path
+    assert info.path != native.build_info(fused.LIBRARY).path
     assert not any("openmp" in f for f in info.flags)
 
 
@@ -53,9 +54,9 @@ def test_build_is_cached_and_reused(fresh_kernel, monkeypatch):
     assert cpu.available(), cpu.unavailable_reason()
     built = list(fresh_kernel.glob(f"causal_linear-{build.best_level()}-*.so"))
     assert len(built) == 1
-    assert json.loads(built[0].with_suffix(".json").read_text())["flags"] == list(cpu.build_info().flags)
+    assert json.loads(built[0].with_suffix(".json").read_text())["flags"] == list(native.build_info(cpu.LIBRARY).flags)
     stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(cpu, "_loaded", {})
+    monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setattr(build.tempfile, "TemporaryDirectory", lambda **kw: pytest.fail("recompiled a cached library"))
     assert cpu.available()
     assert built[0].stat().st_mtime_ns == stamp
@@ -76,17 +77,17 @@ def test_auto_falls_back_with_one_warning(fresh_kernel, monkeypatch):
 
 def test_disabled_by_environment(fresh_kernel, monkeypatch):
     monkeypatch.setenv("LINEAR_TRANSFORMERS_NO_CPU_KERNEL", "1")
-    assert not cpu.available() and not cpu.step_available()
+    assert not cpu.available() and not fused.available()
     assert "LINEAR_TRANSFORMERS_NO_CPU_KERNEL" in cpu.unavailable_reason()
 
 
 @needs_compiler
 def test_compile_errors_are_reported(fresh_kernel, monkeypatch):
     # the build compiles the source read at import (not the files on disk, which may have changed since)
-    monkeypatch.setitem(cpu._SOURCE_TEXT, "causal_linear.c", b"this is not C\n")
+    monkeypatch.setitem(native._libraries["causal_linear"].sources, "causal_linear.c", b"this is not C\n")
     assert not cpu.available()
     assert "compiling causal_linear for" in cpu.unavailable_reason()
-    assert cpu.step_available()  # the other library is not affected
+    assert fused.available()  # the other library is not affected
 
 
 def test_isa_level_is_chosen_from_the_cpu_or_forced(monkeypatch):
@@ -143,10 +144,10 @@ def test_auto_takes_the_kernel_only_where_it_measured_faster(fresh_kernel, monke
             warnings.simplefilter("error")  # said once
             assert _auto_choice(q, v) == "chunked"
     # stored beside the library: a new process (here: forgotten libraries) does not measure again
-    stored = json.loads(cpu.build_info().info_path.read_text())["verdicts"]
+    stored = json.loads(native.build_info(cpu.LIBRARY).info_path.read_text())["verdicts"]
     assert [v["faster"] for v in stored.values()] == [winner == "kernel"]
-    monkeypatch.setattr(cpu, "_loaded", {})
-    monkeypatch.setattr(cpu, "_verdicts", {})
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_verdicts", {})
     _auto_choice(q, v)
     assert calls == [1]
     # explicit "cpu" is always honoured
@@ -169,9 +170,9 @@ def test_the_environment_overrides_the_verdict(fresh_kernel, monkeypatch):
 @needs_compiler
 def test_the_real_measurements_run():
     """The verdicts' measurements themselves (what wins is this machine's business, not the test's)."""
-    from linear_transformers.model import _measure_fused_step
+    from linear_transformers.decode import measure_fused_step
 
-    for kernel_s, pytorch_s in (cpu._measure_attention(), _measure_fused_step()):
+    for kernel_s, pytorch_s in (cpu._measure_attention(), measure_fused_step()):
         assert 0 < kernel_s < 1 and 0 < pytorch_s < 1
 
 
@@ -190,16 +191,16 @@ def test_the_step_builds_and_runs_without_openmp(fresh_kernel, monkeypatch):
 
     monkeypatch.setattr(build, "_openmp_flags", lambda clang: [[]])
     with pytest.warns(RuntimeWarning, match="built without OpenMP .* it runs single-threaded"):
-        assert cpu.step_available()
-    assert not cpu.build_info("model_step").openmp
+        assert fused.available()
+    assert not native.build_info(fused.LIBRARY).openmp
     cfg = ModelConfig(vocab_size=16, max_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, head="mol")
     model = CausalTransformer(cfg).eval()
     tokens = torch.randint(0, 16, (3, 12))
     with torch.no_grad():
         _, state = model.prefill(tokens[:, :0])
-        fused = [model.step(tokens[:, t], state)[0] for t in range(11)]
+        stepped = [model.step(tokens[:, t], state)[0] for t in range(11)]
         assert model._fused is not None
-        torch.testing.assert_close(torch.stack(fused, 1), model(tokens)[:, 1:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.stack(stepped, 1), model(tokens)[:, 1:], atol=1e-5, rtol=1e-5)
 
 
 @needs_compiler
@@ -218,7 +219,7 @@ def test_compilers_without_the_level_names_get_the_older_flags(fresh_kernel, mon
     old_gcc.chmod(0o755)
     monkeypatch.setenv("CC", str(old_gcc))
     assert cpu.available(), cpu.unavailable_reason()
-    assert cpu.build_info().flags[4:6] == build.LEVELS[level].older[:2]
+    assert native.build_info(cpu.LIBRARY).flags[4:6] == build.LEVELS[level].older[:2]
     q, k, v = qkv(1, 70, 2, 8, 8)
     assert (
         rel_err(
@@ -264,42 +265,42 @@ def test_the_fused_step_c_entry_points_check_what_they_are_given():
     from linear_transformers.model import CausalTransformer, ModelConfig
 
     model = CausalTransformer(ModelConfig(vocab_size=16, max_len=16, d_model=16, n_layers=2, n_heads=2, d_ff=32)).eval()
-    fused = model._build_fused()
-    lib = cpu.load_step()
+    step = fused.from_model(model)
+    lib = fused.load()
     S = [torch.zeros(1, 2, 8, 8) for _ in range(2)]
     z = [torch.zeros(1, 2, 8) for _ in range(2)]
-    S_ptrs, z_ptrs = fused._prepare(1, S, z)
-    tokens, params = torch.ones(1, dtype=torch.int64), torch.empty(1, fused.n_params)
+    S_ptrs, z_ptrs = step._prepare(1, S, z)
+    tokens, params = torch.ones(1, dtype=torch.int64), torch.empty(1, step.n_params)
 
-    def call(m=fused.model, s=S_ptrs, work=True):
-        w = fused._work.data_ptr() if work else None
+    def call(m=step.model, s=S_ptrs, work=True):
+        w = step._work.data_ptr() if work else None
         return lib.lt_model_token_f32(ctypes.byref(m), 1, tokens.data_ptr(), 0, s, z_ptrs, w, params.data_ptr())
 
     assert call() == 0
     for field, bad in [("n_layers", 0), ("dk", 0), ("bf16", 7), ("embed", None), ("head_w", None)]:
-        broken = type(fused.model).from_buffer_copy(fused.model)
+        broken = type(step.model).from_buffer_copy(step.model)
         setattr(broken, field, bad)
         assert call(broken) == 2, field
-    broken = type(fused.model).from_buffer_copy(fused.model)
+    broken = type(step.model).from_buffer_copy(step.model)
     broken.qkv_w = None
     assert call(broken) == 2
     assert call(s=(ctypes.c_void_p * 2)(S[0].data_ptr(), None)) == 2  # a layer without its state
     assert call(work=False) == 2
     before = [s.clone() for s in S]
     assert all(torch.equal(a, b) for a, b in zip(before, S, strict=True))
-    assert cpu.load_step().lt_mol_sample_f32(1, 0, 16, None, None, None, None) == -1
-    assert cpu.read_f32([torch.ones(10)]) == 10 and math.isnan(lib.lt_read_f32(1, None, None, 1))
+    assert fused.load().lt_mol_sample_f32(1, 0, 16, None, None, None, None) == -1
+    assert fused.read_f32([torch.ones(10)]) == 10 and math.isnan(lib.lt_read_f32(1, None, None, 1))
 
 
 @needs_compiler
 def test_measuring_the_kernels_leaves_the_random_stream_alone():
     """The verdicts are measured in the middle of a user's program (the first "auto" call): they
     must not consume the global random stream, or a seeded run would differ on its first day."""
-    from linear_transformers.model import _measure_fused_step
+    from linear_transformers.decode import measure_fused_step
 
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
     cpu._measure_attention()
-    _measure_fused_step()
+    measure_fused_step()
     assert torch.equal(torch.rand(4), expected)

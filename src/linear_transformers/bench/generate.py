@@ -17,7 +17,7 @@ per-token cost is flat; marked "integrated" for the others, whose cost grows wit
 every timed token includes drawing it from the head (temperature 1). The RNN modes are also timed
 the way a user meets them: whole images at batch 1 through model.generate(n=1), the modes taking
 turns (median of --images); with them, in turn, the floor for float32 at batch 1: one read of the
-float32 projection weights per token (cpu.read_f32: a pass per token in one parallel region, the
+float32 projection weights per token (fused.read_f32: a pass per token in one parallel region, the
 step's threads reading the way its GEMVs do), what memory bandwidth alone costs per image. Also:
 training step tokens/s, linear vs softmax. Where whole images take seconds (MNIST), the PyTorch step
 ("linear-rnn-pytorch", the fused step switched off) takes turns with them too. --parts picks the parts.
@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..decode import DEFAULT, DecodeConfig, fused
 from ..model import CausalTransformer, ModelConfig, ModelState
-from ..ops import cpu
 from . import levels
 from .measure import isa_lines, machine_info, time_fn
 from .report import fmt, markdown_table, write_csv
@@ -90,7 +90,9 @@ def _best_seconds(fn, repeats: int) -> float:
     return time_fn(fn, repeats).best_ms / 1e3
 
 
-def per_token_seconds(model: CausalTransformer, mode: str, batch: int, position: int, repeats: int = 10) -> float:
+def per_token_seconds(
+    model: CausalTransformer, mode: str, batch: int, position: int, repeats: int = 10, config: DecodeConfig = DEFAULT
+) -> float:
     """Seconds to produce the token at `position` (0-based) for a batch, sampling included: best of
     `repeats` for the stepping modes (milliseconds each, so a moment of noise would otherwise decide
     the row), one run for recomputing (seconds each)."""
@@ -109,7 +111,7 @@ def per_token_seconds(model: CausalTransformer, mode: str, batch: int, position:
         start = state.position
 
         def run():
-            model.head.sample(model.step(token, state)[0])
+            model.head.sample(model.step(token, state, config)[0])
             # a cache grows by the token: roll it back, so every run sees the same position
             for s, n in zip(state.layers, lengths, strict=True):
                 if n is not None:
@@ -119,9 +121,9 @@ def per_token_seconds(model: CausalTransformer, mode: str, batch: int, position:
         return _best_seconds(run, repeats)
 
 
-def seconds_per_image(model, mode, batch, positions) -> tuple[float, list[float]]:
+def seconds_per_image(model, mode, batch, positions, config: DecodeConfig = DEFAULT) -> tuple[float, list[float]]:
     """Sum of the per-token time over positions 0..T-1, integrated (trapezoid) from the measured positions."""
-    times = [per_token_seconds(model, mode, batch, p) for p in positions]
+    times = [per_token_seconds(model, mode, batch, p, config=config) for p in positions]
     total = float(np.trapezoid(times, positions)) + (times[0] + times[-1]) / 2
     return total / batch, times
 
@@ -132,37 +134,39 @@ FLOOR = "float32 weights, one read per token"
 def streamed_weights(model: CausalTransformer) -> list[torch.Tensor]:
     """The blocks' float32 projection weights: what the fused step streams from memory for every
     token at batch 1 (embedding, norms, head and state are small beside them)."""
-    return [layer[name] for layer in model._block_weights() for name in cpu.FusedModelStep.PROJECTIONS]
+    return [w for b in model.blocks for w in (b.attn.qkv.weight, b.attn.out.weight, b.ff_in.weight, b.ff_out.weight)]
 
 
-def whole_images(models: dict[str, CausalTransformer], repeats: int, floor: list[torch.Tensor] | None = None):
+def whole_images(
+    models: dict[str, tuple[CausalTransformer, DecodeConfig]], repeats: int, floor: list[torch.Tensor] | None = None
+):
     """Seconds for whole images at batch 1 through model.generate(n=1) (sampling at temperature 1):
     the models take turns, image by image, so the machine's drift falls on all of them alike. With
     `floor` (streamed_weights), each turn also times reading those tensors once per token of an
-    image (cpu.read_f32: max_len passes in one parallel region, the step's threads, in the pattern
+    image (fused.read_f32: max_len passes in one parallel region, the step's threads, in the pattern
     its GEMVs read): what reading the float32 weights alone costs per image at that moment."""
     times: dict[str, list[float]] = {label: [] for label in models}
     if floor is not None:
         times[FLOOR] = []
-    for model in models.values():  # a few tokens each, untimed: builds the fused step
-        model.generate(n=1, max_new_tokens=8)
+    for model, config in models.values():  # a few tokens each, untimed: builds the fused step
+        model.generate(n=1, max_new_tokens=8, config=config)
     for _ in range(repeats):
-        for label, model in models.items():
+        for label, (model, config) in models.items():
             t0 = time.perf_counter()
-            model.generate(n=1)
+            model.generate(n=1, config=config)
             times[label].append(time.perf_counter() - t0)
         if floor is not None:
             t0 = time.perf_counter()
-            cpu.read_f32(floor, passes=next(iter(models.values())).cfg.max_len)
+            fused.read_f32(floor, passes=next(iter(models.values()))[0].cfg.max_len)
             times[FLOOR].append(time.perf_counter() - t0)
     return times
 
 
 def step_crossover(cfg: ModelConfig, batches: list[int], repeats: int) -> list[dict]:
     """Milliseconds per RNN step of the fused C step and of the PyTorch step at each batch size
-    (best of `repeats`, the two taking turns): where the model should switch (fused_max_batch)."""
+    (best of `repeats`, the two taking turns): where generation should switch (DecodeConfig.max_batch)."""
     model = CausalTransformer(cfg).eval()
-    model.fused_max_batch = max(batches)
+    configs = {True: DecodeConfig(max_batch=max(batches)), False: DecodeConfig(fused=False)}
     rows = []
     with torch.no_grad():
         for batch in batches:
@@ -171,9 +175,8 @@ def step_crossover(cfg: ModelConfig, batches: list[int], repeats: int) -> list[d
             best = {True: float("inf"), False: float("inf")}
             for _ in range(repeats):
                 for fused in (True, False):
-                    model.fused_step = fused
                     t0 = time.perf_counter()
-                    model.step(token, state)
+                    model.step(token, state, configs[fused])
                     best[fused] = min(best[fused], time.perf_counter() - t0)
             rows.append({"batch": batch, "step_ms_fused": best[True] * 1e3, "step_ms_pytorch": best[False] * 1e3})
     return rows
@@ -195,11 +198,11 @@ def verify_bf16_dot(model: CausalTransformer, reference: CausalTransformer) -> s
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 24))
     with torch.no_grad():
         outs = []
-        for m in (model, reference):
+        for m, config in ((model, DecodeConfig.precision("bf16")), (reference, DEFAULT)):
             params, state = m.prefill(tokens[:, :0])
             seq = [params]
             for t in range(23):
-                params, state = m.step(tokens[:, t], state)
+                params, state = m.step(tokens[:, t], state, config)
                 seq.append(params)
             outs.append(torch.stack(seq, 1))
     err = float((outs[0] - outs[1]).abs().max() / outs[1].abs().max())
@@ -258,49 +261,46 @@ def main(args: argparse.Namespace) -> int:
         positions = sorted({int(x) for x in np.linspace(0, T - 1, args.points)})
         # recomputing is compute-bound: at the fixed batch it is timed at a batch of at most 8 MNIST images
         recompute_batch = max(1, min(args.batch, 8 * 784 // T)) if T <= 784 else 1
+        # (a model per precision: each keeps its own fused step, built once)
         linear_bf16 = CausalTransformer(cfg).eval()
         linear_bf16.load_state_dict(linear.state_dict())
-        linear_bf16.fused_weights = torch.bfloat16
         generators = [
-            ("linear-rnn", linear, "rnn"),
-            ("linear-rnn-bf16", linear_bf16, "rnn"),
+            ("linear-rnn", linear, "rnn", DEFAULT),
+            ("linear-rnn-bf16", linear_bf16, "rnn", DecodeConfig.precision("bf16-weights")),
         ]
-        if cpu.step_available() and cpu.has_bf16_dot():
+        if fused.available() and fused.has_bf16_dot():
             linear_dot = CausalTransformer(cfg).eval()
             linear_dot.load_state_dict(linear.state_dict())
-            linear_dot.fused_weights = linear_dot.fused_dot = torch.bfloat16
             print("  verified: " + verify_bf16_dot(linear_dot, linear))
-            print(f"  bfloat16 dots from 20 rows on: {'AMX tiles' if cpu.has_amx() else 'AVX512-BF16 (no AMX)'}")
-            generators.append(("linear-rnn-bf16dot", linear_dot, "rnn"))
+            print(f"  bfloat16 dots from 20 rows on: {'AMX tiles' if fused.has_amx() else 'AVX512-BF16 (no AMX)'}")
+            generators.append(("linear-rnn-bf16dot", linear_dot, "rnn", DecodeConfig.precision("bf16")))
         generators += [
-            ("softmax-cache", softmax, "cache"),
-            ("softmax-recompute", softmax, "recompute"),
+            ("softmax-cache", softmax, "cache", DEFAULT),
+            ("softmax-recompute", softmax, "recompute", DEFAULT),
         ]
         if args.tables:
             for hashes in (1, 4):
                 lsh = CausalTransformer(replace(cfg, attention="causal-lsh", lsh_hashes=hashes, lsh_chunk=LSH_CHUNK))
                 print("  verified: " + verify_lsh(lsh.eval()))
-                generators.append((f"lsh-{hashes}", lsh, "recompute"))
+                generators.append((f"lsh-{hashes}", lsh, "recompute", DEFAULT))
         step_batches = [1, 4, 8] if args.quick else [1, 4, 16, 32, 64, 128, 256]
         for r in step_crossover(cfg, step_batches, 3 if args.quick else 10) if "steps" in args.parts else []:
             rows.append({"config": name, "generator": "linear-rnn step", **r})
             print(f"  one RNN step at batch {r['batch']:3d}: fused C {r['step_ms_fused']:8.3f} ms, "
                   f"PyTorch {r['step_ms_pytorch']:8.3f} ms")  # fmt: skip
-        rnn = {label: model for label, model, mode in generators if mode == "rnn"}
+        rnn = {label: (model, config) for label, model, mode, config in generators if mode == "rnn"}
         if T <= PYTORCH_IMAGES_MAX_LEN:
-            rnn["linear-rnn-pytorch"] = CausalTransformer(cfg).eval()
-            rnn["linear-rnn-pytorch"].load_state_dict(linear.state_dict())
-            rnn["linear-rnn-pytorch"].fused_step = False
-        floor = streamed_weights(linear) if cpu.step_available() else None
+            rnn["linear-rnn-pytorch"] = (linear, DecodeConfig(fused=False))
+        floor = streamed_weights(linear) if fused.available() else None
         images = whole_images(rnn, args.images, floor).items() if "images" in args.parts else []
         for label, times in images:
             median = float(np.median(times))
             rows.append({"config": name, "generator": label, "batch": 1, "whole_image_median_s": median,
                          "whole_image_s": " ".join(f"{t:.4g}" for t in times)})  # fmt: skip
             print(f"  {label:18s} whole images, batch 1: median {median:.3f} s ({min(times):.3f}-{max(times):.3f})")
-        for label, model, mode in generators if "tokens" in args.parts else []:
+        for label, model, mode, config in generators if "tokens" in args.parts else []:
             for batch in sorted({1, recompute_batch if mode == "recompute" else args.batch}):
-                s, times = seconds_per_image(model, mode, batch, positions)
+                s, times = seconds_per_image(model, mode, batch, positions, config)
                 how = f"timed at {len(positions)} positions, integrated over {T}"
                 if mode == "recompute" and batch != args.batch and batch != 1:
                     how += f"; fixed-batch column timed at batch {batch}"

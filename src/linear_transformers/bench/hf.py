@@ -59,6 +59,7 @@ class _Clock:
 def main(args: argparse.Namespace) -> int:
     from transformers import StoppingCriteriaList
 
+    from ..decode import DecodeConfig
     from ..hf import from_model
 
     if args.tokens < 64 or args.repeats < 1:
@@ -70,11 +71,9 @@ def main(args: argparse.Namespace) -> int:
     n = args.tokens
 
     def ours(tokens: int, fused: bool) -> torch.Tensor:
-        model.fused_step = fused
-        return model.generate(prompt=prompt, max_new_tokens=tokens, temperature=0)
+        return model.generate(prompt=prompt, max_new_tokens=tokens, temperature=0, config=DecodeConfig(fused=fused))
 
     def theirs(clock: _Clock | None = None) -> torch.Tensor:
-        hf.model.fused_step = True
         criteria = StoppingCriteriaList([clock]) if clock else None
         return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, stopping_criteria=criteria)
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..ops.cpu import build
+from ..native import build
 
 # PyTorch limited to a level's instruction set, so an AVX2 column compares like with like (what the cap
 # changes: BENCHMARKS.md, "The CPU kernels per ISA level")

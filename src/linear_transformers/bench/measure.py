@@ -97,12 +97,14 @@ def machine_info() -> dict[str, str]:
 def isa_info() -> dict[str, str]:
     """What decides CPU speed besides the chip: its vector flags, the ISA level PyTorch's kernels
     run at, and how the project's C kernels were built (level, flags, compiler)."""
+    from .. import native
+    from ..decode import fused
+    from ..native import build
     from ..ops import cpu
-    from ..ops.cpu import build
 
     flags = build.cpu_flags() or frozenset()
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
-    b, step = cpu.build_info(), cpu.build_info("model_step")
+    b, step = native.build_info(cpu.LIBRARY), native.build_info(fused.LIBRARY)
     return {
         "cpu_flags": " ".join(f for f in wanted if f in flags) or "(none of " + ", ".join(wanted) + ")",
         "torch_isa": torch.backends.cpu.get_cpu_capability(),

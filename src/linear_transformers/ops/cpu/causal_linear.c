@@ -1,4 +1,4 @@
-/* Causal linear attention kernels for the CPU (float32 and float64), loaded by ops/cpu with ctypes.
+/* Causal linear attention kernels for the CPU (float32 and float64), loaded by ops/cpu/__init__.py with ctypes.
  * Plain C with GCC/clang vector extensions of the target's width (simd.h) and pthreads (no OpenMP):
  * no PyTorch headers, so it compiles in about a second on first use. The algorithm is in
  * causal_linear_impl.h. */

@@ -4,7 +4,7 @@ compiler), built on first use with explicit flags and cached on disk.
 ISA levels (LEVELS) are compile targets with stated flags, never `-march=native`: a VM often masks
 the CPU's model, and `-march=native` then tunes for the wrong chip (what that cost: BENCHMARKS.md,
 "The CPU kernels per ISA level"). Each level tunes for `generic`. The kernels pick their vector width and register tiles
-from the compiler's predefined macros (cpu/simd.h), so each level gets code written for it.
+from the compiler's predefined macros (native/simd.h), so each level gets code written for it.
 
     x86-64-v4-amx  AVX-512 + AVX512-BF16 + AMX-BF16 (Sapphire Rapids and later): 16 floats, 32 registers
     x86-64-v4-bf16 AVX-512 + AVX512-BF16 (AMD Zen 4 and later, Cooper Lake): bfloat16 dots, no AMX

@@ -1,0 +1,217 @@
+"""Generation: the steppers that advance a CausalTransformer token by token, and the one place that
+chooses among them.
+
+    PyTorch step     CausalTransformer's blocks, one operation at a time (any model, any device)
+    fused step       the whole model in one C call per token (fused.py, model_step.c): linear
+                     attention on the CPU, batch <= DecodeConfig.max_batch, where this machine
+                     measured it faster than the PyTorch step (native.verdict, once per build)
+    fused mixture    a mixture-of-logistics head at temperature 1: steps and draws together in C,
+                     GENERATE_CHUNK tokens per call, from the random numbers the head draws
+    recompute        the whole prefix re-run in parallel for every token (the paper's softmax
+                     baseline; LSH attention, which has no recurrent form)
+
+Every stepper samples with the head's own code (`head.sample`, or `head.draw` then the same
+arithmetic in C), so which stepper runs never changes the tokens a seeded generator gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import native
+from ..ops import LinearState
+from . import fused
+
+if TYPE_CHECKING:
+    from ..model import CausalTransformer, ModelState
+
+# Up to this batch the fused step runs (from 20 rows on the batch rides in vector lanes, one weight
+# broadcast per 16 rows); bench generate's step table measures where it stops paying (BENCHMARKS.md).
+FUSED_MAX_BATCH = 256
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How generation runs on the CPU (the tokens do not depend on it, except through precision).
+
+    fused: use the fused C step where it applies and was measured faster (False: the PyTorch step).
+    max_batch: larger batches take the PyTorch step.
+    weights: torch.bfloat16 streams bfloat16 copies of the four projection weights (half the bytes
+        per token; float32 arithmetic; the copies are taken at the start of each generate()).
+    dot: torch.bfloat16 (with bfloat16 weights, on a CPU with AVX512-BF16) also rounds the
+        projections' inputs to bfloat16 and multiplies bfloat16 pairs, accumulating in float32.
+    """
+
+    fused: bool = True
+    max_batch: int = FUSED_MAX_BATCH
+    weights: torch.dtype = torch.float32
+    dot: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 0:
+            raise ValueError(f"DecodeConfig: max_batch must be >= 0, got {self.max_batch}")
+        for name in ("weights", "dot"):
+            if getattr(self, name) not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"DecodeConfig: {name} must be torch.float32 or torch.bfloat16, "
+                                 f"got {getattr(self, name)}")  # fmt: skip
+        if self.dot == torch.bfloat16 and self.weights != torch.bfloat16:
+            raise ValueError("DecodeConfig: dot=torch.bfloat16 needs weights=torch.bfloat16")
+
+    @classmethod
+    def precision(cls, name: str, **kwargs) -> DecodeConfig:
+        """The config for a --cpu-precision name (PRECISIONS)."""
+        if name not in PRECISIONS:
+            raise ValueError(f"cpu precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+        weights, dot = PRECISIONS[name]
+        return cls(weights=weights, dot=dot, **kwargs)
+
+
+# --cpu-precision names: the fused step's (weights, dot products)
+PRECISIONS = {
+    "float32": (torch.float32, torch.float32),
+    "bf16-weights": (torch.bfloat16, torch.float32),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+}
+DEFAULT = DecodeConfig()
+
+
+def fused_step(model: CausalTransformer, batch: int, state: ModelState, config: DecodeConfig = DEFAULT):
+    """The fused C step for stepping `state` (batch rows) of `model`, or None where the PyTorch step
+    must run: the C step computes what the model would (fused.computes: linear attention with an
+    elementwise feature map, plain layers; float32 on the CPU, no autograd, no dropout, no per-row
+    offsets) and is the faster way (batch <= config.max_batch, and the build measured faster than
+    the PyTorch step on this machine). Built once per model and precision, kept on the model."""
+    if not (
+        config.fused
+        and batch <= config.max_batch
+        and not model.training
+        and not torch.is_grad_enabled()
+        and state.offsets is None
+        and all(isinstance(s, LinearState) and s.S.device.type == "cpu" for s in state.layers)
+        and all(s.S.dtype == torch.float32 and s.S.is_contiguous() and s.z.is_contiguous() for s in state.layers)
+        and fused.computes(model)
+        and fused.available()
+        and native.verdict("fused_step", measure_fused_step, fused.LIBRARY)
+    ):
+        return None
+    step = model._fused
+    if step is None or (step.weights, step.dot) != (config.weights, config.dot):
+        # (model._apply resets it: .to(), .float(), ...; the step keeps the weights it points into alive)
+        step = model._fused = fused.from_model(model, config.weights, config.dot)
+    return step
+
+
+def step_fused(step: fused.FusedModelStep, token: torch.Tensor, state: ModelState) -> torch.Tensor:
+    """One token [B] through the fused step: the next token's head parameters; `state` advances."""
+    params = step(token, state.position, [s.S for s in state.layers], [s.z for s in state.layers])
+    for s in state.layers:
+        s.n_tokens += 1
+    state.position += 1
+    return params
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+    def __call__(self, head, params: torch.Tensor) -> torch.Tensor:
+        return head.sample(params, self.temperature, self.top_k, self.top_p, self.generator)
+
+
+class _Recurrent:
+    """Per call: feed the token before t (the prefill's parameters serve the first), sample token t."""
+
+    def __init__(self, model: CausalTransformer, params: torch.Tensor, state: ModelState, sampling: Sampling,
+                 fused_step: fused.FusedModelStep | None) -> None:  # fmt: skip
+        self.model, self.params, self.state, self.sampling, self.fused = model, params, state, sampling, fused_step
+
+    def advance(self, out: torch.Tensor, t: int, end: int) -> int:
+        if self.params is None:
+            token = out[:, t - 1]
+            if self.fused is not None:
+                self.params = step_fused(self.fused, token, self.state)
+            else:
+                self.params, self.state = self.model.step_pytorch(token, self.state)
+        out[:, t] = self.sampling(self.model.head, self.params)
+        self.params = None
+        return t + 1
+
+
+class _FusedMixture(_Recurrent):
+    """A mixture-of-logistics head drawn directly: after the first token, up to GENERATE_CHUNK
+    tokens per C call, each stepped and sampled in C from the random numbers the head draws for it
+    (MixtureOfLogisticsHead.draw, token by token: the draws of sampling them one at a time)."""
+
+    def advance(self, out: torch.Tensor, t: int, end: int) -> int:
+        if self.params is not None:
+            return super().advance(out, t, end)
+        head, B = self.model.head, out.shape[0]
+        n = min(fused.FusedModelStep.GENERATE_CHUNK, end - t)
+        draws = [head.draw((B,), self.sampling.generator) for _ in range(n)]
+        race, u = torch.stack([r for r, _ in draws]), torch.stack([v for _, v in draws])
+        S, z = [s.S for s in self.state.layers], [s.z for s in self.state.layers]
+        tokens = self.fused.sample_mol(out[:, t - 1], self.state.position, S, z, race, u, head.vocab_size)
+        for s in self.state.layers:
+            s.n_tokens += n
+        self.state.position += n
+        out[:, t : t + n] = tokens.T
+        return t + n
+
+
+class _Recompute:
+    """Per token: the whole prefix re-run in parallel (no state)."""
+
+    def __init__(self, model: CausalTransformer, labels, padding, sampling: Sampling) -> None:
+        self.model, self.labels, self.padding, self.sampling = model, labels, padding, sampling
+
+    def advance(self, out: torch.Tensor, t: int, end: int) -> int:
+        window = torch.cat([out[:, :t], torch.zeros_like(out[:, :1])], 1)  # forward drops the last input token
+        padding = None if self.padding is None else self.padding[:, : t + 1]
+        out[:, t] = self.sampling(self.model.head, self.model(window, self.labels, padding)[:, t])
+        return t + 1
+
+
+def stepper(model: CausalTransformer, out: torch.Tensor, T0: int, mode: str, labels, padding, sampling: Sampling,
+            config: DecodeConfig):  # fmt: skip
+    """The stepper that fills out[:, T0:] (the one place the way of generating is chosen)."""
+    if mode == "recompute":
+        return _Recompute(model, labels, padding, sampling)
+    params, state = model.prefill(out[:, :T0], labels, None if padding is None else padding[:, :T0])
+    step = fused_step(model, out.shape[0], state, config)
+    direct = model.cfg.head == "mol" and model.head.draws_directly(sampling.temperature, sampling.top_k,
+                                                                     sampling.top_p)  # fmt: skip
+    kind = _FusedMixture if step is not None and direct else _Recurrent
+    return kind(model, params, state, sampling, step)
+
+
+def measure_fused_step() -> tuple[float, float]:
+    """Seconds per token at batch 1 of the fused C step and of the PyTorch step, best of 7 runs of
+    16 tokens interleaved, on a representative model (4 blocks, d_model 256, 8 heads, d_ff 1024, a
+    mixture-of-logistics head): the verdict's measurement for the fused step (~0.1 s, once per build)."""
+    from ..model import CausalTransformer, ModelConfig
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's random stream stays as it was
+        cfg = ModelConfig(vocab_size=256, max_len=64, d_model=256, n_layers=4, n_heads=8, d_ff=1024, head="mol")
+        model = CausalTransformer(cfg).eval()
+        step = fused.from_model(model)
+        tokens = torch.randint(0, 256, (16, 1))
+        _, state = model.prefill(torch.zeros(1, 0, dtype=torch.long))
+        S, z = [s.S for s in state.layers], [s.z for s in state.layers]
+
+        def run_fused():
+            for t in range(16):
+                step(tokens[t], t, S, z)
+
+        def run_pytorch():
+            st = state.clone()
+            for t in range(16):
+                model.step_pytorch(tokens[t], st)
+
+        kernel, pytorch = native.best_of([run_fused, run_pytorch])
+    return kernel / 16, pytorch / 16

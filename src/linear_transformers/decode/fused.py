@@ -1,0 +1,362 @@
+"""The fused generation step: one C call (model_step.c) runs a whole causal linear transformer for
+one token, from the token ids to the parameters of the next token's distribution; and the mixture-
+of-logistics sampler in C, so a whole image can be generated in a few calls.
+
+The library is built and loaded by `linear_transformers.native` (per ISA level, cached; OpenMP
+where the compiler has it). This module knows the C side's layout (`_LtModel`); `from_model`
+takes the weights out of a CausalTransformer by name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import native
+from ..native import ptr as _ptr
+
+if TYPE_CHECKING:
+    from ..model import CausalTransformer
+
+LIBRARY = "model_step"
+
+
+def _set_signatures(lib: ctypes.CDLL) -> None:
+    ptr, c_int = ctypes.c_void_p, ctypes.c_int
+    lib.lt_model_token_f32.argtypes = [ctypes.POINTER(_LtModel), c_int, ptr, ctypes.c_long] + [ptr] * 4
+    lib.lt_model_token_f32.restype = c_int
+    lib.lt_has_bf16_dot.restype = c_int
+    lib.lt_has_amx.restype = c_int
+    lib.lt_mol_sample_f32.argtypes = [c_int] * 3 + [ptr] * 4
+    lib.lt_mol_sample_f32.restype = c_int
+    lib.lt_generate_mol_f32.argtypes = (
+        [ctypes.POINTER(_LtModel), c_int, ptr, ctypes.c_long, c_int]
+        + [ptr] * 4
+        + [c_int, c_int, ptr, ptr, ctypes.POINTER(c_int)]
+    )
+    lib.lt_generate_mol_f32.restype = c_int
+    lib.lt_read_f32.argtypes = [c_int, ptr, ptr, c_int]
+    lib.lt_read_f32.restype = ctypes.c_float
+
+
+native.register(LIBRARY, [Path(__file__).parent / "model_step.c", native.SIMD_H], True, _set_signatures)
+
+
+def load() -> ctypes.CDLL | None:
+    """The fused model step library, building it on first call; None if it cannot be built."""
+    return native.load(LIBRARY).lib
+
+
+def available() -> bool:
+    """Whether the fused model step library is built and loaded."""
+    return load() is not None
+
+
+def unavailable_reason() -> str | None:
+    return native.load(LIBRARY).error
+
+
+class _LtModel(ctypes.Structure):
+    """Mirror of lt_model in model_step.c."""
+
+    _fields_ = [
+        *[(name, ctypes.c_int) for name in ("n_layers", "d", "n_heads", "dk", "dv", "dff", "pre_norm", "feature_map",
+                                            "bf16")],
+        ("ln_eps", ctypes.c_float),
+        ("attn_eps", ctypes.c_float),
+        *[(name, ctypes.POINTER(ctypes.c_void_p)) for name in ("ln1_w", "ln1_b", "qkv_w", "qkv_b", "out_w", "out_b",
+                                                               "ln2_w", "ln2_b", "ff1_w", "ff1_b", "ff2_w", "ff2_b")],
+        *[(name, ctypes.c_int) for name in ("vocab", "max_len", "n_params")],
+        ("norm_eps", ctypes.c_float),
+        *[(name, ctypes.c_void_p) for name in ("embed", "pos", "norm_w", "norm_b", "head_w", "head_b")],
+    ]  # fmt: skip
+
+
+# feature maps the C step computes (name -> its code in model_step.c)
+FEATURE_MAPS = {"elu": 0, "relu": 1}
+_MOL_NOT_FINITE = "mixture-of-logistics sampling: the head's parameters are not finite (NaN or inf)"
+
+
+def has_bf16_dot() -> bool:
+    """Whether the compiled step has bfloat16 dot products (the CPU has AVX512-BF16)."""
+    lib = load()
+    return bool(lib is not None and lib.lt_has_bf16_dot())
+
+
+def has_amx() -> bool:
+    """Whether bfloat16 dots in the batched layout (20 rows and more) run on AMX tiles: the kernel was
+    built with AMX-BF16 and Linux granted this process the tile registers."""
+    lib = load()
+    return bool(lib is not None and lib.lt_has_amx())
+
+
+class FusedModelStep:
+    """One generation step of a causal linear transformer in one C call: token ids in, the
+    parameters of the next token's distribution out (embedding and positions, all blocks, final
+    norm, head).
+
+    Built from the model's parameter tensors (float32, contiguous, CPU): `layers`, the blocks' (see
+    WEIGHTS), and `io`, those around them (see IO; "pos", "norm_w" and "norm_b" may be None). It
+    keeps references to them, so their memory outlives any reassignment; the model rebuilds it when
+    its parameters move (CausalTransformer._apply). In-place updates (optimizer steps,
+    load_state_dict) are seen.
+
+    weights=torch.bfloat16 streams bfloat16 copies of the four projection weights (taken here: later
+    updates are not seen) and widens them to float32 for float32 arithmetic. dot=torch.bfloat16 (with
+    bfloat16 weights, on a CPU with AVX512-BF16) also rounds the activations entering those
+    projections to bfloat16 and multiplies bfloat16 pairs, accumulating in float32: no widening
+    (from 20 rows on, on AMX tiles where the CPU and the kernel allow it: has_amx()).
+    The embedding, norms and head stay float32.
+    """
+
+    WEIGHTS = (
+        "ln1_w",
+        "ln1_b",
+        "qkv_w",
+        "qkv_b",
+        "out_w",
+        "out_b",
+        "ln2_w",
+        "ln2_b",
+        "ff1_w",
+        "ff1_b",
+        "ff2_w",
+        "ff2_b",
+    )
+    PROJECTIONS = ("qkv_w", "out_w", "ff1_w", "ff2_w")
+    # sample_mol's tokens per C call in generation: a call cannot be interrupted, and each costs
+    # ~50 us more than its steps
+    GENERATE_CHUNK = 64
+    IO = ("embed", "pos", "norm_w", "norm_b", "head_w", "head_b")
+
+    def __init__(
+        self,
+        layers: list[dict[str, torch.Tensor]],
+        io: dict[str, torch.Tensor | None],
+        *,
+        n_heads: int,
+        dk: int,
+        dv: int,
+        pre_norm: bool,
+        feature_map: str,
+        ln_eps: float,
+        norm_eps: float,
+        attn_eps: float,
+        weights: torch.dtype = torch.float32,
+        dot: torch.dtype = torch.float32,
+    ) -> None:
+        tensors = [t for layer in layers for t in layer.values()] + [t for t in io.values() if t is not None]
+        if any(t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" for t in tensors):
+            raise ValueError("FusedModelStep: every weight must be a contiguous float32 CPU tensor")
+        if set(io) != set(self.IO) or any(io[k] is None for k in ("embed", "head_w", "head_b")):
+            raise ValueError(f"FusedModelStep: io must map {', '.join(self.IO)} to tensors (pos and norm_*: or None)")
+        if weights not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"FusedModelStep: weights must be torch.float32 or torch.bfloat16, got {weights}")
+        if dot not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"FusedModelStep: dot must be torch.float32 or torch.bfloat16, got {dot}")
+        if dot == torch.bfloat16:
+            if weights != torch.bfloat16:
+                raise ValueError("FusedModelStep: dot=torch.bfloat16 needs weights=torch.bfloat16")
+            if not has_bf16_dot():
+                level = native.build_info(LIBRARY).level
+                raise ValueError(
+                    "FusedModelStep: dot=torch.bfloat16 needs a CPU with AVX512-BF16 (vdpbf16ps) and a kernel built "
+                    f"for it (level x86-64-v4-amx or x86-64-v4-bf16); this one is built for {level}"
+                )
+            widths = {n: layers[0][n].shape[1] for n in self.PROJECTIONS}
+            if any(w % 32 for w in widths.values()):
+                raise ValueError(f"FusedModelStep: dot=torch.bfloat16 needs input widths divisible by 32, got {widths}")
+        if weights == torch.bfloat16:  # copies of the four projections: half the bytes to stream per token
+            layers = [{k: t.to(torch.bfloat16) if k in self.PROJECTIONS else t for k, t in layer.items()}
+                      for layer in layers]  # fmt: skip
+        self.layers, self.io = layers, dict(io)  # keeps every tensor the C side points into alive
+        d, dff = layers[0]["ln1_w"].numel(), layers[0]["ff1_w"].shape[0]
+        vocab, n_params = io["embed"].shape[0], io["head_w"].shape[0]
+        max_len = io["pos"].shape[0] if io["pos"] is not None else 2**31 - 1
+        self.arrays = {name: (ctypes.c_void_p * len(layers))(*[layer[name].data_ptr() for layer in layers])
+                       for name in self.WEIGHTS}  # fmt: skip
+        self.model = _LtModel(len(layers), d, n_heads, dk, dv, dff, int(pre_norm), FEATURE_MAPS[feature_map],
+                              2 if dot == torch.bfloat16 else int(weights == torch.bfloat16), ln_eps, attn_eps,
+                              *[self.arrays[name] for name in self.WEIGHTS], vocab, max_len, n_params, norm_eps,
+                              *[_ptr(io[name]) for name in self.IO])  # fmt: skip
+        self.weights, self.dot = weights, dot
+        self.vocab, self.max_len, self.n_params = vocab, max_len, n_params
+        self.width = n_heads * (2 * dk + dv) + n_heads * dv + dff + 2 * d
+        self._work: torch.Tensor | None = None
+        self._states: tuple[tuple[int, ...], ctypes.Array, ctypes.Array] | None = None
+
+    def _prepare(self, B: int, S: list[torch.Tensor], z: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
+        self._check_states(B, S, z)
+        padded = -(-B // 16) * 16  # the C step's shared buffers hold B rounded up to 16 rows
+        if self._work is None or self._work.numel() < padded * self.width:
+            self._work = torch.empty(padded * self.width, dtype=torch.float32)
+        key = tuple(t.data_ptr() for t in S) + tuple(t.data_ptr() for t in z)
+        if self._states is None or self._states[0] != key:  # the pointer arrays, rebuilt when the state moves
+            n = len(S)
+            self._states = key, (ctypes.c_void_p * n)(*key[:n]), (ctypes.c_void_p * n)(*key[n:])
+        return self._states[1], self._states[2]
+
+    def _check_states(self, B: int, S: list[torch.Tensor], z: list[torch.Tensor]) -> None:
+        """The C step writes B rows of every layer's state in place: each must be exactly that
+        (a wrong batch, a view or a replaced tensor would be written out of bounds)."""
+        H, dk, dv, L = self.model.n_heads, self.model.dk, self.model.dv, self.model.n_layers
+        if B < 1:
+            raise ValueError(f"fused model step: the token batch must hold at least one token, got {B}")
+        if len(S) != L or len(z) != L:
+            raise ValueError(f"fused model step: one state per layer ({L}), got {len(S)} S and {len(z)} z")
+        for layer, (s, zz) in enumerate(zip(S, z, strict=True)):
+            for name, t, shape in (("S", s, (B, H, dk, dv)), ("z", zz, (B, H, dk))):
+                if t.shape != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                    raise ValueError(
+                        f"fused model step: layer {layer}'s state {name} must be a contiguous float32 CPU tensor "
+                        f"of shape {list(shape)} for a batch of {B} tokens, got {t.dtype} {list(t.shape)} on "
+                        f"{t.device}{'' if t.is_contiguous() else ', not contiguous'}"
+                    )
+
+    def _check(self, status: int, tokens: torch.Tensor, position: int) -> None:
+        if status == 2:
+            raise ValueError(
+                f"fused model step: tokens must lie in [0, {self.vocab}) and the position in [0, {self.max_len}), "
+                f"got tokens in [{int(tokens.min())}, {int(tokens.max())}] at position {position}"
+            )
+        if status:
+            raise MemoryError("fused model step: out of memory for its per-thread buffers")
+
+    def __call__(self, tokens: torch.Tensor, position: int, S: list[torch.Tensor], z: list[torch.Tensor]):
+        """tokens [B] (int64) at `position` -> the head's parameters [B, n_params] for the next token;
+        S [B, H, Dk, Dv] and z [B, H, Dk] (contiguous float32, one per block) are updated in place."""
+        if tokens.dim() != 1:
+            raise ValueError(f"fused model step: tokens must be [B], got shape {list(tokens.shape)}")
+        B = tokens.shape[0]
+        tokens = tokens.to(torch.int64).contiguous()
+        S_ptrs, z_ptrs = self._prepare(B, S, z)
+        params = torch.empty(B, self.n_params, dtype=torch.float32)
+        status = load().lt_model_token_f32(ctypes.byref(self.model), B, tokens.data_ptr(), position, S_ptrs,
+                                                z_ptrs, self._work.data_ptr(), params.data_ptr())  # fmt: skip
+        self._check(status, tokens, position)
+        return params
+
+    def sample_mol(
+        self,
+        first: torch.Tensor,
+        position: int,
+        S: list[torch.Tensor],
+        z: list[torch.Tensor],
+        race: torch.Tensor,
+        u: torch.Tensor,
+        levels: int,
+    ) -> torch.Tensor:
+        """n tokens of a mixture-of-logistics head at temperature 1 after `first` [B] (the token at
+        `position`), in one C call (lt_generate_mol_f32): per token the C step, then the head sampled
+        with that token's random numbers, race[i] [B, K] ~ Exp(1) and u[i] [B] ~ U(0, 1) (drawn by
+        MixtureOfLogisticsHead.draw; n = len(race)), with MixtureOfLogisticsHead.sample_drawn's
+        arithmetic. Returns [n, B] (int64); S and z advance by n tokens (the last one sampled is not
+        fed). A call cannot be interrupted: callers keep n to GENERATE_CHUNK or so."""
+        n, B, K = race.shape[0], first.shape[0], self.n_params // 3
+        for name, t, shape in (("race", race, (n, B, K)), ("u", u, (n, B))):
+            if t.shape != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError(f"fused model step: {name} must be a contiguous float32 CPU tensor {list(shape)}, "
+                                 f"got {t.dtype} {list(t.shape)} on {t.device}")  # fmt: skip
+        if levels > self.vocab or position + n > self.max_len:
+            raise ValueError(
+                f"fused model step: {n} tokens from position {position} with {levels} levels need "
+                f"position + n <= {self.max_len} and levels <= {self.vocab}"
+            )
+        out = torch.empty(n + 1, B, dtype=torch.int64)
+        out[0] = first
+        params = torch.empty(B, self.n_params, dtype=torch.float32)
+        S_ptrs, z_ptrs = self._prepare(B, S, z)
+        done = ctypes.c_int(0)
+        status = load().lt_generate_mol_f32(ctypes.byref(self.model), B, out.data_ptr(), position, n, S_ptrs, z_ptrs,
+                                            self._work.data_ptr(), params.data_ptr(), K, levels, race.data_ptr(),
+                                            u.data_ptr(), ctypes.byref(done))  # fmt: skip
+        if status == 3:
+            raise ValueError(f"{_MOL_NOT_FINITE} (token {done.value + 1} of {n})")
+        self._check(status, out[0], position)
+        return out[1:]
+
+
+def read_f32(tensors: list[torch.Tensor], passes: int = 1) -> float:
+    """Read float32 CPU tensors (contiguous) `passes` times in one parallel region with the fused
+    step's threads, the way its GEMVs read weights; returns their sum (the mean over passes).
+    bench generate times 784 passes against a 784-token image: the bandwidth floor of generation
+    at batch 1."""
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        raise ValueError("read_f32: tensors must be contiguous float32 CPU tensors")
+    if passes < 1:
+        raise ValueError(f"read_f32: passes must be >= 1, got {passes}")
+    ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_long * len(tensors))(*[t.numel() for t in tensors])
+    return load().lt_read_f32(len(tensors), ptrs, sizes, passes)
+
+
+def mol_sample(params: torch.Tensor, race: torch.Tensor, u: torch.Tensor, levels: int) -> torch.Tensor:
+    """Levels [B] (int64) drawn from the discretised mixtures params [B, 3K] with the given random
+    numbers race [B, K] ~ Exp(1) and u [B] ~ U(0, 1): MixtureOfLogisticsHead.sample's arithmetic
+    in one C call (all float32 contiguous CPU tensors)."""
+    B, K = race.shape
+    shapes = {"params": (params, (B, 3 * K)), "race": (race, (B, K)), "u": (u, (B,))}
+    for name, (t, shape) in shapes.items():
+        if t.shape != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"mol_sample: {name} must be a contiguous float32 CPU tensor {list(shape)}, got "
+                             f"{t.dtype} {list(t.shape)} on {t.device}")  # fmt: skip
+    out = torch.empty(B, dtype=torch.int64)
+    status = load().lt_mol_sample_f32(B, K, levels, params.data_ptr(), race.data_ptr(), u.data_ptr(),
+                                            out.data_ptr())  # fmt: skip
+    if status < 0:
+        raise ValueError(f"mol_sample: levels must be >= 2 and K >= 1, got {levels} and {K}")
+    if status:
+        raise ValueError(_MOL_NOT_FINITE)
+    return out
+
+
+def computes(model: CausalTransformer) -> bool:
+    """Whether the C step computes what `model` does: linear attention with a feature map it has,
+    and every layer it reads weights from a plain nn.Linear / nn.LayerNorm (a wrapped one, a LoRA
+    adapter say, computes more than its .weight, which the C step would silently drop). Checked on
+    every step, through _modules: a few microseconds."""
+    cfg = model.cfg
+    if cfg.attention != "causal-linear" or cfg.feature_map not in FEATURE_MAPS:
+        return False
+    linear, norm = torch.nn.Linear, torch.nn.LayerNorm
+    for b in model.blocks._modules.values():
+        m, attn, ff = b._modules, b._modules["attn"]._modules, b._modules["ff"]._modules
+        if not (type(attn["qkv"]) is linear and type(attn["out"]) is linear and type(ff["0"]) is linear
+                and type(ff["2"]) is linear and type(m["norm1"]) is norm and type(m["norm2"]) is norm):  # fmt: skip
+            return False
+    final = model._modules["norm"]
+    return type(model._modules["head"]._modules["proj"]) is linear and type(final) in (norm, torch.nn.Identity)
+
+
+def from_model(
+    model: CausalTransformer, weights: torch.dtype = torch.float32, dot: torch.dtype = torch.float32
+) -> FusedModelStep | None:
+    """The fused step over `model`'s parameters (kept by reference: in-place updates are seen), or
+    None where they are not all contiguous float32 CPU tensors. The caller checks `computes(model)`."""
+    cfg = model.cfg
+    layers = [
+        {
+            "ln1_w": b.norm1.weight, "ln1_b": b.norm1.bias, "qkv_w": b.attn.qkv.weight, "qkv_b": b.attn.qkv.bias,
+            "out_w": b.attn.out.weight, "out_b": b.attn.out.bias, "ln2_w": b.norm2.weight, "ln2_b": b.norm2.bias,
+            "ff1_w": b.ff_in.weight, "ff1_b": b.ff_in.bias, "ff2_w": b.ff_out.weight, "ff2_b": b.ff_out.bias,
+        }
+        for b in model.blocks
+    ]  # fmt: skip
+    norm = model.norm if isinstance(model.norm, torch.nn.LayerNorm) else None
+    io = {
+        "embed": model.embed.weight, "pos": model.position_table(),
+        "norm_w": norm.weight if norm else None, "norm_b": norm.bias if norm else None,
+        "head_w": model.head.proj.weight, "head_b": model.head.proj.bias,
+    }  # fmt: skip
+    tensors = [t for layer in layers for t in layer.values()] + [t for t in io.values() if t is not None]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return None
+    dk = cfg.d_model // cfg.n_heads
+    return FusedModelStep(
+        layers, io, n_heads=cfg.n_heads, dk=dk, dv=dk, pre_norm=cfg.norm == "pre", feature_map=cfg.feature_map,
+        ln_eps=model.blocks[0].norm1.eps, norm_eps=norm.eps if norm else 0.0, attn_eps=cfg.eps, weights=weights,
+        dot=dot,
+    )  # fmt: skip
