@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from ..commands import dispatch
-from . import attention, generate, gpu, hf
+from .. import commands
+from . import attention, dispatch, generate, gpu, hf
 
-BENCHMARKS = {"attention": attention, "generate": generate, "gpu": gpu, "hf": hf}
+BENCHMARKS = {"attention": attention, "dispatch": dispatch, "generate": generate, "gpu": gpu, "hf": hf}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch("python -m linear_transformers.bench", __doc__, BENCHMARKS, argv)
+    return commands.dispatch("python -m linear_transformers.bench", __doc__, BENCHMARKS, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ Linear attention takes queries and keys that are already feature-mapped (phi(x) 
 come back in the input dtype, while states and normalisers are kept in float32 (float64 for
 float64 inputs).
 
-Implementations of causal linear attention live in a small table keyed by backend name:
+Implementations of causal linear attention live in one table keyed by backend name (BACKENDS,
+backends.py: each a Backend record of its forward and backward, passing typed records):
 
     "naive"    naive.py    quadratic masked form, the reference
     "chunked"  chunked.py  chunkwise-parallel PyTorch with a memory-efficient backward (any device)
@@ -38,12 +39,12 @@ The baselines: `softmax_attention` (SDPA, with a growable KV cache for generatio
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import torch
 
 from . import chunked, cpu, library, naive, softmax  # noqa: F401 (chunked is re-exported: ops.chunked)
 from . import triton as triton_backend
+from .backends import BACKENDS, Backend
 from .lsh import lsh_attention
 from .state import KVCache, LinearState
 from .step import step as _linear_step
@@ -58,7 +59,7 @@ from .validation import (
 )
 
 __all__ = [
-    "CAUSAL_BACKENDS",
+    "BACKENDS",
     "KVCache",
     "LinearState",
     "causal_linear_attention",
@@ -70,72 +71,57 @@ __all__ = [
     "softmax_attention_with_cache",
 ]
 
-CausalImpl = Callable[..., tuple[torch.Tensor, LinearState]]
 
+def _run(backend: Backend, q, k, v, initial_state: LinearState | None, eps: float, chunk_size: int):
+    """Causal linear attention by `backend` -> (out, final LinearState). A kernel backend runs under
+    torch.compile through the registered operator pair in library.py (one opaque node), in eager
+    mode through its forward and backward called directly (library.EagerCausalLinearAttention)."""
+    if initial_state is None:
+        B, _, H, Dk = q.shape
+        initial_state = LinearState.zeros(B, H, Dk, v.shape[-1], dtype=q.dtype, device=q.device)
+    n_tokens = initial_state.n_tokens + q.shape[1]
+    if q.numel() == 0 or v.numel() == 0:  # no tokens, heads or features: nothing for a kernel to do
+        return v.new_zeros(v.shape), LinearState(initial_state.S, initial_state.z, n_tokens)
+    S0, z0 = initial_state.S, initial_state.z
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, S0, z0))
+    if backend.backward is None:  # differentiated by PyTorch itself
+        y, S, z, *_ = backend.forward(q, k, v, S0, z0, eps, chunk_size, False)
+    elif torch.compiler.is_compiling():  # one opaque node for the compiler
+        y, S, z, *_ = torch.ops.linear_transformers.causal_linear_attention_fwd(
+            q, k, v, S0, z0, eps, chunk_size, backend.name, save
+        )
+    elif save:  # the same computation without the operator dispatch
+        y, S, z = library.EagerCausalLinearAttention.apply(q, k, v, S0, z0, eps, chunk_size, backend.name)
+    else:
+        y, S, z, *_ = backend.forward(q, k, v, S0, z0, eps, chunk_size, False)
+    return y, LinearState(S, z, n_tokens)
 
-def _naive_causal(q, k, v, *, initial_state, eps, chunk_size):
-    return naive.causal_linear_attention(q, k, v, initial_state=initial_state, eps=eps)
-
-
-def _kernel_backend(name: str) -> CausalImpl:
-    """A backend computed by the backend's run_forward / run_backward: under torch.compile through
-    the registered operator pair in library.py (one opaque node), in eager mode through the same
-    forward and backward called directly (library.EagerCausalLinearAttention)."""
-
-    def run(q, k, v, *, initial_state, eps, chunk_size):
-        if initial_state is None:
-            B, _, H, Dk = q.shape
-            initial_state = LinearState.zeros(B, H, Dk, v.shape[-1], dtype=q.dtype, device=q.device)
-        if q.numel() == 0 or v.numel() == 0:  # no tokens, heads or features: nothing for a kernel to do
-            n_tokens = initial_state.n_tokens + q.shape[1]
-            return v.new_zeros(v.shape), LinearState(initial_state.S, initial_state.z, n_tokens)
-        S0, z0 = initial_state.S, initial_state.z
-        save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, S0, z0))
-        if torch.compiler.is_compiling():  # one opaque node for the compiler
-            y, S, z, *_ = torch.ops.linear_transformers.causal_linear_attention_fwd(
-                q, k, v, S0, z0, eps, chunk_size, name, save
-            )
-        elif save:  # the same computation without the operator dispatch (library.py)
-            y, S, z = library.EagerCausalLinearAttention.apply(q, k, v, S0, z0, eps, chunk_size, name)
-        else:
-            y, S, z, *_ = library.BACKENDS[name].run_forward(q, k, v, S0, z0, eps, chunk_size, False)
-        return y, LinearState(S, z, initial_state.n_tokens + q.shape[1])
-
-    return run
-
-
-CAUSAL_BACKENDS: dict[str, CausalImpl] = {
-    "naive": _naive_causal,
-    "chunked": _kernel_backend("chunked"),
-    "cpu": _kernel_backend("cpu"),
-    "triton": _kernel_backend("triton"),
-}
 
 _warned_fallback: set[str] = set()
 
 
-def _fallback(fn: str, name: str, reason: str) -> CausalImpl:
+def _fallback(fn: str, name: str, reason: str) -> Backend:
     if name not in _warned_fallback:
         _warned_fallback.add(name)
         warnings.warn(
             f"{fn}: backend {name!r} is unavailable ({reason}); using 'chunked'", RuntimeWarning, stacklevel=4
         )
-    return CAUSAL_BACKENDS["chunked"]
+    return BACKENDS["chunked"]
 
 
-def _causal_backend(fn: str, backend: str, q: torch.Tensor, v: torch.Tensor) -> CausalImpl:
+def _causal_backend(fn: str, backend: str, q: torch.Tensor, v: torch.Tensor) -> Backend:
     if backend == "auto":
         if q.device.type == "cpu":
             if not cpu.available():
                 return _fallback(fn, "cpu", cpu.unavailable_reason())
-            return CAUSAL_BACKENDS["cpu" if cpu.auto_uses_kernel() else "chunked"]
+            return BACKENDS["cpu" if cpu.auto_uses_kernel() else "chunked"]
         dims_fit = q.shape[-1] <= triton_backend.MAX_DIM and v.shape[-1] <= triton_backend.MAX_DIM
         if q.device.type == "cuda" and q.dtype != torch.float64 and dims_fit:
             reason = triton_backend.unavailable_reason(q.device)
-            return CAUSAL_BACKENDS["triton"] if reason is None else _fallback(fn, "triton", reason)
-        return CAUSAL_BACKENDS["chunked"]
-    if backend not in CAUSAL_BACKENDS:
-        choices = ", ".join(repr(b) for b in ["auto", *CAUSAL_BACKENDS])
+            return BACKENDS["triton"] if reason is None else _fallback(fn, "triton", reason)
+        return BACKENDS["chunked"]
+    if backend not in BACKENDS:
+        choices = ", ".join(repr(b) for b in ["auto", *BACKENDS])
         raise ValueError(f"{fn}: unknown backend {backend!r}; choose one of {choices}")
     if backend == "cpu":
         if q.device.type != "cpu":
@@ -147,7 +133,7 @@ def _causal_backend(fn: str, backend: str, q: torch.Tensor, v: torch.Tensor) -> 
         if reason is not None:
             raise RuntimeError(f"{fn}: backend 'triton' is unavailable: {reason}")
         triton_backend.check_shapes(fn, q, v)
-    return CAUSAL_BACKENDS[backend]
+    return BACKENDS[backend]
 
 
 def _check_state(fn: str, state: object, q: torch.Tensor, v: torch.Tensor) -> LinearState:
@@ -261,7 +247,7 @@ def causal_linear_attention(
     if key_padding_mask is not None:
         check_key_padding_mask(fn, key_padding_mask, k.shape[0], k.shape[1], k.device)
         k = k.masked_fill(key_padding_mask[:, :, None, None], 0.0)
-    out, state = impl(q, k, v, initial_state=initial_state, eps=eps, chunk_size=chunk_size)
+    out, state = _run(impl, q, k, v, initial_state, eps, chunk_size)
     return (out, state) if return_state else out
 
 

@@ -29,9 +29,11 @@ into their [B, T, H, D] tensors. Everything is computed in float32 (float64 for 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from .state import forward_result
+from .records import Forward, Grads, result
 
 # Elements of one [n, B, H, C, C] block temporary; 2**18 floats = 1 MiB keeps a block's working set in L2.
 BLOCK_ELEMENTS = 2**18
@@ -195,16 +197,27 @@ def backward(
     return dq, dk, dv, G
 
 
-def aux_shapes(B: int, T: int, H: int, Dk: int, Dv: int, C: int) -> tuple[tuple[int, ...], ...]:
-    """Shapes of what run_forward keeps for the backward: one state per chunk, the normaliser, the
-    masked in-chunk scores (O(T (C + 1) + (T / C) Dk (Dv + 1)) numbers, never a state per position)."""
+NAME = "chunked"
+
+
+class Saved(NamedTuple):
+    """What run_forward keeps for the backward: O(T (C + 1) + (T / C) Dk (Dv + 1)) numbers, never a
+    state per position."""
+
+    U: torch.Tensor  # [N + 1, B, H, Dk, Dv + 1] the state [S | z] entering every chunk (and the last)
+    den: torch.Tensor  # [N, B, H, C] the normaliser of every position
+    A: torch.Tensor  # [N, B, H, C, C] the masked in-chunk scores
+
+
+def saved_shapes(B: int, T: int, H: int, Dk: int, Dv: int, C: int) -> tuple[tuple[int, ...], ...]:
+    """The shapes of Saved for N = ceil(T / C) chunks."""
     N = -(-T // C)
     return (N + 1, B, H, Dk, Dv + 1), (N, B, H, C), (N, B, H, C, C)
 
 
-def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
-    """-> (y, S_final, z_final, out_acc, U, den, A); out_acc is the float32 output for half inputs
-    (empty otherwise: y is it), and the last three are empty unless `save`."""
+def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool) -> Forward:
+    """The Forward record; out_acc is the float32 output for half inputs (empty otherwise: y is it),
+    and Saved is empty unless `save`."""
     U0 = torch.cat([S0, z0.unsqueeze(-1)], dim=-1)
     out, saved = forward(q, k, v, U0, eps, C, save_for_backward=save)
     y = out.to(q.dtype)
@@ -212,13 +225,14 @@ def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
     S_final, z_final = U_final[..., :-1].clone(), U_final[..., -1].clone()
 
     out_acc = out if (save and y is not out) else None
-    kept = (saved["U"], saved["den"], saved["A"]) if save else None
-    return forward_result(y, S_final, z_final, out_acc, kept, like=out)
+    kept = Saved(saved["U"], saved["den"], saved["A"]) if save else None
+    return result(y, S_final, z_final, out_acc, kept, like=out)
 
 
-def run_backward(q, k, v, y, out_acc, U, den, A, dy, dS_final, dz_final, eps: float, C: int):
-    """Gradients of run_forward: (dq, dk, dv, dS0, dz0)."""
+def run_backward(q, k, v, y, out_acc, saved: Saved, dy, dS_final, dz_final, eps: float, C: int) -> Grads:
+    """Gradients of run_forward."""
+    U, den, A = saved
     out = out_acc if out_acc.numel() else y
     dU_final = torch.cat([dS_final, dz_final.unsqueeze(-1)], dim=-1).to(U.dtype)
     dq, dk, dv, dU0 = backward(q, k, v, out, U, den, A, dy, dU_final, C)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dU0[..., :-1].contiguous(), dU0[..., -1].contiguous()
+    return Grads(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dU0[..., :-1].contiguous(), dU0[..., -1].contiguous())

@@ -233,15 +233,3 @@ class KVCache:
             f"KVCache(batch={B}, heads={H}, d_keys={Dk}, d_values={self._v.shape[3]}, length={self.length}, "
             f"capacity={cap}, dtype={self.dtype})"
         )
-
-
-def forward_result(y, S_final, z_final, out_acc, saved: tuple | None, like: torch.Tensor) -> tuple:
-    """What every backend's run_forward returns: (y, S_final, z_final, out_acc, *saved), with a
-    distinct empty placeholder for out_acc when it is None and for the three saved tensors when
-    nothing is saved (operator outputs may not alias one another)."""
-
-    def empty():
-        return like.new_empty(0)
-
-    saved = saved if saved is not None else (empty(), empty(), empty())
-    return (y, S_final, z_final, empty() if out_acc is None else out_acc, *saved)

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import ctypes
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ... import native
 from ...native import ptr as _ptr
-from ..state import forward_result
+from ..records import Forward, Grads, result
 from ..validation import accumulation_dtype
 
 LIBRARY = "causal_linear"
+NAME = "cpu"
 
 
 def _set_signatures(lib: ctypes.CDLL) -> None:
@@ -71,8 +73,8 @@ def _measure_attention() -> tuple[float, float]:
 
     def fwd_bwd(forward, backward):
         def run():
-            y, _, _, out_acc, *aux = forward(q, k, v, S0, z0, 1e-6, 64, True)
-            backward(q, k, v, y, out_acc, *aux, dy, dS, dz, 1e-6, 64)
+            fwd = forward(q, k, v, S0, z0, 1e-6, 64, True)
+            backward(q, k, v, fwd.y, fwd.out_acc, fwd.saved, dy, dS, dz, 1e-6, 64)
 
         return run
 
@@ -103,14 +105,22 @@ def _call(name: str, dtype: torch.dtype, *args) -> None:
         raise MemoryError(f"causal linear attention CPU kernel ({name}): out of memory for its chunk buffers")
 
 
-def aux_shapes(B: int, T: int, H: int, Dk: int, Dv: int, C: int) -> tuple[tuple[int, ...], ...]:
-    """What run_forward keeps for the backward: S and z entering every chunk, the normaliser."""
+class Saved(NamedTuple):
+    """What run_forward keeps for the backward."""
+
+    S: torch.Tensor  # [B, H, N, Dk, Dv] the state entering every chunk
+    z: torch.Tensor  # [B, H, N, Dk]
+    den: torch.Tensor  # [B, H, T] the normaliser of every position
+
+
+def saved_shapes(B: int, T: int, H: int, Dk: int, Dv: int, C: int) -> tuple[tuple[int, ...], ...]:
+    """The shapes of Saved for N = ceil(T / C) chunks."""
     N = -(-T // C)
     return (B, H, N, Dk, Dv), (B, H, N, Dk), (B, H, T)
 
 
-def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
-    """-> (y, S_final, z_final, out_acc, S_save, z_save, den) (the last four empty unless needed)."""
+def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool) -> Forward:
+    """The Forward record (out_acc and Saved empty unless needed)."""
     acc = accumulation_dtype(q.dtype)
     q_, k_, v_ = (x.to(acc).contiguous() for x in (q, k, v))
     B, T, H, Dk = q_.shape
@@ -118,7 +128,7 @@ def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
     out = torch.empty(B, T, H, Dv, dtype=acc)
     S_final = torch.empty(B, H, Dk, Dv, dtype=acc)
     z_final = torch.empty(B, H, Dk, dtype=acc)
-    shapes = aux_shapes(B, T, H, Dk, Dv, C)
+    shapes = saved_shapes(B, T, H, Dk, Dv, C)
     S_save, z_save, den = (torch.empty(shape, dtype=acc) if save else None for shape in shapes)
     # (bound to names: a temporary made inside the call's arguments could be freed before the C
     # call reads it, leaving a dangling pointer)
@@ -131,11 +141,12 @@ def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
     y = out.to(q.dtype)
 
     out_acc = out if (save and y is not out) else None
-    return forward_result(y, S_final, z_final, out_acc, (S_save, z_save, den) if save else None, like=out)
+    return result(y, S_final, z_final, out_acc, Saved(S_save, z_save, den) if save else None, like=out)
 
 
-def run_backward(q, k, v, y, out_acc, S_save, z_save, den, dy, dS_final, dz_final, eps: float, C: int):
-    """Gradients of run_forward: (dq, dk, dv, dS0, dz0)."""
+def run_backward(q, k, v, y, out_acc, saved: Saved, dy, dS_final, dz_final, eps: float, C: int) -> Grads:
+    """Gradients of run_forward."""
+    S_save, z_save, den = saved
     acc = S_save.dtype
     q_, k_, v_ = (x.to(acc).contiguous() for x in (q, k, v))
     out = (out_acc if out_acc.numel() else y).to(acc).contiguous()
@@ -149,4 +160,4 @@ def run_backward(q, k, v, y, out_acc, S_save, z_save, den, dy, dS_final, dz_fina
         *map(_ptr, (q_, k_, v_, out, dy_, S_save, z_save, den, dS_, dz_, dq, dk, dv, dS0, dz0)),
         B, T, H, Dk, Dv, C, torch.get_num_threads(),
     )  # fmt: skip
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dS0, dz0
+    return Grads(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dS0, dz0)

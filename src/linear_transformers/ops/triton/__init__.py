@@ -13,10 +13,11 @@ set before Triton was imported (the tests do this); without Triton the backend i
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
-from ..state import forward_result
+from ..records import Forward, Grads, result
 
 CHUNK = 64  # tokens per chunk: the kernels' tiles are built for it (chunk_size is not a parameter here)
 
@@ -120,14 +121,25 @@ def check_shapes(fn: str, q: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"{fn}: backend 'triton' supports Dk, Dv <= {MAX_DIM}, got Dk={q.shape[-1]}, Dv={v.shape[-1]}")
 
 
-def aux_shapes(B: int, T: int, H: int, Dk: int, Dv: int, C: int) -> tuple[tuple[int, ...], ...]:
-    """What run_forward keeps for the backward: S and z entering every chunk of 64, the normaliser."""
-    NT = -(-T // 64)
+NAME = "triton"
+
+
+class Saved(NamedTuple):
+    """What run_forward keeps for the backward (chunks of CHUNK)."""
+
+    S: torch.Tensor  # [B, H, N, Dk, Dv] the state entering every chunk
+    z: torch.Tensor  # [B, H, N, Dk]
+    den: torch.Tensor  # [B, H, T] the normaliser of every position
+
+
+def saved_shapes(B: int, T: int, H: int, Dk: int, Dv: int, C: int) -> tuple[tuple[int, ...], ...]:
+    """The shapes of Saved for N = ceil(T / CHUNK) chunks."""
+    NT = -(-T // CHUNK)
     return (B, H, NT, Dk, Dv), (B, H, NT, Dk), (B, H, T)
 
 
-def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
-    """-> (y, S_final, z_final, out_acc (always empty: y is kept), S, z, den). The chunk is 64 whatever C.
+def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool) -> Forward:
+    """The Forward record (out_acc always empty: y is kept). The chunk is CHUNK (ops checks that C is).
     Four launches: chunk states, two prefix sums, outputs (which also write the final state)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     S0, z0 = S0.float().contiguous(), z0.float().contiguous()
@@ -152,12 +164,13 @@ def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool):
     )  # fmt: skip
     del kv, ks, c
 
-    return forward_result(y, S_final, z_final, None, (S, z, den) if save else None, like=den)
+    return result(y, S_final, z_final, None, Saved(S, z, den) if save else None, like=den)
 
 
-def run_backward(q, k, v, y, out_acc, S, z, den, do, dS_final, dz_final, eps: float, C: int):
-    """Gradients of run_forward: (dq, dk, dv, dS0, dz0). Five launches: the per-chunk state gradients
+def run_backward(q, k, v, y, out_acc, saved: Saved, do, dS_final, dz_final, eps: float, C: int) -> Grads:
+    """Gradients of run_forward. Five launches: the per-chunk state gradients
     (with dden), two prefix sums, dq and dk, dv (with dS0; dz0 comes with dq and dk)."""
+    S, z, den = saved
     q, k, v, y, do = q.contiguous(), k.contiguous(), v.contiguous(), y.contiguous(), do.contiguous()
     dS_final, dz_final = dS_final.float().contiguous(), dz_final.float().contiguous()
     B, T, H, DK = q.shape
@@ -182,7 +195,7 @@ def run_backward(q, k, v, y, out_acc, S, z, den, do, dS_final, dz_final, eps: fl
         q, k, do, den, qd, Gc, dS_final, dv, dS0, T, H, DK, DV,
         *_strides(q), *_strides(do), BT=BT, BK=BK, BV=BV, PREC=PREC, **LAUNCH,
     )  # fmt: skip
-    return dq, dk, dv, dS0, dz0
+    return Grads(dq, dk, dv, dS0, dz0)
 
 
 def step(q, k, v, S, z, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
