@@ -1,16 +1,14 @@
 """The `linear-transformers` command: train, sample, eval, export, web, bench, experiment, demo.
 
 Options of train, sample, eval, export and web are generated from the config dataclasses
-(ModelConfig, TrainConfig, SampleConfig, EvalConfig, ExportConfig, WebConfig): every field is an
-option with its default and the field's comment as help, and an unknown option is an error.
+(ModelConfig, TrainConfig, SampleConfig, EvalConfig, ExportConfig, WebConfig; options.py): every
+field is an option with its default and help, and an unknown option is an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from .decode import PRECISIONS, DecodeConfig, fused
 from .export import ExportConfig, run_export
 from .heads import check_sampling
 from .model import ModelConfig
+from .options import add_options, from_args, option
 from .train import (
     TrainConfig,
     TrainingDiverged,
@@ -43,19 +42,19 @@ DERIVED_MODEL_FIELDS = ("vocab_size", "n_classes", "max_len")
 
 @dataclass
 class SampleConfig:
-    checkpoint: str = "runs/model"  # run folder (its latest checkpoint) or checkpoint folder
-    n: int = 10  # samples (per class for a class-conditional image model)
-    temperature: float = 1.0  # 0 picks the most likely token
-    top_k: int = 0  # keep the k most likely tokens (0: all)
-    top_p: float = 1.0  # nucleus sampling: keep the smallest set with this much probability
-    mode: str = "rnn"  # rnn (O(1) per token for linear attention; KV cache for softmax) or recompute
-    prompt: str = ""  # text models: the text to continue
-    max_new_tokens: int = 0  # text models: characters to generate (0: fill the model's max_len)
-    batch_size: int = 100  # sequences generated at once
-    seed: int = 0
-    out: str = ""  # output file (default: samples.png or samples.txt next to the checkpoint)
-    device: str = "auto"  # auto, cpu or cuda
-    cpu_precision: str = "float32"  # linear RNN on the CPU: float32, bf16-weights or bf16 (faster, see README)
+    checkpoint: str = option("runs/model", "run folder (its latest checkpoint) or checkpoint folder")
+    n: int = option(10, "samples (per class for a class-conditional image model)")
+    temperature: float = option(1.0, "0 picks the most likely token")
+    top_k: int = option(0, "keep the k most likely tokens (0: all)")
+    top_p: float = option(1.0, "nucleus sampling: keep the smallest set with this much probability")
+    mode: str = option("rnn", "rnn (O(1) per token for linear attention; KV cache for softmax) or recompute")
+    prompt: str = option("", "text models: the text to continue")
+    max_new_tokens: int = option(0, "text models: characters to generate (0: fill the model's max_len)")
+    batch_size: int = option(100, "sequences generated at once")
+    seed: int = option(0, "seed of the sampler's random generator")
+    out: str = option("", "output file (default: samples.png or samples.txt next to the checkpoint)")
+    device: str = option("auto", "auto, cpu or cuda")
+    cpu_precision: str = option("float32", "linear RNN on the CPU: float32, bf16-weights or bf16 (faster, see README)")
 
     def __post_init__(self) -> None:
         if self.cpu_precision not in PRECISIONS:
@@ -74,52 +73,17 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = "runs/model"  # run folder or checkpoint folder
-    batches: int = 0  # test batches (0: the whole test split)
-    batch_size: int = 64
-    data_path: str = ""  # where the data is now (default: where training found it)
-    device: str = "auto"  # auto, cpu or cuda
+    checkpoint: str = option("runs/model", "run folder or checkpoint folder")
+    batches: int = option(0, "test batches (0: the whole test split)")
+    batch_size: int = option(64, "test sequences per batch")
+    data_path: str = option("", "where the data is now (default: where training found it)")
+    device: str = option("auto", "auto, cpu or cuda")
 
     def __post_init__(self) -> None:
         if self.batches < 0:
             raise ValueError(f"--batches must be >= 0 (0: the whole test split), got {self.batches}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-
-
-def field_comments(cls) -> dict[str, str]:
-    """The trailing `# comment` of each field in a dataclass's source."""
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^=]+=[^#]*#\s*(.+)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2).strip()
-    return comments
-
-
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-
-
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """Every field of the dataclass `cls` as an option with its default and its comment as help."""
-    group = parser.add_argument_group(cls.__name__)
-    comments = field_comments(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        kind = _TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
-        option = "--" + f.name.replace("_", "-")
-        help_text = comments.get(f.name, f.name.replace("_", " ")).replace("%", "%%")
-        if kind is bool:
-            group.add_argument(option, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            group.add_argument(option, type=kind, default=f.default, help=help_text, metavar=kind.__name__.upper())
-
-
-def dataclass_from_args(cls, args: argparse.Namespace, **fixed):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    values.update(fixed)
-    return cls(**values)
 
 
 def run_sample(cfg: SampleConfig) -> Path:
@@ -224,16 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.commands = sub.choices  # name -> its parser
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("train", help="train (or resume) a causal transformer", formatter_class=fmt)
-    add_dataclass_options(p, ModelConfig, skip=DERIVED_MODEL_FIELDS)
-    add_dataclass_options(p, TrainConfig)
+    add_options(p, ModelConfig, skip=DERIVED_MODEL_FIELDS)
+    add_options(p, TrainConfig)
     p = sub.add_parser("sample", help="generate images (PNG grid) or text from a checkpoint", formatter_class=fmt)
-    add_dataclass_options(p, SampleConfig)
+    add_options(p, SampleConfig)
     p = sub.add_parser("eval", help="test bits/dim of a checkpoint", formatter_class=fmt)
-    add_dataclass_options(p, EvalConfig)
+    add_options(p, EvalConfig)
     p = sub.add_parser("export", help="export a causal-linear model's recurrent step to ONNX", formatter_class=fmt)
-    add_dataclass_options(p, ExportConfig)
+    add_options(p, ExportConfig)
     p = sub.add_parser("web", help="serve the in-browser generation demo on localhost", formatter_class=fmt)
-    add_dataclass_options(p, WebConfig)
+    add_options(p, WebConfig)
     sub.add_parser("bench", help="benchmarks: linear-transformers bench attention|generate|gpu --help", add_help=False)
     sub.add_parser(
         "experiment", help="the paper's experiments: linear-transformers experiment copy|image|speech --help",
@@ -306,20 +270,20 @@ def _run(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
-        model_cfg, train_cfg = dataclass_from_args(ModelConfig, args), dataclass_from_args(TrainConfig, args)
+        model_cfg, train_cfg = from_args(ModelConfig, args), from_args(TrainConfig, args)
         if train_cfg.resume:
             given = given_options(parser.commands["train"], argv[argv.index("train") + 1 :])
             model_cfg, train_cfg = resumed_configs(model_cfg, train_cfg, given)
         ckpt = train(model_cfg, train_cfg)
         print(f"checkpoint: {ckpt}")
     elif args.command == "sample":
-        run_sample(dataclass_from_args(SampleConfig, args))
+        run_sample(from_args(SampleConfig, args))
     elif args.command == "eval":
-        run_eval(dataclass_from_args(EvalConfig, args))
+        run_eval(from_args(EvalConfig, args))
     elif args.command == "export":
-        run_export(dataclass_from_args(ExportConfig, args))
+        run_export(from_args(ExportConfig, args))
     elif args.command == "web":
-        run_web(dataclass_from_args(WebConfig, args))
+        run_web(from_args(WebConfig, args))
     return 0
 
 

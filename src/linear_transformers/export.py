@@ -33,6 +33,7 @@ from torch import nn
 
 from .model import CausalTransformer
 from .ops.step import step_functional
+from .options import option
 
 FORMAT = "linear-transformers-step"
 FORMAT_VERSION = 1
@@ -40,13 +41,15 @@ FORMAT_VERSION = 1
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = "runs/model"  # run folder (its latest checkpoint) or checkpoint folder
-    onnx: str = "model.onnx"  # the ONNX file to write (the JSON sidecar goes next to it)
-    opset: int = 18  # ONNX opset of the graph
-    exporter: str = "torchscript"  # torch's "torchscript" exporter (fast; deprecated by torch) or "dynamo" (onnxscript)
-    verify_steps: int = 300  # steps run with onnxruntime against PyTorch before the file is kept (0: skip)
-    tolerance: float = 1e-4  # largest difference allowed: params, probabilities; states relative to their size
-    hf: str = ""  # write a Hugging Face transformers folder here instead of ONNX (pip install '.[hf]')
+    checkpoint: str = option("runs/model", "run folder (its latest checkpoint) or checkpoint folder")
+    onnx: str = option("model.onnx", "the ONNX file to write (the JSON sidecar goes next to it)")
+    opset: int = option(18, "ONNX opset of the graph")
+    exporter: str = option(
+        "torchscript", 'torch\'s "torchscript" exporter (fast; deprecated by torch) or "dynamo" (onnxscript)'
+    )
+    verify_steps: int = option(300, "steps run with onnxruntime against PyTorch before the file is kept (0: skip)")
+    tolerance: float = option(1e-4, "largest difference allowed: params, probabilities; states relative to their size")
+    hf: str = option("", "write a Hugging Face transformers folder here instead of ONNX (pip install '.[hf]')")
 
     def __post_init__(self) -> None:
         # the sidecar is the same path with .json: any other suffix could overwrite a JSON file (or a

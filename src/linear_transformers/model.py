@@ -23,6 +23,7 @@ from .decode import DecodeConfig
 from .feature_maps import FEATURE_MAPS
 from .heads import HEADS, check_sampling, sample  # noqa: F401 (sample: the model API)
 from .ops import KVCache, LinearState
+from .options import option
 
 POSITIONAL = ("sinusoidal", "learned", "none")
 NORMS = ("pre", "post")
@@ -30,25 +31,27 @@ NORMS = ("pre", "post")
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 256  # values a token takes: 256 pixel levels, or the characters of a text
-    n_classes: int = 0  # > 0: class-conditional; the class label is the start token
-    max_len: int = 784  # longest sequence the positional encoding covers (28 x 28 pixels)
-    d_model: int = 256  # width of the residual stream
-    n_layers: int = 8  # transformer blocks
-    n_heads: int = 8  # attention heads per block
-    d_ff: int = 1024  # width of each block's feed-forward layer
-    dropout: float = 0.0  # dropout on embeddings, attention and feed-forward outputs
-    attention: str = "causal-linear"  # "causal-linear" (the paper's); baselines "causal-softmax", "causal-lsh"
-    feature_map: str = "elu"  # phi of linear attention, a name in feature_maps.FEATURE_MAPS
-    positional: str = "sinusoidal"  # "sinusoidal", "learned" or "none"
-    norm: str = "pre"  # layer norm before each sublayer ("pre") or after the residual add ("post", the paper's)
-    head: str = "categorical"  # "categorical" softmax, or "mol": discretised mixture of logistics (images)
-    mol_components: int = 10  # mixture components of the "mol" head
-    eps: float = 1e-6  # normaliser epsilon of linear attention
-    chunk_size: int = 64  # chunk of the parallel causal linear attention
-    lsh_hashes: int = 1  # hashing rounds of "causal-lsh" attention (the paper ran 1, 4 and 8)
-    lsh_buckets: int = 64  # hash buckets of "causal-lsh" attention (even)
-    lsh_chunk: int = 0  # sorted positions per LSH chunk; 0: the average bucket, ceil(length / lsh_buckets)
+    vocab_size: int = option(256, "values a token takes: 256 pixel levels, or the characters of a text")
+    n_classes: int = option(0, "> 0: class-conditional; the class label is the start token")
+    max_len: int = option(784, "longest sequence the positional encoding covers (28 x 28 pixels)")
+    d_model: int = option(256, "width of the residual stream")
+    n_layers: int = option(8, "transformer blocks")
+    n_heads: int = option(8, "attention heads per block")
+    d_ff: int = option(1024, "width of each block's feed-forward layer")
+    dropout: float = option(0.0, "dropout on embeddings, attention and feed-forward outputs")
+    attention: str = option("causal-linear", '"causal-linear" (the paper\'s); baselines "causal-softmax", "causal-lsh"')
+    feature_map: str = option("elu", "phi of linear attention, a name in feature_maps.FEATURE_MAPS")
+    positional: str = option("sinusoidal", '"sinusoidal", "learned" or "none"')
+    norm: str = option(
+        "pre", 'layer norm before each sublayer ("pre") or after the residual add ("post", the paper\'s)'
+    )
+    head: str = option("categorical", '"categorical" softmax, or "mol": discretised mixture of logistics (images)')
+    mol_components: int = option(10, 'mixture components of the "mol" head')
+    eps: float = option(1e-6, "normaliser epsilon of linear attention")
+    chunk_size: int = option(64, "chunk of the parallel causal linear attention")
+    lsh_hashes: int = option(1, 'hashing rounds of "causal-lsh" attention (the paper ran 1, 4 and 8)')
+    lsh_buckets: int = option(64, 'hash buckets of "causal-lsh" attention (even)')
+    lsh_chunk: int = option(0, "sorted positions per LSH chunk; 0: the average bucket, ceil(length / lsh_buckets)")
 
     def __post_init__(self) -> None:
         def choose(name, value, choices):

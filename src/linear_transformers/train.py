@@ -37,36 +37,39 @@ from safetensors.torch import load_file, save_file
 
 from . import data as datasets
 from .model import CausalTransformer, ModelConfig
+from .options import option
 
 
 @dataclass
 class TrainConfig:
-    data: str = "mnist"  # dataset: mnist, fashion-mnist, digits, cifar10 or text
-    data_path: str = ""  # folder or file for datasets that are not bundled (IDX, CIFAR-10 binary, text)
-    image_size: int = 0  # average-pool images to this side (0 keeps them; 14 halves MNIST)
-    levels: int = 0  # quantise pixels to this many levels (0 keeps 256)
-    seq_len: int = 256  # window length of text datasets
-    conditional: bool = True  # condition on the class label (image datasets)
-    out: str = "runs/model"  # run folder: checkpoints and log
-    steps: int = 2000  # optimiser steps in all (a resumed run continues up to this)
-    batch_size: int = 32  # global batch, split across data-parallel ranks
-    optimizer: str = "radam"  # radam or adamw
-    lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 0.0
-    warmup: int = 100  # steps of linear warmup
-    schedule: str = "cosine"  # after warmup: cosine (to 10% of lr), linear (to 0) or constant
-    clip: float = 1.0  # gradient norm clipping (0: off)
-    bf16: bool = False  # bfloat16 autocast for forward and loss
-    eval_every: int = 500  # steps between evaluations on the test split (0: only at the end)
-    eval_batches: int = 20  # test batches per evaluation
-    checkpoint_every: int = 200  # steps between checkpoints (and one at the end)
-    keep: int = 2  # checkpoints kept in the run folder
-    time_limit: float = 0.0  # stop after this many seconds of training, resumes included, with a checkpoint (0: none)
-    resume: bool = False  # continue from the run folder's latest checkpoint
-    seed: int = 0
-    threads: int = 0  # CPU threads (0: torch's default)
-    device: str = "auto"  # auto (cuda when available), cpu or cuda
-    progress: bool = True  # show a progress bar
+    data: str = option("mnist", "dataset: mnist, fashion-mnist, digits, cifar10 or text")
+    data_path: str = option("", "folder or file for datasets that are not bundled (IDX, CIFAR-10 binary, text)")
+    image_size: int = option(0, "average-pool images to this side (0 keeps them; 14 halves MNIST)")
+    levels: int = option(0, "quantise pixels to this many levels (0 keeps 256)")
+    seq_len: int = option(256, "window length of text datasets")
+    conditional: bool = option(True, "condition on the class label (image datasets)")
+    out: str = option("runs/model", "run folder: checkpoints and log")
+    steps: int = option(2000, "optimiser steps in all (a resumed run continues up to this)")
+    batch_size: int = option(32, "global batch, split across data-parallel ranks")
+    optimizer: str = option("radam", "radam or adamw")
+    lr: float = option(1e-3, "peak learning rate")
+    weight_decay: float = option(0.0, "weight decay (AdamW's decoupled; L2 for RAdam)")
+    warmup: int = option(100, "steps of linear warmup")
+    schedule: str = option("cosine", "after warmup: cosine (to 10% of lr), linear (to 0) or constant")
+    clip: float = option(1.0, "gradient norm clipping (0: off)")
+    bf16: bool = option(False, "bfloat16 autocast for forward and loss")
+    eval_every: int = option(500, "steps between evaluations on the test split (0: only at the end)")
+    eval_batches: int = option(20, "test batches per evaluation")
+    checkpoint_every: int = option(200, "steps between checkpoints (and one at the end)")
+    keep: int = option(2, "checkpoints kept in the run folder")
+    time_limit: float = option(
+        0.0, "stop after this many seconds of training, resumes included, with a checkpoint (0: none)"
+    )
+    resume: bool = option(False, "continue from the run folder's latest checkpoint")
+    seed: int = option(0, "seed of the initialisation, data order and sampling")
+    threads: int = option(0, "CPU threads (0: torch's default)")
+    device: str = option("auto", "auto (cuda when available), cpu or cuda")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
         if self.data not in datasets.DATASETS:

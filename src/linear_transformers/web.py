@@ -17,16 +17,18 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+from .options import option
+
 WEB_DIR = Path(__file__).resolve().parents[2] / "web"  # the repository's web/ (an editable install)
 VENDOR_FILES = ("ort.wasm.bundle.min.mjs", "ort-wasm-simd-threaded.wasm")
 
 
 @dataclass
 class WebConfig:
-    checkpoint: str = ""  # run or checkpoint folder to serve (default: the model shipped in web/checkpoint)
-    host: str = "127.0.0.1"  # address to listen on
-    port: int = 8000  # port to listen on (0: any free port)
-    web_dir: str = ""  # the page's folder (default: web/ of this repository)
+    checkpoint: str = option("", "run or checkpoint folder to serve (default: the model shipped in web/checkpoint)")
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8000, "port to listen on (0: any free port)")
+    web_dir: str = option("", "the page's folder (default: web/ of this repository)")
 
 
 class _Handler(SimpleHTTPRequestHandler):
