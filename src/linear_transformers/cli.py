@@ -181,9 +181,14 @@ def run_eval(cfg: EvalConfig) -> float:
     return bpd
 
 
+@dataclass
+class CommandOptions:
+    debug: bool = option(False, "show the traceback of a user error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linear-transformers", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
+    add_options(parser, CommandOptions, title="every command")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = sub.choices  # name -> its parser
     fmt = argparse.ArgumentDefaultsHelpFormatter

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 from . import data as datasets
 from .data.images import image_grid, write_png
 from .model import CausalTransformer, ModelConfig
+from .options import add_options, from_args, option
 from .train import TrainConfig, evaluate, load_model, train
 
 MODEL = ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, attention="causal-linear", feature_map="elu")
@@ -70,15 +71,19 @@ def speed_table(model: CausalTransformer, softmax_model: CausalTransformer) -> l
     return rows
 
 
+@dataclass
+class DemoOptions:
+    out: str = option("runs/demo", "run folder (reused if finished, resumed if not)")
+    samples: str = option("samples.png", "where the PNG grid of digits goes")
+    minutes: float = option(0.0, "stop training after this many minutes (0: train all 900 steps; a cut-short run is "
+                            "resumed by the next make demo)")  # fmt: skip
+    threads: int = option(0, "CPU threads (0: torch's default)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="linear-transformers demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo", help="run folder (reused if finished, resumed if not)")
-    parser.add_argument("--samples", default="samples.png", help="where the PNG grid of digits goes")
-    parser.add_argument("--minutes", type=float, default=0.0,
-                        help="stop training after this many minutes (0: train all 900 steps; a cut-short run is "
-                        "resumed by the next make demo)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    args = parser.parse_args(argv)
+    add_options(parser, DemoOptions, title="demo")
+    args = from_args(DemoOptions, parser.parse_args(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.out)

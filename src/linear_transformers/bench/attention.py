@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops import naive
+from ..options import add_options, option
 from . import figure1, levels
 from .measure import batched_gemm_gflops, isa_lines, machine_info, peak_extra_memory, rel_error, time_fn
 from .report import finish_log_log, fmt, markdown_table, write_csv
@@ -42,20 +44,25 @@ DEFAULT_OUT = Path("results/bench_attention")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@dataclass
+class AttentionOptions:
+    lengths: list[int] = option([512, 1024, 2048, 4096, 8192, 16384], "sequence lengths N")
+    batch: int = option(1, "sequences per call")
+    heads: int = option(8, "attention heads")
+    dim: int = option(64, "head dimension (Dk = Dv)")
+    chunk_size: int = option(64, "chunk of the chunkwise algorithm")
+    dtype: str = option("float32", "input dtype", choices=list(DTYPES))
+    impls: list[str] = option(list(IMPLS), "what to time", choices=IMPLS)
+    threads: int = option(torch.get_num_threads(), "CPU threads")
+    repeats: int = option(5, "timed runs per measurement (best and median kept)")
+    naive_limit_gib: float = option(4.0, "skip naive above this many GiB of N^2 scores")
+    out: Path = option(DEFAULT_OUT, "output folder (--figure1: results/figure1)")
+    device: str = option("cpu", "where to run: cpu or cuda")
+    quick: bool = option(False, "tiny sizes, one repeat: a smoke test in seconds")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--dim", type=int, default=64, help="head dimension (Dk = Dv)")
-    p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (best and median kept)")
-    p.add_argument("--naive-limit-gib", type=float, default=4.0, help="skip naive above this many GiB of N^2 scores")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="(--figure1: results/figure1)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke test in seconds")
+    add_options(p, AttentionOptions, title="benchmark")
     figure1.add_figure1_arguments(p)
     levels.add_isa_argument(p)
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..options import add_options, option
 from .measure import isa_lines, machine_info
 from .report import fmt, markdown_table, write_csv
 
@@ -25,12 +27,17 @@ from .report import fmt, markdown_table, write_csv
 SHAPES = [(1, 64, 8, 64), (16, 196, 4, 16), (8, 256, 8, 64), (1, 1024, 8, 64), (4, 1024, 8, 64)]
 
 
+@dataclass
+class DispatchOptions:
+    backends: list[str] = option(["cpu", "chunked"], "backends to time", choices=["cpu", "chunked"])
+    repeats: int = option(7, "rounds, the two paths taking turns; the best counts")
+    threads: int = option(torch.get_num_threads(), "CPU threads")
+    quick: bool = option(False, "the two smallest shapes, 2 rounds (seconds: a smoke test)")
+    out: Path = option(Path("results/bench-dispatch"), "output folder")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backends", nargs="+", default=["cpu", "chunked"], choices=["cpu", "chunked"])
-    p.add_argument("--repeats", type=int, default=7, help="rounds, the two paths taking turns; the best counts")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--quick", action="store_true", help="the two smallest shapes, 2 rounds (seconds: a smoke test)")
-    p.add_argument("--out", type=Path, default=Path("results/bench-dispatch"))
+    add_options(p, DispatchOptions, title="benchmark")
 
 
 def _inputs(B: int, T: int, H: int, D: int):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import ops
 from ..ops import lsh, naive
+from ..options import add_options, option
 from .measure import machine_info, peak_extra_memory, rel_error
 from .report import finish_log_log, fmt, markdown_table, write_csv
 
@@ -37,15 +39,19 @@ COLORS = {"softmax": "tab:red", "softmax-math": "tab:orange", "linear": "tab:blu
           "lsh-4": "tab:olive", "lsh-8": "tab:purple"}  # fmt: skip
 
 
+@dataclass
+class Figure1Options:
+    figure1: bool = option(False, "the paper's Figure 1 (options below; see the module doc)")
+    fig_lengths: list[int] = option([2**i for i in range(9, 17)], "sequence lengths of the figure")
+    fig_methods: list[str] = option(list(METHODS), "attention methods of the figure", choices=METHODS)
+    tokens: int = option(2**14, "tokens per batch: batch = max(1, tokens // N)")
+    lsh_chunk: int = option(32, "sorted positions per LSH chunk")
+    max_seconds: float = option(60.0, "skip a point predicted to take longer")
+    memory_gib: float = option(12.0, "skip a point estimated to need more")
+
+
 def add_figure1_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("--figure1")
-    g.add_argument("--figure1", action="store_true", help="the paper's Figure 1 (options below; see the module doc)")
-    g.add_argument("--fig-lengths", type=int, nargs="+", default=[2**i for i in range(9, 17)])
-    g.add_argument("--fig-methods", nargs="+", choices=METHODS, default=list(METHODS))
-    g.add_argument("--tokens", type=int, default=2**14, help="tokens per batch: batch = max(1, tokens // N)")
-    g.add_argument("--lsh-chunk", type=int, default=32)
-    g.add_argument("--max-seconds", type=float, default=60.0, help="skip a point predicted to take longer")
-    g.add_argument("--memory-gib", type=float, default=12.0, help="skip a point estimated to need more")
+    add_options(p, Figure1Options, title="--figure1")
 
 
 def _inputs(method: str, B: int, N: int, H: int, D: int, seed: int):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ import torch
 
 from ..decode import DEFAULT, DecodeConfig, fused
 from ..model import CausalTransformer, ModelConfig, ModelState
+from ..options import add_options, option
 from . import levels
 from .measure import isa_lines, machine_info, time_fn
 from .report import fmt, markdown_table, write_csv
@@ -63,18 +64,24 @@ PARTS = ("steps", "images", "tokens", "train")  # step table, whole images, per-
 PYTORCH_IMAGES_MAX_LEN = 784  # whole images through the PyTorch step are timed where they take seconds
 
 
+@dataclass
+class GenerateOptions:
+    configs: list[str] = option(list(CONFIGS), "model configurations (the paper's MNIST and CIFAR-10 models)",
+                                choices=list(CONFIGS))  # fmt: skip
+    batch: int = option(64, "the fixed batch of the images/s columns")
+    points: int = option(6, "positions at which per-token cost is timed")
+    threads: int = option(torch.get_num_threads(), "CPU threads")
+    out: Path = option(Path("results/bench_generate"), "output folder")
+    images: int = option(7, "whole images at batch 1 per RNN mode (median reported)")
+    quick: bool = option(False, "tiny models: a smoke test in seconds")
+    tables: bool = option(False, "add lsh-1/lsh-4 and the paper's Tables 1 and 2 (paper.md)")
+    parts: list[str] = option(list(PARTS), "steps: one RNN step, fused vs PyTorch, per batch; images: whole images "
+                              "at batch 1; tokens: per-token timings and images/s; train: training tokens/s",
+                              choices=PARTS)  # fmt: skip
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    p.add_argument("--batch", type=int, default=64, help="the fixed batch of the images/s columns")
-    p.add_argument("--points", type=int, default=6, help="positions at which per-token cost is timed")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--out", type=Path, default=Path("results/bench_generate"))
-    p.add_argument("--images", type=int, default=7, help="whole images at batch 1 per RNN mode (median reported)")
-    p.add_argument("--quick", action="store_true", help="tiny models: a smoke test in seconds")
-    p.add_argument("--tables", action="store_true", help="add lsh-1/lsh-4 and the paper's Tables 1 and 2 (paper.md)")
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
-                   help="steps: one RNN step, fused vs PyTorch, per batch; images: whole images at batch 1; "
-                   "tokens: per-token timings and images/s; train: training tokens/s")  # fmt: skip
+    add_options(p, GenerateOptions, title="benchmark")
     levels.add_isa_argument(p)
 
 

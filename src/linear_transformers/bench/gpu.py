@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import functools
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops import LinearState
 from ..ops import triton as triton_backend
+from ..options import add_options, option
 from .attention import chunked_flops
 from .measure import machine_info
 from .report import finish_log_log, fmt, markdown_table, write_csv
@@ -36,19 +38,24 @@ IMPLS = ["triton", *TRITON_VARIANTS, "chunked", "sdpa", "fla", "fast-transformer
 DEFAULT_IMPLS = ["triton", "chunked", "sdpa", "fla", "fast-transformers"]
 
 
+@dataclass
+class GpuOptions:
+    lengths: list[int] = option([1024, 4096, 16384, 65536], "sequence lengths")
+    dims: list[int] = option([64, 128], "head dimensions (Dk = Dv)")
+    dtypes: list[str] = option(["bfloat16", "float32"], "input dtypes", choices=list(DTYPES))
+    impls: list[str] = option(DEFAULT_IMPLS, "what to time; fla and fast-transformers only where importable (or "
+                              "built)", choices=IMPLS)  # fmt: skip
+    chunked_max_length: int = option(65536, "time the PyTorch chunked path only up to this length (it is the slow "
+                                     "one)")  # fmt: skip
+    fast_transformers_src: Path | None = option(None, "an unpacked pytorch-fast-transformers source: build its CUDA "
+                                                "causal product")  # fmt: skip
+    batch: int = option(1, "sequences per call")
+    heads: int = option(8, "attention heads")
+    out: Path = option(Path("results/bench_gpu"), "output folder")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bfloat16", "float32"])
-    p.add_argument("--impls", nargs="+", choices=IMPLS, default=DEFAULT_IMPLS,
-                   help="what to time; fla and fast-transformers only where importable (or built)")  # fmt: skip
-    p.add_argument("--chunked-max-length", type=int, default=65536,
-                   help="time the PyTorch chunked path only up to this length (it is the slow one)")  # fmt: skip
-    p.add_argument("--fast-transformers-src", type=Path, default=None,
-                   help="an unpacked pytorch-fast-transformers source: build its CUDA causal product")  # fmt: skip
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--out", type=Path, default=Path("results/bench_gpu"))
+    add_options(p, GpuOptions, title="benchmark")
 
 
 def _bench(fn) -> float:

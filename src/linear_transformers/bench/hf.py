@@ -18,22 +18,29 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..options import add_options, option
 from .measure import isa_lines, machine_info
 from .report import fmt, markdown_table, write_csv
 
 
+@dataclass
+class HfOptions:
+    tokens: int = option(1024, "tokens generated after the prompt")
+    n_layers: int = option(4, "transformer blocks")
+    d_model: int = option(256, "width of the residual stream")
+    n_heads: int = option(8, "attention heads per block")
+    vocab: int = option(96, "vocabulary size")
+    repeats: int = option(3, "runs of each decoder (the best counts)")
+    out: Path = option(Path("results/bench-hf"), "output folder")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=1024, help="tokens generated after the prompt")
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=96)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path("results/bench-hf"))
+    add_options(p, HfOptions, title="benchmark")
 
 
 def _model(args: argparse.Namespace):

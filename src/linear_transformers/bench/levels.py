@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..native import build
+from ..options import add_options, option
 
 # PyTorch limited to a level's instruction set, so an AVX2 column compares like with like (what the cap
 # changes: BENCHMARKS.md, "The CPU kernels per ISA level")
@@ -22,14 +24,18 @@ PYTORCH_CAPS = {
 }
 
 
-def add_isa_argument(p) -> None:
-    p.add_argument(
-        "--isa",
-        nargs="+",
+@dataclass
+class IsaOption:
+    isa: list[str] | None = option(
+        None,
+        f"run once per ISA level ({', '.join(build.LEVELS)}, or 'all' for every level this CPU runs but 'generic'), "
+        "each in its own process with PyTorch capped to the same level; outputs under OUT/<level>",
         metavar="LEVEL",
-        help=f"run once per ISA level ({', '.join(build.LEVELS)}, or 'all' for every level this CPU runs "
-        "but 'generic'), each in its own process with PyTorch capped to the same level; outputs under OUT/<level>",
     )
+
+
+def add_isa_argument(p) -> None:
+    add_options(p, IsaOption, title="ISA levels")
 
 
 def resolve(levels: list[str]) -> list[str]:

@@ -34,6 +34,7 @@ from ..bench.report import fmt, markdown_table, write_csv
 from ..commands import apply_preset
 from ..data import copy as copy_data
 from ..model import CausalTransformer, ModelConfig
+from ..options import add_options, from_args, option
 from ..train import resolve_device
 from . import load_finished, save_finished
 
@@ -50,54 +51,50 @@ PAPER = dict(max_symbols=63, min_symbols=32, n_layers=4, n_heads=4, d_model=128,
 
 @dataclass
 class CopySettings:
-    methods: tuple[str, ...] = ("softmax", "linear", "lsh-1", "lsh-4")
-    seeds: tuple[int, ...] = (0, 1)
-    max_symbols: int = 16  # the paper: 63 (--paper), 128-token sequences
-    min_symbols: int = 8  # a quarter of the sequence, as the authors' code
-    n_symbols: int = 10
-    n_layers: int = 2
-    n_heads: int = 2
-    d_model: int = 64  # heads of d_model / n_heads = 32, as the paper's (8-wide heads learn far slower)
-    d_ff: int = 256
-    lsh_buckets: int = 8  # LSH chunks of ceil(34 / 8) = 5 positions (16 with --paper's 128)
-    batch: int = 64
-    steps: int = 5000
-    lr: float = 1e-3
-    lr_drop_step: int = 4000  # the learning rate drops to lr_after from here (earlier froze linear short of softmax)
-    lr_after: float = 1e-4
-    eval_every: int = 100
-    eval_batches: int = 4
-    device: str = "cpu"
-    jobs: int = 1  # runs trained at once, each in its own process with threads / jobs threads
-    threads: int = 0
+    methods: tuple[str, ...] = option(("softmax", "linear", "lsh-1", "lsh-4"), "the attention of each model",
+                                      choices=list(METHODS))  # fmt: skip
+    seeds: tuple[int, ...] = option((0, 1), "one run per method and seed")
+    max_symbols: int = option(16, "longest string copied (the paper: 63, --paper; 128-token sequences)")
+    min_symbols: int = option(8, "shortest string copied (a quarter of the sequence, as the authors' code)")
+    n_symbols: int = option(10, "distinct symbols of the strings")
+    n_layers: int = option(2, "transformer blocks")
+    n_heads: int = option(2, "attention heads per block")
+    d_model: int = option(64, "width of the residual stream (heads of 32 as the paper's: 8-wide heads learn slower)")
+    d_ff: int = option(256, "width of each block's feed-forward layer")
+    lsh_buckets: int = option(8, "LSH buckets per sequence (chunks of ceil(34 / 8) = 5 positions; 16 with --paper)")
+    batch: int = option(64, "sequences per training step")
+    steps: int = option(5000, "training steps of every run")
+    lr: float = option(1e-3, "learning rate (RAdam)")
+    lr_drop_step: int = option(4000, "the learning rate drops to --lr-after from this step (earlier froze linear "
+                               "short of softmax)")  # fmt: skip
+    lr_after: float = option(1e-4, "the learning rate after --lr-drop-step")
+    eval_every: int = option(100, "steps between held-out evaluations")
+    eval_batches: int = option(4, "held-out batches per evaluation")
+    device: str = option("cpu", "where training runs: cpu, cuda, cuda:N or auto")
+    jobs: int = option(1, "runs trained at once, each in its own process with threads / jobs threads")
+    threads: int = option(0, "CPU threads in all (0: torch's default)")
 
 
-INT_OPTIONS = ("max_symbols", "min_symbols", "n_symbols", "n_layers", "n_heads", "d_model", "d_ff", "lsh_buckets",
-               "batch", "steps", "lr_drop_step", "eval_every", "eval_batches", "jobs", "threads")  # fmt: skip
+@dataclass
+class CopyRun:
+    paper: bool = option(False, "the paper's task and budget: 128-token sequences, 4 layers x 4 heads of 32, 10000 "
+                         "updates, lr drop at 3000")  # fmt: skip
+    quick: bool = option(False, "a tiny run in seconds (the tests run it)")
+    fresh: bool = option(False, "train every run again even if its results exist")
+    out: Path | None = option(None, "default results/copy (--quick: results/copy-quick)")
+
+
 # what a result depends on: not where or how parallel it ran
 NOT_SETTINGS = ("methods", "seeds", "device", "jobs", "threads")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = CopySettings()
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(d.methods))
-    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="one run per method and seed")
-    for name in INT_OPTIONS:
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lr-after", type=float, default=d.lr_after)
-    p.add_argument("--device", default=d.device, help="where training runs: cpu, cuda, cuda:N or auto")
-    p.add_argument("--paper", action="store_true",
-                   help="the paper's task and budget: 128-token sequences, 4 layers x 4 heads of 32, 10000 updates, "
-                        "lr drop at 3000")  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="a tiny run in seconds (the tests run it)")
-    p.add_argument("--fresh", action="store_true", help="train every run again even if its results exist")
-    p.add_argument("--out", type=Path, default=None, help="default results/copy (--quick: results/copy-quick)")
+    add_options(p, CopySettings, title="settings (what a result depends on, and where it runs)")
+    add_options(p, CopyRun, title="this run")
 
 
 def settings_from(args: argparse.Namespace) -> CopySettings:
-    fields = {k: getattr(args, k) for k in CopySettings.__dataclass_fields__ if k not in ("methods", "seeds")}
-    s = CopySettings(**fields, methods=tuple(args.methods), seeds=tuple(args.seeds))
+    s = from_args(CopySettings, args)
     given = getattr(args, "given", set())  # options given on the command line win over the presets
     if args.paper:
         s = apply_preset(s, PAPER, given)

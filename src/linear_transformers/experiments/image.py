@@ -42,6 +42,7 @@ from ..bench.report import fmt, markdown_table, write_csv
 from ..commands import apply_preset
 from ..data.images import image_grid, write_png
 from ..model import CausalTransformer, ModelConfig
+from ..options import add_options, from_args, option
 from ..train import TrainConfig, load_model, resolve_device, train
 from . import finished_or_run, load_finished
 
@@ -64,29 +65,40 @@ PAPER_IMAGES_PER_S = {  # the same tables: images/s on the paper's GPU
 
 @dataclass
 class ImageSettings:
-    dataset: str = "mnist"
-    data_path: str = ""
-    methods: tuple[str, ...] = ("softmax", "lsh-1", "lsh-4", "linear")
-    n_layers: int = 4
-    n_heads: int = 8
-    d_model: int = 128
-    d_ff: int = 512
-    lsh_chunk: int = 32
-    batch: int = 16
-    lr: float = 1e-3
-    schedule: str = "constant"  # after 100 warm-up steps: constant, cosine (to 10% of lr) or linear (to 0)
-    steps: int = 100_000
-    epochs: float = 0.0  # > 0: steps = epochs of the training set (overrides --steps)
-    minutes: float = 30.0  # training time limit per method (0: none)
-    eval_images: int = 0  # test images scored at the end (0: all)
-    eval_every: int = 0  # steps between held-out evaluations during training (0: none)
-    curve_images: int = 160  # test images of each evaluation during training
-    samples: int = 16
-    seed: int = 0
-    image_size: int = 0  # > 0: average-pool the images to this side (14 halves MNIST: 196 tokens)
-    levels: int = 0  # > 0: quantise pixels to this many levels (0 keeps 256)
-    device: str = "cpu"
-    jobs: int = 1  # methods trained at once, each in its own process (threads split between them)
+    dataset: str = option("mnist", "the images", choices=["mnist", "fashion-mnist", "cifar10"])
+    data_path: str = option("", "IDX folder (fashion-mnist) or CIFAR-10 binary or python batches (cifar10)")
+    methods: tuple[str, ...] = option(("softmax", "lsh-1", "lsh-4", "linear"), "the attention of each model",
+                                      choices=[m for m in METHODS if m != "softmax-cache"])  # fmt: skip
+    n_layers: int = option(4, "transformer blocks")
+    n_heads: int = option(8, "attention heads per block")
+    d_model: int = option(128, "width of the residual stream")
+    d_ff: int = option(512, "width of each block's feed-forward layer")
+    lsh_chunk: int = option(32, "sorted positions per LSH chunk")
+    batch: int = option(16, "images per training step")
+    lr: float = option(1e-3, "peak learning rate (RAdam)")
+    schedule: str = option("constant", "learning rate after 100 warm-up steps: constant, cosine (to 10% of lr) or "
+                           "linear (to 0)", choices=["constant", "cosine", "linear"])  # fmt: skip
+    steps: int = option(100_000, "training steps per method")
+    epochs: float = option(0.0, "> 0: train this many epochs of the training set (overrides --steps)")
+    minutes: float = option(30.0, "training time limit per method (0: none; then the methods get equal time)")
+    eval_images: int = option(0, "test images scored at the end (0: all)")
+    eval_every: int = option(0, "steps between held-out evaluations during training (0: none)")
+    curve_images: int = option(160, "test images of each evaluation during training")
+    samples: int = option(16, "unconditional samples drawn per method (and timed)")
+    seed: int = option(0, "seed of the initialisation, data order and sampling")
+    image_size: int = option(0, "> 0: average-pool the images to this side (14 halves MNIST: 196 tokens)")
+    levels: int = option(0, "> 0: quantise pixels to this many levels (0 keeps 256)")
+    device: str = option("cpu", "where training, evaluation and timing run: cpu, cuda or auto")
+    jobs: int = option(1, "methods trained at once, each in its own process (threads split between them)")
+
+
+@dataclass
+class ImageRun:
+    paper: bool = option(False, "the paper's model, optimiser and budget: 8 layers (CIFAR-10: 16), d_model 256, "
+                         "RAdam 1e-4, batch 10, 250 epochs, all test images")  # fmt: skip
+    quick: bool = option(False, "a tiny run in seconds (the tests run it)")
+    fresh: bool = option(False, "train every method again")
+    out: Path | None = option(None, "default results/image-<dataset> (--quick: results/image-<dataset>-quick)")
 
 
 # what a result depends on: not where or how parallel it ran
@@ -97,37 +109,12 @@ PAPER_LAYERS = {"mnist": 8, "fashion-mnist": 8, "cifar10": 16}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = ImageSettings()
-    p.add_argument("--dataset", choices=["mnist", "fashion-mnist", "cifar10"], default=d.dataset)
-    p.add_argument("--data-path", default="", help="IDX folder (fashion-mnist) or CIFAR-10 binary batches (cifar10)")
-    p.add_argument(
-        "--methods", nargs="+", choices=[m for m in METHODS if m != "softmax-cache"], default=list(d.methods)
-    )
-    for name in ("n_layers", "n_heads", "d_model", "d_ff", "lsh_chunk", "batch", "steps", "samples", "seed", "jobs",
-                 "eval_every", "curve_images"):  # fmt: skip
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    p.add_argument("--eval-images", type=int, default=d.eval_images, help="test images scored at the end (0: all)")
-    p.add_argument("--image-size", type=int, default=d.image_size,
-                   help="average-pool the images to this side (0 keeps them; 14 halves MNIST)")  # fmt: skip
-    p.add_argument("--levels", type=int, default=d.levels, help="quantise pixels to this many levels (0 keeps 256)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--schedule", choices=["constant", "cosine", "linear"], default=d.schedule,
-                   help="learning rate after the warm-up")  # fmt: skip
-    p.add_argument("--epochs", type=float, default=d.epochs, help="> 0: train this many epochs (overrides --steps)")
-    p.add_argument("--minutes", type=float, default=d.minutes, help="training time limit per method (0: none)")
-    p.add_argument("--device", default=d.device, help="where training, evaluation and timing run: cpu, cuda or auto")
-    p.add_argument("--paper", action="store_true",
-                   help="the paper's model, optimiser and budget: 8 layers (CIFAR-10: 16), d_model 256, RAdam 1e-4, "
-                        "batch 10, 250 epochs, all test images")  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="a tiny run in seconds (the tests run it)")
-    p.add_argument("--fresh", action="store_true", help="train every method again")
-    p.add_argument("--out", type=Path, default=None,
-                   help="default results/image-<dataset> (--quick: results/image-<dataset>-quick)")  # fmt: skip
+    add_options(p, ImageSettings, title="settings (what a result depends on, and where it runs)")
+    add_options(p, ImageRun, title="this run")
 
 
 def settings_from(args: argparse.Namespace) -> ImageSettings:
-    fields = {k: getattr(args, k) for k in ImageSettings.__dataclass_fields__ if hasattr(args, k) and k != "methods"}
-    s = ImageSettings(**fields, methods=tuple(args.methods))
+    s = from_args(ImageSettings, args)
     given = getattr(args, "given", set())  # options given on the command line win over the presets
     if args.paper:
         s = apply_preset(s, {**PAPER, "n_layers": PAPER_LAYERS[s.dataset]}, given)

