@@ -97,10 +97,10 @@ causal_linear_attention_fwd.register_autograd(_backward, setup_context=_setup_co
 
 class EagerCausalLinearAttention(torch.autograd.Function):
     """The registered operators' forward and backward, calling the backend directly: outside
-    torch.compile this skips the custom-operator dispatch and its autograd wrapper, a fixed
-    150-400 us per forward+backward (BENCHMARKS.md, "The eager path": 1.08-1.21x at small sizes,
-    within noise from B=8, T=256). apply(q, k, v, S0, z0, eps, chunk_size, backend) -> (y, S_final,
-    z_final), keeping what the backward needs."""
+    torch.compile this skips the custom-operator dispatch and its autograd wrapper, a fixed cost
+    per call that shows at small sizes (bench dispatch; BENCHMARKS.md, "The eager path").
+    apply(q, k, v, S0, z0, eps, chunk_size, backend) -> (y, S_final, z_final), keeping what the
+    backward needs."""
 
     @staticmethod
     def forward(ctx, q, k, v, S0, z0, eps, chunk_size, backend):
