@@ -5,7 +5,18 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+from ..options import option
+
+
+@dataclass
+class RunSwitches:
+    """The switches every experiment takes besides its settings (no result depends on them)."""
+
+    quick: bool = option(False, "a tiny run in seconds, into its own folder (the tests run it)")
+    fresh: bool = option(False, "train every method again even if its results exist")
 
 
 def load_finished(path: Path, settings: dict) -> list[dict] | None:

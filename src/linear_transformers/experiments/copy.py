@@ -36,7 +36,7 @@ from ..data import copy as copy_data
 from ..model import CausalTransformer, ModelConfig
 from ..options import add_options, from_args, option
 from ..train import resolve_device
-from . import load_finished, save_finished
+from . import RunSwitches, load_finished, save_finished
 
 METHODS = {  # name -> ModelConfig fields
     "softmax": dict(attention="causal-softmax"),
@@ -76,11 +76,9 @@ class CopySettings:
 
 
 @dataclass
-class CopyRun:
+class CopyRun(RunSwitches):
     paper: bool = option(False, "the paper's task and budget: 128-token sequences, 4 layers x 4 heads of 32, 10000 "
                          "updates, lr drop at 3000")  # fmt: skip
-    quick: bool = option(False, "a tiny run in seconds (the tests run it)")
-    fresh: bool = option(False, "train every run again even if its results exist")
     out: Path | None = option(None, "default results/copy (--quick: results/copy-quick)")
 
 

@@ -44,7 +44,7 @@ from ..data.images import image_grid, write_png
 from ..model import CausalTransformer, ModelConfig
 from ..options import add_options, from_args, option
 from ..train import TrainConfig, load_model, resolve_device, train
-from . import finished_or_run, load_finished
+from . import RunSwitches, finished_or_run, load_finished
 
 METHODS = {  # name -> (ModelConfig fields, generation mode)
     "softmax": (dict(attention="causal-softmax"), "recompute"),
@@ -93,11 +93,9 @@ class ImageSettings:
 
 
 @dataclass
-class ImageRun:
+class ImageRun(RunSwitches):
     paper: bool = option(False, "the paper's model, optimiser and budget: 8 layers (CIFAR-10: 16), d_model 256, "
                          "RAdam 1e-4, batch 10, 250 epochs, all test images")  # fmt: skip
-    quick: bool = option(False, "a tiny run in seconds (the tests run it)")
-    fresh: bool = option(False, "train every method again")
     out: Path | None = option(None, "default results/image-<dataset> (--quick: results/image-<dataset>-quick)")
 
 

