@@ -127,8 +127,8 @@ class FusedModelStep:
         "ff2_b",
     )
     PROJECTIONS = ("qkv_w", "out_w", "ff1_w", "ff2_w")
-    # sample_mol's tokens per C call in generation: a call cannot be interrupted, and each costs
-    # ~50 us more than its steps
+    # sample_mol's tokens per C call in generation: long enough to spread a call's fixed cost, short
+    # enough that Ctrl-C is seen between calls
     GENERATE_CHUNK = 64
     IO = ("embed", "pos", "norm_w", "norm_b", "head_w", "head_b")
 
