@@ -152,7 +152,7 @@ def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
     seen, generate = [], CausalTransformer.generate
 
     def spy(self, *args, **kwargs):
-        seen.append((kwargs["config"].weights, kwargs["config"].dot))
+        seen.append(kwargs["config"])
         return generate(self, *args, **kwargs)
 
     monkeypatch.setattr(CausalTransformer, "generate", spy)
@@ -161,7 +161,16 @@ def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
         assert cli_main(["sample", "--checkpoint", str(run), "--n", "1", "--cpu-precision", name,
                          "--out", str(tmp_path / f"{name}.png")]) == 0  # fmt: skip
         assert f"CPU precision {name}" in capsys.readouterr().out
-    assert seen == [decode.PRECISIONS[name] for name in names]  # one batch each
+    assert seen == [decode.DecodeConfig.precision(name) for name in names]  # one batch each
+    seen.clear()
+    assert cli_main(["sample", "--checkpoint", str(run), "--n", "1", "--no-fused-step",
+                     "--out", str(tmp_path / "pytorch.png")]) == 0  # fmt: skip
+    assert seen == [decode.DecodeConfig(fused=False)]
+    cli_error(
+        capsys,
+        ["sample", "--checkpoint", str(run), "--cpu-precision", "bf16-weights", "--no-fused-step"],
+        "--cpu-precision bf16-weights is the fused CPU step's precision; drop --no-fused-step",
+    )
     cli_error(
         capsys,
         ["sample", "--checkpoint", str(run), "--cpu-precision", "fp16"],

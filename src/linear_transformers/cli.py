@@ -55,6 +55,8 @@ class SampleConfig:
     out: str = option("", "output file (default: samples.png or samples.txt next to the checkpoint)")
     device: str = option("auto", "auto, cpu or cuda")
     cpu_precision: str = option("float32", "linear RNN on the CPU: float32, bf16-weights or bf16 (faster, see README)")
+    fused_step: bool = option(True, "linear RNN on the CPU: the fused C step where it applies and measured faster "
+                              "(--no-fused-step: PyTorch's step; the same tokens)")  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.cpu_precision not in PRECISIONS:
@@ -89,7 +91,7 @@ class EvalConfig:
 def run_sample(cfg: SampleConfig) -> Path:
     device = resolve_device(cfg.device)
     model, config = load_model(cfg.checkpoint, device)
-    decode_config = _decode_config(model, cfg.cpu_precision, device)
+    decode_config = _decode_config(model, cfg.cpu_precision, cfg.fused_step, device)
     meta = config["data"]
     if meta["alphabet"] is None:
         for option, value in (("--prompt", cfg.prompt), ("--max-new-tokens", cfg.max_new_tokens)):
@@ -138,11 +140,13 @@ def run_sample(cfg: SampleConfig) -> Path:
     return out
 
 
-def _decode_config(model, name: str, device: torch.device) -> DecodeConfig:
-    """--cpu-precision as a DecodeConfig: refused where the fused CPU step would not run (so it cannot
-    be ignored)."""
+def _decode_config(model, name: str, fused_step: bool, device: torch.device) -> DecodeConfig:
+    """--cpu-precision and --fused-step as a DecodeConfig: a precision is refused where the fused CPU
+    step would not run (so it cannot be ignored)."""
     if name == "float32":
-        return DecodeConfig()
+        return DecodeConfig(fused=fused_step)
+    if not fused_step:
+        raise ValueError(f"sample: --cpu-precision {name} is the fused CPU step's precision; drop --no-fused-step")
     cfg = model.cfg
     if device.type != "cpu":
         raise ValueError(f"sample: --cpu-precision {name} is for generation on the CPU; the device is {device}")
