@@ -152,6 +152,9 @@ def train_config(s: ImageSettings, run: Path, resume: bool, steps: int, threads:
 
 
 def images_per_s(model, mode: str, n: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    # untimed first: what a process pays once (building the fused step, and its speed check on first
+    # use in a new cache) is not generation speed
+    model.generate(n=n, max_new_tokens=2, mode=mode)
     torch.manual_seed(0)
     start = time.perf_counter()
     tokens = model.generate(n=n, mode=mode, generator=torch.Generator(device).manual_seed(0))
