@@ -13,6 +13,12 @@ def test_quick_attention_benchmark(tmp_path, capsys):
     assert {r["impl"] for r in rows} == {"naive", "chunked", "cpu", "auto", "softmax"}
     assert all(float(r["fwd_ms"]) > 0 and float(r["fwdbwd_ms"]) > 0 for r in rows)
     assert "| N |" in (tmp_path / "table.md").read_text()
+    auto = list(csv.DictReader((tmp_path / "auto.csv").read_text().splitlines()))  # auto vs the faster, interleaved
+    assert [int(r["N"]) for r in auto] == sorted({int(r["N"]) for r in rows})
+    for r in auto:
+        faster = min(float(r["cpu_fwdbwd_ms"]), float(r["chunked_fwdbwd_ms"]))
+        assert abs(float(r["auto_vs_best"]) - float(r["auto_fwdbwd_ms"]) / faster) < 1e-9
+    assert "timed interleaved: N=" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "attention.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "chunked vs naive, outputs and dq/dk/dv" in out and "cpu vs naive, outputs and dq/dk/dv" in out
@@ -35,6 +41,7 @@ def test_attention_benchmark_per_isa_level(tmp_path, capsys):
     for level in levels:  # each level's own header names its build
         assert f"C kernels: {level} (" in text
         assert (tmp_path / level / "attention.csv").exists()
+        assert (tmp_path / level / "auto.csv").exists()  # the "auto / best" column comes from it
     if "x86-64-v3" in levels:
         assert "PyTorch kernels: AVX2" in text  # capped like an AVX2 machine
     assert (tmp_path / "levels.png").stat().st_size > 10_000

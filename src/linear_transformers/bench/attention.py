@@ -188,6 +188,28 @@ def measure(args, impl: str, N: int) -> dict:
     return row
 
 
+def auto_interleaved(args: argparse.Namespace, N: int) -> dict:
+    """ "auto" against the faster of "cpu" and "chunked", forward+backward, the three taking turns
+    round by round (best of --repeats each): separate timings of the same kernel differ by the
+    host's drift, which this cancels. Returns the three times and auto / the faster."""
+    from ..native import best_of
+
+    q, k, v = make_inputs(args.batch, N, args.heads, args.dim, DTYPES[args.dtype], args.device, seed=N)
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    grad_out = torch.randn_like(v)
+
+    def fwd_bwd(impl):
+        run = _attention(impl, q, k, v, args.chunk_size)
+        return lambda: torch.autograd.grad(run(), (q, k, v), grad_out)
+
+    impls = ("auto", "cpu", "chunked")
+    times = best_of([fwd_bwd(impl) for impl in impls], repeats=1 if args.quick else args.repeats, warmup=1)
+    row = {"N": N, **{f"{impl}_fwdbwd_ms": t * 1e3 for impl, t in zip(impls, times, strict=True)}}
+    row["auto_vs_best"] = times[0] / min(times[1:])
+    return row
+
+
 def summary_table(rows: list[dict]) -> str:
     """One row per (N, implementation), with speedups over softmax measured in the same run."""
     softmax = {r["N"]: r for r in rows if r["impl"] == "softmax" and "fwd_ms" in r}
@@ -285,6 +307,14 @@ def main(args: argparse.Namespace) -> int:
     out = args.out
     write_csv(out / "attention.csv", rows)
     table = summary_table(rows)
+    if args.device == "cpu" and {"auto", "cpu", "chunked"} <= set(args.impls) and ops.cpu.available():
+        auto_rows = [auto_interleaved(args, N) for N in args.lengths]
+        write_csv(out / "auto.csv", auto_rows)
+        table += (
+            '\n"auto" / the faster of "cpu" and "chunked", forward+backward timed interleaved: '
+            + ", ".join(f"N={r['N']} {r['auto_vs_best']:.2f}" for r in auto_rows)
+            + "\n"
+        )
     machine = info["gpu"] if args.device.startswith("cuda") and "gpu" in info else info["cpu"]
     header = f"Causal attention, {config}; best of {args.repeats} runs\n\nMachine: {machine}, torch {info['torch']}\n"
     header += "".join(line + "\n" for line in isa_lines())
@@ -308,11 +338,14 @@ def per_level(args: argparse.Namespace) -> int:
             str(args.dim), "--chunk-size", str(args.chunk_size), "--dtype", args.dtype, "--impls", *args.impls,
             "--threads", str(args.threads), "--repeats", str(args.repeats)]  # fmt: skip
     folders = levels.run_each("attention", argv, levels.resolve(args.isa), args.out)
-    rows = []
+    rows, auto = [], {}
     for level, folder in folders.items():
         with open(folder / "attention.csv") as f:
             rows += [{**r, "level": level} for r in csv.DictReader(f)]
-    table, out_rows = levels_table(rows)
+        if (folder / "auto.csv").exists():
+            with open(folder / "auto.csv") as f:
+                auto.update({(level, int(r["N"])): float(r["auto_vs_best"]) for r in csv.DictReader(f)})
+    table, out_rows = levels_table(rows, auto)
     write_csv(args.out / "levels.csv", out_rows)
     heads = [(folder / "table.md").read_text().split("\n\n")[1].strip() for folder in folders.values()]
     text = f"Causal attention per ISA level, B={args.batch} H={args.heads} D={args.dim} {args.dtype}\n\n"
@@ -326,9 +359,11 @@ def per_level(args: argparse.Namespace) -> int:
     return 0
 
 
-def levels_table(rows: list[dict]) -> tuple[str, list[dict]]:
+def levels_table(rows: list[dict], auto: dict | None = None) -> tuple[str, list[dict]]:
     """Per (level, N): the kernel's fwd and fwd+bwd, its ratio to "chunked" and SDPA, and "auto"
-    against the faster of "cpu" and "chunked" (all from one process per level)."""
+    against the faster of "cpu" and "chunked" (all from one process per level; `auto`, (level, N)
+    -> that ratio timed interleaved, where the run measured it, replaces the separate timings')."""
+    auto = auto or {}
     by = {(r["level"], int(r["N"]), r["impl"]): r for r in rows if r.get("fwd_ms")}
     out = []
     for level in dict.fromkeys(r["level"] for r in rows):
@@ -343,11 +378,13 @@ def levels_table(rows: list[dict]) -> tuple[str, list[dict]]:
                    "cpu_vs_chunked_fwdbwd": ms["chunked"][1] / ms["cpu"][1]}  # fmt: skip
             if "softmax" in ms:
                 row["cpu_vs_softmax_fwdbwd"] = ms["softmax"][1] / ms["cpu"][1]
-            if "auto" in ms:
+            if (level, N) in auto:
+                row["auto_vs_best_fwdbwd"] = auto[(level, N)]
+            elif "auto" in ms:
                 row["auto_vs_best_fwdbwd"] = ms["auto"][1] / min(ms["cpu"][1], ms["chunked"][1])
             out.append(row)
     header = ["level", "N", "cpu fwd ms", "cpu fwd+bwd ms", "chunked fwd ms", "chunked fwd+bwd ms", "cpu/chunked fwd",
-              "cpu/chunked fwd+bwd", "cpu/SDPA fwd+bwd", "auto / best"]  # fmt: skip
+              "cpu/chunked fwd+bwd", "cpu/SDPA fwd+bwd", "auto / best (interleaved where measured)"]  # fmt: skip
     cells = [
         [r["level"], str(r["N"]), fmt(r["cpu_fwd_ms"]), fmt(r["cpu_fwdbwd_ms"]), fmt(r["chunked_fwd_ms"]),
          fmt(r["chunked_fwdbwd_ms"]), fmt(r["cpu_vs_chunked_fwd"], 2) + "x", fmt(r["cpu_vs_chunked_fwdbwd"], 2) + "x",
