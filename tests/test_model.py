@@ -617,3 +617,13 @@ def test_every_stepper_gives_the_same_tokens(head, sampling):
             model.generate(prompt=prompt, max_new_tokens=30, generator=gen, mode=mode, config=config, **sampling)
         )
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_a_config_that_is_not_a_decode_config_is_refused():
+    model = _model(n_classes=0)
+    with pytest.raises(TypeError, match="generate: config must be a linear_transformers.decode.DecodeConfig, got dict"):
+        model.generate(n=1, max_new_tokens=2, config={"fused": False})
+    with torch.no_grad():
+        _, state = model.prefill(torch.zeros(1, 0, dtype=torch.long))
+        with pytest.raises(TypeError, match="CausalTransformer.step: config must be .*DecodeConfig, got str"):
+            model.step(torch.zeros(1, dtype=torch.long), state, "bf16")

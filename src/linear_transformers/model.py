@@ -347,6 +347,7 @@ class CausalTransformer(nn.Module):
         if not isinstance(token, torch.Tensor) or token.dim() != 1 or batches != {token.shape[0]}:
             got = f"shape {list(token.shape)}" if isinstance(token, torch.Tensor) else type(token).__name__
             raise ValueError(f"CausalTransformer.step: token must be [B], B the state's batch {batches}; got {got}")
+        decode.check_config("CausalTransformer.step", config)
         fused = decode.fused_step(self, token.shape[0], state, config)
         if fused is None:
             return self.step_pytorch(token, state)
@@ -406,6 +407,7 @@ class CausalTransformer(nn.Module):
         if mode not in ("rnn", "recompute"):
             raise ValueError(f"generate: mode must be 'rnn' or 'recompute', got {mode!r}")
         check_sampling("generate", temperature, top_k, top_p)
+        decode.check_config("generate", config)
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"generate: n must be an int >= 1, got {n!r}")
         if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):

@@ -78,6 +78,11 @@ PRECISIONS = {
 DEFAULT = DecodeConfig()
 
 
+def check_config(fn: str, config: object) -> None:
+    if not isinstance(config, DecodeConfig):
+        raise TypeError(f"{fn}: config must be a linear_transformers.decode.DecodeConfig, got {type(config).__name__}")
+
+
 def fused_step(model: CausalTransformer, batch: int, state: ModelState, config: DecodeConfig = DEFAULT):
     """The fused C step for stepping `state` (batch rows) of `model`, or None where the PyTorch step
     must run: the C step computes what the model would (fused.computes: linear attention with an
@@ -193,7 +198,7 @@ def stepper(model: CausalTransformer, out: torch.Tensor, T0: int, mode: str, lab
 def measure_fused_step() -> tuple[float, float]:
     """Seconds per token at batch 1 of the fused C step and of the PyTorch step, best of 7 runs of
     16 tokens interleaved, on a representative model (4 blocks, d_model 256, 8 heads, d_ff 1024, a
-    mixture-of-logistics head): the verdict's measurement for the fused step (~0.1 s, once per build)."""
+    mixture-of-logistics head): the verdict's measurement for the fused step (under a second, once per build)."""
     from ..model import CausalTransformer, ModelConfig
 
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's random stream stays as it was

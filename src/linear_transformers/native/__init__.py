@@ -15,7 +15,7 @@ LINEAR_TRANSFORMERS_NO_CPU_KERNEL=1 disables all. LINEAR_TRANSFORMERS_ISA=<level
 CC a compiler; `use(level, cc)` selects another build within a process (tests, benchmarks).
 
 "auto" takes a compiled kernel only where it is faster than the PyTorch path on this machine:
-the first use measures both on a small representative shape (a few milliseconds) and stores the
+the first use measures both on a small representative shape (under a second) and stores the
 verdict beside the library (`verdict`); LINEAR_TRANSFORMERS_AUTO_KERNELS=always|never overrides.
 """
 

@@ -28,7 +28,7 @@ backends.py: each a Backend record of its forward and backward, passing typed re
     "triton"   triton/     Triton GPU kernels, normaliser fused (CUDA tensors; float16/bfloat16/float32)
 
 "auto" takes "cpu" for CPU tensors when its kernel builds and measured faster than "chunked" on this
-machine (cpu/__init__.py: a few milliseconds on first use, the verdict kept beside the compiled
+machine (cpu/__init__.py: under a second on first use, the verdict kept beside the compiled
 library), and "triton" for CUDA tensors when Triton imports (float64 always goes to "chunked");
 otherwise "chunked", with one warning naming the reason.
 

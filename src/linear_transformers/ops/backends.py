@@ -20,8 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import Tensor
-
 from . import chunked, cpu, naive
 from . import triton as triton_backend
 from .records import Forward, Grads, result
@@ -37,10 +35,6 @@ class Backend:
     backward: Callable[..., Grads] | None  # None: PyTorch differentiates `forward` itself
     Saved: type | None = None  # the NamedTuple of what `forward` keeps for `backward`
     saved_shapes: Callable[..., tuple[tuple[int, ...], ...]] | None = None
-
-    def saved_from(self, tensors) -> tuple[Tensor, Tensor, Tensor]:
-        """The Saved record from the operator's three flat tensors."""
-        return self.Saved(*tensors)
 
 
 def _naive_forward(q, k, v, S0, z0, eps: float, chunk_size: int, save: bool) -> Forward:
