@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 from linear_transformers.bench.__main__ import main
 
@@ -15,30 +16,50 @@ def test_quick_attention_benchmark(tmp_path, capsys):
     assert "| N |" in (tmp_path / "table.md").read_text()
     auto = list(csv.DictReader((tmp_path / "auto.csv").read_text().splitlines()))  # auto vs the faster, interleaved
     assert [int(r["N"]) for r in auto] == sorted({int(r["N"]) for r in rows})
+    rounds = list(csv.DictReader((tmp_path / "auto_rounds.csv").read_text().splitlines()))
     for r in auto:
         assert r["faster"] in ("cpu", "chunked")
-        best_ratio = float(r["auto_fwdbwd_ms"]) / float(r["faster_fwdbwd_ms"])
-        assert abs(float(r["auto_vs_best_min"]) - best_ratio) < 1e-9
-        assert int(r["rounds"]) == 1 and abs(float(r["auto_vs_best"]) - best_ratio) < 1e-9  # one pair: its ratio
-    assert "median of paired rounds: N=" in (tmp_path / "table.md").read_text()
+        assert abs(float(r["auto_vs_best_min"]) - float(r["auto_fwdbwd_ms"]) / float(r["faster_fwdbwd_ms"])) < 1e-9
+        mine = [x for x in rounds if x["N"] == r["N"]]
+        assert int(r["rounds"]) == len(mine) == 2 and {x["first"] for x in mine} == {"auto", r["faster"]}
+        # one round of each order: the estimate is the geometric mean of their two ratios
+        expect = math.sqrt(float(mine[0]["ratio"]) * float(mine[1]["ratio"]))
+        assert abs(float(r["auto_vs_best"]) - expect) < 1e-9
+    assert "paired rounds: N=" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "attention.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "chunked vs naive, outputs and dq/dk/dv" in out and "cpu vs naive, outputs and dq/dk/dv" in out
     assert str(tmp_path) in out
 
 
-def test_auto_paired_rounds_median():
-    """Without --quick, auto and the faster path take --repeats turns each; the reported ratio is
-    the median of the rounds' ratios."""
+def test_auto_paired_rounds_balance_the_order(monkeypatch):
+    """Without --quick, auto and the faster path take --repeats rounds, who goes first swapping each
+    round; a fixed cost on whichever runs first (a position effect) cancels out of the estimate."""
     import argparse
 
-    from linear_transformers.bench.attention import auto_interleaved
+    from linear_transformers.bench import attention
 
+    clock = {"t": 0.0, "calls": 0}  # two untimed warm-up calls, then the first of each pair is an odd call
+
+    def fake_counter():  # each timed call takes 10 ms, plus 3 ms when it is the first of its round
+        return clock["t"]
+
+    def fake_attention(impl, q, k, v, chunk_size):
+        def run():
+            clock["calls"] += 1
+            clock["t"] += 0.010 + (0.003 if clock["calls"] % 2 == 1 else 0.0)
+            return (q * k * v).sum(-1, keepdim=True).expand_as(v)
+
+        return run
+
+    monkeypatch.setattr(attention.time, "perf_counter", fake_counter)
+    monkeypatch.setattr(attention, "_attention", fake_attention)
     args = argparse.Namespace(batch=1, heads=2, dim=8, dtype="float32", device="cpu", chunk_size=16, quick=False,
                               repeats=5)  # fmt: skip
-    r = auto_interleaved(args, 64, "chunked")
-    assert r["rounds"] == 5 and r["faster"] == "chunked"
-    assert 0 < r["auto_vs_best"] < float("inf") and 0 < r["auto_vs_best_min"] < float("inf")
+    row, rounds = attention.auto_interleaved(args, 64, "chunked")
+    assert row["rounds"] == len(rounds) == 5 and [r["first"] for r in rounds] == ["auto", "chunked"] * 2 + ["auto"]
+    assert abs(row["auto_first_ratio"] - 1.3) < 1e-9 and abs(row["auto_second_ratio"] - 1 / 1.3) < 1e-9
+    assert abs(row["auto_vs_best"] - 1.0) < 1e-9  # the two identical functions come out equal
 
 
 def test_attention_benchmark_per_isa_level(tmp_path, capsys):

@@ -190,13 +190,15 @@ def measure(args, impl: str, N: int) -> dict:
     return row
 
 
-def auto_interleaved(args: argparse.Namespace, N: int, faster: str) -> dict:
+def auto_interleaved(args: argparse.Namespace, N: int, faster: str) -> tuple[dict, list[dict]]:
     """ "auto" against `faster` ("cpu" or "chunked", whichever measured faster above), forward+
-    backward, the two taking turns and swapping who goes first each round (--repeats rounds).
-    Separate timings of the same kernel differ by the host's drift, and whatever runs right after a
-    heavier function pays for the caches it left: pairing cancels both. `auto_vs_best` is the median
-    over rounds of auto's time over the other's in the same round (the drift moves both of a pair
-    alike); `auto_vs_best_min` the ratio of the two best times, which one lucky quiet moment sways."""
+    backward, the two timed back to back in each of --repeats rounds, who goes first swapping each
+    round. Separate timings of the same kernel differ by the host's drift, which moves both of a pair
+    alike, and by where a call sits in the sequence (first or second of its pair; with an odd count
+    of rounds, a median over all of them takes the majority order's side). `auto_vs_best` is the
+    geometric mean of the median ratio auto / faster over the rounds auto went first and over those
+    it went second, which cancels both; `auto_vs_best_min` is the ratio of the two best times, which
+    one quiet moment sways. Returns that row and one row per round (its order and both times)."""
     q, k, v = make_inputs(args.batch, N, args.heads, args.dim, DTYPES[args.dtype], args.device, seed=N)
     for x in (q, k, v):
         x.requires_grad_(True)
@@ -209,17 +211,24 @@ def auto_interleaved(args: argparse.Namespace, N: int, faster: str) -> dict:
     fns = {"auto": fwd_bwd("auto"), faster: fwd_bwd(faster)}
     for fn in fns.values():
         fn()
-    times = {name: [] for name in fns}
-    for r in range(1 if args.quick else args.repeats):
-        for name in list(fns)[:: 1 if r % 2 == 0 else -1]:
+    rounds = []
+    for r in range(2 if args.quick else max(2, args.repeats)):
+        order = list(fns)[:: 1 if r % 2 == 0 else -1]
+        times = {}
+        for name in order:
             t0 = time.perf_counter()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    ratios = [a / b for a, b in zip(times["auto"], times[faster], strict=True)]
-    best = {name: min(t) for name, t in times.items()}
-    return {"N": N, "faster": faster, "rounds": len(ratios), "auto_fwdbwd_ms": best["auto"] * 1e3,
-            "faster_fwdbwd_ms": best[faster] * 1e3, "auto_vs_best": statistics.median(ratios),
-            "auto_vs_best_min": best["auto"] / best[faster]}  # fmt: skip
+            times[name] = time.perf_counter() - t0
+        rounds.append({"N": N, "round": r, "first": order[0], "auto_ms": times["auto"] * 1e3,
+                       "faster_ms": times[faster] * 1e3, "ratio": times["auto"] / times[faster]})  # fmt: skip
+    by_order = [statistics.median(x["ratio"] for x in rounds if (x["first"] == "auto") == first)
+                for first in (True, False)]  # fmt: skip
+    best = {"auto": min(x["auto_ms"] for x in rounds), faster: min(x["faster_ms"] for x in rounds)}
+    row = {"N": N, "faster": faster, "rounds": len(rounds), "auto_fwdbwd_ms": best["auto"],
+           "faster_fwdbwd_ms": best[faster], "auto_vs_best": math.sqrt(by_order[0] * by_order[1]),
+           "auto_first_ratio": by_order[0], "auto_second_ratio": by_order[1],
+           "auto_vs_best_min": best["auto"] / best[faster]}  # fmt: skip
+    return row, rounds
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -321,11 +330,12 @@ def main(args: argparse.Namespace) -> int:
     table = summary_table(rows)
     if args.device == "cpu" and {"auto", "cpu", "chunked"} <= set(args.impls) and ops.cpu.available():
         fb = {(r["N"], r["impl"]): r["fwdbwd_ms"] for r in rows if "fwdbwd_ms" in r}
-        auto_rows = [auto_interleaved(args, N, min(("cpu", "chunked"), key=lambda i: fb[(N, i)]))
-                     for N in args.lengths]  # fmt: skip
+        pairs = [auto_interleaved(args, N, min(("cpu", "chunked"), key=lambda i: fb[(N, i)])) for N in args.lengths]
+        auto_rows = [row for row, _ in pairs]
         write_csv(out / "auto.csv", auto_rows)
+        write_csv(out / "auto_rounds.csv", [r for _, rounds in pairs for r in rounds])
         table += (
-            '\n"auto" / the faster of "cpu" and "chunked", forward+backward, median of paired rounds: '
+            '\n"auto" / the faster of "cpu" and "chunked", forward+backward, paired rounds: '
             + ", ".join(f"N={r['N']} {r['auto_vs_best']:.2f}" for r in auto_rows)
             + "\n"
         )
@@ -376,7 +386,7 @@ def per_level(args: argparse.Namespace) -> int:
 def levels_table(rows: list[dict], auto: dict | None = None) -> tuple[str, list[dict]]:
     """Per (level, N): the kernel's fwd and fwd+bwd, its ratio to "chunked" and SDPA, and "auto"
     against the faster of "cpu" and "chunked" (all from one process per level; `auto`, (level, N)
-    -> the median paired ratio, where the run measured it, replaces the separate timings')."""
+    -> the paired rounds' ratio (auto_interleaved), where the run measured it, replaces the separate timings')."""
     auto = auto or {}
     by = {(r["level"], int(r["N"]), r["impl"]): r for r in rows if r.get("fwd_ms")}
     out = []
