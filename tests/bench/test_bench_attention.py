@@ -52,11 +52,10 @@ def test_auto_paired_rounds_balance_the_order(monkeypatch):
 
         return run
 
-    monkeypatch.setattr(attention.time, "perf_counter", fake_counter)
     monkeypatch.setattr(attention, "_attention", fake_attention)
     args = argparse.Namespace(batch=1, heads=2, dim=8, dtype="float32", device="cpu", chunk_size=16, quick=False,
                               repeats=5)  # fmt: skip
-    row, rounds = attention.auto_interleaved(args, 64, "chunked")
+    row, rounds = attention.auto_interleaved(args, 64, "chunked", clock=fake_counter)
     assert row["rounds"] == len(rounds) == 5 and [r["first"] for r in rounds] == ["auto", "chunked"] * 2 + ["auto"]
     assert abs(row["auto_first_ratio"] - 1.3) < 1e-9 and abs(row["auto_second_ratio"] - 1 / 1.3) < 1e-9
     assert abs(row["auto_vs_best"] - 1.0) < 1e-9  # the two identical functions come out equal

@@ -190,7 +190,7 @@ def measure(args, impl: str, N: int) -> dict:
     return row
 
 
-def auto_interleaved(args: argparse.Namespace, N: int, faster: str) -> tuple[dict, list[dict]]:
+def auto_interleaved(args: argparse.Namespace, N: int, faster: str, clock=time.perf_counter) -> tuple[dict, list[dict]]:
     """ "auto" against `faster` ("cpu" or "chunked", whichever measured faster above), forward+
     backward, the two timed back to back in each of --repeats rounds, who goes first swapping each
     round. Separate timings of the same kernel differ by the host's drift, which moves both of a pair
@@ -216,9 +216,9 @@ def auto_interleaved(args: argparse.Namespace, N: int, faster: str) -> tuple[dic
         order = list(fns)[:: 1 if r % 2 == 0 else -1]
         times = {}
         for name in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[name]()
-            times[name] = time.perf_counter() - t0
+            times[name] = clock() - t0
         rounds.append({"N": N, "round": r, "first": order[0], "auto_ms": times["auto"] * 1e3,
                        "faster_ms": times[faster] * 1e3, "ratio": times["auto"] / times[faster]})  # fmt: skip
     by_order = [statistics.median(x["ratio"] for x in rounds if (x["first"] == "auto") == first)
@@ -386,7 +386,8 @@ def per_level(args: argparse.Namespace) -> int:
 def levels_table(rows: list[dict], auto: dict | None = None) -> tuple[str, list[dict]]:
     """Per (level, N): the kernel's fwd and fwd+bwd, its ratio to "chunked" and SDPA, and "auto"
     against the faster of "cpu" and "chunked" (all from one process per level; `auto`, (level, N)
-    -> the paired rounds' ratio (auto_interleaved), where the run measured it, replaces the separate timings')."""
+    -> the paired rounds' ratio (auto_interleaved), where the run measured it, replaces the ratio
+    of the separate timings)."""
     auto = auto or {}
     by = {(r["level"], int(r["N"]), r["impl"]): r for r in rows if r.get("fwd_ms")}
     out = []
