@@ -43,9 +43,64 @@ def test_kernels_build_on_this_machine():
     info = native.build_info(cpu.LIBRARY)
     assert info.level == build.best_level()
     assert not any(f.startswith(("-march=native", "-mtune=native")) for f in info.flags)
-    # the attention kernel is its own library, built without OpenMP; the step asks for it
+    # the attention kernel is its own library, on OpenMP only where that is PyTorch's own runtime
     assert info.path != native.build_info(fused.LIBRARY).path
-    assert not any("openmp" in f for f in info.flags)
+    assert info.openmp == build.shares_pytorch_openmp("clang" in info.compiler.lower())
+    assert info.openmp == any("-fopenmp" in f for f in info.flags)
+    _attention_matches_the_reference_on_threads(3)
+
+
+def _attention_matches_the_reference_on_threads(n_threads: int) -> None:
+    """Forward and backward of the kernel against the reference, with the sequences (B * H = 6)
+    split unevenly over n_threads threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        q, k, v = qkv(2, 50, 3, 8, 5, requires_grad=True)
+        got = ops.causal_linear_attention(q, k, v, backend="cpu", chunk_size=16)
+        grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+        want = ops.causal_linear_attention(q, k, v, backend="naive")
+        want_grads = torch.autograd.grad(want.square().sum(), (q, k, v))
+    finally:
+        torch.set_num_threads(before)
+    assert rel_err(got, want) < 1e-12
+    for g, w in zip(grads, want_grads, strict=True):
+        assert rel_err(g, w) < 1e-10
+
+
+@needs_compiler
+def test_the_attention_kernel_runs_on_pthreads_without_openmp(fresh_kernel, monkeypatch):
+    """Where the compiler has no OpenMP, or not PyTorch's runtime (clang), the attention kernel
+    threads itself with pthreads, silently: nothing is lost."""
+    monkeypatch.setattr(build, "_openmp_flags", lambda clang, mode: [[]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu.available(), cpu.unavailable_reason()
+    info = native.build_info(cpu.LIBRARY)
+    assert not info.openmp and info.describe().endswith(", pthreads")
+    _attention_matches_the_reference_on_threads(4)
+
+
+@needs_compiler
+def test_an_openmp_attention_build_that_does_not_load_falls_back_to_pthreads(fresh_kernel, monkeypatch):
+    """PyTorch's libgomp may be older than the compiler's and lack a symbol the library needs: the
+    kernel is then rebuilt on pthreads rather than lost."""
+    if not build.shares_pytorch_openmp("clang" in build.compiler_version(build.default_compiler()).lower()):
+        pytest.skip("the default compiler does not build the attention kernel with OpenMP here")
+    real, opened = native.ctypes.CDLL, []
+
+    def cdll(path, *args, **kwargs):
+        opened.append(path)
+        if len(opened) == 1:
+            raise OSError(f"{path}: version `GOMP_9.9' not found")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(native.ctypes, "CDLL", cdll)
+    assert cpu.available(), cpu.unavailable_reason()
+    assert len(opened) == 2 and opened[0] != opened[1]
+    assert not native.build_info(cpu.LIBRARY).openmp
+    monkeypatch.setattr(native.ctypes, "CDLL", real)
+    _attention_matches_the_reference_on_threads(3)
 
 
 @needs_compiler
@@ -188,7 +243,7 @@ def test_the_step_builds_and_runs_without_openmp(fresh_kernel, monkeypatch):
     single-threaded, with one warning that says so."""
     from linear_transformers.model import CausalTransformer, ModelConfig
 
-    monkeypatch.setattr(build, "_openmp_flags", lambda clang: [[]])
+    monkeypatch.setattr(build, "_openmp_flags", lambda clang, mode: [[]])
     with pytest.warns(RuntimeWarning, match="built without OpenMP .* it runs single-threaded"):
         assert fused.available()
     assert not native.build_info(fused.LIBRARY).openmp

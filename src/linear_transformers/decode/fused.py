@@ -42,7 +42,7 @@ def _set_signatures(lib: ctypes.CDLL) -> None:
     lib.lt_read_f32.restype = ctypes.c_float
 
 
-native.register(LIBRARY, [Path(__file__).parent / "model_step.c", native.SIMD_H], True, _set_signatures)
+native.register(LIBRARY, [Path(__file__).parent / "model_step.c", native.SIMD_H], "any", _set_signatures)
 
 
 def load() -> ctypes.CDLL | None:

@@ -5,7 +5,8 @@ simd.h), cached on disk, and checked for speed before "auto" takes them.
 A library is registered by the package whose code it holds (its sources, whether it wants OpenMP,
 its ctypes signatures); two are:
 
-    causal_linear  causal linear attention forward/backward (ops/cpu), pthreads only
+    causal_linear  causal linear attention forward/backward (ops/cpu), on PyTorch's OpenMP pool
+                   where the compiler has PyTorch's runtime (gcc on Linux), else on pthreads
     model_step     the fused generation step of a whole model and its sampler (decode/), OpenMP
                    where the compiler has it (else single-threaded, with one warning)
 
@@ -49,7 +50,7 @@ class Library:
 
     name: str
     sources: dict[str, bytes]
-    openmp: bool
+    openmp: str  # build.OPENMP_MODES
     set_signatures: Callable[[ctypes.CDLL], None]
 
 
@@ -68,7 +69,7 @@ _warned: set[object] = set()  # what was said once per process
 _verdicts: dict[tuple[Path, str], bool] = {}  # verdicts read or measured in this process
 
 
-def register(name: str, files: list[Path], openmp: bool, set_signatures: Callable[[ctypes.CDLL], None]) -> None:
+def register(name: str, files: list[Path], openmp: str, set_signatures: Callable[[ctypes.CDLL], None]) -> None:
     """Declare the library `name`, built from `files` (.c files and the headers they include)."""
     _libraries[name] = Library(name, {f.name: f.read_bytes() for f in files}, openmp, set_signatures)
 
@@ -106,11 +107,18 @@ def _build_and_open(library: Library) -> Loaded:
         level = level or build.best_level()
         cc = build.default_compiler() if cc is None else cc
         b = build.build(name, library.sources, level, cc, openmp=library.openmp)
-        lib = ctypes.CDLL(str(b.path))
+        try:
+            lib = ctypes.CDLL(str(b.path))
+        except OSError:
+            if library.openmp != "pytorch" or not b.openmp:
+                raise
+            # PyTorch's libgomp lacks a symbol this compiler's OpenMP needs: the pthreads build
+            b = build.build(name, library.sources, level, cc, openmp="no")
+            lib = ctypes.CDLL(str(b.path))
         library.set_signatures(lib)
     except (OSError, RuntimeError, ValueError, AttributeError) as e:
         return Loaded(None, f"{name}: {e}", None)
-    if library.openmp and not b.openmp and name not in _warned:
+    if library.openmp == "any" and not b.openmp and name not in _warned:
         _warned.add(name)
         warnings.warn(
             f"the CPU kernel {name} was built without OpenMP ({b.compiler} has none; install libomp or use gcc): "

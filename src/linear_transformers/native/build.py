@@ -17,9 +17,12 @@ from the compiler's predefined macros (native/simd.h), so each level gets code w
 The level is the best one the CPU supports (/proc/cpuinfo flags; where there is none, PyTorch's own
 `torch.backends.cpu.get_cpu_capability()`), or LINEAR_TRANSFORMERS_ISA=<level> to force one (tests
 and benchmarks build every level the machine runs). The compiler is $CC, else cc, gcc, clang.
-OpenMP is used only where a kernel asks for it, and only if the compiler has it (gcc's libgomp, or
-clang with -fopenmp=libgomp, so the library shares PyTorch's thread pool); without it the library
-is built single-threaded and `Build.openmp` is False.
+OpenMP is used only where a kernel asks for it (OPENMP_MODES), and only if the compiler has it:
+"any" takes the compiler's own runtime (gcc: libgomp, which is PyTorch's on Linux, so the library
+shares PyTorch's thread pool; clang: libomp, a pool of its own), else the library is built
+single-threaded; "pytorch" takes OpenMP only where it is PyTorch's runtime (gcc on Linux with
+PyTorch on OpenMP), else the kernel threads itself with pthreads. `Build.openmp` says what was built.
+(clang's -fopenmp=libgomp links libgomp but ignores the pragmas: it is never used.)
 
 The cache directory is LINEAR_TRANSFORMERS_CACHE, else $XDG_CACHE_HOME/linear_transformers, else
 ~/.cache/linear_transformers. A library's name hashes its source, flags and compiler version, so a
@@ -216,27 +219,46 @@ class Build:
     compiler: str  # the compiler's --version line
     flags: tuple[str, ...]
     openmp: bool  # built with OpenMP
-    wants_openmp: bool = False  # the library asked for it (so its absence matters)
+    openmp_mode: str = "no"  # what the library asked for (OPENMP_MODES)
 
     @property
     def info_path(self) -> Path:
         return self.path.with_suffix(".json")
 
     def describe(self) -> str:
-        missing = self.wants_openmp and not self.openmp
-        return f"{self.level} ({' '.join(self.flags)}), {self.compiler}{', no OpenMP' if missing else ''}"
+        threads = ""
+        if self.openmp_mode == "any" and not self.openmp:
+            threads = ", no OpenMP"
+        elif self.openmp_mode == "pytorch":
+            threads = ", OpenMP (PyTorch's pool)" if self.openmp else ", pthreads"
+        return f"{self.level} ({' '.join(self.flags)}), {self.compiler}{threads}"
 
 
-def _openmp_flags(clang: bool) -> list[list[str]]:
-    """OpenMP flag sets to try, best first; [] (none) last."""
-    if clang and platform.system() == "Linux":  # libgomp: PyTorch's runtime, one thread pool
-        return [["-fopenmp=libgomp"], ["-fopenmp"], []]
-    return [["-fopenmp"], []]
+# What a library asks for: "no" OpenMP; "any" OpenMP the compiler has (else single-threaded);
+# "pytorch": OpenMP only where it is PyTorch's own runtime, so the kernel runs on PyTorch's pool
+# (else the library threads itself)
+OPENMP_MODES = ("no", "any", "pytorch")
 
 
-def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: bool = False) -> Build:
+def shares_pytorch_openmp(clang: bool) -> bool:
+    """Whether a library built with -fopenmp binds to PyTorch's OpenMP runtime in this process:
+    gcc's libgomp on Linux, where PyTorch's wheels link libgomp.so.1 (the loader reuses the loaded one)."""
+    return not clang and platform.system() == "Linux" and torch.backends.openmp.is_available()
+
+
+def _openmp_flags(clang: bool, mode: str) -> list[list[str]]:
+    """OpenMP flag sets to try for `mode`, best first; [] (none) last."""
+    if mode == "any" or (mode == "pytorch" and shares_pytorch_openmp(clang)):
+        return [["-fopenmp"], []]
+    return [[]]
+
+
+def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: str = "no") -> Build:
     """Compile the .c files of `sources` (name -> text; headers beside them) into lib `name` for
-    `level` with `cc`, or reuse the cached one. Raises RuntimeError with the compiler's message."""
+    `level` with `cc`, or reuse the cached one; `openmp` is one of OPENMP_MODES. Raises
+    RuntimeError with the compiler's message."""
+    if openmp not in OPENMP_MODES:
+        raise ValueError(f"openmp must be one of {', '.join(OPENMP_MODES)}, got {openmp!r}")
     version = compiler_version(cc)
     spec = LEVELS[level]
     clang = "clang" in version.lower()
@@ -255,9 +277,9 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: boo
             pass  # rebuilt below
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    attempts = [(level_flags, omp) for level_flags in flag_sets for omp in (_openmp_flags(clang) if openmp else [[]])]
+    attempts = [(level_flags, omp) for level_flags in flag_sets for omp in _openmp_flags(clang, openmp)]
     for level_flags, omp in attempts:
-        flags = (*_BASE_FLAGS, *level_flags, *(["-pthread"] if omp or not openmp else []), *omp)
+        flags = (*_BASE_FLAGS, *level_flags, "-pthread", *omp)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             for file, text in sources.items():
                 (Path(tmp) / file).write_bytes(text)

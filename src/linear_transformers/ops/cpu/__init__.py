@@ -1,6 +1,7 @@
 """Backend "cpu": the causal linear attention kernel (causal_linear.c, causal_linear_impl.h),
 compiled for this CPU's ISA level and loaded with ctypes by `linear_transformers.native` (its
-build, cache, `use(level, cc)` and speed verdicts). Pthreads only, no OpenMP.
+build, cache, `use(level, cc)` and speed verdicts). Threaded on PyTorch's own OpenMP pool where the
+compiler has PyTorch's runtime (gcc on Linux), else on pthreads.
 
 "auto" takes the kernel only where it is faster than "chunked" on this machine (`auto_uses_kernel`:
 measured once per build on a small representative shape, the verdict kept beside the library).
@@ -36,7 +37,7 @@ def _set_signatures(lib: ctypes.CDLL) -> None:
 
 
 _HERE = Path(__file__).parent
-native.register(LIBRARY, [_HERE / "causal_linear.c", _HERE / "causal_linear_impl.h", native.SIMD_H], False,
+native.register(LIBRARY, [_HERE / "causal_linear.c", _HERE / "causal_linear_impl.h", native.SIMD_H], "pytorch",
                 _set_signatures)  # fmt: skip
 
 

@@ -1,5 +1,6 @@
 /* Causal linear attention kernels for the CPU (float32 and float64), loaded by ops/cpu/__init__.py with ctypes.
- * Plain C with GCC/clang vector extensions of the target's width (simd.h) and pthreads (no OpenMP):
+ * Plain C with GCC/clang vector extensions of the target's width (simd.h), threaded with OpenMP where
+ * the compiler has PyTorch's runtime (libgomp) and with pthreads otherwise:
  * no PyTorch headers, so it compiles in about a second on first use. The algorithm is in
  * causal_linear_impl.h. */
 
@@ -30,6 +31,27 @@ enum { MM_FULL = 0, MM_LOWER_A = 1, MM_UPPER_A = 2, MM_LOWER_C = 3 };
 
 typedef int (*range_fn)(const void *args, long begin, long end);
 
+#ifdef _OPENMP
+#include <omp.h>
+
+/* Splits [0, n_items) into contiguous ranges, one per thread of an OpenMP team, and runs fn on
+ * each. Loaded after PyTorch, the library binds to PyTorch's own libgomp (same soname), so the team
+ * is PyTorch's intra-op pool: its threads still spin for a while after PyTorch's last parallel
+ * region, and threads of our own would share the cores with them (a kernel right after a matmul
+ * ran 1.4x slower on pthreads, BENCHMARKS.md). Returns nonzero if any range failed. */
+static int parallel_over(long n_items, int n_threads, range_fn fn, const void *args) {
+    if (n_threads > n_items) n_threads = (int)n_items;
+    if (n_threads < 1) n_threads = 1;
+    int status = 0;
+#pragma omp parallel num_threads(n_threads) reduction(| : status)
+    {
+        const long t = omp_get_thread_num(), nt = omp_get_num_threads(); /* nt may be fewer (nesting) */
+        const long begin = n_items * t / nt, end = n_items * (t + 1) / nt;
+        if (begin < end) status |= fn(args, begin, end);
+    }
+    return status;
+}
+#else
 typedef struct {
     range_fn fn;
     const void *args;
@@ -43,8 +65,7 @@ static void *run_worker(void *p) {
     return NULL;
 }
 
-/* Splits [0, n_items) into n_threads contiguous ranges and runs fn on each, one per thread (the
- * caller's included). Returns nonzero if any range failed. */
+/* Without OpenMP: the same on pthreads, one per range (the caller's thread included). */
 static int parallel_over(long n_items, int n_threads, range_fn fn, const void *args) {
     if (n_threads > n_items) n_threads = (int)n_items;
     if (n_threads > 256) n_threads = 256;
@@ -66,6 +87,7 @@ static int parallel_over(long n_items, int n_threads, range_fn fn, const void *a
     }
     return status;
 }
+#endif
 
 #define T float
 #define SUF f32
