@@ -5,9 +5,16 @@ from __future__ import annotations
 import sys
 
 from .. import commands
-from . import attention, dispatch, generate, gpu, hf
+from . import attention, dispatch, generate, gpu, hf, threads
 
-BENCHMARKS = {"attention": attention, "dispatch": dispatch, "generate": generate, "gpu": gpu, "hf": hf}
+BENCHMARKS = {
+    "attention": attention,
+    "dispatch": dispatch,
+    "generate": generate,
+    "gpu": gpu,
+    "hf": hf,
+    "threads": threads,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

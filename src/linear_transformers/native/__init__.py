@@ -63,8 +63,8 @@ class Loaded:
 
 _libraries: dict[str, Library] = {}
 _lock = threading.RLock()
-_loaded: dict[tuple[str, str | None, str | None], Loaded] = {}
-_selected: tuple[str | None, str | None] = (None, None)  # (level, compiler); None: the defaults
+_loaded: dict[tuple[str, str | None, str | None, bool], Loaded] = {}
+_selected: tuple[str | None, str | None, bool] = (None, None, True)  # (level, compiler, OpenMP); None: defaults
 _warned: set[object] = set()  # what was said once per process
 _verdicts: dict[tuple[Path, str], bool] = {}  # verdicts read or measured in this process
 
@@ -75,14 +75,15 @@ def register(name: str, files: list[Path], openmp: str, set_signatures: Callable
 
 
 @contextlib.contextmanager
-def use(level: str | None = None, cc: str | None = None) -> Iterator[None]:
+def use(level: str | None = None, cc: str | None = None, openmp: bool = True) -> Iterator[None]:
     """Within the block, every library comes from the build for `level` (see build.LEVELS) with the
-    compiler `cc` (a path or name); None keeps the default."""
+    compiler `cc` (a path or name); None keeps the default. openmp=False builds every library
+    without OpenMP (the attention kernel then runs on pthreads, the fused step on one thread)."""
     global _selected
     if level is not None:
         build.check_level(level)
     before = _selected
-    _selected = (level, cc)
+    _selected = (level, cc, openmp)
     try:
         yield
     finally:
@@ -102,11 +103,11 @@ def _build_and_open(library: Library) -> Loaded:
     name = library.name
     if os.environ.get("LINEAR_TRANSFORMERS_NO_CPU_KERNEL", "") not in ("", "0"):
         return Loaded(None, "disabled by LINEAR_TRANSFORMERS_NO_CPU_KERNEL", None)
-    level, cc = _selected
+    level, cc, openmp = _selected
     try:
         level = level or build.best_level()
         cc = build.default_compiler() if cc is None else cc
-        b = build.build(name, library.sources, level, cc, openmp=library.openmp)
+        b = build.build(name, library.sources, level, cc, openmp=library.openmp if openmp else "no")
         try:
             lib = ctypes.CDLL(str(b.path))
         except OSError:
@@ -118,7 +119,7 @@ def _build_and_open(library: Library) -> Loaded:
         library.set_signatures(lib)
     except (OSError, RuntimeError, ValueError, AttributeError) as e:
         return Loaded(None, f"{name}: {e}", None)
-    if library.openmp == "any" and not b.openmp and name not in _warned:
+    if library.openmp == "any" and openmp and not b.openmp and name not in _warned:
         _warned.add(name)
         warnings.warn(
             f"the CPU kernel {name} was built without OpenMP ({b.compiler} has none; install libomp or use gcc): "
