@@ -98,7 +98,8 @@ def test_an_openmp_attention_build_that_does_not_load_falls_back_to_pthreads(fre
     monkeypatch.setattr(native.ctypes, "CDLL", cdll)
     assert cpu.available(), cpu.unavailable_reason()
     assert len(opened) == 2 and opened[0] != opened[1]
-    assert not native.build_info(cpu.LIBRARY).openmp
+    info = native.build_info(cpu.LIBRARY)
+    assert not info.openmp and info.describe().endswith(", pthreads")
     monkeypatch.setattr(native.ctypes, "CDLL", real)
     _attention_matches_the_reference_on_threads(3)
 

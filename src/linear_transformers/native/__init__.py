@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import threading
 import time
@@ -114,7 +115,7 @@ def _build_and_open(library: Library) -> Loaded:
             if library.openmp != "pytorch" or not b.openmp:
                 raise
             # PyTorch's libgomp lacks a symbol this compiler's OpenMP needs: the pthreads build
-            b = build.build(name, library.sources, level, cc, openmp="no")
+            b = dataclasses.replace(build.build(name, library.sources, level, cc, openmp="no"), openmp_mode="pytorch")
             lib = ctypes.CDLL(str(b.path))
         library.set_signatures(lib)
     except (OSError, RuntimeError, ValueError, AttributeError) as e:
