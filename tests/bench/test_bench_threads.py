@@ -47,3 +47,12 @@ def test_bench_threads_refuses_a_kernel_that_differs(monkeypatch):
     monkeypatch.setattr(chunked, "run_forward", off)
     with pytest.raises(SystemExit, match="differs from 'chunked'"):
         threads.measure("openmp", 64, 1)
+
+
+@pytest.mark.parametrize("option", ["--length", "--repeats", "--threads"])
+def test_bench_threads_refuses_counts_below_one(option, tmp_path, capsys):
+    from linear_transformers import cli
+
+    assert cli.main(["bench", "threads", option, "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{option} must be >= 1, got 0" in err and "Traceback" not in err

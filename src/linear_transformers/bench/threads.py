@@ -135,6 +135,9 @@ def main(args: argparse.Namespace) -> int:
     from .. import native
     from ..ops import cpu
 
+    for name in ("length", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     N, repeats = (512, 2) if args.quick else (args.length, args.repeats)
     info = machine_info()

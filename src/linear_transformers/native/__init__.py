@@ -115,9 +115,10 @@ def _build_and_open(library: Library) -> Loaded:
             if library.openmp != "pytorch" or not b.openmp:
                 raise
             # PyTorch's libgomp lacks a symbol this compiler's OpenMP needs: the pthreads build
-            b = dataclasses.replace(build.build(name, library.sources, level, cc, openmp="no"), openmp_mode="pytorch")
+            b = build.build(name, library.sources, level, cc, openmp="no")
             lib = ctypes.CDLL(str(b.path))
         library.set_signatures(lib)
+        b = dataclasses.replace(b, openmp_mode=library.openmp)  # what it asked for, whatever was built
     except (OSError, RuntimeError, ValueError, AttributeError) as e:
         return Loaded(None, f"{name}: {e}", None)
     if library.openmp == "any" and openmp and not b.openmp and name not in _warned:

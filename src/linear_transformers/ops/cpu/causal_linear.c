@@ -38,7 +38,7 @@ typedef int (*range_fn)(const void *args, long begin, long end);
  * each. Loaded after PyTorch, the library binds to PyTorch's own libgomp (same soname), so the team
  * is PyTorch's intra-op pool: its threads still spin for a while after PyTorch's last parallel
  * region, and threads of our own would share the cores with them (a kernel right after a matmul
- * ran 1.4x slower on pthreads, BENCHMARKS.md). Returns nonzero if any range failed. */
+ * ran 1.6x slower on pthreads: `bench threads`, BENCHMARKS.md). Returns nonzero if any range failed. */
 static int parallel_over(long n_items, int n_threads, range_fn fn, const void *args) {
     if (n_threads > n_items) n_threads = (int)n_items;
     if (n_threads < 1) n_threads = 1;
