@@ -213,8 +213,9 @@ def test_pipeline_returns_text(folder):
 
 
 def test_export_hf_and_our_cli_reads_the_folder_back(tmp_path, capsys):
+    from linear_transformers.checkpoint import load_model
     from linear_transformers.cli import main
-    from linear_transformers.train import TrainConfig, load_model, train
+    from linear_transformers.train import TrainConfig, train
 
     text = tmp_path / "text.txt"
     text.write_text("abc defgh. " * 200)

@@ -416,10 +416,13 @@ def test_fused_step_refuses_bad_tokens_and_positions_without_touching_the_state(
     with torch.no_grad():
         _, state = model.prefill(torch.randint(0, 16, (2, 3)))
         before = state.clone()
+        step = fused.from_model(model)
         for bad in (torch.tensor([3, 16]), torch.tensor([-1, 0])):
-            with pytest.raises(ValueError, match=r"tokens must lie in \[0, 16\)"):
-                model.step(bad, state)
-        assert model._fused is not None and state.position == before.position == 4  # start token + 3
+            with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size=16\)"):
+                model.step(bad, state)  # refused by the model before any step
+            with pytest.raises(ValueError, match=r"tokens must lie in \[0, 16\)"):  # and by the C step itself
+                step(bad, state.position, [s.S for s in state.layers], [s.z for s in state.layers])
+        assert state.position == before.position == 4  # start token + 3
         for a, b in zip(state.layers, before.layers, strict=True):
             assert torch.equal(a.S, b.S) and torch.equal(a.z, b.z) and a.n_tokens == b.n_tokens
         for _ in range(4):

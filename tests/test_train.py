@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from linear_transformers.checkpoint import resolve_checkpoint, write_sums
 from linear_transformers.cli import main as cli_main
 from linear_transformers.model import CausalTransformer, ModelConfig
-from linear_transformers.train import resolve_checkpoint
 from test_data import write_mnist_folder
 
 from helpers import cli_error
@@ -186,23 +186,29 @@ def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
     )
 
 
-def test_text_model_samples_text(tmp_path, capsys):
+def test_text_model_samples_text(tmp_path, capsys, monkeypatch):
     (tmp_path / "t.txt").write_text("abcabcabd " * 300)
     run = tmp_path / "run"
     cli_main(["train", "--data", "text", "--data-path", str(tmp_path / "t.txt"), "--seq-len", "32", "--out", str(run),
               "--steps", "20", "--checkpoint-every", "20", *TINY])  # fmt: skip
-    assert cli_main(["sample", "--checkpoint", str(run), "--n", "2", "--prompt", "abc", "--max-new-tokens", "20"]) == 0
-    text = (run / "samples.txt").read_text()
+    monkeypatch.chdir(tmp_path)
+    sample = ["sample", "--checkpoint", str(run), "--n", "2", "--prompt", "abc", "--max-new-tokens", "20"]
+    assert cli_main(sample) == 0
+    text = (tmp_path / "samples.txt").read_text()
     assert text.startswith("abc") and len(text.split("\n\n")[0]) == 23
+    # a second run takes the next free name; nothing is written into the run folder or over a file
+    assert cli_main(sample) == 0 and (tmp_path / "samples-1.txt").read_text() == text
+    assert not list(run.rglob("samples*"))
+    cli_error(capsys, [*sample, "--out", str(tmp_path / "samples.txt")], "exists and was not written by this command")
+    cli_error(capsys, [*sample, "--out", str(run / "s.txt")], "a training run's folder")
     cli_error(capsys, ["sample", "--checkpoint", str(run), "--prompt", "xyz"], "characters the model never saw")
 
 
 def test_cli_options_and_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        cli_main(["train", "--d-modle", "64"])
-    assert "unrecognized arguments: --d-modle" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli_main(["train", "--help"])
+    assert cli_main(["train", "--d-modle", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unrecognized arguments: --d-modle" in err[0]  # one line, not the whole usage
+    assert cli_main(["train", "--help"]) == 0
     help_text = capsys.readouterr().out
     for option in ("--d-model", "--feature-map", "--norm", "--head", "--steps", "--resume", "--bf16", "--time-limit"):
         assert option in help_text
@@ -244,6 +250,8 @@ def test_time_limit_counts_the_time_before_a_resume(tmp_path, mnist_dir, capsys)
     assert 0 < state["train_seconds"] < 300
     state["train_seconds"] = 1000.0  # as if the earlier processes had trained for 1000 s
     torch.save(state, state_path)
+    # (an edited checkpoint must be re-summed: its SHA256SUMS would refuse it)
+    write_sums(state_path.parent, ["model.safetensors", "config.json", "state.pt"], "edited by a test")
     capsys.readouterr()
     assert cli_main([*args, "--steps", "40", "--resume", "--time-limit", "900"]) == 0
     assert "stopped at step 21: time limit of 900 s" in capsys.readouterr().out
@@ -393,7 +401,8 @@ def test_bad_settings_are_one_line_errors(tmp_path, mnist_dir, capsys):
         cli_error(capsys, [*base, "--device", "cuda"], "device 'cuda': .*use --device cpu")
     cli_error(capsys, [*base, "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'")
     out_of_range = [("--levels", "1", r"levels must be in \[2, 256\]"), ("--warmup", "-5", "warmup must"),
-                    ("--threads", "-1", "threads must"), ("--time-limit", "-1", "time_limit must"),
+                    ("--threads", "-1", r"--threads: must be in \[0, "),
+                    ("--threads", "100000", r"--threads: must be in \[0, "), ("--time-limit", "-1", "time_limit must"),
                     ("--lr", "0", "lr must be a finite number > 0"), ("--lr", "inf", "lr must")]  # fmt: skip
     for option, value, match in out_of_range:
         cli_error(capsys, [*base, option, value], match)

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from linear_transformers.checkpoint import load_model
 from linear_transformers.data import levels_to_images
-from linear_transformers.train import load_model
 from linear_transformers.web import WEB_DIR, DemoServer, check_web_dir
 
 pytest.importorskip("onnxruntime")
@@ -219,6 +219,12 @@ def test_server_lists_no_directories_and_answers_only_its_own_host(tmp_path):
     (tmp_path / "site" / "sub").mkdir(parents=True)
     (tmp_path / "site" / "index.html").write_text("<p>demo</p>")
     (tmp_path / "site" / "sub" / "secret.txt").write_text("x")
+    (tmp_path / "outside.txt").write_text("not the site's")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "key.txt").write_text("private")
+    (tmp_path / "site" / "link.txt").symlink_to(tmp_path / "outside.txt")  # links placed inside the web folder
+    (tmp_path / "site" / "linkdir").symlink_to(tmp_path / "outside")
+    (tmp_path / "model.onnx").write_text("m")
     (tmp_path / "site" / "vendor").mkdir()
     for name in VENDOR_FILES:  # stand-ins: make_server checks they exist
         (tmp_path / "site" / "vendor" / name).write_text("")
@@ -240,6 +246,9 @@ def test_server_lists_no_directories_and_answers_only_its_own_host(tmp_path):
         assert get("/", f"127.0.0.1:{port}")[0] == 200
         assert get("/sub/", f"localhost:{port}")[0] == 404  # no listing of what the folder holds
         assert get("/sub/secret.txt", f"localhost:{port}")[0] == 200  # files are still served
+        for path in ("/link.txt", "/linkdir/key.txt", "/sub/../link.txt"):
+            assert get(path, f"localhost:{port}")[0] == 404, path  # a symbolic link is never followed
+        assert get("/model/model.onnx", f"localhost:{port}") == (200, b"m")
         for host in ("evil.example", f"evil.example:{port}", "localhost:1", ""):
             assert get("/", host)[0] == 403, host
     finally:

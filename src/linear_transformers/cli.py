@@ -17,23 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import check_output_path, load_model, model_config, read_config, resolve_checkpoint, unused_path
 from .commands import given_options
 from .data.images import image_grid, write_png
 from .decode import PRECISIONS, DecodeConfig, fused
 from .export import ExportConfig, run_export
 from .heads import check_sampling
 from .model import ModelConfig
-from .options import add_options, from_args, option
-from .train import (
-    TrainConfig,
-    TrainingDiverged,
-    evaluate,
-    load_model,
-    read_config,
-    resolve_checkpoint,
-    resolve_device,
-    train,
-)
+from .options import Parser, add_options, from_args, option
+from .train import TrainConfig, TrainingDiverged, evaluate, resolve_device, train
 from .web import WebConfig, run_web
 
 # ModelConfig fields that the data decides (vocabulary, length, classes): not options of `train`.
@@ -52,7 +44,11 @@ class SampleConfig:
     max_new_tokens: int = option(0, "text models: characters to generate (0: fill the model's max_len)")
     batch_size: int = option(100, "sequences generated at once")
     seed: int = option(0, "seed of the sampler's random generator")
-    out: str = option("", "output file (default: samples.png or samples.txt next to the checkpoint)")
+    out: str = option(
+        "",
+        "output file, which must not exist yet (default: samples.png or samples.txt in the "
+        "current folder, or samples-N.* if taken)",
+    )
     device: str = option("auto", "auto, cpu or cuda")
     cpu_precision: str = option("float32", "linear RNN on the CPU: float32, bf16-weights or bf16 (faster, see README)")
     fused_step: bool = option(True, "linear RNN on the CPU: the fused C step where it applies and measured faster "
@@ -88,6 +84,16 @@ class EvalConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
 
 
+def _sample_output(cfg: SampleConfig, suffix: str) -> Path:
+    """Where samples go: --out (a new file, outside any run folder), or the first free samples[-N]
+    name in the current folder. Checked before any work, so a bad path fails at once."""
+    if not cfg.out:
+        return unused_path(Path("samples" + suffix))
+    out = Path(cfg.out)
+    check_output_path(out, "sample --out")
+    return out
+
+
 def run_sample(cfg: SampleConfig) -> Path:
     device = resolve_device(cfg.device)
     model, config = load_model(cfg.checkpoint, device)
@@ -112,15 +118,16 @@ def run_sample(cfg: SampleConfig) -> Path:
         unknown = sorted(set(cfg.prompt) - set(alphabet))
         if unknown:
             raise ValueError(f"sample: the prompt has characters the model never saw: {unknown}")
+        out = _sample_output(cfg, ".txt")
         prompt = torch.tensor([[alphabet.index(c) for c in cfg.prompt]] * cfg.n, dtype=torch.long, device=device)
         new = cfg.max_new_tokens or model.cfg.max_len - prompt.shape[1]
         tokens = model.generate(prompt=prompt, max_new_tokens=new, **kwargs)
         text = "\n\n".join("".join(alphabet[t] for t in row.tolist()) for row in tokens)
-        out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / "samples.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
         print(text[:2000])
     else:
+        out = _sample_output(cfg, ".png")
         n_classes = model.cfg.n_classes
         labels = torch.arange(n_classes, device=device).repeat_interleave(cfg.n) if n_classes else None
         total = len(labels) if labels is not None else cfg.n
@@ -132,7 +139,6 @@ def run_sample(cfg: SampleConfig) -> Path:
         from .data import levels_to_images
 
         images = levels_to_images(tokens, tuple(meta["image_shape"]), meta["vocab_size"])
-        out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / "samples.png"
         write_png(out, image_grid(images, rows=n_classes or int(np.ceil(np.sqrt(total)))))
     elapsed = time.perf_counter() - start
     precision = "" if cfg.cpu_precision == "float32" else f", CPU precision {cfg.cpu_precision}"
@@ -191,7 +197,7 @@ class CommandOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="linear-transformers", description=__doc__.splitlines()[0])
+    parser = Parser(prog="linear-transformers", description=__doc__.splitlines()[0])
     add_options(parser, CommandOptions, title="every command")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = sub.choices  # name -> its parser
@@ -222,9 +228,11 @@ def resumed_configs(model_cfg: ModelConfig, train_cfg: TrainConfig, given: set[s
     """`train --resume`: every setting left out is the run's own (from its latest checkpoint);
     those given are kept, and train() refuses the ones that would change the run."""
     try:
-        stored = read_config(resolve_checkpoint(train_cfg.out))
+        ckpt = resolve_checkpoint(train_cfg.out)
     except FileNotFoundError:
         return model_cfg, train_cfg  # train() says there is nothing to resume
+    stored = read_config(ckpt)
+    model_config(stored, ckpt)  # the run's own settings must make a model (one-line error if damaged)
     model_values = {k: v for k, v in stored["model"].items() if k not in given}
     # (the run folder is where the command line points: it may have moved since)
     train_values = {k: v for k, v in stored.get("train", {}).items() if k not in given and k not in ("resume", "out")}
@@ -251,10 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and not argv[0].startswith("-") else ""
     try:
         return _run(argv)
+    except SystemExit as e:  # argparse: --help (0), or a mistake on the command line it has said in one line (2)
+        return e.code if isinstance(e.code, int) else 2
     except USER_ERRORS as e:
         if debug:
             raise
         print(f"linear-transformers {command}: error: {e}".replace("  ", " "), file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:  # too big for this machine: the user's sizes, said in one line
+        if debug or not (isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        print(f"linear-transformers {command}: error: out of memory ({first}); use smaller sizes (batch, length, "
+              "model)", file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         if debug:

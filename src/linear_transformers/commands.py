@@ -8,6 +8,8 @@ import argparse
 import dataclasses
 import sys
 
+from .options import Parser
+
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The destinations of the options in argv (not those left at their defaults). Changes the
@@ -19,7 +21,7 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 def dispatch(prog: str, description: str, modules: dict, argv: list[str] | None) -> int:
     """A command whose subcommands are modules with `add_arguments(parser)`, `main(args)` and a docstring."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = Parser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="name", required=True)
     for name, module in modules.items():
         p = sub.add_parser(

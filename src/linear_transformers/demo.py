@@ -11,7 +11,6 @@ finished run in --out is reused; an interrupted one is resumed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, replace
@@ -21,10 +20,11 @@ import numpy as np
 import torch
 
 from . import data as datasets
+from .checkpoint import load_model
 from .data.images import image_grid, write_png
 from .model import CausalTransformer, ModelConfig
-from .options import add_options, from_args, option
-from .train import TrainConfig, evaluate, load_model, train
+from .options import Parser, add_options, from_args, option
+from .train import TrainConfig, evaluate, train
 
 MODEL = ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, attention="causal-linear", feature_map="elu")
 TRAIN = TrainConfig(
@@ -81,7 +81,7 @@ class DemoOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="linear-transformers demo", description=__doc__.splitlines()[0])
+    parser = Parser(prog="linear-transformers demo", description=__doc__.splitlines()[0])
     add_options(parser, DemoOptions, title="demo")
     args = from_args(DemoOptions, parser.parse_args(argv))
     if args.threads:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import SUMS, check_output_path, load_model, owned_by_training, write_sums
 from .model import CausalTransformer
 from .ops.step import step_functional
 from .options import option
@@ -252,9 +253,45 @@ def export(model: CausalTransformer, onnx_path: str | Path, *, data: dict | None
     return sidecar
 
 
-def run_export(cfg: ExportConfig) -> Path:
-    from .train import load_model
+def is_export(onnx_path: Path) -> bool:
+    """Whether onnx_path's sidecar is one that `export` wrote (so both may be replaced)."""
+    try:
+        return json.loads(onnx_path.with_suffix(".json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
+
+def check_onnx_target(onnx_path: Path) -> None:
+    """The ONNX file and its sidecar may be written: outside any run folder, and replacing only an
+    earlier export (never another file that happens to have the name)."""
+    ours = is_export(onnx_path)
+    check_output_path(onnx_path, "export --onnx", ours=ours)
+    check_output_path(onnx_path.with_suffix(".json"), "export --onnx (its JSON sidecar)", ours=ours)
+
+
+HF_EXPORT_MARK = "linear-transformers export --hf"
+
+
+def check_hf_target(folder: Path) -> None:
+    """export --hf writes a new or empty folder, or one it wrote before (its SHA256SUMS says so)."""
+    owner = owned_by_training(folder)
+    if owner is not None:
+        raise FileExistsError(f"export --hf: {folder} lies in {owner}, a training run's folder, which only training "
+                              "writes; choose another folder")  # fmt: skip
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"export --hf: {folder} is a file; give a folder to write")
+    if folder.is_dir() and any(folder.iterdir()):
+        sums = folder / SUMS
+        if not (sums.is_file() and sums.read_text(errors="replace").startswith(f"# {HF_EXPORT_MARK}")):
+            raise FileExistsError(f"export --hf: {folder} is a folder with files this command did not write; give a "
+                                  "new or empty folder")  # fmt: skip
+
+
+def run_export(cfg: ExportConfig) -> Path:
+    if cfg.hf:
+        check_hf_target(Path(cfg.hf))
+    else:
+        check_onnx_target(Path(cfg.onnx))
     model, config = load_model(cfg.checkpoint)
     if cfg.hf:
         return export_hf(model, config, cfg)
@@ -280,6 +317,7 @@ def export_hf(model: CausalTransformer, config: dict, cfg: ExportConfig) -> Path
     from .hf import save_hf
 
     folder = save_hf(model, cfg.hf, config.get("data"), config.get("train"))
+    write_sums(folder, [p.name for p in folder.iterdir() if p.is_file() and p.name != SUMS], HF_EXPORT_MARK)
     loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokens = torch.randint(0, model.cfg.vocab_size, (2, min(16, model.cfg.max_len - 1)))
     with torch.no_grad():

@@ -374,7 +374,22 @@ def load_hf(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Cau
     """Our model and a config dict like a checkpoint's ({"model", "data", "train", "step"}) from a
     transformers folder written by save_hf / save_pretrained (or trained further with Trainer);
     "train" holds only the data settings, and is None when the folder does not record them."""
-    hf = LinearTransformerForCausalLM.from_pretrained(folder)
+    from .checkpoint import read_sums, verify_file
+
+    folder = Path(folder)
+    for name in read_sums(folder) or {}:  # written by `export --hf`: a damaged file is named, not loaded
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"{folder / name} is missing (listed in {folder / 'SHA256SUMS'})")
+        verify_file(folder, name, None)
+    try:
+        hf = LinearTransformerForCausalLM.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError) as e:  # safetensors' errors are among them
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{folder}: not a loadable transformers folder ({first[:300]})") from None
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{folder}: a damaged weights file ({str(e)[:300]})") from None
     model = hf.model.to(device).eval()
     data = hf.config.data or {"alphabet": None}
     return model, {"model": model.cfg.to_dict(), "data": data, "train": hf.config.training, "step": None}

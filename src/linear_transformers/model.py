@@ -347,6 +347,13 @@ class CausalTransformer(nn.Module):
         if not isinstance(token, torch.Tensor) or token.dim() != 1 or batches != {token.shape[0]}:
             got = f"shape {list(token.shape)}" if isinstance(token, torch.Tensor) else type(token).__name__
             raise ValueError(f"CausalTransformer.step: token must be [B], B the state's batch {batches}; got {got}")
+        if token.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"CausalTransformer.step: token must be an integer tensor (token ids), got {token.dtype}")
+        if token.numel() and (int(token.min()) < 0 or int(token.max()) >= self.cfg.vocab_size):
+            raise ValueError(
+                f"CausalTransformer.step: token ids must lie in [0, vocab_size={self.cfg.vocab_size}), got values in "
+                f"[{int(token.min())}, {int(token.max())}]"
+            )
         decode.check_config("CausalTransformer.step", config)
         fused = decode.fused_step(self, token.shape[0], state, config)
         if fused is None:
@@ -422,6 +429,11 @@ class CausalTransformer(nn.Module):
             if B is None:
                 raise ValueError("generate: give n, a prompt or labels")
             prompt = torch.zeros(B, 0, dtype=torch.long, device=device)
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
+            got = f"shape {list(prompt.shape)}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+            raise ValueError(f"generate: prompt must be a [B, T0] tensor of token ids, got {got}")
+        if prompt.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"generate: prompt must hold integer token ids, got {prompt.dtype}")
         prompt = prompt.long()
         T0 = prompt.shape[1]
         if T0 > self.cfg.max_len:

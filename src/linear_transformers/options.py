@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -28,9 +30,62 @@ from pathlib import Path
 _SCALARS = {int: "INT", float: "FLOAT", str: "STR", Path: "PATH"}
 
 
-def option(default, help: str, *, choices=None, metavar: str | None = None):
-    """A dataclass field that is also a command-line option."""
-    metadata = {"help": help, "choices": None if choices is None else list(choices), "metavar": metavar}
+def max_threads() -> int:
+    """The most CPU threads any command accepts: 4 per core (more only slows a run down, and a huge
+    count crashes PyTorch's thread pool)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_threads(owner: str, value: int, name: str = "threads") -> None:
+    """A thread count in [0, max_threads()] (0: torch's default), or a one-line ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= max_threads():
+        raise ValueError(
+            f"{owner}: {name} must be an int in [0, {max_threads()}] (0: torch's default; this machine has "
+            f"{os.cpu_count()} cores), got {value!r}"
+        )
+
+
+def count(default, help: str, **kwargs):
+    """An option that counts something (a size, a number of runs): at least 1."""
+    return option(default, help, low=1, **kwargs)
+
+
+def _at_least(kind: type, low: float):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _thread_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value <= max_threads():
+        raise argparse.ArgumentTypeError(f"must be in [0, {max_threads()}] (this machine has {os.cpu_count()} cores), "
+                                         f"got {value}")  # fmt: skip
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (with where to look), not the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def option(default, help: str, *, choices=None, metavar: str | None = None, low: float | None = None):
+    """A dataclass field that is also a command-line option; `low`: the least value the command line takes."""
+    metadata = {"help": help, "choices": None if choices is None else list(choices), "metavar": metavar, "low": low}
     if isinstance(default, list):  # a mutable default: each instance gets its own copy
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -70,7 +125,10 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
             continue
         if kind not in _SCALARS:
             raise TypeError(f"{cls.__name__}.{f.name}: options of type {kind} are not supported")
-        kwargs = {"type": kind, "default": default, "help": help_text}
+        parse = kind if meta.get("low") is None else _at_least(kind, meta["low"])
+        # a thread count has the machine's bound (a huge one crashes PyTorch's pool)
+        kwargs = {"type": _thread_count if f.name == "threads" and kind is int else parse, "default": default,
+                  "help": help_text}  # fmt: skip
         if meta["choices"] is not None:
             kwargs["choices"] = meta["choices"]
         else:

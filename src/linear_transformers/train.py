@@ -2,15 +2,8 @@
 bits per dimension, checkpoints that a killed run resumes from exactly, and data parallelism under
 torchrun (gloo on CPU, nccl on GPUs).
 
-A run folder holds
-
-    latest              names the newest complete checkpoint (written last, atomically)
-    step-000200/        model.safetensors, config.json, state.pt (optimizer, schedule, sampler, RNG)
-    log.csv             step, loss, bits/dim, learning rate, tokens/s, test bits/dim
-
-A checkpoint is written into a temporary folder that is renamed into place, then `latest` is
-replaced: whatever moment a run is killed at, `latest` names a whole checkpoint. Its config.json
-holds the SHA-256 of its weights, checked on every load. A loss or gradient that stops being finite
+Checkpoints and the run folder's layout: checkpoint.py (a run folder is locked while a training
+writes to it, and a fresh run starts only in a new or empty folder). A loss or gradient that stops being finite
 ends the run (TrainingDiverged) before the optimiser applies it, so no checkpoint ever holds NaN
 weights; SIGINT/SIGTERM end it at the next step boundary with a checkpoint (then KeyboardInterrupt).
 `resume` continues the run exactly: settings that would change it are refused, naming each.
@@ -18,13 +11,11 @@ weights; SIGINT/SIGTERM end it at the next step boundary with a checkpoint (then
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import hashlib
 import json
 import math
 import os
-import re
-import shutil
 import signal
 import threading
 import time
@@ -33,11 +24,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from . import data as datasets
+from .checkpoint import (
+    RunLock,
+    check_fresh_run,
+    load_into,
+    load_state,
+    load_weights,
+    model_config,
+    read_config,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .model import CausalTransformer, ModelConfig
-from .options import option
+from .options import check_threads, option
 
 
 @dataclass
@@ -90,6 +91,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: levels must be in [2, 256] (0 keeps 256), got {self.levels}")
         if self.seq_len < 2:
             raise ValueError(f"TrainConfig: seq_len must be >= 2, got {self.seq_len}")
+        check_threads("TrainConfig", self.threads)
         resolve_device(self.device)
 
 
@@ -181,110 +183,6 @@ def data_meta(d: datasets.SequenceData) -> dict:
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp) as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def save_checkpoint(run: Path, step: int, model, model_cfg, train_cfg, meta, extra_state: dict, keep: int) -> Path:
-    """Write checkpoint `step` into the run folder atomically, point `latest` at it, keep the newest `keep`."""
-    run.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
-    for stale in run.glob(".step-*.tmp*"):  # left by a write that was killed (this process writes one at a time)
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = run / f".{name}.tmp{os.getpid()}"
-    tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, tmp / "model.safetensors")
-    config = {"model": model_cfg.to_dict(), "train": asdict(train_cfg), "data": meta, "step": step,
-              "weights_sha256": _sha256(tmp / "model.safetensors")}  # fmt: skip
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    torch.save(extra_state, tmp / "state.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    final = run / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _atomic_write_text(run / "latest", name + "\n")
-    for old in sorted(run.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its `latest` checkpoint, which must name a step-N
-    folder inside it)."""
-    path = Path(path)
-    if (path / "latest").exists():
-        name = (path / "latest").read_text().strip()
-        if not re.fullmatch(r"step-\d{6,}", name):
-            raise ValueError(f"{path / 'latest'} must name a checkpoint folder of the run (step-NNNNNN), got {name!r}")
-        path = path / name
-    if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"no checkpoint at {path}: expected a run folder with a 'latest' file, or a checkpoint folder "
-            "holding model.safetensors and config.json"
-        )
-    return path
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CausalTransformer, dict]:
-    """Load a trained model (in eval mode) and its config.json from a checkpoint or run folder, or
-    from a Hugging Face transformers folder of ours (`export --hf`, `save_pretrained`)."""
-    if _is_hf_folder(Path(path)):
-        from .hf import load_hf  # needs the [hf] extra
-
-        return load_hf(path, device)
-    ckpt = resolve_checkpoint(path)
-    config = read_config(ckpt)
-    model = CausalTransformer(ModelConfig(**config["model"]))
-    model.load_state_dict(load_weights(ckpt, config))
-    return model.to(device).eval(), config
-
-
-def _is_hf_folder(path: Path) -> bool:
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type") == "linear_transformer"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def read_config(ckpt: Path) -> dict:
-    try:
-        config = json.loads((ckpt / "config.json").read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{ckpt / 'config.json'} is not valid JSON ({e}): the checkpoint is damaged") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise ValueError(f"{ckpt / 'config.json'} has no model settings: the checkpoint is damaged")
-    return config
-
-
-def load_weights(ckpt: Path, config: dict) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights, after checking them against the SHA-256 in its config.json (older
-    checkpoints carry none)."""
-    path = ckpt / "model.safetensors"
-    expected = config.get("weights_sha256")
-    if expected and _sha256(path) != expected:
-        raise ValueError(f"{path} does not match the SHA-256 in its config.json: the file is corrupted or truncated")
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors' own error type for a malformed file
-        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
-
-
 # ---- the loop -------------------------------------------------------------------------------------
 
 
@@ -330,14 +228,17 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData 
     device = resolve_device(cfg.device)
     owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     try:
-        return _train(model_cfg, cfg, data, device)
+        rank, world = _setup_distributed(device)
+        # rank 0 writes the run folder: it holds the folder's lock from the first check to the last checkpoint
+        with RunLock(Path(cfg.out)) if rank == 0 else contextlib.nullcontext():
+            return _train(model_cfg, cfg, data, device, rank, world)
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData | None, device) -> Path:
-    rank, world = _setup_distributed(device)
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData | None, device, rank: int,
+           world: int) -> Path:  # fmt: skip
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
@@ -371,23 +272,23 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
             )
         ckpt = resolve_checkpoint(run)
         stored = read_config(ckpt)
+        model_config(stored, ckpt)  # the run's settings make a model (else a one-line error naming them)
         check_resume(run, stored, model_cfg, cfg)
-        model.load_state_dict(load_weights(ckpt, stored))
-        state = torch.load(ckpt / "state.pt", weights_only=True)  # tensors and plain containers only
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"])
+        load_into(model, load_weights(ckpt, stored), ckpt)
+        state = load_state(ckpt)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            sampler.load_state_dict(state["sampler"])
+            torch.set_rng_state(state["rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"{ckpt / 'state.pt'} does not fit this run ({e}): the checkpoint is damaged") from None
         step = state["step"]
         trained_before = float(state.get("train_seconds", 0.0))  # (absent in older checkpoints)
         if rank == 0:
             print(f"resuming {run} from {ckpt.name}", flush=True)
-    elif (run / "latest").exists():
-        # A fresh run must not mix its checkpoints with (or prune) an earlier run's.
-        raise FileExistsError(
-            f"{run} already holds a run (latest: {(run / 'latest').read_text().strip()}); pass --resume to "
-            "continue it, or choose another --out"
-        )
+    elif rank == 0:
+        check_fresh_run(run)  # a fresh run must not mix its checkpoints with (or prune) another's
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     meta = data_meta(d)
 
@@ -401,7 +302,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
                 "step": at,
                 "train_seconds": trained_before + time.perf_counter() - start,  # time_limit spans resumes
             }
-            save_checkpoint(run, at, model, model_cfg, cfg, meta, extra, cfg.keep)
+            save_checkpoint(run, at, model, model_cfg, asdict(cfg), meta, extra, cfg.keep)
         if world > 1:
             dist.barrier()
 

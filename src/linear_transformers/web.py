@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -71,11 +72,25 @@ class _Handler(SimpleHTTPRequestHandler):
         return None
 
     def translate_path(self, path: str) -> str:
+        """The file for a URL path: inside web/ (or the model folder) and reached without a symbolic
+        link, which could point anywhere on the machine; anything else maps to a file that is not there."""
         name = path.split("?", 1)[0].split("#", 1)[0]
         if name.startswith("/model/"):
-            inside = Path(name[len("/model/") :]).name  # one file name, no folders
-            return str(self.model_dir / inside)
-        return super().translate_path(path)
+            root = self.model_dir
+            target = root / Path(name[len("/model/") :]).name  # one file name, no folders
+        else:
+            root, target = Path(self.directory), Path(super().translate_path(path))
+        missing = str(root / ".not-served" / "404")
+        try:
+            inside = Path(os.path.normpath(target)).relative_to(os.path.normpath(root))
+        except ValueError:
+            return missing
+        probe = root
+        for part in inside.parts:
+            probe = probe / part
+            if probe.is_symlink():
+                return missing
+        return str(probe)
 
     def end_headers(self) -> None:
         self.send_header("Cache-Control", "no-store")
@@ -98,8 +113,8 @@ def check_web_dir(web_dir: Path) -> None:
 
 def export_for_web(checkpoint: str | Path, model_dir: Path) -> dict:
     """Export a checkpoint as model_dir/model.onnx + model.json (what the page loads)."""
+    from .checkpoint import load_model
     from .export import export
-    from .train import load_model
 
     model, config = load_model(checkpoint)
     return export(model, model_dir / "model.onnx", data=config.get("data"))

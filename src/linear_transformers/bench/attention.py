@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..ops import naive
-from ..options import add_options, option
+from ..options import add_options, count, option
 from . import figure1, levels
 from .measure import batched_gemm_gflops, isa_lines, machine_info, peak_extra_memory, rel_error, time_fn
 from .report import finish_log_log, fmt, markdown_table, write_csv
@@ -48,15 +48,15 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 @dataclass
 class AttentionOptions:
-    lengths: list[int] = option([512, 1024, 2048, 4096, 8192, 16384], "sequence lengths N")
-    batch: int = option(1, "sequences per call")
-    heads: int = option(8, "attention heads")
-    dim: int = option(64, "head dimension (Dk = Dv)")
-    chunk_size: int = option(64, "chunk of the chunkwise algorithm")
+    lengths: list[int] = count([512, 1024, 2048, 4096, 8192, 16384], "sequence lengths N")
+    batch: int = count(1, "sequences per call")
+    heads: int = count(8, "attention heads")
+    dim: int = count(64, "head dimension (Dk = Dv)")
+    chunk_size: int = count(64, "chunk of the chunkwise algorithm")
     dtype: str = option("float32", "input dtype", choices=list(DTYPES))
     impls: list[str] = option(list(IMPLS), "what to time", choices=IMPLS)
     threads: int = option(torch.get_num_threads(), "CPU threads")
-    repeats: int = option(5, "timed runs per measurement (best and median kept)")
+    repeats: int = count(5, "timed runs per measurement (best and median kept)")
     naive_limit_gib: float = option(4.0, "skip naive above this many GiB of N^2 scores")
     out: Path = option(DEFAULT_OUT, "output folder (--figure1: results/figure1)")
     device: str = option("cpu", "where to run: cpu or cuda")

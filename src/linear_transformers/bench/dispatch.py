@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..options import add_options, option
+from ..options import add_options, count, option
 from .measure import isa_lines, machine_info
 from .report import fmt, markdown_table, write_csv
 
@@ -30,7 +30,7 @@ SHAPES = [(1, 64, 8, 64), (16, 196, 4, 16), (8, 256, 8, 64), (1, 1024, 8, 64), (
 @dataclass
 class DispatchOptions:
     backends: list[str] = option(["cpu", "chunked"], "backends to time", choices=["cpu", "chunked"])
-    repeats: int = option(7, "rounds, the two paths taking turns; the best counts")
+    repeats: int = count(7, "rounds, the two paths taking turns; the best counts")
     threads: int = option(torch.get_num_threads(), "CPU threads")
     quick: bool = option(False, "the two smallest shapes, 2 rounds (seconds: a smoke test)")
     out: Path = option(Path("results/bench-dispatch"), "output folder")

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import ops
 from ..ops import lsh, naive
-from ..options import add_options, option
+from ..options import add_options, count, option
 from .measure import machine_info, peak_extra_memory, rel_error
 from .report import finish_log_log, fmt, markdown_table, write_csv
 
@@ -42,10 +42,10 @@ COLORS = {"softmax": "tab:red", "softmax-math": "tab:orange", "linear": "tab:blu
 @dataclass
 class Figure1Options:
     figure1: bool = option(False, "the paper's Figure 1 (options below; see the module doc)")
-    fig_lengths: list[int] = option([2**i for i in range(9, 17)], "sequence lengths of the figure")
+    fig_lengths: list[int] = count([2**i for i in range(9, 17)], "sequence lengths of the figure")
     fig_methods: list[str] = option(list(METHODS), "attention methods of the figure", choices=METHODS)
-    tokens: int = option(2**14, "tokens per batch: batch = max(1, tokens // N)")
-    lsh_chunk: int = option(32, "sorted positions per LSH chunk")
+    tokens: int = count(2**14, "tokens per batch: batch = max(1, tokens // N)")
+    lsh_chunk: int = count(32, "sorted positions per LSH chunk")
     max_seconds: float = option(60.0, "skip a point predicted to take longer")
     memory_gib: float = option(12.0, "skip a point estimated to need more")
 

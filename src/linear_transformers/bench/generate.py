@@ -40,7 +40,7 @@ import torch
 
 from ..decode import DEFAULT, DecodeConfig, fused
 from ..model import CausalTransformer, ModelConfig, ModelState
-from ..options import add_options, option
+from ..options import add_options, count, option
 from . import levels
 from .measure import isa_lines, machine_info, time_fn
 from .report import fmt, markdown_table, write_csv
@@ -68,11 +68,11 @@ PYTORCH_IMAGES_MAX_LEN = 784  # whole images through the PyTorch step are timed 
 class GenerateOptions:
     configs: list[str] = option(list(CONFIGS), "model configurations (the paper's MNIST and CIFAR-10 models)",
                                 choices=list(CONFIGS))  # fmt: skip
-    batch: int = option(64, "the fixed batch of the images/s columns")
-    points: int = option(6, "positions at which per-token cost is timed")
+    batch: int = count(64, "the fixed batch of the images/s columns")
+    points: int = count(6, "positions at which per-token cost is timed")
     threads: int = option(torch.get_num_threads(), "CPU threads")
     out: Path = option(Path("results/bench_generate"), "output folder")
-    images: int = option(7, "whole images at batch 1 per RNN mode (median reported)")
+    images: int = count(7, "whole images at batch 1 per RNN mode (median reported)")
     quick: bool = option(False, "tiny models: a smoke test in seconds")
     tables: bool = option(False, "add lsh-1/lsh-4 and the paper's Tables 1 and 2 (paper.md)")
     parts: list[str] = option(list(PARTS), "steps: one RNN step, fused vs PyTorch, per batch; images: whole images "

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops import LinearState
 from ..ops import triton as triton_backend
-from ..options import add_options, option
+from ..options import add_options, count, option
 from .attention import chunked_flops
 from .measure import machine_info
 from .report import finish_log_log, fmt, markdown_table, write_csv
@@ -40,17 +40,17 @@ DEFAULT_IMPLS = ["triton", "chunked", "sdpa", "fla", "fast-transformers"]
 
 @dataclass
 class GpuOptions:
-    lengths: list[int] = option([1024, 4096, 16384, 65536], "sequence lengths")
-    dims: list[int] = option([64, 128], "head dimensions (Dk = Dv)")
+    lengths: list[int] = count([1024, 4096, 16384, 65536], "sequence lengths")
+    dims: list[int] = count([64, 128], "head dimensions (Dk = Dv)")
     dtypes: list[str] = option(["bfloat16", "float32"], "input dtypes", choices=list(DTYPES))
     impls: list[str] = option(DEFAULT_IMPLS, "what to time; fla and fast-transformers only where importable (or "
                               "built)", choices=IMPLS)  # fmt: skip
-    chunked_max_length: int = option(65536, "time the PyTorch chunked path only up to this length (it is the slow "
+    chunked_max_length: int = count(65536, "time the PyTorch chunked path only up to this length (it is the slow "
                                      "one)")  # fmt: skip
     fast_transformers_src: Path | None = option(None, "an unpacked pytorch-fast-transformers source: build its CUDA "
                                                 "causal product")  # fmt: skip
-    batch: int = option(1, "sequences per call")
-    heads: int = option(8, "attention heads")
+    batch: int = count(1, "sequences per call")
+    heads: int = count(8, "attention heads")
     out: Path = option(Path("results/bench_gpu"), "output folder")
 
 

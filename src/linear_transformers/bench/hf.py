@@ -23,19 +23,19 @@ from pathlib import Path
 
 import torch
 
-from ..options import add_options, option
+from ..options import add_options, count, option
 from .measure import isa_lines, machine_info
 from .report import fmt, markdown_table, write_csv
 
 
 @dataclass
 class HfOptions:
-    tokens: int = option(1024, "tokens generated after the prompt")
-    n_layers: int = option(4, "transformer blocks")
-    d_model: int = option(256, "width of the residual stream")
-    n_heads: int = option(8, "attention heads per block")
-    vocab: int = option(96, "vocabulary size")
-    repeats: int = option(3, "runs of each decoder (the best counts)")
+    tokens: int = count(1024, "tokens generated after the prompt")
+    n_layers: int = count(4, "transformer blocks")
+    d_model: int = count(256, "width of the residual stream")
+    n_heads: int = count(8, "attention heads per block")
+    vocab: int = count(96, "vocabulary size")
+    repeats: int = count(3, "runs of each decoder (the best counts)")
     out: Path = option(Path("results/bench-hf"), "output folder")
 
 

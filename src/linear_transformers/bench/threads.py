@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..options import add_options, option
+from ..options import add_options, count, option
 from .measure import isa_lines, machine_info, rel_error
 from .report import fmt, markdown_table, write_csv
 
@@ -33,8 +33,8 @@ BEFORE = ("kernel", "matmul", "chunked", "pause")
 
 @dataclass
 class ThreadsOptions:
-    length: int = option(8192, "sequence length N")
-    repeats: int = option(15, "rounds; each round times every case once")
+    length: int = count(8192, "sequence length N")
+    repeats: int = count(15, "rounds; each round times every case once")
     threads: int = option(torch.get_num_threads(), "CPU threads")
     quick: bool = option(False, "N=512, 2 rounds (seconds: a smoke test)")
     out: Path = option(Path("results/bench-threads"), "output folder")

@@ -88,7 +88,8 @@ def fused_step(model: CausalTransformer, batch: int, state: ModelState, config: 
     must run: the C step computes what the model would (fused.computes: linear attention with an
     elementwise feature map, plain layers; float32 on the CPU, no autograd, no dropout, no per-row
     offsets) and is the faster way (batch <= config.max_batch, and the build measured faster than
-    the PyTorch step on this machine). Built once per model and precision, kept on the model."""
+    the PyTorch step on this machine). Kept on the model, and rebuilt whenever the model's weights
+    are no longer the tensors it points into (fused.weights_key)."""
     if not (
         config.fused
         and batch <= config.max_batch
@@ -97,14 +98,14 @@ def fused_step(model: CausalTransformer, batch: int, state: ModelState, config: 
         and state.offsets is None
         and all(isinstance(s, LinearState) and s.S.device.type == "cpu" for s in state.layers)
         and all(s.S.dtype == torch.float32 and s.S.is_contiguous() and s.z.is_contiguous() for s in state.layers)
-        and fused.computes(model)
-        and fused.available()
-        and native.verdict("fused_step", measure_fused_step, fused.LIBRARY)
     ):
         return None
+    key = fused.weights_key(model, config.weights != torch.float32)  # checked on every call: a few microseconds
+    if key is None or not fused.available() or not native.verdict("fused_step", measure_fused_step, fused.LIBRARY):
+        return None
     step = model._fused
-    if step is None or (step.weights, step.dot) != (config.weights, config.dot):
-        # (model._apply resets it: .to(), .float(), ...; the step keeps the weights it points into alive)
+    if step is None or step.key != key or (step.weights, step.dot) != (config.weights, config.dot):
+        # a weight replaced, moved or (for bfloat16 copies) updated: a fresh step over the current tensors
         step = model._fused = fused.from_model(model, config.weights, config.dot)
     return step
 

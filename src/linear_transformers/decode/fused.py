@@ -100,9 +100,9 @@ class FusedModelStep:
 
     Built from the model's parameter tensors (float32, contiguous, CPU): `layers`, the blocks' (see
     WEIGHTS), and `io`, those around them (see IO; "pos", "norm_w" and "norm_b" may be None). It
-    keeps references to them, so their memory outlives any reassignment; the model rebuilds it when
-    its parameters move (CausalTransformer._apply). In-place updates (optimizer steps,
-    load_state_dict) are seen.
+    keeps references to them, so their memory outlives any reassignment; decode.fused_step rebuilds
+    it whenever the model's weights are other tensors or at other addresses (weights_key). In-place
+    updates (optimizer steps, load_state_dict) are seen.
 
     weights=torch.bfloat16 streams bfloat16 copies of the four projection weights (taken here: later
     updates are not seen) and widens them to float32 for float32 arithmetic. dot=torch.bfloat16 (with
@@ -185,6 +185,7 @@ class FusedModelStep:
         self.weights, self.dot = weights, dot
         self.vocab, self.max_len, self.n_params = vocab, max_len, n_params
         self.width = n_heads * (2 * dk + dv) + n_heads * dv + dff + 2 * d
+        self.key: tuple | None = None  # what from_model built it from (weights_key)
         self._work: torch.Tensor | None = None
         self._states: tuple[tuple[int, ...], ctypes.Array, ctypes.Array] | None = None
 
@@ -313,50 +314,86 @@ def mol_sample(params: torch.Tensor, race: torch.Tensor, u: torch.Tensor, levels
     return out
 
 
-def computes(model: CausalTransformer) -> bool:
-    """Whether the C step computes what `model` does: linear attention with a feature map it has,
-    and every layer it reads weights from a plain nn.Linear / nn.LayerNorm (a wrapped one, a LoRA
-    adapter say, computes more than its .weight, which the C step would silently drop). Checked on
-    every step, through _modules: a few microseconds."""
+def _weights_of(model: CausalTransformer) -> tuple[list[dict[str, torch.Tensor]], dict] | None:
+    """The model's weights by role (WEIGHTS per block, IO around them) as they are now, read through
+    _modules/_parameters (a few microseconds), or None where the C step does not compute what the
+    model does: attention other than causal-linear, a feature map it lacks, or a layer that is not a
+    plain nn.Linear / nn.LayerNorm (a wrapped one, a LoRA adapter say, computes more than its
+    .weight, which the C step would silently drop)."""
     cfg = model.cfg
     if cfg.attention != "causal-linear" or cfg.feature_map not in FEATURE_MAPS:
-        return False
+        return None
     linear, norm = torch.nn.Linear, torch.nn.LayerNorm
+    layers = []
     for b in model.blocks._modules.values():
-        m, attn, ff = b._modules, b._modules["attn"]._modules, b._modules["ff"]._modules
-        if not (type(attn["qkv"]) is linear and type(attn["out"]) is linear and type(ff["0"]) is linear
-                and type(ff["2"]) is linear and type(m["norm1"]) is norm and type(m["norm2"]) is norm):  # fmt: skip
-            return False
-    final = model._modules["norm"]
-    return type(model._modules["head"]._modules["proj"]) is linear and type(final) in (norm, torch.nn.Identity)
+        m = b._modules
+        attn, ff = m["attn"]._modules, m["ff"]._modules
+        mods = {"ln1": m["norm1"], "qkv": attn["qkv"], "out": attn["out"], "ln2": m["norm2"], "ff1": ff["0"],
+                "ff2": ff["2"]}  # fmt: skip
+        for name, mod in mods.items():
+            if type(mod) is not (norm if name.startswith("ln") else linear):
+                return None
+        layers.append({f"{name}_{kind}": mod._parameters["weight" if kind == "w" else "bias"]
+                       for name, mod in mods.items() for kind in ("w", "b")})  # fmt: skip
+    final, proj = model._modules["norm"], model._modules["head"]._modules["proj"]
+    if type(proj) is not linear or type(final) not in (norm, torch.nn.Identity):
+        return None
+    is_norm = type(final) is norm
+    io = {
+        "embed": model._modules["embed"]._parameters["weight"], "pos": model.position_table(),
+        "norm_w": final._parameters["weight"] if is_norm else None,
+        "norm_b": final._parameters["bias"] if is_norm else None,
+        "head_w": proj._parameters["weight"], "head_b": proj._parameters["bias"],
+    }  # fmt: skip
+    return layers, io
+
+
+def computes(model: CausalTransformer) -> bool:
+    """Whether the C step computes what `model` does (see _weights_of)."""
+    return _weights_of(model) is not None
+
+
+def _flat(layers: list[dict], io: dict) -> list[torch.Tensor | None]:
+    return [t for layer in layers for t in layer.values()] + list(io.values())
+
+
+def weights_key(model: CausalTransformer, bf16_copies: bool) -> tuple | None:
+    """What a fused step over `model` depends on, now: each weight tensor's identity and address
+    (and, where the step holds bfloat16 copies, its version counter, which every in-place update
+    bumps), or None where the C step does not compute the model. A step whose key differs from the
+    model's current one is rebuilt before it is called: replacing a parameter
+    (load_state_dict(assign=True), a new nn.Parameter, `.data =`) can never leave it reading old
+    or freed memory."""
+    found = _weights_of(model)
+    if found is None:
+        return None
+    return tuple(None if t is None else (id(t), t.data_ptr(), t._version if bf16_copies else 0) for t in _flat(*found))
 
 
 def from_model(
     model: CausalTransformer, weights: torch.dtype = torch.float32, dot: torch.dtype = torch.float32
 ) -> FusedModelStep | None:
-    """The fused step over `model`'s parameters (kept by reference: in-place updates are seen), or
-    None where they are not all contiguous float32 CPU tensors. The caller checks `computes(model)`."""
-    cfg = model.cfg
-    layers = [
-        {
-            "ln1_w": b.norm1.weight, "ln1_b": b.norm1.bias, "qkv_w": b.attn.qkv.weight, "qkv_b": b.attn.qkv.bias,
-            "out_w": b.attn.out.weight, "out_b": b.attn.out.bias, "ln2_w": b.norm2.weight, "ln2_b": b.norm2.bias,
-            "ff1_w": b.ff_in.weight, "ff1_b": b.ff_in.bias, "ff2_w": b.ff_out.weight, "ff2_b": b.ff_out.bias,
-        }
-        for b in model.blocks
-    ]  # fmt: skip
-    norm = model.norm if isinstance(model.norm, torch.nn.LayerNorm) else None
-    io = {
-        "embed": model.embed.weight, "pos": model.position_table(),
-        "norm_w": norm.weight if norm else None, "norm_b": norm.bias if norm else None,
-        "head_w": model.head.proj.weight, "head_b": model.head.proj.bias,
-    }  # fmt: skip
-    tensors = [t for layer in layers for t in layer.values()] + [t for t in io.values() if t is not None]
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+    """The fused step over `model`'s parameters (in-place updates are seen with float32 weights), or
+    None where they are not all contiguous float32 CPU tensors or the C step does not compute the
+    model. The step holds detached views of every tensor it points into, so their memory stays
+    alive whatever happens to the parameters; `key` records what it was built from (weights_key)."""
+    found = _weights_of(model)
+    if found is None:
         return None
+    cfg = model.cfg
+    key = weights_key(model, weights != torch.float32)
+    layers, io = found
+    if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous())
+           for t in _flat(layers, io)):  # fmt: skip
+        return None
+    layers = [{k: t.detach() for k, t in layer.items()} for layer in layers]
+    io = {k: None if t is None else t.detach() for k, t in io.items()}
     dk = cfg.d_model // cfg.n_heads
-    return FusedModelStep(
+    final = model._modules["norm"]
+    step = FusedModelStep(
         layers, io, n_heads=cfg.n_heads, dk=dk, dv=dk, pre_norm=cfg.norm == "pre", feature_map=cfg.feature_map,
-        ln_eps=model.blocks[0].norm1.eps, norm_eps=norm.eps if norm else 0.0, attn_eps=cfg.eps, weights=weights,
-        dot=dot,
+        ln_eps=model.blocks[0].norm1.eps, norm_eps=final.eps if isinstance(final, torch.nn.LayerNorm) else 0.0,
+        attn_eps=cfg.eps, weights=weights, dot=dot,
     )  # fmt: skip
+    step.key = key
+    return step

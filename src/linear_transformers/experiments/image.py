@@ -39,11 +39,12 @@ import torch
 from .. import data as datasets
 from ..bench.measure import machine_info
 from ..bench.report import fmt, markdown_table, write_csv
+from ..checkpoint import load_model
 from ..commands import apply_preset
 from ..data.images import image_grid, write_png
 from ..model import CausalTransformer, ModelConfig
 from ..options import add_options, from_args, option
-from ..train import TrainConfig, load_model, resolve_device, train
+from ..train import TrainConfig, resolve_device, train
 from . import RunSwitches, finished_or_run, load_finished
 
 METHODS = {  # name -> (ModelConfig fields, generation mode)

@@ -26,8 +26,10 @@ PyTorch on OpenMP), else the kernel threads itself with pthreads. `Build.openmp`
 
 The cache directory is LINEAR_TRANSFORMERS_CACHE, else $XDG_CACHE_HOME/linear_transformers, else
 ~/.cache/linear_transformers. A library's name hashes its source, flags and compiler version, so a
-rebuild happens only when one of them changes; beside it a JSON file records how it was built and
-the verdicts of speed checks (see `verdict`).
+rebuild happens only when one of them changes; beside it a JSON file records how it was built, the
+library's SHA-256 and the verdicts of speed checks (see `verdict`). A cached library is loaded only
+if its bytes still match that SHA-256: one truncated or partly zeroed (a full disk, a killed copy)
+would crash the process when loaded, so it is rebuilt instead.
 """
 
 from __future__ import annotations
@@ -272,8 +274,9 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: str
     if out.exists() and info.exists():
         try:
             meta = json.loads(info.read_text())
-            return Build(out, level, version, tuple(meta["flags"]), bool(meta["openmp"]), openmp)
-        except (ValueError, KeyError, OSError):
+            if meta["sha256"] == file_sha256(out):  # else damaged (or from an older cache): rebuilt below
+                return Build(out, level, version, tuple(meta["flags"]), bool(meta["openmp"]), openmp)
+        except (ValueError, KeyError, OSError, TypeError):
             pass  # rebuilt below
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
@@ -288,12 +291,22 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: str
             cmd = [cc, *flags, *c_files, "-lm", "-o", str(tmp_out)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=_compiler_env())
             if proc.returncode == 0:
+                digest = file_sha256(tmp_out)
                 os.replace(tmp_out, out)  # atomic: concurrent builders never see a partial file
                 result = Build(out, level, version, tuple(flags), bool(omp), openmp)
-                _write_json(info, {"flags": list(flags), "openmp": bool(omp), "compiler": version, "verdicts": {}})
+                _write_json(info, {"flags": list(flags), "openmp": bool(omp), "compiler": version, "sha256": digest,
+                                   "verdicts": {}})  # fmt: skip
                 return result
             errors.append(f"{' '.join(cmd)}\n{proc.stderr.strip()[-1500:]}")
     raise RuntimeError(f"compiling {name} for {level} failed:\n" + "\n".join(errors))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -314,7 +327,9 @@ def store_verdict(b: Build, what: str, verdict: dict) -> None:
     try:
         data = json.loads(b.info_path.read_text())
     except (OSError, ValueError):
-        data = {"flags": list(b.flags), "openmp": b.openmp, "compiler": b.compiler, "verdicts": {}}
+        return  # a sidecar that cannot be read holds no SHA-256 either: the library is rebuilt next process
+    if not isinstance(data, dict):
+        return
     data.setdefault("verdicts", {})[what] = verdict
     with contextlib.suppress(OSError):  # a read-only cache: the check runs again next process
         _write_json(b.info_path, data)

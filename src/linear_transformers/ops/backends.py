@@ -35,6 +35,9 @@ class Backend:
     backward: Callable[..., Grads] | None  # None: PyTorch differentiates `forward` itself
     Saved: type | None = None  # the NamedTuple of what `forward` keeps for `backward`
     saved_shapes: Callable[..., tuple[tuple[int, ...], ...]] | None = None
+    # autograd can differentiate its backward again (create_graph=True): only where PyTorch
+    # differentiates the forward itself (the chunked backward writes into out= buffers)
+    twice_differentiable: bool = True
 
 
 def _naive_forward(q, k, v, S0, z0, eps: float, chunk_size: int, save: bool) -> Forward:
@@ -43,7 +46,8 @@ def _naive_forward(q, k, v, S0, z0, eps: float, chunk_size: int, save: bool) -> 
 
 
 def _kernel(module) -> Backend:
-    return Backend(module.NAME, module.run_forward, module.run_backward, module.Saved, module.saved_shapes)
+    return Backend(module.NAME, module.run_forward, module.run_backward, module.Saved, module.saved_shapes,
+                   twice_differentiable=False)  # fmt: skip
 
 
 BACKENDS: dict[str, Backend] = {

@@ -73,6 +73,11 @@ def _setup_context(ctx, inputs, output):
 def _gradients(ctx, dy, dS_final, dz_final, eager: bool):
     """(dq, dk, dv, dS0, dz0) from what _setup_context kept: by the registered backward operator, or
     (eager) the backend's backward called directly."""
+    if torch.is_grad_enabled() and not BACKENDS[ctx.backend].twice_differentiable:  # backward(create_graph=True)
+        raise NotImplementedError(
+            f"causal_linear_attention: backend {ctx.backend!r} has no double backward (create_graph=True, "
+            "torch.autograd.grad of a gradient); backend='naive' has one (plain autograd)"
+        )
     q, k, v, y, out_acc, *saved = ctx.saved_tensors
     if saved[0].numel() == 0:
         raise RuntimeError("causal_linear_attention: backward through a forward that kept nothing (save=False)")
