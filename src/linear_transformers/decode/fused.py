@@ -186,8 +186,22 @@ class FusedModelStep:
         self.vocab, self.max_len, self.n_params = vocab, max_len, n_params
         self.width = n_heads * (2 * dk + dv) + n_heads * dv + dff + 2 * d
         self.key: tuple | None = None  # what from_model built it from (weights_key)
+        self.generation = -1  # (from_model sets these for `current`)
+        self.sources: list[torch.Tensor] = []
+        self.source_ptrs: list[int] = []
+        self.source_versions: list[int] | None = None
         self._work: torch.Tensor | None = None
         self._states: tuple[tuple[int, ...], ctypes.Array, ctypes.Array] | None = None
+
+    def current(self) -> bool:
+        """Cheaply, whether the model still holds the tensors this step was built from, at the same
+        addresses (and, for bfloat16 copies, unchanged): no module got a new parameter or submodule
+        since (_generation), and no parameter's `.data` was replaced (its address)."""
+        if self.generation != _generation:
+            return False
+        if any(t.data_ptr() != p for t, p in zip(self.sources, self.source_ptrs, strict=True)):
+            return False
+        return self.source_versions is None or [t._version for t in self.sources] == self.source_versions
 
     def _prepare(self, B: int, S: list[torch.Tensor], z: list[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
         self._check_states(B, S, z)
@@ -357,6 +371,21 @@ def _flat(layers: list[dict], io: dict) -> list[torch.Tensor | None]:
     return [t for layer in layers for t in layer.values()] + list(io.values())
 
 
+# Bumped whenever any module in the process gets a new parameter or submodule (assign=True loads,
+# adapters, `m.weight = nn.Parameter(...)`): a fused step built at the same count, whose tensors still
+# sit at the same addresses, is current without walking the model (`FusedModelStep.current`).
+_generation = 0
+
+
+def _bump(*args) -> None:
+    global _generation
+    _generation += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+torch.nn.modules.module.register_module_module_registration_hook(_bump)
+
+
 def weights_key(model: CausalTransformer, bf16_copies: bool) -> tuple | None:
     """What a fused step over `model` depends on, now: each weight tensor's identity and address
     (and, where the step holds bfloat16 copies, its version counter, which every in-place update
@@ -396,4 +425,8 @@ def from_model(
         attn_eps=cfg.eps, weights=weights, dot=dot,
     )  # fmt: skip
     step.key = key
+    step.generation = _generation
+    step.sources = [t for t in _flat(*found) if t is not None]
+    step.source_ptrs = [t.data_ptr() for t in step.sources]
+    step.source_versions = [t._version for t in step.sources] if weights != torch.float32 else None
     return step
