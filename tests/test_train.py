@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from linear_transformers.checkpoint import resolve_checkpoint, write_sums
+from linear_transformers.checkpoint import resolve_checkpoint
 from linear_transformers.cli import main as cli_main
+from linear_transformers.integrity import write_sums
 from linear_transformers.model import CausalTransformer, ModelConfig
 from test_data import write_mnist_folder
 

@@ -21,7 +21,6 @@ or over a file it did not write (`check_output_path`, `check_output_folder`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -32,22 +31,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .integrity import SUMS, file_sha256, read_sums, verify_file, write_sums
 from .model import CausalTransformer, ModelConfig
 
 FORMAT = "linear-transformers-checkpoint"
 FORMAT_VERSION = 2  # 2: SHA256SUMS beside the files; config.json names the format
-SUMS = "SHA256SUMS"
 _STEP = re.compile(r"step-(\d{6,})")
 # what a run that never reached its first checkpoint leaves behind: a fresh run may start over it
 _RUN_LEFTOVERS = ("log.csv", ".lock")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -56,38 +47,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     with open(tmp) as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def write_sums(folder: Path, names: list[str], header: str) -> None:
-    """SHA256SUMS in `folder` for the files `names` (the `sha256sum -c` format, a comment first)."""
-    lines = [f"# {header}"] + [f"{file_sha256(folder / n)}  {n}" for n in sorted(names)]
-    (folder / SUMS).write_text("\n".join(lines) + "\n")
-
-
-def read_sums(folder: Path) -> dict[str, str] | None:
-    """name -> SHA-256 from the folder's SHA256SUMS, or None without one."""
-    path = folder / SUMS
-    if not path.exists():
-        return None
-    sums = {}
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        digest, _, name = line.partition("  ")
-        if not re.fullmatch(r"[0-9a-f]{64}", digest) or not name:
-            raise ValueError(f"{path} is damaged (a line reads {line[:80]!r})")
-        sums[name] = digest
-    return sums
-
-
-def verify_file(folder: Path, name: str, expected: str | None) -> None:
-    """Raise ValueError unless folder/name matches `expected` and the folder's SHA256SUMS entry."""
-    sums = read_sums(folder) or {}
-    for source, digest in (("config.json", expected), (SUMS, sums.get(name))):
-        if digest and file_sha256(folder / name) != digest:
-            raise ValueError(
-                f"{folder / name} does not match the SHA-256 in its {source}: the file is corrupted or truncated"
-            )
 
 
 # ---- which folders are training's -----------------------------------------------------------------

@@ -41,7 +41,9 @@ class SampleConfig:
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set with this much probability")
     mode: str = option("rnn", "rnn (O(1) per token for linear attention; KV cache for softmax) or recompute")
     prompt: str = option("", "text models: the text to continue")
-    max_new_tokens: int = option(0, "text models: characters to generate (0: fill the model's max_len)")
+    max_new_tokens: int = option(
+        0, "text models: tokens to generate (0: fill the model's max_len; 100 for a linearised language model)"
+    )
     batch_size: int = option(100, "sequences generated at once")
     seed: int = option(0, "seed of the sampler's random generator")
     out: str = option(
@@ -96,6 +98,8 @@ def _sample_output(cfg: SampleConfig, suffix: str) -> Path:
 
 def run_sample(cfg: SampleConfig) -> Path:
     device = resolve_device(cfg.device)
+    if _model_type(Path(cfg.checkpoint)) == "linear_llama":
+        return _sample_linearized(cfg, device)
     model, config = load_model(cfg.checkpoint, device)
     decode_config = _decode_config(model, cfg.cpu_precision, cfg.fused_step, device)
     meta = config["data"]
@@ -143,6 +147,43 @@ def run_sample(cfg: SampleConfig) -> Path:
     elapsed = time.perf_counter() - start
     precision = "" if cfg.cpu_precision == "float32" else f", CPU precision {cfg.cpu_precision}"
     print(f"wrote {out} ({len(tokens)} samples in {elapsed:.1f} s, mode {cfg.mode}{precision})")
+    return out
+
+
+def _model_type(folder: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _sample_linearized(cfg: SampleConfig, device: torch.device) -> Path:
+    """Text from a linearised pretrained model (`linearize`'s model/ folder): its own tokenizer, and
+    transformers' generate() running it as an RNN (LinearizedCache), for any number of new tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import linear_transformers.linearize  # noqa: F401 (registers linear_llama)
+
+    if not cfg.prompt:
+        raise ValueError("sample: a linearised language model needs --prompt, the text to continue")
+    out = _sample_output(cfg, ".txt")
+    tok = AutoTokenizer.from_pretrained(cfg.checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(cfg.checkpoint).to(device).eval()
+    ids = tok([cfg.prompt] * cfg.n, return_tensors="pt")["input_ids"].to(device)
+    torch.manual_seed(cfg.seed)
+    start = time.perf_counter()
+    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k or None, "top_p": cfg.top_p}
+    with torch.no_grad():
+        tokens = model.generate(ids, max_new_tokens=cfg.max_new_tokens or 100, pad_token_id=tok.eos_token_id,
+                                **(sampling if cfg.temperature > 0 else {"do_sample": False}))  # fmt: skip
+    text = "\n\n".join(tok.decode(row, skip_special_tokens=True) for row in tokens)
+    with open(out, "x") as f:
+        f.write(text + "\n")
+    print(text[:2000])
+    new = tokens.shape[1] - ids.shape[1]
+    print(f"wrote {out} ({cfg.n} samples of {new} new tokens in {time.perf_counter() - start:.1f} s, as an RNN)")
     return out
 
 
@@ -221,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "demo", help="train a small model on MNIST and generate digits as an RNN (make demo)", add_help=False
     )
+    sub.add_parser(
+        "linearize", help="turn SmolLM2-135M into linear attention (attention transfer): linearize --help",
+        add_help=False,
+    )  # fmt: skip
     return parser
 
 
@@ -293,6 +338,10 @@ def _run(argv: list[str]) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] == "linearize":
+        from .linearize.transfer import main as linearize_main  # needs the [linearize] extra
+
+        return linearize_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import SUMS, check_output_path, load_model, owned_by_training, write_sums
+from .checkpoint import check_output_path, load_model, owned_by_training
+from .integrity import SUMS, write_sums
 from .model import CausalTransformer
 from .ops.step import step_functional
 from .options import option

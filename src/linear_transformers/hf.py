@@ -374,7 +374,7 @@ def load_hf(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Cau
     """Our model and a config dict like a checkpoint's ({"model", "data", "train", "step"}) from a
     transformers folder written by save_hf / save_pretrained (or trained further with Trainer);
     "train" holds only the data settings, and is None when the folder does not record them."""
-    from .checkpoint import read_sums, verify_file
+    from .integrity import read_sums, verify_file
 
     folder = Path(folder)
     for name in read_sums(folder) or {}:  # written by `export --hf`: a damaged file is named, not loaded

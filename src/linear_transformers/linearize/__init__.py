@@ -3,15 +3,20 @@ sliding-window hybrid with attention sinks, attention transfer. See convert.py a
 
 from .attention import HedgehogFeatureMap, HybridState, hybrid_attention, step_attention
 from .convert import LinearizeConfig, LinearizedAttention, LinearizedCache, feature_map_parameters, linearize
+from .hf import LinearLlamaConfig, LinearLlamaForCausalLM, from_linearized, save_linearized
 
 __all__ = [
     "HedgehogFeatureMap",
     "HybridState",
+    "LinearLlamaConfig",
+    "LinearLlamaForCausalLM",
     "LinearizeConfig",
     "LinearizedAttention",
     "LinearizedCache",
     "feature_map_parameters",
+    "from_linearized",
     "hybrid_attention",
     "linearize",
+    "save_linearized",
     "step_attention",
 ]

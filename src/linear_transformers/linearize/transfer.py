@@ -14,6 +14,8 @@ whole). Nothing is fetched at run time.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -26,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ..options import Parser, add_options, check_threads, count, from_args, option
+from .attention import FEATURE_MAPS, MODES
 from .convert import LinearizeConfig, LinearizedAttention
 
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html")
@@ -84,21 +88,34 @@ def load_teacher():
 
 @dataclass
 class TransferConfig:
-    out: str = "runs/linearize"
-    mode: str = "hybrid"
-    feature_map: str = "hedgehog"
-    window: int = 64
-    sinks: int = 4
-    seq_len: int = 512
-    lr: float = 1e-2
-    steps: int = 100_000
-    minutes: float = 20.0
-    eval_every: int = 100
-    eval_windows: int = 16
-    checkpoint_every: int = 25
-    held_out_fraction: float = 0.1
-    seed: int = 0
-    threads: int = 0
+    out: str = option(
+        "runs/linearize", "run folder: state.pt (resumable), result.json, table, curve; model/ at the end"
+    )
+    mode: str = option("hybrid", "linear, hybrid (window + sinks + linear) or window (window + sinks alone)",
+                       choices=MODES)  # fmt: skip
+    feature_map: str = option("hedgehog", "the learned feature map, or a fixed baseline", choices=FEATURE_MAPS)
+    window: int = count(64, "softmax window of hybrid and window")
+    sinks: int = option(4, "first tokens always attended to (attention sinks)")
+    seq_len: int = count(512, "tokens per training window")
+    lr: float = option(1e-2, "AdamW learning rate of the feature maps")
+    steps: int = count(100_000, "optimiser steps at most (--minutes usually stops first)")
+    minutes: float = option(20.0, "training time limit, resumes included")
+    eval_every: int = option(100, "steps between held-out perplexity points of the curve (0: none)")
+    eval_windows: int = count(16, "held-out windows per domain scored at the end")
+    curve_windows: int = count(4, "held-out windows per curve point")
+    checkpoint_every: int = count(25, "steps between saves of state.pt")
+    held_out_fraction: float = option(0.1, "share of the training domain's documents held out")
+    seed: int = option(0, "seed of the document split and the data order")
+    threads: int = option(0, "CPU threads (0: torch's default)")
+    save_model: bool = option(True, "write the linearised model as a transformers folder (out/model) at the end")
+
+    def __post_init__(self) -> None:
+        check_threads("linearize", self.threads)
+        if not 0 < self.held_out_fraction < 1:
+            raise ValueError(f"linearize: --held-out-fraction must be in (0, 1), got {self.held_out_fraction}")
+        if not 0 < self.lr < math.inf or not 0 <= self.minutes < math.inf or self.sinks < 0 or self.eval_every < 0:
+            raise ValueError("linearize: --lr must be > 0, --minutes, --sinks and --eval-every >= 0")
+        LinearizeConfig(mode=self.mode, feature_map=self.feature_map, window=self.window, sinks=self.sinks)
 
 
 def token_windows(tok, docs: list[tuple[str, str]], seq_len: int) -> torch.Tensor:
@@ -167,10 +184,10 @@ def feature_map_parameters_of(students: list[LinearizedAttention]) -> list[torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f, default in asdict(TransferConfig()).items():
-        p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
-    cfg = TransferConfig(**vars(p.parse_args(argv)))
+    p = Parser(prog="linear-transformers linearize", description=__doc__.splitlines()[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    add_options(p, TransferConfig, title="linearize")
+    cfg = from_args(TransferConfig, p.parse_args(argv))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -222,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         log.append({"step": step, "loss": round(loss.item(), 6), "tokens": step * cfg.seq_len})
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if cfg.eval_every and step % cfg.eval_every == 0:  # the curve: held-out perplexity against tokens
+            ppl = student_perplexity(teacher, students, data["held_out"][: cfg.curve_windows])
+            log[-1]["held_out_ppl"] = round(ppl, 3)
+            bar.write(f"step {step}: held-out perplexity {ppl:.2f} ({cfg.curve_windows} windows)")
         if step % cfg.checkpoint_every == 0:
             seconds_now = seconds + time.perf_counter() - start
             seconds, start = seconds_now, time.perf_counter()
@@ -230,13 +251,47 @@ def main(argv: list[str] | None = None) -> int:
     seconds += time.perf_counter() - start
     save()
     # evaluation: the teacher, then the model with the students swapped in
-    result = evaluate(teacher, students, data, cfg, lin, step, seconds)
+    result = evaluate(teacher, students, data, cfg, lin, step, seconds, log)
+    result["provenance"] = provenance()
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    report(out)
+    if cfg.save_model:
+        from .hf import save_linearized
+
+        for layer, s in zip(teacher.model.layers, students, strict=True):
+            layer.self_attn = s
+        teacher.config.linearize = lin.to_dict()
+        folder = save_linearized(teacher, out / "model", tok)
+        print(f"wrote {folder}: AutoModelForCausalLM.from_pretrained loads it (import linear_transformers.linearize)")
+    print(f"results in {out}: result.json, table.md, curve.csv, curve.png")
     print(json.dumps(result, indent=2))
     return 0
 
 
-def evaluate(teacher, students, data, cfg: TransferConfig, lin: LinearizeConfig, step: int, seconds: float) -> dict:
+@contextlib.contextmanager
+def swapped_in(teacher, students, mode: str | None = None):
+    """The teacher with the students as its attention (and, with `mode`, the students in that mode)."""
+    originals = [layer.self_attn for layer in teacher.model.layers]
+    modes = [s.cfg for s in students]
+    for layer, s in zip(teacher.model.layers, students, strict=True):
+        layer.self_attn = s
+        if mode is not None:
+            s.cfg = dataclasses.replace(s.cfg, mode=mode)
+    try:
+        yield teacher
+    finally:
+        for layer, o, s, m in zip(teacher.model.layers, originals, students, modes, strict=True):
+            layer.self_attn, s.cfg = o, m
+
+
+def student_perplexity(teacher, students, windows, mode: str | None = None) -> float:
+    with swapped_in(teacher, students, mode) as model:
+        return perplexity(model, windows)
+
+
+def evaluate(
+    teacher, students, data, cfg: TransferConfig, lin: LinearizeConfig, step: int, seconds: float, log: list
+) -> dict:
     for layer in teacher.model.layers:
         layer.self_attn._forward_hooks.clear()
     n = cfg.eval_windows
@@ -247,15 +302,83 @@ def evaluate(teacher, students, data, cfg: TransferConfig, lin: LinearizeConfig,
               "eval_tokens_per_domain": n * cfg.seq_len}  # fmt: skip
     result["teacher_ppl"] = perplexity(teacher, held)
     result["second_domain"] = {"teacher_ppl": perplexity(teacher, second)}
-    originals = [layer.self_attn for layer in teacher.model.layers]
-    for layer, s in zip(teacher.model.layers, students, strict=True):
-        layer.self_attn = s
     key = {"linear": "linear_ppl", "hybrid": "hybrid_ppl", "window": "window_only_ppl"}[cfg.mode]
-    result[key] = perplexity(teacher, held)
-    result["second_domain"][key] = perplexity(teacher, second)
-    for layer, o in zip(teacher.model.layers, originals, strict=True):
-        layer.self_attn = o
+    result[key] = student_perplexity(teacher, students, held)
+    result["second_domain"][key] = student_perplexity(teacher, students, second)
+    if cfg.mode == "hybrid":  # the same window and sinks with the linear part removed
+        result["window_only_ppl"] = student_perplexity(teacher, students, held, "window")
+        result["second_domain"]["window_only_ppl"] = student_perplexity(teacher, students, second, "window")
+    result["curve"] = [r for r in log if "held_out_ppl" in r]
     return result
+
+
+def provenance() -> dict:
+    """What made a result: the git commit, the host's CPU and its flags, versions, the date."""
+    import platform
+    import subprocess
+
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    flags = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not flags:
+                flags = line.partition(":")[2].strip()
+            if line.startswith("flags"):
+                have = set(line.partition(":")[2].split())
+                flags += " (" + " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in have) + ")"
+                break
+    return {"git_commit": commit, "host": flags, "cores": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+
+
+def report(out: Path) -> None:
+    """table.md, curve.csv (held-out perplexity against tokens), loss.csv and curve.png from a run's
+    result.json and state.pt: what the docs quote."""
+    import csv
+
+    result = json.loads((out / "result.json").read_text())
+    log = torch.load(out / "state.pt", weights_only=True)["log"]
+    with open(out / "loss.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "tokens", "loss", "held_out_ppl"])
+        for r in log[:: max(1, len(log) // 400)] + ([log[-1]] if log else []):
+            w.writerow([r["step"], r["tokens"], r["loss"], r.get("held_out_ppl", "")])
+    curve = [r for r in log if "held_out_ppl" in r]
+    with open(out / "curve.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "tokens", "held_out_ppl"])
+        for r in curve:
+            w.writerow([r["step"], r["tokens"], r["held_out_ppl"]])
+    rows = [("teacher (softmax)", "teacher_ppl")] + [(n, k) for n, k in (("hybrid (window + sinks + linear)",
+            "hybrid_ppl"), ("window + sinks alone (linear part removed)", "window_only_ppl"),
+            ("pure linear", "linear_ppl")) if k in result]  # fmt: skip
+    t = result["teacher_ppl"], result["second_domain"]["teacher_ppl"]
+    lines = ["| model | held-out ppl (python docs) | x teacher | second domain ppl (debian-reference) | x teacher |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, key in rows:
+        a, b = result[key], result["second_domain"][key]
+        lines.append(f"| {name} | {a:.2f} | {a / t[0]:.3f} | {b:.2f} | {b / t[1]:.3f} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    if curve:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["tokens"] for r in curve], [r["held_out_ppl"] for r in curve], marker="o", label="student")
+        ax.axhline(result["teacher_ppl"], color="k", linestyle="--", label="teacher")
+        ax.set_xlabel("tokens of attention transfer")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title(f"SmolLM2-135M, {result['linearize']['mode']} (stage 1)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "curve.png", dpi=100)
+        plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""A linearised Llama as a transformers model of its own type, "linear_llama": a folder written by
+`save_linearized` loads with `AutoModelForCausalLM.from_pretrained(folder)` (no trust_remote_code;
+importing linear_transformers.linearize registers the type), and `generate()` (greedy, sampling,
+beam search) runs it as an RNN through `LinearizedCache`, unbounded by any training length: RoPE is
+computed for any position and the state does not grow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from .convert import LinearizeConfig, LinearizedCache, linearize
+
+MODEL_TYPE = "linear_llama"
+
+
+class LinearLlamaConfig(LlamaConfig):
+    """LlamaConfig plus `linearize`: the LinearizeConfig as a dict (mode, feature map, window, sinks, eps)."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, linearize: dict | None = None, **kwargs) -> None:
+        self.linearize = dict(linearize or LinearizeConfig().to_dict())
+        super().__init__(**kwargs)
+
+
+class LinearLlamaForCausalLM(LlamaForCausalLM):
+    """LlamaForCausalLM whose attention layers are linearised (LinearizedAttention) at construction."""
+
+    config_class = LinearLlamaConfig
+
+    def __init__(self, config: LinearLlamaConfig) -> None:
+        super().__init__(config)
+        linearize(self, LinearizeConfig(**config.linearize))
+        self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        """generate() keeps a recurrent state, not a key/value cache."""
+        given = model_kwargs.get("cache") is not None or model_kwargs.get("past_key_values") is not None
+        if not given and generation_config.use_cache is not False:
+            model_kwargs["cache"] = LinearizedCache()
+
+
+def from_linearized(model: LlamaForCausalLM) -> LinearLlamaForCausalLM:
+    """The linear_llama model holding `model`'s weights (a Llama that `linearize` converted)."""
+    fields = model.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        fields.pop(key, None)
+    config = LinearLlamaConfig(**fields)
+    out = LinearLlamaForCausalLM(config)
+    out.load_state_dict(model.state_dict())
+    return out.eval()
+
+
+def save_linearized(model: LlamaForCausalLM, folder: str | Path, tokenizer=None) -> Path:
+    """Write a linearised Llama (and its teacher's tokenizer) as a transformers folder."""
+    folder = Path(folder)
+    hf = model if isinstance(model, LinearLlamaForCausalLM) else from_linearized(model)
+    hf.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+AutoConfig.register(MODEL_TYPE, LinearLlamaConfig, exist_ok=True)
+AutoModelForCausalLM.register(LinearLlamaConfig, LinearLlamaForCausalLM, exist_ok=True)
