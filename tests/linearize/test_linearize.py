@@ -5,6 +5,8 @@ steps token by token to the logits of its parallel forward."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -211,3 +213,27 @@ def test_sample_command_continues_a_prompt_with_a_linearized_folder(tmp_path, ca
     assert len(rows) == 2 and all(r.startswith("abc") and len(r) > 30 for r in rows)  # 64 tokens > 16 positions
     assert main(argv) == 2  # the output exists now: never written over
     assert "exists and was not written" in capsys.readouterr().err
+
+
+def test_lora_stage_trains_resumes_and_writes_a_loadable_folder(tmp_path):
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from linear_transformers.linearize import save_linearized
+    from linear_transformers.linearize.finetune import main
+
+    model = linearize(_tiny_llama(), LinearizeConfig(mode="hybrid", window=4, sinks=2))
+    save_linearized(model, tmp_path / "run" / "model")
+    g = torch.Generator().manual_seed(0)
+    torch.save({k: torch.randint(0, 97, (6, 24), generator=g) for k in ("train", "held_out", "second_domain")},
+               tmp_path / "run" / "data.pt")  # fmt: skip
+    args = ["--student", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "lora"), "--eval-windows", "2",
+            "--checkpoint-every", "1", "--threads", "1"]  # fmt: skip
+    assert main([*args, "--steps", "2", "--mode", "window"]) == 0
+    assert main([*args, "--steps", "4", "--mode", "window"]) == 0  # resumes from step 2
+    with pytest.raises(ValueError, match="other settings: --mode ''"):
+        main([*args, "--steps", "6"])
+    result = json.loads((tmp_path / "lora" / "result.json").read_text())
+    assert result["steps"] == 4 and "window_only_ppl" in result and result["second_domain"]["window_only_ppl"] > 1
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")
+    assert loaded.config.linearize["mode"] == "window"

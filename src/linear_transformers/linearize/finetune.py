@@ -1,0 +1,163 @@
+"""Stage 2 of linearisation: a LoRA fine-tune (peft) of the attention projections of a linearised
+model, with next-token loss, on a CPU; resumable; held-out perplexity on both domains at the end.
+
+    python -m linear_transformers.linearize.finetune --student runs/lz-hybrid/model --out runs/lz-hybrid-lora
+
+`--mode window` fine-tunes the same model with its linear part removed (window + sinks alone), so
+the two can be compared trained the same way. The merged model is written as a transformers folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..options import Parser, add_options, check_threads, count, from_args, option
+from .attention import MODES
+
+
+@dataclass
+class FinetuneConfig:
+    student: str = option("runs/lz-hybrid/model", "the linearised model folder (linearize's model/)")
+    data: str = option("", "the token windows (default: data.pt in the student's run folder)")
+    out: str = option("runs/lz-lora", "run folder: state.pt (resumable), result.json, model/")
+    mode: str = option("", "override the student's mode (window: its linear part removed)", choices=("", *MODES))
+    rank: int = count(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA alpha")
+    lr: float = option(1e-3, "AdamW learning rate")
+    minutes: float = option(20.0, "training time limit, resumes included")
+    steps: int = count(100_000, "optimiser steps at most")
+    eval_windows: int = count(16, "held-out windows per domain scored at the end")
+    checkpoint_every: int = count(20, "steps between saves of state.pt")
+    seed: int = option(0, "seed of the data order")
+    threads: int = option(0, "CPU threads (0: torch's default)")
+
+    def __post_init__(self) -> None:
+        check_threads("finetune", self.threads)
+        if not 0 < self.lr < math.inf or not 0 <= self.minutes < math.inf:
+            raise ValueError("finetune: --lr must be > 0 and --minutes >= 0")
+
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    import linear_transformers.linearize  # noqa: F401 (registers linear_llama)
+
+    from .convert import LinearizedAttention
+    from .transfer import perplexity, provenance
+
+    p = Parser(prog="python -m linear_transformers.linearize.finetune", description=__doc__.splitlines()[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    add_options(p, FinetuneConfig, title="finetune")
+    cfg = from_args(FinetuneConfig, p.parse_args(argv))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = torch.load(Path(cfg.data) if cfg.data else Path(cfg.student).parent / "data.pt", weights_only=True)
+    model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
+    if cfg.mode:
+        for m in model.modules():
+            if isinstance(m, LinearizedAttention):
+                m.cfg = type(m.cfg)(**{**m.cfg.to_dict(), "mode": cfg.mode})
+        model.config.linearize = {**model.config.linearize, "mode": cfg.mode}
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=TARGETS,
+                                             lora_dropout=0.0, task_type="CAUSAL_LM"))  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    step, seconds, log = 0, 0.0, []
+    state_path = out / "state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        may_change = ("minutes", "steps", "threads", "eval_windows", "checkpoint_every", "student", "data", "out")
+        diffs = [f"--{k.replace('_', '-')} {v!r} (the run has {state['settings'].get(k)!r})"
+                 for k, v in asdict(cfg).items() if k not in may_change and state["settings"].get(k) != v]  # fmt: skip
+        if diffs:
+            raise ValueError(f"finetune: {out} was trained with other settings: {'; '.join(diffs)}")
+        lora = state["lora"]
+        for name, prm in model.named_parameters():
+            if name in lora:
+                prm.data.copy_(lora[name])
+        opt.load_state_dict(state["optimizer"])
+        step, seconds, log = state["step"], state["seconds"], state["log"]
+        print(f"resuming {out} at step {step}", flush=True)
+
+    def save() -> None:
+        lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"lora": lora, "optimizer": opt.state_dict(), "step": step, "seconds": seconds, "log": log,
+                    "settings": asdict(cfg)}, tmp)  # fmt: skip
+        os.replace(tmp, state_path)
+
+    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    bar = tqdm(total=cfg.steps, initial=step, desc="LoRA fine-tune", dynamic_ncols=True)
+    model.train()
+    start = time.perf_counter()
+    while step < cfg.steps and seconds + time.perf_counter() - start < cfg.minutes * 60:
+        w = data["train"][order[step % len(order)]][None]
+        loss = model(input_ids=w, labels=w).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        log.append({"step": step, "loss": round(loss.item(), 5), "tokens": step * w.shape[1]})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.checkpoint_every == 0:
+            seconds, start = seconds + time.perf_counter() - start, time.perf_counter()
+            save()
+    bar.close()
+    seconds += time.perf_counter() - start
+    save()
+    model.eval()
+    merged = model.merge_and_unload()
+    n = cfg.eval_windows
+    mode = merged.config.linearize["mode"]
+    key = {"linear": "linear_ppl", "hybrid": "hybrid_ppl", "window": "window_only_ppl"}[mode]
+    tokens = step * data["train"].shape[1]
+    result = {"command": " ".join(["python -m linear_transformers.linearize.finetune", *(argv or sys.argv[1:])]),
+              "settings": asdict(cfg), "linearize": merged.config.linearize, "stage": 2, "steps": step,
+              "tokens": tokens, "cpu_hours": round(seconds * torch.get_num_threads() / 3600, 3),
+              "wall_seconds": round(seconds, 1), "eval_windows": n,
+              key: perplexity(merged, data["held_out"][:n]),
+              "second_domain": {key: perplexity(merged, data["second_domain"][:n])},
+              "loss_first_last_20": [sum(r["loss"] for r in log[:20]) / max(1, len(log[:20])),
+                                     sum(r["loss"] for r in log[-20:]) / max(1, len(log[-20:]))],
+              "provenance": provenance()}  # fmt: skip
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(out / "loss.csv", "w") as f:
+        f.write("step,tokens,loss\n")
+        for r in log[:: max(1, len(log) // 400)]:
+            f.write(f"{r['step']},{r['tokens']},{r['loss']}\n")
+    from transformers import AutoTokenizer
+
+    from .hf import save_linearized
+
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.student)
+    except (OSError, ValueError):
+        tok = None  # (a folder saved without one)
+    save_linearized(merged, out / "model", tok)
+    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
+    print(f"results in {out}: result.json, loss.csv, model/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
