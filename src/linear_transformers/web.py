@@ -31,6 +31,10 @@ class WebConfig:
     port: int = option(8000, "port to listen on (0: any free port)")
     web_dir: str = option("", "the page's folder (default: web/ of this repository)")
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"web: --port must be in [0, 65535] (0: any free port), got {self.port}")
+
 
 class _Handler(SimpleHTTPRequestHandler):
     """Static files of web/, with /model/ mapped to the exported model's folder. No directory
@@ -140,7 +144,12 @@ class DemoServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="lt-web-")
         try:
             self.export = export_for_web(self.checkpoint, Path(self._tmp.name))
-            self._server = make_server(self.web_dir, Path(self._tmp.name), self.host, self.port)
+            try:
+                self._server = make_server(self.web_dir, Path(self._tmp.name), self.host, self.port)
+            except OSError as e:  # (a port in use or not ours to take, an address this machine lacks)
+                if isinstance(e, FileNotFoundError):
+                    raise
+                raise ValueError(f"web: cannot listen on {self.host}:{self.port} ({e.strerror or e})") from None
         except BaseException:
             self._tmp.cleanup()
             raise

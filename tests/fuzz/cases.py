@@ -774,6 +774,11 @@ def _file_cases() -> list[Case]:
                 "24",
             ],
         ),
+        refused("web-port-too-big", lambda e, f: ["web", "--checkpoint", str(f), "--port", "70000"]),
+        refused("web-port-negative", lambda e, f: ["web", "--checkpoint", str(f), "--port", "-5"]),
+        refused(
+            "web-host-unknown", lambda e, f: ["web", "--checkpoint", str(f), "--host", "no such host!", "--port", "0"]
+        ),
         refused("eval-missing", lambda e, f: ["eval", "--checkpoint", str(f / "nothing")]),
         refused(
             "sample-prompt-unknown-chars",

@@ -34,7 +34,7 @@ from ..bench.report import fmt, markdown_table, write_csv
 from ..commands import apply_preset
 from ..data import copy as copy_data
 from ..model import CausalTransformer, ModelConfig
-from ..options import add_options, from_args, option
+from ..options import add_options, count, from_args, option
 from ..train import resolve_device
 from . import RunSwitches, load_finished, save_finished
 
@@ -54,24 +54,24 @@ class CopySettings:
     methods: tuple[str, ...] = option(("softmax", "linear", "lsh-1", "lsh-4"), "the attention of each model",
                                       choices=list(METHODS))  # fmt: skip
     seeds: tuple[int, ...] = option((0, 1), "one run per method and seed")
-    max_symbols: int = option(16, "longest string copied (the paper: 63, --paper; 128-token sequences)")
-    min_symbols: int = option(8, "shortest string copied (a quarter of the sequence, as the authors' code)")
-    n_symbols: int = option(10, "distinct symbols of the strings")
-    n_layers: int = option(2, "transformer blocks")
-    n_heads: int = option(2, "attention heads per block")
-    d_model: int = option(64, "width of the residual stream (heads of 32 as the paper's: 8-wide heads learn slower)")
-    d_ff: int = option(256, "width of each block's feed-forward layer")
-    lsh_buckets: int = option(8, "LSH buckets per sequence (chunks of ceil(34 / 8) = 5 positions; 16 with --paper)")
-    batch: int = option(64, "sequences per training step")
-    steps: int = option(5000, "training steps of every run")
+    max_symbols: int = count(16, "longest string copied (the paper: 63, --paper; 128-token sequences)")
+    min_symbols: int = count(8, "shortest string copied (a quarter of the sequence, as the authors' code)")
+    n_symbols: int = count(10, "distinct symbols of the strings")
+    n_layers: int = count(2, "transformer blocks")
+    n_heads: int = count(2, "attention heads per block")
+    d_model: int = count(64, "width of the residual stream (heads of 32 as the paper's: 8-wide heads learn slower)")
+    d_ff: int = count(256, "width of each block's feed-forward layer")
+    lsh_buckets: int = count(8, "LSH buckets per sequence (chunks of ceil(34 / 8) = 5 positions; 16 with --paper)")
+    batch: int = count(64, "sequences per training step")
+    steps: int = count(5000, "training steps of every run")
     lr: float = option(1e-3, "learning rate (RAdam)")
     lr_drop_step: int = option(4000, "the learning rate drops to --lr-after from this step (earlier froze linear "
                                "short of softmax)")  # fmt: skip
     lr_after: float = option(1e-4, "the learning rate after --lr-drop-step")
     eval_every: int = option(100, "steps between held-out evaluations")
-    eval_batches: int = option(4, "held-out batches per evaluation")
+    eval_batches: int = count(4, "held-out batches per evaluation")
     device: str = option("cpu", "where training runs: cpu, cuda, cuda:N or auto")
-    jobs: int = option(1, "runs trained at once, each in its own process with threads / jobs threads")
+    jobs: int = count(1, "runs trained at once, each in its own process with threads / jobs threads")
     threads: int = option(0, "CPU threads in all (0: torch's default)")
 
 

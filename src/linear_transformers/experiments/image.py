@@ -43,7 +43,7 @@ from ..checkpoint import load_model
 from ..commands import apply_preset
 from ..data.images import image_grid, write_png
 from ..model import CausalTransformer, ModelConfig
-from ..options import add_options, from_args, option
+from ..options import add_options, count, from_args, option
 from ..train import TrainConfig, resolve_device, train
 from . import RunSwitches, finished_or_run, load_finished
 
@@ -70,27 +70,27 @@ class ImageSettings:
     data_path: str = option("", "IDX folder (fashion-mnist) or CIFAR-10 binary or python batches (cifar10)")
     methods: tuple[str, ...] = option(("softmax", "lsh-1", "lsh-4", "linear"), "the attention of each model",
                                       choices=[m for m in METHODS if m != "softmax-cache"])  # fmt: skip
-    n_layers: int = option(4, "transformer blocks")
-    n_heads: int = option(8, "attention heads per block")
-    d_model: int = option(128, "width of the residual stream")
-    d_ff: int = option(512, "width of each block's feed-forward layer")
-    lsh_chunk: int = option(32, "sorted positions per LSH chunk")
-    batch: int = option(16, "images per training step")
+    n_layers: int = count(4, "transformer blocks")
+    n_heads: int = count(8, "attention heads per block")
+    d_model: int = count(128, "width of the residual stream")
+    d_ff: int = count(512, "width of each block's feed-forward layer")
+    lsh_chunk: int = count(32, "sorted positions per LSH chunk")
+    batch: int = count(16, "images per training step")
     lr: float = option(1e-3, "peak learning rate (RAdam)")
     schedule: str = option("constant", "learning rate after 100 warm-up steps: constant, cosine (to 10% of lr) or "
                            "linear (to 0)", choices=["constant", "cosine", "linear"])  # fmt: skip
-    steps: int = option(100_000, "training steps per method")
+    steps: int = count(100_000, "training steps per method")
     epochs: float = option(0.0, "> 0: train this many epochs of the training set (overrides --steps)")
     minutes: float = option(30.0, "training time limit per method (0: none; then the methods get equal time)")
     eval_images: int = option(0, "test images scored at the end (0: all)")
     eval_every: int = option(0, "steps between held-out evaluations during training (0: none)")
-    curve_images: int = option(160, "test images of each evaluation during training")
-    samples: int = option(16, "unconditional samples drawn per method (and timed)")
+    curve_images: int = count(160, "test images of each evaluation during training")
+    samples: int = count(16, "unconditional samples drawn per method (and timed)")
     seed: int = option(0, "seed of the initialisation, data order and sampling")
     image_size: int = option(0, "> 0: average-pool the images to this side (14 halves MNIST: 196 tokens)")
     levels: int = option(0, "> 0: quantise pixels to this many levels (0 keeps 256)")
     device: str = option("cpu", "where training, evaluation and timing run: cpu, cuda or auto")
-    jobs: int = option(1, "methods trained at once, each in its own process (threads split between them)")
+    jobs: int = count(1, "methods trained at once, each in its own process (threads split between them)")
 
 
 @dataclass

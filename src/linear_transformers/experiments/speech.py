@@ -41,7 +41,7 @@ from ..bench.report import fmt, markdown_table, write_csv
 from ..commands import apply_preset
 from ..data import speech
 from ..model import sinusoidal_table
-from ..options import add_options, from_args, option
+from ..options import add_options, count, from_args, option
 from ..train import resolve_device
 from . import RunSwitches, finished_or_run, load_finished
 
@@ -54,24 +54,24 @@ N_OUT = len(speech.PHONES) + 1  # the CTC blank is 0
 @dataclass
 class SpeechSettings:
     methods: tuple[str, ...] = option(METHODS, "the models", choices=METHODS)
-    train_utterances: int = option(2000, "utterances of the synthesised training set")
-    test_utterances: int = option(300, "utterances of the test set (unseen sentences and voices)")
+    train_utterances: int = count(2000, "utterances of the synthesised training set")
+    test_utterances: int = count(300, "utterances of the test set (unseen sentences and voices)")
     minutes: float = option(12.0, "training time per method (0: none; then --max-epochs decides)")
-    max_epochs: int = option(200, "training epochs at most")
-    batch: int = option(16, "utterances per training step")
+    max_epochs: int = count(200, "training epochs at most")
+    batch: int = count(16, "utterances per training step")
     lr: float = option(1e-3, "peak learning rate")
-    stack: int = option(3, "log-mel frames stacked into one model step")
-    lstm_hidden: int = option(320, "Bi-LSTM units per direction")
-    lstm_layers: int = option(3, "Bi-LSTM layers")
-    n_layers: int = option(6, "transformer blocks")
-    n_heads: int = option(4, "attention heads per block")
-    d_model: int = option(256, "width of the residual stream")
-    d_ff: int = option(1024, "width of each block's feed-forward layer")
+    stack: int = count(3, "log-mel frames stacked into one model step")
+    lstm_hidden: int = count(320, "Bi-LSTM units per direction")
+    lstm_layers: int = count(3, "Bi-LSTM layers")
+    n_layers: int = count(6, "transformer blocks")
+    n_heads: int = count(4, "attention heads per block")
+    d_model: int = count(256, "width of the residual stream")
+    d_ff: int = count(1024, "width of each block's feed-forward layer")
     dropout: float = option(0.1, "dropout of every model")
-    lsh_buckets: int = option(8, "LSH buckets per sequence (chunks of about length / 8 steps)")
+    lsh_buckets: int = count(8, "LSH buckets per sequence (chunks of about length / 8 steps)")
     seed: int = option(0, "seed of the initialisation and data order")
     data_path: str = option("", "a real corpus: DIR/train and DIR/test with .wav + .phn files")
-    sentences_per_utterance: int = option(1, "sentences spoken as one utterance in the synthesised corpus (3: WSJ's "
+    sentences_per_utterance: int = count(1, "sentences spoken as one utterance in the synthesised corpus (3: WSJ's "
                                           "length)")  # fmt: skip
     device: str = option("cpu", "where training and scoring run: cpu, cuda, cuda:N or auto")
 
