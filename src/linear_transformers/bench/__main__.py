@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .. import commands
-from . import attention, dispatch, generate, gpu, hf, threads
+from . import attention, dispatch, generate, gpu, hf, linearized, threads
 
 BENCHMARKS = {
     "attention": attention,
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "generate": generate,
     "gpu": gpu,
     "hf": hf,
+    "linearized": linearized,
     "threads": threads,
 }
 

@@ -107,6 +107,32 @@ class LinearizedAttention(nn.Module):
         S = q.new_zeros(B, self.n_heads, F, self.head_dim, dtype=acc)
         return HybridState(S, q.new_zeros(B, self.n_heads, F, dtype=acc))
 
+    def prefill_state(self, q, k, v) -> HybridState:
+        """The recurrent state after the tokens q, k, v [B, T, H, D] (what T steps from an empty
+        state leave), computed in one pass: the keys that left the window (and are no sinks) summed
+        into S and z, the last `window` keys and values in their ring slots, the sinks'."""
+        cfg, (B, T, H, D) = self.cfg, k.shape
+        state = self.new_state(q)
+        acc = state.S.dtype
+        first = cfg.sinks if cfg.mode == "hybrid" else 0
+        last = T - cfg.window if cfg.mode == "hybrid" else T  # keys before this position are in the state
+        if cfg.mode != "window" and last > first:
+            fk = self.feature_map_k(k[:, first:last]).to(acc)
+            state.S = torch.einsum("bthf,bthd->bhfd", fk, v[:, first:last].to(acc))
+            state.z = fk.sum(1)
+        state.seen = T
+        if cfg.mode == "linear":
+            return state
+        W = cfg.window
+        state.ring_k, state.ring_v = k.new_zeros(B, H, W, D), v.new_zeros(B, H, W, v.shape[-1])
+        positions = torch.arange(max(0, T - W), T, device=k.device)
+        state.ring_k[:, :, positions % W] = k[:, positions].transpose(1, 2)
+        state.ring_v[:, :, positions % W] = v[:, positions].transpose(1, 2)
+        n = min(cfg.sinks, T)
+        state.sink_k, state.sink_v = k.new_zeros(B, H, cfg.sinks, D), v.new_zeros(B, H, cfg.sinks, v.shape[-1])
+        state.sink_k[:, :, :n], state.sink_v[:, :, :n] = k[:, :n].transpose(1, 2), v[:, :n].transpose(1, 2)
+        return state
+
     def step(self, q, k, v, state: HybridState) -> torch.Tensor:
         """One token: q, k, v [B, H, D] -> [B, H, D]; `state` advances."""
         cfg = self.cfg
@@ -121,11 +147,8 @@ class LinearizedAttention(nn.Module):
         state = cache.state(self.layer_idx) if cache is not None else None
         if state is None and (cache is None or T > 1):
             y = self.attend(q, k, v)
-            if cache is not None:  # prefill: the state after these tokens, stepped from the same q, k, v
-                state = self.new_state(q)
-                for t in range(T):
-                    self.step(q[:, t], k[:, t], v[:, t], state)
-                cache.set_state(self.layer_idx, state)
+            if cache is not None:  # prefill: the state after these tokens, from the same k, v
+                cache.set_state(self.layer_idx, self.prefill_state(q, k, v))
         else:
             if state is None:
                 state = self.new_state(q)
