@@ -240,6 +240,9 @@ class CommandOptions:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="linear-transformers", description=__doc__.splitlines()[0])
     add_options(parser, CommandOptions, title="every command")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"linear-transformers {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = sub.choices  # name -> its parser
     fmt = argparse.ArgumentDefaultsHelpFormatter

@@ -140,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
               "loss_first_last_20": [sum(r["loss"] for r in log[:20]) / max(1, len(log[:20])),
                                      sum(r["loss"] for r in log[-20:]) / max(1, len(log[-20:]))],
               "provenance": provenance()}  # fmt: skip
+    try:
+        from transformers import AutoTokenizer
+
+        from .transfer import greedy_samples, load_teacher
+
+        tok = AutoTokenizer.from_pretrained(cfg.student)
+        _, teacher = load_teacher()
+        result["samples"] = greedy_samples({"teacher": teacher, "student": merged}, tok)
+    except (OSError, ValueError, FileNotFoundError) as e:  # (no tokenizer in the folder, no teacher installed)
+        result["samples"] = f"not drawn: {e}"
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(out / "loss.csv", "w") as f:
         f.write("step,tokens,loss\n")

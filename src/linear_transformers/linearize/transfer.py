@@ -312,6 +312,27 @@ def evaluate(
     return result
 
 
+PROMPTS = (
+    "The Python standard library provides",
+    "To install a package on Debian, run",
+    "A list comprehension is",
+)
+
+
+@torch.no_grad()
+def greedy_samples(models: dict, tok, prompts=PROMPTS, new_tokens: int = 40) -> list[dict]:
+    """Greedy continuations of the same prompts by each model (name -> model)."""
+    rows = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        row = {"prompt": prompt}
+        for name, model in models.items():
+            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+            row[name] = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        rows.append(row)
+    return rows
+
+
 def provenance() -> dict:
     """What made a result: the git commit, the host's CPU and its flags, versions, the date."""
     import platform
