@@ -37,7 +37,7 @@ def _steps(q, k, v, fmq, fmk, mode, window, sinks, eps):
 
 @pytest.mark.parametrize("mode", ["hybrid", "window"])
 @pytest.mark.parametrize(("T", "window", "sinks"), [(1, 4, 2), (13, 4, 2), (33, 8, 0), (40, 8, 3), (9, 16, 4),
-                                                     (25, 3, 5)])  # fmt: skip
+                                                     (25, 3, 5), (3, 4, 5), (2, 1, 1), (7, 1, 0)])  # fmt: skip
 def test_hybrid_parallel_equals_recurrent(mode, T, window, sinks):
     g = torch.Generator().manual_seed(T * 7 + window)
     B, H, D = 2, 3, 8

@@ -111,15 +111,16 @@ def hybrid_attention(
     own_mask = a[None, :] <= a[:, None]  # [W(query), W(key)]
     prev_mask = (a[None, :] > a[:, None])[None] & (pos_p[:, None, :] >= 0)  # [n, W, W]
     # sink keys (positions < sinks) outside the band are seen directly
-    sink_pos = torch.arange(sinks, device=q.device)
+    n_sinks = min(sinks, T)  # (a sequence shorter than the sinks has only its own tokens)
+    sink_pos = torch.arange(n_sinks, device=q.device)
     sink_mask = sink_pos[None, None] <= pos_q[..., None] - W  # [n, W, sinks]: not in the band already
     s_own = torch.einsum("bhnid,bhnjd->bhnij", qc, kc) * scale
     s_prev = torch.einsum("bhnid,bhnjd->bhnij", qc, kp) * scale
     s_own = s_own.masked_fill(~own_mask, -math.inf)
     s_prev = s_prev.masked_fill(~prev_mask, -math.inf)
     parts = [s_own, s_prev]
-    if sinks:
-        ks, vs = k[:, :sinks].transpose(1, 2), v[:, :sinks].transpose(1, 2)  # [B, H, sinks, X]
+    if n_sinks:
+        ks, vs = k[:, :n_sinks].transpose(1, 2), v[:, :n_sinks].transpose(1, 2)  # [B, H, sinks, X]
         s_sink = torch.einsum("bhnid,bhsd->bhnis", qc, ks) * scale
         parts.append(s_sink.masked_fill(~sink_mask, -math.inf))
     # (the linear part is not scaled by exp(-m): m is part of the function, and gradients flow through it)
@@ -127,7 +128,7 @@ def hybrid_attention(
     a_own, a_prev = torch.exp(s_own - m), torch.exp(s_prev - m)
     num = torch.einsum("bhnij,bhnjd->bhnid", a_own, vc) + torch.einsum("bhnij,bhnjd->bhnid", a_prev, vp)
     den = a_own.sum(-1, keepdim=True) + a_prev.sum(-1, keepdim=True)
-    if sinks:
+    if n_sinks:
         a_sink = torch.exp(parts[2] - m)
         num = num + torch.einsum("bhnis,bhsd->bhnid", a_sink, vs)
         den = den + a_sink.sum(-1, keepdim=True)
