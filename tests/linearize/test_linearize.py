@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
+from linear_transformers.feature_maps import HedgehogFeatureMap
 from linear_transformers.linearize import (
-    HedgehogFeatureMap,
     LinearizeConfig,
     LinearizedCache,
     feature_map_parameters,
@@ -42,7 +42,7 @@ def test_hybrid_parallel_equals_recurrent(mode, T, window, sinks):
     g = torch.Generator().manual_seed(T * 7 + window)
     B, H, D = 2, 3, 8
     q, k, v = (torch.randn(B, T, H, D, generator=g, dtype=torch.float64) for _ in range(3))
-    fm_q, fm_k = HedgehogFeatureMap(H, D).double(), HedgehogFeatureMap(H, D).double()
+    fm_q, fm_k = HedgehogFeatureMap(D, H).double(), HedgehogFeatureMap(D, H).double()
     with torch.no_grad():
         for p in [*fm_q.parameters(), *fm_k.parameters()]:
             p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
@@ -56,7 +56,7 @@ def test_hybrid_gradients_flow_to_the_feature_maps_and_match_the_recurrent_form(
     g = torch.Generator().manual_seed(3)
     B, T, H, D = 1, 21, 2, 4
     q, k, v = (torch.randn(B, T, H, D, generator=g, dtype=torch.float64) for _ in range(3))
-    fm_q, fm_k = HedgehogFeatureMap(H, D).double(), HedgehogFeatureMap(H, D).double()
+    fm_q, fm_k = HedgehogFeatureMap(D, H).double(), HedgehogFeatureMap(D, H).double()
     grads = []
     for parallel in (True, False):
         fm_q.zero_grad(), fm_k.zero_grad()

@@ -1,12 +1,11 @@
 """Turning a pretrained softmax transformer into an RNN (linearisation): learned feature maps, the
 sliding-window hybrid with attention sinks, attention transfer. See convert.py and attention.py."""
 
-from .attention import HedgehogFeatureMap, HybridState, hybrid_attention, step_attention
+from .attention import HybridState, hybrid_attention, step_attention
 from .convert import LinearizeConfig, LinearizedAttention, LinearizedCache, feature_map_parameters, linearize
 from .hf import LinearLlamaConfig, LinearLlamaForCausalLM, from_linearized, save_linearized
 
 __all__ = [
-    "HedgehogFeatureMap",
     "HybridState",
     "LinearLlamaConfig",
     "LinearLlamaForCausalLM",

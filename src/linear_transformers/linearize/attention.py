@@ -28,46 +28,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import ops
+from .. import feature_maps, ops
 
 MODES = ("linear", "hybrid", "window")
 FEATURE_MAPS = ("hedgehog", "elu", "relu")
 
 
-class HedgehogFeatureMap(nn.Module):
-    """Hedgehog's map (Zhang et al., ICLR 2024), one per head: φ(x) = [softmax(xW + b), softmax(-(xW + b))]
-    over the feature dimension, x [..., H, D] -> [..., H, 2F]. Initialised to W = I (F = D), b = 0:
-    the map starts as softmax(±x), which already ranks keys as exp(q·k) does."""
-
-    def __init__(self, heads: int, dim: int, features: int | None = None) -> None:
-        super().__init__()
-        features = features or dim
-        eye = torch.eye(dim, features)
-        self.weight = nn.Parameter(eye.repeat(heads, 1, 1))  # [H, D, F]
-        self.bias = nn.Parameter(torch.zeros(heads, features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = torch.einsum("...hd,hdf->...hf", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)
-        return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)
-
-
-class ElementwiseFeatureMap(nn.Module):
-    """elu(x) + 1 (the paper's) or relu(x), no parameters: the baselines."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.elu(x) + 1 if self.kind == "elu" else nn.functional.relu(x)
-
-
 def make_feature_map(kind: str, heads: int, dim: int) -> nn.Module:
-    if kind == "hedgehog":
-        return HedgehogFeatureMap(heads, dim)
-    if kind in ("elu", "relu"):
-        return ElementwiseFeatureMap(kind)
-    raise ValueError(f"linearize: feature_map must be one of {', '.join(FEATURE_MAPS)}, got {kind!r}")
+    """The library's feature map `kind` (feature_maps.py: Hedgehog learned per head, starting from
+    softmax(±x); elu+1 and relu fixed) for `heads` heads of `dim`."""
+    if kind not in FEATURE_MAPS:
+        raise ValueError(f"linearize: feature_map must be one of {', '.join(FEATURE_MAPS)}, got {kind!r}")
+    return feature_maps.make_feature_map(kind, dim, heads)
 
 
 # ---- the parallel forms ---------------------------------------------------------------------------
