@@ -237,3 +237,14 @@ def test_lora_stage_trains_resumes_and_writes_a_loadable_folder(tmp_path):
     assert result["steps"] == 4 and "window_only_ppl" in result and result["second_domain"]["window_only_ppl"] > 1
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")
     assert loaded.config.linearize["mode"] == "window"
+
+
+def test_a_teacher_read_from_gguf_saves_as_a_plain_folder(tmp_path):
+    """A teacher loaded from a GGUF file carries a quantization_config; the linearised folder must
+    not (transformers refuses to save such a model, and a loader would take it for quantised)."""
+    from linear_transformers.linearize import save_linearized
+
+    model = linearize(_tiny_llama(), LinearizeConfig(mode="hybrid", window=4, sinks=2))
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    folder = save_linearized(model, tmp_path / "a")
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())

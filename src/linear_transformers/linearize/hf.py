@@ -46,7 +46,9 @@ class LinearLlamaForCausalLM(LlamaForCausalLM):
 def from_linearized(model: LlamaForCausalLM) -> LinearLlamaForCausalLM:
     """The linear_llama model holding `model`'s weights (a Llama that `linearize` converted)."""
     fields = model.config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version"):
+    # (the weights are dense float32 here, whatever file the teacher was read from: a GGUF teacher's
+    # quantization_config would make transformers refuse to save, and mislead a loader)
+    for key in ("model_type", "architectures", "transformers_version", "quantization_config"):
         fields.pop(key, None)
     config = LinearLlamaConfig(**fields)
     out = LinearLlamaForCausalLM(config)
@@ -57,7 +59,8 @@ def from_linearized(model: LlamaForCausalLM) -> LinearLlamaForCausalLM:
 def save_linearized(model: LlamaForCausalLM, folder: str | Path, tokenizer=None) -> Path:
     """Write a linearised Llama (and its teacher's tokenizer) as a transformers folder."""
     folder = Path(folder)
-    hf = model if isinstance(model, LinearLlamaForCausalLM) else from_linearized(model)
+    plain = isinstance(model, LinearLlamaForCausalLM) and getattr(model.config, "quantization_config", None) is None
+    hf = model if plain else from_linearized(model)
     hf.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
