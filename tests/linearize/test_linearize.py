@@ -99,9 +99,10 @@ def test_window_model_with_a_long_window_is_the_teacher():
         torch.testing.assert_close(student(tokens).logits, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["linear", "hybrid", "window"])
-def test_converted_llama_steps_to_its_parallel_logits(mode):
-    model = linearize(_tiny_llama(), LinearizeConfig(mode=mode, window=4, sinks=2))
+@pytest.mark.parametrize(("mode", "backend"), [("linear", "naive"), ("linear", "chunked"), ("linear", "cpu"),
+                                             ("hybrid", "auto"), ("window", "auto")])  # fmt: skip
+def test_converted_llama_steps_to_its_parallel_logits(mode, backend):
+    model = linearize(_tiny_llama(), LinearizeConfig(mode=mode, window=4, sinks=2, backend=backend))
     with torch.no_grad():
         for p in feature_map_parameters(model):
             p.add_(torch.randn_like(p) * 0.2)
