@@ -249,3 +249,22 @@ def test_a_teacher_read_from_gguf_saves_as_a_plain_folder(tmp_path):
     model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
     folder = save_linearized(model, tmp_path / "a")
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+
+
+def test_summary_takes_each_perplexity_from_its_own_mode_and_latest_stage(tmp_path):
+    from linear_transformers.linearize.summary import summarize
+
+    def run(name, stage, mode, ppl, second):
+        (tmp_path / name).mkdir()
+        r = {"linearize": {"mode": mode}, "tokens": 100, "cpu_hours": 0.5, "wall_seconds": 9, **ppl,
+             "second_domain": second, **({"stage": stage} if stage > 1 else {})}  # fmt: skip
+        (tmp_path / name / "result.json").write_text(json.dumps(r))
+
+    run("a", 1, "hybrid", {"teacher_ppl": 10.0, "hybrid_ppl": 14.0, "window_only_ppl": 16.0},
+        {"teacher_ppl": 20.0, "hybrid_ppl": 25.0, "window_only_ppl": 27.0})  # fmt: skip
+    run("b", 2, "hybrid", {"hybrid_ppl": 12.0}, {"hybrid_ppl": 21.0})
+    run("c", 2, "window", {"window_only_ppl": 13.0}, {"window_only_ppl": 22.0})
+    out = summarize(tmp_path)
+    assert (out["teacher_ppl"], out["hybrid_ppl"], out["window_only_ppl"]) == (10.0, 12.0, 13.0)
+    assert out["second_domain"] == {"teacher_ppl": 20.0, "hybrid_ppl": 21.0, "window_only_ppl": 22.0}
+    assert out["tokens"] == 300 and out["cpu_hours"] == 1.5 and "linear_ppl" not in out

@@ -1,0 +1,73 @@
+"""The linearisation's results in one file: result.json and table.md of a folder whose subfolders
+hold each run's result.json (stage 1 of `linearize`, stage 2 of `finetune`).
+
+    python -m linear_transformers.linearize.summary docs/experiments/linearize-smollm2
+
+result.json takes each perplexity from the latest stage that measured it: `teacher_ppl`, `linear_ppl`,
+`hybrid_ppl`, `window_only_ppl` (first domain) and the same under `second_domain`, with `stage`
+saying which stage each came from, `tokens` and `cpu_hours` summed over the runs, and every run listed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+KEYS = ("teacher_ppl", "linear_ppl", "hybrid_ppl", "window_only_ppl")
+MODE_OF = {"linear_ppl": "linear", "hybrid_ppl": "hybrid", "window_only_ppl": "window"}
+
+
+def summarize(folder: Path) -> dict:
+    runs = []
+    for path in sorted(folder.glob("*/result.json")):
+        r = json.loads(path.read_text())
+        runs.append({"run": path.parent.name, "stage": r.get("stage", 1), "mode": r["linearize"]["mode"],
+                     "tokens": r["tokens"], "cpu_hours": r["cpu_hours"], "wall_seconds": r["wall_seconds"],
+                     "ppl": {k: r[k] for k in KEYS if k in r},
+                     "second_domain": {k: v for k, v in r["second_domain"].items() if k in KEYS}})  # fmt: skip
+    if not runs:
+        raise FileNotFoundError(f"summary: no */result.json under {folder}")
+    out: dict = {"second_domain": {}, "stage": {}, "runs": runs}
+    for k in KEYS:
+        candidates = [r for r in runs if k in r["ppl"]]
+        # a run of the key's own mode first (a hybrid run also scores its window alone, untrained)
+        own = [r for r in candidates if r["mode"] == MODE_OF.get(k)] or candidates
+        if own:
+            pick = max(own, key=lambda r: r["stage"])
+            out[k], out["second_domain"][k] = pick["ppl"][k], pick["second_domain"].get(k)
+            out["stage"][k] = f"{pick['run']} (stage {pick['stage']})"
+    out["tokens"] = sum(r["tokens"] for r in runs)
+    out["cpu_hours"] = round(sum(r["cpu_hours"] for r in runs), 3)
+    return out
+
+
+def table(result: dict) -> str:
+    t, t2 = result["teacher_ppl"], result["second_domain"]["teacher_ppl"]
+    lines = [
+        "| model | from | held-out ppl | x teacher | second domain ppl | x teacher |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for k in KEYS:
+        if k in result:
+            a, b = result[k], result["second_domain"][k]
+            where = result["stage"].get(k, "")
+            lines.append(f"| {k[:-4]} | {where} | {a:.2f} | {a / t:.3f} | {b:.2f} | {b / t2:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m linear_transformers.linearize.summary FOLDER", file=sys.stderr)
+        return 2
+    folder = Path(argv[0])
+    result = summarize(folder)
+    (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (folder / "table.md").write_text(table(result))
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
