@@ -50,6 +50,8 @@ def _models(args):
     from ..linearize import LinearizeConfig, LinearizedCache, linearize
     from ..linearize.transfer import load_teacher
 
+    if args.student and not (Path(args.student) / "config.json").is_file():
+        raise FileNotFoundError(f"bench linearized: --student {args.student} is not a model folder (no config.json)")
     _, teacher = load_teacher()
     if args.student:
         student = AutoModelForCausalLM.from_pretrained(args.student).eval()
