@@ -149,6 +149,7 @@ def main(args: argparse.Namespace) -> int:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context tokens")
         ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
