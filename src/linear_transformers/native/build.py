@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from ..integrity import file_sha256
+
 _V3 = frozenset({"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm", "xsave"})
 _V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 
@@ -299,14 +301,6 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: str
                 return result
             errors.append(f"{' '.join(cmd)}\n{proc.stderr.strip()[-1500:]}")
     raise RuntimeError(f"compiling {name} for {level} failed:\n" + "\n".join(errors))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, data: dict) -> None:
