@@ -67,8 +67,9 @@ def test_equal_steps_all_test_images_curves_and_parallel_methods(tmp_path, monke
     assert {r["eval_images"] for r in rows} == {"10000"}
     assert (folder / "curves.png").stat().st_size > 5_000
     assert "linear - softmax:" in (folder / "table.md").read_text() and "(the paper: +0.023)" in out
-    with pytest.raises(ValueError, match="image: --jobs must be >= 1"):
+    with pytest.raises(SystemExit):  # refused while parsing, in one line
         main(["image", "--quick", "--jobs", "0"])
+    assert "--jobs: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_paper_preset_is_the_papers_budget():
