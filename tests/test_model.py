@@ -630,3 +630,23 @@ def test_a_config_that_is_not_a_decode_config_is_refused():
         _, state = model.prefill(torch.zeros(1, 0, dtype=torch.long))
         with pytest.raises(TypeError, match="CausalTransformer.step: config must be .*DecodeConfig, got str"):
             model.step(torch.zeros(1, dtype=torch.long), state, "bf16")
+
+
+def test_fused_step_survives_unrelated_module_registrations_without_rebuilding():
+    """A module built elsewhere in the process bumps the registration count; the model's own fused
+    step is kept (its tensors are the same) and the cheap check holds again afterwards."""
+    from linear_transformers.decode import fused_step
+
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
+    model = _model(n_classes=0, max_len=8)
+    with torch.no_grad():
+        _, state = model.prefill(torch.randint(0, 16, (1, 2)))
+        step = fused_step(model, 1, state)
+        if step is None:
+            pytest.skip("the fused step is not taken here")
+        torch.nn.Linear(2, 2)  # registers parameters: an unrelated module
+        assert not step.current()
+        assert fused_step(model, 1, state) is step and step.current()
+        model.blocks[0].norm1.weight = torch.nn.Parameter(torch.ones_like(model.blocks[0].norm1.weight))
+        assert fused_step(model, 1, state) is not step

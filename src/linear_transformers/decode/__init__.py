@@ -109,6 +109,8 @@ def fused_step(model: CausalTransformer, batch: int, state: ModelState, config: 
     if step is None or step.key != key or (step.weights, step.dot) != (config.weights, config.dot):
         # a weight replaced, moved or (for bfloat16 copies) updated: a fresh step over the current tensors
         step = model._fused = fused.from_model(model, config.weights, config.dot)
+    else:  # the same tensors: only something elsewhere in the process registered a module or parameter
+        step.generation = fused.current_generation()  # (so the next call takes the cheap check again)
     return step
 
 

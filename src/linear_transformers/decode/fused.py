@@ -386,6 +386,10 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
 torch.nn.modules.module.register_module_module_registration_hook(_bump)
 
 
+def current_generation() -> int:
+    return _generation
+
+
 def weights_key(model: CausalTransformer, bf16_copies: bool) -> tuple | None:
     """What a fused step over `model` depends on, now: each weight tensor's identity and address
     (and, where the step holds bfloat16 copies, its version counter, which every in-place update
