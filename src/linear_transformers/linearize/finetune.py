@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import owned_by_training
 from ..options import Parser, add_options, check_threads, count, from_args, option
 from .attention import MODES
 
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
+    if (owner := owned_by_training(out)) is not None:
+        raise FileExistsError(f"--out {out} lies in {owner}, a training run's folder; choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     data = torch.load(Path(cfg.data) if cfg.data else Path(cfg.student).parent / "data.pt", weights_only=True)
     model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)

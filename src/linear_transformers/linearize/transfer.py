@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import owned_by_training
 from ..options import Parser, add_options, check_threads, count, from_args, option
 from .attention import FEATURE_MAPS, MODES
 from .convert import LinearizeConfig, LinearizedAttention
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
+    if (owner := owned_by_training(out)) is not None:
+        raise FileExistsError(f"--out {out} lies in {owner}, a training run's folder; choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     lin = LinearizeConfig(mode=cfg.mode, feature_map=cfg.feature_map, window=cfg.window, sinks=cfg.sinks)
     tok, teacher = load_teacher()
