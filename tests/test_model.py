@@ -184,7 +184,7 @@ def test_fused_cpu_step_equals_the_pytorch_step(norm, feature_map, batch, positi
             for t in range(5, 29):
                 params, state = model.step(tokens[:, t], state, config)
                 outs.append(params)
-            assert model._fused is not None  # built by the fused pass (the eager pass ignores it)
+            assert decode.built_step(model) is not None  # built by the fused pass (the eager pass ignores it)
             results.append((torch.stack(outs, 1), state))
     (fused_out, fused_state), (eager_out, eager_state) = results
     torch.testing.assert_close(fused_out, eager_out, atol=1e-5, rtol=1e-5)
@@ -206,7 +206,7 @@ def test_fused_step_with_bfloat16_weights_stays_close():
         for t in range(29):
             params, state = model.step(tokens[:, t], state, config)
             outs.append(params)
-    assert model._fused.weights == torch.bfloat16
+    assert decode.built_step(model).weights == torch.bfloat16
     err = (torch.stack(outs, 1) - parallel).abs().max() / parallel.abs().max()
     assert 0 < err < 2e-2  # bfloat16 projections: close, not equal
 
@@ -240,7 +240,7 @@ def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm, batch)
                 params, state = m.step(tokens[:, t], state, config)
                 seq.append(params)
             outs.append(torch.stack(seq, 1))
-    assert model._fused.dot == torch.bfloat16
+    assert decode.built_step(model).dot == torch.bfloat16
     # A float32 difference of an ulp (vectorised sums, exp) in a value about to be rounded to bfloat16
     # can flip its rounding, which moves what follows by ~1e-3: rare, so nearly every output agrees.
     diff = (outs[0] - outs[1]).abs()
@@ -307,7 +307,7 @@ def test_fused_step_in_the_batched_layout_equals_the_pytorch_step(norm, n_heads,
         for config in (DecodeConfig(max_batch=128, weights=getattr(torch, weights)), DecodeConfig(fused=False)):
             st = state.clone()
             results.append((torch.stack([model.step(tokens[:, t], st, config)[0] for t in range(3, 24)], 1), st))
-    assert model._fused is not None and model._fused.weights == getattr(torch, weights)
+    assert decode.built_step(model) is not None and decode.built_step(model).weights == getattr(torch, weights)
     (fused_out, fused_state), (eager_out, eager_state) = results
     torch.testing.assert_close(fused_out, eager_out, atol=1e-5, rtol=1e-5)
     for a, b in zip(fused_state.layers, eager_state.layers, strict=True):
@@ -328,7 +328,7 @@ def test_fused_step_with_feed_forward_widths_that_leave_a_remainder(d_ff):
         parallel = model(tokens)
         _, state = model.prefill(tokens[:, :0])
         outs = [model.step(tokens[:, t], state)[0] for t in range(19)]
-    assert model._fused is not None
+    assert decode.built_step(model) is not None
     torch.testing.assert_close(torch.stack(outs, 1), parallel[:, 1:], atol=1e-5, rtol=1e-5)
 
 
@@ -474,20 +474,20 @@ def test_fused_step_falls_back_where_it_does_not_apply():
     for kwargs in (dict(feature_map="favor"), dict(attention="causal-softmax")):
         model = _model(n_classes=0, **kwargs)
         model.generate(n=1, max_new_tokens=5)
-        assert model._fused is None
+        assert decode.built_step(model) is None
     model = _model(n_classes=0)
     model.generate(n=1, max_new_tokens=5)
-    assert model._fused is not None
+    assert decode.built_step(model) is not None
     model.double()  # moving or casting the parameters drops the fused step; float64 then runs in PyTorch
-    assert model._fused is None
+    assert decode.built_step(model) is None
     with torch.no_grad():
         _, state = model.prefill(tokens)
         model.step(tokens[:, 0], state)
-    assert model._fused is None
+    assert decode.built_step(model) is None
     model.float()
     _, state = model.prefill(tokens)  # autograd on: the differentiable PyTorch path
     model.step(tokens[:, 0], state)
-    assert model._fused is None
+    assert decode.built_step(model) is None
 
 
 @pytest.mark.parametrize("winner", ["fused", "pytorch"])
@@ -502,7 +502,7 @@ def test_the_fused_step_runs_only_where_it_measured_faster(monkeypatch, tmp_path
     monkeypatch.setattr(native, "_warned", set())
     monkeypatch.setattr(native, "_verdicts", {})
     times = (1e-4, 2e-4) if winner == "fused" else (2e-4, 1e-4)
-    monkeypatch.setattr(decode, "measure_fused_step", lambda: times)
+    monkeypatch.setattr(CausalTransformer, "measure_fused_step", staticmethod(lambda: times))
     monkeypatch.setattr(cpu, "_measure_attention", lambda: (1.0, 2.0))
     model = _model(n_classes=0, head="mol")
     tokens = torch.randint(0, 16, (2, 10))
@@ -510,7 +510,7 @@ def test_the_fused_step_runs_only_where_it_measured_faster(monkeypatch, tmp_path
         warnings.simplefilter("always")
         _, state = model.prefill(tokens[:, :0])
         outs = [model.step(tokens[:, t], state)[0] for t in range(9)]
-    assert (model._fused is not None) == (winner == "fused")
+    assert (decode.built_step(model) is not None) == (winner == "fused")
     assert any("fused_step kernel" in str(w.message) for w in seen) == (winner == "pytorch")
     torch.testing.assert_close(torch.stack(outs, 1), model(tokens)[:, 1:], atol=1e-5, rtol=1e-5)
 

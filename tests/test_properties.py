@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from linear_transformers import ops
+from linear_transformers import decode, ops
 from linear_transformers.decode import DecodeConfig, fused
 from linear_transformers.model import CausalTransformer, ModelConfig
 from linear_transformers.ops import LinearState, cpu
@@ -147,6 +147,6 @@ def test_the_fused_step_equals_the_pytorch_step_on_random_models(case):
                 with pytest.raises(ValueError, match="the state's batch"):
                     model.step(torch.zeros(case["wrong_batch"], dtype=torch.long), st_, config)
             outs.append(torch.stack([model.step(tokens[:, t], st_, config)[0] for t in range(case["prompt"], 11)], 1))
-        assert model._fused is not None
+        assert decode.built_step(model) is not None
     assert torch.isfinite(outs[0]).all()
     torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)

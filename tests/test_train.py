@@ -183,7 +183,7 @@ def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
     cli_error(
         capsys,
         ["sample", "--checkpoint", str(softmax), "--cpu-precision", "bf16-weights"],
-        "needs the fused CPU step: causal-linear attention",
+        "needs the fused CPU step, but it computes causal-linear attention",
     )
 
 

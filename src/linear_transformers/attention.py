@@ -118,7 +118,7 @@ class AttentionLayer(nn.Module):
                 f"AttentionLayer: x must have shape {layout} with d_model={self.d_model}, got {list(x.shape)}"
             )
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [..., d_model] -> q, k [..., H, Dk'] (feature-mapped for linear kinds), v [..., H, Dv]."""
         H, Dk = self.n_heads, self.d_keys
         if self.is_lsh:
@@ -157,7 +157,7 @@ class AttentionLayer(nn.Module):
         if (state is not None or return_state) and (not self.is_causal or self.is_lsh):
             raise self._no_recurrence("state")
         B, T, _ = x.shape
-        q, k, v = self._project(x)
+        q, k, v = self.project(x)
         new_state: State | None = None
         if self.attention == "causal-linear":
             out, new_state = ops.causal_linear_attention(
@@ -194,13 +194,13 @@ class AttentionLayer(nn.Module):
         self._check_input(x_t, 2, "[B, d_model]")
         if not self.is_causal or self.is_lsh:
             raise self._no_recurrence("step")
-        q, k, v = self._project(x_t)
+        q, k, v = self.project(x_t)
         if self.attention == "causal-linear":
             if state is None:
                 state = self.initial_state(x_t.shape[0], dtype=x_t.dtype, device=x_t.device)
             elif not (
                 isinstance(state, LinearState)
-                and state.S.shape == (x_t.shape[0], *self._state_shape)
+                and state.S.shape == (x_t.shape[0], *self.state_shape)
                 and state.S.dtype == accumulation_dtype(x_t.dtype)
                 and state.S.device == x_t.device
             ):
@@ -220,7 +220,8 @@ class AttentionLayer(nn.Module):
         )
 
     @property
-    def _state_shape(self) -> tuple[int, int, int]:
+    def state_shape(self) -> tuple[int, int, int]:
+        """(H, Dk', Dv): the shape of one row's recurrent state S (Dk' the feature map's width)."""
         return (self.n_heads, self.feature_map.feature_dim, self.d_values)
 
     def extra_repr(self) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import decode
 from .checkpoint import check_output_path, load_model, model_config, read_config, resolve_checkpoint, unused_path
 from .commands import given_options
 from .data.images import image_grid, write_png
@@ -194,16 +195,9 @@ def _decode_config(model, name: str, fused_step: bool, device: torch.device) -> 
         return DecodeConfig(fused=fused_step)
     if not fused_step:
         raise ValueError(f"sample: --cpu-precision {name} is the fused CPU step's precision; drop --no-fused-step")
-    cfg = model.cfg
-    if device.type != "cpu":
-        raise ValueError(f"sample: --cpu-precision {name} is for generation on the CPU; the device is {device}")
-    if cfg.attention != "causal-linear" or cfg.feature_map not in fused.FEATURE_MAPS:
-        raise ValueError(
-            f"sample: --cpu-precision {name} needs the fused CPU step: causal-linear attention with one of the "
-            f"feature maps {', '.join(fused.FEATURE_MAPS)}; this model has {cfg.attention}, {cfg.feature_map}"
-        )
-    if not fused.available():
-        raise ValueError(f"sample: --cpu-precision {name} needs the CPU kernel: {fused.unavailable_reason()}")
+    reason = decode.why_not_fused(model, device)
+    if reason is not None:
+        raise ValueError(f"sample: --cpu-precision {name} needs the fused CPU step, but {reason}")
     if name == "bf16" and not fused.has_bf16_dot():
         raise ValueError("sample: --cpu-precision bf16 needs a CPU with AVX512-BF16; bf16-weights runs anywhere")
     return DecodeConfig.precision(name)

@@ -99,7 +99,7 @@ class RecurrentStep(nn.Module):
     def state_shapes(self, batch: int) -> list[tuple[int, ...]]:
         shapes = []
         for block in self.model.blocks:
-            H, Dk, Dv = block.attn._state_shape
+            H, Dk, Dv = block.attn.state_shape
             shapes += [(batch, H, Dk, Dv), (batch, H, Dk)]
         return shapes
 
@@ -119,11 +119,11 @@ class RecurrentStep(nn.Module):
             attn, S, z = block.attn, state[2 * i], state[2 * i + 1]
 
             def attend(h, attn=attn, S=S, z=z):
-                q, k, v = attn._project(h)
+                q, k, v = attn.project(h)
                 out, S, z = step_functional(q, k, v, S, z, attn.eps)
                 return attn.out(out.reshape(h.shape[0], -1)), (S, z)
 
-            x, (S, z) = block._mix(x, attend)
+            x, (S, z) = block.mix(x, attend)
             new_state += [S, z]
         params = m.head(m.norm(x))
         log_probs = m.head.log_probs(params, dtype=torch.float32)

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from linear_transformers import native, ops
+from linear_transformers import decode, native, ops
 from linear_transformers.decode import fused
 from linear_transformers.native import build
 from linear_transformers.ops import cpu
@@ -225,9 +225,9 @@ def test_the_environment_overrides_the_verdict(fresh_kernel, monkeypatch):
 @needs_compiler
 def test_the_real_measurements_run():
     """The verdicts' measurements themselves (what wins is this machine's business, not the test's)."""
-    from linear_transformers.decode import measure_fused_step
+    from linear_transformers.model import CausalTransformer
 
-    for kernel_s, pytorch_s in (cpu._measure_attention(), measure_fused_step()):
+    for kernel_s, pytorch_s in (cpu._measure_attention(), CausalTransformer.measure_fused_step()):
         assert 0 < kernel_s < 1 and 0 < pytorch_s < 1
 
 
@@ -254,7 +254,7 @@ def test_the_step_builds_and_runs_without_openmp(fresh_kernel, monkeypatch):
     with torch.no_grad():
         _, state = model.prefill(tokens[:, :0])
         stepped = [model.step(tokens[:, t], state)[0] for t in range(11)]
-        assert model._fused is not None
+        assert decode.built_step(model) is not None
         torch.testing.assert_close(torch.stack(stepped, 1), model(tokens)[:, 1:], atol=1e-5, rtol=1e-5)
 
 
@@ -351,11 +351,11 @@ def test_the_fused_step_c_entry_points_check_what_they_are_given():
 def test_measuring_the_kernels_leaves_the_random_stream_alone():
     """The verdicts are measured in the middle of a user's program (the first "auto" call): they
     must not consume the global random stream, or a seeded run would differ on its first day."""
-    from linear_transformers.decode import measure_fused_step
+    from linear_transformers.model import CausalTransformer
 
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
     cpu._measure_attention()
-    measure_fused_step()
+    CausalTransformer.measure_fused_step()
     assert torch.equal(torch.rand(4), expected)

@@ -16,6 +16,7 @@ arithmetic in C), so which stepper runs never changes the tokens a seeded genera
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -78,6 +79,34 @@ PRECISIONS = {
 DEFAULT = DecodeConfig()
 
 
+# The fused step built for each model (decode owns it; the model only asks to forget it when its
+# parameters move or change dtype: CausalTransformer._apply).
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def forget(model) -> None:
+    """Drop the fused step built for `model`: the next step builds one over its current weights."""
+    _STEPS.pop(model, None)
+
+
+def built_step(model) -> fused.FusedModelStep | None:
+    """The fused step built for `model` so far (None: none yet, or forgotten)."""
+    return _STEPS.get(model)
+
+
+def why_not_fused(model, device: torch.device) -> str | None:
+    """Why the fused CPU step cannot run `model` on `device` (one clause), or None where it can."""
+    if device.type != "cpu":
+        return f"it is for generation on the CPU; the device is {device}"
+    if model.step_weights() is None:
+        cfg = model.cfg
+        return (f"it computes causal-linear attention with one of the feature maps {', '.join(fused.FEATURE_MAPS)} "
+                f"and plain layers; this model has {cfg.attention}, {cfg.feature_map}")  # fmt: skip
+    if not fused.available():
+        return f"the CPU kernel is unavailable: {fused.unavailable_reason()}"
+    return None
+
+
 def check_config(fn: str, config: object) -> None:
     if not isinstance(config, DecodeConfig):
         raise TypeError(f"{fn}: config must be a linear_transformers.decode.DecodeConfig, got {type(config).__name__}")
@@ -100,15 +129,17 @@ def fused_step(model: CausalTransformer, batch: int, state: ModelState, config: 
         and all(s.S.dtype == torch.float32 and s.S.is_contiguous() and s.z.is_contiguous() for s in state.layers)
     ):
         return None
-    step = model._fused
+    step = _STEPS.get(model)
     if step is not None and (step.weights, step.dot) == (config.weights, config.dot) and step.current():
         return step  # (the common case: nothing about the model changed since the step was built)
     key = fused.weights_key(model, config.weights != torch.float32)
-    if key is None or not fused.available() or not native.verdict("fused_step", measure_fused_step, fused.LIBRARY):
+    if key is None or not fused.available():
+        return None
+    if not native.verdict("fused_step", model.measure_fused_step, fused.LIBRARY):
         return None
     if step is None or step.key != key or (step.weights, step.dot) != (config.weights, config.dot):
         # a weight replaced, moved or (for bfloat16 copies) updated: a fresh step over the current tensors
-        step = model._fused = fused.from_model(model, config.weights, config.dot)
+        step = _STEPS[model] = fused.from_model(model, config.weights, config.dot)
     else:  # the same tensors: only something elsewhere in the process registered a module or parameter
         step.generation = fused.current_generation()  # (so the next call takes the cheap check again)
     return step
@@ -198,30 +229,3 @@ def stepper(model: CausalTransformer, out: torch.Tensor, T0: int, mode: str, lab
                                                                      sampling.top_p)  # fmt: skip
     kind = _FusedMixture if step is not None and direct else _Recurrent
     return kind(model, params, state, sampling, step)
-
-
-def measure_fused_step() -> tuple[float, float]:
-    """Seconds per token at batch 1 of the fused C step and of the PyTorch step, best of 7 runs of
-    16 tokens interleaved, on a representative model (4 blocks, d_model 256, 8 heads, d_ff 1024, a
-    mixture-of-logistics head): the verdict's measurement for the fused step (under a second, once per build)."""
-    from ..model import CausalTransformer, ModelConfig
-
-    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's random stream stays as it was
-        cfg = ModelConfig(vocab_size=256, max_len=64, d_model=256, n_layers=4, n_heads=8, d_ff=1024, head="mol")
-        model = CausalTransformer(cfg).eval()
-        step = fused.from_model(model)
-        tokens = torch.randint(0, 256, (16, 1))
-        _, state = model.prefill(torch.zeros(1, 0, dtype=torch.long))
-        S, z = [s.S for s in state.layers], [s.z for s in state.layers]
-
-        def run_fused():
-            for t in range(16):
-                step(tokens[t], t, S, z)
-
-        def run_pytorch():
-            st = state.clone()
-            for t in range(16):
-                model.step_pytorch(tokens[t], st)
-
-        kernel, pytorch = native.best_of([run_fused, run_pytorch])
-    return kernel / 16, pytorch / 16

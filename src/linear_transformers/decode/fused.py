@@ -4,22 +4,20 @@ of-logistics sampler in C, so a whole image can be generated in a few calls.
 
 The library is built and loaded by `linear_transformers.native` (per ISA level, cached; OpenMP
 where the compiler has it). This module knows the C side's layout (`_LtModel`); `from_model`
-takes the weights out of a CausalTransformer by name.
+takes a model's weights by role from its `step_weights()` (StepWeights): this module never reads
+a model's internals.
 """
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from .. import native
 from ..native import ptr as _ptr
-
-if TYPE_CHECKING:
-    from ..model import CausalTransformer
 
 LIBRARY = "model_step"
 
@@ -328,47 +326,33 @@ def mol_sample(params: torch.Tensor, race: torch.Tensor, u: torch.Tensor, levels
     return out
 
 
-def _weights_of(model: CausalTransformer) -> tuple[list[dict[str, torch.Tensor]], dict] | None:
-    """The model's weights by role (WEIGHTS per block, IO around them) as they are now, read through
-    _modules/_parameters (a few microseconds), or None where the C step does not compute what the
-    model does: attention other than causal-linear, a feature map it lacks, or a layer that is not a
-    plain nn.Linear / nn.LayerNorm (a wrapped one, a LoRA adapter say, computes more than its
-    .weight, which the C step would silently drop)."""
-    cfg = model.cfg
-    if cfg.attention != "causal-linear" or cfg.feature_map not in FEATURE_MAPS:
-        return None
-    linear, norm = torch.nn.Linear, torch.nn.LayerNorm
-    layers = []
-    for b in model.blocks._modules.values():
-        m = b._modules
-        attn, ff = m["attn"]._modules, m["ff"]._modules
-        mods = {"ln1": m["norm1"], "qkv": attn["qkv"], "out": attn["out"], "ln2": m["norm2"], "ff1": ff["0"],
-                "ff2": ff["2"]}  # fmt: skip
-        for name, mod in mods.items():
-            if type(mod) is not (norm if name.startswith("ln") else linear):
-                return None
-        layers.append({f"{name}_{kind}": mod._parameters["weight" if kind == "w" else "bias"]
-                       for name, mod in mods.items() for kind in ("w", "b")})  # fmt: skip
-    final, proj = model._modules["norm"], model._modules["head"]._modules["proj"]
-    if type(proj) is not linear or type(final) not in (norm, torch.nn.Identity):
-        return None
-    is_norm = type(final) is norm
-    io = {
-        "embed": model._modules["embed"]._parameters["weight"], "pos": model.position_table(),
-        "norm_w": final._parameters["weight"] if is_norm else None,
-        "norm_b": final._parameters["bias"] if is_norm else None,
-        "head_w": proj._parameters["weight"], "head_b": proj._parameters["bias"],
-    }  # fmt: skip
-    return layers, io
+@dataclass
+class StepWeights:
+    """A model's weights by role, as the fused step reads them, and the sizes it needs: what a model
+    offers the fused step (`step_weights()`), so that this module never reads its internals.
+
+    layers: per block, WEIGHTS -> tensor; io: IO -> tensor ("pos", "norm_w", "norm_b" may be None).
+    """
+
+    layers: list[dict[str, torch.Tensor]]
+    io: dict[str, torch.Tensor | None]
+    n_heads: int
+    dk: int
+    dv: int
+    pre_norm: bool
+    feature_map: str
+    ln_eps: float
+    norm_eps: float
+    attn_eps: float
 
 
-def computes(model: CausalTransformer) -> bool:
-    """Whether the C step computes what `model` does (see _weights_of)."""
-    return _weights_of(model) is not None
+def computes(model) -> bool:
+    """Whether the C step computes what `model` does (its step_weights() is not None)."""
+    return model.step_weights() is not None
 
 
-def _flat(layers: list[dict], io: dict) -> list[torch.Tensor | None]:
-    return [t for layer in layers for t in layer.values()] + list(io.values())
+def _flat(w: StepWeights) -> list[torch.Tensor | None]:
+    return [t for layer in w.layers for t in layer.values()] + list(w.io.values())
 
 
 # Bumped whenever any module in the process gets a new parameter or submodule (assign=True loads,
@@ -390,47 +374,41 @@ def current_generation() -> int:
     return _generation
 
 
-def weights_key(model: CausalTransformer, bf16_copies: bool) -> tuple | None:
+def weights_key(model, bf16_copies: bool) -> tuple | None:
     """What a fused step over `model` depends on, now: each weight tensor's identity and address
     (and, where the step holds bfloat16 copies, its version counter, which every in-place update
     bumps), or None where the C step does not compute the model. A step whose key differs from the
     model's current one is rebuilt before it is called: replacing a parameter
     (load_state_dict(assign=True), a new nn.Parameter, `.data =`) can never leave it reading old
     or freed memory."""
-    found = _weights_of(model)
+    found = model.step_weights()
     if found is None:
         return None
-    return tuple(None if t is None else (id(t), t.data_ptr(), t._version if bf16_copies else 0) for t in _flat(*found))
+    return tuple(None if t is None else (id(t), t.data_ptr(), t._version if bf16_copies else 0) for t in _flat(found))
 
 
-def from_model(
-    model: CausalTransformer, weights: torch.dtype = torch.float32, dot: torch.dtype = torch.float32
-) -> FusedModelStep | None:
+def from_model(model, weights: torch.dtype = torch.float32, dot: torch.dtype = torch.float32) -> FusedModelStep | None:
     """The fused step over `model`'s parameters (in-place updates are seen with float32 weights), or
     None where they are not all contiguous float32 CPU tensors or the C step does not compute the
     model. The step holds detached views of every tensor it points into, so their memory stays
     alive whatever happens to the parameters; `key` records what it was built from (weights_key)."""
-    found = _weights_of(model)
+    found = model.step_weights()
     if found is None:
         return None
-    cfg = model.cfg
     key = weights_key(model, weights != torch.float32)
-    layers, io = found
     if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous())
-           for t in _flat(layers, io)):  # fmt: skip
+           for t in _flat(found)):  # fmt: skip
         return None
-    layers = [{k: t.detach() for k, t in layer.items()} for layer in layers]
-    io = {k: None if t is None else t.detach() for k, t in io.items()}
-    dk = cfg.d_model // cfg.n_heads
-    final = model._modules["norm"]
+    layers = [{k: t.detach() for k, t in layer.items()} for layer in found.layers]
+    io = {k: None if t is None else t.detach() for k, t in found.io.items()}
     step = FusedModelStep(
-        layers, io, n_heads=cfg.n_heads, dk=dk, dv=dk, pre_norm=cfg.norm == "pre", feature_map=cfg.feature_map,
-        ln_eps=model.blocks[0].norm1.eps, norm_eps=final.eps if isinstance(final, torch.nn.LayerNorm) else 0.0,
-        attn_eps=cfg.eps, weights=weights, dot=dot,
+        layers, io, n_heads=found.n_heads, dk=found.dk, dv=found.dv, pre_norm=found.pre_norm,
+        feature_map=found.feature_map, ln_eps=found.ln_eps, norm_eps=found.norm_eps, attn_eps=found.attn_eps,
+        weights=weights, dot=dot,
     )  # fmt: skip
     step.key = key
     step.generation = _generation
-    step.sources = [t for t in _flat(*found) if t is not None]
+    step.sources = [t for t in _flat(found) if t is not None]
     step.source_ptrs = [t.data_ptr() for t in step.sources]
     step.source_versions = [t._version for t in step.sources] if weights != torch.float32 else None
     return step
