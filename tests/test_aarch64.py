@@ -24,7 +24,8 @@ from linear_transformers.ops import LinearState, cpu
 from helpers import qkv, random_state, rel_err
 
 HARNESS = Path(__file__).parent / "native" / "kernel_harness.c"
-KERNELS = [Path(cpu.__file__).parent / "causal_linear.c", Path(fused.__file__).parent / "model_step.c"]
+KERNELS = [Path(cpu.__file__).parent / "causal_linear.c", *(f for f in fused.SOURCES if f.suffix == ".c")]
+INCLUDES = [native.SIMD_H.parent, Path(cpu.__file__).parent, Path(fused.__file__).parent]
 TARGETS = {
     # target: (compiler, level flags, how to run the program)
     "aarch64": ("aarch64-linux-gnu-gcc", build.LEVELS["armv8-a"].flags, ["qemu-aarch64"]),
@@ -41,7 +42,7 @@ def harness(request, tmp_path_factory):
             pytest.skip(f"{tool} is not installed (apt-get install {PACKAGES[tool]})")
     exe = tmp_path_factory.mktemp(request.param) / "kernel_harness"
     static = ["-static"] if runner else []  # qemu then needs no AArch64 sysroot
-    include = ["-I", str(native.SIMD_H.parent)]
+    include = [arg for folder in INCLUDES for arg in ("-I", str(folder))]
     cmd = [cc, "-O3", "-std=gnu11", *flags, *include, "-fopenmp", "-pthread", *static, str(HARNESS), *map(str, KERNELS),
            "-lm", "-o", str(exe)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)

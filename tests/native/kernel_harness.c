@@ -18,28 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-int cla_forward_f32(const float *, const float *, const float *, const float *, const float *, float *, float *,
-                    float *, float *, float *, float *, long, long, long, long, long, long, double, int);
-int cla_backward_f32(const float *, const float *, const float *, const float *, const float *, const float *,
-                     const float *, const float *, const float *, const float *, float *, float *, float *, float *,
-                     float *, long, long, long, long, long, long, int);
-int cla_forward_f64(const double *, const double *, const double *, const double *, const double *, double *,
-                    double *, double *, double *, double *, double *, long, long, long, long, long, long, double, int);
-int cla_backward_f64(const double *, const double *, const double *, const double *, const double *,
-                     const double *, const double *, const double *, const double *, const double *, double *,
-                     double *, double *, double *, double *, long, long, long, long, long, long, int);
-
-typedef struct {
-    int n_layers, d, n_heads, dk, dv, dff, pre_norm, feature_map, bf16;
-    float ln_eps, attn_eps;
-    const float *const *ln1_w, *const *ln1_b, *const *qkv_w, *const *qkv_b, *const *out_w, *const *out_b;
-    const float *const *ln2_w, *const *ln2_b, *const *ff1_w, *const *ff1_b, *const *ff2_w, *const *ff2_b;
-    int vocab, max_len, n_params;
-    float norm_eps;
-    const float *embed, *pos, *norm_w, *norm_b, *head_w, *head_b;
-} lt_model; /* as in model_step.c */
-
-int lt_model_token_f32(const lt_model *, int, const int64_t *, long, float *const *, float *const *, float *, float *);
+#include "causal_linear.h" /* src/linear_transformers/ops/cpu */
+#include "model_step.h"    /* src/linear_transformers/decode */
 
 static FILE *in;
 

@@ -38,9 +38,28 @@ def _set_signatures(lib: ctypes.CDLL) -> None:
     lib.lt_generate_mol_f32.restype = c_int
     lib.lt_read_f32.argtypes = [c_int, ptr, ptr, c_int]
     lib.lt_read_f32.restype = ctypes.c_float
+    lib.lt_model_layout.argtypes = [ctypes.POINTER(ctypes.c_long), c_int]
+    lib.lt_model_layout.restype = c_int
+    check_layout(lib)
 
 
-native.register(LIBRARY, [Path(__file__).parent / "model_step.c", native.SIMD_H], "any", _set_signatures)
+def check_layout(lib: ctypes.CDLL) -> None:
+    """_LtModel must be lt_model (model_step.h) byte for byte: its size and every field's offset, as
+    the compiled library reports them (lt_model_layout). A mismatch fails the load, not a step."""
+    n = lib.lt_model_layout(None, 0)
+    values = (ctypes.c_long * n)()
+    lib.lt_model_layout(values, n)
+    ours = [ctypes.sizeof(_LtModel)] + [getattr(_LtModel, name).offset for name, _ in _LtModel._fields_]
+    if list(values) != ours:
+        raise RuntimeError(
+            f"decode.fused: _LtModel does not mirror lt_model in model_step.h (size and offsets: C {list(values)}, "
+            f"Python {ours})"
+        )
+
+
+SOURCES = [Path(__file__).parent / name for name in
+           ("model_step.h", "model_step.c", "mol_sample.c", "read_probe.c", "vec.h", "gemv.h")]  # fmt: skip
+native.register(LIBRARY, [*SOURCES, native.SIMD_H], "any", _set_signatures)
 
 
 def load() -> ctypes.CDLL | None:
@@ -58,7 +77,7 @@ def unavailable_reason() -> str | None:
 
 
 class _LtModel(ctypes.Structure):
-    """Mirror of lt_model in model_step.c."""
+    """Mirror of lt_model in model_step.h (checked against the library's own layout when it loads)."""
 
     _fields_ = [
         *[(name, ctypes.c_int) for name in ("n_layers", "d", "n_heads", "dk", "dv", "dff", "pre_norm", "feature_map",

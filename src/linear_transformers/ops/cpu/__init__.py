@@ -25,20 +25,30 @@ LIBRARY = "causal_linear"
 NAME = "cpu"
 
 
+# The arguments of causal_linear.h's functions, by name (a tensor's data pointer, a size, eps, threads)
+_SIZES = ("B", "T", "H", "Dk", "Dv", "C")
+FORWARD_ARGS = ("q", "k", "v", "S0", "z0", "out", "S_final", "z_final", "S_save", "z_save", "den_save", *_SIZES, "eps",
+                "n_threads")  # fmt: skip
+BACKWARD_ARGS = ("q", "k", "v", "out", "dout", "S_save", "z_save", "den_save", "dS_final", "dz_final", "dq", "dk",
+                 "dv", "dS0", "dz0", *_SIZES, "n_threads")  # fmt: skip
+
+
+def _ctype(arg: str):
+    return ctypes.c_long if arg in _SIZES else ctypes.c_double if arg == "eps" else ctypes.c_int \
+        if arg == "n_threads" else ctypes.c_void_p  # fmt: skip
+
+
 def _set_signatures(lib: ctypes.CDLL) -> None:
-    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     for suffix in ("f32", "f64"):
-        fwd = getattr(lib, f"cla_forward_{suffix}")
-        fwd.argtypes = [ptr] * 11 + [i64] * 6 + [ctypes.c_double, c_int]
-        fwd.restype = c_int
-        bwd = getattr(lib, f"cla_backward_{suffix}")
-        bwd.argtypes = [ptr] * 15 + [i64] * 6 + [c_int]
-        bwd.restype = c_int
+        for name, args in (("cla_forward", FORWARD_ARGS), ("cla_backward", BACKWARD_ARGS)):
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes = [_ctype(a) for a in args]
+            fn.restype = ctypes.c_int
 
 
 _HERE = Path(__file__).parent
-native.register(LIBRARY, [_HERE / "causal_linear.c", _HERE / "causal_linear_impl.h", native.SIMD_H], "pytorch",
-                _set_signatures)  # fmt: skip
+native.register(LIBRARY, [_HERE / "causal_linear.h", _HERE / "causal_linear.c", _HERE / "causal_linear_impl.h",
+                          native.SIMD_H], "pytorch", _set_signatures)  # fmt: skip
 
 
 def load() -> ctypes.CDLL | None:

@@ -4,6 +4,7 @@
  * no PyTorch headers, so it compiles in about a second on first use. The algorithm is in
  * causal_linear_impl.h. */
 
+#include "causal_linear.h"
 #include "simd.h"
 
 #include <limits.h>

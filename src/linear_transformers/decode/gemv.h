@@ -1,0 +1,448 @@
+/* The GEMVs of the fused steps: y = W x + bias for a batch of rows, float32 or bfloat16 weights
+ * (widened, or bfloat16 dot products on AVX512-BF16), in the row layout (batch <= LT_BATCHED_MIN) or
+ * the batched layout (rows in vector lanes; AMX-BF16 tiles where present); GELU; and the share of
+ * work each OpenMP thread takes. Static functions, so each step's file inlines them for its own
+ * shapes. LT_HAS_BF16_DOT and LT_AMX say what the build has. */
+#ifndef LT_GEMV_H
+#define LT_GEMV_H
+
+#include "vec.h"
+
+typedef uint16_t vh __attribute__((vector_size(LT_VBYTES / 2), aligned(2)));
+typedef uint32_t vu __attribute__((vector_size(LT_VBYTES)));
+
+/* VLF weights as float32: plain loads, or bfloat16 widened (its bits are the top half of a float32). */
+static inline vf wload_f32(const void *W, long i) { return vload((const float *)W + i); }
+static inline vf wload_bf16(const void *W, long i) {
+    vh h;
+    memcpy(&h, (const uint16_t *)W + i, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline float wscalar_f32(const void *W, long i) { return ((const float *)W)[i]; }
+static inline float wscalar_bf16(const void *W, long i) {
+    uint32_t u = (uint32_t)((const uint16_t *)W)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* y[b, j] = (base ? base[b, j] : 0) + bias[j] + W[j, :] . x[b, :] for rows j in [j0, j1). A tile is
+ * 4 rows of W by NB <= LT_GEMV_NB rows of x: each weight vector loaded serves NB rows and each x
+ * vector 4 weight rows, so W streams from cache B / LT_GEMV_NB times, not B times. Every
+ * output sums its products in the same order whatever the tile, so results do not depend on B.
+ * The tile body is inlined for each NB (1..4), so its accumulators stay in registers. Each of the four
+ * weight rows is its own stream, prefetched LT_AHEAD bytes ahead (the hardware's prefetcher alone
+ * left ~10% of the batch-1 step on the table), and the four lie a quarter of [j0, j1) apart (tile_rows):
+ * four adjacent rows make one short stream per 4 KB page, which the hardware prefetcher restarts on
+ * every page. */
+
+/* Tile t of rows [j0, j1): its first row *j, the stride *rs between its rows, and the number of rows
+ * (0: no tile t). With Q = (j1 - j0) / 4, tiles 0..Q-1 take rows j, j + Q, j + 2Q, j + 3Q, then the
+ * rest (fewer than 4) goes in one tile of adjacent rows. */
+static inline int tile_rows(int j0, int j1, int t, int *j, int *rs) {
+    const int Q = (j1 - j0) / 4;
+    if (t < Q) {
+        *j = j0 + t, *rs = Q;
+        return 4;
+    }
+    *j = j0 + 4 * Q, *rs = 1;
+    return t == Q && *j < j1 ? j1 - *j : 0;
+}
+#define DEFINE_GEMV(NAME, WLOAD, WSCALAR, ESIZE)                                                                   \
+    static inline __attribute__((always_inline)) void NAME##_tile(                                                 \
+        const int NB, int b0, int n_in, int n_out, int j, int nr, int rs, const void *W, const float *bias,         \
+        const float *x, float *y, const float *base) {                                                             \
+        long w[4];                                                                                                 \
+        for (int r = 0; r < 4; r++) w[r] = (long)(j + (r < nr ? r : 0) * rs) * n_in;                               \
+        vf acc[4][4]; /* NB x 4 used: NB is a constant, so only those live in registers */                        \
+        for (int c = 0; c < NB; c++)                                                                               \
+            for (int r = 0; r < 4; r++) acc[c][r] = (vf){0};                                                       \
+        int i = 0;                                                                                                 \
+        for (; i + VLF <= n_in; i += VLF) {                                                                        \
+            for (int r = 0; r < 4; r++) __builtin_prefetch((const char *)W + (w[r] + i) * ESIZE + LT_AHEAD);       \
+            vf wv[4];                                                                                              \
+            for (int r = 0; r < 4; r++) wv[r] = WLOAD(W, w[r] + i);                                                \
+            for (int c = 0; c < NB; c++) {                                                                         \
+                const vf xv = vload(x + (long)(b0 + c) * n_in + i);                                                \
+                for (int r = 0; r < 4; r++) acc[c][r] += wv[r] * xv;                                               \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int c = 0; c < NB; c++) {                                                                             \
+            const float *xb = x + (long)(b0 + c) * n_in;                                                           \
+            float sums[4];                                                                                         \
+            hsum4(acc[c], sums);                                                                                   \
+            for (int r = 0; r < nr; r++) {                                                                         \
+                float s = sums[r] + bias[j + r * rs];                                                              \
+                for (int t = i; t < n_in; t++) s += WSCALAR(W, w[r] + t) * xb[t];                                  \
+                const long o = (long)(b0 + c) * n_out + j + r * rs;                                                \
+                if (base) s += base[o];                                                                            \
+                y[o] = s;                                                                                          \
+            }                                                                                                      \
+        }                                                                                                          \
+    }                                                                                                              \
+    static void NAME(int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias, const float *x, \
+                     float *y, const float *base) {                                                                \
+        int j, rs, nr;                                                                                             \
+        for (int t = 0; (nr = tile_rows(j0, j1, t, &j, &rs)); t++) {                                               \
+            int b0 = 0;                                                                                            \
+            for (; b0 + LT_GEMV_NB <= B; b0 += LT_GEMV_NB)                                                         \
+                NAME##_tile(LT_GEMV_NB, b0, n_in, n_out, j, nr, rs, W, bias, x, y, base);                          \
+            switch (B - b0) {                                                                                      \
+                case 3: NAME##_tile(3, b0, n_in, n_out, j, nr, rs, W, bias, x, y, base); break;                    \
+                case 2: NAME##_tile(2, b0, n_in, n_out, j, nr, rs, W, bias, x, y, base); break;                    \
+                case 1: NAME##_tile(1, b0, n_in, n_out, j, nr, rs, W, bias, x, y, base); break;                    \
+            }                                                                                                      \
+        }                                                                                                          \
+    }
+
+DEFINE_GEMV(gemv_f32, wload_f32, wscalar_f32, 4)
+DEFINE_GEMV(gemv_bf16, wload_bf16, wscalar_bf16, 2)
+
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#define LT_HAS_BF16_DOT 1
+
+/* The same GEMV with x rounded to bfloat16 (round to nearest even) and W . x as sums of bfloat16
+ * pair products in float32 (vdpbf16ps): no widening of W, 32 weights per instruction; tiles of 4
+ * rows of W by NB <= 4 rows of x as above. n_in must be a multiple of 32 (checked by the caller,
+ * FusedModelStep). */
+static inline __attribute__((always_inline)) void bf16dot_tile(const int NB, int n_in, int n_out, int b0, int j0,
+                                                               int j1, const uint16_t *Wh, const float *bias,
+                                                               const __m512bh *xh, float *y, const float *base) {
+    const int n32 = n_in / 32;
+    int j, rs, nr;
+    for (int t = 0; (nr = tile_rows(j0, j1, t, &j, &rs)); t++) {
+        const uint16_t *w[4];
+        for (int r = 0; r < 4; r++) w[r] = Wh + (long)(j + (r < nr ? r : 0) * rs) * n_in;
+        __m512 acc[4][4];
+        for (int c = 0; c < NB; c++)
+            for (int r = 0; r < 4; r++) acc[c][r] = _mm512_setzero_ps();
+        for (int i = 0; i < n32; i++) {
+            for (int r = 0; r < 4; r++) __builtin_prefetch((const char *)(w[r] + 32 * i) + LT_AHEAD);
+            __m512bh wv[4];
+            for (int r = 0; r < 4; r++) wv[r] = (__m512bh)_mm512_loadu_si512(w[r] + 32 * i);
+            for (int c = 0; c < NB; c++)
+                for (int r = 0; r < 4; r++) acc[c][r] = _mm512_dpbf16_ps(acc[c][r], wv[r], xh[c * n32 + i]);
+        }
+        for (int c = 0; c < NB; c++)
+            for (int r = 0; r < nr; r++) {
+                float s = _mm512_reduce_add_ps(acc[c][r]) + bias[j + r * rs];
+                const long o = (long)(b0 + c) * n_out + j + r * rs;
+                y[o] = base ? s + base[o] : s;
+            }
+    }
+}
+
+static void gemv_bf16dot(int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
+                         const float *x, float *y, const float *base) {
+    __m512bh xh[4 * (n_in / 32)];
+    for (int b0 = 0; b0 < B; b0 += 4) {
+        const int nb = B - b0 < 4 ? B - b0 : 4;
+        for (int c = 0; c < nb; c++) {
+            const float *xb = x + (long)(b0 + c) * n_in;
+            for (int i = 0; i < n_in; i += 32)
+                xh[c * (n_in / 32) + i / 32] =
+                    _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb + i + 16), _mm512_loadu_ps(xb + i));
+        }
+        switch (nb) {
+            case 4: bf16dot_tile(4, n_in, n_out, b0, j0, j1, W, bias, xh, y, base); break;
+            case 3: bf16dot_tile(3, n_in, n_out, b0, j0, j1, W, bias, xh, y, base); break;
+            case 2: bf16dot_tile(2, n_in, n_out, b0, j0, j1, W, bias, xh, y, base); break;
+            default: bf16dot_tile(1, n_in, n_out, b0, j0, j1, W, bias, xh, y, base); break;
+        }
+    }
+}
+#else
+#define LT_HAS_BF16_DOT 0
+#define gemv_bf16dot gemv_bf16 /* never chosen: FusedModelStep refuses mode 2 without AVX512-BF16 */
+#endif
+
+typedef int32_t vi __attribute__((vector_size(LT_VBYTES)));
+
+/* exp(x) for x <= 0, VLF lanes: x = n ln2 + r (|r| <= ln2 / 2), exp(r) by its Taylor polynomial of
+ * degree 7 (relative error < 3e-8 plus rounding), times 2^n built in the exponent bits. Below -87
+ * (where exp underflows float32's normal range) it returns exp(-87) ~ 1.6e-38. */
+static inline vf vexp_neg(vf x) {
+    const vi low = x < -87.0f;
+    x = (vf)(((vi)x & ~low) | ((vi)((vf){0} - 87.0f) & low));
+    const vf n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round to nearest (|n| < 2^22) */
+    const vf r = (x - n * 0.693145752f) - n * 1.42860677e-6f;    /* ln 2 in two parts */
+    vf p = (vf){0} + 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const vi scale = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)scale;
+}
+
+/* GELU(v) = v (1 + erf(v / sqrt 2)) / 2 on VLF lanes, erf by Abramowitz & Stegun 7.1.26 (absolute
+ * error < 1.5e-7): with a = |v| / sqrt 2 and q = 1 - erf(a) = poly(1 / (1 + 0.3275911 a)) exp(-a^2),
+ * GELU = v (2 - q) / 2 for v >= 0 and v q / 2 below (no cancellation for negative v). */
+static inline vf vgelu(vf v) {
+    const vi neg = v < 0.0f;
+    const vf abs_v = (vf)((vi)v & ~((vi){0} + INT32_MIN)); /* clear the sign bit */
+    const vf z = abs_v * 0.70710678f;
+    const vf t = 1.0f / (1.0f + 0.3275911f * z);
+    vf poly = (vf){0} + 1.061405429f;
+    poly = poly * t - 1.453152027f;
+    poly = poly * t + 1.421413741f;
+    poly = poly * t - 0.284496736f;
+    poly = poly * t + 0.254829592f;
+    const vf q = poly * t * vexp_neg(-(z * z));
+    const vf factor = (vf)(((vi)(2.0f - q) & ~neg) | ((vi)q & neg));
+    return 0.5f * v * factor;
+}
+
+/* GELU in place on y[0, n): VLF at a time, the rest through a zero-padded vector (same arithmetic). */
+static void gelu_row(float *y, int n) {
+    int i = 0;
+    for (; i + VLF <= n; i += VLF) {
+        const vf g = vgelu(vload(y + i));
+        memcpy(y + i, &g, sizeof g);
+    }
+    if (i < n) {
+        float t[VLF] = {0};
+        memcpy(t, y + i, sizeof(float) * (n - i));
+        const vf g = vgelu(vload(t));
+        memcpy(t, &g, sizeof g);
+        memcpy(y + i, t, sizeof(float) * (n - i));
+    }
+}
+
+/* The batched layout, for larger batches (B >= LT_BATCHED_MIN): a projection's input is transposed,
+ * xt[i * Bp + b] = x[b, i] with Bp = B rounded up to whole vectors (the extra lanes hold zeros), and
+ * VLF rows of the batch share a vector: acc[b] += W[j, i] * xt[i, b..b+VLF), one weight broadcast
+ * per VLF products. A tile is R rows of W by NV <= LT_BNV vectors of rows (R * NV = LT_ACC
+ * accumulators: 24 with 32 registers, 12 with 16), so no horizontal sums and
+ * no per-output epilogue beyond a store. Each output sums its products in order of i in its own lane:
+ * the result of a row does not depend on the other rows, the batch size or the tile.
+ * Weights: kind 0 float32, 1 bfloat16 widened to float32, 2 bfloat16 pairs (vdpbf16ps) against xt2,
+ * the input rounded to bfloat16 with pairs of i interleaved: xt2[(i / 2) * 2 Bp + 2 b + i % 2].
+ * Kind 2 runs on AMX tiles instead where the kernel has them and Linux grants them (amx_rows). */
+#ifndef LT_BATCHED_MIN
+#define LT_BATCHED_MIN 20
+#endif
+
+/* n rounded up to whole vectors (FusedModelStep pads its buffers to 16 rows, a multiple of every VLF) */
+static inline int roundv(int n) { return (n + VLF - 1) / VLF * VLF; }
+
+static inline __attribute__((always_inline)) void batched_tile(const int kind, const int R, const int NV, int n_in,
+                                                               const void *W, int j, int nr, const float *xt,
+                                                               const void *xt2, int Bp, int c0, vf acc[LT_ACC]) {
+    long w[LT_ACC];
+    for (int r = 0; r < R; r++) w[r] = (long)(j + (r < nr ? r : 0)) * n_in;
+    for (int a = 0; a < R * NV; a++) acc[a] = (vf){0};
+    if (kind == 2) {
+#ifdef __AVX512BF16__
+        const uint16_t *Wh = W;
+        const uint16_t *x2 = (const uint16_t *)xt2 + 2 * c0 * VLF;
+        for (int i = 0; i < n_in; i += 2, x2 += 2 * Bp) {
+            __m512bh xv[4];
+            for (int c = 0; c < NV; c++) xv[c] = (__m512bh)_mm512_loadu_si512(x2 + 2 * c * VLF);
+            for (int r = 0; r < R; r++) {
+                uint32_t pair;
+                memcpy(&pair, Wh + w[r] + i, sizeof pair);
+                const __m512bh wv = (__m512bh)_mm512_set1_epi32((int)pair);
+                for (int c = 0; c < NV; c++) acc[r * NV + c] = (vf)_mm512_dpbf16_ps((__m512)acc[r * NV + c], wv, xv[c]);
+            }
+        }
+#endif
+        return;
+    }
+    for (int i = 0; i < n_in; i++) {
+        if (i % 16 == 0) /* each weight row is its own stream: fetch a few lines ahead of its broadcasts */
+            for (int r = 0; r < R; r++)
+                __builtin_prefetch((const char *)W + (w[r] + i) * (kind == 0 ? 4 : 2) + LT_AHEAD);
+        vf xv[LT_BNV];
+        for (int c = 0; c < NV; c++) xv[c] = vload(xt + (long)i * Bp + (c0 + c) * VLF);
+        for (int r = 0; r < R; r++) {
+            const float wr = kind == 0 ? wscalar_f32(W, w[r] + i) : wscalar_bf16(W, w[r] + i);
+            for (int c = 0; c < NV; c++) acc[r * NV + c] += wr * xv[c];
+        }
+    }
+}
+
+/* Rows [j0, j1) of y = x W^T + bias (+ base) in the batched layout: into yt[j * Bp + b] (transposed,
+ * every lane) when yt is given, else into y[b, j] (row layout, rows b < B; base[b, j] added if given). */
+static inline __attribute__((always_inline)) void batched_rows(const int kind, const int NV, int B, int n_in,
+                                                               int n_out, int j0, int j1, const void *W,
+                                                               const float *bias, const float *xt, const void *xt2,
+                                                               int c0, float *y, float *yt, const float *base) {
+    const int R = LT_ACC / NV, Bp = roundv(B);
+    for (int j = j0; j < j1; j += R) {
+        const int nr = j1 - j < R ? j1 - j : R;
+        vf acc[LT_ACC];
+        batched_tile(kind, R, NV, n_in, W, j, nr, xt, xt2, Bp, c0, acc);
+        if (yt) {
+            for (int r = 0; r < nr; r++)
+                for (int c = 0; c < NV; c++)
+                    vstore(yt + (long)(j + r) * Bp + (c0 + c) * VLF, acc[r * NV + c] + bias[j + r]);
+            continue;
+        }
+        float t[LT_ACC][LT_BNV * VLF]; /* the tile transposed back, a row of the batch at a time */
+        for (int r = 0; r < nr; r++)
+            for (int c = 0; c < NV; c++) vstore(t[r] + c * VLF, acc[r * NV + c] + bias[j + r]);
+        for (int b = c0 * VLF; b < (c0 + NV) * VLF && b < B; b++) {
+            const long o = (long)b * n_out + j;
+            for (int r = 0; r < nr; r++) y[o + r] = (base ? base[o + r] : 0.0f) + t[r][b - c0 * VLF];
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void batched_kind(const int kind, int B, int n_in, int n_out, int j0,
+                                                               int j1, const void *W, const float *bias,
+                                                               const float *xt, const void *xt2, float *y, float *yt,
+                                                               const float *base) {
+    const int nv = roundv(B) / VLF;
+    for (int c0 = 0; c0 < nv; c0 += LT_BNV) {
+        switch (nv - c0 < LT_BNV ? nv - c0 : LT_BNV) {
+#if LT_BNV >= 4
+            case 4: batched_rows(kind, 4, B, n_in, n_out, j0, j1, W, bias, xt, xt2, c0, y, yt, base); break;
+            case 3: batched_rows(kind, 3, B, n_in, n_out, j0, j1, W, bias, xt, xt2, c0, y, yt, base); break;
+#endif
+            case 2: batched_rows(kind, 2, B, n_in, n_out, j0, j1, W, bias, xt, xt2, c0, y, yt, base); break;
+            default: batched_rows(kind, 1, B, n_in, n_out, j0, j1, W, bias, xt, xt2, c0, y, yt, base); break;
+        }
+    }
+}
+
+/* xt2 (bfloat16 pairs, see above) from xt, n_in even, for weights of kind 2 (else nothing to do). */
+static void batched_pairs(int kind, int Bp, int n_in, const float *xt, uint16_t *xt2) {
+#ifdef __AVX512BF16__
+    if (kind != 2) return;
+    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int i = 0; i < n_in; i += 2)
+        for (int b = 0; b < Bp; b += VLF) {
+            /* cvtne2ps_pbh(hi, lo): lanes 0-15 from lo (x[., i]), 16-31 from hi (x[., i + 1]); then interleave */
+            const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xt + (long)(i + 1) * Bp + b),
+                                                           _mm512_loadu_ps(xt + (long)i * Bp + b));
+            _mm512_storeu_si512(xt2 + (long)i * Bp + 2 * b, _mm512_permutexvar_epi16(order, h));
+        }
+#else
+    (void)kind, (void)Bp, (void)n_in, (void)xt, (void)xt2;
+#endif
+}
+
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define LT_AMX 1
+
+/* AMX tiles for bfloat16 dots in the batched layout: C^T = W X^T, a tile product at a time. The
+ * weights are AMX's A operand as they are (16 rows of W by 32 inputs, row-major bfloat16), and xt2 is
+ * already its B operand (16 pair rows of inputs by 16 rows of the batch: the "VNNI" layout), so
+ * neither is repacked; each 16 x 16 float32 tile of C^T is 16 outputs for 16 rows of the batch.
+ * Linux hands out the tile registers on request (arch_prctl), once per process. */
+static int amx_state = -1; /* -1 unknown, 0 refused, 1 granted */
+
+static int amx_enable(void) {
+    if (amx_state < 0) {
+        unsigned long mask = 0;
+        amx_state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 &&
+                    syscall(SYS_arch_prctl, 0x1022 /* ARCH_GET_XCOMP_PERM */, &mask) == 0 && (mask >> 18) & 1;
+    }
+    return amx_state;
+}
+
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+/* tiles 0-1: C (two blocks of 16 outputs), 2-3: A (their weights), 4: B (16 rows of the batch) */
+static void amx_configure(void) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 5; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    _tile_loadconfig(&c);
+}
+
+/* Rows [j0, j0 + 16 * nblk) (nblk 1 or 2) of C^T for every 16 rows of the batch, through t[16][16] to
+ * yt (transposed) or y (row layout, + base), as batched_rows does. */
+static void amx_rows(int nblk, int B, int n_in, int n_out, int j0, const uint16_t *W, const float *bias,
+                     const uint16_t *xt2, float *y, float *yt, const float *base) {
+    const int Bp = roundv(B);
+    float t[2][16][16];
+    for (int b0 = 0; b0 < Bp; b0 += 16) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int k = 0; k < n_in; k += 32) {
+            _tile_loadd(4, xt2 + (long)k * Bp + 2 * b0, 4 * Bp);
+            _tile_loadd(2, W + (long)j0 * n_in + k, 2 * n_in);
+            _tile_dpbf16ps(0, 2, 4);
+            if (nblk == 2) {
+                _tile_loadd(3, W + (long)(j0 + 16) * n_in + k, 2 * n_in);
+                _tile_dpbf16ps(1, 3, 4);
+            }
+        }
+        _tile_stored(0, t[0], 64);
+        if (nblk == 2) _tile_stored(1, t[1], 64);
+        for (int m = 0; m < 16 * nblk; m++) {
+            const vf v = vload(t[m / 16][m % 16]) + bias[j0 + m];
+            if (yt) {
+                vstore(yt + (long)(j0 + m) * Bp + b0, v);
+                continue;
+            }
+            float u[VLF];
+            vstore(u, v);
+            for (int l = 0; l < VLF && b0 + l < B; l++) {
+                const long o = (long)(b0 + l) * n_out + j0 + m;
+                y[o] = (base ? base[o] : 0.0f) + u[l];
+            }
+        }
+    }
+}
+#endif
+
+
+/* xt2: batched_pairs of xt, for kind 2; amx: use AMX tiles for kind 2 (configured by the caller) */
+static void batched_gemv(int amx, int kind, int B, int n_in, int n_out, int j0, int j1, const void *W,
+                         const float *bias, const float *xt, const uint16_t *xt2, float *y, float *yt,
+                         const float *base) {
+#ifdef LT_AMX
+    if (kind == 2 && amx) { /* 32 and 16 outputs at a time, what is left (< 16) below */
+        for (; j1 - j0 >= 16; j0 += j1 - j0 >= 32 ? 32 : 16)
+            amx_rows(j1 - j0 >= 32 ? 2 : 1, B, n_in, n_out, j0, W, bias, xt2, y, yt, base);
+    }
+#else
+    (void)amx;
+#endif
+    if (kind == 2) {
+        batched_kind(2, B, n_in, n_out, j0, j1, W, bias, xt, xt2, y, yt, base);
+    } else if (kind == 1) {
+        batched_kind(1, B, n_in, n_out, j0, j1, W, bias, xt, xt2, y, yt, base);
+    } else {
+        batched_kind(0, B, n_in, n_out, j0, j1, W, bias, xt, xt2, y, yt, base);
+    }
+}
+
+/* With gelu set, GELU (exact) is applied after the products, VLF outputs at a time (vgelu): libm's
+ * scalar erff cost as much as the bfloat16 products at batch 1. */
+static void gemv(int bf16, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
+                 const float *x, float *y, const float *base, int gelu) {
+    (bf16 == 2 ? gemv_bf16dot : bf16 ? gemv_bf16 : gemv_f32)(B, n_in, n_out, j0, j1, W, bias, x, y, base);
+    for (int b = 0; gelu && b < B; b++) gelu_row(y + (long)b * n_out + j0, j1 - j0);
+}
+
+/* This thread's share [*lo, *hi) of n items, in blocks of `grain`. */
+static void share(int n, int grain, int *lo, int *hi) {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads(), blocks = (n + grain - 1) / grain;
+    *lo = (int)((long)blocks * t / nt) * grain;
+    *hi = (int)((long)blocks * (t + 1) / nt) * grain;
+    if (*hi > n) *hi = n;
+    if (*lo > n) *lo = n;
+}
+
+#endif
