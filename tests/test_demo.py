@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
+from linear_transformers import commands, demo
 from linear_transformers import data as datasets
-from linear_transformers import demo
 from test_data import write_mnist_folder
 
 
@@ -24,21 +24,23 @@ def tiny_demo(tmp_path, monkeypatch):
 
 
 def test_demo_trains_its_steps_then_reuses_the_run(tiny_demo, capsys, tmp_path):
-    assert demo.main(tiny_demo) == 0
+    assert commands.dispatch("linear-transformers", ["demo", *tiny_demo]) == 0
     out = capsys.readouterr().out
     assert "for 4 steps" in out and "step 4" in out and (tmp_path / "samples.png").stat().st_size > 1000
     # four steps of a tiny model are far from the calibrated 1.0 bits/dim: said plainly
     assert "outside the range this demo was calibrated to" in out
-    assert demo.main(tiny_demo) == 0
+    assert commands.dispatch("linear-transformers", ["demo", *tiny_demo]) == 0
     assert "reusing the trained model" in capsys.readouterr().out
 
 
 def test_a_time_capped_demo_says_so_and_the_next_one_finishes(tiny_demo, capsys, monkeypatch):
     monkeypatch.setattr(demo, "TRAIN", replace(demo.TRAIN, steps=400))
-    assert demo.main([*tiny_demo, "--minutes", "0.0001"]) == 0
+    assert commands.dispatch("linear-transformers", ["demo", *tiny_demo, "--minutes", "0.0001"]) == 0
     out = capsys.readouterr().out
     assert "note: training stopped at step" in out and "run make demo again to finish it" in out
     monkeypatch.setattr(demo, "TRAIN", replace(demo.TRAIN, steps=6))
-    assert demo.main(tiny_demo) == 0  # resumes the cut-short run (not refused, not restarted)
+    assert (
+        commands.dispatch("linear-transformers", ["demo", *tiny_demo]) == 0
+    )  # resumes the cut-short run (not refused, not restarted)
     out = capsys.readouterr().out
     assert "step 6" in out and "training stopped" not in out

@@ -260,7 +260,7 @@ def test_time_limit_counts_the_time_before_a_resume(tmp_path, mnist_dir, capsys)
 
 
 def test_user_errors_are_one_line_and_exit_2_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
-    from linear_transformers import cli
+    from linear_transformers.commands import eval as eval_command
 
     bad = [
         (["sample", "--top-p", "0"], r"top_p must be in \(0, 1\]"),
@@ -279,9 +279,9 @@ def test_user_errors_are_one_line_and_exit_2_bugs_keep_their_traceback(tmp_path,
         cli_error(capsys, argv, match)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):  # --debug: the traceback
         cli_main(["sample", "--top-p", "0", "--debug"])
-    monkeypatch.setattr(cli, "run_eval", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(eval_command, "run_eval", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
     assert cli_main(["eval"]) == 130 and "eval: interrupted" in capsys.readouterr().err
-    monkeypatch.setattr(cli, "run_eval", lambda cfg: (_ for _ in ()).throw(RuntimeError("a bug")))
+    monkeypatch.setattr(eval_command, "run_eval", lambda cfg: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # not a user error: shown as it is
         cli_main(["eval"])
 

@@ -11,6 +11,7 @@ finished run in --out is reused; an interrupted one is resumed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import dataclass, replace
@@ -23,7 +24,7 @@ from . import data as datasets
 from .checkpoint import load_model
 from .data.images import image_grid, write_png
 from .model import CausalTransformer, ModelConfig
-from .options import Parser, add_options, from_args, option
+from .options import add_options, from_args, option
 from .train import TrainConfig, evaluate, train
 
 MODEL = ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, attention="causal-linear", feature_map="elu")
@@ -80,10 +81,12 @@ class DemoOptions:
     threads: int = option(0, "CPU threads (0: torch's default)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="linear-transformers demo", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, DemoOptions, title="demo")
-    args = from_args(DemoOptions, parser.parse_args(argv))
+
+
+def main(namespace: argparse.Namespace) -> int:
+    args = from_args(DemoOptions, namespace)
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.out)

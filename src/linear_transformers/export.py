@@ -20,6 +20,7 @@ against the PyTorch model's own `step` for a few hundred steps before the export
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -35,7 +36,7 @@ from .checkpoint import check_output_path, load_model, owned_by_training
 from .integrity import SUMS, write_sums
 from .model import CausalTransformer
 from .ops.step import step_functional
-from .options import option
+from .options import add_options, from_args, option
 
 FORMAT = "linear-transformers-step"
 FORMAT_VERSION = 1
@@ -333,3 +334,12 @@ def export_hf(model: CausalTransformer, config: dict, cfg: ExportConfig) -> Path
     print(f"wrote {folder} ({files}); AutoModelForCausalLM.from_pretrained gives the same logits (largest "
           f"difference {diff:.1e})")  # fmt: skip
     return folder
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_options(p, ExportConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    run_export(from_args(ExportConfig, args))
+    return 0

@@ -8,6 +8,7 @@ Without --checkpoint the model shipped in web/checkpoint/ is served.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import os
@@ -18,7 +19,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
-from .options import option
+from .options import add_options, from_args, option
 
 WEB_DIR = Path(__file__).resolve().parents[2] / "web"  # the repository's web/ (an editable install)
 VENDOR_FILES = ("ort.wasm.bundle.min.mjs", "ort-wasm-simd-threaded.wasm")
@@ -174,3 +175,12 @@ def run_web(cfg: WebConfig) -> None:
         print(f"serving the demo at {url} (Ctrl-C stops)")
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_options(p, WebConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    run_web(from_args(WebConfig, args))
+    return 0

@@ -96,25 +96,18 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         main(["copy", "--quick", "--device", "tpu", "--out", str(tmp_path)])
 
 
-def test_options_given_win_over_the_quick_and_paper_presets(tmp_path):
+def test_options_given_win_over_the_quick_and_paper_presets(tmp_path, monkeypatch):
     """--quick and --paper fill in only what the command line left out: --quick --steps 5 runs 5 steps."""
-    import argparse
-
-    from linear_transformers.commands import dispatch
+    from linear_transformers import commands
     from linear_transformers.experiments import copy as copy_experiment
 
     seen = {}
+    monkeypatch.setattr(copy_experiment, "main", lambda args: seen.update(s=copy_experiment.settings_from(args)) or 0)
 
-    class Probe:
-        __doc__ = copy_experiment.__doc__
-        add_arguments = staticmethod(copy_experiment.add_arguments)
+    def dispatch(argv):
+        return commands.dispatch("x", argv, commands.EXPERIMENTS)
 
-        @staticmethod
-        def main(args: argparse.Namespace) -> int:
-            seen["s"] = copy_experiment.settings_from(args)
-            return 0
-
-    assert dispatch("x", "x", {"copy": Probe}, ["copy", "--quick", "--steps", "5", "--d-model", "24"]) == 0
+    assert dispatch(["copy", "--quick", "--steps", "5", "--d-model", "24"]) == 0
     assert (seen["s"].steps, seen["s"].d_model, seen["s"].n_layers) == (5, 24, 2)  # n_layers from the preset
-    dispatch("x", "x", {"copy": Probe}, ["copy", "--paper", "--max-symbols", "64"])
+    dispatch(["copy", "--paper", "--max-symbols", "64"])
     assert (seen["s"].max_symbols, seen["s"].min_symbols, seen["s"].steps, seen["s"].n_heads) == (64, 32, 10000, 4)

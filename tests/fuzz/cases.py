@@ -419,22 +419,16 @@ def _model_cases(rng: random.Random) -> list[Case]:
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
-    """Every (sub)command's parser: train, sample, eval, export, web, and those of bench, experiment, demo."""
-    from linear_transformers import demo
-    from linear_transformers.bench.__main__ import BENCHMARKS as BENCH
-    from linear_transformers.cli import build_parser
-    from linear_transformers.experiments.__main__ import EXPERIMENTS
-    from linear_transformers.options import Parser, add_options
+    """Every command's parser (commands.COMMANDS, groups included), those needing an extra that is not
+    installed left out."""
+    from linear_transformers import commands
 
-    found = {name: p for name, p in build_parser().commands.items() if name not in ("bench", "experiment", "demo")}
-    for prefix, modules in (("bench", BENCH), ("experiment", EXPERIMENTS)):
-        for name, module in modules.items():
-            p = Parser(prog=f"x {prefix} {name}")
-            module.add_arguments(p)
-            found[f"{prefix} {name}"] = p
-    p = Parser(prog="demo")
-    add_options(p, demo.DemoOptions)
-    found["demo"] = p
+    found = {}
+    for name, command in commands.leaves().items():
+        try:
+            found[name] = commands.parser_for(command, f"x {name}")
+        except ImportError:
+            continue
     return found
 
 

@@ -220,8 +220,11 @@ def test_lora_stage_trains_resumes_and_writes_a_loadable_folder(tmp_path):
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
+    from linear_transformers import commands
     from linear_transformers.linearize import save_linearized
-    from linear_transformers.linearize.finetune import main
+
+    def main(argv):
+        return commands.dispatch("linear-transformers", ["finetune", *argv])
 
     model = linearize(_tiny_llama(), LinearizeConfig(mode="hybrid", window=4, sinks=2))
     save_linearized(model, tmp_path / "run" / "model")

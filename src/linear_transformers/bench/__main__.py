@@ -1,25 +1,14 @@
-"""python -m linear_transformers.bench <benchmark> [options]"""
+"""python -m linear_transformers.bench <name> [options] (the same as linear-transformers bench <name>)"""
 
 from __future__ import annotations
 
 import sys
 
 from .. import commands
-from . import attention, dispatch, generate, gpu, hf, linearized, threads
-
-BENCHMARKS = {
-    "attention": attention,
-    "dispatch": dispatch,
-    "generate": generate,
-    "gpu": gpu,
-    "hf": hf,
-    "linearized": linearized,
-    "threads": threads,
-}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return commands.dispatch("python -m linear_transformers.bench", __doc__, BENCHMARKS, argv)
+    return commands.dispatch("python -m linear_transformers.bench", argv, commands.BENCHMARKS)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,14 @@
-"""python -m linear_transformers.experiments <experiment> [options]"""
+"""python -m linear_transformers.experiments <name> [options] (the same as linear-transformers experiment <name>)"""
 
 from __future__ import annotations
 
 import sys
 
-from ..commands import dispatch
-from . import copy, image, speech
-
-EXPERIMENTS = {"copy": copy, "image": image, "speech": speech}
+from .. import commands
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch("python -m linear_transformers.experiments", __doc__, EXPERIMENTS, argv)
+    return commands.dispatch("python -m linear_transformers.experiments", argv, commands.EXPERIMENTS)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Stage 2 of linearisation: a LoRA fine-tune (peft) of the attention projections of a linearised
 model, with next-token loss, on a CPU; resumable; held-out perplexity on both domains at the end.
 
-    python -m linear_transformers.linearize.finetune --student runs/lz-hybrid/model --out runs/lz-hybrid-lora
+    linear-transformers finetune --student runs/lz-hybrid/model --out runs/lz-hybrid-lora
 
 `--mode window` fine-tunes the same model with its linear part removed (window + sinks alone), so
 the two can be compared trained the same way. The merged model is written as a transformers folder.
@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import owned_by_training
-from ..options import Parser, add_options, check_threads, count, from_args, option
+from ..options import add_options, check_threads, count, from_args, option
 from .attention import MODES
 
 
@@ -50,7 +49,11 @@ class FinetuneConfig:
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_options(p, FinetuneConfig, title="finetune")
+
+
+def main(args: argparse.Namespace) -> int:
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
@@ -60,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from .convert import LinearizedAttention
     from .transfer import perplexity, provenance
 
-    p = Parser(prog="python -m linear_transformers.linearize.finetune", description=__doc__.splitlines()[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    add_options(p, FinetuneConfig, title="finetune")
-    cfg = from_args(FinetuneConfig, p.parse_args(argv))
+    cfg = from_args(FinetuneConfig, args)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = merged.config.linearize["mode"]
     key = {"linear": "linear_ppl", "hybrid": "hybrid_ppl", "window": "window_only_ppl"}[mode]
     tokens = step * data["train"].shape[1]
-    result = {"command": " ".join(["python -m linear_transformers.linearize.finetune", *(argv or sys.argv[1:])]),
+    result = {"command": args.command_line,
               "settings": asdict(cfg), "linearize": merged.config.linearize, "stage": 2, "steps": step,
               "tokens": tokens, "cpu_hours": round(seconds * torch.get_num_threads() / 3600, 3),
               "wall_seconds": round(seconds, 1), "eval_windows": n,
@@ -170,7 +170,3 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
     print(f"results in {out}: result.json, loss.csv, model/")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

