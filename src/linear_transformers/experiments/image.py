@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import math
 import time
@@ -290,10 +291,12 @@ def plot_curves(out: Path, methods: list[str]) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     plotted = False
     for method in methods:
-        log = out / method / "run" / "log.csv"
-        if not log.exists():
+        logs = [out / method / "run" / name for name in ("log.csv", "log.csv.gz")]  # (committed logs are gzipped)
+        log = next((p for p in logs if p.exists()), None)
+        if log is None:
             continue
-        rows = [r for r in csv.DictReader(log.read_text().splitlines()) if r["test_bits_per_dim"]]
+        text = gzip.decompress(log.read_bytes()).decode() if log.suffix == ".gz" else log.read_text()
+        rows = [r for r in csv.DictReader(text.splitlines()) if r["test_bits_per_dim"]]
         if rows:
             ax.plot([int(r["step"]) for r in rows], [float(r["test_bits_per_dim"]) for r in rows], label=method)
             plotted = True

@@ -1,7 +1,7 @@
 """The linearisation's results in one file: result.json and table.md of a folder whose subfolders
 hold each run's result.json (stage 1 of `linearize`, stage 2 of `finetune`).
 
-    linear-transformers linearize-summary docs/experiments/linearize-smollm2
+    linear-transformers linearize-summary evidence/experiments/linearize-smollm2
 
 result.json takes each perplexity from the latest stage that measured it: `teacher_ppl`, `linear_ppl`,
 `hybrid_ppl`, `window_only_ppl` (first domain) and the same under `second_domain`, with `stage`
