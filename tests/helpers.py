@@ -49,3 +49,12 @@ def cli_error(capsys, argv: list[str], match: str) -> str:
     assert len(err) == 1 and err[0].startswith(f"linear-transformers {argv[0]}: error: "), err
     assert re.search(match, err[0]), (match, err[0])
     return err[0]
+
+
+def small_model(n_classes=3, vocab=16, max_len=48, n_heads=4, **kw):
+    """A 2-block, 32-wide CausalTransformer in eval mode (tests of the model and of generation)."""
+    from linear_transformers.model import CausalTransformer, ModelConfig
+
+    cfg = ModelConfig(vocab_size=vocab, n_classes=n_classes, max_len=max_len, d_model=32, n_layers=2, n_heads=n_heads,
+                      d_ff=64, chunk_size=16, **kw)  # fmt: skip
+    return CausalTransformer(cfg).eval()

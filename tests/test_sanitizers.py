@@ -36,7 +36,11 @@ def test_kernels_under_address_sanitizer(tmp_path):
     }
     env["CC"] = "gcc"  # libasan is gcc's
     here = Path(__file__).parent
-    tests = [str(here / "test_isa_levels.py"), str(here / "test_properties.py")]
+    tests = [
+        str(here / "ops" / "test_isa_levels.py"),
+        str(here / "decode" / "test_fused_step.py"),
+        str(here / "test_properties.py"),
+    ]
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, "-k",
            f"{level}-gcc or test_properties"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
