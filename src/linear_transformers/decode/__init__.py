@@ -40,8 +40,10 @@ class DecodeConfig:
 
     fused: use the fused C step where it applies and was measured faster (False: the PyTorch step).
     max_batch: larger batches take the PyTorch step.
-    weights: torch.bfloat16 streams bfloat16 copies of the four projection weights (half the bytes
-        per token; float32 arithmetic; the copies are taken at the start of each generate()).
+    weights: torch.bfloat16 streams bfloat16 copies of the projection weights (half the bytes per
+        token; float32 arithmetic; the copies are taken at the start of each generate()); torch.int8
+        streams int8 copies, symmetric with one float32 scale per output row (a quarter of the bytes;
+        the activations stay float32). Both model families: our CausalTransformer and linearised Llamas.
     dot: torch.bfloat16 (with bfloat16 weights, on a CPU with AVX512-BF16) also rounds the
         projections' inputs to bfloat16 and multiplies bfloat16 pairs, accumulating in float32.
     """
@@ -54,10 +56,11 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         if self.max_batch < 0:
             raise ValueError(f"DecodeConfig: max_batch must be >= 0, got {self.max_batch}")
-        for name in ("weights", "dot"):
-            if getattr(self, name) not in (torch.float32, torch.bfloat16):
-                raise ValueError(f"DecodeConfig: {name} must be torch.float32 or torch.bfloat16, "
-                                 f"got {getattr(self, name)}")  # fmt: skip
+        if self.weights not in (torch.float32, torch.bfloat16, torch.int8):
+            raise ValueError(f"DecodeConfig: weights must be torch.float32, torch.bfloat16 or torch.int8, got "
+                             f"{self.weights}")  # fmt: skip
+        if self.dot not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"DecodeConfig: dot must be torch.float32 or torch.bfloat16, got {self.dot}")
         if self.dot == torch.bfloat16 and self.weights != torch.bfloat16:
             raise ValueError("DecodeConfig: dot=torch.bfloat16 needs weights=torch.bfloat16")
 
@@ -75,6 +78,7 @@ PRECISIONS = {
     "float32": (torch.float32, torch.float32),
     "bf16-weights": (torch.bfloat16, torch.float32),
     "bf16": (torch.bfloat16, torch.bfloat16),
+    "int8": (torch.int8, torch.float32),
 }
 DEFAULT = DecodeConfig()
 

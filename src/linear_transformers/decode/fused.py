@@ -122,7 +122,9 @@ class FusedModelStep:
     updates (optimizer steps, load_state_dict) are seen.
 
     weights=torch.bfloat16 streams bfloat16 copies of the four projection weights (taken here: later
-    updates are not seen) and widens them to float32 for float32 arithmetic. dot=torch.bfloat16 (with
+    updates are not seen) and widens them to float32 for float32 arithmetic; torch.int8 streams
+    int8 copies (symmetric, one scale per output row: decode.llama.quantize_int8), widened the same
+    way (the row layout at every batch). dot=torch.bfloat16 (with
     bfloat16 weights, on a CPU with AVX512-BF16) also rounds the activations entering those
     projections to bfloat16 and multiplies bfloat16 pairs, accumulating in float32: no widening
     (from 20 rows on, on AMX tiles where the CPU and the kernel allow it: has_amx()).
@@ -170,8 +172,10 @@ class FusedModelStep:
             raise ValueError("FusedModelStep: every weight must be a contiguous float32 CPU tensor")
         if set(io) != set(self.IO) or any(io[k] is None for k in ("embed", "head_w", "head_b")):
             raise ValueError(f"FusedModelStep: io must map {', '.join(self.IO)} to tensors (pos and norm_*: or None)")
-        if weights not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"FusedModelStep: weights must be torch.float32 or torch.bfloat16, got {weights}")
+        if weights not in (torch.float32, torch.bfloat16, torch.int8):
+            raise ValueError(
+                f"FusedModelStep: weights must be torch.float32, torch.bfloat16 or torch.int8, got {weights}"
+            )
         if dot not in (torch.float32, torch.bfloat16):
             raise ValueError(f"FusedModelStep: dot must be torch.float32 or torch.bfloat16, got {dot}")
         if dot == torch.bfloat16:
@@ -186,8 +190,11 @@ class FusedModelStep:
             widths = {n: layers[0][n].shape[1] for n in self.PROJECTIONS}
             if any(w % 32 for w in widths.values()):
                 raise ValueError(f"FusedModelStep: dot=torch.bfloat16 needs input widths divisible by 32, got {widths}")
-        if weights == torch.bfloat16:  # copies of the four projections: half the bytes to stream per token
-            layers = [{k: t.to(torch.bfloat16) if k in self.PROJECTIONS else t for k, t in layer.items()}
+        if weights != torch.float32:  # copies of the four projections: a half (bfloat16) or a quarter (int8) of
+            # the bytes to stream per token
+            from .llama import convert
+
+            layers = [{k: convert(t, weights) if k in self.PROJECTIONS else t for k, t in layer.items()}
                       for layer in layers]  # fmt: skip
         self.layers, self.io = layers, dict(io)  # keeps every tensor the C side points into alive
         d, dff = layers[0]["ln1_w"].numel(), layers[0]["ff1_w"].shape[0]
@@ -196,7 +203,8 @@ class FusedModelStep:
         self.arrays = {name: (ctypes.c_void_p * len(layers))(*[layer[name].data_ptr() for layer in layers])
                        for name in self.WEIGHTS}  # fmt: skip
         self.model = _LtModel(len(layers), d, n_heads, dk, dv, dff, int(pre_norm), FEATURE_MAPS[feature_map],
-                              2 if dot == torch.bfloat16 else int(weights == torch.bfloat16), ln_eps, attn_eps,
+                              {torch.float32: 0, torch.bfloat16: 1, torch.int8: 3}[weights] if dot == torch.float32
+                              else 2, ln_eps, attn_eps,
                               *[self.arrays[name] for name in self.WEIGHTS], vocab, max_len, n_params, norm_eps,
                               *[_ptr(io[name]) for name in self.IO])  # fmt: skip
         self.weights, self.dot = weights, dot

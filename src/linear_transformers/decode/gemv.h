@@ -29,7 +29,7 @@ static inline float wscalar_bf16(const void *W, long i) {
     return f;
 }
 
-/* y[b, j] = (base ? base[b, j] : 0) + bias[j] + W[j, :] . x[b, :] for rows j in [j0, j1). A tile is
+/* y[b, j] = (base ? base[b, j] : 0) + (bias ? bias[j] : 0) + W[j, :] . x[b, :] for rows j in [j0, j1). A tile is
  * 4 rows of W by NB <= LT_GEMV_NB rows of x: each weight vector loaded serves NB rows and each x
  * vector 4 weight rows, so W streams from cache B / LT_GEMV_NB times, not B times. Every
  * output sums its products in the same order whatever the tile, so results do not depend on B.
@@ -51,7 +51,7 @@ static inline int tile_rows(int j0, int j1, int t, int *j, int *rs) {
     *j = j0 + 4 * Q, *rs = 1;
     return t == Q && *j < j1 ? j1 - *j : 0;
 }
-#define DEFINE_GEMV(NAME, WLOAD, WSCALAR, ESIZE)                                                                   \
+#define DEFINE_GEMV(NAME, WLOAD, WSCALAR, ESIZE, SCALE)                                                               \
     static inline __attribute__((always_inline)) void NAME##_tile(                                                 \
         const int NB, int b0, int n_in, int n_out, int j, int nr, int rs, const void *W, const float *bias,         \
         const float *x, float *y, const float *base) {                                                             \
@@ -75,8 +75,9 @@ static inline int tile_rows(int j0, int j1, int t, int *j, int *rs) {
             float sums[4];                                                                                         \
             hsum4(acc[c], sums);                                                                                   \
             for (int r = 0; r < nr; r++) {                                                                         \
-                float s = sums[r] + bias[j + r * rs];                                                              \
-                for (int t = i; t < n_in; t++) s += WSCALAR(W, w[r] + t) * xb[t];                                  \
+                const float scale = SCALE(W, n_out, n_in, j + r * rs);                                             \
+                float s = scale * sums[r] + (bias ? bias[j + r * rs] : 0.0f);                                      \
+                for (int t = i; t < n_in; t++) s += scale * WSCALAR(W, w[r] + t) * xb[t];                          \
                 const long o = (long)(b0 + c) * n_out + j + r * rs;                                                \
                 if (base) s += base[o];                                                                            \
                 y[o] = s;                                                                                          \
@@ -98,8 +99,27 @@ static inline int tile_rows(int j0, int j1, int t, int *j, int *rs) {
         }                                                                                                          \
     }
 
-DEFINE_GEMV(gemv_f32, wload_f32, wscalar_f32, 4)
-DEFINE_GEMV(gemv_bf16, wload_bf16, wscalar_bf16, 2)
+/* int8 weights (symmetric, one float32 scale per output row): the matrix [n_out, n_in] of int8, then
+ * its n_out scales (float32, unaligned) right after it; W x = scale_j * (W8[j, :] . x), the int8
+ * values widened to float32 (exact) and multiplied by float32 activations: only the weights lose
+ * precision, the products do not. */
+typedef int8_t vb __attribute__((vector_size(LT_VLF), aligned(1)));
+static inline vf wload_i8(const void *W, long i) {
+    vb b;
+    memcpy(&b, (const int8_t *)W + i, sizeof b);
+    return __builtin_convertvector(b, vf);
+}
+static inline float wscalar_i8(const void *W, long i) { return (float)((const int8_t *)W)[i]; }
+static inline float scale_i8(const void *W, int n_out, int n_in, int row) {
+    float s;
+    memcpy(&s, (const int8_t *)W + (long)n_out * n_in + 4L * row, sizeof s);
+    return s;
+}
+#define NO_SCALE(W, n_out, n_in, row) 1.0f
+
+DEFINE_GEMV(gemv_f32, wload_f32, wscalar_f32, 4, NO_SCALE)
+DEFINE_GEMV(gemv_bf16, wload_bf16, wscalar_bf16, 2, NO_SCALE)
+DEFINE_GEMV(gemv_i8, wload_i8, wscalar_i8, 1, scale_i8)
 
 #ifdef __AVX512BF16__
 #include <immintrin.h>
@@ -129,7 +149,7 @@ static inline __attribute__((always_inline)) void bf16dot_tile(const int NB, int
         }
         for (int c = 0; c < NB; c++)
             for (int r = 0; r < nr; r++) {
-                float s = _mm512_reduce_add_ps(acc[c][r]) + bias[j + r * rs];
+                float s = _mm512_reduce_add_ps(acc[c][r]) + (bias ? bias[j + r * rs] : 0.0f);
                 const long o = (long)(b0 + c) * n_out + j + r * rs;
                 y[o] = base ? s + base[o] : s;
             }
@@ -432,7 +452,8 @@ static void batched_gemv(int amx, int kind, int B, int n_in, int n_out, int j0, 
  * scalar erff cost as much as the bfloat16 products at batch 1. */
 static void gemv(int bf16, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
                  const float *x, float *y, const float *base, int gelu) {
-    (bf16 == 2 ? gemv_bf16dot : bf16 ? gemv_bf16 : gemv_f32)(B, n_in, n_out, j0, j1, W, bias, x, y, base);
+    (bf16 == 3 ? gemv_i8 : bf16 == 2 ? gemv_bf16dot : bf16 ? gemv_bf16 : gemv_f32)(B, n_in, n_out, j0, j1, W, bias, x, y,
+                                                                                base);
     for (int b = 0; gelu && b < B; b++) gelu_row(y + (long)b * n_out + j0, j1 - j0);
 }
 

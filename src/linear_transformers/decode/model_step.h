@@ -13,7 +13,9 @@ typedef struct {
     int feature_map;  /* 0: elu(x) + 1, 1: relu(x) */
     int bf16;         /* the four projection weights: 0 float32; 1 bfloat16 (uint16), widened to float32;
                          2 bfloat16, and dot products on bfloat16 pairs (activations rounded to bfloat16,
-                         AVX512-BF16 vdpbf16ps, float32 accumulation); 2 needs lt_has_bf16_dot() */
+                         AVX512-BF16 vdpbf16ps, float32 accumulation); 2 needs lt_has_bf16_dot();
+                         3 int8, one float32 scale per output row after the matrix (gemv.h), widened to
+                         float32 (the row layout at every batch) */
     float ln_eps, attn_eps;
     /* per layer, n_layers pointers each (PyTorch layouts: Linear weights [out, in] row-major) */
     const float *const *ln1_w, *const *ln1_b, *const *qkv_w, *const *qkv_b, *const *out_w, *const *out_b;

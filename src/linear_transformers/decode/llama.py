@@ -1,0 +1,293 @@
+"""The fused generation step for linearised Llama-style models (llama_step.c): one C call per token
+from the token ids to the logits, with the weights in float32, bfloat16 or int8.
+
+A model offers its weights by role (`LlamaWeights`, built by linearize.hf.llama_weights for any
+Llama-style model that linearize converted); `FusedLlamaStep` holds them (or their bfloat16 / int8
+copies) and steps the recurrent state that linearize.LinearizedCache keeps (one HybridState per
+layer, updated in place). The layout of the C struct is declared once, in llama_step.h, and checked
+against the library's own when it loads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import native
+
+LIBRARY = "llama_step"
+_HERE = Path(__file__).parent
+SOURCES = [_HERE / name for name in ("llama_step.h", "llama_step.c", "vec.h", "gemv.h")]
+
+MODES = {"linear": 0, "hybrid": 1, "window": 2}
+FEATURE_MAPS = {"hedgehog": 0, "elu": 1, "relu": 2}
+# DecodeConfig's (weights, dot) -> the C side's weight format
+FORMATS = {
+    (torch.float32, torch.float32): 0,
+    (torch.bfloat16, torch.float32): 1,
+    (torch.bfloat16, torch.bfloat16): 2,
+    (torch.int8, torch.float32): 3,
+}
+PER_LAYER = ("attn_norm", "mlp_norm", "wq", "wk", "wv", "wo", "wg", "wu", "wd")
+BIASES = ("bq", "bk", "bv", "bo")
+HEDGEHOG = ("fq_w", "fq_b", "fk_w", "fk_b")
+PROJECTIONS = ("wq", "wk", "wv", "wo", "wg", "wu", "wd")
+
+
+class _LtLlama(ctypes.Structure):
+    """Mirror of lt_llama in llama_step.h (checked against the library's layout when it loads)."""
+
+    _fields_ = [
+        *[(n, ctypes.c_int) for n in ("n_layers", "d", "n_heads", "n_kv_heads", "head_dim", "dff", "vocab", "mode",
+                                      "feature_map", "n_features", "hh_m", "window", "sinks", "wkind")],
+        *[(n, ctypes.c_float) for n in ("rms_eps", "attn_eps", "rope_scale")],
+        ("inv_freq", ctypes.c_void_p),
+        *[(n, ctypes.POINTER(ctypes.c_void_p)) for n in (*PER_LAYER, *BIASES, *HEDGEHOG)],
+        *[(n, ctypes.c_void_p) for n in ("embed", "final_norm", "head")],
+    ]  # fmt: skip
+
+
+def check_layout(lib: ctypes.CDLL) -> None:
+    """_LtLlama must be lt_llama byte for byte (size and every offset), or the library is not used."""
+    n = lib.lt_llama_layout(None, 0)
+    values = (ctypes.c_long * n)()
+    lib.lt_llama_layout(values, n)
+    ours = [ctypes.sizeof(_LtLlama)] + [getattr(_LtLlama, name).offset for name, _ in _LtLlama._fields_]
+    if list(values) != ours:
+        raise RuntimeError(f"decode.llama: _LtLlama does not mirror lt_llama in llama_step.h (C {list(values)}, "
+                           f"Python {ours})")  # fmt: skip
+
+
+def _set_signatures(lib: ctypes.CDLL) -> None:
+    ptr = ctypes.c_void_p
+    lib.lt_llama_layout.argtypes = [ctypes.POINTER(ctypes.c_long), ctypes.c_int]
+    lib.lt_llama_layout.restype = ctypes.c_int
+    lib.lt_llama_work_size.argtypes = [ctypes.POINTER(_LtLlama), ctypes.c_int]
+    lib.lt_llama_work_size.restype = ctypes.c_long
+    lib.lt_llama_token_f32.argtypes = [ctypes.POINTER(_LtLlama), ctypes.c_int, ptr, ptr, ctypes.c_long, *[ptr] * 6,
+                                       ptr, ctypes.c_long, ptr]  # fmt: skip
+    lib.lt_llama_token_f32.restype = ctypes.c_int
+    check_layout(lib)
+
+
+native.register(LIBRARY, [*SOURCES, native.SIMD_H], "any", _set_signatures)
+
+
+def load() -> ctypes.CDLL | None:
+    return native.load(LIBRARY).lib
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def unavailable_reason() -> str | None:
+    return native.load(LIBRARY).error
+
+
+@dataclass
+class LlamaWeights:
+    """A linearised Llama-style model's weights by role, as the C step reads them (a model's
+    `step_weights()`), and its sizes. layers: per layer, PER_LAYER -> tensor, BIASES -> tensor or
+    None, HEDGEHOG -> tensor or None; embed [vocab, d]; head [vocab, d] (the embedding itself when
+    tied); inv_freq [head_dim / 2] (RoPE)."""
+
+    layers: list[dict[str, torch.Tensor | None]]
+    embed: torch.Tensor
+    final_norm: torch.Tensor
+    head: torch.Tensor
+    inv_freq: torch.Tensor
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mode: str
+    feature_map: str
+    window: int
+    sinks: int
+    rms_eps: float
+    attn_eps: float
+    rope_scale: float = 1.0
+
+    def tensors(self) -> list[torch.Tensor]:
+        found = [t for layer in self.layers for t in layer.values() if t is not None]
+        return [*found, self.embed, self.final_norm, self.head, self.inv_freq]
+
+
+def quantize_int8(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 per output row: the int8 matrix [out, in] then its `out` float32 scales, as one
+    flat int8 tensor (llama_step.h's LT_I8 layout). scale = max|row| / 127; a zero row gets scale 1."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+    return torch.cat([q.reshape(-1), scale.contiguous().view(torch.int8)])
+
+
+def dequantize_int8(packed: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
+    """The float32 matrix an int8 packing stands for (tests; the C side never widens it whole)."""
+    q = packed[: n_out * n_in].view(n_out, n_in).float()
+    return q * packed[n_out * n_in :].view(torch.float32)[:, None]
+
+
+def convert(w: torch.Tensor, weights: torch.dtype) -> torch.Tensor:
+    """A projection in the step's weight format (a copy unless float32)."""
+    w = w.detach()
+    if weights == torch.float32:
+        return w
+    if weights == torch.bfloat16:
+        return w.to(torch.bfloat16).contiguous()
+    return quantize_int8(w)
+
+
+class FusedLlamaStep:
+    """One token of a linearised Llama-style model in one C call: tokens [B] -> logits [B, vocab],
+    the per-layer HybridState tensors updated in place. weights: torch.float32 (the model's own
+    tensors, read where they are), torch.bfloat16 or torch.int8 (copies taken here); dot:
+    torch.bfloat16 with bfloat16 weights multiplies bfloat16 pairs (AVX512-BF16)."""
+
+    def __init__(self, w: LlamaWeights, weights: torch.dtype = torch.float32, dot: torch.dtype = torch.float32):
+        if (weights, dot) not in FORMATS:
+            raise ValueError(f"FusedLlamaStep: (weights, dot) must be one of {sorted(map(str, FORMATS))}, got "
+                             f"({weights}, {dot})")  # fmt: skip
+        lib = load()
+        if lib is None:
+            raise RuntimeError(f"FusedLlamaStep: the C step is unavailable: {unavailable_reason()}")
+        if w.mode not in MODES or w.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"FusedLlamaStep: mode {w.mode!r} / feature map {w.feature_map!r} are not computed in C "
+                             f"(modes {', '.join(MODES)}; maps {', '.join(FEATURE_MAPS)})")  # fmt: skip
+        for t in w.tensors():
+            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError("FusedLlamaStep: every weight must be a contiguous float32 CPU tensor, got "
+                                 f"{t.dtype} {list(t.shape)} on {t.device}")  # fmt: skip
+        d = w.embed.shape[1]
+        dff = w.layers[0]["wg"].shape[0]
+        if dot == torch.bfloat16:
+            from . import fused
+
+            if not fused.has_bf16_dot():
+                raise ValueError("FusedLlamaStep: dot=torch.bfloat16 needs a CPU with AVX512-BF16")
+            widths = {"d_model": d, "d_ff": dff, "heads x head_dim": w.n_heads * w.head_dim}
+            if any(v % 32 for v in widths.values()):
+                raise ValueError(f"FusedLlamaStep: dot=torch.bfloat16 needs widths divisible by 32, got {widths}")
+        self.weights, self.dot, self.vocab = weights, dot, w.embed.shape[0]
+        self.n_heads, self.head_dim, self.window, self.sinks = w.n_heads, w.head_dim, w.window, w.sinks
+        self.mode = w.mode
+        layers = [{k: (convert(t, weights) if k in PROJECTIONS else None if t is None else t.detach())
+                   for k, t in layer.items()} for layer in w.layers]  # fmt: skip
+        head = w.head.detach() if weights == torch.float32 else convert(w.head, weights)
+        self.held = (layers, w.embed.detach(), w.final_norm.detach(), head, w.inv_freq.detach())  # kept alive
+        L = len(layers)
+
+        def array(name):
+            values = [layer.get(name) for layer in layers]
+            if all(v is None for v in values):
+                return None
+            if any(v is None for v in values):
+                raise ValueError(f"FusedLlamaStep: {name} is given for some layers only")
+            return (ctypes.c_void_p * L)(*[v.data_ptr() for v in values])
+
+        self.arrays = {name: array(name) for name in (*PER_LAYER, *BIASES, *HEDGEHOG)}
+        F = w.head_dim
+        hh_m = 0
+        if w.feature_map == "hedgehog" and w.mode != "window":
+            hh_m = layers[0]["fq_w"].shape[-1]
+            F = 2 * hh_m
+        self.n_features = F
+        self.struct = _LtLlama(
+            L, d, w.n_heads, w.n_kv_heads, w.head_dim, dff, self.vocab, MODES[w.mode], FEATURE_MAPS[w.feature_map],
+            F, hh_m, w.window, w.sinks, FORMATS[(weights, dot)], w.rms_eps, w.attn_eps, w.rope_scale,
+            w.inv_freq.data_ptr(), *[self.arrays[n] for n in (*PER_LAYER, *BIASES, *HEDGEHOG)],
+            w.embed.data_ptr(), w.final_norm.data_ptr(), head.data_ptr(),
+        )  # fmt: skip
+        self._work: torch.Tensor | None = None
+        self.generation = -1  # (set by the model's builder, with the sources: what `current` checks)
+        self.sources: list[torch.Tensor] = []
+        self.source_ptrs: list[int] = []
+        self.source_versions: list[int] | None = None
+
+    def current(self) -> bool:
+        """Whether the tensors this step was built from are still the model's (no module got a new
+        parameter or submodule since: fused.current_generation), at the same addresses (and, for
+        copies, unchanged since)."""
+        from . import fused
+
+        if self.generation != fused.current_generation():
+            return False
+        if any(t.data_ptr() != p for t, p in zip(self.sources, self.source_ptrs, strict=True)):
+            return False
+        return self.source_versions is None or [t._version for t in self.sources] == self.source_versions
+
+    def _state_arrays(self, B: int, states) -> list:
+        """The six per-layer pointer arrays (S, z, ring_k, ring_v, sink_k, sink_v), each tensor checked."""
+        H, D, F, W, ns = self.n_heads, self.head_dim, self.n_features, self.window, self.sinks
+        L = self.struct.n_layers
+        if len(states) != L:
+            raise ValueError(f"fused Llama step: one state per layer ({L}), got {len(states)}")
+        shapes = {"S": (B, H, F, D), "z": (B, H, F), "ring_k": (B, H, W, D), "ring_v": (B, H, W, D),
+                  "sink_k": (B, H, ns, D), "sink_v": (B, H, ns, D)}  # fmt: skip
+        used = {"linear": ("S", "z"), "hybrid": tuple(shapes), "window": ("ring_k", "ring_v", "sink_k", "sink_v")}
+        seen = {s.seen for s in states}
+        if len(seen) != 1:
+            raise ValueError(f"fused Llama step: every layer's state must have seen the same tokens, got {seen}")
+        out = []
+        for name, shape in shapes.items():
+            if name not in used[self.mode]:
+                out.append(None)
+                continue
+            ptrs = []
+            for layer, s in enumerate(states):
+                t = getattr(s, name)
+                if t is None or t.shape != shape or t.dtype != torch.float32 or not t.is_contiguous() or (
+                        t.device.type != "cpu"):  # fmt: skip
+                    got = "None" if t is None else f"{t.dtype} {list(t.shape)} on {t.device}"
+                    raise ValueError(f"fused Llama step: layer {layer}'s state {name} must be a contiguous float32 "
+                                     f"CPU tensor {list(shape)}, got {got}")  # fmt: skip
+                ptrs.append(t.data_ptr())
+            out.append((ctypes.c_void_p * L)(*ptrs))
+        return out
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, states) -> torch.Tensor:
+        """tokens [B] and positions [B] (RoPE's) -> logits [B, vocab]; `states` (one HybridState per
+        layer, all having seen the same tokens) advance by one token, in place."""
+        if tokens.dim() != 1 or positions.shape != tokens.shape:
+            raise ValueError(f"fused Llama step: tokens and positions must both be [B], got {list(tokens.shape)} "
+                             f"and {list(positions.shape)}")  # fmt: skip
+        B = tokens.shape[0]
+        tokens, positions = tokens.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
+        arrays = self._state_arrays(B, states)
+        lib = load()
+        need = lib.lt_llama_work_size(ctypes.byref(self.struct), B)
+        if self._work is None or self._work.numel() < need:
+            self._work = torch.empty(max(need, 1), dtype=torch.float32)
+        logits = torch.empty(B, self.vocab, dtype=torch.float32)
+        status = lib.lt_llama_token_f32(ctypes.byref(self.struct), B, tokens.data_ptr(), positions.data_ptr(),
+                                        states[0].seen, *[_ptr_array(a) for a in arrays], self._work.data_ptr(),
+                                        self._work.numel(), logits.data_ptr())  # fmt: skip
+        if status == 2:
+            raise ValueError(
+                f"fused Llama step: tokens must lie in [0, {self.vocab}) and positions be >= 0, got tokens in "
+                f"[{int(tokens.min())}, {int(tokens.max())}], positions from {int(positions.min())}"
+            )
+        if status:
+            raise MemoryError("fused Llama step: out of memory for its per-thread buffers")
+        for s in states:
+            s.seen += 1
+        return logits
+
+    def weight_bytes(self) -> int:
+        """The bytes of weights one token reads (every projection and the head; one embedding row)."""
+        layers, embed, norm, head, _ = self.held
+        total = sum(t.numel() * t.element_size() for layer in layers for t in layer.values() if t is not None)
+        return total + head.numel() * head.element_size() + norm.numel() * 4 + embed.shape[1] * 4
+
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """Every weight tensor the step reads per token (the embedding excepted), for a bandwidth probe."""
+        layers, _, norm, head, _ = self.held
+        return [t for layer in layers for t in layer.values() if t is not None] + [norm, head]
+
+
+def _ptr_array(a):
+    return None if a is None else ctypes.cast(a, ctypes.c_void_p)

@@ -1,0 +1,366 @@
+/* One generation step of a linearised Llama-style model (linearize/: LinearizedAttention in a
+ * LlamaForCausalLM) for a batch of tokens: from the token ids to the logits of the next token, in
+ * one call, the way transformers computes it.
+ *
+ * Per layer, for each of the B rows x (in place):
+ *   h = RMSNorm(x); q, k, v = Wq h, Wk h, Wv h (+ biases, where the model has them); RoPE on q, k
+ *   (cos/sin computed from the model's inverse frequencies: no table, any position);
+ *   per query head (k, v of its key/value group):
+ *     linear  S += phi_k(k) v^T; z += phi_k(k); y = phi_q(q)^T S / (phi_q(q) . z + eps)
+ *     hybrid  the key leaving the window (and not a sink) joins S and z; k, v enter the ring (slot
+ *             position % window; the first `sinks` tokens also their own slots); y = (sum_j a_j v_j +
+ *             phi_q(q)^T S) / (sum_j a_j + phi_q(q) . z + eps), a_j = exp(q.k_j / sqrt(D) - max) over
+ *             the ring's and the sinks' keys (linearize/attention.py, step_attention)
+ *     window  the hybrid without S and z
+ *   x += Wo y; h = RMSNorm(x); x += Wd (silu(Wg h) * Wu h)
+ * then logits = head(RMSNorm(x)).
+ *
+ * Every weight is read once per step for up to LT_GEMV_NB rows at a time (gemv.h): at batch 1 a step
+ * costs one pass over the weights, in float32, bfloat16 or int8 (per-row scales). Work is shared
+ * with OpenMP over output features, and over (row, head) pairs for attention; four barriers per
+ * layer. Every thread normalises x itself (identical results) instead of waiting for one that does.
+ */
+#include "llama_step.h"
+#include "gemv.h"
+
+#include <math.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LT_FIELD(f) (long)offsetof(lt_llama, f)
+
+int lt_llama_layout(long *out, int n) {
+    const long values[] = {
+        (long)sizeof(lt_llama), LT_FIELD(n_layers), LT_FIELD(d), LT_FIELD(n_heads), LT_FIELD(n_kv_heads),
+        LT_FIELD(head_dim), LT_FIELD(dff), LT_FIELD(vocab), LT_FIELD(mode), LT_FIELD(feature_map),
+        LT_FIELD(n_features), LT_FIELD(hh_m), LT_FIELD(window), LT_FIELD(sinks), LT_FIELD(wkind),
+        LT_FIELD(rms_eps), LT_FIELD(attn_eps), LT_FIELD(rope_scale), LT_FIELD(inv_freq), LT_FIELD(attn_norm),
+        LT_FIELD(mlp_norm), LT_FIELD(wq), LT_FIELD(wk), LT_FIELD(wv), LT_FIELD(wo), LT_FIELD(wg), LT_FIELD(wu),
+        LT_FIELD(wd), LT_FIELD(bq), LT_FIELD(bk), LT_FIELD(bv), LT_FIELD(bo), LT_FIELD(fq_w), LT_FIELD(fq_b),
+        LT_FIELD(fk_w), LT_FIELD(fk_b), LT_FIELD(embed), LT_FIELD(final_norm), LT_FIELD(head),
+    };
+    const int count = (int)(sizeof values / sizeof values[0]);
+    if (out && n >= count)
+        for (int i = 0; i < count; i++) out[i] = values[i];
+    return count;
+}
+
+/* 0, or 2 when the model's sizes or pointers are unusable (the caller's checks are not trusted). */
+static int check_llama(const lt_llama *m) {
+    if (!m || m->n_layers < 1 || m->d < 1 || m->n_heads < 1 || m->n_kv_heads < 1 || m->n_heads % m->n_kv_heads ||
+        m->head_dim < 2 || m->head_dim % 2 || m->dff < 1 || m->vocab < 1 || m->mode < 0 || m->mode > 2 ||
+        m->feature_map < 0 || m->feature_map > 2 || m->wkind < 0 || m->wkind > 3 || m->sinks < 0 ||
+        (m->mode != LT_LINEAR && m->window < 1) || !m->inv_freq || !m->embed || !m->final_norm || !m->head)
+        return 2;
+    if (m->mode != LT_WINDOW && (m->feature_map == LT_HEDGEHOG ? (m->hh_m < 1 || m->n_features != 2 * m->hh_m)
+                                                               : m->n_features != m->head_dim))
+        return 2;
+    const void *const *need[] = {(const void *const *)m->attn_norm, (const void *const *)m->mlp_norm, m->wq, m->wk,
+                                 m->wv, m->wo, m->wg, m->wu, m->wd};
+    for (int a = 0; a < (int)(sizeof need / sizeof need[0]); a++) {
+        if (!need[a]) return 2;
+        for (int l = 0; l < m->n_layers; l++)
+            if (!need[a][l]) return 2;
+    }
+    if (m->feature_map == LT_HEDGEHOG && m->mode != LT_WINDOW) {
+        if (!m->fq_w || !m->fq_b || !m->fk_w || !m->fk_b) return 2;
+        for (int l = 0; l < m->n_layers; l++)
+            if (!m->fq_w[l] || !m->fq_b[l] || !m->fk_w[l] || !m->fk_b[l]) return 2;
+    }
+    return 0;
+}
+
+/* Shared buffers, in work: x [B, d] (the residual stream), q [B, H D], k and v [B, Hkv D], att
+ * [B, H D], gate and up [B, dff]. Per thread (malloc'd in the region): h [B, d] and one head's scratch. */
+typedef struct {
+    int B, nq, nk;
+    float *x, *q, *k, *v, *att, *gate, *up;
+} lt_lstep;
+
+typedef struct {
+    float *h, *q, *k, *fq, *fk, *score;
+} lt_lmine;
+
+long lt_llama_work_size(const lt_llama *m, int B) {
+    if (check_llama(m) || B < 1) return -1;
+    const long D = m->head_dim;
+    return (long)B * (m->d + (m->n_heads + 2L * m->n_kv_heads) * D + m->n_heads * D + 2L * m->dff);
+}
+
+static lt_lstep lstep_layout(const lt_llama *m, int B, float *work) {
+    lt_lstep s;
+    s.B = B, s.nq = m->n_heads * m->head_dim, s.nk = m->n_kv_heads * m->head_dim;
+    s.x = work, s.q = s.x + (long)B * m->d, s.k = s.q + (long)B * s.nq, s.v = s.k + (long)B * s.nk;
+    s.att = s.v + (long)B * s.nk;
+    s.gate = s.att + (long)B * s.nq, s.up = s.gate + (long)B * m->dff;
+    return s;
+}
+
+static lt_lmine lmine_alloc(const lt_llama *m, int B) {
+    const long D = m->head_dim, F = m->n_features;
+    const long n = (long)B * m->d + 2 * D + 2 * F + (m->window + m->sinks) + 4 * VLF;
+    lt_lmine t = {NULL, NULL, NULL, NULL, NULL, NULL};
+    t.h = malloc(sizeof(float) * n);
+    if (!t.h) return t;
+    t.q = t.h + (long)B * m->d, t.k = t.q + D, t.fq = t.k + D, t.fk = t.fq + F, t.score = t.fk + F;
+    return t;
+}
+
+/* y [B, d] = RMSNorm(x) w (transformers' LlamaRMSNorm: x / sqrt(mean(x^2) + eps) * w, in float32). */
+static void rms_norm(int B, int d, const float *x, const float *w, float eps, float *y) {
+    for (int r = 0; r < B; r++) {
+        const float *xr = x + (long)r * d;
+        vf acc = (vf){0};
+        int i = 0;
+        for (; i + VLF <= d; i += VLF) acc += vload(xr + i) * vload(xr + i);
+        float ss = hsum(acc);
+        for (; i < d; i++) ss += xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf(ss / d + eps);
+        for (i = 0; i < d; i++) y[(long)r * d + i] = w[i] * (xr[i] * inv);
+    }
+}
+
+static void gemv_kind(int kind, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
+                      const float *x, float *y, const float *base) {
+    if (j0 >= j1) return;
+    (kind == LT_I8 ? gemv_i8 : kind == LT_BF16_DOT ? gemv_bf16dot : kind == LT_BF16 ? gemv_bf16 : gemv_f32)(
+        B, n_in, n_out, j0, j1, W, bias, x, y, base);
+}
+
+/* The rows [lo, hi) of the outputs of q, k and v stacked (one range of work over the three): each
+ * projection's share, into its own buffer. */
+static void qkv_share(int kind, int B, int d, int nq, int nk, int lo, int hi, const void *wq, const void *wk,
+                      const void *wv, const float *bq, const float *bk, const float *bv, const float *h, float *q,
+                      float *k, float *v) {
+    const int bounds[4] = {0, nq, nq + nk, nq + 2 * nk};
+    const void *W[3] = {wq, wk, wv};
+    const float *bias[3] = {bq, bk, bv};
+    float *y[3] = {q, k, v};
+    for (int p = 0; p < 3; p++) {
+        const int n = bounds[p + 1] - bounds[p];
+        const int j0 = lo > bounds[p] ? lo - bounds[p] : 0, j1 = hi < bounds[p + 1] ? hi - bounds[p] : n;
+        gemv_kind(kind, B, d, n, j0, j1, W[p], bias[p], h, y[p], NULL);
+    }
+}
+
+/* The Hedgehog map of one head: u = x W + b (W [D, m], b [m]); phi = [softmax(u), softmax(-u)]. */
+static void hedgehog(int D, int m, const float *x, const float *W, const float *b, float *phi) {
+    float *u = phi; /* u in the first half, then both halves from it */
+    for (int j = 0; j < m; j++) u[j] = b[j];
+    for (int i = 0; i < D; i++) {
+        const float xi = x[i];
+        const float *w = W + (long)i * m;
+        int j = 0;
+        for (; j + VLF <= m; j += VLF) vstore(u + j, vload(u + j) + xi * vload(w + j));
+        for (; j < m; j++) u[j] += xi * w[j];
+    }
+    float hi = u[0], lo = u[0];
+    for (int j = 1; j < m; j++) hi = u[j] > hi ? u[j] : hi, lo = u[j] < lo ? u[j] : lo;
+    float sp = 0, sn = 0;
+    for (int j = 0; j < m; j++) {
+        const float v = u[j];
+        phi[m + j] = expf(lo - v); /* softmax(-u): max(-u) = -lo */
+        phi[j] = expf(v - hi);
+        sp += phi[j], sn += phi[m + j];
+    }
+    const float ip = 1.0f / sp, in = 1.0f / sn;
+    for (int j = 0; j < m; j++) phi[j] *= ip, phi[m + j] *= in;
+}
+
+static void feature_map(const lt_llama *m, int l, int h, int keys, const float *x, float *phi) {
+    const int D = m->head_dim;
+    if (m->feature_map == LT_HEDGEHOG) {
+        const int hm = m->hh_m;
+        const float *W = (keys ? m->fk_w : m->fq_w)[l] + (long)h * D * hm, *b = (keys ? m->fk_b : m->fq_b)[l] + h * hm;
+        hedgehog(D, hm, x, W, b, phi);
+    } else if (m->feature_map == LT_ELU) {
+        for (int i = 0; i < D; i++) phi[i] = x[i] > 0 ? x[i] + 1.0f : expf(x[i]);
+    } else {
+        for (int i = 0; i < D; i++) phi[i] = x[i] > 0 ? x[i] : 0.0f;
+    }
+}
+
+/* RoPE at position p (transformers' rotate_half convention), in place on one head of D. */
+static void rope(const lt_llama *m, long p, float *x) {
+    const int half = m->head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        const float f = m->inv_freq[i] * (float)p; /* (one float32 product, as transformers forms it) */
+        const float c = cosf(f) * m->rope_scale, s = sinf(f) * m->rope_scale;
+        const float a = x[i], b = x[i + half];
+        x[i] = a * c - b * s;
+        x[i + half] = b * c + a * s;
+    }
+}
+
+/* S += phi v^T; z += phi (one head: S [F, D], z [F]). */
+static void state_add(int F, int D, const float *phi, const float *v, float *S, float *z) {
+    for (int f = 0; f < F; f++) {
+        const float p = phi[f];
+        float *row = S + (long)f * D;
+        int e = 0;
+        for (; e + VLF <= D; e += VLF) vstore(row + e, vload(row + e) + p * vload(v + e));
+        for (; e < D; e++) row[e] += p * v[e];
+        z[f] += p;
+    }
+}
+
+/* One (row, query head): the attention output y [D] for the roped q and k and the value v of the
+ * token at index t (= seen), the layer's state of that row and head advanced. */
+static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, const float *v, float *S, float *z,
+                       float *ring_k, float *ring_v, float *sink_k, float *sink_v, float *y) {
+    const int D = m->head_dim, F = m->n_features, W = m->window, ns = m->sinks;
+    const float *q = w->q, *k = w->k;
+    if (m->mode == LT_LINEAR) {
+        feature_map(m, l, h, 1, k, w->fk);
+        state_add(F, D, w->fk, v, S, z);
+        feature_map(m, l, h, 0, q, w->fq);
+        float den = 0;
+        for (int f = 0; f < F; f++) den += w->fq[f] * z[f];
+        for (int e = 0; e < D; e++) y[e] = 0;
+        for (int f = 0; f < F; f++) {
+            const float p = w->fq[f];
+            const float *row = S + (long)f * D;
+            for (int e = 0; e < D; e++) y[e] += p * row[e];
+        }
+        const float inv = 1.0f / (den + m->attn_eps);
+        for (int e = 0; e < D; e++) y[e] *= inv;
+        return;
+    }
+    const int slot = (int)(t % W);
+    if (m->mode == LT_HYBRID && t >= W && t - W >= ns) { /* the key leaving the window joins the state */
+        feature_map(m, l, h, 1, ring_k + (long)slot * D, w->fk);
+        state_add(F, D, w->fk, ring_v + (long)slot * D, S, z);
+    }
+    memcpy(ring_k + (long)slot * D, k, sizeof(float) * D);
+    memcpy(ring_v + (long)slot * D, v, sizeof(float) * D);
+    if (t < ns) {
+        memcpy(sink_k + t * D, k, sizeof(float) * D);
+        memcpy(sink_v + t * D, v, sizeof(float) * D);
+    }
+    /* scores of the ring's valid slots (positions >= 0 and not sinks) and of the sinks seen */
+    const float scale = 1.0f / sqrtf((float)D);
+    float *sc = w->score, top = -INFINITY;
+    for (int s = 0; s < W + ns; s++) {
+        int ok;
+        const float *key;
+        if (s < W) {
+            const long pos = t - ((t - s) % W + W) % W;
+            ok = pos >= 0 && pos >= ns, key = ring_k + (long)s * D;
+        } else {
+            ok = s - W <= t, key = sink_k + (long)(s - W) * D;
+        }
+        float dot = 0;
+        if (ok)
+            for (int i = 0; i < D; i++) dot += q[i] * key[i];
+        sc[s] = ok ? dot * scale : -INFINITY;
+        top = sc[s] > top ? sc[s] : top;
+    }
+    float den = 0;
+    for (int e = 0; e < D; e++) y[e] = 0;
+    for (int s = 0; s < W + ns; s++) {
+        if (sc[s] == -INFINITY) continue;
+        const float a = expf(sc[s] - top);
+        const float *val = s < W ? ring_v + (long)s * D : sink_v + (long)(s - W) * D;
+        den += a;
+        for (int e = 0; e < D; e++) y[e] += a * val[e];
+    }
+    if (m->mode == LT_HYBRID) {
+        feature_map(m, l, h, 0, q, w->fq);
+        for (int f = 0; f < F; f++) {
+            const float p = w->fq[f];
+            const float *row = S + (long)f * D;
+            den += p * z[f];
+            for (int e = 0; e < D; e++) y[e] += p * row[e];
+        }
+    }
+    const float inv = 1.0f / (den + m->attn_eps);
+    for (int e = 0; e < D; e++) y[e] *= inv;
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, const int64_t *positions, long seen,
+                         float *const *S, float *const *z, float *const *ring_k, float *const *ring_v,
+                         float *const *sink_k, float *const *sink_v, float *logits) {
+    const int d = m->d, H = m->n_heads, Hkv = m->n_kv_heads, D = m->head_dim, dff = m->dff, B = s->B;
+    const int nq = s->nq, nk = s->nk, kind = m->wkind, F = m->n_features;
+    const int W = m->window, ns = m->sinks, group = H / Hkv;
+    float *x = s->x, *att = s->att, *gate = s->gate, *up = s->up, *h = t->h;
+    for (int l = 0; l < m->n_layers; l++) {
+        int lo, hi;
+        /* A: q, k, v (rows of the three projections shared out together) */
+        rms_norm(B, d, x, m->attn_norm[l], m->rms_eps, h);
+        share(nq + 2 * nk, 4, &lo, &hi);
+        qkv_share(kind, B, d, nq, nk, lo, hi, m->wq[l], m->wk[l], m->wv[l], m->bq ? m->bq[l] : NULL,
+                  m->bk ? m->bk[l] : NULL, m->bv ? m->bv[l] : NULL, h, s->q, s->k, s->v);
+#pragma omp barrier
+        /* B: attention, a (row, query head) per work item */
+        share(B * H, 1, &lo, &hi);
+        for (int p = lo; p < hi; p++) {
+            const int b = p / H, hd = p % H, g = hd / group;
+            memcpy(t->q, s->q + (long)b * nq + (long)hd * D, sizeof(float) * D);
+            memcpy(t->k, s->k + (long)b * nk + (long)g * D, sizeof(float) * D);
+            rope(m, positions[b], t->q);
+            rope(m, positions[b], t->k);
+            const long bh = (long)b * H + hd;
+            attend_one(m, l, hd, seen, t, s->v + (long)b * nk + (long)g * D, S ? S[l] + bh * F * D : NULL,
+                       z ? z[l] + bh * F : NULL, ring_k ? ring_k[l] + bh * W * D : NULL,
+                       ring_v ? ring_v[l] + bh * W * D : NULL, sink_k ? sink_k[l] + bh * ns * D : NULL,
+                       sink_v ? sink_v[l] + bh * ns * D : NULL, att + (long)b * nq + (long)hd * D);
+        }
+#pragma omp barrier
+        /* C: output projection and residual */
+        share(d, 4, &lo, &hi);
+        gemv_kind(kind, B, nq, d, lo, hi, m->wo[l], m->bo ? m->bo[l] : NULL, att, x, x);
+#pragma omp barrier
+        /* D: gate and up, silu(gate) * up into gate */
+        rms_norm(B, d, x, m->mlp_norm[l], m->rms_eps, h);
+        share(dff, 4, &lo, &hi);
+        gemv_kind(kind, B, d, dff, lo, hi, m->wg[l], NULL, h, gate, NULL);
+        gemv_kind(kind, B, d, dff, lo, hi, m->wu[l], NULL, h, up, NULL);
+        for (int b = 0; b < B; b++)
+            for (int j = lo; j < hi; j++) gate[(long)b * dff + j] = silu(gate[(long)b * dff + j]) * up[(long)b * dff + j];
+#pragma omp barrier
+        /* E: down projection and residual */
+        share(d, 4, &lo, &hi);
+        gemv_kind(kind, B, dff, d, lo, hi, m->wd[l], NULL, gate, x, x);
+#pragma omp barrier
+    }
+    rms_norm(B, d, x, m->final_norm, m->rms_eps, h);
+    int lo, hi;
+    share(m->vocab, 4, &lo, &hi);
+    gemv_kind(kind, B, d, m->vocab, lo, hi, m->head, NULL, h, logits, NULL);
+}
+
+int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const int64_t *positions, long seen,
+                       float *const *S, float *const *z, float *const *ring_k, float *const *ring_v,
+                       float *const *sink_k, float *const *sink_v, float *work, long work_size, float *logits) {
+    if (check_llama(m) || B < 1 || !tokens || !positions || seen < 0 || !work || !logits) return 2;
+    if (work_size < lt_llama_work_size(m, B)) return 2;
+    if (m->wkind == LT_BF16_DOT && (!LT_HAS_BF16_DOT || m->d % 32 || m->dff % 32 || (m->n_heads * m->head_dim) % 32))
+        return 2;
+    for (int b = 0; b < B; b++)
+        if (tokens[b] < 0 || tokens[b] >= m->vocab || positions[b] < 0) return 2;
+    const int linear = m->mode != LT_WINDOW, windowed = m->mode != LT_LINEAR;
+    if ((linear && (!S || !z)) || (windowed && (!ring_k || !ring_v || !sink_k || !sink_v))) return 2;
+    for (int l = 0; l < m->n_layers; l++) {
+        if (linear && (!S[l] || !z[l])) return 2;
+        if (windowed && (!ring_k[l] || !ring_v[l] || (m->sinks && (!sink_k[l] || !sink_v[l])))) return 2;
+    }
+    const lt_lstep s = lstep_layout(m, B, work);
+    for (int b = 0; b < B; b++) memcpy(s.x + (long)b * m->d, m->embed + tokens[b] * m->d, sizeof(float) * m->d);
+    int failed = 0;
+#pragma omp parallel
+    {
+        lt_lmine t = lmine_alloc(m, B);
+#pragma omp atomic
+        failed += t.h == NULL;
+#pragma omp barrier
+        if (!failed)
+            llama_blocks(m, &s, &t, positions, seen, linear ? S : NULL, linear ? z : NULL, windowed ? ring_k : NULL,
+                         windowed ? ring_v : NULL, windowed ? sink_k : NULL, windowed ? sink_v : NULL, logits);
+        free(t.h);
+    }
+    return failed ? 1 : 0;
+}

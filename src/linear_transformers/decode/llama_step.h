@@ -1,0 +1,53 @@
+/* The C interface of the fused step for linearised Llama-style models (llama_step.c): declared once,
+ * here. decode/llama.py mirrors lt_llama with ctypes and checks its size and field offsets against
+ * lt_llama_layout when the library loads. */
+#ifndef LT_LLAMA_STEP_H
+#define LT_LLAMA_STEP_H
+
+#include <stdint.h>
+
+enum { LT_LINEAR = 0, LT_HYBRID = 1, LT_WINDOW = 2 };        /* attention: linearize.LinearizeConfig.mode */
+enum { LT_HEDGEHOG = 0, LT_ELU = 1, LT_RELU = 2 };           /* feature maps */
+enum { LT_F32 = 0, LT_BF16 = 1, LT_BF16_DOT = 2, LT_I8 = 3 }; /* weight formats of the projections */
+
+typedef struct {
+    int n_layers, d, n_heads, n_kv_heads, head_dim, dff, vocab;
+    int mode;        /* LT_LINEAR, LT_HYBRID or LT_WINDOW */
+    int feature_map; /* LT_HEDGEHOG (per head: [softmax(u), softmax(-u)], u = x W_h + b_h), LT_ELU, LT_RELU */
+    int n_features;  /* F, the feature width: 2 hh_m for Hedgehog, head_dim for elu/relu */
+    int hh_m;        /* Hedgehog's projection width m (0 for the others) */
+    int window, sinks;
+    int wkind;       /* the seven projections' and the head's format: LT_F32, LT_BF16 (uint16, widened),
+                        LT_BF16_DOT (bfloat16 pairs, AVX512-BF16; input widths multiples of 32), LT_I8 (an
+                        int8 matrix [out, in] followed by its out float32 scales) */
+    float rms_eps, attn_eps, rope_scale; /* rope_scale: transformers' attention_scaling (cos and sin) */
+    const float *inv_freq;               /* [head_dim / 2]: RoPE's inverse frequencies (the model's buffer) */
+    /* per layer, n_layers pointers each (PyTorch layouts: Linear weights [out, in] row-major) */
+    const float *const *attn_norm, *const *mlp_norm;                  /* [d] RMSNorm weights */
+    const void *const *wq, *const *wk, *const *wv, *const *wo;         /* [H D, d], [Hkv D, d] x 2, [d, H D] */
+    const void *const *wg, *const *wu, *const *wd;                     /* [dff, d] x 2, [d, dff] */
+    const float *const *bq, *const *bk, *const *bv, *const *bo;        /* biases: NULL (Llama) or per layer */
+    const float *const *fq_w, *const *fq_b, *const *fk_w, *const *fk_b; /* Hedgehog: [H, D, m], [H, m] */
+    const float *embed;                                                /* [vocab, d] float32 */
+    const float *final_norm;                                           /* [d] */
+    const void *head;                                                  /* [vocab, d] in wkind's format */
+} lt_llama;
+
+/* sizeof(lt_llama), then each field's offset in declaration order, into out[0..n) (when n is large
+ * enough); returns the number of values. */
+int lt_llama_layout(long *out, int n);
+
+/* The float32 scratch one call needs for B rows (work_size below must be at least this). */
+long lt_llama_work_size(const lt_llama *m, int B);
+
+/* One token for B rows: tokens [B] in [0, vocab), positions [B] >= 0 (RoPE's), `seen` the tokens
+ * each layer's state holds so far (the same for every row). Per layer l, updated in place:
+ * S[l] [B, H, F, D] and z[l] [B, H, F] (linear and hybrid; float32), ring_k[l], ring_v[l]
+ * [B, H, window, D] (slot position % window) and sink_k[l], sink_v[l] [B, H, sinks, D] (hybrid and
+ * window) - linearize.HybridState's tensors. logits [B, vocab]. Returns 0, 1 (out of memory) or 2 (a
+ * size, token, position or pointer out of range: nothing is touched). */
+int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const int64_t *positions, long seen,
+                       float *const *S, float *const *z, float *const *ring_k, float *const *ring_v,
+                       float *const *sink_k, float *const *sink_v, float *work, long work_size, float *logits);
+
+#endif
