@@ -72,6 +72,35 @@ def test_fused_step_with_bfloat16_weights_stays_close():
     assert 0 < err < 2e-2  # bfloat16 projections: close, not equal
 
 
+@pytest.mark.parametrize("batch", [3, 25])  # (25: past where float32/bfloat16 take the batched layout)
+def test_fused_step_with_int8_weights_equals_the_model_with_those_weights(batch):
+    """int8 projections (one scale per output row) against the PyTorch step of the model holding the
+    dequantised weights: equal to float32 rounding; against the float32 model, close."""
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
+    from linear_transformers.decode import llama
+
+    model = _model(n_classes=0)
+    reference = _model(n_classes=0)
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for block in reference.blocks:
+            for lin in (block.attn.qkv, block.attn.out, block.ff_in, block.ff_out):
+                lin.weight.copy_(llama.dequantize_int8(llama.quantize_int8(lin.weight), *lin.weight.shape))
+    tokens = torch.randint(0, 16, (batch, 20))
+    config = DecodeConfig(weights=torch.int8)
+    with torch.no_grad():
+        _, state = reference.prefill(tokens[:, :0])  # (the start token runs in the prefill: the same weights)
+        _, ref_state = reference.prefill(tokens[:, :0])
+        for t in range(20):
+            got, state = model.step(tokens[:, t], state, config)
+            want, ref_state = reference.step_pytorch(tokens[:, t], ref_state)
+            assert (got - want).abs().max() / want.abs().max() < 1e-5
+    assert decode.built_step(model).weights == torch.int8
+    for s, r in zip(state.layers, ref_state.layers, strict=True):
+        assert (s.S - r.S).abs().max() / r.S.abs().max() < 1e-5
+
+
 def check_bfloat16_dots(norm, batch):
     """dot=bfloat16 computes exactly this: projection weights and their inputs rounded to bfloat16,
     products and sums in float32. Emulated in PyTorch (rounded weights, inputs rounded by a hook),

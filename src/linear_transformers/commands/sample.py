@@ -39,7 +39,11 @@ class SampleConfig:
         "current folder, or samples-N.* if taken)",
     )
     device: str = option("auto", "auto, cpu or cuda")
-    cpu_precision: str = option("float32", "linear RNN on the CPU: float32, bf16-weights or bf16 (faster, see README)")
+    cpu_precision: str = option(
+        "float32",
+        "linear RNN on the CPU, the fused step's weights: float32, bf16-weights, "
+        "bf16 (bfloat16 dot products, AVX512-BF16) or int8 (faster, see README)",
+    )
     fused_step: bool = option(True, "linear RNN on the CPU: the fused C step where it applies and measured faster "
                               "(--no-fused-step: PyTorch's step; the same tokens)")  # fmt: skip
 
@@ -143,6 +147,7 @@ def _sample_linearized(cfg: SampleConfig, device: torch.device) -> Path:
     out = _sample_output(cfg, ".txt")
     tok = AutoTokenizer.from_pretrained(cfg.checkpoint)
     model = AutoModelForCausalLM.from_pretrained(cfg.checkpoint).to(device).eval()
+    model.decode_config = _decode_config(model, cfg.cpu_precision, cfg.fused_step, device, _why_not_fused_llama)
     ids = tok([cfg.prompt] * cfg.n, return_tensors="pt")["input_ids"].to(device)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
@@ -159,14 +164,26 @@ def _sample_linearized(cfg: SampleConfig, device: torch.device) -> Path:
     return out
 
 
-def _decode_config(model, name: str, fused_step: bool, device: torch.device) -> DecodeConfig:
+def _why_not_fused_llama(model, device: torch.device) -> str | None:
+    from ..decode import llama
+    from ..linearize.step import why_not_fused
+
+    if device.type != "cpu":
+        return f"it is for generation on the CPU; the device is {device}"
+    if not llama.available():
+        return f"the C step is unavailable: {llama.unavailable_reason()}"
+    return why_not_fused(model)
+
+
+def _decode_config(model, name: str, fused_step: bool, device: torch.device, why_not=None) -> DecodeConfig:
     """--cpu-precision and --fused-step as a DecodeConfig: a precision is refused where the fused CPU
-    step would not run (so it cannot be ignored)."""
+    step would not run (so it cannot be ignored). why_not(model, device): the model family's reason
+    (default: our CausalTransformer's, decode.why_not_fused)."""
     if name == "float32":
         return DecodeConfig(fused=fused_step)
     if not fused_step:
         raise ValueError(f"sample: --cpu-precision {name} is the fused CPU step's precision; drop --no-fused-step")
-    reason = decode.why_not_fused(model, device)
+    reason = (why_not or decode.why_not_fused)(model, device)
     if reason is not None:
         raise ValueError(f"sample: --cpu-precision {name} needs the fused CPU step, but {reason}")
     if name == "bf16" and not fused.has_bf16_dot():

@@ -190,6 +190,7 @@ class FusedModelStep:
             widths = {n: layers[0][n].shape[1] for n in self.PROJECTIONS}
             if any(w % 32 for w in widths.values()):
                 raise ValueError(f"FusedModelStep: dot=torch.bfloat16 needs input widths divisible by 32, got {widths}")
+        d, dff = layers[0]["ln1_w"].numel(), layers[0]["ff1_w"].shape[0]  # (before any flat int8 copy)
         if weights != torch.float32:  # copies of the four projections: a half (bfloat16) or a quarter (int8) of
             # the bytes to stream per token
             from .llama import convert
@@ -197,7 +198,6 @@ class FusedModelStep:
             layers = [{k: convert(t, weights) if k in self.PROJECTIONS else t for k, t in layer.items()}
                       for layer in layers]  # fmt: skip
         self.layers, self.io = layers, dict(io)  # keeps every tensor the C side points into alive
-        d, dff = layers[0]["ln1_w"].numel(), layers[0]["ff1_w"].shape[0]
         vocab, n_params = io["embed"].shape[0], io["head_w"].shape[0]
         max_len = io["pos"].shape[0] if io["pos"] is not None else 2**31 - 1
         self.arrays = {name: (ctypes.c_void_p * len(layers))(*[layer[name].data_ptr() for layer in layers])

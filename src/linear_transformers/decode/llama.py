@@ -129,7 +129,7 @@ def quantize_int8(w: torch.Tensor) -> torch.Tensor:
 def dequantize_int8(packed: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
     """The float32 matrix an int8 packing stands for (tests; the C side never widens it whole)."""
     q = packed[: n_out * n_in].view(n_out, n_in).float()
-    return q * packed[n_out * n_in :].view(torch.float32)[:, None]
+    return q * packed[n_out * n_in :].clone().view(torch.float32)[:, None]  # (clone: the scales may be unaligned)
 
 
 def convert(w: torch.Tensor, weights: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,266 @@
+"""The fused C step of linearised Llama-style models (decode/llama.py, llama_step.c) against the
+PyTorch layers it replaces: logits and every state tensor, for each attention mode and feature map,
+grouped and plain heads, biases (Qwen2-style), batches, positions through the window and the sinks;
+bfloat16 and int8 weights against the PyTorch model holding the same rounded weights; greedy tokens
+through transformers' generate(); what it refuses; every ISA level and compiler."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from linear_transformers.decode import DecodeConfig, fused, llama
+from linear_transformers.linearize import LinearizeConfig, LinearizedCache, from_linearized, linearize
+from linear_transformers.linearize.step import fused_step, llama_weights, why_not_fused
+
+STATE = ("S", "z", "ring_k", "ring_v", "sink_k", "sink_v")
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_library():
+    if not llama.available():
+        pytest.skip(f"the fused Llama step is not built here: {llama.unavailable_reason()}")
+
+
+def student(mode="hybrid", feature_map="hedgehog", window=5, sinks=2, heads=4, kv_heads=2, bias=False, d=64, seed=0):
+    """A small linearised Llama (linear_llama type), every weight perturbed so that no feature map is
+    at its identity start."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=d, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                      tie_word_embeddings=True, attention_bias=bias)  # fmt: skip
+    model = from_linearized(linearize(LlamaForCausalLM(cfg).eval(), LinearizeConfig(mode, feature_map, window, sinks)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def run_both(model, reference, B=2, prompt_len=9, steps=12, config=None):
+    """Prefill the same prompt into two caches (both through `reference`'s PyTorch layers), then
+    step `reference` through PyTorch and `model` through the fused step (`config`), feeding the
+    reference's greedy tokens to both; the worst logit error relative to the logits' scale, the two
+    caches, and the tokens."""
+    config = config or DecodeConfig()
+    prompt = torch.randint(0, 97, (B, prompt_len))
+    ours, theirs = LinearizedCache(), LinearizedCache()
+    worst, tokens = 0.0, []
+    with torch.no_grad():
+        reference(prompt, cache=ours)
+        reference(prompt, cache=theirs)
+        token = prompt[:, -1:]
+        for _ in range(steps):
+            reference.decode_config = DecodeConfig(fused=False)
+            want = reference(token, cache=theirs).logits
+            model.decode_config = config
+            got = model(token, cache=ours).logits
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+            token = want[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+    return worst, ours, theirs, torch.cat(tokens, 1)
+
+
+def assert_states_equal(a: LinearizedCache, b: LinearizedCache, tol: float) -> None:
+    assert a.seen == b.seen
+    for layer in a.states:
+        sa, sb = a.states[layer], b.states[layer]
+        assert sa.seen == sb.seen
+        for name in STATE:
+            x, y = getattr(sa, name), getattr(sb, name)
+            if x is None or y is None or x.numel() == 0:
+                continue
+            scale = max(y.abs().max().item(), 1e-6)
+            assert (x - y).abs().max().item() / scale < tol, (layer, name)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "linear", "window"])
+@pytest.mark.parametrize("feature_map", ["hedgehog", "elu", "relu"])
+def test_fused_step_equals_the_pytorch_layers(mode, feature_map):
+    model = student(mode, feature_map)
+    # 9 prompt tokens + 12 steps with window 5 and 2 sinks: keys leave the window into the state
+    worst, ours, theirs, _ = run_both(model, model)
+    assert worst < 1e-5
+    assert_states_equal(ours, theirs, 1e-5)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "bias", "B"), [(4, 4, False, 1), (6, 2, True, 3), (4, 1, False, 5)])
+@pytest.mark.parametrize(("window", "sinks", "prompt_len"), [(4, 0, 1), (3, 4, 2), (8, 1, 20)])
+def test_grouped_heads_biases_batches_windows_and_sinks(heads, kv_heads, bias, B, window, sinks, prompt_len):
+    model = student("hybrid", "hedgehog", window=window, sinks=sinks, heads=heads, kv_heads=kv_heads, bias=bias,
+                    d=heads * 16)  # fmt: skip
+    worst, ours, theirs, _ = run_both(model, model, B=B, prompt_len=prompt_len, steps=10)
+    assert worst < 1e-5
+    assert_states_equal(ours, theirs, 1e-5)
+
+
+def rounded_copy(model, weights: torch.dtype):
+    """The model with every projection (and the head) holding the values the fused step reads in
+    that format: bfloat16-rounded, or int8-dequantized (per-row scales)."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        linears = [m for name, m in ref.named_modules() if name.rsplit(".", 1)[-1] in names]
+        head = ref.lm_head
+        if head.weight is ref.model.embed_tokens.weight:  # tied: the head's copy is rounded, the embedding is not
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        for m in [*linears, head]:
+            w = m.weight
+            if weights == torch.bfloat16:
+                w.copy_(w.to(torch.bfloat16).float())
+            else:
+                w.copy_(llama.dequantize_int8(llama.quantize_int8(w), *w.shape))
+    return ref
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_low_precision_weights_equal_the_model_with_those_weights(weights):
+    dtype = getattr(torch, weights)
+    model = student("hybrid", "hedgehog")
+    worst, _, _, _ = run_both(model, rounded_copy(model, dtype), steps=16, config=DecodeConfig(weights=dtype))
+    assert worst < 1e-5
+    # and against the float32 model: within the format's error
+    worst, _, _, _ = run_both(model, model, steps=16, config=DecodeConfig(weights=dtype))
+    assert worst < {"bfloat16": 0.03, "int8": 0.03}[weights]
+
+
+def test_bfloat16_dots_where_the_cpu_has_them():
+    if not fused.has_bf16_dot():
+        model = student(d=64)
+        with pytest.raises(ValueError, match="AVX512-BF16"):
+            llama.FusedLlamaStep(llama_weights(model), torch.bfloat16, torch.bfloat16)
+        return
+    model = student(heads=4, kv_heads=2, d=64)  # d and heads x head_dim multiples of 32
+    model.config.intermediate_size = 96  # (the MLP width is 96: also a multiple of 32)
+    ref = rounded_copy(model, torch.bfloat16)
+    worst, _, _, _ = run_both(model, ref, config=DecodeConfig(weights=torch.bfloat16, dot=torch.bfloat16))
+    assert worst < 0.02  # activations rounded to bfloat16 too
+
+
+def test_int8_packing_round_trips_within_half_a_step():
+    w = torch.randn(7, 13)
+    w[3] = 0  # a zero row keeps scale 1
+    packed = llama.quantize_int8(w)
+    assert packed.dtype == torch.int8 and packed.numel() == 7 * 13 + 4 * 7
+    back = llama.dequantize_int8(packed, 7, 13)
+    step = w.abs().amax(1, keepdim=True) / 127
+    assert torch.all((back - w).abs() <= step / 2 + 1e-7)
+    assert torch.equal(back[3], torch.zeros(13))
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_greedy_generate_gives_the_same_64_tokens(weights):
+    """transformers' generate() (prefill in PyTorch, then a fused step per token) against the
+    PyTorch layers: greedy tokens identical over 64 new tokens, with the float32 model and with the
+    model holding bfloat16-rounded weights, at 4x the longest position the model was configured for."""
+    dtype = getattr(torch, weights)
+    model = student("hybrid", "hedgehog", window=8, sinks=2)
+    reference = model if dtype == torch.float32 else rounded_copy(model, dtype)
+    prompt = torch.randint(0, 97, (2, 7))
+    calls = []
+    original = llama.FusedLlamaStep.__call__
+    llama.FusedLlamaStep.__call__ = lambda self, *a: calls.append(1) or original(self, *a)
+    try:
+        with torch.no_grad():
+            model.decode_config = DecodeConfig(weights=dtype)
+            ours = model.generate(prompt, max_new_tokens=64, do_sample=False, pad_token_id=0)
+            reference.decode_config = DecodeConfig(fused=False)
+            theirs = reference.generate(prompt, max_new_tokens=64, do_sample=False, pad_token_id=0)
+    finally:
+        llama.FusedLlamaStep.__call__ = original
+    assert len(calls) == 63  # every token after the prefill's
+    assert torch.equal(ours, theirs)
+    model.decode_config = DecodeConfig(weights=dtype)
+    long = model.generate(prompt[:1], max_new_tokens=4 * 64, do_sample=False, pad_token_id=0)
+    assert long.shape[1] == 7 + 256  # not capped by max_position_embeddings (64)
+
+
+def test_sampling_and_beam_search_run_through_the_fused_step():
+    model = student("hybrid", "elu")
+    prompt = torch.randint(0, 97, (1, 5))
+    outs = []
+    for fused_step_on in (True, False):
+        model.decode_config = DecodeConfig(fused=fused_step_on)
+        torch.manual_seed(3)
+        outs.append(model.generate(prompt, max_new_tokens=20, do_sample=True, top_k=10, pad_token_id=0))
+    assert torch.equal(*outs)  # same logits, same random stream: same tokens
+    beams = model.generate(prompt, max_new_tokens=10, num_beams=3, do_sample=False, pad_token_id=0)
+    model.decode_config = DecodeConfig(fused=False)
+    assert torch.equal(beams, model.generate(prompt, max_new_tokens=10, num_beams=3, do_sample=False, pad_token_id=0))
+
+
+def test_where_the_fused_step_does_not_apply():
+    model = student()
+    assert why_not_fused(model) is None
+    assert fused_step(model, DecodeConfig(fused=False)) is None
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(97))
+    assert "bias" in why_not_fused(model) and llama_weights(model) is None
+    plain = LlamaForCausalLM(model.config).eval()
+    assert "not LinearizedAttention" in why_not_fused(plain)
+
+
+def test_a_replaced_weight_rebuilds_the_step():
+    model = student()
+    step = fused_step(model, DecodeConfig())
+    assert fused_step(model, DecodeConfig()) is step  # nothing changed: the same step
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(torch.randn(96, 64))
+    rebuilt = fused_step(model, DecodeConfig())
+    assert rebuilt is not step
+    worst, _, _, _ = run_both(model, model)
+    assert worst < 1e-5
+    int8 = fused_step(model, DecodeConfig(weights=torch.int8))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight.mul_(2)  # in place: the int8 copy is stale
+    assert fused_step(model, DecodeConfig(weights=torch.int8)) is not int8
+
+
+def test_bad_states_and_tokens_are_refused_in_one_line():
+    model = student()
+    step = fused_step(model, DecodeConfig())
+    cache = LinearizedCache()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 6)), cache=cache)
+    states = [cache.states[i] for i in range(2)]
+    before = [s.S.clone() for s in states]
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, 97\)"):
+        step(torch.tensor([1, 97]), torch.tensor([6, 6]), states)
+    with pytest.raises(ValueError, match="layer 0's state S must be a contiguous float32 CPU tensor"):
+        step(torch.tensor([1]), torch.tensor([6]), states)  # a batch of 1 against states of 2
+    with pytest.raises(ValueError, match="one state per layer"):
+        step(torch.tensor([1, 2]), torch.tensor([6, 6]), states[:1])
+    assert all(torch.equal(a, s.S) for a, s in zip(before, states, strict=True))  # nothing touched
+    states[1].seen += 1
+    with pytest.raises(ValueError, match="seen the same tokens"):
+        step(torch.tensor([1, 2]), torch.tensor([6, 6]), states)
+
+
+def test_the_mirror_of_the_struct_is_checked():
+    import ctypes
+
+    class Shifted(ctypes.Structure):
+        _fields_ = [("n_layers", ctypes.c_long), *llama._LtLlama._fields_[1:]]
+
+    llama.check_layout(llama.load())
+    original = llama._LtLlama
+    llama._LtLlama = Shifted
+    try:
+        with pytest.raises(RuntimeError, match="does not mirror lt_llama"):
+            llama.check_layout(llama.load())
+    finally:
+        llama._LtLlama = original
+
+
+def test_every_build_steps_like_the_pytorch_layers(each_build):
+    for weights in ("float32", "int8"):
+        dtype = getattr(torch, weights)
+        model = student("hybrid", "hedgehog")
+        reference = model if dtype == torch.float32 else rounded_copy(model, dtype)
+        worst, ours, theirs, _ = run_both(model, reference, B=3, config=DecodeConfig(weights=dtype))
+        assert worst < 1e-5, weights
+        assert_states_equal(ours, theirs, 1e-5)
