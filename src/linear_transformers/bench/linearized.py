@@ -1,22 +1,27 @@
-"""A linearised SmolLM2-135M against its softmax teacher: prefill time and per-token decode time
-against context length, both through transformers (the teacher with SDPA and its key/value cache,
-the student with its recurrent LinearizedCache), batch 1, greedy.
+"""A linearised SmolLM2-135M against its softmax teacher, batch 1: prefill time and per-token decode
+time against context length. The student decodes through PyTorch (its layers, LinearizedCache) and
+through the fused C step (decode/llama.py) in each weight format; the teacher through transformers
+with SDPA and its key/value cache; and, where llama-cpp-python is importable, llama.cpp on the
+teacher's own GGUF requantised to the same widths (F32, BF16, Q8_0) and as shipped (Q4_1).
 
-    linear-transformers bench linearized                       # contexts 512 ... 4096
-    linear-transformers bench linearized --contexts 1024 16384
+    linear-transformers bench linearized                              # contexts 512 ... 32768
+    linear-transformers bench linearized --contexts 512 2048 --tokens 8 --student runs/lz-hybrid/model
 
 Speed does not depend on the trained weights: the student is the teacher converted in place
-(untrained feature maps) unless --student names a folder. First each model's cached one-token
-step must give the logits of its own parallel forward over the same tokens (verified at a short
-context); then, per context, the prefill is timed once (--repeats runs, median) and --tokens
-single-token steps after it (the median per token). Writes linearized.csv, linearized.png and
-table.md under --out. The fused C decoder for this architecture is not written yet: the student
-steps through PyTorch, layer by layer.
+(untrained feature maps) unless --student names a folder. First every decoder is verified: each
+model's cached one-token steps must give the logits of its own parallel forward, and the fused step
+those of the PyTorch step (float32 to 1e-4, the other formats within their error). Then, per context
+and decoder, the prefill is timed (--repeats, median; once from 8k tokens on) and --tokens
+single-token steps after it, taking turns between decoders (the median per token, and the min).
+The bandwidth floor of each format is the time to read its weights once per token on the same
+threads (`fused.read_f32`, median of --tokens passes): the fused step's time is quoted as a multiple of it.
+Writes linearized.csv, floor.csv, linearized.png and table.md under --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -25,18 +30,25 @@ from pathlib import Path
 
 import torch
 
+from ..decode import PRECISIONS, DecodeConfig, fused
 from ..options import add_options, count, option
 from .measure import isa_lines, machine_info
 from .report import fmt, markdown_table, write_csv
 
+LLAMA_CPP_TYPES = {"f32": "ALL_F32", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+
 
 @dataclass
 class LinearizedOptions:
-    contexts: list[int] = count([512, 1024, 2048, 4096], "context lengths (prompt tokens before decoding)")
-    tokens: int = count(16, "single-token decode steps timed after each prefill")
-    repeats: int = count(3, "prefills per context and model (the median counts)")
+    contexts: list[int] = count([512, 2048, 8192, 16384, 32768], "context lengths (prompt tokens before decoding)")
+    teacher_max: int = count(16384, "longest context for the teacher and llama.cpp (their prefill is quadratic)")
+    tokens: int = count(16, "single-token decode steps timed after each prefill, per decoder")
+    repeats: int = count(3, "prefills per context and model below 8k tokens (the median counts)")
+    formats: list[str] = option(list(PRECISIONS), "the fused step's weight formats (--cpu-precision names; bf16 "
+                                "only where the CPU has AVX512-BF16)")  # fmt: skip
     mode: str = option("hybrid", "the student's mode", choices=("linear", "hybrid", "window"))
     student: str = option("", "a linearised model folder (default: the teacher converted, untrained)")
+    llama_cpp: bool = option(True, "also time llama.cpp on the teacher's GGUF where llama-cpp-python is importable")
     out: Path = option(Path("results/bench-linearized"), "output folder")
 
 
@@ -47,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _models(args):
     from transformers import AutoModelForCausalLM
 
-    from ..linearize import LinearizeConfig, LinearizedCache, linearize
+    from ..linearize import LinearizeConfig, from_linearized, linearize
     from ..linearize.transfer import load_teacher
 
     if args.student and not (Path(args.student) / "config.json").is_file():
@@ -57,82 +69,235 @@ def _models(args):
         student = AutoModelForCausalLM.from_pretrained(args.student).eval()
     else:
         _, student = load_teacher()
-        linearize(student, LinearizeConfig(mode=args.mode))
+        student = from_linearized(linearize(student, LinearizeConfig(mode=args.mode)))
     teacher.config._attn_implementation = "sdpa"
-    return teacher, student, LinearizedCache
+    return teacher, student
 
 
-def _cache_for(model, linear_cache):
+def _cache_for(model):
     from transformers import DynamicCache
 
-    return linear_cache() if hasattr(model.config, "linearize") else DynamicCache(config=model.config)
+    from ..linearize import LinearizedCache
+
+    return LinearizedCache() if hasattr(model.config, "linearize") else DynamicCache(config=model.config)
+
+
+def _formats(args) -> list[str]:
+    unknown = [f for f in args.formats if f not in PRECISIONS]
+    if unknown:
+        raise ValueError(f"bench linearized: --formats must be among {', '.join(PRECISIONS)}, got {unknown}")
+    return [f for f in args.formats if f != "bf16" or fused.has_bf16_dot()]
 
 
 @torch.no_grad()
-def verify(teacher, student, linear_cache, n: int = 48) -> list[str]:
+def verify(teacher, student, formats: list[str], n: int = 48) -> list[str]:
+    """Each model's cached steps against its own parallel forward; the fused step in each format
+    against the PyTorch step (float32: 1e-4 of the logits' scale; the others: 5e-2)."""
     tokens = torch.randint(0, teacher.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
     lines = []
-    for name, model in (("teacher", teacher), ("student", student)):
-        full = model(tokens).logits
-        cache = _cache_for(model, linear_cache)
-        model(tokens[:, : n - 8], past_key_values=cache, use_cache=True)
-        steps = [model(tokens[:, t : t + 1], past_key_values=cache, use_cache=True,
-                       position_ids=torch.tensor([[t]])).logits for t in range(n - 8, n)]  # fmt: skip
-        err = (torch.cat(steps, 1) - full[:, n - 8 :]).abs().max().item()
-        if not err < 1e-3:
-            raise RuntimeError(f"bench linearized: the {name}'s cached steps differ from its forward by {err:.2e}")
-        lines.append(f"{name}: cached steps = parallel forward (largest logit difference {err:.1e})")
+    runs = [("teacher", teacher, None), ("student, PyTorch step", student, DecodeConfig(fused=False))]
+    runs += [(f"student, fused {f}", student, DecodeConfig.precision(f)) for f in formats]
+    full = {id(m): m(tokens).logits for m in (teacher, student)}
+    for name, model, config in runs:
+        if config is not None:
+            model.decode_config = config
+        cache = _cache_for(model)
+        model(tokens[:, : n - 8], cache=cache, use_cache=True)
+        steps = [model(tokens[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(n - 8, n)]
+        want = full[id(model)][:, n - 8 :]
+        err = ((torch.cat(steps, 1) - want).abs().max() / want.abs().max()).item()
+        bound = 1e-4 if config is None or config.weights == torch.float32 else 5e-2
+        if not err < bound:
+            raise RuntimeError(f"bench linearized: the {name}'s cached steps differ from the forward by {err:.2e}")
+        lines.append(f"{name}: cached steps = parallel forward (largest logit difference {err:.1e} of the scale)")
+    student.decode_config = DecodeConfig()
     return lines
 
 
-@torch.no_grad()
-def measure(model, linear_cache, context: int, tokens: int, repeats: int) -> dict:
-    ids = torch.randint(0, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(context))
-    prefill, per_token = [], []
-    for _ in range(repeats):
-        cache = _cache_for(model, linear_cache)
+def _decode(model, cache, first: torch.Tensor, tokens: int) -> list[float]:
+    times, nxt = [], first
+    for _ in range(tokens):
         t0 = time.perf_counter()
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
-        prefill.append(time.perf_counter() - t0)
-    nxt = logits[:, -1:].argmax(-1)
-    for i in range(tokens):
-        t0 = time.perf_counter()
-        logits = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[context + i]])).logits
-        per_token.append(time.perf_counter() - t0)
+        logits = model(nxt, cache=cache, use_cache=True).logits
+        times.append(time.perf_counter() - t0)
         nxt = logits[:, -1:].argmax(-1)
-    return {"prefill_s": statistics.median(prefill), "decode_ms": statistics.median(per_token) * 1e3,
-            "decode_ms_min": min(per_token) * 1e3}  # fmt: skip
+    return times
 
 
+def _prefill(model, ids, repeats: int):
+    times = []
+    for _ in range(repeats):
+        cache = _cache_for(model)
+        t0 = time.perf_counter()
+        logits = model(ids, cache=cache, use_cache=True).logits
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), cache, logits[:, -1:].argmax(-1)
+
+
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python) on the teacher's GGUF in a given type (requantised from the
+    shipped Q4_1 where asked: the values do not matter for speed, the widths do)."""
+
+    def __init__(self, tag: str, out: Path, n_ctx: int) -> None:
+        import ctypes
+
+        import llama_cpp
+
+        from ..linearize.transfer import teacher_path
+
+        folder, name = teacher_path()
+        path = folder / name
+        if tag != "q4_1":
+            path = out / f"teacher-{tag}.gguf"
+            if not path.exists():
+                p = llama_cpp.llama_model_quantize_default_params()
+                p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_TYPES[tag]}")
+                p.allow_requantize = True
+                if llama_cpp.llama_model_quantize(str(folder / name).encode(), str(path).encode(), ctypes.byref(p)):
+                    raise RuntimeError(f"bench linearized: llama.cpp could not write {path}")
+        self.tag = tag
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=torch.get_num_threads(),
+                                   n_batch=512, verbose=False, logits_all=False)  # fmt: skip
+
+    def prefill(self, ids: list[int]) -> float:
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(ids)
+        return time.perf_counter() - t0
+
+    def decode(self, tokens: int) -> list[float]:
+        times, tok = [], 1
+        for _ in range(tokens):
+            t0 = time.perf_counter()
+            self.llm.eval([tok])
+            times.append(time.perf_counter() - t0)
+            tok = (tok * 7 + 3) % 49152
+        return times
+
+
+def bandwidth_floor(step, passes: int) -> float:
+    """Seconds to read the step's weights once, on the fused step's threads (median of `passes`)."""
+    views = []
+    for t in step.weight_tensors():
+        flat = t.reshape(-1)
+        n = flat.numel() * flat.element_size() // 4
+        views.append(flat.view(torch.uint8)[: 4 * n].view(torch.float32))
+    times = []
+    for _ in range(passes + 1):
+        t0 = time.perf_counter()
+        fused.read_f32(views)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+@torch.no_grad()
 def main(args: argparse.Namespace) -> int:
-    teacher, student, linear_cache = _models(args)
-    for line in verify(teacher, student, linear_cache):
+    from ..linearize.step import fused_step
+
+    formats = _formats(args)
+    teacher, student = _models(args)
+    for line in verify(teacher, student, formats):
         print(line, flush=True)
-    rows = []
+    cpp_tags = []
+    if args.llama_cpp:
+        try:
+            import llama_cpp  # noqa: F401
+
+            cpp_tags = ["f32", "bf16", "q8_0", "q4_1"]
+        except ImportError:
+            print("llama-cpp-python is not importable: llama.cpp is left out", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cpp = {tag: LlamaCpp(tag, args.out, max(c for c in args.contexts if c <= args.teacher_max) + args.tokens + 8)
+           for tag in cpp_tags}  # fmt: skip
+    rows, floor_rows = [], []
+    steps = {f: fused_step(student, DecodeConfig.precision(f)) for f in formats}
+    for f, step in steps.items():
+        floor = bandwidth_floor(step, args.tokens)
+        floor_rows.append({"format": f, "weight_mb": round(step.weight_bytes() / 1e6, 1),
+                           "floor_ms": round(floor * 1e3, 3)})  # fmt: skip
     for context in args.contexts:
-        for name, model in (("teacher (SDPA, KV cache)", teacher), (f"student ({args.mode}, recurrent)", student)):
-            r = measure(model, linear_cache, context, args.tokens, args.repeats)
-            rows.append({"model": name, "context": context, **{k: round(v, 4) for k, v in r.items()},
-                         "prefill_tokens_per_s": round(context / r["prefill_s"], 1)})  # fmt: skip
-            print(
-                f"  {name:28s} context {context:6d}: prefill {r['prefill_s']:7.2f} s "
-                f"({context / r['prefill_s']:6.0f} tok/s), decode {r['decode_ms']:7.1f} ms/token",
-                flush=True,
-            )
+        repeats = args.repeats if context < 8192 else 1
+        ids = torch.randint(
+            0, student.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(context)
+        )
+        decoders = {}  # name -> (callable giving one token's seconds list)
+        student.decode_config = DecodeConfig()
+        s_prefill, s_cache, s_next = _prefill(student, ids, repeats)
+        rows.append({"model": f"student ({args.mode}) prefill", "context": context, "prefill_s": s_prefill})
+        for name, config in [("student, PyTorch step", DecodeConfig(fused=False))] + [
+            (f"student, fused {f}", DecodeConfig.precision(f)) for f in formats
+        ]:
+            decoders[name] = (config, copy.deepcopy(s_cache))
+        if context <= args.teacher_max:
+            t_prefill, t_cache, t_next = _prefill(teacher, ids, repeats)
+            rows.append({"model": "teacher (SDPA) prefill", "context": context, "prefill_s": t_prefill})
+            for tag, runner in cpp.items():
+                rows.append({"model": f"llama.cpp {tag} prefill", "context": context,
+                             "prefill_s": runner.prefill(ids[0].tolist())})  # fmt: skip
+        times = {name: [] for name in decoders}
+        if context <= args.teacher_max:
+            times["teacher (SDPA, KV cache)"] = []
+            times.update({f"llama.cpp {tag}": [] for tag in cpp})
+        for _ in range(args.tokens):  # one token per decoder in turn, so a slow moment hits all
+            for name, (config, cache) in decoders.items():
+                student.decode_config = config
+                times[name] += _decode(student, cache, s_next, 1)
+            if context <= args.teacher_max:
+                times["teacher (SDPA, KV cache)"] += _decode(teacher, t_cache, t_next, 1)
+                for tag, runner in cpp.items():
+                    times[f"llama.cpp {tag}"] += runner.decode(1)
+        for name, ts in times.items():
+            rows.append({"model": name, "context": context, "decode_ms": statistics.median(ts) * 1e3,
+                         "decode_ms_min": min(ts) * 1e3})  # fmt: skip
+        line = ", ".join(f"{n} {statistics.median(t) * 1e3:.1f}" for n, t in times.items())
+        print(f"context {context}: decode ms/token: {line}", flush=True)
+    student.decode_config = DecodeConfig()
+    for r in rows:
+        for k in ("prefill_s", "decode_ms", "decode_ms_min"):
+            if k in r:
+                r[k] = round(r[k], 4)
+        if "prefill_s" in r:
+            r["prefill_tokens_per_s"] = round(r["context"] / r["prefill_s"], 1)
+    smallest = min(args.contexts)
+    for fr in floor_rows:
+        mine = [r for r in rows if r["model"] == f"student, fused {fr['format']}" and r["context"] == smallest]
+        fr["fused_ms"] = mine[0]["decode_ms"] if mine else None
+        fr["times_floor"] = round(fr["fused_ms"] / fr["floor_ms"], 2) if mine else None
+    write_csv(args.out / "linearized.csv", rows)
+    write_csv(args.out / "floor.csv", floor_rows)
+    report(args, rows, floor_rows)
+    return 0
+
+
+def report(args, rows: list[dict], floor_rows: list[dict]) -> None:
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "linearized.csv", rows)
     info = machine_info()
-    header = (f"SmolLM2-135M: the teacher against its linearised student ({args.mode}), batch 1, fp32, through "
-              f"transformers; median of {args.repeats} prefills and of {args.tokens} decode steps\n\n"
+    header = (f"SmolLM2-135M: the teacher against its linearised student ({args.mode}), batch 1, greedy; median of "
+              f"{args.tokens} decode steps per decoder (taking turns) after a prefill\n\n"
               f"Machine: {info['cpu']} ({info['cores']} cores, {info['threads']} threads), torch {info['torch']}; "
-              f"{time.strftime('%Y-%m-%d')}\n" + "".join(f"{line}\n" for line in isa_lines()) + "\n")  # fmt: skip
-    table = markdown_table(
-        ["model", "context", "prefill s", "prefill tok/s", "decode ms/token (median)", "decode min"],
-        [[r["model"], str(r["context"]), fmt(r["prefill_s"], 2), fmt(r["prefill_tokens_per_s"], 0),
-          fmt(r["decode_ms"], 1), fmt(r["decode_ms_min"], 1)] for r in rows],
+              f"{time.strftime('%Y-%m-%d')}; command: {getattr(args, 'command_line', '')}\n"
+              + "".join(f"{line}\n" for line in isa_lines()) + "\n")  # fmt: skip
+    decode = [r for r in rows if "decode_ms" in r]
+    contexts = sorted({r["context"] for r in decode})
+    names = list(dict.fromkeys(r["model"] for r in decode))
+    table = "Decode, ms per token (median; the min in parentheses):\n\n" + markdown_table(
+        ["decoder", *map(str, contexts)],
+        [[n, *[next((f"{fmt(r['decode_ms'], 1)} ({fmt(r['decode_ms_min'], 1)})" for r in decode
+                     if r["model"] == n and r["context"] == c), "") for c in contexts]] for n in names],
     )  # fmt: skip
-    (out / "table.md").write_text(header + table)
+    prefill = [r for r in rows if "prefill_s" in r]
+    pnames = list(dict.fromkeys(r["model"] for r in prefill))
+    table += "\n\nPrefill, tokens per second:\n\n" + markdown_table(
+        ["model", *map(str, contexts)],
+        [[n, *[next((fmt(r["prefill_tokens_per_s"], 0) for r in prefill if r["model"] == n and r["context"] == c), "")
+               for c in contexts]] for n in pnames],
+    )  # fmt: skip
+    table += "\n\nThe fused step against the bandwidth floor (its weights read once per token):\n\n" + markdown_table(
+        ["format", "weights MB", "floor ms", f"fused ms (context {min(contexts)})", "x floor"],
+        [[r["format"], fmt(r["weight_mb"], 1), fmt(r["floor_ms"], 2), fmt(r["fused_ms"], 2), fmt(r["times_floor"], 2)]
+         for r in floor_rows],
+    )  # fmt: skip
+    (out / "table.md").write_text(header + table + "\n")
     (out / "run.json").write_text(json.dumps({"options": {k: str(v) for k, v in vars(args).items()}, "machine": info},
                                              indent=1))  # fmt: skip
     import matplotlib
@@ -140,20 +305,21 @@ def main(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == name]
-        axes[0].plot([r["context"] for r in mine], [r["prefill_s"] for r in mine], marker="o", label=name)
-        axes[1].plot([r["context"] for r in mine], [r["decode_ms"] for r in mine], marker="o", label=name)
-    for ax, label in ((axes[0], "prefill seconds"), (axes[1], "decode ms per token")):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for n in names:
+        mine = [r for r in decode if r["model"] == n]
+        axes[1].plot([r["context"] for r in mine], [r["decode_ms"] for r in mine], marker="o", label=n)
+    for n in pnames:
+        mine = [r for r in prefill if r["model"] == n]
+        axes[0].plot([r["context"] for r in mine], [r["prefill_tokens_per_s"] for r in mine], marker="o", label=n)
+    for ax, label in ((axes[0], "prefill tokens per second"), (axes[1], "decode ms per token")):
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("context tokens")
         ax.set_ylabel(label)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "linearized.png", dpi=110)
     print(header + table)
-    print(f"wrote {out / 'linearized.csv'}, {out / 'linearized.png'} and {out / 'table.md'}")
-    return 0
+    print(f"wrote {out / 'linearized.csv'}, {out / 'floor.csv'}, {out / 'linearized.png'} and {out / 'table.md'}")

@@ -103,11 +103,33 @@ static inline int tile_rows(int j0, int j1, int t, int *j, int *rs) {
  * its n_out scales (float32, unaligned) right after it; W x = scale_j * (W8[j, :] . x), the int8
  * values widened to float32 (exact) and multiplied by float32 activations: only the weights lose
  * precision, the products do not. */
-typedef int8_t vb __attribute__((vector_size(LT_VLF), aligned(1)));
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE4_1__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+/* VLF int8 weights widened to float32: one sign-extending load and a conversion where the target has
+ * them (GCC turns __builtin_convertvector from int8 into one scalar conversion per lane). */
 static inline vf wload_i8(const void *W, long i) {
+    const int8_t *p = (const int8_t *)W + i;
+#if LT_VLF == 16 && defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif LT_VLF == 8 && defined(__AVX2__)
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#elif LT_VLF == 4 && defined(__SSE4_1__)
+    int32_t u;
+    memcpy(&u, p, sizeof u);
+    return (vf)_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(u)));
+#elif LT_VLF == 4 && defined(__ARM_NEON)
+    uint32_t u;
+    memcpy(&u, p, sizeof u);
+    return (vf)vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(vcreate_s8((uint64_t)u)))));
+#else
+    typedef int8_t vb __attribute__((vector_size(LT_VLF), aligned(1)));
     vb b;
-    memcpy(&b, (const int8_t *)W + i, sizeof b);
+    memcpy(&b, p, sizeof b);
     return __builtin_convertvector(b, vf);
+#endif
 }
 static inline float wscalar_i8(const void *W, long i) { return (float)((const int8_t *)W)[i]; }
 static inline float scale_i8(const void *W, int n_out, int n_in, int row) {

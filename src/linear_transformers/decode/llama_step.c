@@ -72,10 +72,10 @@ static int check_llama(const lt_llama *m) {
 }
 
 /* Shared buffers, in work: x [B, d] (the residual stream), q [B, H D], k and v [B, Hkv D], att
- * [B, H D], gate and up [B, dff]. Per thread (malloc'd in the region): h [B, d] and one head's scratch. */
+ * [B, H D], gate and up [B, dff], cs [B, D] (RoPE's cos and sin per row). Per thread (malloc'd in the region): h [B, d] and one head's scratch. */
 typedef struct {
     int B, nq, nk;
-    float *x, *q, *k, *v, *att, *gate, *up;
+    float *x, *q, *k, *v, *att, *gate, *up, *cs;
 } lt_lstep;
 
 typedef struct {
@@ -85,7 +85,7 @@ typedef struct {
 long lt_llama_work_size(const lt_llama *m, int B) {
     if (check_llama(m) || B < 1) return -1;
     const long D = m->head_dim;
-    return (long)B * (m->d + (m->n_heads + 2L * m->n_kv_heads) * D + m->n_heads * D + 2L * m->dff);
+    return (long)B * (m->d + (m->n_heads + 2L * m->n_kv_heads) * D + m->n_heads * D + 2L * m->dff + D);
 }
 
 static lt_lstep lstep_layout(const lt_llama *m, int B, float *work) {
@@ -93,7 +93,7 @@ static lt_lstep lstep_layout(const lt_llama *m, int B, float *work) {
     s.B = B, s.nq = m->n_heads * m->head_dim, s.nk = m->n_kv_heads * m->head_dim;
     s.x = work, s.q = s.x + (long)B * m->d, s.k = s.q + (long)B * s.nq, s.v = s.k + (long)B * s.nk;
     s.att = s.v + (long)B * s.nk;
-    s.gate = s.att + (long)B * s.nq, s.up = s.gate + (long)B * m->dff;
+    s.gate = s.att + (long)B * s.nq, s.up = s.gate + (long)B * m->dff, s.cs = s.up + (long)B * m->dff;
     return s;
 }
 
@@ -158,14 +158,21 @@ static void hedgehog(int D, int m, const float *x, const float *W, const float *
     float hi = u[0], lo = u[0];
     for (int j = 1; j < m; j++) hi = u[j] > hi ? u[j] : hi, lo = u[j] < lo ? u[j] : lo;
     float sp = 0, sn = 0;
-    for (int j = 0; j < m; j++) {
+    int j = 0;
+    for (; j + VLF <= m; j += VLF) { /* exp of values <= 0: vexp_neg (relative error < 3e-8) */
+        const vf v = vload(u + j), ep = vexp_neg(v - hi), en = vexp_neg(lo - v);
+        vstore(phi + m + j, en);
+        vstore(phi + j, ep);
+        sp += hsum(ep), sn += hsum(en);
+    }
+    for (; j < m; j++) {
         const float v = u[j];
         phi[m + j] = expf(lo - v); /* softmax(-u): max(-u) = -lo */
         phi[j] = expf(v - hi);
         sp += phi[j], sn += phi[m + j];
     }
     const float ip = 1.0f / sp, in = 1.0f / sn;
-    for (int j = 0; j < m; j++) phi[j] *= ip, phi[m + j] *= in;
+    for (j = 0; j < m; j++) phi[j] *= ip, phi[m + j] *= in;
 }
 
 static void feature_map(const lt_llama *m, int l, int h, int keys, const float *x, float *phi) {
@@ -181,16 +188,34 @@ static void feature_map(const lt_llama *m, int l, int h, int keys, const float *
     }
 }
 
-/* RoPE at position p (transformers' rotate_half convention), in place on one head of D. */
-static void rope(const lt_llama *m, long p, float *x) {
+/* cos and sin of RoPE's angles at position p, scaled (transformers' attention_scaling): cs [D] holds
+ * D/2 cosines then D/2 sines. Once per row and token: every layer and head shares them. */
+static void rope_angles(const lt_llama *m, long p, float *cs) {
     const int half = m->head_dim / 2;
     for (int i = 0; i < half; i++) {
         const float f = m->inv_freq[i] * (float)p; /* (one float32 product, as transformers forms it) */
-        const float c = cosf(f) * m->rope_scale, s = sinf(f) * m->rope_scale;
-        const float a = x[i], b = x[i + half];
+        cs[i] = cosf(f) * m->rope_scale, cs[half + i] = sinf(f) * m->rope_scale;
+    }
+}
+
+/* RoPE in place on one head of D (transformers' rotate_half convention), with rope_angles' cs. */
+static void rope(int D, const float *cs, float *x) {
+    const int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        const float c = cs[i], s = cs[half + i], a = x[i], b = x[i + half];
         x[i] = a * c - b * s;
         x[i + half] = b * c + a * s;
     }
+}
+
+/* The dot product of two vectors of n, VLF lanes at a time. */
+static inline float dot(const float *a, const float *b, int n) {
+    vf acc = (vf){0};
+    int i = 0;
+    for (; i + VLF <= n; i += VLF) acc += vload(a + i) * vload(b + i);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
 }
 
 /* S += phi v^T; z += phi (one head: S [F, D], z [F]). */
@@ -215,8 +240,7 @@ static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, con
         feature_map(m, l, h, 1, k, w->fk);
         state_add(F, D, w->fk, v, S, z);
         feature_map(m, l, h, 0, q, w->fq);
-        float den = 0;
-        for (int f = 0; f < F; f++) den += w->fq[f] * z[f];
+        const float den = dot(w->fq, z, F);
         for (int e = 0; e < D; e++) y[e] = 0;
         for (int f = 0; f < F; f++) {
             const float p = w->fq[f];
@@ -250,10 +274,7 @@ static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, con
         } else {
             ok = s - W <= t, key = sink_k + (long)(s - W) * D;
         }
-        float dot = 0;
-        if (ok)
-            for (int i = 0; i < D; i++) dot += q[i] * key[i];
-        sc[s] = ok ? dot * scale : -INFINITY;
+        sc[s] = ok ? dot(q, key, D) * scale : -INFINITY;
         top = sc[s] > top ? sc[s] : top;
     }
     float den = 0;
@@ -278,7 +299,20 @@ static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, con
     for (int e = 0; e < D; e++) y[e] *= inv;
 }
 
-static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+/* gate [n] = silu(gate) * up, VLF lanes at a time: sigmoid from e = exp(-|g|) (vexp_neg), 1 / (1 + e)
+ * for g >= 0 and e / (1 + e) below (no overflow either way). */
+static void silu_mul(float *gate, const float *up, int n) {
+    int j = 0;
+    for (; j + VLF <= n; j += VLF) {
+        const vf g = vload(gate + j);
+        const vi neg = g < 0.0f;
+        const vf absg = (vf)((vi)g & ~((vi){0} + INT32_MIN));
+        const vf e = vexp_neg((vf){0} - absg);
+        const vf num = (vf)(((vi)e & neg) | ((vi)((vf){0} + 1.0f) & ~neg));
+        vstore(gate + j, g * num / (1.0f + e) * vload(up + j));
+    }
+    for (; j < n; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+}
 
 static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, const int64_t *positions, long seen,
                          float *const *S, float *const *z, float *const *ring_k, float *const *ring_v,
@@ -301,8 +335,8 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
             const int b = p / H, hd = p % H, g = hd / group;
             memcpy(t->q, s->q + (long)b * nq + (long)hd * D, sizeof(float) * D);
             memcpy(t->k, s->k + (long)b * nk + (long)g * D, sizeof(float) * D);
-            rope(m, positions[b], t->q);
-            rope(m, positions[b], t->k);
+            rope(D, s->cs + (long)b * D, t->q);
+            rope(D, s->cs + (long)b * D, t->k);
             const long bh = (long)b * H + hd;
             attend_one(m, l, hd, seen, t, s->v + (long)b * nk + (long)g * D, S ? S[l] + bh * F * D : NULL,
                        z ? z[l] + bh * F : NULL, ring_k ? ring_k[l] + bh * W * D : NULL,
@@ -319,8 +353,7 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
         share(dff, 4, &lo, &hi);
         gemv_kind(kind, B, d, dff, lo, hi, m->wg[l], NULL, h, gate, NULL);
         gemv_kind(kind, B, d, dff, lo, hi, m->wu[l], NULL, h, up, NULL);
-        for (int b = 0; b < B; b++)
-            for (int j = lo; j < hi; j++) gate[(long)b * dff + j] = silu(gate[(long)b * dff + j]) * up[(long)b * dff + j];
+        for (int b = 0; b < B; b++) silu_mul(gate + (long)b * dff + lo, up + (long)b * dff + lo, hi - lo);
 #pragma omp barrier
         /* E: down projection and residual */
         share(d, 4, &lo, &hi);
@@ -349,7 +382,10 @@ int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const in
         if (windowed && (!ring_k[l] || !ring_v[l] || (m->sinks && (!sink_k[l] || !sink_v[l])))) return 2;
     }
     const lt_lstep s = lstep_layout(m, B, work);
-    for (int b = 0; b < B; b++) memcpy(s.x + (long)b * m->d, m->embed + tokens[b] * m->d, sizeof(float) * m->d);
+    for (int b = 0; b < B; b++) {
+        memcpy(s.x + (long)b * m->d, m->embed + tokens[b] * m->d, sizeof(float) * m->d);
+        rope_angles(m, positions[b], s.cs + (long)b * m->head_dim);
+    }
     int failed = 0;
 #pragma omp parallel
     {

@@ -78,7 +78,8 @@ def llama_weights(model: nn.Module) -> llama.LlamaWeights | None:
     )  # fmt: skip
 
 
-# The fused step built for each model (rebuilt when its weights move, are replaced or, for copies, change)
+# The fused steps built for each model, one per weight format (each rebuilt when the model's weights
+# move, are replaced or, for copies, change)
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -88,9 +89,21 @@ def fused_step(model: nn.Module, config: DecodeConfig) -> llama.FusedLlamaStep |
     library unavailable)."""
     if not config.fused or not llama.available():
         return None
-    step = _STEPS.get(model)
-    if step is not None and (step.weights, step.dot) == (config.weights, config.dot) and step.current():
-        return step
+    built = _STEPS.setdefault(model, {})
+    step = built.get((config.weights, config.dot))
+    if step is not None:
+        if step.current():
+            return step  # (the common case: nothing registered anywhere since the step was built)
+        params = list(model.parameters())  # something registered a module somewhere (transformers slices
+        # ModuleLists in every forward): the same parameters, unchanged, keep the step
+        if (
+            len(params) == len(step.sources)
+            and all(p is q for p, q in zip(params, step.sources, strict=True))
+            and [p.data_ptr() for p in params] == step.source_ptrs
+            and (step.source_versions is None or [p._version for p in params] == step.source_versions)
+        ):
+            step.generation = fused.current_generation()
+            return step
     found = llama_weights(model)
     if found is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in found.tensors()):
         return None
@@ -100,7 +113,7 @@ def fused_step(model: nn.Module, config: DecodeConfig) -> llama.FusedLlamaStep |
     step.sources = [p for p in model.parameters()]
     step.source_ptrs = [p.data_ptr() for p in step.sources]
     step.source_versions = [p._version for p in step.sources] if config.weights != torch.float32 else None
-    _STEPS[model] = step
+    built[(config.weights, config.dot)] = step
     return step
 
 
