@@ -58,3 +58,46 @@ def small_model(n_classes=3, vocab=16, max_len=48, n_heads=4, **kw):
     cfg = ModelConfig(vocab_size=vocab, n_classes=n_classes, max_len=max_len, d_model=32, n_layers=2, n_heads=n_heads,
                       d_ff=64, chunk_size=16, **kw)  # fmt: skip
     return CausalTransformer(cfg).eval()
+
+
+def linear_llama(
+    mode="hybrid", feature_map="hedgehog", window=5, sinks=2, heads=4, kv_heads=2, bias=False, d=64, seed=0
+):
+    """A small linearised Llama (linear_llama type), every weight perturbed so that no feature map is
+    at its identity start."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from linear_transformers.linearize import LinearizeConfig, from_linearized, linearize
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=d, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                      tie_word_embeddings=True, attention_bias=bias)  # fmt: skip
+    model = from_linearized(linearize(LlamaForCausalLM(cfg).eval(), LinearizeConfig(mode, feature_map, window, sinks)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def llama_with_weights_of(model, weights: torch.dtype):
+    """The model with every projection (and the head) holding the values the fused step reads in
+    that format: bfloat16-rounded, or int8-dequantized (per-row scales)."""
+    import copy
+
+    from linear_transformers.decode import llama
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        linears = [m for name, m in ref.named_modules() if name.rsplit(".", 1)[-1] in names]
+        head = ref.lm_head
+        if head.weight is ref.model.embed_tokens.weight:  # tied: the head's copy is rounded, the embedding is not
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        for m in [*linears, head]:
+            w = m.weight
+            if weights == torch.bfloat16:
+                w.copy_(w.to(torch.bfloat16).float())
+            else:
+                w.copy_(llama.dequantize_int8(llama.quantize_int8(w), *w.shape))
+    return ref

@@ -24,7 +24,11 @@ from linear_transformers.ops import LinearState, cpu
 from helpers import qkv, random_state, rel_err
 
 HARNESS = Path(__file__).parent / "native" / "kernel_harness.c"
-KERNELS = [Path(cpu.__file__).parent / "causal_linear.c", *(f for f in fused.SOURCES if f.suffix == ".c")]
+KERNELS = [
+    Path(cpu.__file__).parent / "causal_linear.c",
+    *(f for f in fused.SOURCES if f.suffix == ".c"),
+    Path(fused.__file__).parent / "llama_step.c",
+]
 INCLUDES = [native.SIMD_H.parent, Path(cpu.__file__).parent, Path(fused.__file__).parent]
 TARGETS = {
     # target: (compiler, level flags, how to run the program)
@@ -130,3 +134,62 @@ def test_fused_step_equals_the_pytorch_step(harness, tmp_path, norm, feature_map
         assert isinstance(layer, LinearState)
         torch.testing.assert_close(S, layer.S, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(z, layer.z, atol=1e-5, rtol=1e-5)
+
+
+def _llama_request(model, wkind: int, tokens: torch.Tensor) -> bytes:
+    """The harness's llama request for a linearised Llama (float32 or int8 weights, zero state)."""
+    from linear_transformers.decode import llama
+    from linear_transformers.linearize.step import llama_weights
+
+    w = llama_weights(model)
+    B, n = tokens.shape
+    hedgehog = w.feature_map == "hedgehog" and w.mode != "window"
+    hh_m = w.layers[0]["fq_w"].shape[-1] if hedgehog else 0
+    F = 2 * hh_m if hedgehog else w.head_dim
+    has_bias = w.layers[0]["bq"] is not None
+    header = _i64(len(w.layers), w.embed.shape[1], w.n_heads, w.n_kv_heads, w.head_dim, w.layers[0]["wg"].shape[0],
+                  w.embed.shape[0], llama.MODES[w.mode], llama.FEATURE_MAPS[w.feature_map], F, hh_m, w.window,
+                  w.sinks, wkind, has_bias, B, n)  # fmt: skip
+    floats = np.array([w.rms_eps, w.attn_eps, w.rope_scale], dtype=np.float32).tobytes()
+
+    def raw(t):
+        return t.detach().float().contiguous().numpy().tobytes()
+
+    def matrix(t):
+        return llama.quantize_int8(t).numpy().tobytes() if wkind == 3 else raw(t)
+
+    body = [raw(w.inv_freq)]
+    for layer in w.layers:
+        body += [raw(layer["attn_norm"]), raw(layer["mlp_norm"])]
+        body += [matrix(layer[k]) for k in ("wq", "wk", "wv", "wo", "wg", "wu", "wd")]
+        if has_bias:
+            body += [raw(layer[k]) for k in ("bq", "bk", "bv", "bo")]
+        if hedgehog:
+            body += [raw(layer[k]) for k in ("fq_w", "fq_b", "fk_w", "fk_b")]
+    body += [raw(w.embed), raw(w.final_norm), matrix(w.head)]
+    return header + floats + b"".join(body) + tokens.T.contiguous().numpy().astype(np.int64).tobytes()
+
+
+@pytest.mark.parametrize(("mode", "feature_map", "weights", "bias"), [("hybrid", "hedgehog", "float32", False),
+                                                                    ("linear", "elu", "int8", True),
+                                                                    ("window", "hedgehog", "int8", False)])  # fmt: skip
+def test_fused_llama_step_equals_the_pytorch_layers(harness, tmp_path, mode, feature_map, weights, bias):
+    """The linearised Llama step (int8 weights: against the model holding the dequantised weights),
+    from an empty state through the window and the sinks."""
+    pytest.importorskip("transformers")
+    from linear_transformers.decode import DecodeConfig
+    from linear_transformers.linearize import LinearizedCache
+
+    from helpers import linear_llama, llama_with_weights_of
+
+    model = linear_llama(mode, feature_map, window=4, sinks=2, heads=4, kv_heads=2, bias=bias, d=64)
+    reference = model if weights == "float32" else llama_with_weights_of(model, torch.int8)
+    reference.decode_config = DecodeConfig(fused=False)
+    B, n = 3, 10
+    tokens = torch.randint(0, 97, (B, n))
+    cache = LinearizedCache()
+    with torch.no_grad():  # the PyTorch step from an empty state, one token at a time
+        want = torch.cat([reference(tokens[:, t : t + 1], cache=cache).logits for t in range(n)], 1).transpose(0, 1)
+    got_bytes = harness("llama", _llama_request(model, 3 if weights == "int8" else 0, tokens), tmp_path)
+    logits = torch.from_numpy(np.frombuffer(got_bytes, dtype=np.float32)[: n * B * 97].copy()).view(n, B, 97)
+    torch.testing.assert_close(logits, want, atol=2e-5, rtol=1e-4)

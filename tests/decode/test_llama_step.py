@@ -6,18 +6,19 @@ through transformers' generate(); what it refuses; every ISA level and compiler.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from linear_transformers.decode import DecodeConfig, fused, llama
-from linear_transformers.linearize import LinearizeConfig, LinearizedCache, from_linearized, linearize
+from linear_transformers.linearize import LinearizedCache
 from linear_transformers.linearize.step import fused_step, llama_weights, why_not_fused
+
+from helpers import linear_llama as student
+from helpers import llama_with_weights_of as rounded_copy
 
 STATE = ("S", "z", "ring_k", "ring_v", "sink_k", "sink_v")
 
@@ -26,20 +27,6 @@ STATE = ("S", "z", "ring_k", "ring_v", "sink_k", "sink_v")
 def _needs_the_library():
     if not llama.available():
         pytest.skip(f"the fused Llama step is not built here: {llama.unavailable_reason()}")
-
-
-def student(mode="hybrid", feature_map="hedgehog", window=5, sinks=2, heads=4, kv_heads=2, bias=False, d=64, seed=0):
-    """A small linearised Llama (linear_llama type), every weight perturbed so that no feature map is
-    at its identity start."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=d, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                      tie_word_embeddings=True, attention_bias=bias)  # fmt: skip
-    model = from_linearized(linearize(LlamaForCausalLM(cfg).eval(), LinearizeConfig(mode, feature_map, window, sinks)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def run_both(model, reference, B=2, prompt_len=9, steps=12, config=None):
@@ -97,25 +84,6 @@ def test_grouped_heads_biases_batches_windows_and_sinks(heads, kv_heads, bias, B
     worst, ours, theirs, _ = run_both(model, model, B=B, prompt_len=prompt_len, steps=10)
     assert worst < 1e-5
     assert_states_equal(ours, theirs, 1e-5)
-
-
-def rounded_copy(model, weights: torch.dtype):
-    """The model with every projection (and the head) holding the values the fused step reads in
-    that format: bfloat16-rounded, or int8-dequantized (per-row scales)."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        linears = [m for name, m in ref.named_modules() if name.rsplit(".", 1)[-1] in names]
-        head = ref.lm_head
-        if head.weight is ref.model.embed_tokens.weight:  # tied: the head's copy is rounded, the embedding is not
-            head.weight = torch.nn.Parameter(head.weight.detach().clone())
-        for m in [*linears, head]:
-            w = m.weight
-            if weights == torch.bfloat16:
-                w.copy_(w.to(torch.bfloat16).float())
-            else:
-                w.copy_(llama.dequantize_int8(llama.quantize_int8(w), *w.shape))
-    return ref
 
 
 @pytest.mark.parametrize("weights", ["bfloat16", "int8"])

@@ -11,6 +11,13 @@
  *          has_pos, has_norm, B, n; float32 ln_eps, attn_eps, norm_eps; per layer the 12 weights of
  *          FusedModelStep.WEIGHTS; embed, [pos], [norm_w, norm_b], head_w, head_b; int64 tokens [n, B]
  *     OUT: float32 params [n, B, n_params], then S and z of every layer
+ *   kernel_harness llama IN OUT       lt_llama_token_f32 for n tokens from position 0, zero state
+ *     IN:  int64 n_layers, d, n_heads, n_kv_heads, head_dim, dff, vocab, mode, feature_map, n_features,
+ *          hh_m, window, sinks, wkind (0 float32 or 3 int8), has_bias, B, n; float32 rms_eps, attn_eps,
+ *          rope_scale; inv_freq [head_dim / 2]; per layer attn_norm, mlp_norm, wq, wk, wv, wo, wg, wu,
+ *          wd (in wkind's layout), [bq, bk, bv, bo], [fq_w, fq_b, fk_w, fk_b (Hedgehog)]; embed,
+ *          final_norm, head (in wkind's layout); int64 tokens [n, B]
+ *     OUT: float32 logits [n, B, vocab], then per layer S, z, ring_k, ring_v, sink_k, sink_v
  * Every read is checked against the file's size; exit status 2 on a short or malformed file. */
 
 #include <stdint.h>
@@ -20,6 +27,7 @@
 
 #include "causal_linear.h" /* src/linear_transformers/ops/cpu */
 #include "model_step.h"    /* src/linear_transformers/decode */
+#include "llama_step.h"    /* src/linear_transformers/decode */
 
 static FILE *in;
 
@@ -106,14 +114,90 @@ static int step(FILE *out) {
     return 0;
 }
 
+/* A weight matrix [rows, cols] in format wkind: float32, or int8 followed by its rows' float32 scales. */
+static const void *take_matrix(int wkind, long rows, long cols) {
+    return take(wkind == LT_I8 ? (size_t)(rows * cols + 4 * rows) : (size_t)(4 * rows * cols));
+}
+
+static int llama(FILE *out) {
+    int64_t h[17];
+    for (int i = 0; i < 17; i++) h[i] = take_i64();
+    lt_llama m;
+    memset(&m, 0, sizeof m);
+    m.n_layers = (int)h[0], m.d = (int)h[1], m.n_heads = (int)h[2], m.n_kv_heads = (int)h[3];
+    m.head_dim = (int)h[4], m.dff = (int)h[5], m.vocab = (int)h[6], m.mode = (int)h[7], m.feature_map = (int)h[8];
+    m.n_features = (int)h[9], m.hh_m = (int)h[10], m.window = (int)h[11], m.sinks = (int)h[12], m.wkind = (int)h[13];
+    const int has_bias = (int)h[14], B = (int)h[15], n = (int)h[16], L = m.n_layers, d = m.d, D = m.head_dim;
+    if (L < 1 || d < 1 || D < 2 || m.n_heads < 1 || m.n_kv_heads < 1 || m.dff < 1 || m.vocab < 1 || B < 1 || n < 1 ||
+        (m.wkind != LT_F32 && m.wkind != LT_I8))
+        return 2;
+    float eps[3];
+    memcpy(eps, take(12), 12);
+    m.rms_eps = eps[0], m.attn_eps = eps[1], m.rope_scale = eps[2];
+    m.inv_freq = take(4 * (size_t)(D / 2));
+    const long nq = (long)m.n_heads * D, nk = (long)m.n_kv_heads * D, F = m.n_features, H = m.n_heads;
+    const int hedgehog = m.feature_map == LT_HEDGEHOG && m.mode != LT_WINDOW;
+    const void **a[17];
+    for (int j = 0; j < 17; j++) a[j] = calloc(L, sizeof(void *));
+    for (int l = 0; l < L; l++) {
+        a[0][l] = take(4 * (size_t)d), a[1][l] = take(4 * (size_t)d);
+        a[2][l] = take_matrix(m.wkind, nq, d), a[3][l] = take_matrix(m.wkind, nk, d);
+        a[4][l] = take_matrix(m.wkind, nk, d), a[5][l] = take_matrix(m.wkind, d, nq);
+        a[6][l] = take_matrix(m.wkind, m.dff, d), a[7][l] = take_matrix(m.wkind, m.dff, d);
+        a[8][l] = take_matrix(m.wkind, d, m.dff);
+        if (has_bias) {
+            a[9][l] = take(4 * (size_t)nq), a[10][l] = take(4 * (size_t)nk), a[11][l] = take(4 * (size_t)nk);
+            a[12][l] = take(4 * (size_t)d);
+        }
+        if (hedgehog) {
+            a[13][l] = take(4 * (size_t)(H * D * m.hh_m)), a[14][l] = take(4 * (size_t)(H * m.hh_m));
+            a[15][l] = take(4 * (size_t)(H * D * m.hh_m)), a[16][l] = take(4 * (size_t)(H * m.hh_m));
+        }
+    }
+    m.attn_norm = (const float *const *)a[0], m.mlp_norm = (const float *const *)a[1];
+    m.wq = a[2], m.wk = a[3], m.wv = a[4], m.wo = a[5], m.wg = a[6], m.wu = a[7], m.wd = a[8];
+    if (has_bias) {
+        m.bq = (const float *const *)a[9], m.bk = (const float *const *)a[10], m.bv = (const float *const *)a[11];
+        m.bo = (const float *const *)a[12];
+    }
+    if (hedgehog) {
+        m.fq_w = (const float *const *)a[13], m.fq_b = (const float *const *)a[14];
+        m.fk_w = (const float *const *)a[15], m.fk_b = (const float *const *)a[16];
+    }
+    m.embed = take(4 * (size_t)m.vocab * d), m.final_norm = take(4 * (size_t)d);
+    m.head = take_matrix(m.wkind, m.vocab, d);
+    const int64_t *tokens = take(8 * (size_t)n * B);
+    const size_t sizes[6] = {B * H * F * D, B * H * F, B * H * m.window * D, B * H * m.window * D,
+                             B * H * m.sinks * D, B * H * m.sinks * D};
+    float **st[6];
+    for (int j = 0; j < 6; j++) {
+        st[j] = malloc(sizeof(float *) * L);
+        for (int l = 0; l < L; l++) st[j][l] = calloc(sizes[j] + 1, 4);
+    }
+    const long work_size = lt_llama_work_size(&m, B);
+    if (work_size < 0) return 2;
+    float *work = malloc(4 * (size_t)work_size), *logits = malloc(4 * (size_t)B * m.vocab);
+    int64_t *positions = malloc(8 * (size_t)B);
+    for (int t = 0; t < n; t++) {
+        for (int b = 0; b < B; b++) positions[b] = t;
+        const int status = lt_llama_token_f32(&m, B, tokens + (size_t)t * B, positions, t, st[0], st[1], st[2], st[3],
+                                              st[4], st[5], work, work_size, logits);
+        if (status) return 4 + status;
+        put(out, logits, 4 * (size_t)B * m.vocab);
+    }
+    for (int l = 0; l < L; l++)
+        for (int j = 0; j < 6; j++) put(out, st[j][l], 4 * sizes[j]);
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    if (argc != 4 || (strcmp(argv[1], "attention") && strcmp(argv[1], "step"))) {
-        fprintf(stderr, "usage: kernel_harness attention|step IN OUT\n");
+    if (argc != 4 || (strcmp(argv[1], "attention") && strcmp(argv[1], "step") && strcmp(argv[1], "llama"))) {
+        fprintf(stderr, "usage: kernel_harness attention|step|llama IN OUT\n");
         return 1;
     }
     in = fopen(argv[2], "rb");
     FILE *out = fopen(argv[3], "wb");
     if (!in || !out) return 1;
-    const int status = strcmp(argv[1], "attention") ? step(out) : attention(out);
+    const int status = !strcmp(argv[1], "attention") ? attention(out) : !strcmp(argv[1], "step") ? step(out) : llama(out);
     return fclose(out) || status ? (status ? status : 3) : 0;
 }
