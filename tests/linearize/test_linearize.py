@@ -271,3 +271,27 @@ def test_summary_takes_each_perplexity_from_its_own_mode_and_latest_stage(tmp_pa
     assert (out["teacher_ppl"], out["hybrid_ppl"], out["window_only_ppl"]) == (10.0, 12.0, 13.0)
     assert out["second_domain"] == {"teacher_ppl": 20.0, "hybrid_ppl": 21.0, "window_only_ppl": 22.0}
     assert out["tokens"] == 300 and out["cpu_hours"] == 1.5 and "linear_ppl" not in out
+
+
+def test_lora_stage_distills_from_the_teacher(tmp_path, monkeypatch):
+    """--loss distill: the KL divergence to the teacher's distribution (here the tiny Llama the student
+    was converted from) trains the adapters and is logged."""
+    pytest.importorskip("peft")
+    from linear_transformers import commands
+    from linear_transformers.linearize import save_linearized, transfer
+
+    teacher = _tiny_llama()
+    model = linearize(_tiny_llama(), LinearizeConfig(mode="hybrid", window=4, sinks=2))
+    save_linearized(model, tmp_path / "run" / "model")
+    g = torch.Generator().manual_seed(0)
+    torch.save({k: torch.randint(0, 97, (6, 24), generator=g) for k in ("train", "held_out", "second_domain")},
+               tmp_path / "run" / "data.pt")  # fmt: skip
+    monkeypatch.setattr(transfer, "load_teacher", lambda: (None, teacher))
+    argv = ["finetune", "--student", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "kd"), "--loss",
+            "distill", "--steps", "3", "--eval-windows", "2", "--threads", "1"]  # fmt: skip
+    assert commands.dispatch("linear-transformers", argv) == 0
+    result = json.loads((tmp_path / "kd" / "result.json").read_text())
+    assert result["settings"]["loss"] == "distill" and result["steps"] == 3
+    assert result["command"].startswith("linear-transformers finetune") and "--loss distill" in result["command"]
+    losses = [float(line.split(",")[2]) for line in (tmp_path / "kd" / "loss.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 3 and all(0 <= x < 20 for x in losses)  # a KL divergence per token: >= 0

@@ -15,7 +15,9 @@ and decoder, the prefill is timed (--repeats, median; once from 8k tokens on) an
 single-token steps after it, taking turns between decoders (the median per token, and the min).
 The bandwidth floor of each format is the time to read its weights once per token on the same
 threads (`fused.read_f32`, median of --tokens passes): the fused step's time is quoted as a multiple of it.
-Writes linearized.csv, floor.csv, linearized.png and table.md under --out.
+--perplexity DATA.pt (a linearize run's token windows) adds each format's held-out perplexity,
+every token through the fused step. Writes linearized.csv, floor.csv, [perplexity.csv],
+linearized.png and table.md under --out.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class LinearizedOptions:
     mode: str = option("hybrid", "the student's mode", choices=("linear", "hybrid", "window"))
     student: str = option("", "a linearised model folder (default: the teacher converted, untrained)")
     llama_cpp: bool = option(True, "also time llama.cpp on the teacher's GGUF where llama-cpp-python is importable")
+    perplexity: str = option("", "a linearize run's data.pt: also the held-out perplexity of each weight format, "
+                             "through the fused step token by token (both domains)")  # fmt: skip
+    windows: int = count(8, "held-out windows per domain for --perplexity (all at once, as a batch)")
     out: Path = option(Path("results/bench-linearized"), "output folder")
 
 
@@ -175,6 +180,25 @@ class LlamaCpp:
         return times
 
 
+@torch.no_grad()
+def fused_perplexity(step, windows: torch.Tensor) -> float:
+    """Perplexity of windows [B, T] (next-token, as linearize.transfer.perplexity counts it) through
+    the fused step alone, from an empty state: every token of every window stepped in C, B rows at once."""
+    from ..linearize import HybridState
+
+    B, T = windows.shape
+    H, D, F, W, ns = step.n_heads, step.head_dim, step.n_features, step.window, step.sinks
+    zeros = lambda *shape: torch.zeros(*shape)  # noqa: E731
+    states = [HybridState(zeros(B, H, F, D), zeros(B, H, F), zeros(B, H, W, D), zeros(B, H, W, D),
+                          zeros(B, H, ns, D), zeros(B, H, ns, D)) for _ in range(step.struct.n_layers)]  # fmt: skip
+    nll, count = 0.0, 0
+    for t in range(T - 1):
+        logits = step(windows[:, t], torch.full((B,), t, dtype=torch.int64), states)
+        nll += torch.nn.functional.cross_entropy(logits, windows[:, t + 1], reduction="sum").item()
+        count += B
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
 def bandwidth_floor(step, passes: int) -> float:
     """Seconds to read the step's weights once, on the fused step's threads (median of `passes`)."""
     views = []
@@ -263,13 +287,27 @@ def main(args: argparse.Namespace) -> int:
         mine = [r for r in rows if r["model"] == f"student, fused {fr['format']}" and r["context"] == smallest]
         fr["fused_ms"] = mine[0]["decode_ms"] if mine else None
         fr["times_floor"] = round(fr["fused_ms"] / fr["floor_ms"], 2) if mine else None
+    ppl_rows = []
+    if args.perplexity:
+        data = torch.load(args.perplexity, weights_only=True)
+        for domain, key in (("first (held out)", "held_out"), ("second", "second_domain")):
+            windows = data[key][: args.windows]
+            for f, step in steps.items():
+                ppl = fused_perplexity(step, windows)
+                ppl_rows.append({"domain": domain, "format": f, "windows": len(windows), "tokens": windows.numel(),
+                                 "perplexity": round(ppl, 4)})  # fmt: skip
+                print(f"perplexity, {domain} domain, fused {f}: {ppl:.4f}", flush=True)
+        for r in ppl_rows:
+            base = next(q["perplexity"] for q in ppl_rows if q["domain"] == r["domain"] and q["format"] == "float32")
+            r["vs_float32"] = round(r["perplexity"] / base, 4)
+        write_csv(args.out / "perplexity.csv", ppl_rows)
     write_csv(args.out / "linearized.csv", rows)
     write_csv(args.out / "floor.csv", floor_rows)
-    report(args, rows, floor_rows)
+    report(args, rows, floor_rows, ppl_rows)
     return 0
 
 
-def report(args, rows: list[dict], floor_rows: list[dict]) -> None:
+def report(args, rows: list[dict], floor_rows: list[dict], ppl_rows: list[dict]) -> None:
     out = args.out
     info = machine_info()
     header = (f"SmolLM2-135M: the teacher against its linearised student ({args.mode}), batch 1, greedy; median of "
@@ -297,6 +335,12 @@ def report(args, rows: list[dict], floor_rows: list[dict]) -> None:
         [[r["format"], fmt(r["weight_mb"], 1), fmt(r["floor_ms"], 2), fmt(r["fused_ms"], 2), fmt(r["times_floor"], 2)]
          for r in floor_rows],
     )  # fmt: skip
+    if ppl_rows:
+        table += "\n\nHeld-out perplexity through the fused step, per weight format:\n\n" + markdown_table(
+            ["domain", "format", "windows x tokens", "perplexity", "/ float32"],
+            [[r["domain"], r["format"], f"{r['windows']} x {r['tokens'] // r['windows']}", fmt(r["perplexity"], 3),
+              fmt(r["vs_float32"], 4)] for r in ppl_rows],
+        )  # fmt: skip
     (out / "table.md").write_text(header + table + "\n")
     (out / "run.json").write_text(json.dumps({"options": {k: str(v) for k, v in vars(args).items()}, "machine": info},
                                              indent=1))  # fmt: skip

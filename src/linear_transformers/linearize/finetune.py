@@ -1,5 +1,6 @@
 """Stage 2 of linearisation: a LoRA fine-tune (peft) of the attention projections of a linearised
-model, with next-token loss, on a CPU; resumable; held-out perplexity on both domains at the end.
+model, with next-token loss (or, --loss distill, the KL divergence to the teacher's next-token
+distribution), on a CPU; resumable; held-out perplexity on both domains at the end.
 
     linear-transformers finetune --student runs/lz-hybrid/model --out runs/lz-hybrid-lora
 
@@ -30,6 +31,9 @@ class FinetuneConfig:
     data: str = option("", "the token windows (default: data.pt in the student's run folder)")
     out: str = option("runs/lz-lora", "run folder: state.pt (resumable), result.json, model/")
     mode: str = option("", "override the student's mode (window: its linear part removed)", choices=("", *MODES))
+    loss: str = option("next-token", "next-token (cross-entropy on the text) or distill (KL divergence to the "
+                       "teacher's next-token distribution, the teacher run alongside)",
+                       choices=("next-token", "distill"))  # fmt: skip
     rank: int = count(8, "LoRA rank")
     alpha: float = option(16.0, "LoRA alpha")
     lr: float = option(1e-3, "AdamW learning rate")
@@ -107,13 +111,29 @@ def main(args: argparse.Namespace) -> int:
                     "settings": asdict(cfg)}, tmp)  # fmt: skip
         os.replace(tmp, state_path)
 
+    teacher = None
+    if cfg.loss == "distill":
+        from .transfer import load_teacher
+
+        _, teacher = load_teacher()
+        for prm in teacher.parameters():
+            prm.requires_grad_(False)
+
+    def loss_of(w: torch.Tensor) -> torch.Tensor:
+        if teacher is None:
+            return model(input_ids=w, labels=w).loss
+        with torch.no_grad():
+            target = torch.log_softmax(teacher(input_ids=w).logits.float(), dim=-1)
+        log_q = torch.log_softmax(model(input_ids=w).logits.float(), dim=-1)
+        return torch.nn.functional.kl_div(log_q, target, log_target=True, reduction="batchmean") / w.shape[1]
+
     order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(cfg.seed + 1))
     bar = tqdm(total=cfg.steps, initial=step, desc="LoRA fine-tune", dynamic_ncols=True)
     model.train()
     start = time.perf_counter()
     while step < cfg.steps and seconds + time.perf_counter() - start < cfg.minutes * 60:
         w = data["train"][order[step % len(order)]][None]
-        loss = model(input_ids=w, labels=w).loss
+        loss = loss_of(w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
