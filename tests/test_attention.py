@@ -7,11 +7,15 @@ import pytest
 import torch
 
 from linear_transformers import FEATURE_MAPS, AttentionLayer, ops
+from linear_transformers.feature_maps import make_feature_map
+from linear_transformers.model import ModelConfig
 from linear_transformers.ops import KVCache, LinearState
 
 from helpers import rel_err
 
-CAUSAL = [("causal-linear", fm) for fm in FEATURE_MAPS] + [("causal-softmax", "elu")]
+# (causal attention refuses maps that can give negative similarities: test_maps_that_can_go_negative_are_refused)
+CAUSAL = [("causal-linear", fm) for fm in FEATURE_MAPS if make_feature_map(fm, 8).non_negative]
+CAUSAL += [("causal-softmax", "elu")]
 
 
 def _layer(kind, fm="elu", d_model=24, n_heads=3, **kw):
@@ -138,3 +142,13 @@ def test_lsh_layer_shares_queries_and_keys(kind):
         layer.step(x[:, 0])
     with pytest.raises(ValueError, match="even n_buckets"):
         AttentionLayer(24, 3, kind, n_buckets=3)
+
+
+def test_maps_that_can_go_negative_are_refused_for_causal_attention():
+    """Random Fourier features can make the causal normaliser cross zero (training diverged with
+    them): causal linear attention refuses them in one line; non-causal attention still takes them."""
+    with pytest.raises(ValueError, match="'fourier' can give negative similarities.*use a non-negative map"):
+        AttentionLayer(24, 3, "causal-linear", "fourier")
+    AttentionLayer(24, 3, "linear", "fourier")
+    with pytest.raises(ValueError, match="fourier"):
+        ModelConfig(vocab_size=8, max_len=8, feature_map="fourier")

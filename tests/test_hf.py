@@ -206,6 +206,18 @@ def test_peft_lora_on_the_attention_projections_trains_and_merges(folder):
                                                         before["model.blocks.0.attn.qkv.weight"])  # fmt: skip
 
 
+def test_lora_finds_its_default_targets_without_being_told(folder):
+    """LoraConfig(task_type="CAUSAL_LM") with no target_modules: the model type's targets (qkv, out)
+    are in peft's table (linear_transformers.hf.LORA_TARGETS)."""
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    from linear_transformers.hf import LORA_TARGETS
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    lora = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", r=4))
+    adapted = {n.rsplit(".", 2)[0].rsplit(".", 1)[-1] for n, p in lora.named_parameters() if p.requires_grad}
+    assert adapted == set(LORA_TARGETS)
+
+
 def test_pipeline_returns_text(folder):
     generate = transformers.pipeline("text-generation", model=str(folder))
     out = generate("bad cab", max_new_tokens=8)

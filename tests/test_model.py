@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from linear_transformers.decode import DecodeConfig
 from linear_transformers.heads import MixtureOfLogisticsHead
 from linear_transformers.model import CausalTransformer, ModelConfig, sample
 
@@ -197,3 +198,34 @@ def test_padding_must_be_on_the_left_and_boolean():
         m(tokens, padding=torch.zeros(2, 4, dtype=torch.long))
     with torch.no_grad():
         assert torch.equal(m(tokens, padding=torch.zeros(2, 4, dtype=torch.bool)), m(tokens))  # no padding at all
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "none"])
+def test_generation_goes_on_past_max_len_where_positions_can_be_computed(positional):
+    """An RNN's only length limit is its position encoding: sinusoidal positions are computed for any
+    position and "none" has none, so generation runs to 10x max_len with a state of constant size;
+    the recurrent tokens equal recomputing the whole prefix, with the fused step and without."""
+    model = _model(n_classes=0, max_len=16, positional=positional, head="categorical")
+    prompt = torch.randint(0, 16, (2, 4))
+    with torch.no_grad():
+        fused_rnn = model.generate(prompt=prompt, max_new_tokens=156, temperature=0)
+        pytorch_rnn = model.generate(prompt=prompt, max_new_tokens=156, temperature=0, config=DecodeConfig(fused=False))
+        recompute = model.generate(prompt=prompt, max_new_tokens=156, temperature=0, mode="recompute")
+        _, state = model.prefill(prompt)
+        shapes = [tuple(s.S.shape) for s in state.layers]
+        for t in range(150):
+            _, state = model.step(fused_rnn[:, 4 + t], state)
+    assert fused_rnn.shape == (2, 160)
+    assert torch.equal(fused_rnn, pytorch_rnn) and torch.equal(fused_rnn, recompute)
+    assert [tuple(s.S.shape) for s in state.layers] == shapes and state.position == 154  # constant size
+
+
+def test_learned_positions_say_where_they_end():
+    model = _model(n_classes=0, max_len=16, positional="learned")
+    with pytest.raises(ValueError, match=r"exceed the learned positions \(max_len=16\).*sinusoidal or none"):
+        model.generate(prompt=torch.zeros(1, 4, dtype=torch.long), max_new_tokens=20)
+    _, state = model.prefill(torch.zeros(1, 15, dtype=torch.long))
+    with torch.no_grad():
+        _, state = model.step(torch.zeros(1, dtype=torch.long), state)  # position 15: the last one
+        with pytest.raises(ValueError, match="position 16 is past the learned position table"):
+            model.step(torch.zeros(1, dtype=torch.long), state)

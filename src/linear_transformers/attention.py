@@ -97,6 +97,14 @@ class AttentionLayer(nn.Module):
                 self.feature_map = feature_map
             else:
                 self.feature_map = make_feature_map(feature_map, self.d_keys, n_heads, **(feature_map_kwargs or {}))
+            if attention == "causal-linear" and not self.feature_map.non_negative:
+                name = feature_map if isinstance(feature_map, str) else type(feature_map).__name__
+                raise ValueError(
+                    f"AttentionLayer: feature map {name!r} can give negative similarities, so causal attention's "
+                    "normaliser (the query's features against the running sum of the keys') can reach zero and "
+                    "training diverges; use a non-negative map (elu, relu, favor, hedgehog, taylor), or non-causal "
+                    "'linear' attention for comparisons"
+                )
 
     @property
     def is_linear(self) -> bool:

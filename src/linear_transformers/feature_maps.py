@@ -25,7 +25,11 @@ from torch import nn
 
 class FeatureMap(nn.Module):
     """Base class. Subclasses set `feature_dim` and implement `forward_keys` (and `forward_queries`
-    when queries are mapped differently)."""
+    when queries are mapped differently). `non_negative`: phi(q) . phi(k) >= 0 for all inputs, so
+    that the normaliser of causal attention (phi(q) . the running sum of phi(k)) cannot reach zero
+    from below; causal linear attention refuses maps without it."""
+
+    non_negative = True
 
     def __init__(self, head_dim: int, n_heads: int = 1) -> None:
         super().__init__()
@@ -172,6 +176,8 @@ class RandomFourierFeatureMap(_RandomProjection):
     non-negative: the normaliser can come out near zero or negative, so prefer "elu" or "favor" for
     training; this map is here for the comparisons.
     """
+
+    non_negative = False  # cos and sin features: the normaliser can cross zero
 
     def __init__(
         self,

@@ -29,6 +29,7 @@ and never embedded; an unknown character is an error.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
@@ -195,6 +196,7 @@ class LinearTransformerForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = CausalTransformer(config.model_config())
         self.post_init()
+        register_lora_targets()  # (peft may have been imported since this module was)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -395,5 +397,22 @@ def load_hf(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Cau
     return model, {"model": model.cfg.to_dict(), "data": data, "train": hf.config.training, "step": None}
 
 
+# LoRA's default targets for this model type: the attention projections (qkv: queries, keys and values
+# in one Linear; out). `LoraConfig(task_type="CAUSAL_LM")` without target_modules finds them once
+# they are in peft's table: registered here when peft is imported, and again when a model is built.
+LORA_TARGETS = ["qkv", "out"]
+
+
+def register_lora_targets() -> bool:
+    """Add this model type's LoRA targets to peft's default table, if peft is imported (importing it
+    here would cost seconds for users who never use it). Returns whether they are registered."""
+    constants = sys.modules.get("peft.utils.constants")
+    if constants is None:
+        return False
+    constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(MODEL_TYPE, list(LORA_TARGETS))
+    return True
+
+
+register_lora_targets()
 AutoConfig.register(MODEL_TYPE, LinearTransformerConfig, exist_ok=True)
 AutoModelForCausalLM.register(LinearTransformerConfig, LinearTransformerForCausalLM, exist_ok=True)

@@ -60,6 +60,10 @@ class ModelConfig:
 
         choose("attention", self.attention, [k for k in ATTENTION_KINDS if k.startswith("causal")])
         choose("feature_map", self.feature_map, list(FEATURE_MAPS))
+        if self.attention == "causal-linear" and not FEATURE_MAPS[self.feature_map].non_negative:
+            raise ValueError(f"ModelConfig: feature_map={self.feature_map!r} can give negative similarities, so the "
+                             "causal normaliser can reach zero and training diverges; use elu, relu, favor, hedgehog "
+                             "or taylor")  # fmt: skip
         choose("positional", self.positional, POSITIONAL)
         choose("norm", self.norm, NORMS)
         choose("head", self.head, list(HEADS))
@@ -192,12 +196,23 @@ class CausalTransformer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     # ---- inputs ---------------------------------------------------------------------------------
-    def _positions(self, start: int, n: int, device) -> torch.Tensor | None:
-        if start + n > self.cfg.max_len:
+    def ensure_positions(self, n: int) -> None:
+        """Positions [0, n) must have encodings: learned tables end at max_len (a one-line error says
+        so); the sinusoidal table grows (to n, at least doubling) since it can be computed for any
+        position; "none" has no limit. A recurrent model's only length limit is its positions."""
+        if self.cfg.positional == "learned" and n > self.cfg.max_len:
             raise ValueError(
-                f"CausalTransformer: position {start + n - 1} is past max_len={self.cfg.max_len}; "
-                "raise ModelConfig.max_len"
+                f"CausalTransformer: position {n - 1} is past the learned position table (max_len="
+                f"{self.cfg.max_len}); learned positions end there. Models with --positional sinusoidal or none "
+                "generate without a length limit"
             )
+        if self.cfg.positional == "sinusoidal" and n > self.pos_table.shape[0]:
+            rows = max(n, 2 * self.pos_table.shape[0])
+            table = sinusoidal_table(rows, self.cfg.d_model)  # (its first rows are the old table's, exactly)
+            self.pos_table = table.to(self.pos_table.device, self.pos_table.dtype)
+
+    def _positions(self, start: int, n: int, device) -> torch.Tensor | None:
+        self.ensure_positions(start + n)
         if self.cfg.positional == "learned":
             return self.pos(torch.arange(start, start + n, device=device))
         if self.cfg.positional == "sinusoidal":
@@ -205,18 +220,16 @@ class CausalTransformer(nn.Module):
         return None
 
     def position_table(self) -> torch.Tensor | None:
-        """The positional encodings of every position [max_len, d_model] (None: positional "none")."""
+        """The positional encodings of every position the model has a table for [rows, d_model]:
+        max_len rows for learned positions, as many as generation has needed so far (at least
+        max_len) for sinusoidal ones; None for positional "none"."""
         if self.cfg.positional == "learned":
             return self.pos.weight
         return self.pos_table if self.cfg.positional == "sinusoidal" else None
 
     def _positions_of(self, positions: torch.Tensor) -> torch.Tensor | None:
         """The positional encodings of positions [B, T] (each row its own), [B, T, d_model]."""
-        if int(positions.max()) >= self.cfg.max_len:
-            raise ValueError(
-                f"CausalTransformer: position {int(positions.max())} is past max_len={self.cfg.max_len}; "
-                "raise ModelConfig.max_len"
-            )
+        self.ensure_positions(int(positions.max()) + 1)
         if self.cfg.positional == "learned":
             return self.pos(positions)
         if self.cfg.positional == "sinusoidal":
@@ -356,11 +369,11 @@ class CausalTransformer(nn.Module):
                 f"[{int(token.min())}, {int(token.max())}]"
             )
         decode.check_config("CausalTransformer.step", config)
+        last = state.position if state.offsets is None else int((state.position - state.offsets).max())
+        self.ensure_positions(last + 1)  # (before the fused step reads the table: it may grow)
         fused = decode.fused_step(self, token.shape[0], state, config)
         if fused is None:
             return self.step_pytorch(token, state)
-        if state.position >= self.cfg.max_len:
-            self._positions(state.position, 1, token.device)  # raises: past max_len
         return decode.step_fused(fused, token, state), state
 
     def step_pytorch(self, token: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
@@ -462,7 +475,8 @@ class CausalTransformer(nn.Module):
         """Sample continuations. Returns [B, T0 + max_new_tokens] tokens (prompt included).
 
         n: batch size when there is no prompt (and no labels); prompt: [B, T0] tokens to continue;
-        labels: [B] classes of a class-conditional model; max_new_tokens defaults to max_len - T0.
+        labels: [B] classes of a class-conditional model; max_new_tokens defaults to max_len - T0 and
+        may go past max_len except with learned positions (an RNN's only length limit is its positions).
         temperature 0 picks the most likely token (greedy). mode "rnn": prefill then one `step` per
         token (O(1) per token for linear attention, a KV cache for softmax); "recompute": re-run the
         whole prefix in parallel for every token (the paper's softmax baseline). LSH attention has no
@@ -496,16 +510,21 @@ class CausalTransformer(nn.Module):
             raise TypeError(f"generate: prompt must hold integer token ids, got {prompt.dtype}")
         prompt = prompt.long()
         T0 = prompt.shape[1]
-        if T0 > self.cfg.max_len:
-            raise ValueError(f"generate: the prompt's {T0} tokens exceed max_len={self.cfg.max_len}")
+        if T0 > self.cfg.max_len and self.cfg.positional == "learned":
+            raise ValueError(f"generate: the prompt's {T0} tokens exceed the learned positions (max_len="
+                             f"{self.cfg.max_len})")  # fmt: skip
         batch = {"n": n, "the prompt's batch": prompt.shape[0], "the labels": None if labels is None else len(labels)}
         if len({b for b in batch.values() if b is not None}) > 1:
             given = ", ".join(f"{k} {b}" for k, b in batch.items() if b is not None)
             raise ValueError(f"generate: n, the prompt and the labels must agree on the batch, got {given}")
         if max_new_tokens is None:
-            max_new_tokens = self.cfg.max_len - T0
-        if T0 + max_new_tokens > self.cfg.max_len:
-            raise ValueError(f"generate: {T0} + {max_new_tokens} tokens exceed max_len={self.cfg.max_len}")
+            max_new_tokens = max(self.cfg.max_len - T0, 0)
+        if T0 + max_new_tokens > self.cfg.max_len and self.cfg.positional == "learned":
+            raise ValueError(
+                f"generate: {T0} + {max_new_tokens} tokens exceed the learned positions (max_len={self.cfg.max_len}); "
+                "models with --positional sinusoidal or none generate without a length limit"
+            )
+        self.ensure_positions(T0 + max_new_tokens)  # (grown once, before any fused step reads it)
         out = torch.empty(prompt.shape[0], T0 + max_new_tokens, dtype=torch.long, device=device)
         out[:, :T0] = prompt
         if max_new_tokens == 0:

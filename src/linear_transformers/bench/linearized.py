@@ -50,7 +50,9 @@ class LinearizedOptions:
                                 "only where the CPU has AVX512-BF16)")  # fmt: skip
     mode: str = option("hybrid", "the student's mode", choices=("linear", "hybrid", "window"))
     student: str = option("", "a linearised model folder (default: the teacher converted, untrained)")
-    llama_cpp: bool = option(True, "also time llama.cpp on the teacher's GGUF where llama-cpp-python is importable")
+    llama_cpp: list[str] = option(["f32", "bf16", "q8_0", "q4_1"], "llama.cpp on the teacher's GGUF in these types "
+                                  "(requantised from the shipped q4_1) where llama-cpp-python is importable; none: "
+                                  "leave it out")  # fmt: skip
     perplexity: str = option("", "a linearize run's data.pt: also the held-out perplexity of each weight format, "
                              "through the fused step token by token (both domains)")  # fmt: skip
     windows: int = count(8, "held-out windows per domain for --perplexity (all at once, as a batch)")
@@ -222,14 +224,17 @@ def main(args: argparse.Namespace) -> int:
     teacher, student = _models(args)
     for line in verify(teacher, student, formats):
         print(line, flush=True)
-    cpp_tags = []
-    if args.llama_cpp:
+    cpp_tags = [t for t in args.llama_cpp if t != "none"]
+    unknown = [t for t in cpp_tags if t not in (*LLAMA_CPP_TYPES, "q4_1")]
+    if unknown:
+        raise ValueError(f"bench linearized: --llama-cpp types must be among {', '.join(LLAMA_CPP_TYPES)}, q4_1 or "
+                         f"none, got {unknown}")  # fmt: skip
+    if cpp_tags:
         try:
             import llama_cpp  # noqa: F401
-
-            cpp_tags = ["f32", "bf16", "q8_0", "q4_1"]
         except ImportError:
             print("llama-cpp-python is not importable: llama.cpp is left out", flush=True)
+            cpp_tags = []
     args.out.mkdir(parents=True, exist_ok=True)
     cpp = {tag: LlamaCpp(tag, args.out, max(c for c in args.contexts if c <= args.teacher_max) + args.tokens + 8)
            for tag in cpp_tags}  # fmt: skip

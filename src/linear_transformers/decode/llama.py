@@ -203,6 +203,9 @@ class FusedLlamaStep:
             w.embed.data_ptr(), w.final_norm.data_ptr(), head.data_ptr(),
         )  # fmt: skip
         self._work: torch.Tensor | None = None
+        self._arrays: tuple | None = None  # (the states' key, their pointer arrays) of the last call
+        self._used = {"linear": ("S", "z"), "hybrid": ("S", "z", "ring_k", "ring_v", "sink_k", "sink_v"),
+                      "window": ("ring_k", "ring_v", "sink_k", "sink_v")}[w.mode]  # fmt: skip
         self.generation = -1  # (set by the model's builder, with the sources: what `current` checks)
         self.sources: list[torch.Tensor] = []
         self.source_ptrs: list[int] = []
@@ -216,12 +219,23 @@ class FusedLlamaStep:
 
         if self.generation != fused.current_generation():
             return False
-        if any(t.data_ptr() != p for t, p in zip(self.sources, self.source_ptrs, strict=True)):
+        if [t.data_ptr() for t in self.sources] != self.source_ptrs:  # (list comprehensions: ~0.1 ms for 400)
             return False
         return self.source_versions is None or [t._version for t in self.sources] == self.source_versions
 
     def _state_arrays(self, B: int, states) -> list:
-        """The six per-layer pointer arrays (S, z, ring_k, ring_v, sink_k, sink_v), each tensor checked."""
+        """The six per-layer pointer arrays (S, z, ring_k, ring_v, sink_k, sink_v), each tensor checked
+        when the states' tensors are not those of the previous call (their addresses and layouts)."""
+        used = self._used
+        key = (B, [(t.data_ptr(), t.is_contiguous()) if t is not None else None
+                   for s in states for t in (getattr(s, n) for n in used)])  # fmt: skip
+        if self._arrays is not None and self._arrays[0] == key and len({s.seen for s in states}) == 1:
+            return self._arrays[1]
+        arrays = self._check_states(B, states)
+        self._arrays = (key, arrays)
+        return arrays
+
+    def _check_states(self, B: int, states) -> list:
         H, D, F, W, ns = self.n_heads, self.head_dim, self.n_features, self.window, self.sinks
         L = self.struct.n_layers
         if len(states) != L:
