@@ -18,7 +18,7 @@ ROWS = [
     {"ops", "feature_maps"},
     {"attention"},
     {"decode"},
-    {"heads", "model"},
+    {"heads", "model", "blocks"},
     {"checkpoint", "hf", "linearize"},
     {"train", "export", "web"},
     {"commands", "bench", "experiments", "demo"},

@@ -214,7 +214,8 @@ def test_lora_finds_its_default_targets_without_being_told(folder):
 
     base = transformers.AutoModelForCausalLM.from_pretrained(folder)
     lora = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", r=4))
-    adapted = {n.rsplit(".", 2)[0].rsplit(".", 1)[-1] for n, p in lora.named_parameters() if p.requires_grad}
+    # (names end in <module>.lora_A.default.weight)
+    adapted = {n.rsplit(".", 3)[0].rsplit(".", 1)[-1] for n, p in lora.named_parameters() if p.requires_grad}
     assert adapted == set(LORA_TARGETS)
 
 

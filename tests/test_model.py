@@ -132,18 +132,18 @@ def test_bad_inputs_are_named():
         ModelConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="lsh_buckets must be even"):
         ModelConfig(attention="causal-lsh", lsh_buckets=7)
-    model = _model()
+    model = _model(positional="learned")  # (learned positions end at max_len; the others go on)
     with pytest.raises(ValueError, match=r"tokens must lie in \[0, vocab_size=16\), got values in \[0, 16\]"):
         model(torch.tensor([[0, 16]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="class-conditional .* pass labels"):
         model(torch.zeros(1, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="position 48 is past max_len=48"):
+    with pytest.raises(ValueError, match=r"position 48 is past the learned position table \(max_len=48\)"):
         model(torch.zeros(1, 49, dtype=torch.long), torch.tensor([0]))
-    with pytest.raises(ValueError, match="exceed max_len=48"):
+    with pytest.raises(ValueError, match=r"exceed the learned positions \(max_len=48\)"):
         model.generate(labels=torch.tensor([0]), max_new_tokens=49)
     with pytest.raises(TypeError, match="tokens must be an integer tensor"):
         model(torch.zeros(1, 4), torch.tensor([0]))
-    with pytest.raises(ValueError, match="the prompt's 60 tokens exceed max_len=48"):
+    with pytest.raises(ValueError, match=r"the prompt's 60 tokens exceed the learned positions \(max_len=48\)"):
         model.generate(prompt=torch.zeros(1, 60, dtype=torch.long), labels=torch.tensor([0]))
     with pytest.raises(ValueError, match="must agree on the batch, got n 3, the prompt's batch 2, the labels 2"):
         model.generate(n=3, labels=torch.tensor([0, 1]))
@@ -217,14 +217,15 @@ def test_generation_goes_on_past_max_len_where_positions_can_be_computed(positio
             _, state = model.step(fused_rnn[:, 4 + t], state)
     assert fused_rnn.shape == (2, 160)
     assert torch.equal(fused_rnn, pytorch_rnn) and torch.equal(fused_rnn, recompute)
-    assert [tuple(s.S.shape) for s in state.layers] == shapes and state.position == 154  # constant size
+    # constant size; position 5 after the start token and the 4-token prompt, then 150 steps
+    assert [tuple(s.S.shape) for s in state.layers] == shapes and state.position == 155
 
 
 def test_learned_positions_say_where_they_end():
     model = _model(n_classes=0, max_len=16, positional="learned")
     with pytest.raises(ValueError, match=r"exceed the learned positions \(max_len=16\).*sinusoidal or none"):
         model.generate(prompt=torch.zeros(1, 4, dtype=torch.long), max_new_tokens=20)
-    _, state = model.prefill(torch.zeros(1, 15, dtype=torch.long))
+    _, state = model.prefill(torch.zeros(1, 14, dtype=torch.long))  # positions 0-14: the start token and 14
     with torch.no_grad():
         _, state = model.step(torch.zeros(1, dtype=torch.long), state)  # position 15: the last one
         with pytest.raises(ValueError, match="position 16 is past the learned position table"):

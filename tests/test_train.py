@@ -175,7 +175,7 @@ def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
     cli_error(
         capsys,
         ["sample", "--checkpoint", str(run), "--cpu-precision", "fp16"],
-        "--cpu-precision must be one of float32, bf16-weights, bf16, got 'fp16'",
+        "--cpu-precision must be one of float32, bf16-weights, bf16, int8, got 'fp16'",
     )
     softmax = tmp_path / "softmax"
     cli_main(["train", "--data-path", str(mnist_dir), "--out", str(softmax), "--steps", "1", "--checkpoint-every", "1",

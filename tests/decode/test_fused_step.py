@@ -318,7 +318,7 @@ def test_the_fused_step_checks_every_state_tensor_it_writes():
 def test_fused_step_refuses_bad_tokens_and_positions_without_touching_the_state():
     if not fused.available():
         pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
-    model = _model(n_classes=0, max_len=8)
+    model = _model(n_classes=0, max_len=8, positional="learned")  # (learned positions end at max_len)
     with torch.no_grad():
         _, state = model.prefill(torch.randint(0, 16, (2, 3)))
         before = state.clone()
@@ -333,7 +333,7 @@ def test_fused_step_refuses_bad_tokens_and_positions_without_touching_the_state(
             assert torch.equal(a.S, b.S) and torch.equal(a.z, b.z) and a.n_tokens == b.n_tokens
         for _ in range(4):
             model.step(torch.tensor([1, 2]), state)
-        with pytest.raises(ValueError, match="past max_len=8"):
+        with pytest.raises(ValueError, match=r"position 8 is past the learned position table \(max_len=8\)"):
             model.step(torch.tensor([1, 2]), state)
 
 
@@ -462,13 +462,18 @@ def test_mixture_sampling_shortcut_draws_the_discretised_distribution():
 def test_decode_config_refuses_what_the_step_cannot_do():
     with pytest.raises(ValueError, match="dot=torch.bfloat16 needs weights=torch.bfloat16"):
         DecodeConfig(dot=torch.bfloat16)
-    with pytest.raises(ValueError, match="weights must be torch.float32 or torch.bfloat16, got torch.float16"):
+    with pytest.raises(
+        ValueError, match="weights must be torch.float32, torch.bfloat16 or torch.int8, got torch.float16"
+    ):
         DecodeConfig(weights=torch.float16)
+    with pytest.raises(ValueError, match="dot must be torch.float32 or torch.bfloat16, got torch.int8"):
+        DecodeConfig(weights=torch.int8, dot=torch.int8)
     with pytest.raises(ValueError, match="max_batch must be >= 0, got -1"):
         DecodeConfig(max_batch=-1)
-    with pytest.raises(ValueError, match="cpu precision must be one of float32, bf16-weights, bf16, got 'fp16'"):
+    with pytest.raises(ValueError, match="cpu precision must be one of float32, bf16-weights, bf16, int8, got 'fp16'"):
         DecodeConfig.precision("fp16")
     assert DecodeConfig.precision("bf16-weights") == DecodeConfig(weights=torch.bfloat16)
+    assert DecodeConfig.precision("int8") == DecodeConfig(weights=torch.int8)
 
 
 @pytest.mark.parametrize("head", ["mol", "categorical"])

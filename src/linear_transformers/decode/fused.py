@@ -382,7 +382,7 @@ def _flat(w: StepWeights) -> list[torch.Tensor | None]:
     return [t for layer in w.layers for t in layer.values()] + list(w.io.values())
 
 
-# Bumped whenever any module in the process gets a new parameter or submodule (assign=True loads,
+# Bumped whenever any module in the process gets a new parameter, buffer or submodule (assign=True loads,
 # adapters, `m.weight = nn.Parameter(...)`): a fused step built at the same count, whose tensors still
 # sit at the same addresses, is current without walking the model (`FusedModelStep.current`).
 _generation = 0
@@ -395,6 +395,7 @@ def _bump(*args) -> None:
 
 torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
 torch.nn.modules.module.register_module_module_registration_hook(_bump)
+torch.nn.modules.module.register_module_buffer_registration_hook(_bump)  # (a grown position table)
 
 
 def current_generation() -> int:

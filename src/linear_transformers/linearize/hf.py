@@ -46,6 +46,8 @@ class LinearLlamaForCausalLM(LlamaForCausalLM):
         """LlamaForCausalLM's forward; one new token per row after a prefill (generate()'s steps) runs
         through the fused C step where it applies (step.fused_logits; self.decode_config chooses it
         and its weight format), the same logits."""
+        if cache is None:  # (transformers' deprecated name for it, still accepted)
+            cache = kwargs.pop("past_key_values", None)
         logits = fused_logits(self, input_ids, position_ids, cache, inputs_embeds, labels, kwargs)
         if logits is not None:
             return CausalLMOutputWithPast(logits=logits, cache=cache)
