@@ -203,6 +203,14 @@ def test_text_model_samples_text(tmp_path, capsys, monkeypatch):
     cli_error(capsys, [*sample, "--out", str(tmp_path / "samples.txt")], "exists and was not written by this command")
     cli_error(capsys, [*sample, "--out", str(run / "s.txt")], "a training run's folder")
     cli_error(capsys, ["sample", "--checkpoint", str(run), "--prompt", "xyz"], "characters the model never saw")
+    # eval on text: every test character once, in non-overlapping windows of the model's length, in bits/char
+    capsys.readouterr()
+    assert cli_main(["eval", "--checkpoint", str(run)]) == 0
+    out = capsys.readouterr().out
+    from linear_transformers import data as datasets
+
+    n = datasets.load("text", str(tmp_path / "t.txt"), seq_len=32).n_items("test")
+    assert f"bits/char over {-(-n // 32)} non-overlapping windows of 32 characters" in out
 
 
 def test_cli_options_and_errors(tmp_path, capsys):

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command line. A user error prints `linear-transformers <command>: error: <what>` and
     returns 2 (`--debug` shows the traceback instead); Ctrl-C returns 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _show_library_log()
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     command = argv[0] if argv and not argv[0].startswith("-") else ""
@@ -46,6 +47,31 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"linear-transformers {command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _show_library_log() -> None:
+    """The library's INFO messages (compiling and timing kernels on first use) on stderr, one line
+    each, unless the user configured logging themselves; under torchrun only rank 0's."""
+    import logging
+    import os
+
+    log = logging.getLogger("linear_transformers")
+    if log.handlers or os.environ.get("RANK", "0") != "0":
+        return
+
+    class _Stderr(logging.StreamHandler):  # (whatever sys.stderr is at the time of each message)
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value):
+            pass
+
+    handler = _Stderr()
+    handler.setFormatter(logging.Formatter("linear-transformers: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 def _run(argv: list[str]) -> int:

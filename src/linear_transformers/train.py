@@ -196,13 +196,29 @@ def _setup_distributed(device: torch.device) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate(model: CausalTransformer, d: datasets.SequenceData, cfg: TrainConfig, device, batches: int) -> float:
-    """Bits per dimension (per token) on the first `batches` batches of the test split."""
+def evaluate(
+    model: CausalTransformer,
+    d: datasets.SequenceData,
+    cfg: TrainConfig,
+    device,
+    batches: int,
+    stride: int | None = None,
+    progress: bool = False,
+) -> float:
+    """Bits per dimension (per token) on the first `batches` batches of the test split. Text's test
+    items are windows starting at every character: `stride` picks every stride-th (default: spread
+    over the split); images are taken in order."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     n = d.n_items("test")
-    stride = max(1, n // (batches * cfg.batch_size)) if d.is_text else 1
+    if stride is None:
+        stride = max(1, n // (batches * cfg.batch_size)) if d.is_text else 1
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=batches, desc="eval", unit="batch", dynamic_ncols=True)
     for b in range(batches):
         idx = (torch.arange(cfg.batch_size) + b * cfg.batch_size) * stride
         idx = idx[idx < n]
@@ -214,6 +230,10 @@ def evaluate(model: CausalTransformer, d: datasets.SequenceData, cfg: TrainConfi
             nll = model.nll(tokens.to(device), labels)
         total += nll.double().sum().item()
         count += nll.numel()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     model.train(was_training)
     return total / max(count, 1) / math.log(2)
 

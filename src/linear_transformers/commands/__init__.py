@@ -67,6 +67,10 @@ COMMANDS: dict[str, Command | dict] = {
     "linearize-summary": Command(
         "linear_transformers.linearize.summary", "the linearisation runs of a folder in one result.json and table"
     ),
+    "prepare": Command(
+        "linear_transformers.commands.prepare",
+        "compile and time the C kernels now (after install, or in a Docker layer), so that a first run starts at once",
+    ),
     "bench": BENCHMARKS,
     "experiment": EXPERIMENTS,
 }

@@ -13,7 +13,11 @@ from ..train import TrainConfig, evaluate, resolve_device
 @dataclass
 class EvalConfig:
     checkpoint: str = option("runs/model", "run folder or checkpoint folder")
-    batches: int = option(0, "test batches (0: the whole test split)")
+    batches: int = option(
+        0,
+        "test batches (0: the whole test split: every image, or for text every character "
+        "once, in non-overlapping windows)",
+    )
     batch_size: int = option(64, "test sequences per batch")
     data_path: str = option("", "where the data is now (default: where training found it)")
     device: str = option("auto", "auto, cpu or cuda")
@@ -42,9 +46,19 @@ def run_eval(cfg: EvalConfig) -> float:
     # (the device it trained on may not be here: the evaluation's own)
     train_cfg = TrainConfig(**{**t, "batch_size": cfg.batch_size, "conditional": bool(model.cfg.n_classes),
                                "device": str(device), "data_path": data_path or ""})  # fmt: skip
-    batches = cfg.batches or -(-d.n_items("test") // cfg.batch_size)
-    bpd = evaluate(model, d, train_cfg, device, batches)
-    print(f"{d.name} test: {bpd:.4f} bits/dim over {min(batches * cfg.batch_size, d.n_items('test'))} sequences")
+    n = d.n_items("test")
+    # text: non-overlapping windows of the model's length (every character scored once, each window
+    # from the start token); images: every test image
+    stride = t["seq_len"] if d.is_text else 1
+    windows = -(-n // stride)
+    batches = min(cfg.batches or windows, -(-windows // cfg.batch_size))
+    bpd = evaluate(model, d, train_cfg, device, batches, stride=stride, progress=True)
+    scored = min(batches * cfg.batch_size, windows)
+    if d.is_text:
+        print(f"{d.name} test: {bpd:.4f} bits/char over {scored} non-overlapping windows of {t['seq_len']} "
+              f"characters")  # fmt: skip
+    else:
+        print(f"{d.name} test: {bpd:.4f} bits/dim over {scored} images")
     return bpd
 
 

@@ -75,6 +75,11 @@ def register(name: str, files: list[Path], openmp: str, set_signatures: Callable
     _libraries[name] = Library(name, {f.name: f.read_bytes() for f in files}, openmp, set_signatures)
 
 
+def registered() -> list[str]:
+    """The names of every library declared so far (each module that has one declares it on import)."""
+    return list(_libraries)
+
+
 @contextlib.contextmanager
 def use(level: str | None = None, cc: str | None = None, openmp: bool = True) -> Iterator[None]:
     """Within the block, every library comes from the build for `level` (see build.LEVELS) with the
@@ -155,6 +160,8 @@ def verdict(kind: str, measure: Callable[[], tuple[float, float]], library: str)
     with _lock:
         stored = build.read_verdict(loaded.build, what)
         if stored is None:
+            started = time.perf_counter()
+            build.log.info("timing the compiled %s kernel against PyTorch (once per build and thread count) ...", kind)
             try:
                 kernel_s, pytorch_s = measure()
             except Exception as e:  # unverified is not faster: PyTorch, said once, measured again next process
@@ -168,6 +175,8 @@ def verdict(kind: str, measure: Callable[[], tuple[float, float]], library: str)
             }
             if kernel_s == kernel_s:  # (a failed measurement is not kept)
                 build.store_verdict(loaded.build, what, stored)
+            build.log.info("timed %s in %.1f s: %s ms against PyTorch's %s ms", kind, time.perf_counter() - started,
+                           stored["kernel_ms"], stored["pytorch_ms"])  # fmt: skip
     if not stored["faster"] and key not in _warned:
         _warned.add(key)
         warnings.warn(

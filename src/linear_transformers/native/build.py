@@ -37,17 +37,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..integrity import file_sha256
+
+# Library code says what it does through logging (the command line shows INFO on stderr): a first
+# call that compiles or times the kernels takes seconds, and should say so.
+log = logging.getLogger("linear_transformers")
 
 _V3 = frozenset({"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm", "xsave"})
 _V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
@@ -281,6 +287,9 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: str
         except (ValueError, KeyError, OSError, TypeError):
             pass  # rebuilt below
     out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    log.info("compiling the C library %s for %s with %s (once per machine; cached in %s) ...", name, level,
+             Path(cc).name, out.parent)  # fmt: skip
     errors = []
     attempts = [(level_flags, omp) for level_flags in flag_sets for omp in _openmp_flags(clang, openmp)]
     for level_flags, omp in attempts:
@@ -298,6 +307,7 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: str
                 result = Build(out, level, version, tuple(flags), bool(omp), openmp)
                 _write_json(info, {"flags": list(flags), "openmp": bool(omp), "compiler": version, "sha256": digest,
                                    "verdicts": {}})  # fmt: skip
+                log.info("compiled %s in %.1f s", name, time.perf_counter() - started)
                 return result
             errors.append(f"{' '.join(cmd)}\n{proc.stderr.strip()[-1500:]}")
     raise RuntimeError(f"compiling {name} for {level} failed:\n" + "\n".join(errors))
