@@ -79,7 +79,7 @@ typedef struct {
 } lt_lstep;
 
 typedef struct {
-    float *h, *q, *k, *fq, *fk, *score;
+    float *h, *q, *k, *fq, *fk, *score, *vold;
 } lt_lmine;
 
 long lt_llama_work_size(const lt_llama *m, int B) {
@@ -99,11 +99,12 @@ static lt_lstep lstep_layout(const lt_llama *m, int B, float *work) {
 
 static lt_lmine lmine_alloc(const lt_llama *m, int B) {
     const long D = m->head_dim, F = m->n_features;
-    const long n = (long)B * m->d + 2 * D + 2 * F + (m->window + m->sinks) + 4 * VLF;
-    lt_lmine t = {NULL, NULL, NULL, NULL, NULL, NULL};
+    const long n = (long)B * m->d + 3 * D + 2 * F + (m->window + m->sinks) + 4 * VLF;
+    lt_lmine t = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     t.h = malloc(sizeof(float) * n);
     if (!t.h) return t;
     t.q = t.h + (long)B * m->d, t.k = t.q + D, t.fq = t.k + D, t.fk = t.fq + F, t.score = t.fk + F;
+    t.vold = t.score + m->window + m->sinks;
     return t;
 }
 
@@ -218,43 +219,38 @@ static inline float dot(const float *a, const float *b, int n) {
     return s;
 }
 
-/* S += phi v^T; z += phi (one head: S [F, D], z [F]). */
-static void state_add(int F, int D, const float *phi, const float *v, float *S, float *z) {
-    for (int f = 0; f < F; f++) {
-        const float p = phi[f];
-        float *row = S + (long)f * D;
-        int e = 0;
-        for (; e + VLF <= D; e += VLF) vstore(row + e, vload(row + e) + p * vload(v + e));
-        for (; e < D; e++) row[e] += p * v[e];
-        z[f] += p;
-    }
-}
-
 /* One (row, query head): the attention output y [D] for the roped q and k and the value v of the
  * token at index t (= seen), the layer's state of that row and head advanced. */
 static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, const float *v, float *S, float *z,
                        float *ring_k, float *ring_v, float *sink_k, float *sink_v, float *y) {
     const int D = m->head_dim, F = m->n_features, W = m->window, ns = m->sinks;
     const float *q = w->q, *k = w->k;
-    if (m->mode == LT_LINEAR) {
+    if (m->mode == LT_LINEAR) { /* S += phi_k(k) v^T and the read of S, in one pass */
         feature_map(m, l, h, 1, k, w->fk);
-        state_add(F, D, w->fk, v, S, z);
         feature_map(m, l, h, 0, q, w->fq);
-        const float den = dot(w->fq, z, F);
+        float den = 0;
         for (int e = 0; e < D; e++) y[e] = 0;
         for (int f = 0; f < F; f++) {
-            const float p = w->fq[f];
-            const float *row = S + (long)f * D;
-            for (int e = 0; e < D; e++) y[e] += p * row[e];
+            const float p = w->fq[f], a = w->fk[f];
+            float *row = S + (long)f * D;
+            int e = 0;
+            for (; e + VLF <= D; e += VLF) vstore(row + e, vload(row + e) + a * vload(v + e));
+            for (; e < D; e++) row[e] += a * v[e];
+            z[f] += a;
+            den += p * z[f];
+            for (e = 0; e < D; e++) y[e] += p * row[e];
         }
         const float inv = 1.0f / (den + m->attn_eps);
         for (int e = 0; e < D; e++) y[e] *= inv;
         return;
     }
     const int slot = (int)(t % W);
-    if (m->mode == LT_HYBRID && t >= W && t - W >= ns) { /* the key leaving the window joins the state */
+    /* the key leaving the window (and not a sink) joins the state: its features and value are kept
+     * here, and S and z take them in the same pass that reads S for this token (below) */
+    const int leaving = m->mode == LT_HYBRID && t >= W && t - W >= ns;
+    if (leaving) {
         feature_map(m, l, h, 1, ring_k + (long)slot * D, w->fk);
-        state_add(F, D, w->fk, ring_v + (long)slot * D, S, z);
+        memcpy(w->vold, ring_v + (long)slot * D, sizeof(float) * D);
     }
     memcpy(ring_k + (long)slot * D, k, sizeof(float) * D);
     memcpy(ring_v + (long)slot * D, v, sizeof(float) * D);
@@ -286,11 +282,18 @@ static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, con
         den += a;
         for (int e = 0; e < D; e++) y[e] += a * val[e];
     }
-    if (m->mode == LT_HYBRID) {
+    if (m->mode == LT_HYBRID) { /* one pass over S: the leaving key's update, then its read */
         feature_map(m, l, h, 0, q, w->fq);
         for (int f = 0; f < F; f++) {
             const float p = w->fq[f];
-            const float *row = S + (long)f * D;
+            float *row = S + (long)f * D;
+            if (leaving) {
+                const float a = w->fk[f];
+                int e = 0;
+                for (; e + VLF <= D; e += VLF) vstore(row + e, vload(row + e) + a * vload(w->vold + e));
+                for (; e < D; e++) row[e] += a * w->vold[e];
+                z[f] += a;
+            }
             den += p * z[f];
             for (int e = 0; e < D; e++) y[e] += p * row[e];
         }
