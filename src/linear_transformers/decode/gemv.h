@@ -61,8 +61,20 @@ static inline int tile_rows(int j0, int j1, int t, int *j, int *rs) {
         for (int c = 0; c < NB; c++)                                                                               \
             for (int r = 0; r < 4; r++) acc[c][r] = (vf){0};                                                       \
         int i = 0;                                                                                                 \
-        for (; i + VLF <= n_in; i += VLF) {                                                                        \
+        /* a cache line (64 bytes) of each weight row per iteration: one prefetch per line and row */              \
+        enum { U = 64 / (VLF * ESIZE) > 1 ? 64 / (VLF * ESIZE) : 1 };                                              \
+        for (; i + U * VLF <= n_in; i += U * VLF) {                                                                \
             for (int r = 0; r < 4; r++) __builtin_prefetch((const char *)W + (w[r] + i) * ESIZE + LT_AHEAD);       \
+            for (int u = 0; u < U; u++) {                                                                          \
+                vf wv[4];                                                                                          \
+                for (int r = 0; r < 4; r++) wv[r] = WLOAD(W, w[r] + i + u * VLF);                                  \
+                for (int c = 0; c < NB; c++) {                                                                     \
+                    const vf xv = vload(x + (long)(b0 + c) * n_in + i + u * VLF);                                  \
+                    for (int r = 0; r < 4; r++) acc[c][r] += wv[r] * xv;                                           \
+                }                                                                                                  \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (; i + VLF <= n_in; i += VLF) {                                                                        \
             vf wv[4];                                                                                              \
             for (int r = 0; r < 4; r++) wv[r] = WLOAD(W, w[r] + i);                                                \
             for (int c = 0; c < NB; c++) {                                                                         \
