@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command line. A user error prints `linear-transformers <command>: error: <what>` and
     returns 2 (`--debug` shows the traceback instead); Ctrl-C returns 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _own_process_settings()
     _show_library_log()
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -47,6 +48,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"linear-transformers {command}: interrupted", file=sys.stderr)
         return 130
+
+
+# Settings the command line makes because it owns its process (the library never changes a user's
+# process-wide allocator): PyTorch's CPU allocator puts tensors of 2 MB and more on transparent huge
+# pages (THP_MEM_ALLOC_ENABLE, read at the first large allocation). Without it, every fresh 16-32 MB
+# tensor costs thousands of page faults; whether a call gets fresh pages or recycled ones depends on
+# what glibc happens to hold, which made the attention kernel's times bimodal (70 against 47 ms).
+# A value the user set (0 included) is kept.
+PROCESS_SETTINGS = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def _own_process_settings() -> None:
+    import os
+
+    for key, value in PROCESS_SETTINGS.items():
+        os.environ.setdefault(key, value)
 
 
 def _show_library_log() -> None:
