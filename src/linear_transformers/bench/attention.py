@@ -37,7 +37,7 @@ from .. import ops
 from ..ops import naive
 from ..options import add_options, count, option
 from . import figure1, levels
-from .measure import batched_gemm_gflops, isa_lines, machine_info, peak_extra_memory, rel_error, time_fn
+from .measure import batched_gemm_gflops, isa_lines, machine_info, peak_extra_memory, rel_error
 from .report import finish_log_log, fmt, markdown_table, write_csv
 
 IMPLS = ("naive", "chunked", "cpu", "auto", "softmax")
@@ -56,7 +56,7 @@ class AttentionOptions:
     dtype: str = option("float32", "input dtype", choices=list(DTYPES))
     impls: list[str] = option(list(IMPLS), "what to time", choices=IMPLS)
     threads: int = option(torch.get_num_threads(), "CPU threads")
-    repeats: int = count(5, "timed runs per measurement (best and median kept)")
+    repeats: int = count(5, "interleaved rounds per length (each implementation timed once per round; median and min)")
     naive_limit_gib: float = option(4.0, "skip naive above this many GiB of N^2 scores")
     out: Path = option(DEFAULT_OUT, "output folder (--figure1: results/figure1)")
     device: str = option("cpu", "where to run: cpu or cuda")
@@ -145,27 +145,29 @@ def verify(args, lengths: list[int]) -> list[str]:
     return lines
 
 
-def measure(args, impl: str, N: int) -> dict:
+def prepare(args, impl: str, N: int):
+    """One implementation at length N: its row (sizes; or why it is skipped), and its forward and
+    forward+backward as callables on their own inputs, for measure_interleaved."""
     dtype = DTYPES[args.dtype]
     B, H, D = args.batch, args.heads, args.dim
     row = {"impl": impl, "N": N, "batch": B, "heads": H, "dim": D, "dtype": args.dtype, "threads": args.threads}
     if impl == "naive" and B * H * N * N * 8 * 3 > args.naive_limit_gib * 2**30:
         row["skipped"] = f"N^2 scores exceed {args.naive_limit_gib} GiB"
-        return row
+        return row, None, None
     device = torch.device(args.device)
     q, k, v = make_inputs(B, N, H, D, dtype, args.device, seed=N)
-    run = _attention(impl, q, k, v, args.chunk_size)
-    repeats = 1 if args.quick else args.repeats
-    with torch.no_grad():
-        fwd = time_fn(run, repeats, device)
-    for x in (q, k, v):
-        x.requires_grad_(True)
-    run = _attention(impl, q, k, v, args.chunk_size)
+    fwd_run = _attention(impl, q, k, v, args.chunk_size)
+
+    def fwd():
+        with torch.no_grad():
+            fwd_run()
+
+    qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
+    run = _attention(impl, qg, kg, vg, args.chunk_size)
     grad_out = torch.randn(B, N, H, D, dtype=dtype, device=device)
     if impl == "softmax":
         grad_out = grad_out.transpose(1, 2).contiguous()
-
-    inputs = (q, k, v) if impl != "softmax" else None
+    inputs = (qg, kg, vg) if impl != "softmax" else None
 
     def fwd_bwd():
         out = run()
@@ -173,21 +175,50 @@ def measure(args, impl: str, N: int) -> dict:
         # autograd.grad returns fresh gradients instead of accumulating into .grad, the same for every impl
         torch.autograd.grad(out, inputs or run.inputs, grad_out)
 
-    fb = time_fn(fwd_bwd, repeats, device)
-    mem = peak_extra_memory(fwd_bwd, device)
-    row.update(
-        fwd_ms=fwd.best_ms,
-        fwd_median_ms=fwd.median_ms,
-        fwdbwd_ms=fb.best_ms,
-        fwdbwd_median_ms=fb.median_ms,
-        fwdbwd_peak_mib=mem / 2**20,
-        repeats=repeats,
-    )
-    if impl in FAST:
-        C = args.chunk_size
-        row["fwd_gflops"] = chunked_flops(N, B, H, D, D, C, False) / (fwd.best_ms * 1e6)
-        row["fwdbwd_gflops"] = chunked_flops(N, B, H, D, D, C, True) / (fb.best_ms * 1e6)
-    return row
+    return row, fwd, fwd_bwd
+
+
+def measure_interleaved(args, N: int, impls: list[str]) -> list[dict]:
+    """Every implementation at length N, taking turns: each round times each one's forward, then
+    each one's forward+backward, the order rotating between rounds, so that a slow moment of the
+    machine (or an allocator handing out fresh pages) hits all of them. Median and min per
+    implementation (users meet the median); then the extra peak memory of forward+backward."""
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    prepared = [prepare(args, impl, N) for impl in impls]
+    live = [(row, f, fb) for row, f, fb in prepared if f is not None]
+    repeats = 1 if args.quick else args.repeats
+    times = {id(row): {"fwd": [], "fwdbwd": []} for row, _, _ in live}
+    for _, f, fb in live:  # warm-up: first calls compile, time and allocate
+        f(), fb()
+    for rnd in range(repeats):
+        order = live[rnd % len(live) :] + live[: rnd % len(live)] if live else []
+        for kind in ("fwd", "fwdbwd"):
+            for row, f, fb in order:
+                sync()
+                t0 = time.perf_counter()
+                (f if kind == "fwd" else fb)()
+                sync()
+                times[id(row)][kind].append((time.perf_counter() - t0) * 1e3)
+    for row, _, fb in live:
+        t = times[id(row)]
+        row.update(
+            fwd_ms=statistics.median(t["fwd"]), fwd_min_ms=min(t["fwd"]),
+            fwdbwd_ms=statistics.median(t["fwdbwd"]), fwdbwd_min_ms=min(t["fwdbwd"]),
+            fwdbwd_peak_mib=peak_extra_memory(fb, device) / 2**20, repeats=repeats,
+        )  # fmt: skip
+        if row["impl"] in FAST:
+            C = args.chunk_size
+            row["fwd_gflops"] = chunked_flops(N, row["batch"], row["heads"], row["dim"], row["dim"], C, False) / (
+                row["fwd_ms"] * 1e6)  # fmt: skip
+            row["fwdbwd_gflops"] = chunked_flops(N, row["batch"], row["heads"], row["dim"], row["dim"], C, True) / (
+                row["fwdbwd_ms"] * 1e6)  # fmt: skip
+    return [row for row, _, _ in prepared]
+
+
+def measure(args, impl: str, N: int) -> dict:
+    """One implementation alone (measure_interleaved over one)."""
+    return measure_interleaved(args, N, [impl])[0]
 
 
 def auto_interleaved(args: argparse.Namespace, N: int, faster: str, clock=time.perf_counter) -> tuple[dict, list[dict]]:
@@ -234,11 +265,12 @@ def auto_interleaved(args: argparse.Namespace, N: int, faster: str, clock=time.p
 def summary_table(rows: list[dict]) -> str:
     """One row per (N, implementation), with speedups over softmax measured in the same run."""
     softmax = {r["N"]: r for r in rows if r["impl"] == "softmax" and "fwd_ms" in r}
-    header = ["N", "impl", "fwd ms", "fwd+bwd ms", "fwd vs softmax", "fwd+bwd vs softmax", "peak MiB", "GFLOP/s"]
+    header = ["N", "impl", "fwd ms (median)", "fwd+bwd ms (median)", "fwd+bwd min", "fwd vs softmax",
+              "fwd+bwd vs softmax", "peak MiB", "GFLOP/s"]  # fmt: skip
     out = []
     for r in sorted(rows, key=lambda r: (r["N"], IMPLS.index(r["impl"]))):
         if "fwd_ms" not in r:
-            out.append([str(r["N"]), r["impl"], "skipped", "", "", "", "", ""])
+            out.append([str(r["N"]), r["impl"], "skipped", "", "", "", "", "", ""])
             continue
         s = softmax.get(r["N"])
         speed = (
@@ -250,8 +282,8 @@ def summary_table(rows: list[dict]) -> str:
             ]
         )
         out.append(
-            [str(r["N"]), r["impl"], fmt(r["fwd_ms"]), fmt(r["fwdbwd_ms"]), *speed, fmt(r["fwdbwd_peak_mib"]),
-             fmt(r.get("fwdbwd_gflops"), 0)]
+            [str(r["N"]), r["impl"], fmt(r["fwd_ms"]), fmt(r["fwdbwd_ms"]), fmt(r.get("fwdbwd_min_ms")), *speed,
+             fmt(r["fwdbwd_peak_mib"]), fmt(r.get("fwdbwd_gflops"), 0)]
         )  # fmt: skip
     return markdown_table(header, out)
 
@@ -314,14 +346,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"batched 64x64x64 float32 matmul on this machine: {gemm:.0f} GFLOP/s")
     rows = []
     for N in args.lengths:
-        for impl in args.impls:
-            row = measure(args, impl, N)
+        for row in measure_interleaved(args, N, list(args.impls)):
+            impl = row["impl"]
             rows.append(row)
             if "skipped" in row:
                 print(f"  N={N:>6} {impl:>8}: skipped ({row['skipped']})", flush=True)
             else:
                 print(
-                    f"  N={N:>6} {impl:>8}: fwd {row['fwd_ms']:9.1f} ms  fwd+bwd {row['fwdbwd_ms']:9.1f} ms  "
+                    f"  N={N:>6} {impl:>8}: fwd {row['fwd_ms']:9.1f} ms  fwd+bwd {row['fwdbwd_ms']:9.1f} ms "
+                    f"(median; min {row['fwdbwd_min_ms']:.1f})  "
                     f"peak {fmt(row['fwdbwd_peak_mib'])} MiB",
                     flush=True,
                 )
@@ -340,7 +373,11 @@ def main(args: argparse.Namespace) -> int:
             + "\n"
         )
     machine = info["gpu"] if args.device.startswith("cuda") and "gpu" in info else info["cpu"]
-    header = f"Causal attention, {config}; best of {args.repeats} runs\n\nMachine: {machine}, torch {info['torch']}\n"
+    import os
+
+    allocator = f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
+    header = (f"Causal attention, {config}; median (and min) of {args.repeats} interleaved rounds; allocator: "
+              f"{allocator}\n\nMachine: {machine}, torch {info['torch']}\n")  # fmt: skip
     header += "".join(line + "\n" for line in isa_lines())
     if gemm == gemm:
         header += f"Batched 64x64x64 float32 matmul rate measured in the same run: {gemm:.0f} GFLOP/s\n"
