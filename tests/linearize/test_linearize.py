@@ -295,3 +295,42 @@ def test_lora_stage_distills_from_the_teacher(tmp_path, monkeypatch):
     assert result["command"].startswith("linear-transformers finetune") and "--loss distill" in result["command"]
     losses = [float(line.split(",")[2]) for line in (tmp_path / "kd" / "loss.csv").read_text().splitlines()[1:]]
     assert len(losses) == 3 and all(0 <= x < 20 for x in losses)  # a KL divergence per token: >= 0
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_other_llama_shaped_families_convert_step_and_fuse(family):
+    """Mistral and Qwen2 (q/k/v biases) share Llama's attention shape: converted, their recurrent
+    steps equal their parallel form, and the fused C step equals the PyTorch step."""
+    import transformers
+
+    from linear_transformers.decode import DecodeConfig, llama
+    from linear_transformers.linearize.step import fused_step, why_not_fused
+
+    config_cls, model_cls = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+    model = linearize(model_cls(cfg).eval(), LinearizeConfig(mode="hybrid", window=4, sinks=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tokens = torch.randint(0, 97, (2, 14))
+    with torch.no_grad():
+        full = model(tokens).logits
+        cache = LinearizedCache()
+        model(tokens[:, :5], cache=cache)
+        steps = [model(tokens[:, t : t + 1], cache=cache).logits for t in range(5, 14)]
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 5:], rtol=1e-4, atol=1e-4)
+    assert why_not_fused(model) is None
+    if not llama.available():
+        pytest.skip("the fused Llama step is not built here")
+    with torch.no_grad():
+        cache = LinearizedCache()
+        model(tokens[:, :5], cache=cache)
+        step = fused_step(model, DecodeConfig())
+        states = [cache.states[i] for i in range(2)]
+        fused = [step(tokens[:, t], torch.full((2,), t), states)[:, None] for t in range(5, 14)]
+    torch.testing.assert_close(torch.cat(fused, 1), full[:, 5:], rtol=1e-4, atol=1e-4)

@@ -7,7 +7,8 @@ adds learned feature maps (and, in the hybrid, a sliding window with attention s
     linearize(model, LinearizeConfig(mode="hybrid", window=64, sinks=4))   # in place
     model(input_ids).logits                      # the parallel form (training, prefill)
 
-Tested with Llama (SmolLM2-135M and tiny random configs).
+Tested with Llama (SmolLM2-135M and tiny random configs), Mistral and Qwen2 (tiny random configs:
+recurrent = parallel, and the fused C step = the PyTorch step).
 """
 
 from __future__ import annotations
