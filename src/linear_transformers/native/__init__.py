@@ -53,6 +53,7 @@ class Library:
     sources: dict[str, bytes]
     openmp: str  # build.OPENMP_MODES
     set_signatures: Callable[[ctypes.CDLL], None]
+    paths: tuple[Path, ...] = ()  # where the sources were read from
 
 
 @dataclass
@@ -72,7 +73,7 @@ _verdicts: dict[tuple[Path, str], bool] = {}  # verdicts read or measured in thi
 
 def register(name: str, files: list[Path], openmp: str, set_signatures: Callable[[ctypes.CDLL], None]) -> None:
     """Declare the library `name`, built from `files` (.c files and the headers they include)."""
-    _libraries[name] = Library(name, {f.name: f.read_bytes() for f in files}, openmp, set_signatures)
+    _libraries[name] = Library(name, {f.name: f.read_bytes() for f in files}, openmp, set_signatures, tuple(files))
 
 
 def registered() -> list[str]:
