@@ -13,8 +13,9 @@ model's cached one-token steps must give the logits of its own parallel forward,
 those of the PyTorch step (float32 to 1e-4, the other formats within their error). Then, per context
 and decoder, the prefill is timed (--repeats, median; once from 8k tokens on) and --tokens
 single-token steps after it, taking turns between decoders (the median per token, and the min).
-The bandwidth floor of each format is the time to read its weights once per token on the same
-threads (`fused.read_f32`, median of --tokens passes): the fused step's time is quoted as a multiple of it.
+The bandwidth floor of each format is the time to read its weights once on the same threads
+(`fused.read_f32`), taking turns with the decoders at the smallest context (median of --tokens
+passes): the fused step's time there is quoted as a multiple of it.
 --perplexity DATA.pt (a linearize run's token windows) adds each format's held-out perplexity,
 every token through the fused step. Writes linearized.csv, floor.csv, [perplexity.csv],
 linearized.png and table.md under --out.
@@ -201,19 +202,21 @@ def fused_perplexity(step, windows: torch.Tensor) -> float:
     return float(torch.exp(torch.tensor(nll / count)))
 
 
-def bandwidth_floor(step, passes: int) -> float:
-    """Seconds to read the step's weights once, on the fused step's threads (median of `passes`)."""
+def weight_views(step) -> list[torch.Tensor]:
+    """The step's weight tensors as float32 views of their bytes (what the bandwidth probe reads)."""
     views = []
     for t in step.weight_tensors():
         flat = t.reshape(-1)
         n = flat.numel() * flat.element_size() // 4
         views.append(flat.view(torch.uint8)[: 4 * n].view(torch.float32))
-    times = []
-    for _ in range(passes + 1):
-        t0 = time.perf_counter()
-        fused.read_f32(views)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    return views
+
+
+def read_once(views: list[torch.Tensor]) -> float:
+    """Seconds to read the views once on the fused step's threads (fused.read_f32)."""
+    t0 = time.perf_counter()
+    fused.read_f32(views)
+    return time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -238,12 +241,10 @@ def main(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cpp = {tag: LlamaCpp(tag, args.out, max(c for c in args.contexts if c <= args.teacher_max) + args.tokens + 8)
            for tag in cpp_tags}  # fmt: skip
-    rows, floor_rows = [], []
+    rows = []
     steps = {f: fused_step(student, DecodeConfig.precision(f)) for f in formats}
-    for f, step in steps.items():
-        floor = bandwidth_floor(step, args.tokens)
-        floor_rows.append({"format": f, "weight_mb": round(step.weight_bytes() / 1e6, 1),
-                           "floor_ms": round(floor * 1e3, 3)})  # fmt: skip
+    views = {f: weight_views(step) for f, step in steps.items()}
+    floor_times: dict[str, list[float]] = {f: [] for f in formats}  # the probe taking turns with the decoders
     for context in args.contexts:
         repeats = args.repeats if context < 8192 else 1
         ids = torch.randint(
@@ -275,6 +276,9 @@ def main(args: argparse.Namespace) -> int:
                 times["teacher (SDPA, KV cache)"] += _decode(teacher, t_cache, t_next, 1)
                 for tag, runner in cpp.items():
                     times[f"llama.cpp {tag}"] += runner.decode(1)
+            if context == min(args.contexts):  # the floor, in the same rounds
+                for f in formats:
+                    floor_times[f].append(read_once(views[f]))
         for name, ts in times.items():
             rows.append({"model": name, "context": context, "decode_ms": statistics.median(ts) * 1e3,
                          "decode_ms_min": min(ts) * 1e3})  # fmt: skip
@@ -287,11 +291,13 @@ def main(args: argparse.Namespace) -> int:
                 r[k] = round(r[k], 4)
         if "prefill_s" in r:
             r["prefill_tokens_per_s"] = round(r["context"] / r["prefill_s"], 1)
-    smallest = min(args.contexts)
-    for fr in floor_rows:
-        mine = [r for r in rows if r["model"] == f"student, fused {fr['format']}" and r["context"] == smallest]
-        fr["fused_ms"] = mine[0]["decode_ms"] if mine else None
-        fr["times_floor"] = round(fr["fused_ms"] / fr["floor_ms"], 2) if mine else None
+    smallest, floor_rows = min(args.contexts), []
+    for f, step in steps.items():
+        mine = next(r for r in rows if r["model"] == f"student, fused {f}" and r["context"] == smallest)
+        floor = statistics.median(floor_times[f]) * 1e3
+        floor_rows.append({"format": f, "weight_mb": round(step.weight_bytes() / 1e6, 1), "floor_ms": round(floor, 3),
+                           "floor_min_ms": round(min(floor_times[f]) * 1e3, 3), "fused_ms": mine["decode_ms"],
+                           "times_floor": round(mine["decode_ms"] / floor, 2)})  # fmt: skip
     ppl_rows = []
     if args.perplexity:
         data = torch.load(args.perplexity, weights_only=True)
