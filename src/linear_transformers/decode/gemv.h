@@ -214,28 +214,6 @@ static void gemv_bf16dot(int B, int n_in, int n_out, int j0, int j1, const void 
 #define gemv_bf16dot gemv_bf16 /* never chosen: FusedModelStep refuses mode 2 without AVX512-BF16 */
 #endif
 
-typedef int32_t vi __attribute__((vector_size(LT_VBYTES)));
-
-/* exp(x) for x <= 0, VLF lanes: x = n ln2 + r (|r| <= ln2 / 2), exp(r) by its Taylor polynomial of
- * degree 7 (relative error < 3e-8 plus rounding), times 2^n built in the exponent bits. Below -87
- * (where exp underflows float32's normal range) it returns exp(-87) ~ 1.6e-38. */
-static inline vf vexp_neg(vf x) {
-    const vi low = x < -87.0f;
-    x = (vf)(((vi)x & ~low) | ((vi)((vf){0} - 87.0f) & low));
-    const vf n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round to nearest (|n| < 2^22) */
-    const vf r = (x - n * 0.693145752f) - n * 1.42860677e-6f;    /* ln 2 in two parts */
-    vf p = (vf){0} + 1.0f / 5040;
-    p = p * r + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const vi scale = (__builtin_convertvector(n, vi) + 127) << 23;
-    return p * (vf)scale;
-}
-
 /* GELU(v) = v (1 + erf(v / sqrt 2)) / 2 on VLF lanes, erf by Abramowitz & Stegun 7.1.26 (absolute
  * error < 1.5e-7): with a = |v| / sqrt 2 and q = 1 - erf(a) = poly(1 / (1 + 0.3275911 a)) exp(-a^2),
  * GELU = v (2 - q) / 2 for v >= 0 and v q / 2 below (no cancellation for negative v). */

@@ -1,7 +1,7 @@
 /* Vectors for the fused steps: float32 vectors of the compile target's width (simd.h), loads and
- * stores that may alias, horizontal sums, the register-tile sizes, OpenMP's thread queries (one
- * thread where the compiler has no OpenMP) and the prefetch distance. Included by every .c file
- * of the model_step library. */
+ * stores that may alias, horizontal sums, exp of non-positive values (vexp_neg), the register-tile
+ * sizes, OpenMP's thread queries (one thread where the compiler has no OpenMP) and the prefetch
+ * distance. Included by every .c file of the model_step and llama_step libraries. */
 #ifndef LT_VEC_H
 #define LT_VEC_H
 #include "simd.h"
@@ -74,5 +74,27 @@ static inline void hsum4(const vf *v, float *out) {
 #ifndef LT_AHEAD
 #define LT_AHEAD 256
 #endif
+
+typedef int32_t vi __attribute__((vector_size(LT_VBYTES)));
+
+/* exp(x) for x <= 0, VLF lanes: x = n ln2 + r (|r| <= ln2 / 2), exp(r) by its Taylor polynomial of
+ * degree 7 (relative error < 3e-8 plus rounding), times 2^n built in the exponent bits. Below -87
+ * (where exp underflows float32's normal range) it returns exp(-87) ~ 1.6e-38. */
+static inline vf vexp_neg(vf x) {
+    const vi low = x < -87.0f;
+    x = (vf)(((vi)x & ~low) | ((vi)((vf){0} - 87.0f) & low));
+    const vf n = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round to nearest (|n| < 2^22) */
+    const vf r = (x - n * 0.693145752f) - n * 1.42860677e-6f;    /* ln 2 in two parts */
+    vf p = (vf){0} + 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const vi scale = (__builtin_convertvector(n, vi) + 127) << 23;
+    return p * (vf)scale;
+}
 
 #endif
