@@ -15,7 +15,8 @@ and decoder, the prefill is timed (--repeats, median; once from 8k tokens on) an
 single-token steps after it, taking turns between decoders (the median per token, and the min).
 The bandwidth floor of each format is the time to read its weights once on the same threads
 (`fused.read_f32`), taking turns with the decoders at the smallest context (median of --tokens
-passes): the fused step's time there is quoted as a multiple of it.
+passes): the fused step's time there, through the model's forward and as the bare C call (on its
+own copy of the state), is quoted as a multiple of it.
 --perplexity DATA.pt (a linearize run's token windows) adds each format's held-out perplexity,
 every token through the fused step. Writes linearized.csv, floor.csv, [perplexity.csv],
 linearized.png and table.md under --out.
@@ -245,6 +246,7 @@ def main(args: argparse.Namespace) -> int:
     steps = {f: fused_step(student, DecodeConfig.precision(f)) for f in formats}
     views = {f: weight_views(step) for f, step in steps.items()}
     floor_times: dict[str, list[float]] = {f: [] for f in formats}  # the probe taking turns with the decoders
+    raw_times: dict[str, list[float]] = {f: [] for f in formats}
     for context in args.contexts:
         repeats = args.repeats if context < 8192 else 1
         ids = torch.randint(
@@ -265,6 +267,16 @@ def main(args: argparse.Namespace) -> int:
                 rows.append({"model": f"llama.cpp {tag} prefill", "context": context,
                              "prefill_s": runner.prefill(ids[0].tolist())})  # fmt: skip
         times = {name: [] for name in decoders}
+        if context == min(args.contexts):  # the C step called directly, on its own copy of the prefill's state
+            raw_states = {f: [copy.deepcopy(s_cache.states[i]) for i in range(len(s_cache.states))] for f in formats}
+            raw_token = s_next[:, 0]
+
+            def raw_call(f, states=raw_states, token=raw_token):
+                positions = torch.full((1,), states[f][0].seen, dtype=torch.int64)
+                t0 = time.perf_counter()
+                steps[f](token, positions, states[f])
+                return time.perf_counter() - t0
+
         if context <= args.teacher_max:
             times["teacher (SDPA, KV cache)"] = []
             times.update({f"llama.cpp {tag}": [] for tag in cpp})
@@ -276,9 +288,10 @@ def main(args: argparse.Namespace) -> int:
                 times["teacher (SDPA, KV cache)"] += _decode(teacher, t_cache, t_next, 1)
                 for tag, runner in cpp.items():
                     times[f"llama.cpp {tag}"] += runner.decode(1)
-            if context == min(args.contexts):  # the floor, in the same rounds
+            if context == min(args.contexts):  # the floor and the bare C call, in the same rounds
                 for f in formats:
                     floor_times[f].append(read_once(views[f]))
+                    raw_times[f].append(raw_call(f))
         for name, ts in times.items():
             rows.append({"model": name, "context": context, "decode_ms": statistics.median(ts) * 1e3,
                          "decode_ms_min": min(ts) * 1e3})  # fmt: skip
@@ -295,9 +308,11 @@ def main(args: argparse.Namespace) -> int:
     for f, step in steps.items():
         mine = next(r for r in rows if r["model"] == f"student, fused {f}" and r["context"] == smallest)
         floor = statistics.median(floor_times[f]) * 1e3
+        raw = statistics.median(raw_times[f]) * 1e3
         floor_rows.append({"format": f, "weight_mb": round(step.weight_bytes() / 1e6, 1), "floor_ms": round(floor, 3),
                            "floor_min_ms": round(min(floor_times[f]) * 1e3, 3), "fused_ms": mine["decode_ms"],
-                           "times_floor": round(mine["decode_ms"] / floor, 2)})  # fmt: skip
+                           "times_floor": round(mine["decode_ms"] / floor, 2), "c_call_ms": round(raw, 3),
+                           "c_call_times_floor": round(raw / floor, 2)})  # fmt: skip
     ppl_rows = []
     if args.perplexity:
         data = torch.load(args.perplexity, weights_only=True)
@@ -342,9 +357,10 @@ def report(args, rows: list[dict], floor_rows: list[dict], ppl_rows: list[dict])
                for c in contexts]] for n in pnames],
     )  # fmt: skip
     table += "\n\nThe fused step against the bandwidth floor (its weights read once per token):\n\n" + markdown_table(
-        ["format", "weights MB", "floor ms", f"fused ms (context {min(contexts)})", "x floor"],
-        [[r["format"], fmt(r["weight_mb"], 1), fmt(r["floor_ms"], 2), fmt(r["fused_ms"], 2), fmt(r["times_floor"], 2)]
-         for r in floor_rows],
+        ["format", "weights MB", "floor ms", f"through forward, ms (context {min(contexts)})", "x floor",
+         "C call alone, ms", "x floor"],
+        [[r["format"], fmt(r["weight_mb"], 1), fmt(r["floor_ms"], 2), fmt(r["fused_ms"], 2), fmt(r["times_floor"], 2),
+          fmt(r["c_call_ms"], 2), fmt(r["c_call_times_floor"], 2)] for r in floor_rows],
     )  # fmt: skip
     if ppl_rows:
         table += "\n\nHeld-out perplexity through the fused step, per weight format:\n\n" + markdown_table(
