@@ -232,3 +232,20 @@ def test_every_build_steps_like_the_pytorch_layers(each_build):
         worst, ours, theirs, _ = run_both(model, reference, B=3, config=DecodeConfig(weights=dtype))
         assert worst < 1e-5, weights
         assert_states_equal(ours, theirs, 1e-5)
+
+
+def test_bench_perplexity_through_the_fused_step_equals_the_parallel_forward():
+    """bench linearized's perplexity (every token through the C step, rows as a batch, from an empty
+    state) equals the PyTorch parallel forward's on the same windows; the bandwidth probe reads the
+    step's weight bytes."""
+    from linear_transformers.bench.linearized import fused_perplexity, read_once, weight_views
+    from linear_transformers.linearize.transfer import perplexity
+
+    model = student("hybrid", "hedgehog", window=4, sinks=2)
+    windows = torch.randint(0, 97, (3, 20))
+    with torch.no_grad():
+        want = perplexity(model, windows)
+    step = fused_step(model, DecodeConfig())
+    assert abs(fused_perplexity(step, windows) - want) < 1e-4 * want
+    views = weight_views(step)
+    assert sum(v.numel() * 4 for v in views) <= step.weight_bytes() and read_once(views) > 0
