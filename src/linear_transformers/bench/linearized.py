@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -145,9 +146,10 @@ def _prefill(model, ids, repeats: int):
 
 class LlamaCpp:
     """llama.cpp (llama-cpp-python) on the teacher's GGUF in a given type (requantised from the
-    shipped Q4_1 where asked: the values do not matter for speed, the widths do)."""
+    shipped Q4_1 where asked: the values do not matter for speed, the widths do; the requantised
+    files are kept in the cache folder, ~/.cache/linear_transformers/gguf, not in --out)."""
 
-    def __init__(self, tag: str, out: Path, n_ctx: int) -> None:
+    def __init__(self, tag: str, n_ctx: int) -> None:
         import ctypes
 
         import llama_cpp
@@ -157,13 +159,18 @@ class LlamaCpp:
         folder, name = teacher_path()
         path = folder / name
         if tag != "q4_1":
-            path = out / f"teacher-{tag}.gguf"
+            from ..native.build import cache_dir
+
+            path = cache_dir() / "gguf" / f"{name.removesuffix('.gguf')}-{tag}.gguf"  # (made once, kept)
+            path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
                 p = llama_cpp.llama_model_quantize_default_params()
                 p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_TYPES[tag]}")
                 p.allow_requantize = True
-                if llama_cpp.llama_model_quantize(str(folder / name).encode(), str(path).encode(), ctypes.byref(p)):
-                    raise RuntimeError(f"bench linearized: llama.cpp could not write {path}")
+                tmp = path.with_suffix(".partial")  # (a run cut short leaves no file that looks finished)
+                if llama_cpp.llama_model_quantize(str(folder / name).encode(), str(tmp).encode(), ctypes.byref(p)):
+                    raise RuntimeError(f"bench linearized: llama.cpp could not write {tmp}")
+                os.replace(tmp, path)
         self.tag = tag
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=torch.get_num_threads(),
                                    n_batch=512, verbose=False, logits_all=False)  # fmt: skip
@@ -240,7 +247,7 @@ def main(args: argparse.Namespace) -> int:
             print("llama-cpp-python is not importable: llama.cpp is left out", flush=True)
             cpp_tags = []
     args.out.mkdir(parents=True, exist_ok=True)
-    cpp = {tag: LlamaCpp(tag, args.out, max(c for c in args.contexts if c <= args.teacher_max) + args.tokens + 8)
+    cpp = {tag: LlamaCpp(tag, max(c for c in args.contexts if c <= args.teacher_max) + args.tokens + 8)
            for tag in cpp_tags}  # fmt: skip
     rows = []
     steps = {f: fused_step(student, DecodeConfig.precision(f)) for f in formats}
