@@ -249,3 +249,20 @@ def test_bench_perplexity_through_the_fused_step_equals_the_parallel_forward():
     assert abs(fused_perplexity(step, windows) - want) < 1e-4 * want
     views = weight_views(step)
     assert sum(v.numel() * 4 for v in views) <= step.weight_bytes() and read_once(views) > 0
+
+
+def test_weights_of_the_wrong_shape_are_refused_before_any_c_call():
+    """The C step reads every weight by the sizes it is given; a description whose tensors disagree
+    with them is refused in one line (it would otherwise be read out of bounds)."""
+    w = llama_weights(student())
+    w.layers[1]["wk"] = torch.zeros(16, 64)
+    with pytest.raises(ValueError, match=r"layer 1's wk must have shape \[32, 64\], got \[16, 64\]"):
+        llama.FusedLlamaStep(w)
+    w = llama_weights(student())
+    w.inv_freq = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"inv_freq must have shape \[8\]"):
+        llama.FusedLlamaStep(w)
+    w = llama_weights(student())
+    w.layers[0]["fk_b"] = None
+    with pytest.raises(ValueError, match="layer 0 lacks its Hedgehog feature-map weights"):
+        llama.FusedLlamaStep(w)

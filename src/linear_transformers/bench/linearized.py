@@ -376,8 +376,11 @@ def report(args, rows: list[dict], floor_rows: list[dict], ppl_rows: list[dict])
               fmt(r["vs_float32"], 4)] for r in ppl_rows],
         )  # fmt: skip
     (out / "table.md").write_text(header + table + "\n")
-    (out / "run.json").write_text(json.dumps({"options": {k: str(v) for k, v in vars(args).items()}, "machine": info},
-                                             indent=1))  # fmt: skip
+    from ..linearize.transfer import provenance
+
+    record = {"command": getattr(args, "command_line", ""), "options": {k: str(v) for k, v in vars(args).items()},
+              "machine": info, "provenance": provenance()}  # fmt: skip
+    (out / "run.json").write_text(json.dumps(record, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")

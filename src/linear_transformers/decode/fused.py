@@ -44,17 +44,8 @@ def _set_signatures(lib: ctypes.CDLL) -> None:
 
 
 def check_layout(lib: ctypes.CDLL) -> None:
-    """_LtModel must be lt_model (model_step.h) byte for byte: its size and every field's offset, as
-    the compiled library reports them (lt_model_layout). A mismatch fails the load, not a step."""
-    n = lib.lt_model_layout(None, 0)
-    values = (ctypes.c_long * n)()
-    lib.lt_model_layout(values, n)
-    ours = [ctypes.sizeof(_LtModel)] + [getattr(_LtModel, name).offset for name, _ in _LtModel._fields_]
-    if list(values) != ours:
-        raise RuntimeError(
-            f"decode.fused: _LtModel does not mirror lt_model in model_step.h (size and offsets: C {list(values)}, "
-            f"Python {ours})"
-        )
+    """_LtModel must be lt_model (model_step.h) byte for byte; a mismatch fails the load, not a step."""
+    native.check_struct(lib.lt_model_layout, _LtModel, "lt_model in model_step.h")
 
 
 SOURCES = [Path(__file__).parent / name for name in

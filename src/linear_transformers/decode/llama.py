@@ -51,14 +51,8 @@ class _LtLlama(ctypes.Structure):
 
 
 def check_layout(lib: ctypes.CDLL) -> None:
-    """_LtLlama must be lt_llama byte for byte (size and every offset), or the library is not used."""
-    n = lib.lt_llama_layout(None, 0)
-    values = (ctypes.c_long * n)()
-    lib.lt_llama_layout(values, n)
-    ours = [ctypes.sizeof(_LtLlama)] + [getattr(_LtLlama, name).offset for name, _ in _LtLlama._fields_]
-    if list(values) != ours:
-        raise RuntimeError(f"decode.llama: _LtLlama does not mirror lt_llama in llama_step.h (C {list(values)}, "
-                           f"Python {ours})")  # fmt: skip
+    """_LtLlama must be lt_llama (llama_step.h) byte for byte; a mismatch fails the load, not a step."""
+    native.check_struct(lib.lt_llama_layout, _LtLlama, "lt_llama in llama_step.h")
 
 
 def _set_signatures(lib: ctypes.CDLL) -> None:
@@ -164,6 +158,7 @@ class FusedLlamaStep:
                                  f"{t.dtype} {list(t.shape)} on {t.device}")  # fmt: skip
         d = w.embed.shape[1]
         dff = w.layers[0]["wg"].shape[0]
+        self._check_shapes(w, d, dff)
         if dot == torch.bfloat16:
             from . import fused
 
@@ -210,6 +205,35 @@ class FusedLlamaStep:
         self.sources: list[torch.Tensor] = []
         self.source_ptrs: list[int] = []
         self.source_versions: list[int] | None = None
+
+    @staticmethod
+    def _check_shapes(w: LlamaWeights, d: int, dff: int) -> None:
+        """Every weight's shape against the sizes the C step reads by (it cannot check them itself:
+        a wrong one would be read out of bounds)."""
+        H, Hkv, D, V = w.n_heads, w.n_kv_heads, w.head_dim, w.embed.shape[0]
+        if H < 1 or Hkv < 1 or H % Hkv or D < 2 or D % 2:
+            raise ValueError(f"FusedLlamaStep: n_heads={H} must be a multiple of n_kv_heads={Hkv}, head_dim={D} even")
+        hedgehog = w.feature_map == "hedgehog" and w.mode != "window"
+        m = w.layers[0]["fq_w"].shape[-1] if hedgehog and w.layers[0]["fq_w"] is not None else 0
+        want = {"attn_norm": (d,), "mlp_norm": (d,), "wq": (H * D, d), "wk": (Hkv * D, d), "wv": (Hkv * D, d),
+                "wo": (d, H * D), "wg": (dff, d), "wu": (dff, d), "wd": (d, dff), "bq": (H * D,), "bk": (Hkv * D,),
+                "bv": (Hkv * D,), "bo": (d,), "fq_w": (H, D, m), "fq_b": (H, m), "fk_w": (H, D, m),
+                "fk_b": (H, m)}  # fmt: skip
+        for i, layer in enumerate(w.layers):
+            if hedgehog and any(layer.get(k) is None for k in HEDGEHOG):
+                raise ValueError(f"FusedLlamaStep: layer {i} lacks its Hedgehog feature-map weights")
+            for name, shape in want.items():
+                t = layer.get(name)
+                if name in PER_LAYER and t is None:
+                    raise ValueError(f"FusedLlamaStep: layer {i} lacks {name}")
+                if t is not None and (name not in HEDGEHOG or hedgehog) and tuple(t.shape) != shape:
+                    raise ValueError(f"FusedLlamaStep: layer {i}'s {name} must have shape {list(shape)}, "
+                                     f"got {list(t.shape)}")  # fmt: skip
+        around = {"embed": (w.embed, (V, d)), "final_norm": (w.final_norm, (d,)), "head": (w.head, (V, d)),
+                  "inv_freq": (w.inv_freq, (D // 2,))}  # fmt: skip
+        for name, (t, shape) in around.items():
+            if tuple(t.shape) != shape:
+                raise ValueError(f"FusedLlamaStep: {name} must have shape {list(shape)}, got {list(t.shape)}")
 
     def current(self) -> bool:
         """Whether the tensors this step was built from are still the model's (no module got a new

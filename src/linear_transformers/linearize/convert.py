@@ -119,8 +119,9 @@ class LinearizedAttention(nn.Module):
         last = T - cfg.window if cfg.mode == "hybrid" else T  # keys before this position are in the state
         if cfg.mode != "window" and last > first:
             fk = self.feature_map_k(k[:, first:last]).to(acc)
-            state.S = torch.einsum("bthf,bthd->bhfd", fk, v[:, first:last].to(acc))
-            state.z = fk.sum(1)
+            # (contiguous: the fused C step updates these tensors in place, row-major)
+            state.S = torch.einsum("bthf,bthd->bhfd", fk, v[:, first:last].to(acc)).contiguous()
+            state.z = fk.sum(1).contiguous()
         state.seen = T
         if cfg.mode == "linear":
             return state

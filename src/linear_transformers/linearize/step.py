@@ -105,9 +105,9 @@ def fused_step(model: nn.Module, config: DecodeConfig) -> llama.FusedLlamaStep |
             step.generation = fused.current_generation()
             return step
     found = llama_weights(model)
-    if found is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in found.tensors()):
-        return None
-    found.layers = [{k: None if t is None else t.contiguous() for k, t in layer.items()} for layer in found.layers]
+    if found is None or any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+                            for t in found.tensors()):  # fmt: skip
+        return None  # (a copy of a strided weight would not see the model's in-place updates)
     step = llama.FusedLlamaStep(found, config.weights, config.dot)
     step.generation = fused.current_generation()
     step.sources = [p for p in model.parameters()]
@@ -147,11 +147,6 @@ def fused_logits(model, input_ids, position_ids, cache, inputs_embeds, labels, k
         positions = position_ids[:, -1].expand(B) if position_ids.shape[0] == 1 else position_ids[:, -1]
     else:
         positions = torch.full((B,), cache.seen, dtype=torch.int64)
-    for s in states:  # (a state that some PyTorch step replaced may sit in a view: make it the C step's own)
-        for name in ("S", "z", "ring_k", "ring_v", "sink_k", "sink_v"):
-            t = getattr(s, name)
-            if t is not None and not t.is_contiguous():
-                setattr(s, name, t.contiguous())
     logits = step(input_ids[:, 0], positions, states)
     cache.seen += 1
     return logits[:, None]

@@ -76,6 +76,20 @@ def register(name: str, files: list[Path], openmp: str, set_signatures: Callable
     _libraries[name] = Library(name, {f.name: f.read_bytes() for f in files}, openmp, set_signatures, tuple(files))
 
 
+def check_struct(layout: Callable, struct: type[ctypes.Structure], what: str) -> None:
+    """A ctypes mirror must be its C struct byte for byte: `layout(out, n)` (a library's
+    lt_*_layout) writes the struct's size and each field's offset in declaration order; they must
+    equal the mirror's. Raises RuntimeError naming `what` (the struct and its header) otherwise, so
+    the library fails to load instead of a step reading the wrong fields."""
+    n = layout(None, 0)
+    values = (ctypes.c_long * n)()
+    layout(values, n)
+    ours = [ctypes.sizeof(struct)] + [getattr(struct, name).offset for name, _ in struct._fields_]
+    if list(values) != ours:
+        raise RuntimeError(f"{struct.__name__} does not mirror {what} (size and offsets: C {list(values)}, "
+                           f"Python {ours})")  # fmt: skip
+
+
 def registered() -> list[str]:
     """The names of every library declared so far (each module that has one declares it on import)."""
     return list(_libraries)
