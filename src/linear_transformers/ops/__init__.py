@@ -39,10 +39,11 @@ The baselines: `softmax_attention` (SDPA, with a growable KV cache for generatio
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
 
-from . import chunked, cpu, library, naive, softmax  # noqa: F401 (chunked is re-exported: ops.chunked)
+from . import chunked, cpu, library, naive, packed, parallel, softmax  # noqa: F401 (chunked is re-exported: ops.chunked)
 from . import triton as triton_backend
 from .backends import BACKENDS, Backend
 from .lsh import lsh_attention
@@ -63,6 +64,7 @@ __all__ = [
     "KVCache",
     "LinearState",
     "causal_linear_attention",
+    "context_parallel_causal_linear_attention",
     "linear_attention",
     "linear_attention_step",
     "lsh_attention",
@@ -136,14 +138,16 @@ def _causal_backend(fn: str, backend: str, q: torch.Tensor, v: torch.Tensor) -> 
     return BACKENDS[backend]
 
 
-def _check_state(fn: str, state: object, q: torch.Tensor, v: torch.Tensor) -> LinearState:
+def _check_state(fn: str, state: object, q: torch.Tensor, v: torch.Tensor, batch: int | None = None) -> LinearState:
+    """`state` fits inputs q, v; `batch` (default q's B) is its number of rows: the documents when packed."""
     if not isinstance(state, LinearState):
         raise TypeError(f"{fn}: the state must be a LinearState, got {type(state).__name__}")
     state.check(f"{fn}: state")  # (its tensors may have been replaced since it was made)
-    B, H, Dk = q.shape[0], q.shape[-2], q.shape[-1]
+    B, H, Dk = q.shape[0] if batch is None else batch, q.shape[-2], q.shape[-1]
     expected = [B, H, Dk, v.shape[-1]]
     if list(state.S.shape) != expected:
-        raise ValueError(f"{fn}: state.S must have shape [B, H, Dk, Dv] = {expected}, got {list(state.S.shape)}")
+        rows = "B" if batch is None else "n_documents"
+        raise ValueError(f"{fn}: state.S must have shape [{rows}, H, Dk, Dv] = {expected}, got {list(state.S.shape)}")
     if state.S.device != q.device:
         raise ValueError(f"{fn}: the state is on {state.S.device} but the inputs are on {q.device}")
     acc = accumulation_dtype(q.dtype)
@@ -162,6 +166,7 @@ def linear_attention(
     *,
     key_padding_mask: torch.Tensor | None = None,
     eps: float = 1e-6,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Non-causal linear attention (paper Eq. 5-6), O(T + S) time and memory.
 
@@ -174,13 +179,19 @@ def linear_attention(
         key_padding_mask: optional bool [B, S], True where the key is padding; padded keys enter
             neither the numerator nor the normaliser.
         eps: added to the normaliser (float >= 0).
+        cu_seqlens: packed documents (see `causal_linear_attention`): B = 1, S = T, and every
+            query attends to the keys of its own document only.
 
     Returns:
         [B, T, H, Dv] in the input dtype. The sums and the normaliser are float32 (float64 for float64).
     """
     fn = "linear_attention"
-    check_qkv(fn, q, k, v, same_length=False)
+    check_qkv(fn, q, k, v, same_length=cu_seqlens is not None)
     eps = check_eps(fn, eps)
+    if cu_seqlens is not None:
+        if key_padding_mask is not None:
+            raise ValueError(f"{fn}: pass cu_seqlens or key_padding_mask, not both (packed documents have no padding)")
+        return packed.non_causal(q, k, v, packed.check_cu_seqlens(fn, cu_seqlens, q.shape[1], q.shape[0]), eps)
     acc = accumulation_dtype(q.dtype)
     kf, vf = k.to(acc), v.to(acc)
     if key_padding_mask is not None:
@@ -205,6 +216,7 @@ def causal_linear_attention(
     chunk_size: int = 64,
     backend: str = "auto",
     key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, LinearState]:
     """Causal linear attention with its normaliser (paper Eq. 9-12), trained in parallel.
 
@@ -228,6 +240,12 @@ def causal_linear_attention(
             kernels), "chunked" (PyTorch, any device) or "naive" (the reference).
         key_padding_mask: optional bool [B, T], True where the key is padding; padded keys enter
             neither the numerator nor the normaliser (nor the returned state).
+        cu_seqlens: packed variable-length documents, as in flash-attn and fla: q, k, v hold the
+            documents one after another in one row (B = 1), document d being tokens
+            cu_seqlens[d]:cu_seqlens[d + 1] (int32/int64 [n + 1], 0 first, T last; empty documents
+            allowed). Each document attends only within itself, as if run alone; `initial_state` and
+            the returned state then have one row per document (n_tokens counts the longest). Every
+            backend packs (ops/packed.py), forward and backward.
 
     Returns:
         out [B, T, H, Dv] in the input dtype, and the final state if `return_state`.
@@ -242,6 +260,14 @@ def causal_linear_attention(
                          f"{chunk_size}; pass chunk_size={triton_backend.CHUNK} or another backend")  # fmt: skip
     chunk_size = min(chunk_size, max(q.shape[1], 1))
     impl = _causal_backend(fn, backend, q, v)
+    if cu_seqlens is not None:
+        if key_padding_mask is not None:
+            raise ValueError(f"{fn}: pass cu_seqlens or key_padding_mask, not both (packed documents have no padding)")
+        lengths = packed.check_cu_seqlens(fn, cu_seqlens, q.shape[1], q.shape[0])
+        if initial_state is not None:
+            _check_state(fn, initial_state, q, v, batch=len(lengths))
+        out, state = packed.causal(q, k, v, lengths, initial_state, eps, chunk_size, partial(_run, impl))
+        return (out, state) if return_state else out
     if initial_state is not None:
         _check_state(fn, initial_state, q, v)
     if key_padding_mask is not None:
@@ -249,6 +275,62 @@ def causal_linear_attention(
         k = k.masked_fill(key_padding_mask[:, :, None, None], 0.0)
     out, state = _run(impl, q, k, v, initial_state, eps, chunk_size)
     return (out, state) if return_state else out
+
+
+def context_parallel_causal_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group=None,
+    *,
+    initial_state: LinearState | None = None,
+    return_state: bool = False,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, LinearState]:
+    """Causal linear attention of sequences split along time over the ranks of a torch.distributed
+    process group (context parallelism, ops/parallel.py); differentiable.
+
+    Rank r of `group` passes tokens [t_r, t_{r+1}) of every sequence of the batch (ranks in order,
+    segments of any lengths, `parallel.segment` splits evenly) and gets those tokens' outputs: the
+    same as `causal_linear_attention` on the whole sequence. The ranks exchange one state per
+    sequence and head, forward and backward (one all_gather each way), whatever the length.
+
+    Args:
+        q, k, v: this rank's segment, [B, T_r, H, Dk] / [B, T_r, H, Dv]; B, H, Dk, Dv and dtype the
+            same on every rank.
+        group: the process group whose ranks share the sequences (None: the default group). With
+            data parallelism too, make one group per sequence (torch.distributed.new_group).
+        initial_state: the state before the whole sequence; pass it on the group's first rank only.
+        return_state: also return the state after this rank's segment (on the last rank: after the
+            whole sequence, as `causal_linear_attention(..., return_state=True)`).
+        eps, chunk_size, backend: as for `causal_linear_attention`, applied to each rank's segment.
+    """
+    import torch.distributed as dist
+
+    fn = "context_parallel_causal_linear_attention"
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{fn}: torch.distributed is not initialised (run under torchrun, or call "
+                           "torch.distributed.init_process_group first)")  # fmt: skip
+    check_qkv(fn, q, k, v, same_length=True)
+    eps = check_eps(fn, eps)
+    check_chunk_size(fn, chunk_size)
+    group = group if group is not None else dist.group.WORLD
+    rank = dist.get_rank(group)
+    if initial_state is not None:
+        if rank != 0:
+            raise ValueError(f"{fn}: initial_state is the state before the whole sequence; pass it on the group's "
+                             f"first rank only, not on rank {rank}")  # fmt: skip
+        _check_state(fn, initial_state, q, v)
+    impl = _causal_backend(fn, backend, q, v)
+    out, state = parallel.causal(q, k, v, group, initial_state, eps, max(1, min(chunk_size, q.shape[1])),
+                                 partial(_run, impl))  # fmt: skip
+    if not return_state:
+        return out
+    # the tokens seen: those of the earlier ranks (the first counting its initial state's) and ours
+    state.n_tokens = parallel.tokens_before(state.n_tokens, group, q.device) + state.n_tokens
+    return out, state
 
 
 def linear_attention_step(
