@@ -230,3 +230,38 @@ def test_learned_positions_say_where_they_end():
         _, state = model.step(torch.zeros(1, dtype=torch.long), state)  # position 15: the last one
         with pytest.raises(ValueError, match="position 16 is past the learned position table"):
             model.step(torch.zeros(1, dtype=torch.long), state)
+
+
+@pytest.mark.parametrize("kind", KINDS[:3], ids=IDS[:3])
+def test_packed_documents_are_modelled_as_if_alone(kind):
+    """Packed documents (cu_seqlens): each its own start token, label and positions; the log-likelihoods
+    and their gradients equal those of every document run alone."""
+    model = _model(**kind).double()
+    lengths = [5, 1, 30, 7]
+    docs = [torch.randint(0, 16, (1, n)) for n in lengths]
+    labels = torch.tensor([0, 2, 1, 1])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    torch.manual_seed(3)  # (dropout is off in eval mode; the RNG is for favor's features)
+    model.eval()
+    packed = model.nll(torch.cat(docs, 1), labels, cu_seqlens=cu)
+    alone = torch.cat([model.nll(d, labels[i : i + 1]) for i, d in enumerate(docs)], 1)
+    # (the heads' log-likelihoods are float32 whatever the model's dtype)
+    torch.testing.assert_close(packed, alone, atol=1e-6, rtol=1e-6)
+    g_packed = torch.autograd.grad(packed.sum(), list(model.parameters()), allow_unused=True)
+    g_alone = torch.autograd.grad(alone.sum(), list(model.parameters()), allow_unused=True)
+    for a, b in zip(g_packed, g_alone):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_packing_errors():
+    tokens, cu = torch.randint(0, 16, (1, 9)), torch.tensor([0, 4, 9])
+    with pytest.raises(ValueError, match="packed documents \\(cu_seqlens\\) need linear attention"):
+        _model(attention="causal-softmax")(tokens, torch.tensor([0, 1]), cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"labels must have shape \[B\]=\[2\]"):
+        _model()(tokens, torch.tensor([0]), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="each go alone"):
+        _model()(tokens, torch.tensor([0, 1]), cu_seqlens=cu, include_next=True)
+    with pytest.raises(ValueError, match="end at the packed length T=9"):
+        _model()(tokens, torch.tensor([0, 1]), cu_seqlens=torch.tensor([0, 4, 8]))

@@ -127,6 +127,28 @@ def test_data_parallel_matches_one_process(tmp_path, mnist_dir):
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("ranks,context_parallel", [(2, 2), (4, 2)], ids=["cp2", "dp2-cp2"])
+def test_context_parallel_matches_one_process(tmp_path, mnist_dir, ranks, context_parallel):
+    """Each sequence split over `context_parallel` ranks (beside data parallelism with 4 ranks): the
+    weights after 4 steps are those of one process."""
+    args = ["train", "--data-path", str(mnist_dir), "--steps", "4", "--checkpoint-every", "4", "--eval-every", "0",
+            *TINY]  # fmt: skip
+    single = _cli(*args, "--out", str(tmp_path / "single"))
+    cp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+         "-m", "linear_transformers.cli", *args, "--context-parallel", str(context_parallel),
+         "--out", str(tmp_path / "cp")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert f"all {ranks} ranks hold identical parameters" in cp.stdout
+    out, _ = single.communicate(timeout=300)
+    assert single.returncode == 0, out
+    a, b = _weights(tmp_path / "single"), _weights(tmp_path / "cp")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
 def test_sample_and_eval_commands(tmp_path, mnist_dir, capsys):
     run = tmp_path / "run"
     cli_main(

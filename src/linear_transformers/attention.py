@@ -154,20 +154,37 @@ class AttentionLayer(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         state: State | None = None,
         return_state: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        context_group=None,
     ) -> torch.Tensor | tuple[torch.Tensor, State]:
         """Parallel forward over x [B, T, d_model] -> y [B, T, d_model] (and the final state).
 
         key_padding_mask: bool [B, T], True where the token is padding; padded tokens are never
             attended to. state: continue from an earlier state (causal kinds; a KVCache is appended
             to in place). return_state: also return the state after the last token (prefill).
+        cu_seqlens: packed documents in one row (B = 1), each attending within itself (linear kinds;
+            see `ops.causal_linear_attention`); a state then has one row per document.
+        context_group: a torch.distributed group whose ranks hold consecutive segments of the
+            sequences, x being this rank's (causal-linear; `ops.context_parallel_causal_linear_attention`).
         """
         self._check_input(x, 3, "[B, T, d_model]")
         if (state is not None or return_state) and (not self.is_causal or self.is_lsh):
             raise self._no_recurrence("state")
+        if cu_seqlens is not None and not self.is_linear:
+            raise ValueError(f"AttentionLayer: packed documents (cu_seqlens) need linear attention, not "
+                             f"{self.attention!r}")  # fmt: skip
         B, T, _ = x.shape
         q, k, v = self.project(x)
         new_state: State | None = None
-        if self.attention == "causal-linear":
+        if context_group is not None:
+            if self.attention != "causal-linear" or cu_seqlens is not None or key_padding_mask is not None:
+                raise ValueError("AttentionLayer: context parallelism runs causal-linear attention over whole "
+                                 f"sequences, not {self.attention!r} attention, packed documents or padding")  # fmt: skip
+            out, new_state = ops.context_parallel_causal_linear_attention(
+                q, k, v, context_group, initial_state=state, return_state=True, eps=self.eps,
+                chunk_size=self.chunk_size, backend=self.backend,
+            )  # fmt: skip
+        elif self.attention == "causal-linear":
             out, new_state = ops.causal_linear_attention(
                 q,
                 k,
@@ -178,9 +195,10 @@ class AttentionLayer(nn.Module):
                 chunk_size=self.chunk_size,
                 backend=self.backend,
                 key_padding_mask=key_padding_mask,
+                cu_seqlens=cu_seqlens,
             )
         elif self.attention == "linear":
-            out = ops.linear_attention(q, k, v, key_padding_mask=key_padding_mask, eps=self.eps)
+            out = ops.linear_attention(q, k, v, key_padding_mask=key_padding_mask, eps=self.eps, cu_seqlens=cu_seqlens)
         elif self.is_lsh:
             out = ops.lsh_attention(
                 q, v, causal=self.is_causal, n_hashes=self.n_hashes, n_buckets=self.n_buckets,

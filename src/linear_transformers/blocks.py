@@ -52,14 +52,17 @@ class Block(nn.Module):
         x = self.norm1(x + self.dropout(y))
         return self.norm2(x + self.ff(x)), state
 
-    def forward(self, x: torch.Tensor, state=None, return_state: bool = False, key_padding_mask=None):
+    def forward(self, x: torch.Tensor, state=None, return_state: bool = False, key_padding_mask=None,
+                **attention_kwargs):  # fmt: skip
         """x [B, T, d_model] -> y (and the attention state after the last token). key_padding_mask
-        [B, T]: True where x is padding, which no position attends to."""
+        [B, T]: True where x is padding, which no position attends to. attention_kwargs (cu_seqlens,
+        context_group) go to the attention layer."""
 
         def attend(h):
             if return_state or state is not None:
-                return self.attn(h, key_padding_mask=key_padding_mask, state=state, return_state=True)
-            return self.attn(h, key_padding_mask=key_padding_mask), None
+                return self.attn(h, key_padding_mask=key_padding_mask, state=state, return_state=True,
+                                 **attention_kwargs)  # fmt: skip
+            return self.attn(h, key_padding_mask=key_padding_mask, **attention_kwargs), None
 
         y, new_state = self.mix(x, attend)
         return (y, new_state) if return_state else y

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import decode, native
+from . import decode, native, ops
 from .attention import ATTENTION_KINDS
 from .blocks import Block, sinusoidal_table
 from .decode import DecodeConfig
@@ -241,20 +241,80 @@ class CausalTransformer(nn.Module):
         labels: torch.Tensor | None = None,
         padding: torch.Tensor | None = None,
         include_next: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        context_group=None,
     ) -> torch.Tensor:
         """tokens [B, T] (T >= 1) -> head parameters [B, T, n_params]; row t is the distribution of tokens[:, t].
         padding: bool [B, T], True at left padding: the real tokens' rows are what they are without it
         (the padding's rows mean nothing). include_next: one more row, the distribution of the token
-        after the last ([B, T + 1, n_params])."""
-        self._check_tokens(tokens, labels)
+        after the last ([B, T + 1, n_params]).
+        cu_seqlens: packed documents: tokens [1, N] holds them one after another, document d being
+            tokens cu_seqlens[d]:cu_seqlens[d + 1] (int [n + 1]); each is modelled as if alone (its own
+            start token, labels [n], positions from 0). Linear attention only.
+        context_group: context parallelism: every rank of this torch.distributed group passes the
+            whole tokens [B, T] (and labels) and gets the rows of its segment of the positions,
+            `CausalTransformer.segment(T, group)`; the activations are the segment's alone.
+            Causal-linear attention only."""
+        packed_docs = cu_seqlens.numel() - 1 if isinstance(cu_seqlens, torch.Tensor) else None
+        self._check_tokens(tokens, labels, batch=packed_docs)  # (labels: one per document when packed)
+        if cu_seqlens is not None or context_group is not None:
+            if padding is not None or include_next or (cu_seqlens is not None and context_group is not None):
+                raise ValueError("CausalTransformer: packed documents (cu_seqlens) and context parallelism "
+                                 "(context_group) each go alone: without padding, include_next or each other")  # fmt: skip
+            if cu_seqlens is not None:
+                x, kwargs = self._packed_inputs(tokens, labels, cu_seqlens), {"cu_seqlens": cu_seqlens}
+            else:
+                x, kwargs = self._segment_inputs(tokens, labels, context_group), {"context_group": context_group}
+            for block in self.blocks:
+                x = block(x, **kwargs)
+            return self.head(self.norm(x))
         x, mask = self._inputs(tokens, labels, with_last=include_next, padding=self._check_padding(tokens, padding))
         for block in self.blocks:
             x = block(x, key_padding_mask=mask)
         return self.head(self.norm(x))
 
-    def nll(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Negative log-likelihood of every token in nats, [B, T]."""
-        return self.head.nll(self(tokens, labels), tokens.long())
+    def _packed_inputs(self, tokens: torch.Tensor, labels: torch.Tensor | None, cu_seqlens: torch.Tensor):
+        """The input of packed documents tokens [1, N]: each document its own start token (its label's)
+        and positions from 0, as if alone."""
+        lengths = ops.packed.check_cu_seqlens("CausalTransformer", cu_seqlens, tokens.shape[1], tokens.shape[0])
+        n, device = len(lengths), tokens.device
+        doc = torch.repeat_interleave(torch.arange(n, device=device), torch.tensor(lengths, device=device))
+        positions = torch.arange(tokens.shape[1], device=device) - cu_seqlens.to(device).long()[doc]
+        emb = self.embed(tokens[0].long())
+        x = torch.cat([emb[:1], emb[:-1]])  # position t reads token t - 1 ...
+        x = torch.where((positions == 0)[:, None], self._start_tokens(n, labels, device)[doc], x)  # ... or the start
+        pos = self._positions_of(positions[None]) if tokens.shape[1] else None
+        return self.dropout(x[None] if pos is None else x[None] + pos)
+
+    def _segment_inputs(self, tokens: torch.Tensor, labels: torch.Tensor | None, group):
+        """This rank's segment of the input of the whole sequences tokens [B, T] (context parallelism)."""
+        import torch.distributed as dist
+
+        a, b = ops.parallel.segment(tokens.shape[1], dist.get_rank(group), dist.get_world_size(group))
+        if a == 0:
+            x = torch.cat([self._start_tokens(tokens.shape[0], labels, tokens.device)[:, None],
+                           self.embed(tokens[:, : b - 1].long())], dim=1)  # fmt: skip
+        else:
+            x = self.embed(tokens[:, a - 1 : b - 1].long())
+        pos = self._positions(a, b - a, tokens.device)
+        return self.dropout(x if pos is None else x + pos)
+
+    def nll(
+        self, tokens: torch.Tensor, labels: torch.Tensor | None = None, *, cu_seqlens=None, context_group=None
+    ) -> torch.Tensor:
+        """Negative log-likelihood of every token in nats, [B, T] (with `context_group`: of this rank's
+        segment of the tokens, [B, T_r]; see `forward`)."""
+        params = self(tokens, labels, cu_seqlens=cu_seqlens, context_group=context_group)
+        if context_group is not None:
+            tokens = tokens[:, self.segment(tokens.shape[1], context_group)]
+        return self.head.nll(params, tokens.long())
+
+    @staticmethod
+    def segment(T: int, group) -> slice:
+        """The positions of a length-T sequence this rank of `group` computes under context parallelism."""
+        import torch.distributed as dist
+
+        return slice(*ops.parallel.segment(T, dist.get_rank(group), dist.get_world_size(group)))
 
     def bits_per_dim(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean negative log2-likelihood per token (per sub-pixel for images)."""

@@ -52,6 +52,10 @@ class TrainConfig:
     out: str = option("runs/model", "run folder: checkpoints and log")
     steps: int = option(2000, "optimiser steps in all (a resumed run continues up to this)")
     batch_size: int = option(32, "global batch, split across data-parallel ranks")
+    context_parallel: int = option(
+        1, "ranks that share each sequence under torchrun, each holding a segment (context parallelism, "
+        "causal-linear attention); the data-parallel ranks are WORLD_SIZE / this"
+    )  # fmt: skip
     optimizer: str = option("radam", "radam or adamw")
     lr: float = option(1e-3, "peak learning rate")
     weight_decay: float = option(0.0, "weight decay (AdamW's decoupled; L2 for RAdam)")
@@ -79,7 +83,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: optimizer must be 'radam' or 'adamw', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"TrainConfig: schedule must be cosine, linear or constant, got {self.schedule!r}")
-        for name in ("steps", "batch_size", "checkpoint_every", "keep", "eval_batches"):
+        for name in ("steps", "batch_size", "checkpoint_every", "keep", "eval_batches", "context_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
         for name in ("image_size", "warmup", "eval_every", "threads", "weight_decay", "clip", "time_limit"):
@@ -117,7 +121,7 @@ def resolve_device(name: str) -> torch.device:
 # Settings a resumed run may change: how long it goes on, how often it reports and saves, where it
 # runs. Every other one (model, data, optimiser, schedule, batch, seed) must be the run's own.
 RESUME_MAY_CHANGE = ("steps", "time_limit", "eval_every", "eval_batches", "checkpoint_every", "keep", "resume",
-                     "threads", "device", "progress", "out", "data_path")  # fmt: skip
+                     "threads", "device", "progress", "out", "data_path", "context_parallel")  # fmt: skip
 
 
 class TrainingDiverged(ArithmeticError):
@@ -262,8 +266,17 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} data-parallel ranks")
+    cp = cfg.context_parallel
+    if world % cp:
+        raise ValueError(f"context_parallel={cp} must divide the number of ranks torchrun started (WORLD_SIZE={world})")
+    if cp > 1 and model_cfg.attention != "causal-linear":
+        raise ValueError(f"context_parallel={cp} needs causal-linear attention, not {model_cfg.attention!r}")
+    # ranks [g cp, (g + 1) cp) share the sequences of data-parallel rank g (new_group: every rank makes every group)
+    groups = [dist.new_group(list(range(g, g + cp))) for g in range(0, world, cp)] if cp > 1 else None
+    group = groups[rank // cp] if groups else None
+    dp_rank, dp_world = rank // cp, world // cp
+    if cfg.batch_size % dp_world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {dp_world} data-parallel ranks")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.data_path:  # stored absolute: eval and sample may run from another directory
@@ -309,7 +322,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
             print(f"resuming {run} from {ckpt.name}", flush=True)
     elif rank == 0:
         check_fresh_run(run)  # a fresh run must not mix its checkpoints with (or prune) another's
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # (under context parallelism the start embedding serves the first segment only)
+    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=cp > 1) if world > 1 else model
     meta = data_meta(d)
 
     def checkpoint(at: int) -> None:
@@ -337,20 +351,29 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=f"train {d.name}", unit="step", dynamic_ncols=True)
-    local = cfg.batch_size // world
+    local = cfg.batch_size // dp_world
     start, tokens_seen = time.perf_counter(), 0
     model.train()
     with _StopOnSignal() as stop:
         while step < cfg.steps:
-            idx = sampler.next()[rank * local : (rank + 1) * local]
+            idx = sampler.next()[dp_rank * local : (dp_rank + 1) * local]
             tokens, labels = d.get("train", idx)
             tokens = tokens.to(device)
             labels = labels.to(device) if labels is not None and model_cfg.n_classes else None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                params = net(tokens, labels)
-                loss = model.head.nll(params, tokens.long()).mean()
+                if group is None:
+                    loss = model.head.nll(net(tokens, labels), tokens.long()).mean()
+                else:  # this rank's share of the sequences' mean loss
+                    params = net(tokens, labels, context_group=group)
+                    segment = model.head.nll(params, tokens[:, model.segment(tokens.shape[1], group)].long())
+                    loss = segment.sum() / tokens.numel()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # data parallelism averages the gradients over all ranks; the cp ranks of a group hold parts
+            # of one loss, whose gradients add up
+            (loss * cp).backward()
+            if group is not None:
+                loss = loss.detach()
+                dist.all_reduce(loss, group=group)
             loss_value = loss.item()
             # (max_norm inf: the norm, no clipping; under data parallelism the gradients are already
             # averaged, so every rank sees the same norm)
@@ -372,7 +395,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
             optimizer.step()
             scheduler.step()
             step += 1
-            tokens_seen += tokens.numel() * world
+            tokens_seen += tokens.numel() * dp_world
             bpd = loss_value / math.log(2)
             test_bpd = None
             if rank == 0 and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
