@@ -66,3 +66,16 @@ def test_the_command_line_puts_large_tensors_on_huge_pages(tmp_path):
     library_only, command = faults("library"), faults("cli")
     assert command < library_only / 3  # huge pages: a fault per 2 MB instead of per 4 kB (where the kernel allows)
     assert faults("cli", THP_MEM_ALLOC_ENABLE="0") > command * 3  # the user's own setting is kept
+
+
+def test_a_programs_own_exit_message_is_said(capsys, monkeypatch):
+    """A benchmark that stops with SystemExit("verification failed: ...") says so and returns 1, as
+    Python itself would (the message is not swallowed with argparse's exit status 2)."""
+    from linear_transformers.bench import threads
+
+    def fails(args):
+        raise SystemExit("verification failed: the kernel differs")
+
+    monkeypatch.setattr(threads, "main", fails)
+    assert main(["bench", "threads"]) == 1
+    assert capsys.readouterr().err.strip() == "linear-transformers bench: verification failed: the kernel differs"

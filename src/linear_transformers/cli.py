@@ -30,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(argv)
     except SystemExit as e:  # argparse: --help (0), or a mistake on the command line it has said in one line (2)
-        return e.code if isinstance(e.code, int) else 2
+        if isinstance(e.code, int) or e.code is None:
+            return e.code or 0
+        # a program's own SystemExit("why"), a benchmark's failed verification: said, status 1, as Python does
+        print(f"linear-transformers {command}: {e.code}", file=sys.stderr)
+        return 1
     except USER_ERRORS as e:
         if debug:
             raise

@@ -44,7 +44,7 @@ class Command:
 # (`linear-transformers bench attention`). The one table: `cli.main` and `python -m` of each group run it.
 BENCHMARKS = {
     name: Command(f"linear_transformers.bench.{name}")
-    for name in ("attention", "dispatch", "generate", "gpu", "hf", "linearized", "threads")
+    for name in ("attention", "dispatch", "generate", "gpu", "hf", "linearized", "packed", "parallel", "threads")
 }
 EXPERIMENTS = {name: Command(f"linear_transformers.experiments.{name}") for name in ("copy", "image", "speech")}
 COMMANDS: dict[str, Command | dict] = {
