@@ -249,7 +249,7 @@ def test_packed_documents_are_modelled_as_if_alone(kind):
     torch.testing.assert_close(packed, alone, atol=1e-6, rtol=1e-6)
     g_packed = torch.autograd.grad(packed.sum(), list(model.parameters()), allow_unused=True)
     g_alone = torch.autograd.grad(alone.sum(), list(model.parameters()), allow_unused=True)
-    for a, b in zip(g_packed, g_alone):
+    for a, b in zip(g_packed, g_alone, strict=True):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -178,8 +178,10 @@ class AttentionLayer(nn.Module):
         new_state: State | None = None
         if context_group is not None:
             if self.attention != "causal-linear" or cu_seqlens is not None or key_padding_mask is not None:
-                raise ValueError("AttentionLayer: context parallelism runs causal-linear attention over whole "
-                                 f"sequences, not {self.attention!r} attention, packed documents or padding")  # fmt: skip
+                raise ValueError(
+                    "AttentionLayer: context parallelism runs causal-linear attention over whole sequences, "
+                    f"not {self.attention!r} attention, packed documents or padding"
+                )
             out, new_state = ops.context_parallel_causal_linear_attention(
                 q, k, v, context_group, initial_state=state, return_state=True, eps=self.eps,
                 chunk_size=self.chunk_size, backend=self.backend,

@@ -259,8 +259,10 @@ class CausalTransformer(nn.Module):
         self._check_tokens(tokens, labels, batch=packed_docs)  # (labels: one per document when packed)
         if cu_seqlens is not None or context_group is not None:
             if padding is not None or include_next or (cu_seqlens is not None and context_group is not None):
-                raise ValueError("CausalTransformer: packed documents (cu_seqlens) and context parallelism "
-                                 "(context_group) each go alone: without padding, include_next or each other")  # fmt: skip
+                raise ValueError(
+                    "CausalTransformer: packed documents (cu_seqlens) and context parallelism "
+                    "(context_group) each go alone: without padding, include_next or each other"
+                )
             if cu_seqlens is not None:
                 x, kwargs = self._packed_inputs(tokens, labels, cu_seqlens), {"cu_seqlens": cu_seqlens}
             else:

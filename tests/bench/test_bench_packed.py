@@ -13,7 +13,7 @@ from linear_transformers.bench.__main__ import main
 def _docs(folder):
     folder.mkdir()
     (folder / "a.txt").write_text("short\n\n" + "a longer paragraph " * 20 + "\n\nx\n\n" + "y" * 300)
-    (folder / "b.rst.txt").write_text("\n\n".join("para %d " % i * (i % 7 + 1) for i in range(40)))
+    (folder / "b.rst.txt").write_text("\n\n".join(f"para {i} " * (i % 7 + 1) for i in range(40)))
     return folder
 
 

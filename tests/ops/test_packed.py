@@ -4,6 +4,8 @@ the chunk; the piece layout; the errors."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ def _alone(q, k, v, state, cu):
     """Each document run by itself with the reference; its outputs concatenated, its state a row."""
     outs, S, z = [], [], []
     bounds = cu.tolist()
-    for d, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for d, (a, b) in enumerate(itertools.pairwise(bounds)):
         s = LinearState(state.S[d : d + 1], state.z[d : d + 1])
         out, final = ops.causal_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], initial_state=s,
                                                  return_state=True, backend="naive")  # fmt: skip
@@ -59,8 +61,8 @@ def _compare(backend, lengths, dtype, tol, chunk_size=16, H=2, Dk=8, Dv=5):
     ref = _alone(q, k, v, state, cu)
     w = _weights(*ref)
     inputs = [q, k, v, state.S, state.z]
-    g_got = torch.autograd.grad(sum((a * b).sum() for a, b in zip(got, w)), inputs)
-    g_ref = torch.autograd.grad(sum((a * b).sum() for a, b in zip(ref, w)), inputs)
+    g_got = torch.autograd.grad(sum((a * b).sum() for a, b in zip(got, w, strict=True)), inputs)
+    g_ref = torch.autograd.grad(sum((a * b).sum() for a, b in zip(ref, w, strict=True)), inputs)
     names = ["out", "S", "z", "dq", "dk", "dv", "dS0", "dz0"]
     for name, a, b in zip(names, [*got, *g_got], [*ref, *g_ref], strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -119,10 +121,12 @@ def test_non_causal_packed_equals_each_document_alone(lengths):
     q, k, v = qkv(1, T, 2, 6, 4, requires_grad=True)
     got = ops.linear_attention(q, k, v, cu_seqlens=_cu(lengths))
     bounds = _cu(lengths).tolist()
-    ref = torch.cat([ops.linear_attention(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], 1)
+    ref = torch.cat([ops.linear_attention(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in itertools.pairwise(bounds)], 1)
     (w,) = _weights(ref)
     assert rel_err(got, ref) < 1e-12
-    for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+    g_got = torch.autograd.grad((got * w).sum(), (q, k, v))
+    g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(g_got, g_ref, strict=True):
         assert rel_err(a, b) < 1e-12
 
 

@@ -197,7 +197,8 @@ def plot(summary: list[dict], path: Path, title: str) -> bool:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([s["mode"] for s in summary], [s["median"] for s in summary], color=["#999", "#69c", "#c63"])
     for i, s in enumerate(summary):
-        ax.text(i, s["median"], f"{s['median']:.0f}\n({s['padding']:.0%} padding)", ha="center", va="bottom", fontsize=8)
+        label = f"{s['median']:.0f}\n({s['padding']:.0%} padding)"
+        ax.text(i, s["median"], label, ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("real tokens / s (median)")
     ax.set_title(title, fontsize=9)
     ax.margins(y=0.25)

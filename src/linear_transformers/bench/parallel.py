@@ -121,14 +121,14 @@ def _worker(rank, world, port, kind, T, H, D, repeats, threads, verify, results)
         out, grads = step()
         if kind == "attention":
             ref_out, ref_grads = _attention_step(q, k, v, None)
-            pairs = [(out, ref_out[:, a:b]), *((g, r[:, a:b]) for g, r in zip(grads, ref_grads))]
+            pairs = [(out, ref_out[:, a:b]), *((g, r[:, a:b]) for g, r in zip(grads, ref_grads, strict=True))]
         else:
             ref_nll, ref_grads = _model_step(_model(), tokens, None)
             pairs = [(out, ref_nll[:, a:b])]
             if group is not None:  # (a rank's gradients are its segment's share: their sum is the whole)
                 for g in grads:
                     dist.all_reduce(g, group=group)
-            pairs += list(zip(grads, ref_grads))
+            pairs += list(zip(grads, ref_grads, strict=True))
         error = max(((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).item() for x, y in pairs)
     times = []
     for i in range(repeats + 1):
@@ -209,8 +209,13 @@ def main(args: argparse.Namespace) -> int:
                        "median_s": statistics.median(r["times"]), "best_s": min(r["times"]),
                        "peak_rss_gib_per_rank": r["peak"] / 2**30, "verified_error": r["error"]}  # fmt: skip
                 rows.append(row)
-                print(f"  {kind:9s} T={T:8d} W={W}: median {row['median_s']:.3f} s, peak {row['peak_rss_gib_per_rank']:.2f} "
-                      f"GiB per rank" + (f", verified ({r['error']:.1e})" if i == 0 else ""), flush=True)  # fmt: skip
+                verified = f", verified ({r['error']:.1e})" if i == 0 else ""
+                peak = row["peak_rss_gib_per_rank"]
+                print(
+                    f"  {kind:9s} T={T:8d} W={W}: median {row['median_s']:.3f} s,",
+                    f"peak {peak:.2f} GiB per rank{verified}",
+                    flush=True,
+                )
     numbers = parallel.exchanged_numbers(1, 1, args.heads, args.dim, args.dim)
     gather_s = _spawn(_exchange_worker, 2, numbers, 20)
     projected = project(rows, lengths[-1], gather_s, numbers)
@@ -274,7 +279,7 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     for ax, kind in zip(axes, KINDS, strict=True):
         for W in sorted({r["ranks"] for r in rows}):
             pts = [(r["T"], r["median_s"]) for r in rows if r["kind"] == kind and r["ranks"] == W]
-            ax.plot(*zip(*pts), marker="o", label=f"{W} rank" + ("s" if W > 1 else ""))
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{W} rank" + ("s" if W > 1 else ""))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T")

@@ -23,6 +23,7 @@ choice is never worse than padding by this count.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ import torch
 from .state import LinearState
 from .validation import accumulation_dtype
 
-__all__ = ["Layout", "check_cu_seqlens", "layout", "piece_length", "causal", "non_causal"]
+__all__ = ["Layout", "causal", "check_cu_seqlens", "layout", "non_causal", "piece_length"]
 
 MIN_PIECE = 16  # shorter pieces make every kernel call a sliver
 
@@ -40,7 +41,8 @@ def check_cu_seqlens(fn: str, cu_seqlens: object, total: int, batch: int) -> lis
     """cu_seqlens: 1-D integer tensor [n + 1], 0 first, `total` last, non-decreasing; the packed
     inputs must have B == 1. Returns the n document lengths."""
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"{fn}: cu_seqlens must be an integer tensor [n_documents + 1], got {type(cu_seqlens).__name__}")
+        got = type(cu_seqlens).__name__
+        raise TypeError(f"{fn}: cu_seqlens must be an integer tensor [n_documents + 1], got {got}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{fn}: cu_seqlens must be a 1-D int32/int64 tensor [n_documents + 1] (at least 2 "
                          f"entries), got {cu_seqlens.dtype} of shape {list(cu_seqlens.shape)}")  # fmt: skip
@@ -51,7 +53,7 @@ def check_cu_seqlens(fn: str, cu_seqlens: object, total: int, batch: int) -> lis
     if bounds[0] != 0 or bounds[-1] != total:
         raise ValueError(f"{fn}: cu_seqlens must start at 0 and end at the packed length T={total}, "
                          f"got {bounds[0]} ... {bounds[-1]}")  # fmt: skip
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    lengths = [b - a for a, b in itertools.pairwise(bounds)]
     bad = next((d for d, n in enumerate(lengths) if n < 0), None)
     if bad is not None:
         raise ValueError(f"{fn}: cu_seqlens must be non-decreasing; it falls from {bounds[bad]} to "
@@ -123,11 +125,33 @@ def scatter(pieces: torch.Tensor, lay: Layout) -> torch.Tensor:
     return pieces.reshape(-1, *pieces.shape[2:])[lay.valid][None]
 
 
+class LocalSums(torch.autograd.Function):
+    """k [M, P, H, Dk], v [M, P, H, Dv] -> U = [sum_p k v^T | sum_p k] [M, H, Dk, Dv + 1] in the
+    accumulation dtype, with the backward written out: dk = v dS^T + dz, dv = k dS (two GEMMs over
+    the tokens; autograd's own would expand dz into a [M, P, H, Dk] tensor and add it separately)."""
+
+    @staticmethod
+    def forward(ctx, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        acc = accumulation_dtype(k.dtype)
+        kf, vf = k.to(acc), v.to(acc)
+        ctx.save_for_backward(k, v)
+        return torch.cat([torch.einsum("mphd,mphe->mhde", kf, vf), kf.sum(1).unsqueeze(-1)], dim=-1)
+
+    @staticmethod
+    def backward(ctx, dU: torch.Tensor):
+        k, v = ctx.saved_tensors
+        dS, dz = dU[..., :-1], dU[..., -1]
+        dk = dv = None
+        if ctx.needs_input_grad[0]:
+            dk = torch.einsum("mphe,mhde->mphd", v.to(dU.dtype), dS).add_(dz.unsqueeze(1)).to(k.dtype)
+        if ctx.needs_input_grad[1]:
+            dv = torch.einsum("mphd,mhde->mphe", k.to(dU.dtype), dS).to(v.dtype)
+        return dk, dv
+
+
 def local_sums(kp: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
-    """[sum phi(k) v^T | sum phi(k)] of every piece, [M, H, Dk, Dv + 1] in the accumulation dtype."""
-    acc = accumulation_dtype(kp.dtype)
-    kf = kp.to(acc)
-    return torch.cat([torch.einsum("mphd,mphe->mhde", kf, vp.to(acc)), kf.sum(1).unsqueeze(-1)], dim=-1)
+    """[sum phi(k) v^T | sum phi(k)] of every piece (or sequence), [M, H, Dk, Dv + 1] in the accumulation dtype."""
+    return LocalSums.apply(kp, vp)
 
 
 def exclusive_scan(U: torch.Tensor, lay: Layout) -> torch.Tensor:
@@ -172,7 +196,7 @@ def causal(q, k, v, lengths: list[int], initial_state: LinearState | None, eps: 
 
 def non_causal(q, k, v, lengths: list[int], eps: float) -> torch.Tensor:
     """Non-causal linear attention within each packed document: [1, T, H, Dv]."""
-    _, T, H, Dk = q.shape
+    _, T, _H, Dk = q.shape
     Dv, n = v.shape[-1], len(lengths)
     if T == 0:
         return v.new_zeros(v.shape)

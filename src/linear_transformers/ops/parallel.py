@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .packed import local_sums
 from .state import LinearState
 
-__all__ = ["ExclusivePrefix", "segment", "exchanged_numbers", "tokens_before"]
+__all__ = ["ExclusivePrefix", "exchanged_numbers", "segment", "tokens_before"]
 
 
 class ExclusivePrefix(torch.autograd.Function):
