@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import decode, native, ops
+from . import decode, ops
 from .attention import ATTENTION_KINDS
 from .blocks import Block, sinusoidal_table
 from .decode import DecodeConfig
@@ -434,29 +434,12 @@ class CausalTransformer(nn.Module):
 
     @staticmethod
     def measure_fused_step() -> tuple[float, float]:
-        """Seconds per token at batch 1 of the fused C step and of the PyTorch step, best of 7 runs of
-        16 tokens interleaved, on a representative model (4 blocks, d_model 256, 8 heads, d_ff 1024, a
-        mixture-of-logistics head): the measurement behind native.verdict("fused_step") (under a
-        second, once per build)."""
-        with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's random stream stays as it was
+        """Seconds per token at batch 1 of the fused C step and of the PyTorch step
+        (decode.measure_fused_step) on a representative model: 4 blocks, d_model 256, 8 heads, d_ff
+        1024, a mixture-of-logistics head. The measurement behind native.verdict("fused_step")."""
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
             cfg = ModelConfig(vocab_size=256, max_len=64, d_model=256, n_layers=4, n_heads=8, d_ff=1024, head="mol")
-            model = CausalTransformer(cfg).eval()
-            step = decode.fused.from_model(model)
-            tokens = torch.randint(0, 256, (16, 1))
-            _, state = model.prefill(torch.zeros(1, 0, dtype=torch.long))
-            S, z = [s.S for s in state.layers], [s.z for s in state.layers]
-
-            def run_fused():
-                for t in range(16):
-                    step(tokens[t], t, S, z)
-
-            def run_pytorch():
-                st = state.clone()
-                for t in range(16):
-                    model.step_pytorch(tokens[t], st)
-
-            kernel, pytorch = native.best_of([run_fused, run_pytorch])
-        return kernel / 16, pytorch / 16
+            return decode.measure_fused_step(CausalTransformer(cfg).eval())
 
     @torch.no_grad()
     def generate(
@@ -487,45 +470,16 @@ class CausalTransformer(nn.Module):
         is continued as if it were alone. config: how the CPU steps (decode.DecodeConfig: the fused
         C step or not, up to which batch, its precision).
         """
-        if mode not in ("rnn", "recompute"):
-            raise ValueError(f"generate: mode must be 'rnn' or 'recompute', got {mode!r}")
+        device = next(self.parameters()).device
         check_sampling("generate", temperature, top_k, top_p)
-        decode.check_config("generate", config)
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"generate: n must be an int >= 1, got {n!r}")
-        if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
-            raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        prompt, max_new_tokens = decode.check_generate(
+            n, max_new_tokens, prompt, labels, mode, config, self.cfg.max_len, self.cfg.positional == "learned", device
+        )
         if self.cfg.attention == "causal-lsh":
             mode = "recompute"
         if config.weights != torch.float32:
             decode.forget(self)  # fresh low-precision copies of the current weights
-        device = next(self.parameters()).device
-        if prompt is None:
-            B = labels.shape[0] if labels is not None else n
-            if B is None:
-                raise ValueError("generate: give n, a prompt or labels")
-            prompt = torch.zeros(B, 0, dtype=torch.long, device=device)
-        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
-            got = f"shape {list(prompt.shape)}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
-            raise ValueError(f"generate: prompt must be a [B, T0] tensor of token ids, got {got}")
-        if prompt.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"generate: prompt must hold integer token ids, got {prompt.dtype}")
-        prompt = prompt.long()
         T0 = prompt.shape[1]
-        if T0 > self.cfg.max_len and self.cfg.positional == "learned":
-            raise ValueError(f"generate: the prompt's {T0} tokens exceed the learned positions (max_len="
-                             f"{self.cfg.max_len})")  # fmt: skip
-        batch = {"n": n, "the prompt's batch": prompt.shape[0], "the labels": None if labels is None else len(labels)}
-        if len({b for b in batch.values() if b is not None}) > 1:
-            given = ", ".join(f"{k} {b}" for k, b in batch.items() if b is not None)
-            raise ValueError(f"generate: n, the prompt and the labels must agree on the batch, got {given}")
-        if max_new_tokens is None:
-            max_new_tokens = max(self.cfg.max_len - T0, 0)
-        if T0 + max_new_tokens > self.cfg.max_len and self.cfg.positional == "learned":
-            raise ValueError(
-                f"generate: {T0} + {max_new_tokens} tokens exceed the learned positions (max_len={self.cfg.max_len}); "
-                "models with --positional sinusoidal or none generate without a length limit"
-            )
         self.ensure_positions(T0 + max_new_tokens)  # (grown once, before any fused step reads it)
         out = torch.empty(prompt.shape[0], T0 + max_new_tokens, dtype=torch.long, device=device)
         out[:, :T0] = prompt

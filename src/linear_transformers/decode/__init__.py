@@ -116,6 +116,68 @@ def check_config(fn: str, config: object) -> None:
         raise TypeError(f"{fn}: config must be a linear_transformers.decode.DecodeConfig, got {type(config).__name__}")
 
 
+@torch.no_grad()
+def measure_fused_step(model: CausalTransformer) -> tuple[float, float]:
+    """Seconds per token at batch 1 of the fused C step and of the PyTorch step on `model` (a
+    vocabulary of at least 256), best of 7 runs of 16 tokens interleaved (under a second)."""
+    step = fused.from_model(model)
+    tokens = torch.randint(0, 256, (16, 1))
+    _, state = model.prefill(torch.zeros(1, 0, dtype=torch.long))
+    S, z = [s.S for s in state.layers], [s.z for s in state.layers]
+
+    def run_fused():
+        for t in range(16):
+            step(tokens[t], t, S, z)
+
+    def run_pytorch():
+        st = state.clone()
+        for t in range(16):
+            model.step_pytorch(tokens[t], st)
+
+    kernel, pytorch = native.best_of([run_fused, run_pytorch])
+    return kernel / 16, pytorch / 16
+
+
+def check_generate(
+    n, max_new_tokens, prompt, labels, mode: str, config, max_len: int, learned_positions: bool, device
+) -> tuple[torch.Tensor, int]:
+    """generate()'s arguments checked, each wrong one a one-line error -> (the prompt [B, T0] as int64,
+    on `device`, an empty one of batch n or len(labels) when None; max_new_tokens, by default up to
+    max_len). Learned positions end at max_len; other models generate past it."""
+    if mode not in ("rnn", "recompute"):
+        raise ValueError(f"generate: mode must be 'rnn' or 'recompute', got {mode!r}")
+    check_config("generate", config)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"generate: n must be an int >= 1, got {n!r}")
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
+        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if prompt is None:
+        B = labels.shape[0] if labels is not None else n
+        if B is None:
+            raise ValueError("generate: give n, a prompt or labels")
+        prompt = torch.zeros(B, 0, dtype=torch.long, device=device)
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
+        got = f"shape {list(prompt.shape)}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise ValueError(f"generate: prompt must be a [B, T0] tensor of token ids, got {got}")
+    if prompt.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"generate: prompt must hold integer token ids, got {prompt.dtype}")
+    T0 = prompt.shape[1]
+    if T0 > max_len and learned_positions:
+        raise ValueError(f"generate: the prompt's {T0} tokens exceed the learned positions (max_len={max_len})")
+    batch = {"n": n, "the prompt's batch": prompt.shape[0], "the labels": None if labels is None else len(labels)}
+    if len({b for b in batch.values() if b is not None}) > 1:
+        given = ", ".join(f"{k} {b}" for k, b in batch.items() if b is not None)
+        raise ValueError(f"generate: n, the prompt and the labels must agree on the batch, got {given}")
+    if max_new_tokens is None:
+        max_new_tokens = max(max_len - T0, 0)
+    if T0 + max_new_tokens > max_len and learned_positions:
+        raise ValueError(
+            f"generate: {T0} + {max_new_tokens} tokens exceed the learned positions (max_len={max_len}); "
+            "models with --positional sinusoidal or none generate without a length limit"
+        )
+    return prompt.long(), max_new_tokens
+
+
 def fused_step(model: CausalTransformer, batch: int, state: ModelState, config: DecodeConfig = DEFAULT):
     """The fused C step for stepping `state` (batch rows) of `model`, or None where the PyTorch step
     must run: the C step computes what the model would (fused.computes: linear attention with an
