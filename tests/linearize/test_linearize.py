@@ -297,6 +297,40 @@ def test_lora_stage_distills_from_the_teacher(tmp_path, monkeypatch):
     assert len(losses) == 3 and all(0 <= x < 20 for x in losses)  # a KL divergence per token: >= 0
 
 
+def test_lora_control_fine_tunes_the_teacher_itself(tmp_path, monkeypatch):
+    """finetune --teacher: the softmax teacher gets the same LoRA on the same windows (the control of
+    stage 2); its perplexity is teacher_lora_ppl, and the summary divides every model by it too."""
+    pytest.importorskip("peft")
+    from linear_transformers import commands
+    from linear_transformers.linearize import save_linearized, transfer
+    from linear_transformers.linearize.summary import summarize, table
+
+    teacher = _tiny_llama()
+    save_linearized(
+        linearize(_tiny_llama(), LinearizeConfig(mode="hybrid", window=4, sinks=2)), tmp_path / "s" / "model"
+    )
+    g = torch.Generator().manual_seed(0)
+    torch.save({k: torch.randint(0, 97, (6, 24), generator=g) for k in ("train", "held_out", "second_domain")},
+               tmp_path / "s" / "data.pt")  # fmt: skip
+    monkeypatch.setattr(transfer, "load_teacher", lambda: (None, teacher))
+    argv = ["finetune", "--teacher", "--student", str(tmp_path / "s" / "model"), "--out", str(tmp_path / "runs" / "t"),
+            "--steps", "3", "--eval-windows", "2", "--threads", "1"]  # fmt: skip
+    assert commands.dispatch("linear-transformers", argv) == 0
+    result = json.loads((tmp_path / "runs" / "t" / "result.json").read_text())
+    assert result["linearize"] is None and result["steps"] == 3 and result["teacher_lora_ppl"] > 1
+    assert result["second_domain"]["teacher_lora_ppl"] > 1 and not (tmp_path / "runs" / "t" / "model").exists()
+    (tmp_path / "runs" / "h").mkdir()
+    (tmp_path / "runs" / "h" / "result.json").write_text(json.dumps({
+        "linearize": {"mode": "hybrid"}, "tokens": 1, "cpu_hours": 0.1, "wall_seconds": 1, "teacher_ppl": 10.0,
+        "hybrid_ppl": 12.0, "second_domain": {"teacher_ppl": 20.0, "hybrid_ppl": 30.0}}))  # fmt: skip
+    out = summarize(tmp_path / "runs")
+    assert out["teacher_lora_ppl"] == result["teacher_lora_ppl"] and out["hybrid_ppl"] == 12.0
+    ratio = f"{12.0 / result['teacher_lora_ppl']:.3f}"
+    assert "x teacher + LoRA" in table(out) and ratio in table(out).splitlines()[-1]
+    with pytest.raises(ValueError, match="--teacher fine-tunes the softmax teacher"):
+        commands.dispatch("linear-transformers", [*argv, "--mode", "window"])
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_other_llama_shaped_families_convert_step_and_fuse(family):
     """Mistral and Qwen2 (q/k/v biases) share Llama's attention shape: converted, their recurrent

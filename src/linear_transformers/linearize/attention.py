@@ -31,6 +31,8 @@ from torch import nn
 from .. import feature_maps, ops
 
 MODES = ("linear", "hybrid", "window")
+# the key of each mode's held-out perplexity in result.json
+PPL_KEYS = {"linear": "linear_ppl", "hybrid": "hybrid_ppl", "window": "window_only_ppl"}
 FEATURE_MAPS = ("hedgehog", "elu", "relu")
 
 

@@ -5,7 +5,10 @@ distribution), on a CPU; resumable; held-out perplexity on both domains at the e
     linear-transformers finetune --student runs/lz-hybrid/model --out runs/lz-hybrid-lora
 
 `--mode window` fine-tunes the same model with its linear part removed (window + sinks alone), so
-the two can be compared trained the same way. The merged model is written as a transformers folder.
+the two can be compared trained the same way. `--teacher` fine-tunes the softmax teacher itself, on
+the same windows with the same LoRA: the control that says how much of stage 2's gain on held-out
+text comes from the text alone rather than from repairing the conversion. The merged model is
+written as a transformers folder (not for --teacher: that is the teacher plus a LoRA).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from ..checkpoint import owned_by_training
 from ..options import add_options, check_threads, count, from_args, option
-from .attention import MODES
+from .attention import MODES, PPL_KEYS
 
 
 @dataclass
@@ -31,6 +34,7 @@ class FinetuneConfig:
     data: str = option("", "the token windows (default: data.pt in the student's run folder)")
     out: str = option("runs/lz-lora", "run folder: state.pt (resumable), result.json, model/")
     mode: str = option("", "override the student's mode (window: its linear part removed)", choices=("", *MODES))
+    teacher: bool = option(False, "fine-tune the softmax teacher instead (the control run; data from --student's run)")
     loss: str = option("next-token", "next-token (cross-entropy on the text) or distill (KL divergence to the "
                        "teacher's next-token distribution, the teacher run alongside)",
                        choices=("next-token", "distill"))  # fmt: skip
@@ -48,6 +52,9 @@ class FinetuneConfig:
         check_threads("finetune", self.threads)
         if not 0 < self.lr < math.inf or not 0 <= self.minutes < math.inf:
             raise ValueError("finetune: --lr must be > 0 and --minutes >= 0")
+        if self.teacher and (self.mode or self.loss == "distill"):
+            raise ValueError("finetune: --teacher fine-tunes the softmax teacher with next-token loss; "
+                             "--mode and --loss distill apply to a student")  # fmt: skip
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -75,7 +82,12 @@ def main(args: argparse.Namespace) -> int:
         raise FileExistsError(f"--out {out} lies in {owner}, a training run's folder; choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     data = torch.load(Path(cfg.data) if cfg.data else Path(cfg.student).parent / "data.pt", weights_only=True)
-    model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
+    if cfg.teacher:
+        from .transfer import load_teacher
+
+        model = load_teacher()[1]
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32)
     if cfg.mode:
         for m in model.modules():
             if isinstance(m, LinearizedAttention):
@@ -151,11 +163,11 @@ def main(args: argparse.Namespace) -> int:
     model.eval()
     merged = model.merge_and_unload()
     n = cfg.eval_windows
-    mode = merged.config.linearize["mode"]
-    key = {"linear": "linear_ppl", "hybrid": "hybrid_ppl", "window": "window_only_ppl"}[mode]
+    linearize = None if cfg.teacher else merged.config.linearize
+    key = "teacher_lora_ppl" if cfg.teacher else PPL_KEYS[linearize["mode"]]
     tokens = step * data["train"].shape[1]
     result = {"command": args.command_line,
-              "settings": asdict(cfg), "linearize": merged.config.linearize, "stage": 2, "steps": step,
+              "settings": asdict(cfg), "linearize": linearize, "stage": 2, "steps": step,
               "tokens": tokens, "cpu_hours": round(seconds * torch.get_num_threads() / 3600, 3),
               "wall_seconds": round(seconds, 1), "eval_windows": n,
               key: perplexity(merged, data["held_out"][:n]),
@@ -170,7 +182,8 @@ def main(args: argparse.Namespace) -> int:
 
         tok = AutoTokenizer.from_pretrained(cfg.student)
         _, teacher = load_teacher()
-        result["samples"] = greedy_samples({"teacher": teacher, "student": merged}, tok)
+        result["samples"] = greedy_samples({"teacher": teacher, "teacher + LoRA" if cfg.teacher else "student": merged},
+                                           tok)  # fmt: skip
     except (OSError, ValueError, FileNotFoundError) as e:  # (no tokenizer in the folder, no teacher installed)
         result["samples"] = f"not drawn: {e}"
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -178,6 +191,10 @@ def main(args: argparse.Namespace) -> int:
         f.write("step,tokens,loss\n")
         for r in log[:: max(1, len(log) // 400)]:
             f.write(f"{r['step']},{r['tokens']},{r['loss']}\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
+    if cfg.teacher:  # the control: its number is the result, the model is the teacher's
+        print(f"results in {out}: result.json, loss.csv")
+        return 0
     from transformers import AutoTokenizer
 
     from .hf import save_linearized
@@ -187,6 +204,5 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         tok = None  # (a folder saved without one)
     save_linearized(merged, out / "model", tok)
-    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
     print(f"results in {out}: result.json, loss.csv, model/")
     return 0

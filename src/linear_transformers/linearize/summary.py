@@ -4,7 +4,8 @@ hold each run's result.json (stage 1 of `linearize`, stage 2 of `finetune`).
     linear-transformers linearize-summary evidence/experiments/linearize-smollm2
 
 result.json takes each perplexity from the latest stage that measured it: `teacher_ppl`, `linear_ppl`,
-`hybrid_ppl`, `window_only_ppl` (first domain) and the same under `second_domain`, with `stage`
+`hybrid_ppl`, `window_only_ppl`, `teacher_lora_ppl` (the teacher fine-tuned the same way as the
+students: `finetune --teacher`) (first domain) and the same under `second_domain`, with `stage`
 saying which stage each came from, `tokens` and `cpu_hours` summed over the runs, and every run listed.
 """
 
@@ -14,15 +15,18 @@ import argparse
 import json
 from pathlib import Path
 
-KEYS = ("teacher_ppl", "linear_ppl", "hybrid_ppl", "window_only_ppl")
-MODE_OF = {"linear_ppl": "linear", "hybrid_ppl": "hybrid", "window_only_ppl": "window"}
+from .attention import PPL_KEYS
+
+KEYS = ("teacher_ppl", "teacher_lora_ppl", "linear_ppl", "hybrid_ppl", "window_only_ppl")
+MODE_OF = {key: mode for mode, key in PPL_KEYS.items()} | {"teacher_lora_ppl": "teacher"}
 
 
 def summarize(folder: Path) -> dict:
     runs = []
     for path in sorted(folder.glob("*/result.json")):
         r = json.loads(path.read_text())
-        runs.append({"run": path.parent.name, "stage": r.get("stage", 1), "mode": r["linearize"]["mode"],
+        mode = r["linearize"]["mode"] if r["linearize"] else "teacher"  # (finetune --teacher: the control)
+        runs.append({"run": path.parent.name, "stage": r.get("stage", 1), "mode": mode,
                      "tokens": r["tokens"], "cpu_hours": r["cpu_hours"], "wall_seconds": r["wall_seconds"],
                      "ppl": {k: r[k] for k in KEYS if k in r},
                      "second_domain": {k: v for k, v in r["second_domain"].items() if k in KEYS}})  # fmt: skip
@@ -43,16 +47,20 @@ def summarize(folder: Path) -> dict:
 
 
 def table(result: dict) -> str:
-    t, t2 = result["teacher_ppl"], result["second_domain"]["teacher_ppl"]
-    lines = [
-        "| model | from | held-out ppl | x teacher | second domain ppl | x teacher |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
+    """Each model's perplexity on both domains, as a multiple of the teacher's and, where the control
+    ran (`finetune --teacher`), of the teacher fine-tuned the same way."""
+    refs = [("teacher", "teacher_ppl")] + [("teacher + LoRA", "teacher_lora_ppl")] * ("teacher_lora_ppl" in result)
+    head = "| model | from | held-out ppl | second domain ppl |"
+    for name, _ in refs:
+        head += f" x {name} | x {name}, second domain |"
+    lines = [head, "|---|---|---:|---:|" + "---:|---:|" * len(refs)]
     for k in KEYS:
         if k in result:
             a, b = result[k], result["second_domain"][k]
-            where = result["stage"].get(k, "")
-            lines.append(f"| {k[:-4]} | {where} | {a:.2f} | {a / t:.3f} | {b:.2f} | {b / t2:.3f} |")
+            row = f"| {k[:-4]} | {result['stage'].get(k, '')} | {a:.2f} | {b:.2f} |"
+            for _, ref in refs:
+                row += f" {a / result[ref]:.3f} | {b / result['second_domain'][ref]:.3f} |"
+            lines.append(row)
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ import torch
 
 from ..checkpoint import owned_by_training
 from ..options import add_options, check_threads, count, from_args, option
-from .attention import FEATURE_MAPS, MODES
+from .attention import FEATURE_MAPS, MODES, PPL_KEYS
 from .convert import LinearizeConfig, LinearizedAttention
 
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html")
@@ -314,7 +314,7 @@ def evaluate(
     result["teacher_ppl"] = perplexity(teacher, held)
     result["curve_teacher_ppl"] = perplexity(teacher, data["held_out"][: cfg.curve_windows])  # the curve's windows
     result["second_domain"] = {"teacher_ppl": perplexity(teacher, second)}
-    key = {"linear": "linear_ppl", "hybrid": "hybrid_ppl", "window": "window_only_ppl"}[cfg.mode]
+    key = PPL_KEYS[cfg.mode]
     result[key] = student_perplexity(teacher, students, held)
     result["second_domain"][key] = student_perplexity(teacher, students, second)
     if cfg.mode == "hybrid":  # the same window and sinks with the linear part removed
