@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff format --check src tests examples
 
 # onnxruntime-web and playwright-core from the npm registry (versions locked in web/package-lock.json)
 $(WEB_STAMP): web/package.json web/package-lock.json web/build.mjs
