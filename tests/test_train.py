@@ -235,6 +235,31 @@ def test_text_model_samples_text(tmp_path, capsys, monkeypatch):
     assert f"bits/char over {-(-n // 32)} non-overlapping windows of 32 characters" in out
 
 
+def test_presets_fill_in_what_is_not_given(tmp_path, capsys):
+    """train --preset: a size and a training length for the options left out; those typed win; the
+    demo trains the small preset."""
+    import json
+
+    from linear_transformers import demo
+    from linear_transformers.train import preset
+
+    (tmp_path / "t.txt").write_text("abcabcabd " * 300)
+    run = tmp_path / "run"
+    argv = ["train", "--data", "text", "--data-path", str(tmp_path / "t.txt"), "--preset", "tiny", "--steps", "2",
+            "--seq-len", "32", "--out", str(run)]  # fmt: skip
+    assert cli_main(argv) == 0
+    config = json.loads(next(run.glob("*/config.json")).read_text())
+    tiny_model, tiny_training = preset("tiny", "text")
+    assert {k: config["model"][k] for k in tiny_model} == tiny_model
+    assert config["train"]["steps"] == 2 and config["train"]["seq_len"] == 32  # typed: kept
+    assert config["train"]["lr"] == tiny_training["lr"] and "image_size" not in tiny_training
+    assert preset("tiny", "mnist")[1]["image_size"] == 14 and preset("paper", "cifar10")[0]["n_layers"] == 16
+    assert (demo.MODEL.d_model, demo.TRAIN.steps) == (preset("small", "mnist")[0]["d_model"], 900)
+    cli_error(capsys, [*argv, "--resume"], "--preset starts a run")
+    assert cli_main(["train", "--preset", "huge"]) == 2
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
 def test_cli_options_and_errors(tmp_path, capsys):
     assert cli_main(["train", "--d-modle", "64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -25,13 +25,11 @@ from .checkpoint import load_model
 from .data.images import image_grid, write_png
 from .model import CausalTransformer, ModelConfig
 from .options import add_options, from_args, option
-from .train import TrainConfig, evaluate, train
+from .train import TrainConfig, evaluate, preset, train
 
-MODEL = ModelConfig(d_model=128, n_layers=4, n_heads=4, d_ff=512, attention="causal-linear", feature_map="elu")
-TRAIN = TrainConfig(
-    data="mnist", image_size=14, levels=16, steps=900, batch_size=32, lr=2e-3, warmup=50,
-    eval_every=300, eval_batches=10, checkpoint_every=100,
-)  # fmt: skip
+# train --preset small: the same model and training
+MODEL = ModelConfig(**preset("small", "mnist")[0], attention="causal-linear", feature_map="elu")
+TRAIN = TrainConfig(data="mnist", **preset("small", "mnist")[1], eval_every=300, eval_batches=10, checkpoint_every=100)
 # What 900 steps reach on the full test split (0.968 bits/dim, 2026-11-28, committed as
 # docs/demo_samples.png): above this the digits are visibly weaker, and the demo says so.
 CALIBRATED_BPD = 1.0

@@ -124,6 +124,41 @@ RESUME_MAY_CHANGE = ("steps", "time_limit", "eval_every", "eval_batches", "check
                      "threads", "device", "progress", "out", "data_path", "context_parallel")  # fmt: skip
 
 
+# ---- presets --------------------------------------------------------------------------------------
+
+PRESETS = ("tiny", "small", "paper")
+_PRESET_MODELS = {
+    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256},
+    "small": {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 512},
+    "paper": {"d_model": 256, "n_layers": 8, "n_heads": 8, "d_ff": 1024},
+}
+_PRESET_TRAINING = {
+    "tiny": {"steps": 300, "batch_size": 16, "lr": 3e-3, "warmup": 30, "seq_len": 128},
+    "small": {"steps": 900, "batch_size": 32, "lr": 2e-3, "warmup": 50, "seq_len": 256},
+    "paper": {"steps": 10_000, "batch_size": 32, "lr": 1e-3, "warmup": 500, "seq_len": 256},
+}
+
+
+def preset(name: str, data: str) -> tuple[dict, dict]:
+    """(ModelConfig values, TrainConfig values) of a named size for data set `data`:
+
+        tiny    2 layers, d_model 64, 300 steps: a minute or two on 2 cores, to see it work
+        small   4 layers, d_model 128, 900 steps: what `make demo` trains (~5 min on MNIST)
+        paper   the paper's image architecture (8 layers, d_model 256, 8 heads; 16 layers on
+                CIFAR-10) on full-size images, 10,000 steps: hours on a CPU
+
+    tiny and small pool MNIST and Fashion-MNIST to 14 x 14 and 16 grey levels (a quarter of the
+    tokens, as the demo does)."""
+    if name not in PRESETS:
+        raise ValueError(f"train: preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    model, training = dict(_PRESET_MODELS[name]), dict(_PRESET_TRAINING[name])
+    if name == "paper" and data == "cifar10":
+        model["n_layers"] = 16
+    if name != "paper" and data in ("mnist", "fashion-mnist"):
+        training |= {"image_size": 14, "levels": 16}
+    return model, training
+
+
 class TrainingDiverged(ArithmeticError):
     """The loss or the gradient norm stopped being finite."""
 

@@ -8,13 +8,18 @@ import dataclasses
 from ..checkpoint import model_config, read_config, resolve_checkpoint
 from ..model import ModelConfig
 from ..options import add_options, from_args
-from ..train import TrainConfig, train
+from ..train import PRESETS, TrainConfig, preset, train
+from . import apply_preset
 
 # ModelConfig fields that the data decides (vocabulary, length, classes): not options of `train`.
 DERIVED_MODEL_FIELDS = ("vocab_size", "n_classes", "max_len")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="a model size and training length, for the options not given: tiny (a minute or two), "
+                   "small (what make demo trains, ~5 min on MNIST), paper (the paper's image architecture; "
+                   "hours on a CPU)")  # fmt: skip
     add_options(p, ModelConfig, skip=DERIVED_MODEL_FIELDS)
     add_options(p, TrainConfig)
 
@@ -41,6 +46,12 @@ def resumed_configs(model_cfg: ModelConfig, train_cfg: TrainConfig, given: set[s
 
 def main(args: argparse.Namespace) -> int:
     model_cfg, train_cfg = from_args(ModelConfig, args), from_args(TrainConfig, args)
+    if args.preset:
+        if train_cfg.resume:
+            raise ValueError("train: --preset starts a run; a resumed run keeps its own settings (leave it out)")
+        model_values, train_values = preset(args.preset, train_cfg.data)
+        model_cfg = apply_preset(model_cfg, model_values, args.given)
+        train_cfg = apply_preset(train_cfg, train_values, args.given)
     if train_cfg.resume:
         model_cfg, train_cfg = resumed_configs(model_cfg, train_cfg, args.given)
     ckpt = train(model_cfg, train_cfg)
