@@ -35,8 +35,27 @@ def test_non_negative(name):
 
 
 def test_elu_is_the_papers_map():
-    x = torch.randn(10, 1, 4)
-    assert torch.equal(make_feature_map("elu", 4).forward_keys(x), torch.nn.functional.elu(x) + 1)
+    x = torch.randn(10, 1, 4, dtype=torch.float64)
+    torch.testing.assert_close(make_feature_map("elu", 4).forward_keys(x), torch.nn.functional.elu(x) + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_elu_keeps_every_digit_of_small_features(dtype):
+    """elu(x) + 1 cancels (-1 + 1) where x is very negative: float32 gives 3e-7 3% off and 2e-9 as 0,
+    the size at which phi(q) . phi(k) meets eps. The map keeps full relative precision, and its
+    gradients (twice) are those of elu(x) + 1."""
+    x = torch.linspace(-40, 6, 4001, dtype=torch.float64).to(dtype).double()  # (exactly representable)
+    exact = torch.where(x > 0, x + 1, torch.exp(x))
+    got = make_feature_map("elu", 4001).forward_keys(x.to(dtype)[None])[0].double()
+    tol = {torch.float32: 2e-7, torch.bfloat16: 8e-3, torch.float64: 1e-15}[dtype]  # one rounding
+    assert ((got - exact).abs() / exact).max() < tol
+    assert (((torch.nn.functional.elu(x.float()) + 1).double() - exact).abs() / exact).max() > 0.5  # (the bug)
+    xg = (3 * torch.randn(64, 1, 8, dtype=torch.float64)).requires_grad_()
+    fm = make_feature_map("elu", 8)
+    assert torch.autograd.gradcheck(fm.forward_keys, (xg,)) and torch.autograd.gradgradcheck(fm.forward_keys, (xg,))
+    y = fm.forward_keys(xg)
+    (g,) = torch.autograd.grad(y.sum(), xg)
+    torch.testing.assert_close(g, torch.where(xg > 0, 1.0, torch.exp(xg)).detach())
 
 
 def test_taylor_kernel_is_exact_and_positive():
