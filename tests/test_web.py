@@ -127,6 +127,28 @@ def test_server_serves_the_page_the_runtime_and_the_exported_model():
             urllib.request.urlopen(url + "model/../../pyproject.toml")
 
 
+@needs_build
+def test_the_export_is_reused_and_a_text_model_is_refused(tmp_path, monkeypatch):
+    """A second start with the same weights serves the first start's export (no re-export); a text
+    model gets one line saying the page draws images, before anything is exported."""
+    from linear_transformers import checkpoint as checkpoint_module
+    from linear_transformers import web
+
+    monkeypatch.setenv("LINEAR_TRANSFORMERS_CACHE", str(tmp_path / "cache"))
+    with DemoServer() as url:
+        first = json.loads(urllib.request.urlopen(url + "model/model.json").read())
+    calls = []
+    monkeypatch.setattr("linear_transformers.export.export", lambda *a, **k: calls.append(a))
+    folder, sidecar, reused = web.export_for_web(WEB_DIR / "checkpoint")
+    assert reused and calls == [] and sidecar == first and folder.parent == tmp_path / "cache" / "web"
+    model, config = checkpoint_module.load_model(WEB_DIR / "checkpoint")
+    text = {**config, "data": {"alphabet": "ab", "vocab_size": 2}}
+    monkeypatch.setattr(checkpoint_module, "load_model", lambda path: (model, text))
+    with pytest.raises(ValueError, match="this page draws image models; .* is a text model"):
+        web.export_for_web("runs/mine")
+    assert calls == []
+
+
 def test_missing_runtime_is_a_clear_error(tmp_path):
     (tmp_path / "index.html").write_text("<html></html>")
     with pytest.raises(FileNotFoundError, match="make web"):
@@ -184,7 +206,7 @@ def test_page_in_chromium_draws_what_pytorch_generates(tmp_path, model_name):
     with DemoServer(checkpoint) as url:
         proc = subprocess.run(
             ["node", "e2e.mjs", "--url", url, "--runs", ",".join(f"{d}:{t}:{s}" for d, t, s in runs),
-             "--screenshot", str(shot), "--chromium", CHROMIUM],
+             "--screenshot", str(shot), "--chromium", CHROMIUM, "--autostart", "{}:{}:{}".format(*runs[0])],
             cwd=WEB_DIR, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -195,6 +217,9 @@ def test_page_in_chromium_draws_what_pytorch_generates(tmp_path, model_name):
 
     model, config = load_model(checkpoint)
     shape, levels = tuple(config["data"]["image_shape"]), config["data"]["vocab_size"]
+    # ?autostart generated the first run's image on load, without a click
+    assert result["autostarted"]["state"] == "done", result["autostarted"]["status"]
+    assert result["autostarted"]["last"]["tokens"] == pytorch_tokens(model, *runs[0])
     for (digit, temperature, seed), got in zip(runs, result["runs"], strict=True):
         assert got["state"] == "done", got["status"]
         assert got["last"]["label"] == digit and got["last"]["temperature"] == temperature

@@ -124,6 +124,13 @@ async function main() {
   $("generate").disabled = false;
   $("status").textContent = "Ready: pick a digit and press Generate.";
   document.body.dataset.state = "ready";
+  // ?autostart (with &digit=3&temperature=0.8&seed=1): generate on load, without a click
+  if (params.has("autostart")) {
+    for (const [id, element] of [["digit", digit], ["temperature", temperature], ["seed", $("seed")]]) {
+      if (params.has(id)) element.value = params.get(id);
+    }
+    $("controls").requestSubmit();
+  }
 }
 
 function fail(error) {

@@ -5,7 +5,8 @@
 // errors}, for the caller (tests/test_web.py) to compare with PyTorch.
 //
 //   node e2e.mjs --url http://127.0.0.1:8000/ --runs 3:1:7,5:0:0 --screenshot shot.png
-//   (each run is digit:temperature:seed)
+//   (each run is digit:temperature:seed; --autostart 3:1:7 first opens the page with
+//   ?autostart&digit=3&temperature=1&seed=7 and records what it generates without a click)
 import { parseArgs } from "node:util";
 import { chromium } from "playwright-core";
 
@@ -13,6 +14,7 @@ const { values: opt } = parseArgs({
   options: {
     url: { type: "string" },
     runs: { type: "string", default: "3:1:0" },
+    autostart: { type: "string", default: "" },
     screenshot: { type: "string", default: "screenshot.png" },
     chromium: { type: "string", default: process.env.CHROMIUM || "/usr/bin/chromium" },
     timeout: { type: "string", default: "120000" },
@@ -34,6 +36,27 @@ try {
   page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
   const state = (wanted) =>
     page.waitForFunction((w) => w.includes(document.body.dataset.state), wanted, { timeout });
+  const record = () =>
+    page.evaluate(() => {
+      const canvas = document.getElementById("pixels");
+      const rgba = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+      return {
+        state: document.body.dataset.state,
+        status: document.getElementById("status").textContent,
+        stats: document.getElementById("stats").textContent,
+        width: canvas.width,
+        height: canvas.height,
+        rgba: Array.from(rgba),
+        last: window.demo.last,
+      };
+    });
+  let autostarted = null;
+  if (opt.autostart) {
+    const [digit, temperature, seed] = opt.autostart.split(":");
+    await page.goto(`${opt.url}?autostart&digit=${digit}&temperature=${temperature}&seed=${seed}`);
+    await state(["done", "error"]);
+    autostarted = await record();
+  }
   await page.goto(opt.url);
   await state(["ready", "error"]);
   if ((await page.evaluate(() => document.body.dataset.state)) === "error") {
@@ -50,25 +73,11 @@ try {
     await page.fill("#seed", seed);
     await page.click("#generate");
     await state(["done", "error"]);
-    runs.push(
-      await page.evaluate(() => {
-        const canvas = document.getElementById("pixels");
-        const rgba = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
-        return {
-          state: document.body.dataset.state,
-          status: document.getElementById("status").textContent,
-          stats: document.getElementById("stats").textContent,
-          width: canvas.width,
-          height: canvas.height,
-          rgba: Array.from(rgba),
-          last: window.demo.last,
-        };
-      }),
-    );
+    runs.push(await record());
   }
   await page.evaluate(() => window.scrollTo(0, 0));
   await page.screenshot({ path: opt.screenshot, fullPage: true });
-  console.log(JSON.stringify({ runs, errors, screenshot: opt.screenshot }));
+  console.log(JSON.stringify({ runs, autostarted, errors, screenshot: opt.screenshot }));
 } finally {
   await browser.close();
 }

@@ -1,9 +1,11 @@
 """`linear-transformers web`: serve the in-browser demo (web/) on localhost.
 
 The checkpoint's recurrent step is exported to ONNX (verified against PyTorch, see export.py) into
-a temporary folder served at /model/; the page (web/index.html, web/demo.js) runs it with
-onnxruntime-web, which `make web` installs from the npm registry and copies into web/vendor/.
-Without --checkpoint the model shipped in web/checkpoint/ is served.
+the cache (~/.cache/linear_transformers/web/, once per set of weights and version of the export
+code: a later start reuses it) and served at /model/; the page (web/index.html, web/demo.js) runs
+it with onnxruntime-web, which `make web` installs from the npm registry and copies into
+web/vendor/. Without --checkpoint the model shipped in web/checkpoint/ is served. The page draws
+image models; `?autostart` (with `&digit=3&temperature=0.8&seed=1`) generates on load.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
+import json
 import os
-import tempfile
+import shutil
 import threading
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -116,13 +120,42 @@ def check_web_dir(web_dir: Path) -> None:
         )
 
 
-def export_for_web(checkpoint: str | Path, model_dir: Path) -> dict:
-    """Export a checkpoint as model_dir/model.onnx + model.json (what the page loads)."""
+def export_for_web(checkpoint: str | Path) -> tuple[Path, dict, bool]:
+    """The checkpoint's step as model.onnx + model.json (what the page loads) in the cache ->
+    (their folder, the sidecar, whether an earlier export was reused). Exported and verified once
+    per set of weights and version of the package's code; an image model only (one-line error)."""
+    from . import export as export_module
     from .checkpoint import load_model
-    from .export import export
+    from .native.build import cache_dir
 
     model, config = load_model(checkpoint)
-    return export(model, model_dir / "model.onnx", data=config.get("data"))
+    data = config.get("data") or {}
+    if data.get("alphabet") or not data.get("image_shape"):
+        kind = "a text model" if data.get("alphabet") else "not an image model"
+        raise ValueError(f"web: this page draws image models; {checkpoint} is {kind} (`linear-transformers sample` "
+                         "generates from it, `export --onnx` writes its step for another runtime)")  # fmt: skip
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.rglob("*.py")):  # the code that makes the graph, all of it
+        digest.update(source.read_bytes())
+    digest.update(json.dumps([config.get("model"), data], sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    folder = cache_dir() / "web" / digest.hexdigest()[:20]
+    if (folder / "model.onnx").is_file() and (folder / "model.json").is_file():
+        return folder, json.loads((folder / "model.json").read_text()), True
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        sidecar = export_module.export(model, tmp / "model.onnx", data=data)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "model.onnx").is_file():  # (else another process finished the same export first)
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, sidecar, False
 
 
 def make_server(web_dir: Path, model_dir: Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
@@ -142,18 +175,13 @@ class DemoServer:
 
     def __enter__(self) -> str:
         check_web_dir(self.web_dir)
-        self._tmp = tempfile.TemporaryDirectory(prefix="lt-web-")
+        self.model_dir, self.export, self.reused = export_for_web(self.checkpoint)
         try:
-            self.export = export_for_web(self.checkpoint, Path(self._tmp.name))
-            try:
-                self._server = make_server(self.web_dir, Path(self._tmp.name), self.host, self.port)
-            except OSError as e:  # (a port in use or not ours to take, an address this machine lacks)
-                if isinstance(e, FileNotFoundError):
-                    raise
-                raise ValueError(f"web: cannot listen on {self.host}:{self.port} ({e.strerror or e})") from None
-        except BaseException:
-            self._tmp.cleanup()
-            raise
+            self._server = make_server(self.web_dir, self.model_dir, self.host, self.port)
+        except OSError as e:  # (a port in use or not ours to take, an address this machine lacks)
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise ValueError(f"web: cannot listen on {self.host}:{self.port} ({e.strerror or e})") from None
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         host, port = self._server.server_address[:2]
@@ -163,16 +191,15 @@ class DemoServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
-        self._tmp.cleanup()
 
 
 def run_web(cfg: WebConfig) -> None:
     server = DemoServer(cfg.checkpoint or None, cfg.web_dir or None, cfg.port, cfg.host)
     with server as url:
-        print(
-            f"exported {server.checkpoint} (checked with onnxruntime over {server.export['verified']['steps']} steps)"
-        )
-        print(f"serving the demo at {url} (Ctrl-C stops)")
+        steps = server.export["verified"]["steps"]
+        how = "reused the export of" if server.reused else "exported"
+        print(f"{how} {server.checkpoint} (checked with onnxruntime over {steps} steps; {server.model_dir})")
+        print(f"serving the demo at {url} (Ctrl-C stops; {url}?autostart generates on load)")
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
 
