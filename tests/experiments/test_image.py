@@ -89,3 +89,24 @@ def test_paper_preset_is_the_papers_budget():
     assert (mnist.n_layers, mnist.epochs, mnist.eval_images, mnist.minutes, mnist.lr) == (8, 250, 0, 0.0, 1e-4)
     cifar = settings(["--paper", "--dataset", "cifar10", "--data-path", "x"])
     assert cifar.n_layers == 16
+
+
+def test_norm_and_feature_map_reach_the_model_and_old_results_still_count(tmp_path):
+    """--norm post and --feature-map hedgehog build the model they name, and the result records
+    them; a result written before these settings existed counts as one with their old values."""
+    import json
+
+    from linear_transformers.checkpoint import load_model
+    from linear_transformers.experiments import load_finished
+
+    out = tmp_path / "out"
+    assert main(["image", "--quick", "--methods", "linear", "--norm", "post", "--feature-map", "hedgehog",
+                 "--out", str(out)]) == 0  # fmt: skip
+    saved = json.loads((out / "linear" / "result.json").read_text())
+    assert saved["settings"]["norm"] == "post" and saved["settings"]["feature_map"] == "hedgehog"
+    model, _ = load_model(out / "linear" / "run")
+    assert model.cfg.norm == "post" and model.cfg.feature_map == "hedgehog"
+    old = {k: v for k, v in saved["settings"].items() if k not in ("norm", "feature_map")}
+    (tmp_path / "old.json").write_text(json.dumps({"settings": old, "rows": [1]}))
+    assert load_finished(tmp_path / "old.json", {**old, "norm": "pre", "feature_map": "elu"}) == [1]
+    assert load_finished(tmp_path / "old.json", saved["settings"]) is None

@@ -19,12 +19,18 @@ class RunSwitches:
     fresh: bool = option(False, "train every method again even if its results exist")
 
 
+# Settings added after results were committed, with the value every earlier result had: a result
+# that lacks one was run with that value (image's norm and feature map: 2026-12-07).
+ADDED_LATER = {"norm": "pre", "feature_map": "elu"}
+
+
 def load_finished(path: Path, settings: dict) -> list[dict] | None:
     """The rows a method saved at `path` when it finished with these settings, else None."""
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    return saved["rows"] if saved.get("settings") == settings else None
+    earlier = {k: v for k, v in ADDED_LATER.items() if k in settings}
+    return saved["rows"] if {**earlier, **saved.get("settings", {})} == settings else None
 
 
 def save_finished(path: Path, settings: dict, rows: list[dict]) -> None:

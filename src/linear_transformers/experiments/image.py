@@ -75,6 +75,9 @@ class ImageSettings:
     n_heads: int = count(8, "attention heads per block")
     d_model: int = count(128, "width of the residual stream")
     d_ff: int = count(512, "width of each block's feed-forward layer")
+    norm: str = option("pre", "layer norm before each sublayer (pre) or after the residual add (post, the paper's)",
+                       choices=["pre", "post"])  # fmt: skip
+    feature_map: str = option("elu", "phi of linear attention (a name in feature_maps.FEATURE_MAPS)")
     lsh_chunk: int = count(32, "sorted positions per LSH chunk")
     batch: int = count(16, "images per training step")
     lr: float = option(1e-3, "peak learning rate (RAdam)")
@@ -139,7 +142,7 @@ def steps_of(s: ImageSettings, d: datasets.SequenceData) -> int:
 def model_config(s: ImageSettings, method: str, d: datasets.SequenceData) -> ModelConfig:
     return ModelConfig(
         vocab_size=d.vocab_size, max_len=d.seq_len, d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads,
-        d_ff=s.d_ff, head="mol", lsh_chunk=s.lsh_chunk, **METHODS[method][0],
+        d_ff=s.d_ff, head="mol", lsh_chunk=s.lsh_chunk, norm=s.norm, feature_map=s.feature_map, **METHODS[method][0],
     )  # fmt: skip
 
 
