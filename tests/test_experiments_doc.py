@@ -1,0 +1,135 @@
+"""The numbers in EXPERIMENTS.md's tables equal the committed files they come from (evidence/): each
+table is found by its header, each row's numbers are recomputed from the CSV or JSON the program
+wrote and rounded as the table rounds them. A table quoted from a run whose files were not committed
+is listed in UNCOMMITTED, with the reason, so that adding one is a decision, not an accident."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EVIDENCE = ROOT / "evidence" / "experiments"
+DOC = (ROOT / "EXPERIMENTS.md").read_text()
+
+# tables of EXPERIMENTS.md (by their header) whose sources were never committed (older runs)
+UNCOMMITTED = {
+    "| method | steps in 30 min | test bits/dim | paper bits/dim | images/s | vs softmax | paper images/s |":
+        "the equal-time MNIST run of 2026-11-27 (results/image-mnist-default, not committed)",
+    "| method | params (M) | steps | epochs | s/epoch | test PER % | paper PER % (WSJ) |":
+        "the first table of that header: the 3 s speech run (results/speech, not committed)",
+}  # fmt: skip
+
+
+def tables(header: str) -> list[list[list[str]]]:
+    """Every table of EXPERIMENTS.md under this header row: its rows, as lists of cell texts."""
+    lines, found = DOC.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.strip() == header:
+            rows, j = [], i + 2
+            while j < len(lines) and lines[j].startswith("|"):
+                rows.append([c.strip().strip("*") for c in lines[j].strip().strip("|").split("|")])
+                j += 1
+            found.append(rows)
+    assert found, f"EXPERIMENTS.md has no table with the header {header!r}"
+    return found
+
+
+def head(*columns: str) -> str:
+    """A table's header row from its columns."""
+    return "| " + " | ".join(columns) + " |"
+
+
+def rows_of(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.read_text().splitlines()))
+
+
+def test_mnist_tables_equal_their_csvs():
+    first = ("method", "steps", "train min", "test bits/dim (10,000 images)")
+    cases = [  # (header, which table of that header, folder)
+        (head(*first, "paper bits/dim (28x28)", "images/s (16 at once)", "vs softmax"), 0, "image-mnist-equal-steps"),
+        (head(*first, "at 3000 steps (above)", "images/s (16 at once)"), 0, "image-mnist-6000-steps"),
+        (head(*first, "at 6000 steps", "at 3000 steps", "images/s (16 at once)"), 0, "image-mnist-24000-steps"),
+    ]
+    for header, n, folder in cases:
+        source = {r["method"]: r for r in rows_of(EVIDENCE / folder / "image.csv")}
+        checked = 0
+        for row in tables(header)[n]:
+            method = {"softmax, KV cache": "softmax-cache"}.get(row[0], row[0])
+            if method not in source:
+                continue
+            r = source[method]
+            if row[1].isdigit():
+                assert row[1] == r["steps"], (folder, method)
+            if "thread" not in row[2] and row[2]:  # (train min; a 2-thread note marks a separate process)
+                assert row[2] == f"{float(r['train_seconds']) / 60:.1f}", (folder, method, "train min")
+            assert row[3] == f"{float(r['test_bpd']):.3f}", (folder, method, "test bits/dim")
+            checked += 1
+        assert checked >= 2, f"{folder}: no row of the table matched the CSV's methods"
+
+
+def test_speech_tables_equal_their_csvs():
+    cases = [
+        ("| method | params (M) | steps | epochs | s/epoch | vs softmax | test PER % | paper s/epoch (WSJ) |", 0,
+         "speech-wsj-length", {"s/epoch": 4, "test PER %": 6}),
+        ("| method | params (M) | steps | epochs | s/epoch | test PER % | paper PER % (WSJ) |", 1,
+         "speech-wsj-length-stack-3", {"s/epoch": 4, "test PER %": 5}),
+    ]  # fmt: skip
+    for header, n, folder, columns in cases:
+        source = {r["method"]: r for r in rows_of(EVIDENCE / folder / "speech.csv")}
+        rows = tables(header)[n]
+        assert {row[0] for row in rows} == set(source), folder
+        for row in rows:
+            r = source[row[0]]
+            assert row[1] == f"{float(r['params_m']):.2f}" and row[2] == r["steps"], (folder, row[0])
+            assert row[columns["s/epoch"]].replace(",", "") == f"{float(r['seconds_per_epoch']):.0f}", (folder, row[0])
+            assert row[columns["test PER %"]] == f"{float(r['test_per']):.2f}", (folder, row[0])
+        if "vs softmax" in header:  # the speed-up quoted in the text too
+            ratio = float(source["softmax"]["seconds_per_epoch"]) / float(source["linear"]["seconds_per_epoch"])
+            assert f"{ratio:.2f}x" in {row[5] for row in rows}
+
+
+def test_copy_table_equals_its_runs():
+    header = head(
+        "method",
+        "seeds",
+        "steps",
+        "held-out loss, mean (min-max)",
+        "held-out accuracy %, mean (min-max)",
+        "steps to 99% held-out accuracy",
+        "s/step",
+    )
+    by_run: dict[tuple[str, str], list[dict]] = {}
+    for r in rows_of(EVIDENCE / "copy" / "copy.csv"):
+        by_run.setdefault((r["method"], r["seed"]), []).append(r)
+    for row in tables(header)[0]:
+        runs = [rs for (m, _), rs in sorted(by_run.items()) if m == row[0]]
+        assert len(runs) == int(row[1]), row[0]
+        last = [rs[-1] for rs in runs]
+        assert row[2] == last[0]["step"]
+        losses = [float(r["eval_loss"]) for r in last]
+        assert row[3] == f"{sum(losses) / len(losses):.4f} ({min(losses):.4f}-{max(losses):.4f})", row[0]
+        acc = [100 * float(r["eval_accuracy"]) for r in last]
+        assert row[4] == f"{sum(acc) / len(acc):.2f} ({min(acc):.2f}-{max(acc):.2f})", row[0]
+
+
+def test_linearisation_table_equals_its_results():
+    result = json.loads((EVIDENCE / "linearize-smollm2" / "result.json").read_text())
+    header = ("| model (perplexity) | stage | tokens | CPU-h | held-out (python docs) | x teacher | second domain "
+              "(debian-reference) | x teacher |")  # fmt: skip
+    rows = {row[0]: row for row in tables(header)[0]}
+    t, t2 = result["teacher_ppl"], result["second_domain"]["teacher_ppl"]
+    for name, key in [("teacher (softmax)", "teacher_ppl"), ("hybrid, + LoRA", "hybrid_ppl"),
+                      ("window + sinks alone, + LoRA (no linear part)", "window_only_ppl"),
+                      ("pure linear, + LoRA", "linear_ppl")]:  # fmt: skip
+        row, a, b = rows[name], result[key], result["second_domain"][key]
+        assert (row[4], row[5]) == (f"{a:.2f}", f"{a / t:.3f}"), name
+        assert (row[6], row[7]) == (f"{b:.2f}", f"{b / t2:.3f}"), name
+
+
+@pytest.mark.parametrize("header", list(UNCOMMITTED))
+def test_uncommitted_tables_are_still_the_known_ones(header):
+    assert tables(header)
