@@ -247,7 +247,12 @@ def test_export_hf_and_our_cli_reads_the_folder_back(tmp_path, capsys):
                  "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
     assert out.read_text().startswith("abc")
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(tmp_path / "hf"), "--batches", "1", "--device", "cpu"]) == 0
+    # the folder names its data without this machine's directories: eval finds it from there, or says where it looked
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["training"]["data_path"] == "text.txt"
+    assert main(["eval", "--checkpoint", str(tmp_path / "hf"), "--batches", "1", "--device", "cpu"]) == 2
+    assert "is not at text.txt (from its config); pass --data-path" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "hf"), "--batches", "1", "--device", "cpu",
+                 "--data-path", str(text)]) == 0  # fmt: skip
     assert main(["eval", "--checkpoint", str(run), "--batches", "1", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "text test:" in lines[-1] and lines[-1] == lines[-2]  # the folder gives the checkpoint's bits/dim

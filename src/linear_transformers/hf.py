@@ -350,6 +350,8 @@ def from_model(
     """The transformers model holding a copy of `model`'s weights."""
     if training is not None:
         training = {k: training[k] for k in TRAINING_DATA_FIELDS if k in training}
+        if training.get("data_path"):  # a folder to share names its data, not this machine's directories
+            training["data_path"] = Path(training["data_path"]).name
     hf = LinearTransformerForCausalLM(LinearTransformerConfig.from_model_config(model.cfg, data, training))
     hf.model.load_state_dict(model.state_dict())
     return hf.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..checkpoint import load_model
 from ..options import add_options, from_args, option
@@ -42,6 +43,12 @@ def run_eval(cfg: EvalConfig) -> float:
         )
     t = {**TrainConfig().__dict__, **t}  # a transformers folder keeps only the data settings
     data_path = cfg.data_path or t["data_path"] or None
+    if data_path and not Path(data_path).exists():
+        source = "--data-path" if cfg.data_path else "its config"
+        raise FileNotFoundError(
+            f"eval: the data {cfg.checkpoint} trained on is not at {data_path} (from {source}); "
+            "pass --data-path where it is"
+        )
     d = datasets.load(t["data"], data_path, size=t["image_size"], levels=t["levels"], seq_len=t["seq_len"])
     # (the device it trained on may not be here: the evaluation's own)
     train_cfg = TrainConfig(**{**t, "batch_size": cfg.batch_size, "conditional": bool(model.cfg.n_classes),
