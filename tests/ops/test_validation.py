@@ -151,3 +151,35 @@ def test_layer_rejects_bad_configuration_and_inputs():
         AttentionLayer(32, 4, attention="softmax")(torch.randn(2, 5, 32), return_state=True)
     # explicit per-head widths make divisibility unnecessary
     assert AttentionLayer(30, 4, d_keys=8, d_values=6)(torch.randn(1, 3, 30)).shape == (1, 3, 30)
+
+
+def test_backends_are_chosen_from_what_each_record_says(monkeypatch):
+    """A backend is one record (ops.backends.Backend): "auto" loops over the table asking each
+    whether it takes these inputs, whether it is available and whether it was measured faster;
+    a backend named is held to its own device, availability and shape rules."""
+    import dataclasses
+
+    from linear_transformers import ops
+    from linear_transformers.ops.backends import BACKENDS
+
+    q, v = torch.rand(1, 8, 2, 4), torch.rand(1, 8, 2, 4)
+    chunked = BACKENDS["chunked"]
+    fake = dataclasses.replace(chunked, name="fake", auto_candidate=lambda q, v: q.shape[-1] == 4, chunk=8)
+    monkeypatch.setattr(ops, "BACKENDS", {"fake": fake, **BACKENDS})
+    monkeypatch.setattr(ops, "_warned_fallback", set())
+    assert ops._causal_backend("f", "auto", q, v).name == "fake"
+    assert ops._causal_backend("f", "auto", q[..., :3], v).name != "fake"  # not a candidate: the next record's turn
+    slower = dataclasses.replace(fake, auto_faster=lambda: False)
+    monkeypatch.setitem(ops.BACKENDS, "fake", slower)
+    assert ops._causal_backend("f", "auto", q, v).name == "chunked"
+    gone = dataclasses.replace(fake, why_unavailable=lambda device: "no such device here")
+    monkeypatch.setitem(ops.BACKENDS, "fake", gone)
+    with pytest.warns(RuntimeWarning, match="backend 'fake' is unavailable \\(no such device here\\); using 'chunked'"):
+        assert ops._causal_backend("f", "auto", q, v).name == "chunked"
+    with pytest.raises(RuntimeError, match="backend 'fake' is unavailable: no such device here"):
+        ops._causal_backend("f", "fake", q, v)
+    with pytest.raises(ValueError, match="backend 'fake' computes in chunks of 8, not chunk_size=64"):
+        ops.causal_linear_attention(q, q, v, backend="fake")
+    monkeypatch.setitem(ops.BACKENDS, "fake", dataclasses.replace(fake, device_type="cuda"))
+    with pytest.raises(ValueError, match="backend 'fake' runs on CUDA tensors, got tensors on cpu"):
+        ops._causal_backend("f", "fake", q, v)

@@ -43,8 +43,7 @@ from functools import partial
 
 import torch
 
-from . import chunked, cpu, library, naive, packed, parallel, softmax  # noqa: F401 (chunked is re-exported: ops.chunked)
-from . import triton as triton_backend
+from . import chunked, cpu, library, naive, packed, parallel, softmax, triton  # noqa: F401 (ops.chunked, ops.triton...)
 from .backends import BACKENDS, Backend
 from .lsh import lsh_attention
 from .state import KVCache, LinearState
@@ -112,30 +111,29 @@ def _fallback(fn: str, name: str, reason: str) -> Backend:
 
 
 def _causal_backend(fn: str, backend: str, q: torch.Tensor, v: torch.Tensor) -> Backend:
+    """The backend named (or "auto"'s choice) for inputs q, v, after its own checks: one loop over the
+    table, each record saying what it supports (backends.Backend)."""
     if backend == "auto":
-        if q.device.type == "cpu":
-            if not cpu.available():
-                return _fallback(fn, "cpu", cpu.unavailable_reason())
-            return BACKENDS["cpu" if cpu.auto_uses_kernel() else "chunked"]
-        dims_fit = q.shape[-1] <= triton_backend.MAX_DIM and v.shape[-1] <= triton_backend.MAX_DIM
-        if q.device.type == "cuda" and q.dtype != torch.float64 and dims_fit:
-            reason = triton_backend.unavailable_reason(q.device)
-            return BACKENDS["triton"] if reason is None else _fallback(fn, "triton", reason)
+        for b in BACKENDS.values():
+            if b.auto_candidate is None or not b.auto_candidate(q, v):
+                continue
+            reason = b.why_unavailable(q.device)
+            if reason is not None:
+                return _fallback(fn, b.name, reason)
+            return b if b.auto_faster() else BACKENDS["chunked"]
         return BACKENDS["chunked"]
     if backend not in BACKENDS:
         choices = ", ".join(repr(b) for b in ["auto", *BACKENDS])
         raise ValueError(f"{fn}: unknown backend {backend!r}; choose one of {choices}")
-    if backend == "cpu":
-        if q.device.type != "cpu":
-            raise ValueError(f"{fn}: backend 'cpu' runs on CPU tensors, got tensors on {q.device}")
-        if not cpu.available():
-            raise RuntimeError(f"{fn}: backend 'cpu' is unavailable: {cpu.unavailable_reason()}")
-    if backend == "triton":
-        reason = triton_backend.unavailable_reason(q.device)
-        if reason is not None:
-            raise RuntimeError(f"{fn}: backend 'triton' is unavailable: {reason}")
-        triton_backend.check_shapes(fn, q, v)
-    return BACKENDS[backend]
+    b = BACKENDS[backend]
+    if b.device_type is not None and q.device.type != b.device_type:
+        raise ValueError(f"{fn}: backend {b.name!r} runs on {b.device_type.upper()} tensors, got tensors on {q.device}")
+    reason = b.why_unavailable(q.device)
+    if reason is not None:
+        raise RuntimeError(f"{fn}: backend {b.name!r} is unavailable: {reason}")
+    if b.check_shapes is not None:
+        b.check_shapes(fn, q, v)
+    return b
 
 
 def _check_state(fn: str, state: object, q: torch.Tensor, v: torch.Tensor, batch: int | None = None) -> LinearState:
@@ -255,9 +253,10 @@ def causal_linear_attention(
     eps = check_eps(fn, eps)
     # a chunk longer than the sequence computes the same as one of its length (and allocates no more)
     check_chunk_size(fn, chunk_size)
-    if backend == "triton" and chunk_size != triton_backend.CHUNK:
-        raise ValueError(f"{fn}: backend 'triton' computes in chunks of {triton_backend.CHUNK}, not chunk_size="
-                         f"{chunk_size}; pass chunk_size={triton_backend.CHUNK} or another backend")  # fmt: skip
+    fixed = BACKENDS[backend].chunk if backend in BACKENDS else None
+    if fixed is not None and chunk_size != fixed:
+        raise ValueError(f"{fn}: backend {backend!r} computes in chunks of {fixed}, not chunk_size={chunk_size}; "
+                         f"pass chunk_size={fixed} or another backend")  # fmt: skip
     chunk_size = min(chunk_size, max(q.shape[1], 1))
     impl = _causal_backend(fn, backend, q, v)
     if cu_seqlens is not None:
