@@ -19,7 +19,7 @@ ROWS = [
     {"attention"},
     {"decode"},
     {"heads", "model", "blocks"},
-    {"checkpoint", "hf", "linearize"},
+    {"checkpoint", "hf", "linearize", "results"},
     {"train", "export", "web"},
     {"commands", "bench", "experiments", "demo"},
     {"cli", "__main__"},

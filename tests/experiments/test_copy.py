@@ -54,6 +54,9 @@ def test_quick_copy_experiment_writes_results_and_resumes(tmp_path, capsys):
     table = (tmp_path / "table.md").read_text()
     assert "| lsh-4 | 2 | 12 |" in table and "steps to 99%" in table
     assert (tmp_path / "copy.png").stat().st_size > 10_000
+    record = json.loads((tmp_path / "run.json").read_text())  # what made the folder, written by the program
+    assert record["command"].startswith("python -m linear_transformers.experiments copy --quick")
+    assert record["git_commit"] and record["torch"] and record["models"]["linear"]["norm"] in ("pre", "post")
     out = capsys.readouterr().out
     assert "estimated" in out and "minutes here" in out  # the estimate comes before the training
     # a second run finds every run's results and trains nothing

@@ -28,6 +28,11 @@ def test_quick_mnist_experiment(tmp_path, capsys):
     for m in ("softmax", "lsh-1", "lsh-4", "linear"):
         assert (tmp_path / f"samples_{m}.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "samples.png").stat().st_size > 5_000  # the four grids side by side
+    import json
+
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert "image --quick" in record["command"] and record["git_commit"] and record["date"]
+    assert record["models"]["linear"]["norm"] == "pre" and record["models"]["linear"]["feature_map"] == "elu"
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().out.count("finished earlier with these settings") == 4

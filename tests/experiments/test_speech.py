@@ -4,6 +4,7 @@ whole pipeline (--quick) on a corpus synthesised here."""
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import replace
 
 import pytest
@@ -68,6 +69,12 @@ def test_quick_speech_experiment(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "out" / "speech.csv").read_text().splitlines()))
     assert [r["method"] for r in rows] == ["bilstm", "softmax", "linear", "lsh-4"]
     assert all(float(r["test_per"]) > 0 and float(r["seconds_per_epoch"]) > 0 for r in rows)
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert (
+        "speech --quick" in record["command"]
+        and record["host"]
+        and set(record["models"]) == {m["method"] for m in rows}
+    )
     assert {r["paper_per"] for r in rows} == {"10.94", "5.12", "8.08", "9.33"}
     assert (tmp_path / "out" / "speech.png").read_bytes()[:4] == b"\x89PNG"
     assert "paper PER % (WSJ)" in (tmp_path / "out" / "table.md").read_text()

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops import naive
 from ..options import add_options, count, option
+from ..results import finish_log_log, fmt, isa_lines, machine_info, markdown_table, write_csv
 from . import figure1, levels
-from .measure import batched_gemm_gflops, isa_lines, machine_info, peak_extra_memory, rel_error
-from .report import finish_log_log, fmt, markdown_table, write_csv
+from .measure import batched_gemm_gflops, peak_extra_memory, rel_error
 
 IMPLS = ("naive", "chunked", "cpu", "auto", "softmax")
 FAST = ("chunked", "cpu", "auto")

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from ..options import add_options, count, option
-from .measure import isa_lines, machine_info
-from .report import fmt, markdown_table, write_csv
+from ..results import fmt, isa_lines, machine_info, markdown_table, write_csv
 
 # (B, T, H, D): a short prompt, the MNIST experiment's layer (d_model 64, 4 heads), training batches
 SHAPES = [(1, 64, 8, 64), (16, 196, 4, 16), (8, 256, 8, 64), (1, 1024, 8, 64), (4, 1024, 8, 64)]

@@ -31,8 +31,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import ops
 from ..ops import lsh, naive
 from ..options import add_options, count, option
-from .measure import machine_info, peak_extra_memory, rel_error
-from .report import finish_log_log, fmt, markdown_table, write_csv
+from ..results import finish_log_log, fmt, machine_info, markdown_table, write_csv
+from .measure import peak_extra_memory, rel_error
 
 METHODS = ("softmax", "softmax-math", "linear", "lsh-1", "lsh-4", "lsh-8")
 COLORS = {"softmax": "tab:red", "softmax-math": "tab:orange", "linear": "tab:blue", "lsh-1": "tab:green",

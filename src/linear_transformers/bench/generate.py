@@ -41,9 +41,9 @@ import torch
 from ..decode import DEFAULT, DecodeConfig, fused
 from ..model import CausalTransformer, ModelConfig, ModelState
 from ..options import add_options, count, option
+from ..results import fmt, isa_lines, machine_info, markdown_table, write_csv
 from . import levels
-from .measure import isa_lines, machine_info, time_fn
-from .report import fmt, markdown_table, write_csv
+from .measure import time_fn
 
 CONFIGS = {
     "mnist": ModelConfig(vocab_size=256, max_len=784, d_model=256, n_layers=8, n_heads=8, d_ff=1024, head="mol"),

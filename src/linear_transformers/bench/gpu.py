@@ -27,9 +27,8 @@ from .. import ops
 from ..ops import LinearState
 from ..ops import triton as triton_backend
 from ..options import add_options, count, option
+from ..results import finish_log_log, fmt, machine_info, markdown_table, write_csv
 from .attention import chunked_flops
-from .measure import machine_info
-from .report import finish_log_log, fmt, markdown_table, write_csv
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # "triton" is the default dot precision for the dtype (ops.triton.dot_precision); the others force one

@@ -37,8 +37,7 @@ import torch
 
 from ..decode import PRECISIONS, DecodeConfig, fused
 from ..options import add_options, count, option
-from .measure import isa_lines, machine_info
-from .report import fmt, markdown_table, write_csv
+from ..results import fmt, isa_lines, machine_info, markdown_table, write_csv
 
 LLAMA_CPP_TYPES = {"f32": "ALL_F32", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
@@ -376,7 +375,7 @@ def report(args, rows: list[dict], floor_rows: list[dict], ppl_rows: list[dict])
               fmt(r["vs_float32"], 4)] for r in ppl_rows],
         )  # fmt: skip
     (out / "table.md").write_text(header + table + "\n")
-    from ..linearize.transfer import provenance
+    from ..results import provenance
 
     record = {"command": getattr(args, "command_line", ""), "options": {k: str(v) for k, v in vars(args).items()},
               "machine": info, "provenance": provenance()}  # fmt: skip

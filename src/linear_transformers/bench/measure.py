@@ -74,53 +74,6 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> float:
     return float(_proc_status_bytes("VmHWM") - base)
 
 
-def machine_info() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.+)", f.read())
-            cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def isa_info() -> dict[str, str]:
-    """What decides CPU speed besides the chip: its vector flags, the ISA level PyTorch's kernels
-    run at, and how the project's C kernels were built (level, flags, compiler)."""
-    from .. import native
-    from ..decode import fused
-    from ..native import build
-    from ..ops import cpu
-
-    flags = build.cpu_flags() or frozenset()
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
-    b, step = native.build_info(cpu.LIBRARY), native.build_info(fused.LIBRARY)
-    return {
-        "cpu_flags": " ".join(f for f in wanted if f in flags) or "(none of " + ", ".join(wanted) + ")",
-        "torch_isa": torch.backends.cpu.get_cpu_capability(),
-        "kernel": b.describe() if b else f"unavailable: {cpu.unavailable_reason()}",
-        "step_openmp": "unavailable" if step is None else "with OpenMP" if step.openmp else "without OpenMP",
-    }
-
-
-def isa_lines() -> list[str]:
-    i = isa_info()
-    return [
-        f"CPU flags: {i['cpu_flags']}; PyTorch kernels: {i['torch_isa']}",
-        f"C kernels: {i['kernel']} (the fused step {i['step_openmp']})",
-    ]
-
-
 def batched_gemm_gflops(n: int = 64, batch: int = 1024, repeats: int = 5) -> float:
     """Measured float32 rate (GFLOP/s) of batched n x n x n matmuls on the CPU: the ceiling for the chunked path."""
     a, b = torch.randn(batch, n, n), torch.randn(batch, n, n)

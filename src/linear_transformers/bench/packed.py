@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 from ..options import add_options, count, option
-from .measure import isa_lines, machine_info
-from .report import fmt, markdown_table, write_csv
+from ..results import fmt, isa_lines, machine_info, markdown_table, write_csv
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 MODES = ("padded", "bucketed", "packed")

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from ..options import add_options, count, option
-from .measure import isa_lines, machine_info, rel_error
-from .report import fmt, markdown_table, write_csv
+from ..results import fmt, isa_lines, machine_info, markdown_table, write_csv
+from .measure import rel_error
 
 BEFORE = ("kernel", "matmul", "chunked", "pause")
 

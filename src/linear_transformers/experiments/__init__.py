@@ -40,6 +40,17 @@ def save_finished(path: Path, settings: dict, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def write_run_record(out: Path, command_line: str | None, models: dict[str, dict]) -> Path:
+    """out/run.json: what made the folder's results (results.provenance: the command line, the git
+    commit, the host's flags, versions, the date) and each method's full model configuration (norm
+    placement, positions, feature map, sizes), written by the program."""
+    from ..results import provenance
+
+    path = out / "run.json"
+    path.write_text(json.dumps({**provenance(command_line), "models": models}, indent=2, default=str) + "\n")
+    return path
+
+
 def finished_or_run(out: Path, method: str, settings: dict, fresh: bool, run: Callable[[], list[dict]]) -> list[dict]:
     """A method's rows from out/<method>/result.json when it finished with these settings (unless
     fresh: then its folder is cleared); otherwise run() it and save what it returns."""

@@ -29,14 +29,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..bench.measure import machine_info
-from ..bench.report import fmt, markdown_table, write_csv
 from ..commands import apply_preset
 from ..data import copy as copy_data
 from ..model import CausalTransformer, ModelConfig
 from ..options import add_options, count, from_args, option
+from ..results import fmt, machine_info, markdown_table, write_csv
 from ..train import resolve_device
-from . import RunSwitches, load_finished, save_finished
+from . import RunSwitches, load_finished, save_finished, write_run_record
 
 METHODS = {  # name -> ModelConfig fields
     "softmax": dict(attention="causal-softmax"),
@@ -299,7 +298,8 @@ def main(args: argparse.Namespace) -> int:
         f"Copy task, {info['cpu']}, {s.device}, torch {info['torch']}; settings {json.dumps(settings)}\n\n" + table
     )
     plot(rows, out / "copy.png", s)
+    write_run_record(out, getattr(args, "command_line", None), {m: model_config(s, m).to_dict() for m in s.methods})
     print()
     print(table)
-    print(f"wrote {out / 'copy.csv'}, {out / 'copy.png'}, {out / 'table.md'}")
+    print(f"wrote {out / 'copy.csv'}, {out / 'copy.png'}, {out / 'table.md'}, {out / 'run.json'}")
     return 0

@@ -38,15 +38,14 @@ from pathlib import Path
 import torch
 
 from .. import data as datasets
-from ..bench.measure import machine_info
-from ..bench.report import fmt, markdown_table, write_csv
 from ..checkpoint import load_model
 from ..commands import apply_preset
 from ..data.images import image_grid, write_png
 from ..model import CausalTransformer, ModelConfig
 from ..options import add_options, count, from_args, option
+from ..results import fmt, machine_info, markdown_table, write_csv
 from ..train import TrainConfig, resolve_device, train
-from . import RunSwitches, finished_or_run, load_finished
+from . import RunSwitches, finished_or_run, load_finished, write_run_record
 
 METHODS = {  # name -> (ModelConfig fields, generation mode)
     "softmax": (dict(attention="causal-softmax"), "recompute"),
@@ -371,8 +370,10 @@ def main(args: argparse.Namespace) -> int:
     print(table)
     if gap:
         print(gap)
+    write_run_record(out, getattr(args, "command_line", None), {m: model_config(s, m, d).to_dict() for m in s.methods})
     figure = plot_samples(out, s.methods)
     curves = plot_curves(out, s.methods)
     grids = ", ".join(f"samples_{m}.png" for m in s.methods)
-    print(f"wrote {out / 'image.csv'}, {out / 'table.md'}, {figure}{', ' + str(curves) if curves else ''} and {grids}")
+    plots = f"{figure}{', ' + str(curves) if curves else ''}"
+    print(f"wrote {out / 'image.csv'}, {out / 'table.md'}, {out / 'run.json'}, {plots} and {grids}")
     return 0

@@ -36,14 +36,13 @@ import torch
 from torch import nn
 
 from ..attention import AttentionLayer
-from ..bench.measure import machine_info
-from ..bench.report import fmt, markdown_table, write_csv
 from ..commands import apply_preset
 from ..data import speech
 from ..model import sinusoidal_table
 from ..options import add_options, count, from_args, option
+from ..results import fmt, machine_info, markdown_table, write_csv
 from ..train import resolve_device
-from . import RunSwitches, finished_or_run, load_finished
+from . import RunSwitches, finished_or_run, load_finished, write_run_record
 
 METHODS = ("bilstm", "softmax", "linear", "lsh-4")
 ATTENTION = {"softmax": ("softmax", 1), "linear": ("linear", 1), "lsh-4": ("lsh", 4)}  # kind, hashing rounds
@@ -414,5 +413,7 @@ def main(args: argparse.Namespace) -> int:
     )
     print()
     print(table)
-    print(f"wrote {out / 'speech.csv'}, {out / 'table.md'}, {out / 'speech.png'}")
+    models = {m: {"settings": settings, "architecture": repr(make_model(m, s))} for m in s.methods}
+    write_run_record(out, getattr(args, "command_line", None), models)
+    print(f"wrote {out / 'speech.csv'}, {out / 'table.md'}, {out / 'speech.png'}, {out / 'run.json'}")
     return 0

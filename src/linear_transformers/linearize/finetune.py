@@ -71,8 +71,9 @@ def main(args: argparse.Namespace) -> int:
 
     import linear_transformers.linearize  # noqa: F401 (registers linear_llama)
 
+    from ..results import provenance
     from .convert import LinearizedAttention
-    from .transfer import perplexity, provenance
+    from .transfer import perplexity
 
     cfg = from_args(FinetuneConfig, args)
     if cfg.threads:

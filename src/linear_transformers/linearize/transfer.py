@@ -29,6 +29,7 @@ import torch
 
 from ..checkpoint import owned_by_training
 from ..options import add_options, check_threads, count, from_args, option
+from ..results import provenance
 from .attention import FEATURE_MAPS, MODES, PPL_KEYS
 from .convert import LinearizeConfig, LinearizedAttention
 
@@ -343,29 +344,6 @@ def greedy_samples(models: dict, tok, prompts=PROMPTS, new_tokens: int = 40) -> 
             row[name] = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         rows.append(row)
     return rows
-
-
-def provenance() -> dict:
-    """What made a result: the git commit, the host's CPU and its flags, versions, the date."""
-    import platform
-    import subprocess
-
-    import transformers
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-    flags = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not flags:
-                flags = line.partition(":")[2].strip()
-            if line.startswith("flags"):
-                have = set(line.partition(":")[2].split())
-                flags += " (" + " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in have) + ")"
-                break
-    return {"git_commit": commit, "host": flags, "cores": os.cpu_count(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
 
 
 def report(out: Path) -> None:
