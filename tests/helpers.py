@@ -55,8 +55,17 @@ def small_model(n_classes=3, vocab=16, max_len=48, n_heads=4, **kw):
     """A 2-block, 32-wide CausalTransformer in eval mode (tests of the model and of generation)."""
     from linear_transformers.model import CausalTransformer, ModelConfig
 
-    cfg = ModelConfig(vocab_size=vocab, n_classes=n_classes, max_len=max_len, d_model=32, n_layers=2, n_heads=n_heads,
-                      d_ff=64, chunk_size=16, **kw)  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        n_classes=n_classes,
+        max_len=max_len,
+        d_model=32,
+        n_layers=2,
+        n_heads=n_heads,
+        d_ff=64,
+        chunk_size=16,
+        **kw,
+    )
     return CausalTransformer(cfg).eval()
 
 
@@ -70,9 +79,17 @@ def linear_llama(
     from linear_transformers.linearize import LinearizeConfig, from_linearized, linearize
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=d, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                      tie_word_embeddings=True, attention_bias=bias)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=d,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        attention_bias=bias,
+    )
     model = from_linearized(linearize(LlamaForCausalLM(cfg).eval(), LinearizeConfig(mode, feature_map, window, sinks)))
     with torch.no_grad():
         for p in model.parameters():

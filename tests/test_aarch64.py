@@ -47,15 +47,32 @@ def harness(request, tmp_path_factory):
     exe = tmp_path_factory.mktemp(request.param) / "kernel_harness"
     static = ["-static"] if runner else []  # qemu then needs no AArch64 sysroot
     include = [arg for folder in INCLUDES for arg in ("-I", str(folder))]
-    cmd = [cc, "-O3", "-std=gnu11", *flags, *include, "-fopenmp", "-pthread", *static, str(HARNESS), *map(str, KERNELS),
-           "-lm", "-o", str(exe)]  # fmt: skip
+    cmd = [
+        cc,
+        "-O3",
+        "-std=gnu11",
+        *flags,
+        *include,
+        "-fopenmp",
+        "-pthread",
+        *static,
+        str(HARNESS),
+        *map(str, KERNELS),
+        "-lm",
+        "-o",
+        str(exe),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
     def run(kind: str, request_bytes: bytes, tmp: Path) -> bytes:
         (tmp / "in.bin").write_bytes(request_bytes)
-        proc = subprocess.run([*runner, str(exe), kind, str(tmp / "in.bin"), str(tmp / "out.bin")],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        proc = subprocess.run(
+            [*runner, str(exe), kind, str(tmp / "in.bin"), str(tmp / "out.bin")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, (proc.returncode, proc.stderr)
         return (tmp / "out.bin").read_bytes()
 
@@ -90,8 +107,16 @@ def test_attention_kernel_equals_the_reference(harness, tmp_path, dtype, B, T, H
     es = 8 if dtype == torch.float64 else 4
     inputs = [x.detach().to(dtype).contiguous().numpy().tobytes() for x in (q, k, v, state.S, state.z, dy, dS, dz)]
     data = harness("attention", _i64(es, B, T, H, Dk, Dv, C) + np.float64(1e-6).tobytes() + b"".join(inputs), tmp_path)
-    shapes = [(B, T, H, Dv), (B, H, Dk, Dv), (B, H, Dk), (B, T, H, Dk), (B, T, H, Dk), (B, T, H, Dv), (B, H, Dk, Dv),
-              (B, H, Dk)]  # fmt: skip
+    shapes = [
+        (B, T, H, Dv),
+        (B, H, Dk, Dv),
+        (B, H, Dk),
+        (B, T, H, Dk),
+        (B, T, H, Dk),
+        (B, T, H, Dv),
+        (B, H, Dk, Dv),
+        (B, H, Dk),
+    ]
     got = _split(data, np.float64 if es == 8 else np.float32, shapes)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     for name, g, w in zip(("y", "S", "z", "dq", "dk", "dv", "dS0", "dz0"), got, want, strict=True):
@@ -103,9 +128,23 @@ def _step_request(model: CausalTransformer, tokens: torch.Tensor) -> bytes:
     step = fused.from_model(model)
     io = step.io
     dk = cfg.d_model // cfg.n_heads
-    header = _i64(cfg.n_layers, cfg.d_model, cfg.n_heads, dk, dk, cfg.d_ff, cfg.norm == "pre",
-                  fused.FEATURE_MAPS[cfg.feature_map], cfg.vocab_size, cfg.max_len, io["head_w"].shape[0],
-                  io["pos"] is not None, io["norm_w"] is not None, B, n)  # fmt: skip
+    header = _i64(
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.n_heads,
+        dk,
+        dk,
+        cfg.d_ff,
+        cfg.norm == "pre",
+        fused.FEATURE_MAPS[cfg.feature_map],
+        cfg.vocab_size,
+        cfg.max_len,
+        io["head_w"].shape[0],
+        io["pos"] is not None,
+        io["norm_w"] is not None,
+        B,
+        n,
+    )
     eps = np.array([model.blocks[0].norm1.eps, cfg.eps, getattr(model.norm, "eps", 0.0)], dtype=np.float32)
     tensors = [layer[name] for layer in step.layers for name in fused.FusedModelStep.WEIGHTS]
     tensors += [t for t in (io[name] for name in fused.FusedModelStep.IO) if t is not None]
@@ -113,12 +152,22 @@ def _step_request(model: CausalTransformer, tokens: torch.Tensor) -> bytes:
     return header + eps.tobytes() + body + tokens.T.contiguous().numpy().astype(np.int64).tobytes()
 
 
-@pytest.mark.parametrize(("norm", "feature_map", "batch", "n_heads"), [("pre", "elu", 1, 2), ("post", "relu", 5, 4),
-                                                                      ("pre", "elu", 21, 2)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("norm", "feature_map", "batch", "n_heads"), [("pre", "elu", 1, 2), ("post", "relu", 5, 4), ("pre", "elu", 21, 2)]
+)
 def test_fused_step_equals_the_pytorch_step(harness, tmp_path, norm, feature_map, batch, n_heads):
     """batch 21: the batched layout; heads of 16 (attention a vector at a time) and of 8."""
-    cfg = ModelConfig(vocab_size=16, max_len=32, d_model=32, n_layers=2, n_heads=n_heads, d_ff=72, norm=norm,
-                      feature_map=feature_map, head="mol")  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=16,
+        max_len=32,
+        d_model=32,
+        n_layers=2,
+        n_heads=n_heads,
+        d_ff=72,
+        norm=norm,
+        feature_map=feature_map,
+        head="mol",
+    )
     model = CausalTransformer(cfg).eval()
     tokens = torch.randint(0, 16, (batch, 12))
     dk = cfg.d_model // cfg.n_heads
@@ -147,9 +196,25 @@ def _llama_request(model, wkind: int, tokens: torch.Tensor) -> bytes:
     hh_m = w.layers[0]["fq_w"].shape[-1] if hedgehog else 0
     F = 2 * hh_m if hedgehog else w.head_dim
     has_bias = w.layers[0]["bq"] is not None
-    header = _i64(len(w.layers), w.embed.shape[1], w.n_heads, w.n_kv_heads, w.head_dim, w.layers[0]["wg"].shape[0],
-                  w.embed.shape[0], llama.MODES[w.mode], llama.FEATURE_MAPS[w.feature_map], F, hh_m, w.window,
-                  w.sinks, wkind, has_bias, B, n)  # fmt: skip
+    header = _i64(
+        len(w.layers),
+        w.embed.shape[1],
+        w.n_heads,
+        w.n_kv_heads,
+        w.head_dim,
+        w.layers[0]["wg"].shape[0],
+        w.embed.shape[0],
+        llama.MODES[w.mode],
+        llama.FEATURE_MAPS[w.feature_map],
+        F,
+        hh_m,
+        w.window,
+        w.sinks,
+        wkind,
+        has_bias,
+        B,
+        n,
+    )
     floats = np.array([w.rms_eps, w.attn_eps, w.rope_scale], dtype=np.float32).tobytes()
 
     def raw(t):
@@ -170,9 +235,10 @@ def _llama_request(model, wkind: int, tokens: torch.Tensor) -> bytes:
     return header + floats + b"".join(body) + tokens.T.contiguous().numpy().astype(np.int64).tobytes()
 
 
-@pytest.mark.parametrize(("mode", "feature_map", "weights", "bias"), [("hybrid", "hedgehog", "float32", False),
-                                                                    ("linear", "elu", "int8", True),
-                                                                    ("window", "hedgehog", "int8", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("mode", "feature_map", "weights", "bias"),
+    [("hybrid", "hedgehog", "float32", False), ("linear", "elu", "int8", True), ("window", "hedgehog", "int8", False)],
+)
 def test_fused_llama_step_equals_the_pytorch_layers(harness, tmp_path, mode, feature_map, weights, bias):
     """The linearised Llama step (int8 weights: against the model holding the dequantised weights),
     from an empty state through the window and the sinks."""

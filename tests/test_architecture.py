@@ -113,8 +113,12 @@ def test_no_import_loop_between_parts():
 
 
 def test_no_private_names_imported_across_modules():
-    private = [f"{src} imports {n} from {dst}" for src, dst, names in _imports() for n in names
-               if n.startswith("_") and not n.startswith("__")]  # fmt: skip
+    private = [
+        f"{src} imports {n} from {dst}"
+        for src, dst, names in _imports()
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
     assert not private, "\n".join(private)
 
 

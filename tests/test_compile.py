@@ -30,8 +30,9 @@ def _check_compiled_layer(layer, x, tol):
 
 def test_model_compiles_without_graph_breaks():
     torch._dynamo.reset()
-    model = CausalTransformer(ModelConfig(vocab_size=16, n_classes=3, max_len=40, d_model=32, n_layers=2, n_heads=4,
-                                          d_ff=64))  # fmt: skip
+    model = CausalTransformer(
+        ModelConfig(vocab_size=16, n_classes=3, max_len=40, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+    )
     tokens, labels = torch.randint(0, 16, (2, 40)), torch.tensor([0, 2])
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(tokens, labels), model(tokens, labels), atol=1e-5, rtol=1e-5)

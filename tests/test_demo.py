@@ -18,8 +18,11 @@ def tiny_demo(tmp_path, monkeypatch):
     real_load = datasets.load
     monkeypatch.setattr(demo.datasets, "load", lambda name, **kw: real_load(name, tmp_path / "mnist", **kw))
     monkeypatch.setattr(demo, "MODEL", replace(demo.MODEL, d_model=16, n_layers=1, n_heads=2, d_ff=32))
-    monkeypatch.setattr(demo, "TRAIN", replace(demo.TRAIN, steps=4, checkpoint_every=2, eval_every=0, batch_size=8,
-                                               eval_batches=1, progress=False))  # fmt: skip
+    monkeypatch.setattr(
+        demo,
+        "TRAIN",
+        replace(demo.TRAIN, steps=4, checkpoint_every=2, eval_every=0, batch_size=8, eval_batches=1, progress=False),
+    )
     return ["--out", str(tmp_path / "run"), "--samples", str(tmp_path / "samples.png"), "--threads", "1"]
 
 

@@ -22,8 +22,9 @@ def test_example_runs(script, tmp_path):
     if script.name == "hf_quickstart.py":
         pytest.importorskip("transformers")
     quick = [] if script.name == "quickstart.py" else ["--quick"]
-    run = subprocess.run([sys.executable, str(script), *quick], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, str(script), *quick], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, f"{script.name} failed:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}"
     if script.name == "quickstart.py":  # its comparisons, printed: recurrent == parallel and so on
         diffs = [float(line.rsplit(" ", 1)[1]) for line in run.stdout.splitlines() if "==" in line]

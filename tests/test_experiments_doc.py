@@ -17,11 +17,13 @@ DOC = (ROOT / "EXPERIMENTS.md").read_text()
 
 # tables of EXPERIMENTS.md (by their header) whose sources were never committed (older runs)
 UNCOMMITTED = {
-    "| method | steps in 30 min | test bits/dim | paper bits/dim | images/s | vs softmax | paper images/s |":
-        "the equal-time MNIST run of 2026-11-27 (results/image-mnist-default, not committed)",
-    "| method | params (M) | steps | epochs | s/epoch | test PER % | paper PER % (WSJ) |":
-        "the first table of that header: the 3 s speech run (results/speech, not committed)",
-}  # fmt: skip
+    "| method | steps in 30 min | test bits/dim | paper bits/dim | images/s | vs softmax | paper images/s |": (
+        "the equal-time MNIST run of 2026-11-27 (results/image-mnist-default, not committed)"
+    ),
+    "| method | params (M) | steps | epochs | s/epoch | test PER % | paper PER % (WSJ) |": (
+        "the first table of that header: the 3 s speech run (results/speech, not committed)"
+    ),
+}
 
 
 def tables(header: str) -> list[list[list[str]]]:
@@ -73,11 +75,19 @@ def test_mnist_tables_equal_their_csvs():
 
 def test_speech_tables_equal_their_csvs():
     cases = [
-        ("| method | params (M) | steps | epochs | s/epoch | vs softmax | test PER % | paper s/epoch (WSJ) |", 0,
-         "speech-wsj-length", {"s/epoch": 4, "test PER %": 6}),
-        ("| method | params (M) | steps | epochs | s/epoch | test PER % | paper PER % (WSJ) |", 1,
-         "speech-wsj-length-stack-3", {"s/epoch": 4, "test PER %": 5}),
-    ]  # fmt: skip
+        (
+            "| method | params (M) | steps | epochs | s/epoch | vs softmax | test PER % | paper s/epoch (WSJ) |",
+            0,
+            "speech-wsj-length",
+            {"s/epoch": 4, "test PER %": 6},
+        ),
+        (
+            "| method | params (M) | steps | epochs | s/epoch | test PER % | paper PER % (WSJ) |",
+            1,
+            "speech-wsj-length-stack-3",
+            {"s/epoch": 4, "test PER %": 5},
+        ),
+    ]
     for header, n, folder, columns in cases:
         source = {r["method"]: r for r in rows_of(EVIDENCE / folder / "speech.csv")}
         rows = tables(header)[n]
@@ -118,13 +128,18 @@ def test_copy_table_equals_its_runs():
 
 def test_linearisation_table_equals_its_results():
     result = json.loads((EVIDENCE / "linearize-smollm2" / "result.json").read_text())
-    header = ("| model (perplexity) | stage | tokens | CPU-h | held-out (python docs) | x teacher | second domain "
-              "(debian-reference) | x teacher |")  # fmt: skip
+    header = (
+        "| model (perplexity) | stage | tokens | CPU-h | held-out (python docs) | x teacher | second domain "
+        "(debian-reference) | x teacher |"
+    )
     rows = {row[0]: row for row in tables(header)[0]}
     t, t2 = result["teacher_ppl"], result["second_domain"]["teacher_ppl"]
-    for name, key in [("teacher (softmax)", "teacher_ppl"), ("hybrid, + LoRA", "hybrid_ppl"),
-                      ("window + sinks alone, + LoRA (no linear part)", "window_only_ppl"),
-                      ("pure linear, + LoRA", "linear_ppl")]:  # fmt: skip
+    for name, key in [
+        ("teacher (softmax)", "teacher_ppl"),
+        ("hybrid, + LoRA", "hybrid_ppl"),
+        ("window + sinks alone, + LoRA (no linear part)", "window_only_ppl"),
+        ("pure linear, + LoRA", "linear_ppl"),
+    ]:
         row, a, b = rows[name], result[key], result["second_domain"][key]
         assert (row[4], row[5]) == (f"{a:.2f}", f"{a / t:.3f}"), name
         assert (row[6], row[7]) == (f"{b:.2f}", f"{b / t2:.3f}"), name

@@ -164,8 +164,10 @@ def test_export_command(tmp_path, capsys):
     from linear_transformers.web import WEB_DIR
 
     out = tmp_path / "demo.onnx"
-    assert cli_main(["export", "--checkpoint", str(WEB_DIR / "checkpoint"), "--onnx", str(out), "--verify-steps",
-                     "250"]) == 0  # fmt: skip
+    assert (
+        cli_main(["export", "--checkpoint", str(WEB_DIR / "checkpoint"), "--onnx", str(out), "--verify-steps", "250"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "verified with onnxruntime against PyTorch over 250 steps" in printed
     sidecar = json.loads(out.with_suffix(".json").read_text())

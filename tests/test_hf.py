@@ -22,8 +22,9 @@ ALPHABET = "\n .abcdefgh"
 def small(attention="causal-linear", head="categorical", seed=0, **kw) -> CausalTransformer:
     torch.manual_seed(seed)
     vocab = 256 if head == "mol" else len(ALPHABET)
-    cfg = ModelConfig(vocab_size=vocab, max_len=48, d_model=32, n_layers=2, n_heads=4, d_ff=48, attention=attention,
-                      head=head, **kw)  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=vocab, max_len=48, d_model=32, n_layers=2, n_heads=4, d_ff=48, attention=attention, head=head, **kw
+    )
     return CausalTransformer(cfg).eval()
 
 
@@ -50,8 +51,9 @@ def test_config_mirrors_model_config_and_is_registered(folder):
         hf.LinearTransformerConfig(d_model=30, n_heads=4)
 
 
-@pytest.mark.parametrize("attention,head", [("causal-linear", "categorical"), ("causal-softmax", "categorical"),
-                                            ("causal-linear", "mol")])  # fmt: skip
+@pytest.mark.parametrize(
+    "attention,head", [("causal-linear", "categorical"), ("causal-softmax", "categorical"), ("causal-linear", "mol")]
+)
 def test_save_pretrained_from_pretrained_gives_identical_logits(tmp_path, attention, head):
     model = small(attention, head)
     hf.save_hf(model, tmp_path)
@@ -90,11 +92,11 @@ def test_sampling_with_a_seed_equals_ours_token_for_token(folder, options):
     prompt = ids("cab.")
     draws = hf.SameDraws(torch.Generator().manual_seed(7), **options)
     out = model.generate(prompt, max_new_tokens=30, do_sample=True, logits_processor=[draws])
-    ours = model.model.generate(prompt=prompt, max_new_tokens=30, generator=torch.Generator().manual_seed(7),
-                                **options)  # fmt: skip
+    ours = model.model.generate(prompt=prompt, max_new_tokens=30, generator=torch.Generator().manual_seed(7), **options)
     assert out.tolist() == ours.tolist()
-    other = model.model.generate(prompt=prompt, max_new_tokens=30, generator=torch.Generator().manual_seed(8),
-                                 **options)  # fmt: skip
+    other = model.model.generate(
+        prompt=prompt, max_new_tokens=30, generator=torch.Generator().manual_seed(8), **options
+    )
     assert other.tolist() != ours.tolist()  # the seed matters: the comparison can fail
 
 
@@ -118,13 +120,16 @@ def test_beam_search_equals_a_brute_force_reference(tmp_path, attention):
     hf.save_hf(model, tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     prompt = ids("fa")
-    out = loaded.generate(prompt, max_new_tokens=5, num_beams=4, do_sample=False, length_penalty=0.0,
-                          early_stopping=True)  # fmt: skip
+    out = loaded.generate(
+        prompt, max_new_tokens=5, num_beams=4, do_sample=False, length_penalty=0.0, early_stopping=True
+    )
     assert out[0].tolist() == reference_beam_search(model, prompt, beams=4, steps=5)
     # with as many beams as continuations, beam search is exact: the best of all 11^3 sequences
     exact = loaded.generate(prompt, max_new_tokens=3, num_beams=121, do_sample=False, length_penalty=0.0)
-    best = max(itertools.product(range(len(ALPHABET)), repeat=3),
-               key=lambda c: -model.nll(torch.cat([prompt, torch.tensor([c])], 1))[0, 2:].sum().item())  # fmt: skip
+    best = max(
+        itertools.product(range(len(ALPHABET)), repeat=3),
+        key=lambda c: -model.nll(torch.cat([prompt, torch.tensor([c])], 1))[0, 2:].sum().item(),
+    )
     assert exact[0, 2:].tolist() == list(best)
 
 
@@ -168,9 +173,17 @@ def test_trainer_lowers_the_loss(tmp_path):
             return {"input_ids": x, "labels": x.clone()}
 
     model = hf.from_model(small(seed=5)).train()
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=40,
-                                          learning_rate=3e-3, logging_steps=10, report_to=[], save_strategy="no",
-                                          use_cpu=True, disable_tqdm=True)  # fmt: skip
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=40,
+        learning_rate=3e-3,
+        logging_steps=10,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Repeats())
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -180,8 +193,9 @@ def test_trainer_lowers_the_loss(tmp_path):
 def test_peft_lora_on_the_attention_projections_trains_and_merges(folder):
     peft = pytest.importorskip("peft", reason="peft is not installed")
     base = transformers.AutoModelForCausalLM.from_pretrained(folder)
-    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "out"],
-                                                     lora_dropout=0.0))  # fmt: skip
+    lora = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "out"], lora_dropout=0.0)
+    )
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
@@ -202,8 +216,9 @@ def test_peft_lora_on_the_attention_projections_trains_and_merges(folder):
     assert merged.generate(ids("ab"), max_new_tokens=10, do_sample=False).tolist() == adapted.tolist()
     before = transformers.AutoModelForCausalLM.from_pretrained(folder).state_dict()
     after = merged.state_dict()
-    assert set(after) == set(before) and not torch.equal(after["model.blocks.0.attn.qkv.weight"],
-                                                        before["model.blocks.0.attn.qkv.weight"])  # fmt: skip
+    assert set(after) == set(before) and not torch.equal(
+        after["model.blocks.0.attn.qkv.weight"], before["model.blocks.0.attn.qkv.weight"]
+    )
 
 
 def test_lora_finds_its_default_targets_without_being_told(folder):
@@ -234,8 +249,20 @@ def test_export_hf_and_our_cli_reads_the_folder_back(tmp_path, capsys):
     text.write_text("abc defgh. " * 200)
     run = tmp_path / "run"
     cfg = ModelConfig(vocab_size=9, max_len=32, d_model=16, n_layers=1, n_heads=2, d_ff=32)
-    train(cfg, TrainConfig(data="text", data_path=str(text), seq_len=32, out=str(run), steps=3, batch_size=2,
-                           progress=False, eval_every=0, device="cpu"))  # fmt: skip
+    train(
+        cfg,
+        TrainConfig(
+            data="text",
+            data_path=str(text),
+            seq_len=32,
+            out=str(run),
+            steps=3,
+            batch_size=2,
+            progress=False,
+            eval_every=0,
+            device="cpu",
+        ),
+    )
     assert main(["export", "--checkpoint", str(run), "--hf", str(tmp_path / "hf")]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
     ours, _ = load_model(run)
@@ -243,16 +270,46 @@ def test_export_hf_and_our_cli_reads_the_folder_back(tmp_path, capsys):
     assert config["data"]["alphabet"] == " .abcdefgh"  # the text's characters, for sample and eval
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), back.state_dict().values(), strict=True))
     out = tmp_path / "samples.txt"
-    assert main(["sample", "--checkpoint", str(tmp_path / "hf"), "--prompt", "abc", "--max-new-tokens", "5",
-                 "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tmp_path / "hf"),
+                "--prompt",
+                "abc",
+                "--max-new-tokens",
+                "5",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert out.read_text().startswith("abc")
     capsys.readouterr()
     # the folder names its data without this machine's directories: eval finds it from there, or says where it looked
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["training"]["data_path"] == "text.txt"
     assert main(["eval", "--checkpoint", str(tmp_path / "hf"), "--batches", "1", "--device", "cpu"]) == 2
     assert "is not at text.txt (from its config); pass --data-path" in capsys.readouterr().err
-    assert main(["eval", "--checkpoint", str(tmp_path / "hf"), "--batches", "1", "--device", "cpu",
-                 "--data-path", str(text)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(tmp_path / "hf"),
+                "--batches",
+                "1",
+                "--device",
+                "cpu",
+                "--data-path",
+                str(text),
+            ]
+        )
+        == 0
+    )
     assert main(["eval", "--checkpoint", str(run), "--batches", "1", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert "text test:" in lines[-1] and lines[-1] == lines[-2]  # the folder gives the checkpoint's bits/dim

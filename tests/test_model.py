@@ -162,8 +162,16 @@ def test_left_padding_leaves_every_real_token_as_it_is_alone(attention, position
     generated tokens are those of the row alone (padding enters no attention; positions start at
     the first real token)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=13, max_len=32, d_model=32, n_layers=2, n_heads=4, d_ff=48, attention=attention,
-                      positional=positional)  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=13,
+        max_len=32,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_ff=48,
+        attention=attention,
+        positional=positional,
+    )
     m = CausalTransformer(cfg).eval()
     rows = [torch.randint(0, 13, (n,)) for n in (7, 3, 5)]
     T = 7

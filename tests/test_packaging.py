@@ -18,8 +18,23 @@ def test_the_wheel_holds_every_kernel_source(tmp_path):
     from linear_transformers.decode import fused, llama  # noqa: F401 (they register their libraries)
     from linear_transformers.ops import cpu  # noqa: F401
 
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT),
-                           "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(ROOT),
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
         pytest.skip(f"no wheel could be built here: {proc.stderr.strip()[-300:]}")
     wheel = next(tmp_path.glob("linear_transformers-*.whl"))

@@ -51,21 +51,34 @@ def test_every_cpu_backend_equals_the_reference_on_random_cases(backend, case):
     mask = torch.rand(B, T) < 0.3 if case["masked"] else None
     tol = 1e-10 if dtype == torch.float64 else 3e-4
     ref, ref_state = ops.causal_linear_attention(
-        q.double(), k.double(), v.double(), key_padding_mask=mask, return_state=True, backend="naive",
+        q.double(),
+        k.double(),
+        v.double(),
+        key_padding_mask=mask,
+        return_state=True,
+        backend="naive",
         initial_state=None if state is None else LinearState(state.S.double(), state.z.double(), state.n_tokens),
-    )  # fmt: skip
+    )
     # the whole sequence at once, and split in two at a random point, the state handed over
     cut = int(case["split"] * T)
     run = dict(backend=backend, chunk_size=case["chunk_size"], return_state=True)
     out, final = ops.causal_linear_attention(q, k, v, key_padding_mask=mask, initial_state=state, **run)
     first, mid = ops.causal_linear_attention(
-        q[:, :cut], k[:, :cut], v[:, :cut], key_padding_mask=None if mask is None else mask[:, :cut],
-        initial_state=state, **run,
-    )  # fmt: skip
+        q[:, :cut],
+        k[:, :cut],
+        v[:, :cut],
+        key_padding_mask=None if mask is None else mask[:, :cut],
+        initial_state=state,
+        **run,
+    )
     second, end = ops.causal_linear_attention(
-        q[:, cut:], k[:, cut:], v[:, cut:], key_padding_mask=None if mask is None else mask[:, cut:],
-        initial_state=mid, **run,
-    )  # fmt: skip
+        q[:, cut:],
+        k[:, cut:],
+        v[:, cut:],
+        key_padding_mask=None if mask is None else mask[:, cut:],
+        initial_state=mid,
+        **run,
+    )
     for got, got_state in ((out, final), (torch.cat([first, second], 1), end)):
         assert got.shape == ref.shape and got.dtype == dtype
         assert torch.isfinite(got).all() and torch.isfinite(got_state.S).all()
@@ -97,8 +110,9 @@ def test_bad_inputs_raise_a_named_error_never_crash(backend, shape, chunk_size, 
     elif bad == "v_length":
         v = torch.randn(B, T + 1, H, Dv)
     try:
-        out = ops.causal_linear_attention(q, k, v, initial_state=state, key_padding_mask=mask, backend=backend,
-                                          chunk_size=chunk_size)  # fmt: skip
+        out = ops.causal_linear_attention(
+            q, k, v, initial_state=state, key_padding_mask=mask, backend=backend, chunk_size=chunk_size
+        )
     except (ValueError, TypeError) as e:
         assert str(e).startswith("causal_linear_attention: "), e
         return
@@ -131,9 +145,18 @@ def model_cases(draw):
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(case=model_cases())
 def test_the_fused_step_equals_the_pytorch_step_on_random_models(case):
-    cfg = ModelConfig(vocab_size=16, max_len=24, d_model=case["d_model"], n_layers=case["n_layers"],
-                      n_heads=case["n_heads"], d_ff=case["d_ff"], norm=case["norm"], feature_map=case["feature_map"],
-                      positional=case["positional"], head=case["head"])  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=16,
+        max_len=24,
+        d_model=case["d_model"],
+        n_layers=case["n_layers"],
+        n_heads=case["n_heads"],
+        d_ff=case["d_ff"],
+        norm=case["norm"],
+        feature_map=case["feature_map"],
+        positional=case["positional"],
+        head=case["head"],
+    )
     model = CausalTransformer(cfg).eval()
     configs = (DecodeConfig(max_batch=64), DecodeConfig(fused=False))
     B = case["batch"]

@@ -41,8 +41,18 @@ def test_kernels_under_address_sanitizer(tmp_path):
         str(here / "decode" / "test_fused_step.py"),
         str(here / "test_properties.py"),
     ]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, "-k",
-           f"{level}-gcc or test_properties"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        *tests,
+        "-k",
+        f"{level}-gcc or test_properties",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     report = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "AddressSanitizer" not in report, report

@@ -73,8 +73,10 @@ MIRANDA.
 Sir, are not you my father? Sir, are not you my father?
 O! Go."""
     got = speech.sentences_from_text(text, 4, 14)
-    assert got == ["Twelve year since, Miranda, twelve year since, Thy father was the Duke of Milan.",
-                   "Sir, are not you my father?"]  # fmt: skip
+    assert got == [
+        "Twelve year since, Miranda, twelve year since, Thy father was the Duke of Milan.",
+        "Sir, are not you my father?",
+    ]
 
 
 @needs_synth

@@ -24,16 +24,41 @@ from test_data import write_mnist_folder
 
 from helpers import cli_error
 
-TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64", "--batch-size", "8",
-        "--levels", "16", "--optimizer", "adamw", "--lr", "1e-2", "--warmup", "3", "--eval-batches", "1",
-        "--threads", "1", "--no-progress"]  # fmt: skip
+TINY = [
+    "--d-model",
+    "32",
+    "--n-layers",
+    "1",
+    "--n-heads",
+    "2",
+    "--d-ff",
+    "64",
+    "--batch-size",
+    "8",
+    "--levels",
+    "16",
+    "--optimizer",
+    "adamw",
+    "--lr",
+    "1e-2",
+    "--warmup",
+    "3",
+    "--eval-batches",
+    "1",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 def _cli(*args: str, **env) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "linear_transformers.cli", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env},
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **env},
+    )
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -48,8 +73,25 @@ def mnist_dir(tmp_path) -> Path:
 
 def test_train_writes_whole_checkpoints_and_learns(tmp_path, mnist_dir):
     run = tmp_path / "run"
-    assert cli_main(["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "60",
-                     "--checkpoint-every", "20", "--eval-every", "20", *TINY]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "train",
+                "--data-path",
+                str(mnist_dir),
+                "--out",
+                str(run),
+                "--steps",
+                "60",
+                "--checkpoint-every",
+                "20",
+                "--eval-every",
+                "20",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert (run / "latest").read_text().strip() == "step-000060"
     assert sorted(p.name for p in run.glob("step-*")) == ["step-000040", "step-000060"]  # keep=2
     assert not list(run.glob(".*tmp*"))  # no temporary leftovers
@@ -114,10 +156,23 @@ def test_data_parallel_matches_one_process(tmp_path, mnist_dir):
     ]
     single = _cli(*args, "--out", str(tmp_path / "single"))
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "linear_transformers.cli", *args, "--out", str(tmp_path / "ddp")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "linear_transformers.cli",
+            *args,
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     assert "all 2 ranks hold identical parameters" in ddp.stdout
     out, _ = single.communicate(timeout=300)
@@ -131,15 +186,39 @@ def test_data_parallel_matches_one_process(tmp_path, mnist_dir):
 def test_context_parallel_matches_one_process(tmp_path, mnist_dir, ranks, context_parallel):
     """Each sequence split over `context_parallel` ranks (beside data parallelism with 4 ranks): the
     weights after 4 steps are those of one process."""
-    args = ["train", "--data-path", str(mnist_dir), "--steps", "4", "--checkpoint-every", "4", "--eval-every", "0",
-            *TINY]  # fmt: skip
+    args = [
+        "train",
+        "--data-path",
+        str(mnist_dir),
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "4",
+        "--eval-every",
+        "0",
+        *TINY,
+    ]
     single = _cli(*args, "--out", str(tmp_path / "single"))
     cp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-         "-m", "linear_transformers.cli", *args, "--context-parallel", str(context_parallel),
-         "--out", str(tmp_path / "cp")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            "-m",
+            "linear_transformers.cli",
+            *args,
+            "--context-parallel",
+            str(context_parallel),
+            "--out",
+            str(tmp_path / "cp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert f"all {ranks} ranks hold identical parameters" in cp.stdout
     out, _ = single.communicate(timeout=300)
@@ -170,8 +249,22 @@ def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
     if not fused.available():
         pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     run = tmp_path / "run"
-    cli_main(["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "2", "--checkpoint-every", "2",
-              "--head", "mol", *TINY])  # fmt: skip
+    cli_main(
+        [
+            "train",
+            "--data-path",
+            str(mnist_dir),
+            "--out",
+            str(run),
+            "--steps",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--head",
+            "mol",
+            *TINY,
+        ]
+    )
     seen, generate = [], CausalTransformer.generate
 
     def spy(self, *args, **kwargs):
@@ -181,13 +274,31 @@ def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
     monkeypatch.setattr(CausalTransformer, "generate", spy)
     names = ["bf16-weights"] + (["bf16"] if fused.has_bf16_dot() else [])
     for name in names:
-        assert cli_main(["sample", "--checkpoint", str(run), "--n", "1", "--cpu-precision", name,
-                         "--out", str(tmp_path / f"{name}.png")]) == 0  # fmt: skip
+        assert (
+            cli_main(
+                [
+                    "sample",
+                    "--checkpoint",
+                    str(run),
+                    "--n",
+                    "1",
+                    "--cpu-precision",
+                    name,
+                    "--out",
+                    str(tmp_path / f"{name}.png"),
+                ]
+            )
+            == 0
+        )
         assert f"CPU precision {name}" in capsys.readouterr().out
     assert seen == [decode.DecodeConfig.precision(name) for name in names]  # one batch each
     seen.clear()
-    assert cli_main(["sample", "--checkpoint", str(run), "--n", "1", "--no-fused-step",
-                     "--out", str(tmp_path / "pytorch.png")]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            ["sample", "--checkpoint", str(run), "--n", "1", "--no-fused-step", "--out", str(tmp_path / "pytorch.png")]
+        )
+        == 0
+    )
     assert seen == [decode.DecodeConfig(fused=False)]
     cli_error(
         capsys,
@@ -200,8 +311,22 @@ def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
         "--cpu-precision must be one of float32, bf16-weights, bf16, int8, got 'fp16'",
     )
     softmax = tmp_path / "softmax"
-    cli_main(["train", "--data-path", str(mnist_dir), "--out", str(softmax), "--steps", "1", "--checkpoint-every", "1",
-              "--attention", "causal-softmax", *TINY])  # fmt: skip
+    cli_main(
+        [
+            "train",
+            "--data-path",
+            str(mnist_dir),
+            "--out",
+            str(softmax),
+            "--steps",
+            "1",
+            "--checkpoint-every",
+            "1",
+            "--attention",
+            "causal-softmax",
+            *TINY,
+        ]
+    )
     cli_error(
         capsys,
         ["sample", "--checkpoint", str(softmax), "--cpu-precision", "bf16-weights"],
@@ -212,8 +337,24 @@ def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
 def test_text_model_samples_text(tmp_path, capsys, monkeypatch):
     (tmp_path / "t.txt").write_text("abcabcabd " * 300)
     run = tmp_path / "run"
-    cli_main(["train", "--data", "text", "--data-path", str(tmp_path / "t.txt"), "--seq-len", "32", "--out", str(run),
-              "--steps", "20", "--checkpoint-every", "20", *TINY])  # fmt: skip
+    cli_main(
+        [
+            "train",
+            "--data",
+            "text",
+            "--data-path",
+            str(tmp_path / "t.txt"),
+            "--seq-len",
+            "32",
+            "--out",
+            str(run),
+            "--steps",
+            "20",
+            "--checkpoint-every",
+            "20",
+            *TINY,
+        ]
+    )
     monkeypatch.chdir(tmp_path)
     sample = ["sample", "--checkpoint", str(run), "--n", "2", "--prompt", "abc", "--max-new-tokens", "20"]
     assert cli_main(sample) == 0
@@ -245,8 +386,21 @@ def test_presets_fill_in_what_is_not_given(tmp_path, capsys):
 
     (tmp_path / "t.txt").write_text("abcabcabd " * 300)
     run = tmp_path / "run"
-    argv = ["train", "--data", "text", "--data-path", str(tmp_path / "t.txt"), "--preset", "tiny", "--steps", "2",
-            "--seq-len", "32", "--out", str(run)]  # fmt: skip
+    argv = [
+        "train",
+        "--data",
+        "text",
+        "--data-path",
+        str(tmp_path / "t.txt"),
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--seq-len",
+        "32",
+        "--out",
+        str(run),
+    ]
     assert cli_main(argv) == 0
     config = json.loads(next(run.glob("*/config.json")).read_text())
     tiny_model, tiny_training = preset("tiny", "text")
@@ -275,8 +429,23 @@ def test_cli_options_and_errors(tmp_path, capsys):
 
 def test_bfloat16_autocast_training_runs_and_learns(tmp_path, mnist_dir):
     run = tmp_path / "run"
-    cli_main(["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "40", "--checkpoint-every", "40",
-              "--eval-every", "40", "--bf16", *TINY])  # fmt: skip
+    cli_main(
+        [
+            "train",
+            "--data-path",
+            str(mnist_dir),
+            "--out",
+            str(run),
+            "--steps",
+            "40",
+            "--checkpoint-every",
+            "40",
+            "--eval-every",
+            "40",
+            "--bf16",
+            *TINY,
+        ]
+    )
     log = (run / "log.csv").read_text().splitlines()
     losses = [float(line.split(",")[1]) for line in log[1:]]
     assert all(math.isfinite(x) for x in losses)
@@ -298,8 +467,18 @@ def test_a_fresh_run_never_touches_an_earlier_one(tmp_path, mnist_dir, capsys):
 
 def test_time_limit_counts_the_time_before_a_resume(tmp_path, mnist_dir, capsys):
     """The training time is saved with each checkpoint: a resumed run gets what is left of its limit."""
-    args = ["train", "--data-path", str(mnist_dir), "--checkpoint-every", "10", "--eval-every", "0", *TINY,
-            "--out", str(tmp_path / "run")]  # fmt: skip
+    args = [
+        "train",
+        "--data-path",
+        str(mnist_dir),
+        "--checkpoint-every",
+        "10",
+        "--eval-every",
+        "0",
+        *TINY,
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert cli_main([*args, "--steps", "20"]) == 0
     state_path = resolve_checkpoint(tmp_path / "run") / "state.pt"
     state = torch.load(state_path, weights_only=True)
@@ -343,26 +522,63 @@ def test_user_errors_are_one_line_and_exit_2_bugs_keep_their_traceback(tmp_path,
 
 def test_generate_refuses_sampling_settings_it_cannot_honour():
     model = CausalTransformer(ModelConfig(vocab_size=8, max_len=8, d_model=8, n_layers=1, n_heads=2, d_ff=8)).eval()
-    for kwargs, match in [(dict(top_p=0.0), "top_p"), (dict(temperature=float("nan")), "temperature"),
-                          (dict(temperature=float("inf")), "temperature"), (dict(top_k=0), "top_k"),
-                          (dict(n=0), "n must be"), (dict(max_new_tokens=-1), "max_new_tokens")]:  # fmt: skip
+    for kwargs, match in [
+        (dict(top_p=0.0), "top_p"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(n=0), "n must be"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+    ]:
         with pytest.raises(ValueError, match=f"generate: {match}"):
             model.generate(**{"n": 2, **kwargs})
 
 
 def test_a_diverging_run_stops_and_keeps_its_finite_checkpoints(tmp_path, mnist_dir, capsys):
     run = tmp_path / "run"
-    args = ["train", "--data-path", str(mnist_dir), "--out", str(run), "--checkpoint-every", "2", "--eval-every", "0",
-            *TINY]  # fmt: skip
+    args = [
+        "train",
+        "--data-path",
+        str(mnist_dir),
+        "--out",
+        str(run),
+        "--checkpoint-every",
+        "2",
+        "--eval-every",
+        "0",
+        *TINY,
+    ]
     assert cli_main([*args, "--steps", "4"]) == 0
     good = _weights(run)
     changed = "lr=1000000.0 \\(the run has 0.01\\); warmup=1 \\(the run has 3\\); clip=0.0 \\(the run has 1.0\\)"
-    cli_error(capsys, [*args, "--steps", "40", "--resume", "--lr", "1e6", "--clip", "0", "--warmup", "1"],
-              f"resume: .* other settings: {changed}")  # fmt: skip
+    cli_error(
+        capsys,
+        [*args, "--steps", "40", "--resume", "--lr", "1e6", "--clip", "0", "--warmup", "1"],
+        f"resume: .* other settings: {changed}",
+    )
     diverging = tmp_path / "diverging"
-    line = cli_error(capsys, ["train", "--data-path", str(mnist_dir), "--out", str(diverging), "--steps", "200",
-                              "--checkpoint-every", "2", "--eval-every", "0", *TINY, "--lr", "1e6", "--clip", "0"],
-                     r"the (loss|gradient norm) .* at step \d+ is not finite; stopped before applying it")  # fmt: skip
+    line = cli_error(
+        capsys,
+        [
+            "train",
+            "--data-path",
+            str(mnist_dir),
+            "--out",
+            str(diverging),
+            "--steps",
+            "200",
+            "--checkpoint-every",
+            "2",
+            "--eval-every",
+            "0",
+            *TINY,
+            "--lr",
+            "1e6",
+            "--clip",
+            "0",
+        ],
+        r"the (loss|gradient norm) .* at step \d+ is not finite; stopped before applying it",
+    )
     assert "Try a lower --lr" in line
     for ckpt in diverging.glob("step-*"):  # whatever was saved before is finite
         assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values()), ckpt
@@ -371,8 +587,9 @@ def test_a_diverging_run_stops_and_keeps_its_finite_checkpoints(tmp_path, mnist_
 
 def test_checkpoints_are_checked_against_their_checksum(tmp_path, mnist_dir, capsys):
     run = tmp_path / "run"
-    cli_main(["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "2", "--checkpoint-every", "2",
-              *TINY])  # fmt: skip
+    cli_main(
+        ["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "2", "--checkpoint-every", "2", *TINY]
+    )
     weights = resolve_checkpoint(run) / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x10  # one bit flipped in the middle of the tensors
@@ -380,23 +597,31 @@ def test_checkpoints_are_checked_against_their_checksum(tmp_path, mnist_dir, cap
     cli_error(capsys, ["eval", "--checkpoint", str(run)], "model.safetensors does not match the SHA-256")
     weights.write_bytes(bytes(data[: len(data) // 3]))  # truncated
     cli_error(capsys, ["sample", "--checkpoint", str(run)], "model.safetensors does not match the SHA-256")
-    cli_error(capsys, ["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "4", "--resume", *TINY],
-              "does not match the SHA-256")  # fmt: skip
+    cli_error(
+        capsys,
+        ["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "4", "--resume", *TINY],
+        "does not match the SHA-256",
+    )
     (resolve_checkpoint(run) / "config.json").write_text("{not json")
     cli_error(capsys, ["eval", "--checkpoint", str(run)], r"config.json is not valid JSON .* the checkpoint is damaged")
 
 
 def test_resume_refuses_what_it_cannot_continue_and_fills_in_the_rest(tmp_path, mnist_dir, capsys):
     run = tmp_path / "run"
-    cli_error(capsys, ["train", "--data-path", str(mnist_dir), "--out", str(run), "--resume", *TINY],
-              "holds no run to resume \\(no 'latest' file\\); leave out --resume")  # fmt: skip
+    cli_error(
+        capsys,
+        ["train", "--data-path", str(mnist_dir), "--out", str(run), "--resume", *TINY],
+        "holds no run to resume \\(no 'latest' file\\); leave out --resume",
+    )
     assert not (run / "log.csv").exists()
     args = ["train", "--data-path", str(mnist_dir), "--out", str(run), "--checkpoint-every", "2", "--eval-every", "0"]
     cli_main([*args, "--steps", "4", *TINY])
     log_before = (run / "log.csv").read_text()
-    line = cli_error(capsys, [*args, "--steps", "6", "--resume", *TINY[:-3], "--optimizer", "radam", "--seq-len",
-                              "99", "--d-model", "16"],
-                     "other settings:")  # fmt: skip
+    line = cli_error(
+        capsys,
+        [*args, "--steps", "6", "--resume", *TINY[:-3], "--optimizer", "radam", "--seq-len", "99", "--d-model", "16"],
+        "other settings:",
+    )
     for named in ("optimizer='radam' (the run has 'adamw')", "seq_len=99 (the run has 256)", "d_model=16"):
         assert named in line
     assert (run / "log.csv").read_text() == log_before  # nothing touched
@@ -411,8 +636,20 @@ def test_resume_refuses_what_it_cannot_continue_and_fills_in_the_rest(tmp_path, 
 def test_sigint_writes_a_checkpoint_and_exits_130(tmp_path, mnist_dir):
     run = tmp_path / "run"
     (run / ".step-000002.tmp12345").mkdir(parents=True)  # what a killed checkpoint write leaves
-    args = ["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "100000", "--checkpoint-every",
-            "10000", "--eval-every", "0", *TINY]  # fmt: skip
+    args = [
+        "train",
+        "--data-path",
+        str(mnist_dir),
+        "--out",
+        str(run),
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "10000",
+        "--eval-every",
+        "0",
+        *TINY,
+    ]
     proc = _cli(*args)
     deadline = time.time() + 120
     while not (run / "log.csv").exists() or len((run / "log.csv").read_text().splitlines()) < 4:
@@ -425,8 +662,16 @@ def test_sigint_writes_a_checkpoint_and_exits_130(tmp_path, mnist_dir):
     step = int(out.split("SIGINT at step ")[1].split(":")[0])
     assert (run / "latest").read_text().strip() == f"step-{step:06d}"  # between the periodic checkpoints
     assert not list(run.glob(".step-*"))  # the stale temporary folder is gone
-    again = [sys.executable, "-m", "linear_transformers.cli", *args[: -len(TINY)], "--steps", str(step + 2), "--resume",
-             "--no-progress"]  # fmt: skip
+    again = [
+        sys.executable,
+        "-m",
+        "linear_transformers.cli",
+        *args[: -len(TINY)],
+        "--steps",
+        str(step + 2),
+        "--resume",
+        "--no-progress",
+    ]
     resumed = subprocess.run(again, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert (run / "latest").read_text().strip() == f"step-{step + 2:06d}"
@@ -456,16 +701,25 @@ def test_bad_settings_are_one_line_errors(tmp_path, mnist_dir, capsys):
     if not torch.cuda.is_available():
         cli_error(capsys, [*base, "--device", "cuda"], "device 'cuda': .*use --device cpu")
     cli_error(capsys, [*base, "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'")
-    out_of_range = [("--levels", "1", r"levels must be in \[2, 256\]"), ("--warmup", "-5", "warmup must"),
-                    ("--threads", "-1", r"--threads: must be in \[0, "),
-                    ("--threads", "100000", r"--threads: must be in \[0, "), ("--time-limit", "-1", "time_limit must"),
-                    ("--lr", "0", "lr must be a finite number > 0"), ("--lr", "inf", "lr must")]  # fmt: skip
+    out_of_range = [
+        ("--levels", "1", r"levels must be in \[2, 256\]"),
+        ("--warmup", "-5", "warmup must"),
+        ("--threads", "-1", r"--threads: must be in \[0, "),
+        ("--threads", "100000", r"--threads: must be in \[0, "),
+        ("--time-limit", "-1", "time_limit must"),
+        ("--lr", "0", "lr must be a finite number > 0"),
+        ("--lr", "inf", "lr must"),
+    ]
     for option, value, match in out_of_range:
         cli_error(capsys, [*base, option, value], match)
     run = tmp_path / "run"
-    cli_main(["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "2", "--checkpoint-every", "2",
-              *TINY])  # fmt: skip
+    cli_main(
+        ["train", "--data-path", str(mnist_dir), "--out", str(run), "--steps", "2", "--checkpoint-every", "2", *TINY]
+    )
     cli_error(capsys, ["sample", "--checkpoint", str(run), "--prompt", "abc"], "--prompt is for text models")
     cli_error(capsys, ["sample", "--checkpoint", str(run), "--max-new-tokens", "9"], "--max-new-tokens is for text")
-    cli_error(capsys, ["export", "--checkpoint", str(run), "--opset", "3", "--onnx", str(tmp_path / "m.onnx")],
-              r"--opset must be in \[13, ")  # fmt: skip
+    cli_error(
+        capsys,
+        ["export", "--checkpoint", str(run), "--opset", "3", "--onnx", str(tmp_path / "m.onnx")],
+        r"--opset must be in \[13, ",
+    )

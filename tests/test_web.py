@@ -205,10 +205,25 @@ def test_page_in_chromium_draws_what_pytorch_generates(tmp_path, model_name):
     shot = tmp_path / "screenshot.png"
     with DemoServer(checkpoint) as url:
         proc = subprocess.run(
-            ["node", "e2e.mjs", "--url", url, "--runs", ",".join(f"{d}:{t}:{s}" for d, t, s in runs),
-             "--screenshot", str(shot), "--chromium", CHROMIUM, "--autostart", "{}:{}:{}".format(*runs[0])],
-            cwd=WEB_DIR, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            [
+                "node",
+                "e2e.mjs",
+                "--url",
+                url,
+                "--runs",
+                ",".join(f"{d}:{t}:{s}" for d, t, s in runs),
+                "--screenshot",
+                str(shot),
+                "--chromium",
+                CHROMIUM,
+                "--autostart",
+                "{}:{}:{}".format(*runs[0]),
+            ],
+            cwd=WEB_DIR,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["errors"] == []

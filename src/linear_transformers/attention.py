@@ -171,8 +171,9 @@ class AttentionLayer(nn.Module):
         if (state is not None or return_state) and (not self.is_causal or self.is_lsh):
             raise self._no_recurrence("state")
         if cu_seqlens is not None and not self.is_linear:
-            raise ValueError(f"AttentionLayer: packed documents (cu_seqlens) need linear attention, not "
-                             f"{self.attention!r}")  # fmt: skip
+            raise ValueError(
+                f"AttentionLayer: packed documents (cu_seqlens) need linear attention, not {self.attention!r}"
+            )
         B, T, _ = x.shape
         q, k, v = self.project(x)
         new_state: State | None = None
@@ -183,9 +184,16 @@ class AttentionLayer(nn.Module):
                     f"not {self.attention!r} attention, packed documents or padding"
                 )
             out, new_state = ops.context_parallel_causal_linear_attention(
-                q, k, v, context_group, initial_state=state, return_state=True, eps=self.eps,
-                chunk_size=self.chunk_size, backend=self.backend,
-            )  # fmt: skip
+                q,
+                k,
+                v,
+                context_group,
+                initial_state=state,
+                return_state=True,
+                eps=self.eps,
+                chunk_size=self.chunk_size,
+                backend=self.backend,
+            )
         elif self.attention == "causal-linear":
             out, new_state = ops.causal_linear_attention(
                 q,
@@ -203,9 +211,14 @@ class AttentionLayer(nn.Module):
             out = ops.linear_attention(q, k, v, key_padding_mask=key_padding_mask, eps=self.eps, cu_seqlens=cu_seqlens)
         elif self.is_lsh:
             out = ops.lsh_attention(
-                q, v, causal=self.is_causal, n_hashes=self.n_hashes, n_buckets=self.n_buckets,
-                chunk_size=self.lsh_chunk_size, key_padding_mask=key_padding_mask,
-            )  # fmt: skip
+                q,
+                v,
+                causal=self.is_causal,
+                n_hashes=self.n_hashes,
+                n_buckets=self.n_buckets,
+                chunk_size=self.lsh_chunk_size,
+                key_padding_mask=key_padding_mask,
+            )
         elif state is not None or return_state:  # causal-softmax with a cache
             out, new_state = ops.softmax_attention_with_cache(q, k, v, state, key_padding_mask=key_padding_mask)
         else:

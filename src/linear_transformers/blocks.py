@@ -23,9 +23,16 @@ class Block(nn.Module):
         super().__init__()
         self.pre_norm = cfg.norm == "pre"
         self.attn = AttentionLayer(
-            cfg.d_model, cfg.n_heads, cfg.attention, cfg.feature_map, eps=cfg.eps, chunk_size=cfg.chunk_size,
-            n_hashes=cfg.lsh_hashes, n_buckets=cfg.lsh_buckets, lsh_chunk_size=cfg.lsh_chunk or None,
-        )  # fmt: skip
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.attention,
+            cfg.feature_map,
+            eps=cfg.eps,
+            chunk_size=cfg.chunk_size,
+            n_hashes=cfg.lsh_hashes,
+            n_buckets=cfg.lsh_buckets,
+            lsh_chunk_size=cfg.lsh_chunk or None,
+        )
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.ff = nn.Sequential(
             nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout)
@@ -52,16 +59,18 @@ class Block(nn.Module):
         x = self.norm1(x + self.dropout(y))
         return self.norm2(x + self.ff(x)), state
 
-    def forward(self, x: torch.Tensor, state=None, return_state: bool = False, key_padding_mask=None,
-                **attention_kwargs):  # fmt: skip
+    def forward(
+        self, x: torch.Tensor, state=None, return_state: bool = False, key_padding_mask=None, **attention_kwargs
+    ):
         """x [B, T, d_model] -> y (and the attention state after the last token). key_padding_mask
         [B, T]: True where x is padding, which no position attends to. attention_kwargs (cu_seqlens,
         context_group) go to the attention layer."""
 
         def attend(h):
             if return_state or state is not None:
-                return self.attn(h, key_padding_mask=key_padding_mask, state=state, return_state=True,
-                                 **attention_kwargs)  # fmt: skip
+                return self.attn(
+                    h, key_padding_mask=key_padding_mask, state=state, return_state=True, **attention_kwargs
+                )
             return self.attn(h, key_padding_mask=key_padding_mask, **attention_kwargs), None
 
         y, new_state = self.mix(x, attend)

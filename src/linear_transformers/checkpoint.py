@@ -154,9 +154,10 @@ def check_run_folder(run: Path) -> None:
         raise NotADirectoryError(f"train: --out {run} is a file; give a folder for the run")
     if run.is_dir() and not (run / "latest").exists():  # (a run's own folder may hold what its user put there)
         other = sorted(
-            p.name for p in run.iterdir()
+            p.name
+            for p in run.iterdir()
             if not (p.name in (*_RUN_LEFTOVERS, "latest") or _STEP.fullmatch(p.name) or p.name.startswith(".step-"))
-        )  # fmt: skip
+        )
         if other:
             raise FileExistsError(
                 f"train: --out {run} is not a run folder (it holds {', '.join(other[:3])}); a run needs a new or "
@@ -194,8 +195,15 @@ def save_checkpoint(
     tmp.mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, tmp / "model.safetensors")
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model_cfg.to_dict(), "train": train_cfg,
-              "data": meta, "step": step, "weights_sha256": file_sha256(tmp / "model.safetensors")}  # fmt: skip
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model_cfg.to_dict(),
+        "train": train_cfg,
+        "data": meta,
+        "step": step,
+        "weights_sha256": file_sha256(tmp / "model.safetensors"),
+    }
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     torch.save(extra_state, tmp / "state.pt")
     write_sums(tmp, ["model.safetensors", "config.json", "state.pt"], f"linear-transformers checkpoint {name}")

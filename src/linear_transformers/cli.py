@@ -14,8 +14,15 @@ from .train import TrainingDiverged
 
 # What a user can cause by what they typed or pointed at (a bad value, a missing or existing file):
 # one line and exit status 2. Anything else is a bug in the program and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-               TrainingDiverged)  # fmt: skip
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    TrainingDiverged,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug or not (isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "out of memory" in str(e)):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        print(f"linear-transformers {command}: error: out of memory ({first}); use smaller sizes (batch, length, "
-              "model)", file=sys.stderr)  # fmt: skip
+        print(
+            f"linear-transformers {command}: error: out of memory ({first}); use smaller sizes (batch, length, model)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         if debug:

@@ -74,8 +74,11 @@ def speed_table(model: CausalTransformer, softmax_model: CausalTransformer) -> l
 class DemoOptions:
     out: str = option("runs/demo", "run folder (reused if finished, resumed if not)")
     samples: str = option("samples.png", "where the PNG grid of digits goes")
-    minutes: float = option(0.0, "stop training after this many minutes (0: train all 900 steps; a cut-short run is "
-                            "resumed by the next make demo)")  # fmt: skip
+    minutes: float = option(
+        0.0,
+        "stop training after this many minutes (0: train all 900 steps; a cut-short run is "
+        "resumed by the next make demo)",
+    )
     threads: int = option(0, "CPU threads (0: torch's default)")
 
 
@@ -88,8 +91,9 @@ def main(namespace: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.out)
-    cfg = replace(TRAIN, out=str(run), time_limit=args.minutes * 60, threads=args.threads,
-                  resume=(run / "latest").exists())  # an interrupted run goes on; a new one starts  # fmt: skip
+    cfg = replace(
+        TRAIN, out=str(run), time_limit=args.minutes * 60, threads=args.threads, resume=(run / "latest").exists()
+    )  # an interrupted run goes on; a new one starts
     d = datasets.load("mnist", size=cfg.image_size, levels=cfg.levels)
     side = d.image_shape[0]
     print(f"MNIST {side}x{side}, {d.vocab_size} levels: {len(d.train)} train / {len(d.test)} test images")
@@ -97,22 +101,28 @@ def main(namespace: argparse.Namespace) -> int:
         print(f"reusing the trained model in {run} (delete it to train again)")
     else:
         cap = f", stopping after {args.minutes:.1f} minutes" if args.minutes else ""
-        print(f"training a {MODEL.n_layers}-layer causal linear transformer for {cfg.steps} steps (about "
-              f"{MINUTES_PER_900_STEPS} minutes on 2 cores{cap}) ...")  # fmt: skip
+        print(
+            f"training a {MODEL.n_layers}-layer causal linear transformer for {cfg.steps} steps (about "
+            f"{MINUTES_PER_900_STEPS} minutes on 2 cores{cap}) ..."
+        )
         train(MODEL, cfg, data=d)
     model, config = load_model(run)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, step {config['step']}")
     if config["step"] < cfg.steps:
-        print(f"note: training stopped at step {config['step']} of {cfg.steps} (--minutes); the digits below are from "
-              "a model trained less than the demo's; run make demo again to finish it")  # fmt: skip
+        print(
+            f"note: training stopped at step {config['step']} of {cfg.steps} (--minutes); the digits below are from "
+            "a model trained less than the demo's; run make demo again to finish it"
+        )
 
     start = time.perf_counter()
     bpd = evaluate(model, d, replace(cfg, batch_size=250), torch.device("cpu"), batches=len(d.test) // 250)
     print(f"test bits/dim: {bpd:.4f} (all {len(d.test)} test images, {time.perf_counter() - start:.0f} s)")
     if not bpd <= CALIBRATED_BPD:
-        print(f"note: {bpd:.4f} bits/dim is outside the range this demo was calibrated to (at most {CALIBRATED_BPD} "
-              f"after {cfg.steps} steps; 0.968 when it was made): expect weak digits. A run cut short, a diverged "
-              f"one, or a changed setting does this; delete {run} and run make demo again")  # fmt: skip
+        print(
+            f"note: {bpd:.4f} bits/dim is outside the range this demo was calibrated to (at most {CALIBRATED_BPD} "
+            f"after {cfg.steps} steps; 0.968 when it was made): expect weak digits. A run cut short, a diverged "
+            f"one, or a changed setting does this; delete {run} and run make demo again"
+        )
 
     labels = torch.arange(10).repeat_interleave(10)
     start = time.perf_counter()
@@ -131,6 +141,8 @@ def main(namespace: argparse.Namespace) -> int:
     for name, per_s, s in rows:
         print(f"  {name:{width}}  {per_s:9.2f}  {s:8.3f}")
     lin, cache, recompute = rows[0][2], rows[1][2], rows[2][2]
-    print(f"  linear RNN vs softmax recomputing: {recompute / lin:.0f}x; vs stateful softmax: {cache / lin:.1f}x "
-          f"({np.prod(d.image_shape)} tokens per image)")  # fmt: skip
+    print(
+        f"  linear RNN vs softmax recomputing: {recompute / lin:.0f}x; vs stateful softmax: {cache / lin:.1f}x "
+        f"({np.prod(d.image_shape)} tokens per image)"
+    )
     return 0

@@ -150,18 +150,31 @@ def _export_graph(step: RecurrentStep, path: Path, opset: int, exporter: str) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # it notes that the batch axes share one name
             torch.onnx.export(
-                step, args, str(path), input_names=inputs, output_names=outputs, opset_version=opset,
-                dynamo=True, dynamic_shapes=shapes, external_data=False, verbose=False,
-            )  # fmt: skip
+                step,
+                args,
+                str(path),
+                input_names=inputs,
+                output_names=outputs,
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=shapes,
+                external_data=False,
+                verbose=False,
+            )
         return
     batch = {0: "batch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
         torch.onnx.export(
-            step, args, str(path), input_names=inputs, output_names=outputs, opset_version=opset,
+            step,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            opset_version=opset,
             dynamic_axes={name: batch for name in inputs + outputs if not name.startswith("position")},
             dynamo=False,
-        )  # fmt: skip
+        )
 
 
 def verify(model: CausalTransformer, onnx_path: Path, steps: int, batch: int = 3, seed: int = 0) -> dict:
@@ -224,8 +237,16 @@ def within(verified: dict, tolerance: float) -> list[str]:
     return bad
 
 
-def export(model: CausalTransformer, onnx_path: str | Path, *, data: dict | None = None, opset: int = 18,
-           exporter: str = "torchscript", verify_steps: int = 300, tolerance: float = 1e-4) -> dict:  # fmt: skip
+def export(
+    model: CausalTransformer,
+    onnx_path: str | Path,
+    *,
+    data: dict | None = None,
+    opset: int = 18,
+    exporter: str = "torchscript",
+    verify_steps: int = 300,
+    tolerance: float = 1e-4,
+) -> dict:
     """Write the step graph to onnx_path and its JSON sidecar; returns the sidecar's content.
 
     The file is verified (see `verify`) in a temporary location first and moved into place only if
@@ -307,15 +328,18 @@ def check_hf_target(folder: Path) -> None:
     """export --hf writes a new or empty folder, or one it wrote before (its SHA256SUMS says so)."""
     owner = owned_by_training(folder)
     if owner is not None:
-        raise FileExistsError(f"export --hf: {folder} lies in {owner}, a training run's folder, which only training "
-                              "writes; choose another folder")  # fmt: skip
+        raise FileExistsError(
+            f"export --hf: {folder} lies in {owner}, a training run's folder, which only training "
+            "writes; choose another folder"
+        )
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"export --hf: {folder} is a file; give a folder to write")
     if folder.is_dir() and any(folder.iterdir()):
         sums = folder / SUMS
         if not (sums.is_file() and sums.read_text(errors="replace").startswith(f"# {HF_EXPORT_MARK}")):
-            raise FileExistsError(f"export --hf: {folder} is a folder with files this command did not write; give a "
-                                  "new or empty folder")  # fmt: skip
+            raise FileExistsError(
+                f"export --hf: {folder} is a folder with files this command did not write; give a new or empty folder"
+            )
 
 
 def run_export(cfg: ExportConfig) -> Path:
@@ -327,17 +351,24 @@ def run_export(cfg: ExportConfig) -> Path:
     if cfg.hf:
         return export_hf(model, config, cfg)
     sidecar = export(
-        model, cfg.onnx, data=config.get("data"), opset=cfg.opset, exporter=cfg.exporter,
-        verify_steps=cfg.verify_steps, tolerance=cfg.tolerance,
-    )  # fmt: skip
+        model,
+        cfg.onnx,
+        data=config.get("data"),
+        opset=cfg.opset,
+        exporter=cfg.exporter,
+        verify_steps=cfg.verify_steps,
+        tolerance=cfg.tolerance,
+    )
     size = Path(cfg.onnx).stat().st_size / 2**20
     print(f"wrote {cfg.onnx} ({size:.1f} MiB) and {Path(cfg.onnx).with_suffix('.json')}")
     if sidecar["verified"]:
         v = sidecar["verified"]
         diffs = ", ".join(f"{k} {x:.1e}" for k, x in v["max_abs_diff"].items())
         f32 = ", ".join(f"{k} {x:.1e}" for k, x in v["float32_error"].items())
-        print(f"verified with onnxruntime against PyTorch over {v['steps']} steps (batch {v['batch']}): "
-              f"largest differences {diffs} (PyTorch's own float32 against float64: {f32})")  # fmt: skip
+        print(
+            f"verified with onnxruntime against PyTorch over {v['steps']} steps (batch {v['batch']}): "
+            f"largest differences {diffs} (PyTorch's own float32 against float64: {f32})"
+        )
     return Path(cfg.onnx)
 
 
@@ -361,8 +392,10 @@ def export_hf(model: CausalTransformer, config: dict, cfg: ExportConfig) -> Path
     if not diff <= cfg.tolerance:
         raise RuntimeError(f"export --hf: the loaded folder's logits differ from the model's by {diff:.2e}")
     files = ", ".join(sorted(p.name for p in folder.iterdir()))
-    print(f"wrote {folder} ({files}); AutoModelForCausalLM.from_pretrained gives the same logits (largest "
-          f"difference {diff:.1e})")  # fmt: skip
+    print(
+        f"wrote {folder} ({files}); AutoModelForCausalLM.from_pretrained gives the same logits (largest "
+        f"difference {diff:.1e})"
+    )
     return folder
 
 

@@ -69,9 +69,12 @@ class LinearTransformerConfig(PreTrainedConfig):
 
     model_type = MODEL_TYPE
     attribute_map = {  # noqa: RUF012 (transformers' own pattern: a class attribute, not a field)
-        "hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
-        "intermediate_size": "d_ff", "max_position_embeddings": "max_len",
-    }  # fmt: skip
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "intermediate_size": "d_ff",
+        "max_position_embeddings": "max_len",
+    }
 
     vocab_size: int = 256
     n_classes: int = 0
@@ -305,8 +308,13 @@ class SameDraws(LogitsProcessor):
     these settings) and leaves only that token possible for transformers' own draw. (transformers
     runs a custom processor before its temperature and top-k/top-p warpers: give the settings here.)"""
 
-    def __init__(self, generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> None:
         check_sampling("SameDraws", temperature, top_k, top_p)
         self.generator, self.temperature, self.top_k, self.top_p = generator, temperature, top_k, top_p
 
@@ -332,9 +340,12 @@ def char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD_TOKEN, unk_token=UNK_TOKEN, padding_side="left",
+        tokenizer_object=tok,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        padding_side="left",
         clean_up_tokenization_spaces=False,
-    )  # fmt: skip
+    )
 
 
 # ---- folders --------------------------------------------------------------------------------------

@@ -62,14 +62,25 @@ class ModelConfig:
         choose("attention", self.attention, [k for k in ATTENTION_KINDS if k.startswith("causal")])
         choose("feature_map", self.feature_map, list(FEATURE_MAPS))
         if self.attention == "causal-linear" and not FEATURE_MAPS[self.feature_map].non_negative:
-            raise ValueError(f"ModelConfig: feature_map={self.feature_map!r} can give negative similarities, so the "
-                             "causal normaliser can reach zero and training diverges; use elu, relu, favor, hedgehog "
-                             "or taylor")  # fmt: skip
+            raise ValueError(
+                f"ModelConfig: feature_map={self.feature_map!r} can give negative similarities, so the "
+                "causal normaliser can reach zero and training diverges; use elu, relu, favor, hedgehog "
+                "or taylor"
+            )
         choose("positional", self.positional, POSITIONAL)
         choose("norm", self.norm, NORMS)
         choose("head", self.head, list(HEADS))
-        for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_ff", "chunk_size", "lsh_hashes",
-                     "mol_components"):  # fmt: skip
+        for name in (
+            "vocab_size",
+            "max_len",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "d_ff",
+            "chunk_size",
+            "lsh_hashes",
+            "mol_components",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig: {name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
@@ -130,9 +141,10 @@ class CausalTransformer(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
         head_cls = HEADS[cfg.head]
         self.head = (
-            head_cls(cfg.d_model, cfg.vocab_size, cfg.mol_components) if cfg.head == "mol"
+            head_cls(cfg.d_model, cfg.vocab_size, cfg.mol_components)
+            if cfg.head == "mol"
             else head_cls(cfg.d_model, cfg.vocab_size)
-        )  # fmt: skip
+        )
         self.dropout = nn.Dropout(cfg.dropout)
 
     # ---- inputs ---------------------------------------------------------------------------------
@@ -181,8 +193,10 @@ class CausalTransformer(nn.Module):
         if padding is None:
             return None
         if padding.shape != tokens.shape or padding.dtype != torch.bool:
-            raise ValueError(f"CausalTransformer: padding must be bool {list(tokens.shape)} like the tokens, "
-                             f"got {padding.dtype} {list(padding.shape)}")  # fmt: skip
+            raise ValueError(
+                f"CausalTransformer: padding must be bool {list(tokens.shape)} like the tokens, "
+                f"got {padding.dtype} {list(padding.shape)}"
+            )
         if padding.shape[1] > 1 and bool((padding[:, 1:] & ~padding[:, :-1]).any()):
             raise ValueError("CausalTransformer: padding must be on the left (no padding after a real token)")
         return padding if bool(padding.any()) else None
@@ -294,8 +308,13 @@ class CausalTransformer(nn.Module):
 
         a, b = ops.parallel.segment(tokens.shape[1], dist.get_rank(group), dist.get_world_size(group))
         if a == 0:
-            x = torch.cat([self._start_tokens(tokens.shape[0], labels, tokens.device)[:, None],
-                           self.embed(tokens[:, : b - 1].long())], dim=1)  # fmt: skip
+            x = torch.cat(
+                [
+                    self._start_tokens(tokens.shape[0], labels, tokens.device)[:, None],
+                    self.embed(tokens[:, : b - 1].long()),
+                ],
+                dim=1,
+            )
         else:
             x = self.embed(tokens[:, a - 1 : b - 1].long())
         pos = self._positions(a, b - a, tokens.device)
@@ -411,26 +430,48 @@ class CausalTransformer(nn.Module):
         linear, norm = nn.Linear, nn.LayerNorm
         layers = []
         for b in self.blocks:
-            mods = {"ln1": b.norm1, "qkv": b.attn.qkv, "out": b.attn.out, "ln2": b.norm2, "ff1": b.ff_in,
-                    "ff2": b.ff_out}  # fmt: skip
+            mods = {
+                "ln1": b.norm1,
+                "qkv": b.attn.qkv,
+                "out": b.attn.out,
+                "ln2": b.norm2,
+                "ff1": b.ff_in,
+                "ff2": b.ff_out,
+            }
             if any(type(mod) is not (norm if name.startswith("ln") else linear) for name, mod in mods.items()):
                 return None
-            layers.append({f"{name}_{kind}": mod.weight if kind == "w" else mod.bias
-                           for name, mod in mods.items() for kind in ("w", "b")})  # fmt: skip
+            layers.append(
+                {
+                    f"{name}_{kind}": mod.weight if kind == "w" else mod.bias
+                    for name, mod in mods.items()
+                    for kind in ("w", "b")
+                }
+            )
         final, proj = self.norm, self.head.proj
         if type(proj) is not linear or type(final) not in (norm, nn.Identity):
             return None
         is_norm = type(final) is norm
         io = {
-            "embed": self.embed.weight, "pos": self.position_table(),
-            "norm_w": final.weight if is_norm else None, "norm_b": final.bias if is_norm else None,
-            "head_w": proj.weight, "head_b": proj.bias,
-        }  # fmt: skip
+            "embed": self.embed.weight,
+            "pos": self.position_table(),
+            "norm_w": final.weight if is_norm else None,
+            "norm_b": final.bias if is_norm else None,
+            "head_w": proj.weight,
+            "head_b": proj.bias,
+        }
         dk = cfg.d_model // cfg.n_heads
         return decode.fused.StepWeights(
-            layers, io, n_heads=cfg.n_heads, dk=dk, dv=dk, pre_norm=cfg.norm == "pre", feature_map=cfg.feature_map,
-            ln_eps=self.blocks[0].norm1.eps, norm_eps=final.eps if is_norm else 0.0, attn_eps=cfg.eps,
-        )  # fmt: skip
+            layers,
+            io,
+            n_heads=cfg.n_heads,
+            dk=dk,
+            dv=dk,
+            pre_norm=cfg.norm == "pre",
+            feature_map=cfg.feature_map,
+            ln_eps=self.blocks[0].norm1.eps,
+            norm_eps=final.eps if is_norm else 0.0,
+            attn_eps=cfg.eps,
+        )
 
     @staticmethod
     def measure_fused_step() -> tuple[float, float]:

@@ -70,8 +70,9 @@ def _thread_count(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
     if not 0 <= value <= max_threads():
-        raise argparse.ArgumentTypeError(f"must be in [0, {max_threads()}] (this machine has {os.cpu_count()} cores), "
-                                         f"got {value}")  # fmt: skip
+        raise argparse.ArgumentTypeError(
+            f"must be in [0, {max_threads()}] (this machine has {os.cpu_count()} cores), got {value}"
+        )
     return value
 
 
@@ -127,8 +128,11 @@ def add_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
             raise TypeError(f"{cls.__name__}.{f.name}: options of type {kind} are not supported")
         parse = kind if meta.get("low") is None else _at_least(kind, meta["low"])
         # a thread count has the machine's bound (a huge one crashes PyTorch's pool)
-        kwargs = {"type": _thread_count if f.name == "threads" and kind is int else parse, "default": default,
-                  "help": help_text}  # fmt: skip
+        kwargs = {
+            "type": _thread_count if f.name == "threads" and kind is int else parse,
+            "default": default,
+            "help": help_text,
+        }
         if meta["choices"] is not None:
             kwargs["choices"] = meta["choices"]
         else:

@@ -70,8 +70,9 @@ def provenance(command_line: str | None = None) -> dict:
     host's CPU and its vector flags, cores, versions, the date (UTC)."""
     commit = ""
     with contextlib.suppress(OSError):
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     host = machine_info()["cpu"]
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -84,8 +85,14 @@ def provenance(command_line: str | None = None) -> dict:
     if "transformers" in sys.modules:  # (only where a result used it)
         versions["transformers"] = sys.modules["transformers"].__version__
     made = {"command": command_line} if command_line else {}
-    return {**made, "git_commit": commit, "host": host, "cores": os.cpu_count(), **versions,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    return {
+        **made,
+        "git_commit": commit,
+        "host": host,
+        "cores": os.cpu_count(),
+        **versions,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

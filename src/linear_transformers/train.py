@@ -53,9 +53,10 @@ class TrainConfig:
     steps: int = option(2000, "optimiser steps in all (a resumed run continues up to this)")
     batch_size: int = option(32, "global batch, split across data-parallel ranks")
     context_parallel: int = option(
-        1, "ranks that share each sequence under torchrun, each holding a segment (context parallelism, "
-        "causal-linear attention); the data-parallel ranks are WORLD_SIZE / this"
-    )  # fmt: skip
+        1,
+        "ranks that share each sequence under torchrun, each holding a segment (context parallelism, "
+        "causal-linear attention); the data-parallel ranks are WORLD_SIZE / this",
+    )
     optimizer: str = option("radam", "radam or adamw")
     lr: float = option(1e-3, "peak learning rate")
     weight_decay: float = option(0.0, "weight decay (AdamW's decoupled; L2 for RAdam)")
@@ -120,8 +121,21 @@ def resolve_device(name: str) -> torch.device:
 
 # Settings a resumed run may change: how long it goes on, how often it reports and saves, where it
 # runs. Every other one (model, data, optimiser, schedule, batch, seed) must be the run's own.
-RESUME_MAY_CHANGE = ("steps", "time_limit", "eval_every", "eval_batches", "checkpoint_every", "keep", "resume",
-                     "threads", "device", "progress", "out", "data_path", "context_parallel")  # fmt: skip
+RESUME_MAY_CHANGE = (
+    "steps",
+    "time_limit",
+    "eval_every",
+    "eval_batches",
+    "checkpoint_every",
+    "keep",
+    "resume",
+    "threads",
+    "device",
+    "progress",
+    "out",
+    "data_path",
+    "context_parallel",
+)
 
 
 # ---- presets --------------------------------------------------------------------------------------
@@ -296,8 +310,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData 
             dist.destroy_process_group()
 
 
-def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData | None, device, rank: int,
-           world: int) -> Path:  # fmt: skip
+def _train(
+    model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData | None, device, rank: int, world: int
+) -> Path:
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
@@ -440,8 +455,16 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
             if rank == 0:
                 with open(log_path, "a", newline="") as f:
                     lr = scheduler.get_last_lr()[0]
-                    csv.writer(f).writerow([step, f"{loss_value:.5f}", f"{bpd:.4f}", f"{lr:.3g}", f"{tok_s:.0f}",
-                                            "" if test_bpd is None else f"{test_bpd:.4f}"])  # fmt: skip
+                    csv.writer(f).writerow(
+                        [
+                            step,
+                            f"{loss_value:.5f}",
+                            f"{bpd:.4f}",
+                            f"{lr:.3g}",
+                            f"{tok_s:.0f}",
+                            "" if test_bpd is None else f"{test_bpd:.4f}",
+                        ]
+                    )
                 if bar is not None:
                     post = {"loss": f"{loss_value:.3f}", "bpd": f"{bpd:.3f}", "tok/s": f"{tok_s:.0f}"}
                     if test_bpd is not None:
@@ -460,8 +483,11 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, data: datasets.SequenceData
                 if bar is not None:
                     bar.close()
                 if rank == 0:
-                    print(f"\n{stop.name or 'a signal'} at step {step}: checkpoint step-{step:06d} written to {run}; "
-                          "--resume continues", flush=True)  # fmt: skip
+                    print(
+                        f"\n{stop.name or 'a signal'} at step {step}: checkpoint step-{step:06d} written to {run}; "
+                        "--resume continues",
+                        flush=True,
+                    )
                 raise KeyboardInterrupt
             if out_of_time:
                 if rank == 0:
@@ -511,8 +537,11 @@ def check_resume(run: Path, stored: dict, model_cfg: ModelConfig, cfg: TrainConf
         for k, v in asdict(cfg).items()
         if k not in RESUME_MAY_CHANGE and k in stored.get("train", {}) and not same(v, stored["train"][k])
     ]
-    diffs += [f"{k}={v!r} (the run has {stored['model'][k]!r})" for k, v in model_cfg.to_dict().items()
-              if k in stored["model"] and not same(v, stored["model"][k])]  # fmt: skip
+    diffs += [
+        f"{k}={v!r} (the run has {stored['model'][k]!r})"
+        for k, v in model_cfg.to_dict().items()
+        if k in stored["model"] and not same(v, stored["model"][k])
+    ]
     if diffs:
         raise ValueError(
             f"resume: {run} was trained with other settings: {'; '.join(diffs)}. A resumed run continues "

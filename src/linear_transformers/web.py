@@ -132,8 +132,10 @@ def export_for_web(checkpoint: str | Path) -> tuple[Path, dict, bool]:
     data = config.get("data") or {}
     if data.get("alphabet") or not data.get("image_shape"):
         kind = "a text model" if data.get("alphabet") else "not an image model"
-        raise ValueError(f"web: this page draws image models; {checkpoint} is {kind} (`linear-transformers sample` "
-                         "generates from it, `export --onnx` writes its step for another runtime)")  # fmt: skip
+        raise ValueError(
+            f"web: this page draws image models; {checkpoint} is {kind} (`linear-transformers sample` "
+            "generates from it, `export --onnx` writes its step for another runtime)"
+        )
     digest = hashlib.sha256()
     for source in sorted(Path(__file__).parent.rglob("*.py")):  # the code that makes the graph, all of it
         digest.update(source.read_bytes())
@@ -167,8 +169,13 @@ def make_server(web_dir: Path, model_dir: Path, host: str = "127.0.0.1", port: i
 class DemoServer:
     """The demo served from a background thread: `with DemoServer(...) as url:` (the command, the tests)."""
 
-    def __init__(self, checkpoint: str | Path | None = None, web_dir: str | Path | None = None, port: int = 0,
-                 host: str = "127.0.0.1") -> None:  # fmt: skip
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        web_dir: str | Path | None = None,
+        port: int = 0,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.web_dir = Path(web_dir) if web_dir else WEB_DIR
         self.checkpoint = Path(checkpoint) if checkpoint else self.web_dir / "checkpoint"
         self.host, self.port = host, port

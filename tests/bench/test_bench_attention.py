@@ -53,8 +53,9 @@ def test_auto_paired_rounds_balance_the_order(monkeypatch):
         return run
 
     monkeypatch.setattr(attention, "_attention", fake_attention)
-    args = argparse.Namespace(batch=1, heads=2, dim=8, dtype="float32", device="cpu", chunk_size=16, quick=False,
-                              repeats=5)  # fmt: skip
+    args = argparse.Namespace(
+        batch=1, heads=2, dim=8, dtype="float32", device="cpu", chunk_size=16, quick=False, repeats=5
+    )
     row, rounds = attention.auto_interleaved(args, 64, "chunked", clock=fake_counter)
     assert row["rounds"] == len(rounds) == 5 and [r["first"] for r in rounds] == ["auto", "chunked"] * 2 + ["auto"]
     assert abs(row["auto_first_ratio"] - 1.3) < 1e-9 and abs(row["auto_second_ratio"] - 1 / 1.3) < 1e-9

@@ -56,11 +56,21 @@ def test_paper_tables_when_a_generator_is_timed_at_batch_1_only():
     from linear_transformers.bench.generate import paper_tables
 
     def row(g, batch, s):
-        return {"config": "cifar", "generator": g, "batch": batch, "fixed_batch": batch != 1,
-                "seconds_per_image": s, "images_per_s": 1 / s}  # fmt: skip
+        return {
+            "config": "cifar",
+            "generator": g,
+            "batch": batch,
+            "fixed_batch": batch != 1,
+            "seconds_per_image": s,
+            "images_per_s": 1 / s,
+        }
 
-    rows = [row("linear-rnn", 1, 10.0), row("linear-rnn", 64, 2.0), row("softmax-recompute", 1, 1000.0),
-            row("lsh-4", 1, 4000.0)]  # fmt: skip
+    rows = [
+        row("linear-rnn", 1, 10.0),
+        row("linear-rnn", 64, 2.0),
+        row("softmax-recompute", 1, 1000.0),
+        row("lsh-4", 1, 4000.0),
+    ]
     table = paper_tables(rows, 64)
     assert "cifar (Table 2 of the paper)" in table
     assert "| softmax | 0.004 | 1.0x | 0.001 (batch 1) | 1.0x | 1000.00 | 1.0x |" in table

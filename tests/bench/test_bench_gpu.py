@@ -19,8 +19,17 @@ def _rows():
     rows = []
     for impl, scale in (("triton", 1.0), ("triton-tf32", 0.5), ("sdpa", 2.0), ("fla", 1.5)):
         for N in (1024, 4096):
-            rows.append({"dtype": "bfloat16", "D": 64, "N": N, "impl": impl, "fwd_ms": 0.1 * scale * N / 1024,
-                         "fwdbwd_ms": 0.3 * scale * N / 1024, "fwdbwd_tflops": 1.0})  # fmt: skip
+            rows.append(
+                {
+                    "dtype": "bfloat16",
+                    "D": 64,
+                    "N": N,
+                    "impl": impl,
+                    "fwd_ms": 0.1 * scale * N / 1024,
+                    "fwdbwd_ms": 0.3 * scale * N / 1024,
+                    "fwdbwd_tflops": 1.0,
+                }
+            )
     return rows
 
 

@@ -79,8 +79,9 @@ def test_fused_step_equals_the_pytorch_layers(mode, feature_map):
 @pytest.mark.parametrize(("heads", "kv_heads", "bias", "B"), [(4, 4, False, 1), (6, 2, True, 3), (4, 1, False, 5)])
 @pytest.mark.parametrize(("window", "sinks", "prompt_len"), [(4, 0, 1), (3, 4, 2), (8, 1, 20)])
 def test_grouped_heads_biases_batches_windows_and_sinks(heads, kv_heads, bias, B, window, sinks, prompt_len):
-    model = student("hybrid", "hedgehog", window=window, sinks=sinks, heads=heads, kv_heads=kv_heads, bias=bias,
-                    d=heads * 16)  # fmt: skip
+    model = student(
+        "hybrid", "hedgehog", window=window, sinks=sinks, heads=heads, kv_heads=kv_heads, bias=bias, d=heads * 16
+    )
     worst, ours, theirs, _ = run_both(model, model, B=B, prompt_len=prompt_len, steps=10)
     assert worst < 1e-5
     assert_states_equal(ours, theirs, 1e-5)

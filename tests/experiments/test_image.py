@@ -47,8 +47,24 @@ def test_quick_cifar10_experiment_on_generated_binary_batches(tmp_path):
         records[:, 0] %= 10
         (data / name).write_bytes(records.tobytes())
     out = tmp_path / "out"
-    assert main(["image", "--quick", "--dataset", "cifar10", "--data-path", str(data), "--methods", "linear",
-                 "softmax", "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "image",
+                "--quick",
+                "--dataset",
+                "cifar10",
+                "--data-path",
+                str(data),
+                "--methods",
+                "linear",
+                "softmax",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = _rows(out)
     assert [r["method"] for r in rows] == ["linear", "softmax", "softmax-cache"]
     assert {r["paper_bpd"] for r in rows} == {"3.4", "3.47", ""}
@@ -60,8 +76,21 @@ def test_equal_steps_all_test_images_curves_and_parallel_methods(tmp_path, monke
     held-out curve is logged and plotted, --jobs 2 trains two methods at once, and --quick results
     go to a folder of their own."""
     monkeypatch.chdir(tmp_path)
-    args = ["image", "--quick", "--methods", "softmax", "linear", "--eval-images", "0", "--eval-every", "2",
-            "--jobs", "2", "--epochs", "0.0004"]  # fmt: skip
+    args = [
+        "image",
+        "--quick",
+        "--methods",
+        "softmax",
+        "linear",
+        "--eval-images",
+        "0",
+        "--eval-every",
+        "2",
+        "--jobs",
+        "2",
+        "--epochs",
+        "0.0004",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "hours here for softmax, linear" in out
@@ -105,8 +134,23 @@ def test_norm_and_feature_map_reach_the_model_and_old_results_still_count(tmp_pa
     from linear_transformers.experiments import load_finished
 
     out = tmp_path / "out"
-    assert main(["image", "--quick", "--methods", "linear", "--norm", "post", "--feature-map", "hedgehog",
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "image",
+                "--quick",
+                "--methods",
+                "linear",
+                "--norm",
+                "post",
+                "--feature-map",
+                "hedgehog",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     saved = json.loads((out / "linear" / "result.json").read_text())
     assert saved["settings"]["norm"] == "post" and saved["settings"]["feature_map"] == "hedgehog"
     model, _ = load_model(out / "linear" / "run")

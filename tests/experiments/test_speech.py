@@ -30,8 +30,17 @@ def test_greedy_ctc_and_edit_distance():
 def test_models_ignore_padding(method):
     """Padded steps never reach the real ones: whatever the padding holds, an utterance's outputs are
     the same; and, except for LSH (its chunks follow the padded length), the same as alone."""
-    s = replace(exp.SpeechSettings(), lstm_hidden=16, lstm_layers=2, n_layers=2, n_heads=2, d_model=16, d_ff=32,
-                dropout=0.0, lsh_buckets=2)  # fmt: skip
+    s = replace(
+        exp.SpeechSettings(),
+        lstm_hidden=16,
+        lstm_layers=2,
+        n_layers=2,
+        n_heads=2,
+        d_model=16,
+        d_ff=32,
+        dropout=0.0,
+        lsh_buckets=2,
+    )
     model = exp.make_model(method, s).eval()
     short, long = torch.randn(1, 13, 120), torch.randn(1, 21, 120)
     lengths = torch.tensor([13, 21])
@@ -60,8 +69,16 @@ def test_quick_speech_experiment(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     lines = [" ".join(words[i] for i in torch.randint(len(words), (6,), generator=g)) + "." for _ in range(40)]
     (tmp_path / "text.txt").write_text("\n".join(lines))
-    args = ["speech", "--quick", "--text", str(tmp_path / "text.txt"), "--corpus", str(tmp_path / "corpus"),
-            "--out", str(tmp_path / "out")]  # fmt: skip
+    args = [
+        "speech",
+        "--quick",
+        "--text",
+        str(tmp_path / "text.txt"),
+        "--corpus",
+        str(tmp_path / "corpus"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "corpus: train 12 utterances" in out and "test 4 utterances" in out
@@ -93,8 +110,9 @@ def test_utterances_of_several_sentences_and_the_wsj_length_preset(tmp_path, cap
     (tmp_path / "text.txt").write_text("\n".join(lines))
     frames = {}
     for k in (1, 3):
-        settings = speech.CorpusSettings(6, 2, min_words=4, max_words=14, text=str(tmp_path / "text.txt"),
-                                         sentences_per_utterance=k)  # fmt: skip
+        settings = speech.CorpusSettings(
+            6, 2, min_words=4, max_words=14, text=str(tmp_path / "text.txt"), sentences_per_utterance=k
+        )
         info = speech.build_corpus(tmp_path / f"c{k}", settings, log=lambda *a: None)
         assert info["splits"]["train"]["utterances"] == 6
         train, _ = speech.load_corpus(tmp_path / f"c{k}")

@@ -36,8 +36,10 @@ def _steps(q, k, v, fmq, fmk, mode, window, sinks, eps):
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "window"])
-@pytest.mark.parametrize(("T", "window", "sinks"), [(1, 4, 2), (13, 4, 2), (33, 8, 0), (40, 8, 3), (9, 16, 4),
-                                                     (25, 3, 5), (3, 4, 5), (2, 1, 1), (7, 1, 0)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("T", "window", "sinks"),
+    [(1, 4, 2), (13, 4, 2), (33, 8, 0), (40, 8, 3), (9, 16, 4), (25, 3, 5), (3, 4, 5), (2, 1, 1), (7, 1, 0)],
+)
 def test_hybrid_parallel_equals_recurrent(mode, T, window, sinks):
     g = torch.Generator().manual_seed(T * 7 + window)
     B, H, D = 2, 3, 8
@@ -76,8 +78,9 @@ def test_window_covering_the_sequence_is_softmax_attention():
     B, T, H, D = 2, 19, 2, 8
     q, k, v = (torch.randn(B, T, H, D, generator=g, dtype=torch.float64) for _ in range(3))
     y = hybrid_attention(q, k, v, None, None, 32, 4, 0.0)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                           is_causal=True).transpose(1, 2)  # fmt: skip
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+    ).transpose(1, 2)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -85,8 +88,16 @@ def _tiny_llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -99,8 +110,10 @@ def test_window_model_with_a_long_window_is_the_teacher():
         torch.testing.assert_close(student(tokens).logits, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("mode", "backend"), [("linear", "naive"), ("linear", "chunked"), ("linear", "cpu"),
-                                             ("hybrid", "auto"), ("window", "auto")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("mode", "backend"),
+    [("linear", "naive"), ("linear", "chunked"), ("linear", "cpu"), ("hybrid", "auto"), ("window", "auto")],
+)
 def test_converted_llama_steps_to_its_parallel_logits(mode, backend):
     model = linearize(_tiny_llama(), LinearizeConfig(mode=mode, window=4, sinks=2, backend=backend))
     with torch.no_grad():
@@ -110,8 +123,12 @@ def test_converted_llama_steps_to_its_parallel_logits(mode, backend):
         full = model(tokens).logits
         cache = LinearizedCache()
         prefill = model(tokens[:, :9], past_key_values=cache, use_cache=True).logits
-        steps = [model(tokens[:, t : t + 1], past_key_values=cache, use_cache=True,
-                       position_ids=torch.full((2, 1), t)).logits for t in range(9, 17)]  # fmt: skip
+        steps = [
+            model(
+                tokens[:, t : t + 1], past_key_values=cache, use_cache=True, position_ids=torch.full((2, 1), t)
+            ).logits
+            for t in range(9, 17)
+        ]
     torch.testing.assert_close(prefill, full[:, :9], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 9:], rtol=1e-4, atol=1e-4)
 
@@ -201,14 +218,33 @@ def test_sample_command_continues_a_prompt_with_a_linearized_folder(tmp_path, ca
 
     tok = char_tokenizer("abcdefgh .")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                      bos_token_id=None, eos_token_id=None)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     model = linearize(LlamaForCausalLM(cfg).eval(), LinearizeConfig(mode="hybrid", window=4, sinks=2))
     folder = save_linearized(model, tmp_path / "lin", tok)
     out = tmp_path / "s.txt"
-    argv = ["sample", "--checkpoint", str(folder), "--prompt", "abc", "--max-new-tokens", "64", "--n", "2",
-            "--out", str(out)]  # fmt: skip
+    argv = [
+        "sample",
+        "--checkpoint",
+        str(folder),
+        "--prompt",
+        "abc",
+        "--max-new-tokens",
+        "64",
+        "--n",
+        "2",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     rows = out.read_text().strip().split("\n\n")
     assert len(rows) == 2 and all(r.startswith("abc") and len(r) > 30 for r in rows)  # 64 tokens > 16 positions
@@ -229,10 +265,22 @@ def test_lora_stage_trains_resumes_and_writes_a_loadable_folder(tmp_path):
     model = linearize(_tiny_llama(), LinearizeConfig(mode="hybrid", window=4, sinks=2))
     save_linearized(model, tmp_path / "run" / "model")
     g = torch.Generator().manual_seed(0)
-    torch.save({k: torch.randint(0, 97, (6, 24), generator=g) for k in ("train", "held_out", "second_domain")},
-               tmp_path / "run" / "data.pt")  # fmt: skip
-    args = ["--student", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "lora"), "--eval-windows", "2",
-            "--checkpoint-every", "1", "--threads", "1"]  # fmt: skip
+    torch.save(
+        {k: torch.randint(0, 97, (6, 24), generator=g) for k in ("train", "held_out", "second_domain")},
+        tmp_path / "run" / "data.pt",
+    )
+    args = [
+        "--student",
+        str(tmp_path / "run" / "model"),
+        "--out",
+        str(tmp_path / "lora"),
+        "--eval-windows",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--threads",
+        "1",
+    ]
     assert main([*args, "--steps", "2", "--mode", "window"]) == 0
     assert main([*args, "--steps", "4", "--mode", "window"]) == 0  # resumes from step 2
     with pytest.raises(ValueError, match="other settings: --mode ''"):
@@ -259,12 +307,24 @@ def test_summary_takes_each_perplexity_from_its_own_mode_and_latest_stage(tmp_pa
 
     def run(name, stage, mode, ppl, second):
         (tmp_path / name).mkdir()
-        r = {"linearize": {"mode": mode}, "tokens": 100, "cpu_hours": 0.5, "wall_seconds": 9, **ppl,
-             "second_domain": second, **({"stage": stage} if stage > 1 else {})}  # fmt: skip
+        r = {
+            "linearize": {"mode": mode},
+            "tokens": 100,
+            "cpu_hours": 0.5,
+            "wall_seconds": 9,
+            **ppl,
+            "second_domain": second,
+            **({"stage": stage} if stage > 1 else {}),
+        }
         (tmp_path / name / "result.json").write_text(json.dumps(r))
 
-    run("a", 1, "hybrid", {"teacher_ppl": 10.0, "hybrid_ppl": 14.0, "window_only_ppl": 16.0},
-        {"teacher_ppl": 20.0, "hybrid_ppl": 25.0, "window_only_ppl": 27.0})  # fmt: skip
+    run(
+        "a",
+        1,
+        "hybrid",
+        {"teacher_ppl": 10.0, "hybrid_ppl": 14.0, "window_only_ppl": 16.0},
+        {"teacher_ppl": 20.0, "hybrid_ppl": 25.0, "window_only_ppl": 27.0},
+    )
     run("b", 2, "hybrid", {"hybrid_ppl": 12.0}, {"hybrid_ppl": 21.0})
     run("c", 2, "window", {"window_only_ppl": 13.0}, {"window_only_ppl": 22.0})
     out = summarize(tmp_path)
@@ -284,11 +344,26 @@ def test_lora_stage_distills_from_the_teacher(tmp_path, monkeypatch):
     model = linearize(_tiny_llama(), LinearizeConfig(mode="hybrid", window=4, sinks=2))
     save_linearized(model, tmp_path / "run" / "model")
     g = torch.Generator().manual_seed(0)
-    torch.save({k: torch.randint(0, 97, (6, 24), generator=g) for k in ("train", "held_out", "second_domain")},
-               tmp_path / "run" / "data.pt")  # fmt: skip
+    torch.save(
+        {k: torch.randint(0, 97, (6, 24), generator=g) for k in ("train", "held_out", "second_domain")},
+        tmp_path / "run" / "data.pt",
+    )
     monkeypatch.setattr(transfer, "load_teacher", lambda: (None, teacher))
-    argv = ["finetune", "--student", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "kd"), "--loss",
-            "distill", "--steps", "3", "--eval-windows", "2", "--threads", "1"]  # fmt: skip
+    argv = [
+        "finetune",
+        "--student",
+        str(tmp_path / "run" / "model"),
+        "--out",
+        str(tmp_path / "kd"),
+        "--loss",
+        "distill",
+        "--steps",
+        "3",
+        "--eval-windows",
+        "2",
+        "--threads",
+        "1",
+    ]
     assert commands.dispatch("linear-transformers", argv) == 0
     result = json.loads((tmp_path / "kd" / "result.json").read_text())
     assert result["settings"]["loss"] == "distill" and result["steps"] == 3
@@ -310,19 +385,43 @@ def test_lora_control_fine_tunes_the_teacher_itself(tmp_path, monkeypatch):
         linearize(_tiny_llama(), LinearizeConfig(mode="hybrid", window=4, sinks=2)), tmp_path / "s" / "model"
     )
     g = torch.Generator().manual_seed(0)
-    torch.save({k: torch.randint(0, 97, (6, 24), generator=g) for k in ("train", "held_out", "second_domain")},
-               tmp_path / "s" / "data.pt")  # fmt: skip
+    torch.save(
+        {k: torch.randint(0, 97, (6, 24), generator=g) for k in ("train", "held_out", "second_domain")},
+        tmp_path / "s" / "data.pt",
+    )
     monkeypatch.setattr(transfer, "load_teacher", lambda: (None, teacher))
-    argv = ["finetune", "--teacher", "--student", str(tmp_path / "s" / "model"), "--out", str(tmp_path / "runs" / "t"),
-            "--steps", "3", "--eval-windows", "2", "--threads", "1"]  # fmt: skip
+    argv = [
+        "finetune",
+        "--teacher",
+        "--student",
+        str(tmp_path / "s" / "model"),
+        "--out",
+        str(tmp_path / "runs" / "t"),
+        "--steps",
+        "3",
+        "--eval-windows",
+        "2",
+        "--threads",
+        "1",
+    ]
     assert commands.dispatch("linear-transformers", argv) == 0
     result = json.loads((tmp_path / "runs" / "t" / "result.json").read_text())
     assert result["linearize"] is None and result["steps"] == 3 and result["teacher_lora_ppl"] > 1
     assert result["second_domain"]["teacher_lora_ppl"] > 1 and not (tmp_path / "runs" / "t" / "model").exists()
     (tmp_path / "runs" / "h").mkdir()
-    (tmp_path / "runs" / "h" / "result.json").write_text(json.dumps({
-        "linearize": {"mode": "hybrid"}, "tokens": 1, "cpu_hours": 0.1, "wall_seconds": 1, "teacher_ppl": 10.0,
-        "hybrid_ppl": 12.0, "second_domain": {"teacher_ppl": 20.0, "hybrid_ppl": 30.0}}))  # fmt: skip
+    (tmp_path / "runs" / "h" / "result.json").write_text(
+        json.dumps(
+            {
+                "linearize": {"mode": "hybrid"},
+                "tokens": 1,
+                "cpu_hours": 0.1,
+                "wall_seconds": 1,
+                "teacher_ppl": 10.0,
+                "hybrid_ppl": 12.0,
+                "second_domain": {"teacher_ppl": 20.0, "hybrid_ppl": 30.0},
+            }
+        )
+    )
     out = summarize(tmp_path / "runs")
     assert out["teacher_lora_ppl"] == result["teacher_lora_ppl"] and out["hybrid_ppl"] == 12.0
     ratio = f"{12.0 / result['teacher_lora_ppl']:.3f}"
@@ -345,8 +444,16 @@ def test_other_llama_shaped_families_convert_step_and_fuse(family):
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     }[family]
     torch.manual_seed(0)
-    cfg = config_cls(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+    cfg = config_cls(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     model = linearize(model_cls(cfg).eval(), LinearizeConfig(mode="hybrid", window=4, sinks=2))
     with torch.no_grad():
         for p in model.parameters():

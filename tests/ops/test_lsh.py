@@ -69,8 +69,9 @@ def test_matches_dense_reference_with_gradients(causal, n_hashes, T):
     mask[:, 0] = False
     rot = lsh.random_rotations(3, 8, n_hashes, 8, dtype=torch.float64)
     for kpm in (None, mask):
-        out = ops.lsh_attention(qk, v, causal=causal, n_hashes=n_hashes, n_buckets=8, chunk_size=6,
-                                key_padding_mask=kpm, rotations=rot)  # fmt: skip
+        out = ops.lsh_attention(
+            qk, v, causal=causal, n_hashes=n_hashes, n_buckets=8, chunk_size=6, key_padding_mask=kpm, rotations=rot
+        )
         ref = naive.lsh_attention(qk, v, rot, causal=causal, chunk_size=6, key_padding_mask=kpm)
         keep = slice(None) if kpm is None else ~kpm  # outputs at padded queries are undefined
         assert rel_err(out[keep], ref[keep]) < 1e-12
@@ -114,8 +115,9 @@ def test_low_precision_inputs(dtype):
     qk, v = _inputs(2, 50, 2, 16, 8)
     rot = lsh.random_rotations(2, 16, 2, 8, dtype=torch.float64)
     ref = naive.lsh_attention(qk, v, rot, causal=True, chunk_size=8)
-    out = ops.lsh_attention(qk.to(dtype), v.to(dtype), causal=True, n_hashes=2, n_buckets=8, chunk_size=8,
-                            rotations=rot.float())  # fmt: skip
+    out = ops.lsh_attention(
+        qk.to(dtype), v.to(dtype), causal=True, n_hashes=2, n_buckets=8, chunk_size=8, rotations=rot.float()
+    )
     assert out.dtype == dtype
     # the buckets come from the same rotations; rounding may move a point right at a bucket border
     tol = {torch.float32: 1e-5, torch.bfloat16: 0.05, torch.float16: 0.01}[dtype]
@@ -136,8 +138,17 @@ def test_padding_content_never_reaches_real_positions(causal):
     for scale in (0.0, 50.0):
         qk2, v2 = qk.clone(), v.clone()
         qk2[kpm], v2[kpm] = scale * torch.randn_like(qk2[kpm]), scale * torch.randn_like(v2[kpm])
-        outs.append(ops.lsh_attention(qk2, v2, causal=causal, n_hashes=3, n_buckets=4, key_padding_mask=kpm,
-                                      generator=torch.Generator().manual_seed(2)))  # fmt: skip
+        outs.append(
+            ops.lsh_attention(
+                qk2,
+                v2,
+                causal=causal,
+                n_hashes=3,
+                n_buckets=4,
+                key_padding_mask=kpm,
+                generator=torch.Generator().manual_seed(2),
+            )
+        )
     assert torch.equal(outs[0][~kpm], outs[1][~kpm])
     buckets = lsh.hash_buckets(qk, lsh.random_rotations(2, 8, 3, 4, dtype=torch.float64), kpm)
     assert (buckets.permute(0, 3, 1, 2)[kpm] == 4).all() and (buckets.permute(0, 3, 1, 2)[~kpm] < 4).all()

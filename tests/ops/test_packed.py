@@ -33,8 +33,9 @@ def _weights(*tensors):
 
 
 def _packed(backend, q, k, v, state, cu, chunk_size):
-    out, final = ops.causal_linear_attention(q, k, v, cu_seqlens=cu, initial_state=state, return_state=True,
-                                             backend=backend, chunk_size=chunk_size)  # fmt: skip
+    out, final = ops.causal_linear_attention(
+        q, k, v, cu_seqlens=cu, initial_state=state, return_state=True, backend=backend, chunk_size=chunk_size
+    )
     return out, final.S, final.z
 
 
@@ -44,8 +45,9 @@ def _alone(q, k, v, state, cu):
     bounds = cu.tolist()
     for d, (a, b) in enumerate(itertools.pairwise(bounds)):
         s = LinearState(state.S[d : d + 1], state.z[d : d + 1])
-        out, final = ops.causal_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], initial_state=s,
-                                                 return_state=True, backend="naive")  # fmt: skip
+        out, final = ops.causal_linear_attention(
+            q[:, a:b], k[:, a:b], v[:, a:b], initial_state=s, return_state=True, backend="naive"
+        )
         outs.append(out)
         S.append(final.S)
         z.append(final.z)

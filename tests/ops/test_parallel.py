@@ -114,8 +114,12 @@ def _worker(rank, world, port, T, backend, with_state, data_parallel, lengths_to
 def _spawn(world, T, backend="chunked", with_state=True, data_parallel=False, record=()):
     failures = mp.get_context("spawn").SimpleQueue()
     try:
-        mp.spawn(_worker, args=(world, _free_port(), T, backend, with_state, data_parallel, list(record), failures),
-                 nprocs=world, join=True)  # fmt: skip
+        mp.spawn(
+            _worker,
+            args=(world, _free_port(), T, backend, with_state, data_parallel, list(record), failures),
+            nprocs=world,
+            join=True,
+        )
     except Exception:
         messages = []
         while not failures.empty():

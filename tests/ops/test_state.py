@@ -44,9 +44,11 @@ def test_a_state_whose_tensors_were_replaced_is_checked_again(backend):
     from linear_transformers import ops
 
     q, k, v = (torch.rand(2, 5, 3, 4) for _ in range(3))
-    for replace, match in [(("z", torch.zeros(2, 3, 2)), r"z must have shape \[B, H, Dk\] = \[2, 3, 4\]"),
-                           (("z", torch.zeros(2, 3, 4, dtype=torch.float64)), "S and z must share dtype"),
-                           (("S", torch.zeros(2, 3, 4)), r"state: S must have 4 dimensions")]:  # fmt: skip
+    for replace, match in [
+        (("z", torch.zeros(2, 3, 2)), r"z must have shape \[B, H, Dk\] = \[2, 3, 4\]"),
+        (("z", torch.zeros(2, 3, 4, dtype=torch.float64)), "S and z must share dtype"),
+        (("S", torch.zeros(2, 3, 4)), r"state: S must have 4 dimensions"),
+    ]:
         state = ops.LinearState.zeros(2, 3, 4, 4)
         setattr(state, *replace)
         with pytest.raises((ValueError, TypeError), match=match):

@@ -68,8 +68,11 @@ def test_triton_low_precision_within_twice_the_reference_error(dtype):
     B, T, H, Dk, Dv = 2, 150, 2, 16, 24
     q, k, v = (x.to(DEVICE).requires_grad_() for x in qkv(B, T, H, Dk, Dv, dtype))
     state = _to(LinearState.zeros(B, H, Dk, Dv), requires_grad=True)
-    exact = _run("naive", *(x.detach().double().requires_grad_() for x in (q, k, v)),
-                 _to(LinearState.zeros(B, H, Dk, Dv, dtype=torch.float64), requires_grad=True))  # fmt: skip
+    exact = _run(
+        "naive",
+        *(x.detach().double().requires_grad_() for x in (q, k, v)),
+        _to(LinearState.zeros(B, H, Dk, Dv, dtype=torch.float64), requires_grad=True),
+    )
     ref, got = _run("naive", q, k, v, state), _run("triton", q, k, v, state)
     for name in ("out", "S", "z", "dq", "dk", "dv"):
         assert got[name].dtype == ref[name].dtype
@@ -84,8 +87,11 @@ def test_triton_dot_precisions_on_float32(precision, tol):
     B, T, H, Dk, Dv = 2, 200, 2, 32, 48
     q, k, v = (x.to(DEVICE).requires_grad_() for x in qkv(B, T, H, Dk, Dv, torch.float32))
     state = _to(random_state(B, H, Dk, Dv, torch.float32), requires_grad=True)
-    exact = _run("naive", *(x.detach().double().requires_grad_() for x in (q, k, v)),
-                 _to(LinearState(state.S.double(), state.z.double(), 0), requires_grad=True))  # fmt: skip
+    exact = _run(
+        "naive",
+        *(x.detach().double().requires_grad_() for x in (q, k, v)),
+        _to(LinearState(state.S.double(), state.z.double(), 0), requires_grad=True),
+    )
     with triton_backend.precision(precision):
         got = _run("triton", q, k, v, state)
     errors = {name: rel_err(got[name], exact[name]) for name in got}

@@ -203,16 +203,21 @@ def measure_interleaved(args, N: int, impls: list[str]) -> list[dict]:
     for row, _, fb in live:
         t = times[id(row)]
         row.update(
-            fwd_ms=statistics.median(t["fwd"]), fwd_min_ms=min(t["fwd"]),
-            fwdbwd_ms=statistics.median(t["fwdbwd"]), fwdbwd_min_ms=min(t["fwdbwd"]),
-            fwdbwd_peak_mib=peak_extra_memory(fb, device) / 2**20, repeats=repeats,
-        )  # fmt: skip
+            fwd_ms=statistics.median(t["fwd"]),
+            fwd_min_ms=min(t["fwd"]),
+            fwdbwd_ms=statistics.median(t["fwdbwd"]),
+            fwdbwd_min_ms=min(t["fwdbwd"]),
+            fwdbwd_peak_mib=peak_extra_memory(fb, device) / 2**20,
+            repeats=repeats,
+        )
         if row["impl"] in FAST:
             C = args.chunk_size
             row["fwd_gflops"] = chunked_flops(N, row["batch"], row["heads"], row["dim"], row["dim"], C, False) / (
-                row["fwd_ms"] * 1e6)  # fmt: skip
+                row["fwd_ms"] * 1e6
+            )
             row["fwdbwd_gflops"] = chunked_flops(N, row["batch"], row["heads"], row["dim"], row["dim"], C, True) / (
-                row["fwdbwd_ms"] * 1e6)  # fmt: skip
+                row["fwdbwd_ms"] * 1e6
+            )
     return [row for row, _, _ in prepared]
 
 
@@ -250,23 +255,48 @@ def auto_interleaved(args: argparse.Namespace, N: int, faster: str, clock=time.p
             t0 = clock()
             fns[name]()
             times[name] = clock() - t0
-        rounds.append({"N": N, "round": r, "first": order[0], "auto_ms": times["auto"] * 1e3,
-                       "faster_ms": times[faster] * 1e3, "ratio": times["auto"] / times[faster]})  # fmt: skip
-    by_order = [statistics.median(x["ratio"] for x in rounds if (x["first"] == "auto") == first)
-                for first in (True, False)]  # fmt: skip
+        rounds.append(
+            {
+                "N": N,
+                "round": r,
+                "first": order[0],
+                "auto_ms": times["auto"] * 1e3,
+                "faster_ms": times[faster] * 1e3,
+                "ratio": times["auto"] / times[faster],
+            }
+        )
+    by_order = [
+        statistics.median(x["ratio"] for x in rounds if (x["first"] == "auto") == first) for first in (True, False)
+    ]
     best = {"auto": min(x["auto_ms"] for x in rounds), faster: min(x["faster_ms"] for x in rounds)}
-    row = {"N": N, "faster": faster, "rounds": len(rounds), "auto_fwdbwd_ms": best["auto"],
-           "faster_fwdbwd_ms": best[faster], "auto_vs_best": math.sqrt(by_order[0] * by_order[1]),
-           "auto_first_ratio": by_order[0], "auto_second_ratio": by_order[1],
-           "auto_vs_best_min": best["auto"] / best[faster]}  # fmt: skip
+    row = {
+        "N": N,
+        "faster": faster,
+        "rounds": len(rounds),
+        "auto_fwdbwd_ms": best["auto"],
+        "faster_fwdbwd_ms": best[faster],
+        "auto_vs_best": math.sqrt(by_order[0] * by_order[1]),
+        "auto_first_ratio": by_order[0],
+        "auto_second_ratio": by_order[1],
+        "auto_vs_best_min": best["auto"] / best[faster],
+    }
     return row, rounds
 
 
 def summary_table(rows: list[dict]) -> str:
     """One row per (N, implementation), with speedups over softmax measured in the same run."""
     softmax = {r["N"]: r for r in rows if r["impl"] == "softmax" and "fwd_ms" in r}
-    header = ["N", "impl", "fwd ms (median)", "fwd+bwd ms (median)", "fwd+bwd min", "fwd vs softmax",
-              "fwd+bwd vs softmax", "peak MiB", "GFLOP/s"]  # fmt: skip
+    header = [
+        "N",
+        "impl",
+        "fwd ms (median)",
+        "fwd+bwd ms (median)",
+        "fwd+bwd min",
+        "fwd vs softmax",
+        "fwd+bwd vs softmax",
+        "peak MiB",
+        "GFLOP/s",
+    ]
     out = []
     for r in sorted(rows, key=lambda r: (r["N"], IMPLS.index(r["impl"]))):
         if "fwd_ms" not in r:
@@ -282,9 +312,17 @@ def summary_table(rows: list[dict]) -> str:
             ]
         )
         out.append(
-            [str(r["N"]), r["impl"], fmt(r["fwd_ms"]), fmt(r["fwdbwd_ms"]), fmt(r.get("fwdbwd_min_ms")), *speed,
-             fmt(r["fwdbwd_peak_mib"]), fmt(r.get("fwdbwd_gflops"), 0)]
-        )  # fmt: skip
+            [
+                str(r["N"]),
+                r["impl"],
+                fmt(r["fwd_ms"]),
+                fmt(r["fwdbwd_ms"]),
+                fmt(r.get("fwdbwd_min_ms")),
+                *speed,
+                fmt(r["fwdbwd_peak_mib"]),
+                fmt(r.get("fwdbwd_gflops"), 0),
+            ]
+        )
     return markdown_table(header, out)
 
 
@@ -376,8 +414,10 @@ def main(args: argparse.Namespace) -> int:
     import os
 
     allocator = f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
-    header = (f"Causal attention, {config}; median (and min) of {args.repeats} interleaved rounds; allocator: "
-              f"{allocator}\n\nMachine: {machine}, torch {info['torch']}\n")  # fmt: skip
+    header = (
+        f"Causal attention, {config}; median (and min) of {args.repeats} interleaved rounds; allocator: "
+        f"{allocator}\n\nMachine: {machine}, torch {info['torch']}\n"
+    )
     header += "".join(line + "\n" for line in isa_lines())
     if gemm == gemm:
         header += f"Batched 64x64x64 float32 matmul rate measured in the same run: {gemm:.0f} GFLOP/s\n"
@@ -395,9 +435,26 @@ def per_level(args: argparse.Namespace) -> int:
     """The benchmark once per ISA level (bench/levels.py), then the levels side by side."""
     import csv
 
-    argv = ["--lengths", *map(str, args.lengths), "--batch", str(args.batch), "--heads", str(args.heads), "--dim",
-            str(args.dim), "--chunk-size", str(args.chunk_size), "--dtype", args.dtype, "--impls", *args.impls,
-            "--threads", str(args.threads), "--repeats", str(args.repeats)]  # fmt: skip
+    argv = [
+        "--lengths",
+        *map(str, args.lengths),
+        "--batch",
+        str(args.batch),
+        "--heads",
+        str(args.heads),
+        "--dim",
+        str(args.dim),
+        "--chunk-size",
+        str(args.chunk_size),
+        "--dtype",
+        args.dtype,
+        "--impls",
+        *args.impls,
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+    ]
     folders = levels.run_each("attention", argv, levels.resolve(args.isa), args.out)
     rows, auto = [], {}
     for level, folder in folders.items():
@@ -414,8 +471,11 @@ def per_level(args: argparse.Namespace) -> int:
     (args.out / "levels.md").write_text(text + "\n\n" + table)
     print()
     print(table)
-    plot_levels(out_rows, args.out / "levels.png", f"causal attention per ISA level, B={args.batch} H={args.heads} "
-                f"D={args.dim} {args.dtype}")  # fmt: skip
+    plot_levels(
+        out_rows,
+        args.out / "levels.png",
+        f"causal attention per ISA level, B={args.batch} H={args.heads} D={args.dim} {args.dtype}",
+    )
     print(f"wrote {args.out / 'levels.csv'}, {args.out / 'levels.md'}, {args.out / 'levels.png'}")
     return 0
 
@@ -434,10 +494,16 @@ def levels_table(rows: list[dict], auto: dict | None = None) -> tuple[str, list[
             if not get["cpu"] or not get["chunked"]:
                 continue
             ms = {impl: (float(r["fwd_ms"]), float(r["fwdbwd_ms"])) for impl, r in get.items() if r}
-            row = {"level": level, "N": N, "cpu_fwd_ms": ms["cpu"][0], "cpu_fwdbwd_ms": ms["cpu"][1],
-                   "chunked_fwd_ms": ms["chunked"][0], "chunked_fwdbwd_ms": ms["chunked"][1],
-                   "cpu_vs_chunked_fwd": ms["chunked"][0] / ms["cpu"][0],
-                   "cpu_vs_chunked_fwdbwd": ms["chunked"][1] / ms["cpu"][1]}  # fmt: skip
+            row = {
+                "level": level,
+                "N": N,
+                "cpu_fwd_ms": ms["cpu"][0],
+                "cpu_fwdbwd_ms": ms["cpu"][1],
+                "chunked_fwd_ms": ms["chunked"][0],
+                "chunked_fwdbwd_ms": ms["chunked"][1],
+                "cpu_vs_chunked_fwd": ms["chunked"][0] / ms["cpu"][0],
+                "cpu_vs_chunked_fwdbwd": ms["chunked"][1] / ms["cpu"][1],
+            }
             if "softmax" in ms:
                 row["cpu_vs_softmax_fwdbwd"] = ms["softmax"][1] / ms["cpu"][1]
             if (level, N) in auto:
@@ -445,15 +511,33 @@ def levels_table(rows: list[dict], auto: dict | None = None) -> tuple[str, list[
             elif "auto" in ms:
                 row["auto_vs_best_fwdbwd"] = ms["auto"][1] / min(ms["cpu"][1], ms["chunked"][1])
             out.append(row)
-    header = ["level", "N", "cpu fwd ms", "cpu fwd+bwd ms", "chunked fwd ms", "chunked fwd+bwd ms", "cpu/chunked fwd",
-              "cpu/chunked fwd+bwd", "cpu/SDPA fwd+bwd", "auto / best (paired rounds where measured)"]  # fmt: skip
+    header = [
+        "level",
+        "N",
+        "cpu fwd ms",
+        "cpu fwd+bwd ms",
+        "chunked fwd ms",
+        "chunked fwd+bwd ms",
+        "cpu/chunked fwd",
+        "cpu/chunked fwd+bwd",
+        "cpu/SDPA fwd+bwd",
+        "auto / best (paired rounds where measured)",
+    ]
     cells = [
-        [r["level"], str(r["N"]), fmt(r["cpu_fwd_ms"]), fmt(r["cpu_fwdbwd_ms"]), fmt(r["chunked_fwd_ms"]),
-         fmt(r["chunked_fwdbwd_ms"]), fmt(r["cpu_vs_chunked_fwd"], 2) + "x", fmt(r["cpu_vs_chunked_fwdbwd"], 2) + "x",
-         fmt(r.get("cpu_vs_softmax_fwdbwd")) + "x" if "cpu_vs_softmax_fwdbwd" in r else "-",
-         fmt(r.get("auto_vs_best_fwdbwd"), 2) if "auto_vs_best_fwdbwd" in r else "-"]
+        [
+            r["level"],
+            str(r["N"]),
+            fmt(r["cpu_fwd_ms"]),
+            fmt(r["cpu_fwdbwd_ms"]),
+            fmt(r["chunked_fwd_ms"]),
+            fmt(r["chunked_fwdbwd_ms"]),
+            fmt(r["cpu_vs_chunked_fwd"], 2) + "x",
+            fmt(r["cpu_vs_chunked_fwdbwd"], 2) + "x",
+            fmt(r.get("cpu_vs_softmax_fwdbwd")) + "x" if "cpu_vs_softmax_fwdbwd" in r else "-",
+            fmt(r.get("auto_vs_best_fwdbwd"), 2) if "auto_vs_best_fwdbwd" in r else "-",
+        ]
         for r in out
-    ]  # fmt: skip
+    ]
     return markdown_table(header, cells), out
 
 

@@ -96,19 +96,37 @@ def main(args: argparse.Namespace) -> int:
                     for _ in range(calls):
                         fn()
                     best[name] = min(best[name], (time.perf_counter() - t0) / calls)
-            row = {"backend": backend, "B": B, "T": T, "H": H, "D": D, "operators_us": best["operators"] * 1e6,
-                   "eager_us": best["eager"] * 1e6}  # fmt: skip
+            row = {
+                "backend": backend,
+                "B": B,
+                "T": T,
+                "H": H,
+                "D": D,
+                "operators_us": best["operators"] * 1e6,
+                "eager_us": best["eager"] * 1e6,
+            }
             row["ratio"] = row["operators_us"] / row["eager_us"]
             rows.append(row)
-            print(f"  {backend:8s} B={B:2d} T={T:4d} H={H} D={D:2d}: operators {row['operators_us']:9.1f} us, "
-                  f"eager {row['eager_us']:9.1f} us, operators / eager {row['ratio']:.3f}")  # fmt: skip
+            print(
+                f"  {backend:8s} B={B:2d} T={T:4d} H={H} D={D:2d}: operators {row['operators_us']:9.1f} us, "
+                f"eager {row['eager_us']:9.1f} us, operators / eager {row['ratio']:.3f}"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "dispatch.csv", rows)
     table = markdown_table(
         ["backend", "B, T, H, D", "operators: us", "eager: us", "saved: us", "operators / eager"],
-        [[r["backend"], f"{r['B']}, {r['T']}, {r['H']}, {r['D']}", fmt(r["operators_us"], 1), fmt(r["eager_us"], 1),
-          fmt(r["operators_us"] - r["eager_us"], 1), f"{r['ratio']:.3f}x"] for r in rows],
-    )  # fmt: skip
+        [
+            [
+                r["backend"],
+                f"{r['B']}, {r['T']}, {r['H']}, {r['D']}",
+                fmt(r["operators_us"], 1),
+                fmt(r["eager_us"], 1),
+                fmt(r["operators_us"] - r["eager_us"], 1),
+                f"{r['ratio']:.3f}x",
+            ]
+            for r in rows
+        ],
+    )
     header = (
         f"Forward+backward, operators vs eager path, {info['cpu']}, {args.threads} threads, torch {info['torch']}\n"
     )

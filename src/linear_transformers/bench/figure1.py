@@ -35,8 +35,14 @@ from ..results import finish_log_log, fmt, machine_info, markdown_table, write_c
 from .measure import peak_extra_memory, rel_error
 
 METHODS = ("softmax", "softmax-math", "linear", "lsh-1", "lsh-4", "lsh-8")
-COLORS = {"softmax": "tab:red", "softmax-math": "tab:orange", "linear": "tab:blue", "lsh-1": "tab:green",
-          "lsh-4": "tab:olive", "lsh-8": "tab:purple"}  # fmt: skip
+COLORS = {
+    "softmax": "tab:red",
+    "softmax-math": "tab:orange",
+    "linear": "tab:blue",
+    "lsh-1": "tab:green",
+    "lsh-4": "tab:olive",
+    "lsh-8": "tab:purple",
+}
 
 
 @dataclass
@@ -111,8 +117,9 @@ def verify(args) -> list[str]:
     for R in (1, 4, 8):
         n_buckets = max(2, 2 * math.ceil(N / args.lsh_chunk / 2))
         rot = lsh.random_rotations(H, D, R, n_buckets, dtype=torch.float64)
-        out = ops.lsh_attention(qk, v, causal=True, n_hashes=R, n_buckets=n_buckets, chunk_size=args.lsh_chunk,
-                                rotations=rot)  # fmt: skip
+        out = ops.lsh_attention(
+            qk, v, causal=True, n_hashes=R, n_buckets=n_buckets, chunk_size=args.lsh_chunk, rotations=rot
+        )
         err = rel_error(out, naive.lsh_attention(qk, v, rot, causal=True, chunk_size=args.lsh_chunk))
         lines.append(f"lsh-{R} vs dense masked reference (same buckets): rel. error {err:.1e}")
         ok &= err < 1e-10
@@ -151,10 +158,16 @@ def measure(method: str, N: int, args) -> dict:
         fwd()
         fwd_times.append(time.perf_counter() - t0)
     return {
-        "method": method, "N": N, "batch": B, "heads": H, "dim": D,
-        "fwdbwd_ms_per_sample": 1e3 * min(times) / B, "fwd_ms_per_sample": 1e3 * min(fwd_times) / B,
-        "peak_mib_per_sample": mem / 2**20 / B, "repeats": repeats,
-    }  # fmt: skip
+        "method": method,
+        "N": N,
+        "batch": B,
+        "heads": H,
+        "dim": D,
+        "fwdbwd_ms_per_sample": 1e3 * min(times) / B,
+        "fwd_ms_per_sample": 1e3 * min(fwd_times) / B,
+        "peak_mib_per_sample": mem / 2**20 / B,
+        "repeats": repeats,
+    }
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -186,16 +199,20 @@ def summary(rows: list[dict]) -> str:
             return ""
         return fmt(r[key], digits) if key in r else "skipped"
 
-    time_table = markdown_table(["N", *methods], [[str(n)] + [cell(m, n, "fwdbwd_ms_per_sample", 2) for m in methods]
-                                                  for n in Ns])  # fmt: skip
-    mem_table = markdown_table(["N", *methods], [[str(n)] + [cell(m, n, "peak_mib_per_sample", 1) for m in methods]
-                                                 for n in Ns])  # fmt: skip
+    time_table = markdown_table(
+        ["N", *methods], [[str(n)] + [cell(m, n, "fwdbwd_ms_per_sample", 2) for m in methods] for n in Ns]
+    )
+    mem_table = markdown_table(
+        ["N", *methods], [[str(n)] + [cell(m, n, "peak_mib_per_sample", 1) for m in methods] for n in Ns]
+    )
     out = "Forward + backward, ms per sample:\n\n" + time_table + "\nPeak extra memory, MiB per sample:\n\n" + mem_table
     lin = {r["N"]: r["fwdbwd_ms_per_sample"] for r in rows if r["method"] == "linear" and "fwdbwd_ms_per_sample" in r}
     if 2**12 in lin and 2**16 in lin:
         ratio = lin[2**16] / lin[2**12]
-        out += (f"\nlinear: time(2^16) / time(2^12) per sample = {ratio:.1f}x (16x is exactly linear; "
-                f"{'within' if ratio <= 20 else 'OVER'} the 20x bound)\n")  # fmt: skip
+        out += (
+            f"\nlinear: time(2^16) / time(2^12) per sample = {ratio:.1f}x (16x is exactly linear; "
+            f"{'within' if ratio <= 20 else 'OVER'} the 20x bound)\n"
+        )
     skipped = [r for r in rows if "skipped" in r]
     if skipped:
         out += "\nSkipped: " + "; ".join(f"{r['method']} N={r['N']} ({r['skipped']})" for r in skipped) + "\n"
@@ -205,8 +222,9 @@ def summary(rows: list[dict]) -> str:
 def write_results(out: Path, rows: list[dict], info: dict, threads: int, config: str) -> str:
     write_csv(out / "figure1.csv", rows)
     table = summary(rows)
-    (out / "table.md").write_text(f"Figure 1 on {info['cpu']}, {threads} threads, torch {info['torch']}; {config}\n\n"
-                                  + table)  # fmt: skip
+    (out / "table.md").write_text(
+        f"Figure 1 on {info['cpu']}, {threads} threads, torch {info['torch']}; {config}\n\n" + table
+    )
     return table
 
 
@@ -238,9 +256,12 @@ def main(args: argparse.Namespace) -> int:
             if "skipped" not in row:
                 row = measure(method, N, args)
                 last[method] = (N, row["fwdbwd_ms_per_sample"] / 1e3)
-                print(f"  N={N:>6} {method:>12}: batch {B:4d}  fwd+bwd {row['fwdbwd_ms_per_sample']:10.2f} ms/sample"
-                      f"  fwd {row['fwd_ms_per_sample']:9.2f} ms/sample"
-                      f"  peak {row['peak_mib_per_sample']:9.1f} MiB/sample", flush=True)  # fmt: skip
+                print(
+                    f"  N={N:>6} {method:>12}: batch {B:4d}  fwd+bwd {row['fwdbwd_ms_per_sample']:10.2f} ms/sample"
+                    f"  fwd {row['fwd_ms_per_sample']:9.2f} ms/sample"
+                    f"  peak {row['peak_mib_per_sample']:9.1f} MiB/sample",
+                    flush=True,
+                )
             else:
                 print(f"  N={N:>6} {method:>12}: skipped ({row['skipped']})", flush=True)
             rows.append(row)

@@ -66,8 +66,9 @@ PYTORCH_IMAGES_MAX_LEN = 784  # whole images through the PyTorch step are timed 
 
 @dataclass
 class GenerateOptions:
-    configs: list[str] = option(list(CONFIGS), "model configurations (the paper's MNIST and CIFAR-10 models)",
-                                choices=list(CONFIGS))  # fmt: skip
+    configs: list[str] = option(
+        list(CONFIGS), "model configurations (the paper's MNIST and CIFAR-10 models)", choices=list(CONFIGS)
+    )
     batch: int = count(64, "the fixed batch of the images/s columns")
     points: int = count(6, "positions at which per-token cost is timed")
     threads: int = option(torch.get_num_threads(), "CPU threads")
@@ -75,9 +76,12 @@ class GenerateOptions:
     images: int = count(7, "whole images at batch 1 per RNN mode (median reported)")
     quick: bool = option(False, "tiny models: a smoke test in seconds")
     tables: bool = option(False, "add lsh-1/lsh-4 and the paper's Tables 1 and 2 (paper.md)")
-    parts: list[str] = option(list(PARTS), "steps: one RNN step, fused vs PyTorch, per batch; images: whole images "
-                              "at batch 1; tokens: per-token timings and images/s; train: training tokens/s",
-                              choices=PARTS)  # fmt: skip
+    parts: list[str] = option(
+        list(PARTS),
+        "steps: one RNN step, fused vs PyTorch, per batch; images: whole images "
+        "at batch 1; tokens: per-token timings and images/s; train: training tokens/s",
+        choices=PARTS,
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -293,8 +297,10 @@ def main(args: argparse.Namespace) -> int:
         step_batches = [1, 4, 8] if args.quick else [1, 4, 16, 32, 64, 128, 256]
         for r in step_crossover(cfg, step_batches, 3 if args.quick else 10) if "steps" in args.parts else []:
             rows.append({"config": name, "generator": "linear-rnn step", **r})
-            print(f"  one RNN step at batch {r['batch']:3d}: fused C {r['step_ms_fused']:8.3f} ms, "
-                  f"PyTorch {r['step_ms_pytorch']:8.3f} ms")  # fmt: skip
+            print(
+                f"  one RNN step at batch {r['batch']:3d}: fused C {r['step_ms_fused']:8.3f} ms, "
+                f"PyTorch {r['step_ms_pytorch']:8.3f} ms"
+            )
         rnn = {label: (model, config) for label, model, mode, config in generators if mode == "rnn"}
         if T <= PYTORCH_IMAGES_MAX_LEN:
             rnn["linear-rnn-pytorch"] = (linear, DecodeConfig(fused=False))
@@ -302,8 +308,15 @@ def main(args: argparse.Namespace) -> int:
         images = whole_images(rnn, args.images, floor).items() if "images" in args.parts else []
         for label, times in images:
             median = float(np.median(times))
-            rows.append({"config": name, "generator": label, "batch": 1, "whole_image_median_s": median,
-                         "whole_image_s": " ".join(f"{t:.4g}" for t in times)})  # fmt: skip
+            rows.append(
+                {
+                    "config": name,
+                    "generator": label,
+                    "batch": 1,
+                    "whole_image_median_s": median,
+                    "whole_image_s": " ".join(f"{t:.4g}" for t in times),
+                }
+            )
             print(f"  {label:18s} whole images, batch 1: median {median:.3f} s ({min(times):.3f}-{max(times):.3f})")
         for label, model, mode, config in generators if "tokens" in args.parts else []:
             for batch in sorted({1, recompute_batch if mode == "recompute" else args.batch}):
@@ -311,12 +324,20 @@ def main(args: argparse.Namespace) -> int:
                 how = f"timed at {len(positions)} positions, integrated over {T}"
                 if mode == "recompute" and batch != args.batch and batch != 1:
                     how += f"; fixed-batch column timed at batch {batch}"
-                rows.append({
-                    "config": name, "generator": label, "batch": batch, "fixed_batch": batch != 1,
-                    "seconds_per_image": s, "images_per_s": 1 / s, "how": how,
-                    "paper_images_per_s": PAPER.get((name, label), ""),
-                    "positions": " ".join(map(str, positions)), "seconds_per_step": " ".join(f"{t:.6g}" for t in times),
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "config": name,
+                        "generator": label,
+                        "batch": batch,
+                        "fixed_batch": batch != 1,
+                        "seconds_per_image": s,
+                        "images_per_s": 1 / s,
+                        "how": how,
+                        "paper_images_per_s": PAPER.get((name, label), ""),
+                        "positions": " ".join(map(str, positions)),
+                        "seconds_per_step": " ".join(f"{t:.6g}" for t in times),
+                    }
+                )
                 curves[(name, label, batch)] = (positions, times)
                 print(f"  {label:18s} batch {batch:3d}: {s:9.3f} s/image  {1 / s:9.2f} images/s", flush=True)
         for attention in ("causal-linear", "causal-softmax") if "train" in args.parts else []:
@@ -360,24 +381,57 @@ def summary(rows: list[dict], batch: int) -> str:
             note = "" if rb["batch"] == batch else f" (timed at batch {rb['batch']})"
             speedup_1 = fmt(lin1["images_per_s"] / r1["images_per_s"], 1) + "x"
             speedup_b = fmt(linb["images_per_s"] / rb["images_per_s"], 1) + "x"
-            out.append([config, g, fmt(r1["seconds_per_image"], 3), fmt(rb["images_per_s"], 2) + note, speedup_1,
-                        speedup_b, str(rb["paper_images_per_s"] or "-")])  # fmt: skip
+            out.append(
+                [
+                    config,
+                    g,
+                    fmt(r1["seconds_per_image"], 3),
+                    fmt(rb["images_per_s"], 2) + note,
+                    speedup_1,
+                    speedup_b,
+                    str(rb["paper_images_per_s"] or "-"),
+                ]
+            )
     if out:
         table = markdown_table(
-            ["config", "generator", "s/image, batch 1", f"images/s, batch {batch}", "linear speedup, batch 1",
-             f"linear speedup, batch {batch}", "paper images/s"], out)  # fmt: skip
+            [
+                "config",
+                "generator",
+                "s/image, batch 1",
+                f"images/s, batch {batch}",
+                "linear speedup, batch 1",
+                f"linear speedup, batch {batch}",
+                "paper images/s",
+            ],
+            out,
+        )
     whole = [r for r in rows if "whole_image_median_s" in r]
     table += "\n" + markdown_table(
         ["config", "generator", "whole images at batch 1: median s", "range s"],
-        [[r["config"], r["generator"], fmt(r["whole_image_median_s"], 3),
-          "-".join(fmt(f(map(float, r["whole_image_s"].split())), 3) for f in (min, max))] for r in whole],
-    )  # fmt: skip
+        [
+            [
+                r["config"],
+                r["generator"],
+                fmt(r["whole_image_median_s"], 3),
+                "-".join(fmt(f(map(float, r["whole_image_s"].split())), 3) for f in (min, max)),
+            ]
+            for r in whole
+        ],
+    )
     steps = [r for r in rows if "step_ms_fused" in r]
     table += "\n" + markdown_table(
         ["config", "batch", "RNN step, fused C: ms", "RNN step, PyTorch: ms", "PyTorch / fused"],
-        [[r["config"], str(r["batch"]), fmt(r["step_ms_fused"], 3), fmt(r["step_ms_pytorch"], 3),
-          fmt(r["step_ms_pytorch"] / r["step_ms_fused"], 2) + "x"] for r in steps],
-    )  # fmt: skip
+        [
+            [
+                r["config"],
+                str(r["batch"]),
+                fmt(r["step_ms_fused"], 3),
+                fmt(r["step_ms_pytorch"], 3),
+                fmt(r["step_ms_pytorch"] / r["step_ms_fused"], 2) + "x",
+            ]
+            for r in steps
+        ],
+    )
     train = [r for r in rows if "tokens_per_s" in r]
     train_rows = [[r["config"], r["generator"], fmt(r["tokens_per_s"], 0)] for r in train]
     table += "\n" + markdown_table(["config", "training step", "tokens/s"], train_rows)
@@ -387,9 +441,15 @@ def summary(rows: list[dict], batch: int) -> str:
 def paper_tables(rows: list[dict], batch: int) -> str:
     """The paper's Tables 1 (MNIST) and 4 (CIFAR-10), speed columns: images/s and the speedup over
     softmax, theirs (one GPU) next to ours (this CPU, at the fixed batch and at batch 1)."""
-    names = {"softmax-recompute": "softmax", "softmax-cache": "stateful softmax", "lsh-1": "lsh-1", "lsh-4": "lsh-4",
-             "linear-rnn": "linear", "linear-rnn-bf16": "linear (bf16 weights)",
-             "linear-rnn-bf16dot": "linear (bf16 dots)"}  # fmt: skip
+    names = {
+        "softmax-recompute": "softmax",
+        "softmax-cache": "stateful softmax",
+        "lsh-1": "lsh-1",
+        "lsh-4": "lsh-4",
+        "linear-rnn": "linear",
+        "linear-rnn-bf16": "linear (bf16 weights)",
+        "linear-rnn-bf16dot": "linear (bf16 dots)",
+    }
     gen = [r for r in rows if "seconds_per_image" in r]
     out = ""
     for config in dict.fromkeys(r["config"] for r in gen):
@@ -404,19 +464,39 @@ def paper_tables(rows: list[dict], batch: int) -> str:
             rb, r1 = by.get((g, True), by[(g, False)]), by[(g, False)]
             paper = PAPER.get((config, g))
             paper_base = PAPER[(config, "softmax-recompute")]
-            body.append([
-                name, fmt(paper, 3) if paper else "-", fmt(paper / paper_base, 1) + "x" if paper else "-",
-                fmt(rb["images_per_s"], 3) + ("" if rb["batch"] == batch else f" (batch {rb['batch']})"),
-                fmt(rb["images_per_s"] / base_b["images_per_s"], 1) + "x",
-                fmt(r1["seconds_per_image"], 2), fmt(base_1["seconds_per_image"] / r1["seconds_per_image"], 1) + "x",
-            ])  # fmt: skip
+            body.append(
+                [
+                    name,
+                    fmt(paper, 3) if paper else "-",
+                    fmt(paper / paper_base, 1) + "x" if paper else "-",
+                    fmt(rb["images_per_s"], 3) + ("" if rb["batch"] == batch else f" (batch {rb['batch']})"),
+                    fmt(rb["images_per_s"] / base_b["images_per_s"], 1) + "x",
+                    fmt(r1["seconds_per_image"], 2),
+                    fmt(base_1["seconds_per_image"] / r1["seconds_per_image"], 1) + "x",
+                ]
+            )
         table = "Table 1" if config == "mnist" else "Table 2"
-        out += f"{config} ({table} of the paper)\n\n" + markdown_table(
-            ["method", "paper images/s", "paper speedup", f"ours images/s, batch {batch}", "ours speedup",
-             "ours s/image, batch 1", "ours speedup, batch 1"], body) + "\n"  # fmt: skip
-    out += ("Softmax and LSH rows are timed at a few positions and integrated over the image (see the 'how'\n"
-            "column of generate.csv). The paper's Tables 4 (stateful softmax) and 5 (batch-1 CPU latency) are\n"
-            "not quoted here.\n")  # fmt: skip
+        out += (
+            f"{config} ({table} of the paper)\n\n"
+            + markdown_table(
+                [
+                    "method",
+                    "paper images/s",
+                    "paper speedup",
+                    f"ours images/s, batch {batch}",
+                    "ours speedup",
+                    "ours s/image, batch 1",
+                    "ours speedup, batch 1",
+                ],
+                body,
+            )
+            + "\n"
+        )
+    out += (
+        "Softmax and LSH rows are timed at a few positions and integrated over the image (see the 'how'\n"
+        "column of generate.csv). The paper's Tables 4 (stateful softmax) and 5 (batch-1 CPU latency) are\n"
+        "not quoted here.\n"
+    )
     return out
 
 
@@ -428,14 +508,25 @@ def plot(curves, path: Path, batch: int) -> None:
 
     configs = list(dict.fromkeys(k[0] for k in curves))
     fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 4), squeeze=False)
-    colors = {"linear-rnn": "tab:blue", "linear-rnn-bf16": "tab:cyan", "linear-rnn-bf16dot": "tab:purple",
-              "softmax-cache": "tab:orange",
-              "softmax-recompute": "tab:red", "lsh-1": "tab:green", "lsh-4": "tab:olive"}  # fmt: skip
+    colors = {
+        "linear-rnn": "tab:blue",
+        "linear-rnn-bf16": "tab:cyan",
+        "linear-rnn-bf16dot": "tab:purple",
+        "softmax-cache": "tab:orange",
+        "softmax-recompute": "tab:red",
+        "lsh-1": "tab:green",
+        "lsh-4": "tab:olive",
+    }
     for ax, config in zip(axes[0], configs, strict=True):
         for (c, label, b), (pos, times) in curves.items():
             if c == config:
-                ax.plot(np.array(pos) + 1, np.array(times) * 1e3, "o-" if b == 1 else "s--", color=colors[label],
-                        label=f"{label}, batch {b}")  # fmt: skip
+                ax.plot(
+                    np.array(pos) + 1,
+                    np.array(times) * 1e3,
+                    "o-" if b == 1 else "s--",
+                    color=colors[label],
+                    label=f"{label}, batch {b}",
+                )
         ax.set_yscale("log")
         ax.set_xlabel("position of the generated token")
         ax.set_ylabel("ms per generated token (whole batch)")
@@ -452,8 +543,17 @@ def per_level(args: argparse.Namespace) -> int:
     step at batch 1, the fused C step against the PyTorch step measured in the same process."""
     import csv
 
-    argv = ["--configs", *args.configs, "--images", str(args.images), "--threads", str(args.threads), "--parts",
-            *args.parts, *(["--quick"] if args.quick else [])]  # fmt: skip
+    argv = [
+        "--configs",
+        *args.configs,
+        "--images",
+        str(args.images),
+        "--threads",
+        str(args.threads),
+        "--parts",
+        *args.parts,
+        *(["--quick"] if args.quick else []),
+    ]
     folders = levels.run_each("generate", argv, levels.resolve(args.isa), args.out)
     out = []
     for level, folder in folders.items():
@@ -477,12 +577,32 @@ def per_level(args: argparse.Namespace) -> int:
     def ratio(r, a, b):
         return fmt(r[b] / r[a], 2) + "x" if a in r and b in r else "-"
 
-    cells = [[r["level"], r["config"], fmt(r.get("fused_f32_image_s"), 3), fmt(r.get("pytorch_image_s"), 3),
-              ratio(r, "fused_f32_image_s", "pytorch_image_s"), fmt(r.get("fused_step_ms"), 3),
-              fmt(r.get("pytorch_step_ms"), 3), ratio(r, "fused_step_ms", "pytorch_step_ms")] for r in out]  # fmt: skip
-    table = markdown_table(["level", "config", "whole image, fused float32: median s", "whole image, PyTorch step: s",
-                            "PyTorch / fused", "step ms, fused (batch 1)", "step ms, PyTorch", "PyTorch / fused"],
-                           cells)  # fmt: skip
+    cells = [
+        [
+            r["level"],
+            r["config"],
+            fmt(r.get("fused_f32_image_s"), 3),
+            fmt(r.get("pytorch_image_s"), 3),
+            ratio(r, "fused_f32_image_s", "pytorch_image_s"),
+            fmt(r.get("fused_step_ms"), 3),
+            fmt(r.get("pytorch_step_ms"), 3),
+            ratio(r, "fused_step_ms", "pytorch_step_ms"),
+        ]
+        for r in out
+    ]
+    table = markdown_table(
+        [
+            "level",
+            "config",
+            "whole image, fused float32: median s",
+            "whole image, PyTorch step: s",
+            "PyTorch / fused",
+            "step ms, fused (batch 1)",
+            "step ms, PyTorch",
+            "PyTorch / fused",
+        ],
+        cells,
+    )
     heads = [(folder / "table.md").read_text().split("\n\n")[0].strip() for folder in folders.values()]
     text = "Generation at batch 1 per ISA level\n\n" + "\n\n".join(
         f"{level}: {head}" for level, head in zip(folders, heads, strict=True)

@@ -42,12 +42,13 @@ class GpuOptions:
     lengths: list[int] = count([1024, 4096, 16384, 65536], "sequence lengths")
     dims: list[int] = count([64, 128], "head dimensions (Dk = Dv)")
     dtypes: list[str] = option(["bfloat16", "float32"], "input dtypes", choices=list(DTYPES))
-    impls: list[str] = option(DEFAULT_IMPLS, "what to time; fla and fast-transformers only where importable (or "
-                              "built)", choices=IMPLS)  # fmt: skip
-    chunked_max_length: int = count(65536, "time the PyTorch chunked path only up to this length (it is the slow "
-                                     "one)")  # fmt: skip
-    fast_transformers_src: Path | None = option(None, "an unpacked pytorch-fast-transformers source: build its CUDA "
-                                                "causal product")  # fmt: skip
+    impls: list[str] = option(
+        DEFAULT_IMPLS, "what to time; fla and fast-transformers only where importable (or built)", choices=IMPLS
+    )
+    chunked_max_length: int = count(65536, "time the PyTorch chunked path only up to this length (it is the slow one)")
+    fast_transformers_src: Path | None = option(
+        None, "an unpacked pytorch-fast-transformers source: build its CUDA causal product"
+    )
     batch: int = count(1, "sequences per call")
     heads: int = count(8, "attention heads")
     out: Path = option(Path("results/bench_gpu"), "output folder")
@@ -319,8 +320,11 @@ def main(args: argparse.Namespace) -> int:
                         row["fwdbwd_tflops"] = flops / (row["fwdbwd_ms"] * 1e-3) / 1e12
                     rows.append(row)
                     write_csv(args.out / "gpu.csv", rows + extra)  # kept if the run is stopped
-                    print(f"  {name:8s} D={D:3d} N={N:6d} {impl:18s} fwd {row['fwd_ms']:8.3f} ms  "
-                          f"fwd+bwd {row['fwdbwd_ms']:8.3f} ms", flush=True)  # fmt: skip
+                    print(
+                        f"  {name:8s} D={D:3d} N={N:6d} {impl:18s} fwd {row['fwd_ms']:8.3f} ms  "
+                        f"fwd+bwd {row['fwdbwd_ms']:8.3f} ms",
+                        flush=True,
+                    )
                 del q, k, v, g
     plot(rows, args.out / "gpu.png", f"{info.get('gpu')}, B={args.batch}, H={args.heads}: forward+backward")
     share_text = "; ".join(f"{n} N={N}: {k:.3f} of {w:.3f} ms" for n, (N, k, w) in share.items())
@@ -373,11 +377,31 @@ def summary(rows: list[dict]) -> str:
             o = by.get((dtype, D, N, other))
             return fmt(o[key] / r[key], 1) + "x" if o else "-"
 
-        out.append([dtype, str(D), str(N), fmt(r["fwd_ms"], 3), fmt(r["fwdbwd_ms"], 3), fmt(r["fwdbwd_tflops"], 1),
-                    ratio("sdpa", "fwd_ms"), *(ratio(o, "fwdbwd_ms") for o in others)])  # fmt: skip
+        out.append(
+            [
+                dtype,
+                str(D),
+                str(N),
+                fmt(r["fwd_ms"], 3),
+                fmt(r["fwdbwd_ms"], 3),
+                fmt(r["fwdbwd_tflops"], 1),
+                ratio("sdpa", "fwd_ms"),
+                *(ratio(o, "fwdbwd_ms") for o in others),
+            ]
+        )
     return markdown_table(
-        ["dtype", "D", "N", "triton fwd ms", "triton fwd+bwd ms", "TFLOP/s", "vs SDPA fwd",
-         *(f"vs {o} (fwd+bwd)" for o in others)], out)  # fmt: skip
+        [
+            "dtype",
+            "D",
+            "N",
+            "triton fwd ms",
+            "triton fwd+bwd ms",
+            "TFLOP/s",
+            "vs SDPA fwd",
+            *(f"vs {o} (fwd+bwd)" for o in others),
+        ],
+        out,
+    )
 
 
 def times_table(rows: list[dict]) -> str:

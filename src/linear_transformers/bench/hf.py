@@ -46,8 +46,14 @@ def _model(args: argparse.Namespace):
     from ..model import CausalTransformer, ModelConfig
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=args.vocab, max_len=args.tokens + 32, d_model=args.d_model, n_layers=args.n_layers,
-                      n_heads=args.n_heads, d_ff=4 * args.d_model)  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=args.vocab,
+        max_len=args.tokens + 32,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        d_ff=4 * args.d_model,
+    )
     return CausalTransformer(cfg).eval()
 
 
@@ -120,12 +126,15 @@ def main(args: argparse.Namespace) -> int:
     for name, ms in summary.items():
         per = [r["ms_per_token"] for r in rows if r["decoder"] == name]
         body.append([name, fmt(ms, 3), fmt(ms / base, 2) + "x", fmt(per[0], 3), fmt(per[-1], 3)])
-    table = markdown_table(["decoder", f"ms/token, {n} tokens", "vs ours", f"ms/token, first {marks[0]}",
-                            f"ms/token, first {n}"], body)  # fmt: skip
+    table = markdown_table(
+        ["decoder", f"ms/token, {n} tokens", "vs ours", f"ms/token, first {marks[0]}", f"ms/token, first {n}"], body
+    )
     info = machine_info()
-    header = (f"bench hf: {args.n_layers} layers, d_model {args.d_model}, {args.n_heads} heads, vocab {args.vocab}, "
-              f"batch 1, greedy, {n} tokens after 16; {info['cpu']}, {info['threads']} threads, "
-              f"torch {info['torch']}")  # fmt: skip
+    header = (
+        f"bench hf: {args.n_layers} layers, d_model {args.d_model}, {args.n_heads} heads, vocab {args.vocab}, "
+        f"batch 1, greedy, {n} tokens after 16; {info['cpu']}, {info['threads']} threads, "
+        f"torch {info['torch']}"
+    )
     (args.out / "table.md").write_text(header + "\n" + "\n".join(isa_lines()) + "\n\n" + table + "\n")
     options = {k: v for k, v in vars(args).items() if k not in ("given", "out", "name")}
     (args.out / "settings.json").write_text(json.dumps({**options, **info}, indent=2))

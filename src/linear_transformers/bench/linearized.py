@@ -48,15 +48,23 @@ class LinearizedOptions:
     teacher_max: int = count(16384, "longest context for the teacher and llama.cpp (their prefill is quadratic)")
     tokens: int = count(16, "single-token decode steps timed after each prefill, per decoder")
     repeats: int = count(3, "prefills per context and model below 8k tokens (the median counts)")
-    formats: list[str] = option(list(PRECISIONS), "the fused step's weight formats (--cpu-precision names; bf16 "
-                                "only where the CPU has AVX512-BF16)")  # fmt: skip
+    formats: list[str] = option(
+        list(PRECISIONS),
+        "the fused step's weight formats (--cpu-precision names; bf16 only where the CPU has AVX512-BF16)",
+    )
     mode: str = option("hybrid", "the student's mode", choices=("linear", "hybrid", "window"))
     student: str = option("", "a linearised model folder (default: the teacher converted, untrained)")
-    llama_cpp: list[str] = option(["f32", "bf16", "q8_0", "q4_1"], "llama.cpp on the teacher's GGUF in these types "
-                                  "(requantised from the shipped q4_1) where llama-cpp-python is importable; none: "
-                                  "leave it out")  # fmt: skip
-    perplexity: str = option("", "a linearize run's data.pt: also the held-out perplexity of each weight format, "
-                             "through the fused step token by token (both domains)")  # fmt: skip
+    llama_cpp: list[str] = option(
+        ["f32", "bf16", "q8_0", "q4_1"],
+        "llama.cpp on the teacher's GGUF in these types "
+        "(requantised from the shipped q4_1) where llama-cpp-python is importable; none: "
+        "leave it out",
+    )
+    perplexity: str = option(
+        "",
+        "a linearize run's data.pt: also the held-out perplexity of each weight format, "
+        "through the fused step token by token (both domains)",
+    )
     windows: int = count(8, "held-out windows per domain for --perplexity (all at once, as a batch)")
     out: Path = option(Path("results/bench-linearized"), "output folder")
 
@@ -171,8 +179,14 @@ class LlamaCpp:
                     raise RuntimeError(f"bench linearized: llama.cpp could not write {tmp}")
                 os.replace(tmp, path)
         self.tag = tag
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=torch.get_num_threads(),
-                                   n_batch=512, verbose=False, logits_all=False)  # fmt: skip
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_threads=torch.get_num_threads(),
+            n_batch=512,
+            verbose=False,
+            logits_all=False,
+        )
 
     def prefill(self, ids: list[int]) -> float:
         self.llm.reset()
@@ -199,8 +213,17 @@ def fused_perplexity(step, windows: torch.Tensor) -> float:
     B, T = windows.shape
     H, D, F, W, ns = step.n_heads, step.head_dim, step.n_features, step.window, step.sinks
     zeros = lambda *shape: torch.zeros(*shape)  # noqa: E731
-    states = [HybridState(zeros(B, H, F, D), zeros(B, H, F), zeros(B, H, W, D), zeros(B, H, W, D),
-                          zeros(B, H, ns, D), zeros(B, H, ns, D)) for _ in range(step.struct.n_layers)]  # fmt: skip
+    states = [
+        HybridState(
+            zeros(B, H, F, D),
+            zeros(B, H, F),
+            zeros(B, H, W, D),
+            zeros(B, H, W, D),
+            zeros(B, H, ns, D),
+            zeros(B, H, ns, D),
+        )
+        for _ in range(step.struct.n_layers)
+    ]
     nll, count = 0.0, 0
     for t in range(T - 1):
         logits = step(windows[:, t], torch.full((B,), t, dtype=torch.int64), states)
@@ -237,8 +260,10 @@ def main(args: argparse.Namespace) -> int:
     cpp_tags = [t for t in args.llama_cpp if t != "none"]
     unknown = [t for t in cpp_tags if t not in (*LLAMA_CPP_TYPES, "q4_1")]
     if unknown:
-        raise ValueError(f"bench linearized: --llama-cpp types must be among {', '.join(LLAMA_CPP_TYPES)}, q4_1 or "
-                         f"none, got {unknown}")  # fmt: skip
+        raise ValueError(
+            f"bench linearized: --llama-cpp types must be among {', '.join(LLAMA_CPP_TYPES)}, q4_1 or "
+            f"none, got {unknown}"
+        )
     if cpp_tags:
         try:
             import llama_cpp  # noqa: F401
@@ -246,8 +271,9 @@ def main(args: argparse.Namespace) -> int:
             print("llama-cpp-python is not importable: llama.cpp is left out", flush=True)
             cpp_tags = []
     args.out.mkdir(parents=True, exist_ok=True)
-    cpp = {tag: LlamaCpp(tag, max(c for c in args.contexts if c <= args.teacher_max) + args.tokens + 8)
-           for tag in cpp_tags}  # fmt: skip
+    cpp = {
+        tag: LlamaCpp(tag, max(c for c in args.contexts if c <= args.teacher_max) + args.tokens + 8) for tag in cpp_tags
+    }
     rows = []
     steps = {f: fused_step(student, DecodeConfig.precision(f)) for f in formats}
     views = {f: weight_views(step) for f, step in steps.items()}
@@ -270,8 +296,13 @@ def main(args: argparse.Namespace) -> int:
             t_prefill, t_cache, t_next = _prefill(teacher, ids, repeats)
             rows.append({"model": "teacher (SDPA) prefill", "context": context, "prefill_s": t_prefill})
             for tag, runner in cpp.items():
-                rows.append({"model": f"llama.cpp {tag} prefill", "context": context,
-                             "prefill_s": runner.prefill(ids[0].tolist())})  # fmt: skip
+                rows.append(
+                    {
+                        "model": f"llama.cpp {tag} prefill",
+                        "context": context,
+                        "prefill_s": runner.prefill(ids[0].tolist()),
+                    }
+                )
         times = {name: [] for name in decoders}
         if context == min(args.contexts):  # the C step called directly, on its own copy of the prefill's state
             raw_states = {f: [copy.deepcopy(s_cache.states[i]) for i in range(len(s_cache.states))] for f in formats}
@@ -299,8 +330,14 @@ def main(args: argparse.Namespace) -> int:
                     floor_times[f].append(read_once(views[f]))
                     raw_times[f].append(raw_call(f))
         for name, ts in times.items():
-            rows.append({"model": name, "context": context, "decode_ms": statistics.median(ts) * 1e3,
-                         "decode_ms_min": min(ts) * 1e3})  # fmt: skip
+            rows.append(
+                {
+                    "model": name,
+                    "context": context,
+                    "decode_ms": statistics.median(ts) * 1e3,
+                    "decode_ms_min": min(ts) * 1e3,
+                }
+            )
         line = ", ".join(f"{n} {statistics.median(t) * 1e3:.1f}" for n, t in times.items())
         print(f"context {context}: decode ms/token: {line}", flush=True)
     student.decode_config = DecodeConfig()
@@ -315,10 +352,18 @@ def main(args: argparse.Namespace) -> int:
         mine = next(r for r in rows if r["model"] == f"student, fused {f}" and r["context"] == smallest)
         floor = statistics.median(floor_times[f]) * 1e3
         raw = statistics.median(raw_times[f]) * 1e3
-        floor_rows.append({"format": f, "weight_mb": round(step.weight_bytes() / 1e6, 1), "floor_ms": round(floor, 3),
-                           "floor_min_ms": round(min(floor_times[f]) * 1e3, 3), "fused_ms": mine["decode_ms"],
-                           "times_floor": round(mine["decode_ms"] / floor, 2), "c_call_ms": round(raw, 3),
-                           "c_call_times_floor": round(raw / floor, 2)})  # fmt: skip
+        floor_rows.append(
+            {
+                "format": f,
+                "weight_mb": round(step.weight_bytes() / 1e6, 1),
+                "floor_ms": round(floor, 3),
+                "floor_min_ms": round(min(floor_times[f]) * 1e3, 3),
+                "fused_ms": mine["decode_ms"],
+                "times_floor": round(mine["decode_ms"] / floor, 2),
+                "c_call_ms": round(raw, 3),
+                "c_call_times_floor": round(raw / floor, 2),
+            }
+        )
     ppl_rows = []
     if args.perplexity:
         data = torch.load(args.perplexity, weights_only=True)
@@ -326,8 +371,15 @@ def main(args: argparse.Namespace) -> int:
             windows = data[key][: args.windows]
             for f, step in steps.items():
                 ppl = fused_perplexity(step, windows)
-                ppl_rows.append({"domain": domain, "format": f, "windows": len(windows), "tokens": windows.numel(),
-                                 "perplexity": round(ppl, 4)})  # fmt: skip
+                ppl_rows.append(
+                    {
+                        "domain": domain,
+                        "format": f,
+                        "windows": len(windows),
+                        "tokens": windows.numel(),
+                        "perplexity": round(ppl, 4),
+                    }
+                )
                 print(f"perplexity, {domain} domain, fused {f}: {ppl:.4f}", flush=True)
         for r in ppl_rows:
             base = next(q["perplexity"] for q in ppl_rows if q["domain"] == r["domain"] and q["format"] == "float32")
@@ -342,43 +394,101 @@ def main(args: argparse.Namespace) -> int:
 def report(args, rows: list[dict], floor_rows: list[dict], ppl_rows: list[dict]) -> None:
     out = args.out
     info = machine_info()
-    header = (f"SmolLM2-135M: the teacher against its linearised student ({args.mode}), batch 1, greedy; median of "
-              f"{args.tokens} decode steps per decoder (taking turns) after a prefill\n\n"
-              f"Machine: {info['cpu']} ({info['cores']} cores, {info['threads']} threads), torch {info['torch']}; "
-              f"{time.strftime('%Y-%m-%d')}; command: {getattr(args, 'command_line', '')}\n"
-              + "".join(f"{line}\n" for line in isa_lines()) + "\n")  # fmt: skip
+    header = (
+        f"SmolLM2-135M: the teacher against its linearised student ({args.mode}), batch 1, greedy; median of "
+        f"{args.tokens} decode steps per decoder (taking turns) after a prefill\n\n"
+        f"Machine: {info['cpu']} ({info['cores']} cores, {info['threads']} threads), torch {info['torch']}; "
+        f"{time.strftime('%Y-%m-%d')}; command: {getattr(args, 'command_line', '')}\n"
+        + "".join(f"{line}\n" for line in isa_lines())
+        + "\n"
+    )
     decode = [r for r in rows if "decode_ms" in r]
     contexts = sorted({r["context"] for r in decode})
     names = list(dict.fromkeys(r["model"] for r in decode))
     table = "Decode, ms per token (median; the min in parentheses):\n\n" + markdown_table(
         ["decoder", *map(str, contexts)],
-        [[n, *[next((f"{fmt(r['decode_ms'], 1)} ({fmt(r['decode_ms_min'], 1)})" for r in decode
-                     if r["model"] == n and r["context"] == c), "") for c in contexts]] for n in names],
-    )  # fmt: skip
+        [
+            [
+                n,
+                *[
+                    next(
+                        (
+                            f"{fmt(r['decode_ms'], 1)} ({fmt(r['decode_ms_min'], 1)})"
+                            for r in decode
+                            if r["model"] == n and r["context"] == c
+                        ),
+                        "",
+                    )
+                    for c in contexts
+                ],
+            ]
+            for n in names
+        ],
+    )
     prefill = [r for r in rows if "prefill_s" in r]
     pnames = list(dict.fromkeys(r["model"] for r in prefill))
     table += "\n\nPrefill, tokens per second:\n\n" + markdown_table(
         ["model", *map(str, contexts)],
-        [[n, *[next((fmt(r["prefill_tokens_per_s"], 0) for r in prefill if r["model"] == n and r["context"] == c), "")
-               for c in contexts]] for n in pnames],
-    )  # fmt: skip
+        [
+            [
+                n,
+                *[
+                    next(
+                        (fmt(r["prefill_tokens_per_s"], 0) for r in prefill if r["model"] == n and r["context"] == c),
+                        "",
+                    )
+                    for c in contexts
+                ],
+            ]
+            for n in pnames
+        ],
+    )
     table += "\n\nThe fused step against the bandwidth floor (its weights read once per token):\n\n" + markdown_table(
-        ["format", "weights MB", "floor ms", f"through forward, ms (context {min(contexts)})", "x floor",
-         "C call alone, ms", "x floor"],
-        [[r["format"], fmt(r["weight_mb"], 1), fmt(r["floor_ms"], 2), fmt(r["fused_ms"], 2), fmt(r["times_floor"], 2),
-          fmt(r["c_call_ms"], 2), fmt(r["c_call_times_floor"], 2)] for r in floor_rows],
-    )  # fmt: skip
+        [
+            "format",
+            "weights MB",
+            "floor ms",
+            f"through forward, ms (context {min(contexts)})",
+            "x floor",
+            "C call alone, ms",
+            "x floor",
+        ],
+        [
+            [
+                r["format"],
+                fmt(r["weight_mb"], 1),
+                fmt(r["floor_ms"], 2),
+                fmt(r["fused_ms"], 2),
+                fmt(r["times_floor"], 2),
+                fmt(r["c_call_ms"], 2),
+                fmt(r["c_call_times_floor"], 2),
+            ]
+            for r in floor_rows
+        ],
+    )
     if ppl_rows:
         table += "\n\nHeld-out perplexity through the fused step, per weight format:\n\n" + markdown_table(
             ["domain", "format", "windows x tokens", "perplexity", "/ float32"],
-            [[r["domain"], r["format"], f"{r['windows']} x {r['tokens'] // r['windows']}", fmt(r["perplexity"], 3),
-              fmt(r["vs_float32"], 4)] for r in ppl_rows],
-        )  # fmt: skip
+            [
+                [
+                    r["domain"],
+                    r["format"],
+                    f"{r['windows']} x {r['tokens'] // r['windows']}",
+                    fmt(r["perplexity"], 3),
+                    fmt(r["vs_float32"], 4),
+                ]
+                for r in ppl_rows
+            ],
+        )
     (out / "table.md").write_text(header + table + "\n")
     from ..results import provenance
 
-    record = {"command": getattr(args, "command_line", ""), "options": {k: str(v) for k, v in vars(args).items()},
-              "machine": info, "provenance": provenance()}  # fmt: skip
+    record = {
+        "command": getattr(args, "command_line", ""),
+        "options": {k: str(v) for k, v in vars(args).items()},
+        "machine": info,
+        "provenance": provenance(),
+    }
     (out / "run.json").write_text(json.dumps(record, indent=1))
     import matplotlib
 

@@ -56,8 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def read_documents(folder: Path, max_len: int) -> list[bytes]:
     """Every non-blank paragraph of every file under `folder`, as bytes, cut at max_len."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"--docs {folder} is not a folder (Debian: apt-get install python3.11-doc; or pass a "
-                                "folder of text files)")  # fmt: skip
+        raise FileNotFoundError(
+            f"--docs {folder} is not a folder (Debian: apt-get install python3.11-doc; or pass a folder of text files)"
+        )
     docs = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -131,8 +132,15 @@ def main(args: argparse.Namespace) -> int:
     docs = read_documents(args.docs, args.max_len)
     lengths = sorted(len(d) for d in docs)
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(vocab_size=256, d_model=args.d_model, n_layers=args.n_layers, n_heads=4, d_ff=4 * args.d_model,
-                      max_len=args.max_len, attention="causal-linear")  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=256,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        n_heads=4,
+        d_ff=4 * args.d_model,
+        max_len=args.max_len,
+        attention="causal-linear",
+    )
     model = CausalTransformer(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     plan = batches(docs, args.batch, args.rounds, args.seed)
@@ -143,9 +151,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} threads")
     for line in isa_lines():
         print(line)
-    print(f"{len(docs)} documents from {args.docs}: median {statistics.median(lengths):.0f} bytes, 90th percentile "
-          f"{lengths[int(0.9 * (len(lengths) - 1))]}, longest {lengths[-1]}; packed = padded verified "
-          f"(largest relative difference {err:.1e})", flush=True)  # fmt: skip
+    print(
+        f"{len(docs)} documents from {args.docs}: median {statistics.median(lengths):.0f} bytes, 90th percentile "
+        f"{lengths[int(0.9 * (len(lengths) - 1))]}, longest {lengths[-1]}; packed = padded verified "
+        f"(largest relative difference {err:.1e})",
+        flush=True,
+    )
     rows = []
     for r in range(args.rounds + 1):  # round 0 warms up
         for mode in MODES:
@@ -156,8 +167,16 @@ def main(args: argparse.Namespace) -> int:
             optimizer.step()
             seconds = time.perf_counter() - t0
             if r:
-                rows.append({"mode": mode, "round": r, "seconds": seconds, "real_tokens": real,
-                             "computed_tokens": computed, "tokens_per_s": real / seconds})  # fmt: skip
+                rows.append(
+                    {
+                        "mode": mode,
+                        "round": r,
+                        "seconds": seconds,
+                        "real_tokens": real,
+                        "computed_tokens": computed,
+                        "tokens_per_s": real / seconds,
+                    }
+                )
     summary = []
     for mode in MODES:
         mine = [x for x in rows if x["mode"] == mode]
@@ -169,9 +188,11 @@ def main(args: argparse.Namespace) -> int:
     write_csv(args.out / "packed.csv", rows)
     table = markdown_table(
         ["batches", "real tokens/s (median)", "best", "x padded", "padding share"],
-        [[s["mode"], fmt(s["median"], 0), fmt(s["best"], 0), fmt(s["median"] / base, 2), f"{s['padding']:.0%}"]
-         for s in summary],
-    )  # fmt: skip
+        [
+            [s["mode"], fmt(s["median"], 0), fmt(s["best"], 0), fmt(s["median"] / base, 2), f"{s['padding']:.0%}"]
+            for s in summary
+        ],
+    )
     header = (
         f"One optimiser step on {args.batch} documents (paragraphs of {args.docs}, cut at {args.max_len} bytes), "
         f"causal-linear CausalTransformer d_model {args.d_model}, {args.n_layers} layers, {args.rounds} rounds "

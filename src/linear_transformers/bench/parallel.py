@@ -202,11 +202,20 @@ def main(args: argparse.Namespace) -> int:
                 threads = max(1, args.threads // W)
                 r = _spawn(_worker, W, kind, T, args.heads, args.dim, repeats, threads, i == 0)
                 if i == 0 and not r["error"] < 1e-4:
-                    raise SystemExit(f"verification failed: {kind} on {W} ranks differs from one process "
-                                     f"(relative error {r['error']:.2e})")  # fmt: skip
-                row = {"kind": kind, "T": T, "ranks": W, "threads_per_rank": threads,
-                       "median_s": statistics.median(r["times"]), "best_s": min(r["times"]),
-                       "peak_rss_gib_per_rank": r["peak"] / 2**30, "verified_error": r["error"]}  # fmt: skip
+                    raise SystemExit(
+                        f"verification failed: {kind} on {W} ranks differs from one process "
+                        f"(relative error {r['error']:.2e})"
+                    )
+                row = {
+                    "kind": kind,
+                    "T": T,
+                    "ranks": W,
+                    "threads_per_rank": threads,
+                    "median_s": statistics.median(r["times"]),
+                    "best_s": min(r["times"]),
+                    "peak_rss_gib_per_rank": r["peak"] / 2**30,
+                    "verified_error": r["error"],
+                }
                 rows.append(row)
                 verified = f", verified ({r['error']:.1e})" if i == 0 else ""
                 peak = row["peak_rss_gib_per_rank"]
@@ -224,15 +233,34 @@ def main(args: argparse.Namespace) -> int:
     base = {(r["kind"], r["T"]): r["median_s"] for r in rows if r["ranks"] == 1}
     table = markdown_table(
         ["kind", "T", "ranks", "median s", "best s", "speed-up", "peak GiB per rank"],
-        [[r["kind"], str(r["T"]), str(r["ranks"]), fmt(r["median_s"], 3), fmt(r["best_s"], 3),
-          fmt(base[(r["kind"], r["T"])] / r["median_s"], 2) if (r["kind"], r["T"]) in base else "-",
-          fmt(r["peak_rss_gib_per_rank"], 2)] for r in rows],
-    )  # fmt: skip
+        [
+            [
+                r["kind"],
+                str(r["T"]),
+                str(r["ranks"]),
+                fmt(r["median_s"], 3),
+                fmt(r["best_s"], 3),
+                fmt(base[(r["kind"], r["T"])] / r["median_s"], 2) if (r["kind"], r["T"]) in base else "-",
+                fmt(r["peak_rss_gib_per_rank"], 2),
+            ]
+            for r in rows
+        ],
+    )
     model_table = markdown_table(
         ["ranks", "tokens per rank", "compute s", "exchanged KiB per rank", "exchange s", "projected s", "efficiency"],
-        [[str(p["ranks"]), str(p["tokens_per_rank"]), fmt(p["compute_s"], 4), fmt(p["exchanged_kib"], 1),
-          fmt(p["exchange_s"], 5), fmt(p["projected_s"], 4), f"{p['efficiency']:.0%}"] for p in projected],
-    )  # fmt: skip
+        [
+            [
+                str(p["ranks"]),
+                str(p["tokens_per_rank"]),
+                fmt(p["compute_s"], 4),
+                fmt(p["exchanged_kib"], 1),
+                fmt(p["exchange_s"], 5),
+                fmt(p["projected_s"], 4),
+                f"{p['efficiency']:.0%}",
+            ]
+            for p in projected
+        ],
+    )
     header = (
         f"Context parallelism, B=1 H={args.heads} D={args.dim} float32, forward + backward, {args.threads} threads "
         f"shared by the ranks, gloo on loopback, median of {repeats}; {info['cpu']}, torch {info['torch']}\n"
@@ -260,9 +288,17 @@ def project(rows: list[dict], T: int, gather_s: float, numbers: int) -> list[dic
     for W in (1, 2, 4, 8, 16, 32, 64):
         exchange = 0.0 if W == 1 else 2 * gather_s * (W - 1)
         t = compute / W + exchange
-        out.append({"ranks": W, "tokens_per_rank": T // W, "compute_s": compute / W,
-                    "exchanged_kib": 2 * W * numbers * 4 / 1024 if W > 1 else 0.0, "exchange_s": exchange,
-                    "projected_s": t, "efficiency": compute / (W * t)})  # fmt: skip
+        out.append(
+            {
+                "ranks": W,
+                "tokens_per_rank": T // W,
+                "compute_s": compute / W,
+                "exchanged_kib": 2 * W * numbers * 4 / 1024 if W > 1 else 0.0,
+                "exchange_s": exchange,
+                "projected_s": t,
+                "efficiency": compute / (W * t),
+            }
+        )
     return out
 
 

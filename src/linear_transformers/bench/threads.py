@@ -90,8 +90,16 @@ def measure(build_name: str, N: int, repeats: int) -> list[dict]:
             for timed, after in cases:
                 prev = before[after] or calls[(after, bwd)]
                 prev()
-                rows.append({"build": build_name, "phase": phase, "timed": timed, "after": after, "round": r,
-                             "ms": _time(calls[(timed, bwd)])})  # fmt: skip
+                rows.append(
+                    {
+                        "build": build_name,
+                        "phase": phase,
+                        "timed": timed,
+                        "after": after,
+                        "round": r,
+                        "ms": _time(calls[(timed, bwd)]),
+                    }
+                )
     return rows
 
 
@@ -99,8 +107,10 @@ def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[float]] = {}
     for r in rows:
         groups.setdefault((r["build"], r["phase"], r["timed"], r["after"]), []).append(r["ms"])
-    return [{"build": b, "phase": p, "timed": t, "after": a, "median_ms": statistics.median(xs), "best_ms": min(xs)}
-            for (b, p, t, a), xs in groups.items()]  # fmt: skip
+    return [
+        {"build": b, "phase": p, "timed": t, "after": a, "median_ms": statistics.median(xs), "best_ms": min(xs)}
+        for (b, p, t, a), xs in groups.items()
+    ]
 
 
 def plot(summary: list[dict], path: Path, title: str) -> bool:
@@ -163,9 +173,11 @@ def main(args: argparse.Namespace) -> int:
     write_csv(args.out / "threads.csv", rows)
     table = markdown_table(
         ["build", "phase", "timed", "right after", "median ms", "best ms"],
-        [[r["build"], r["phase"], r["timed"], r["after"], fmt(r["median_ms"], 1), fmt(r["best_ms"], 1)]
-         for r in summary],
-    )  # fmt: skip
+        [
+            [r["build"], r["phase"], r["timed"], r["after"], fmt(r["median_ms"], 1), fmt(r["best_ms"], 1)]
+            for r in summary
+        ],
+    )
     header = (
         f"The attention kernel after other work, B=1 H=8 D=64 N={N} float32, {args.threads} threads, "
         f"{repeats} rounds; {info['cpu']}, torch {info['torch']}\n"

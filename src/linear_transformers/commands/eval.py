@@ -51,8 +51,15 @@ def run_eval(cfg: EvalConfig) -> float:
         )
     d = datasets.load(t["data"], data_path, size=t["image_size"], levels=t["levels"], seq_len=t["seq_len"])
     # (the device it trained on may not be here: the evaluation's own)
-    train_cfg = TrainConfig(**{**t, "batch_size": cfg.batch_size, "conditional": bool(model.cfg.n_classes),
-                               "device": str(device), "data_path": data_path or ""})  # fmt: skip
+    train_cfg = TrainConfig(
+        **{
+            **t,
+            "batch_size": cfg.batch_size,
+            "conditional": bool(model.cfg.n_classes),
+            "device": str(device),
+            "data_path": data_path or "",
+        }
+    )
     n = d.n_items("test")
     # text: non-overlapping windows of the model's length (every character scored once, each window
     # from the start token); images: every test image
@@ -62,8 +69,7 @@ def run_eval(cfg: EvalConfig) -> float:
     bpd = evaluate(model, d, train_cfg, device, batches, stride=stride, progress=True)
     scored = min(batches * cfg.batch_size, windows)
     if d.is_text:
-        print(f"{d.name} test: {bpd:.4f} bits/char over {scored} non-overlapping windows of {t['seq_len']} "
-              f"characters")  # fmt: skip
+        print(f"{d.name} test: {bpd:.4f} bits/char over {scored} non-overlapping windows of {t['seq_len']} characters")
     else:
         print(f"{d.name} test: {bpd:.4f} bits/dim over {scored} images")
     return bpd

@@ -50,7 +50,9 @@ def main(args: argparse.Namespace) -> int:
     }
     for kind, choose in verdicts.items():
         faster = choose()
-        print(f"{kind}: the compiled kernel {'is' if faster else 'is not'} the faster here "
-              f"({torch.get_num_threads()} threads)")  # fmt: skip
+        print(
+            f"{kind}: the compiled kernel {'is' if faster else 'is not'} the faster here "
+            f"({torch.get_num_threads()} threads)"
+        )
     print(f"ready in {time.perf_counter() - start:.1f} s")
     return 0

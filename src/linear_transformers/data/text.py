@@ -23,8 +23,9 @@ def read_text(path: str | Path) -> str:
                     raise ValueError(f"{path}: the archive holds no .txt files")
                 return "\n".join(tar.extractfile(m).read().decode("utf-8", errors="replace") for m in members)
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise ValueError(f"{path}: not a readable tar archive ({type(e).__name__}): a damaged or unfinished "
-                             "download?") from None  # fmt: skip
+            raise ValueError(
+                f"{path}: not a readable tar archive ({type(e).__name__}): a damaged or unfinished download?"
+            ) from None
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

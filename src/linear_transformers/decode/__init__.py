@@ -57,8 +57,9 @@ class DecodeConfig:
         if self.max_batch < 0:
             raise ValueError(f"DecodeConfig: max_batch must be >= 0, got {self.max_batch}")
         if self.weights not in (torch.float32, torch.bfloat16, torch.int8):
-            raise ValueError(f"DecodeConfig: weights must be torch.float32, torch.bfloat16 or torch.int8, got "
-                             f"{self.weights}")  # fmt: skip
+            raise ValueError(
+                f"DecodeConfig: weights must be torch.float32, torch.bfloat16 or torch.int8, got {self.weights}"
+            )
         if self.dot not in (torch.float32, torch.bfloat16):
             raise ValueError(f"DecodeConfig: dot must be torch.float32 or torch.bfloat16, got {self.dot}")
         if self.dot == torch.bfloat16 and self.weights != torch.bfloat16:
@@ -104,8 +105,10 @@ def why_not_fused(model, device: torch.device) -> str | None:
         return f"it is for generation on the CPU; the device is {device}"
     if model.step_weights() is None:
         cfg = model.cfg
-        return (f"it computes causal-linear attention with one of the feature maps {', '.join(fused.FEATURE_MAPS)} "
-                f"and plain layers; this model has {cfg.attention}, {cfg.feature_map}")  # fmt: skip
+        return (
+            f"it computes causal-linear attention with one of the feature maps {', '.join(fused.FEATURE_MAPS)} "
+            f"and plain layers; this model has {cfg.attention}, {cfg.feature_map}"
+        )
     if not fused.available():
         return f"the CPU kernel is unavailable: {fused.unavailable_reason()}"
     return None
@@ -234,8 +237,14 @@ class Sampling:
 class _Recurrent:
     """Per call: feed the token before t (the prefill's parameters serve the first), sample token t."""
 
-    def __init__(self, model: CausalTransformer, params: torch.Tensor, state: ModelState, sampling: Sampling,
-                 fused_step: fused.FusedModelStep | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: CausalTransformer,
+        params: torch.Tensor,
+        state: ModelState,
+        sampling: Sampling,
+        fused_step: fused.FusedModelStep | None,
+    ) -> None:
         self.model, self.params, self.state, self.sampling, self.fused = model, params, state, sampling, fused_step
 
     def advance(self, out: torch.Tensor, t: int, end: int) -> int:
@@ -284,14 +293,21 @@ class _Recompute:
         return t + 1
 
 
-def stepper(model: CausalTransformer, out: torch.Tensor, T0: int, mode: str, labels, padding, sampling: Sampling,
-            config: DecodeConfig):  # fmt: skip
+def stepper(
+    model: CausalTransformer,
+    out: torch.Tensor,
+    T0: int,
+    mode: str,
+    labels,
+    padding,
+    sampling: Sampling,
+    config: DecodeConfig,
+):
     """The stepper that fills out[:, T0:] (the one place the way of generating is chosen)."""
     if mode == "recompute":
         return _Recompute(model, labels, padding, sampling)
     params, state = model.prefill(out[:, :T0], labels, None if padding is None else padding[:, :T0])
     step = fused_step(model, out.shape[0], state, config)
-    direct = model.cfg.head == "mol" and model.head.draws_directly(sampling.temperature, sampling.top_k,
-                                                                     sampling.top_p)  # fmt: skip
+    direct = model.cfg.head == "mol" and model.head.draws_directly(sampling.temperature, sampling.top_k, sampling.top_p)
     kind = _FusedMixture if step is not None and direct else _Recurrent
     return kind(model, params, state, sampling, step)

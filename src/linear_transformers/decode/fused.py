@@ -48,8 +48,10 @@ def check_layout(lib: ctypes.CDLL) -> None:
     native.check_struct(lib.lt_model_layout, _LtModel, "lt_model in model_step.h")
 
 
-SOURCES = [Path(__file__).parent / name for name in
-           ("model_step.h", "model_step.c", "mol_sample.c", "read_probe.c", "vec.h", "gemv.h")]  # fmt: skip
+SOURCES = [
+    Path(__file__).parent / name
+    for name in ("model_step.h", "model_step.c", "mol_sample.c", "read_probe.c", "vec.h", "gemv.h")
+]
 native.register(LIBRARY, [*SOURCES, native.SIMD_H], "any", _set_signatures)
 
 
@@ -71,16 +73,33 @@ class _LtModel(ctypes.Structure):
     """Mirror of lt_model in model_step.h (checked against the library's own layout when it loads)."""
 
     _fields_ = [
-        *[(name, ctypes.c_int) for name in ("n_layers", "d", "n_heads", "dk", "dv", "dff", "pre_norm", "feature_map",
-                                            "bf16")],
+        *[
+            (name, ctypes.c_int)
+            for name in ("n_layers", "d", "n_heads", "dk", "dv", "dff", "pre_norm", "feature_map", "bf16")
+        ],
         ("ln_eps", ctypes.c_float),
         ("attn_eps", ctypes.c_float),
-        *[(name, ctypes.POINTER(ctypes.c_void_p)) for name in ("ln1_w", "ln1_b", "qkv_w", "qkv_b", "out_w", "out_b",
-                                                               "ln2_w", "ln2_b", "ff1_w", "ff1_b", "ff2_w", "ff2_b")],
+        *[
+            (name, ctypes.POINTER(ctypes.c_void_p))
+            for name in (
+                "ln1_w",
+                "ln1_b",
+                "qkv_w",
+                "qkv_b",
+                "out_w",
+                "out_b",
+                "ln2_w",
+                "ln2_b",
+                "ff1_w",
+                "ff1_b",
+                "ff2_w",
+                "ff2_b",
+            )
+        ],
         *[(name, ctypes.c_int) for name in ("vocab", "max_len", "n_params")],
         ("norm_eps", ctypes.c_float),
         *[(name, ctypes.c_void_p) for name in ("embed", "pos", "norm_w", "norm_b", "head_w", "head_b")],
-    ]  # fmt: skip
+    ]
 
 
 # feature maps the C step computes (name -> its code in model_step.c)
@@ -186,18 +205,35 @@ class FusedModelStep:
             # the bytes to stream per token
             from .llama import convert
 
-            layers = [{k: convert(t, weights) if k in self.PROJECTIONS else t for k, t in layer.items()}
-                      for layer in layers]  # fmt: skip
+            layers = [
+                {k: convert(t, weights) if k in self.PROJECTIONS else t for k, t in layer.items()} for layer in layers
+            ]
         self.layers, self.io = layers, dict(io)  # keeps every tensor the C side points into alive
         vocab, n_params = io["embed"].shape[0], io["head_w"].shape[0]
         max_len = io["pos"].shape[0] if io["pos"] is not None else 2**31 - 1
-        self.arrays = {name: (ctypes.c_void_p * len(layers))(*[layer[name].data_ptr() for layer in layers])
-                       for name in self.WEIGHTS}  # fmt: skip
-        self.model = _LtModel(len(layers), d, n_heads, dk, dv, dff, int(pre_norm), FEATURE_MAPS[feature_map],
-                              {torch.float32: 0, torch.bfloat16: 1, torch.int8: 3}[weights] if dot == torch.float32
-                              else 2, ln_eps, attn_eps,
-                              *[self.arrays[name] for name in self.WEIGHTS], vocab, max_len, n_params, norm_eps,
-                              *[_ptr(io[name]) for name in self.IO])  # fmt: skip
+        self.arrays = {
+            name: (ctypes.c_void_p * len(layers))(*[layer[name].data_ptr() for layer in layers])
+            for name in self.WEIGHTS
+        }
+        self.model = _LtModel(
+            len(layers),
+            d,
+            n_heads,
+            dk,
+            dv,
+            dff,
+            int(pre_norm),
+            FEATURE_MAPS[feature_map],
+            {torch.float32: 0, torch.bfloat16: 1, torch.int8: 3}[weights] if dot == torch.float32 else 2,
+            ln_eps,
+            attn_eps,
+            *[self.arrays[name] for name in self.WEIGHTS],
+            vocab,
+            max_len,
+            n_params,
+            norm_eps,
+            *[_ptr(io[name]) for name in self.IO],
+        )
         self.weights, self.dot = weights, dot
         self.vocab, self.max_len, self.n_params = vocab, max_len, n_params
         self.width = n_heads * (2 * dk + dv) + n_heads * dv + dff + 2 * d
@@ -265,8 +301,16 @@ class FusedModelStep:
         tokens = tokens.to(torch.int64).contiguous()
         S_ptrs, z_ptrs = self._prepare(B, S, z)
         params = torch.empty(B, self.n_params, dtype=torch.float32)
-        status = load().lt_model_token_f32(ctypes.byref(self.model), B, tokens.data_ptr(), position, S_ptrs,
-                                                z_ptrs, self._work.data_ptr(), params.data_ptr())  # fmt: skip
+        status = load().lt_model_token_f32(
+            ctypes.byref(self.model),
+            B,
+            tokens.data_ptr(),
+            position,
+            S_ptrs,
+            z_ptrs,
+            self._work.data_ptr(),
+            params.data_ptr(),
+        )
         self._check(status, tokens, position)
         return params
 
@@ -289,8 +333,10 @@ class FusedModelStep:
         n, B, K = race.shape[0], first.shape[0], self.n_params // 3
         for name, t, shape in (("race", race, (n, B, K)), ("u", u, (n, B))):
             if t.shape != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-                raise ValueError(f"fused model step: {name} must be a contiguous float32 CPU tensor {list(shape)}, "
-                                 f"got {t.dtype} {list(t.shape)} on {t.device}")  # fmt: skip
+                raise ValueError(
+                    f"fused model step: {name} must be a contiguous float32 CPU tensor {list(shape)}, "
+                    f"got {t.dtype} {list(t.shape)} on {t.device}"
+                )
         if levels > self.vocab or position + n > self.max_len:
             raise ValueError(
                 f"fused model step: {n} tokens from position {position} with {levels} levels need "
@@ -301,9 +347,22 @@ class FusedModelStep:
         params = torch.empty(B, self.n_params, dtype=torch.float32)
         S_ptrs, z_ptrs = self._prepare(B, S, z)
         done = ctypes.c_int(0)
-        status = load().lt_generate_mol_f32(ctypes.byref(self.model), B, out.data_ptr(), position, n, S_ptrs, z_ptrs,
-                                            self._work.data_ptr(), params.data_ptr(), K, levels, race.data_ptr(),
-                                            u.data_ptr(), ctypes.byref(done))  # fmt: skip
+        status = load().lt_generate_mol_f32(
+            ctypes.byref(self.model),
+            B,
+            out.data_ptr(),
+            position,
+            n,
+            S_ptrs,
+            z_ptrs,
+            self._work.data_ptr(),
+            params.data_ptr(),
+            K,
+            levels,
+            race.data_ptr(),
+            u.data_ptr(),
+            ctypes.byref(done),
+        )
         if status == 3:
             raise ValueError(f"{_MOL_NOT_FINITE} (token {done.value + 1} of {n})")
         self._check(status, out[0], position)
@@ -332,11 +391,12 @@ def mol_sample(params: torch.Tensor, race: torch.Tensor, u: torch.Tensor, levels
     shapes = {"params": (params, (B, 3 * K)), "race": (race, (B, K)), "u": (u, (B,))}
     for name, (t, shape) in shapes.items():
         if t.shape != shape or t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"mol_sample: {name} must be a contiguous float32 CPU tensor {list(shape)}, got "
-                             f"{t.dtype} {list(t.shape)} on {t.device}")  # fmt: skip
+            raise ValueError(
+                f"mol_sample: {name} must be a contiguous float32 CPU tensor {list(shape)}, got "
+                f"{t.dtype} {list(t.shape)} on {t.device}"
+            )
     out = torch.empty(B, dtype=torch.int64)
-    status = load().lt_mol_sample_f32(B, K, levels, params.data_ptr(), race.data_ptr(), u.data_ptr(),
-                                            out.data_ptr())  # fmt: skip
+    status = load().lt_mol_sample_f32(B, K, levels, params.data_ptr(), race.data_ptr(), u.data_ptr(), out.data_ptr())
     if status < 0:
         raise ValueError(f"mol_sample: levels must be >= 2 and K >= 1, got {levels} and {K}")
     if status:
@@ -415,16 +475,27 @@ def from_model(model, weights: torch.dtype = torch.float32, dot: torch.dtype = t
     if found is None:
         return None
     key = weights_key(model, weights != torch.float32)
-    if any(t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous())
-           for t in _flat(found)):  # fmt: skip
+    if any(
+        t is not None and (t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous())
+        for t in _flat(found)
+    ):
         return None
     layers = [{k: t.detach() for k, t in layer.items()} for layer in found.layers]
     io = {k: None if t is None else t.detach() for k, t in found.io.items()}
     step = FusedModelStep(
-        layers, io, n_heads=found.n_heads, dk=found.dk, dv=found.dv, pre_norm=found.pre_norm,
-        feature_map=found.feature_map, ln_eps=found.ln_eps, norm_eps=found.norm_eps, attn_eps=found.attn_eps,
-        weights=weights, dot=dot,
-    )  # fmt: skip
+        layers,
+        io,
+        n_heads=found.n_heads,
+        dk=found.dk,
+        dv=found.dv,
+        pre_norm=found.pre_norm,
+        feature_map=found.feature_map,
+        ln_eps=found.ln_eps,
+        norm_eps=found.norm_eps,
+        attn_eps=found.attn_eps,
+        weights=weights,
+        dot=dot,
+    )
     step.key = key
     step.generation = _generation
     step.sources = [t for t in _flat(found) if t is not None]

@@ -41,13 +41,30 @@ class _LtLlama(ctypes.Structure):
     """Mirror of lt_llama in llama_step.h (checked against the library's layout when it loads)."""
 
     _fields_ = [
-        *[(n, ctypes.c_int) for n in ("n_layers", "d", "n_heads", "n_kv_heads", "head_dim", "dff", "vocab", "mode",
-                                      "feature_map", "n_features", "hh_m", "window", "sinks", "wkind")],
+        *[
+            (n, ctypes.c_int)
+            for n in (
+                "n_layers",
+                "d",
+                "n_heads",
+                "n_kv_heads",
+                "head_dim",
+                "dff",
+                "vocab",
+                "mode",
+                "feature_map",
+                "n_features",
+                "hh_m",
+                "window",
+                "sinks",
+                "wkind",
+            )
+        ],
         *[(n, ctypes.c_float) for n in ("rms_eps", "attn_eps", "rope_scale")],
         ("inv_freq", ctypes.c_void_p),
         *[(n, ctypes.POINTER(ctypes.c_void_p)) for n in (*PER_LAYER, *BIASES, *HEDGEHOG)],
         *[(n, ctypes.c_void_p) for n in ("embed", "final_norm", "head")],
-    ]  # fmt: skip
+    ]
 
 
 def check_layout(lib: ctypes.CDLL) -> None:
@@ -61,8 +78,17 @@ def _set_signatures(lib: ctypes.CDLL) -> None:
     lib.lt_llama_layout.restype = ctypes.c_int
     lib.lt_llama_work_size.argtypes = [ctypes.POINTER(_LtLlama), ctypes.c_int]
     lib.lt_llama_work_size.restype = ctypes.c_long
-    lib.lt_llama_token_f32.argtypes = [ctypes.POINTER(_LtLlama), ctypes.c_int, ptr, ptr, ctypes.c_long, *[ptr] * 6,
-                                       ptr, ctypes.c_long, ptr]  # fmt: skip
+    lib.lt_llama_token_f32.argtypes = [
+        ctypes.POINTER(_LtLlama),
+        ctypes.c_int,
+        ptr,
+        ptr,
+        ctypes.c_long,
+        *[ptr] * 6,
+        ptr,
+        ctypes.c_long,
+        ptr,
+    ]
     lib.lt_llama_token_f32.restype = ctypes.c_int
     check_layout(lib)
 
@@ -144,18 +170,23 @@ class FusedLlamaStep:
 
     def __init__(self, w: LlamaWeights, weights: torch.dtype = torch.float32, dot: torch.dtype = torch.float32):
         if (weights, dot) not in FORMATS:
-            raise ValueError(f"FusedLlamaStep: (weights, dot) must be one of {sorted(map(str, FORMATS))}, got "
-                             f"({weights}, {dot})")  # fmt: skip
+            raise ValueError(
+                f"FusedLlamaStep: (weights, dot) must be one of {sorted(map(str, FORMATS))}, got ({weights}, {dot})"
+            )
         lib = load()
         if lib is None:
             raise RuntimeError(f"FusedLlamaStep: the C step is unavailable: {unavailable_reason()}")
         if w.mode not in MODES or w.feature_map not in FEATURE_MAPS:
-            raise ValueError(f"FusedLlamaStep: mode {w.mode!r} / feature map {w.feature_map!r} are not computed in C "
-                             f"(modes {', '.join(MODES)}; maps {', '.join(FEATURE_MAPS)})")  # fmt: skip
+            raise ValueError(
+                f"FusedLlamaStep: mode {w.mode!r} / feature map {w.feature_map!r} are not computed in C "
+                f"(modes {', '.join(MODES)}; maps {', '.join(FEATURE_MAPS)})"
+            )
         for t in w.tensors():
             if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-                raise ValueError("FusedLlamaStep: every weight must be a contiguous float32 CPU tensor, got "
-                                 f"{t.dtype} {list(t.shape)} on {t.device}")  # fmt: skip
+                raise ValueError(
+                    "FusedLlamaStep: every weight must be a contiguous float32 CPU tensor, got "
+                    f"{t.dtype} {list(t.shape)} on {t.device}"
+                )
         d = w.embed.shape[1]
         dff = w.layers[0]["wg"].shape[0]
         self._check_shapes(w, d, dff)
@@ -170,8 +201,13 @@ class FusedLlamaStep:
         self.weights, self.dot, self.vocab = weights, dot, w.embed.shape[0]
         self.n_heads, self.head_dim, self.window, self.sinks = w.n_heads, w.head_dim, w.window, w.sinks
         self.mode = w.mode
-        layers = [{k: (convert(t, weights) if k in PROJECTIONS else None if t is None else t.detach())
-                   for k, t in layer.items()} for layer in w.layers]  # fmt: skip
+        layers = [
+            {
+                k: (convert(t, weights) if k in PROJECTIONS else None if t is None else t.detach())
+                for k, t in layer.items()
+            }
+            for layer in w.layers
+        ]
         head = w.head.detach() if weights == torch.float32 else convert(w.head, weights)
         self.held = (layers, w.embed.detach(), w.final_norm.detach(), head, w.inv_freq.detach())  # kept alive
         L = len(layers)
@@ -192,15 +228,36 @@ class FusedLlamaStep:
             F = 2 * hh_m
         self.n_features = F
         self.struct = _LtLlama(
-            L, d, w.n_heads, w.n_kv_heads, w.head_dim, dff, self.vocab, MODES[w.mode], FEATURE_MAPS[w.feature_map],
-            F, hh_m, w.window, w.sinks, FORMATS[(weights, dot)], w.rms_eps, w.attn_eps, w.rope_scale,
-            w.inv_freq.data_ptr(), *[self.arrays[n] for n in (*PER_LAYER, *BIASES, *HEDGEHOG)],
-            w.embed.data_ptr(), w.final_norm.data_ptr(), head.data_ptr(),
-        )  # fmt: skip
+            L,
+            d,
+            w.n_heads,
+            w.n_kv_heads,
+            w.head_dim,
+            dff,
+            self.vocab,
+            MODES[w.mode],
+            FEATURE_MAPS[w.feature_map],
+            F,
+            hh_m,
+            w.window,
+            w.sinks,
+            FORMATS[(weights, dot)],
+            w.rms_eps,
+            w.attn_eps,
+            w.rope_scale,
+            w.inv_freq.data_ptr(),
+            *[self.arrays[n] for n in (*PER_LAYER, *BIASES, *HEDGEHOG)],
+            w.embed.data_ptr(),
+            w.final_norm.data_ptr(),
+            head.data_ptr(),
+        )
         self._work: torch.Tensor | None = None
         self._arrays: tuple | None = None  # (the states' key, their pointer arrays) of the last call
-        self._used = {"linear": ("S", "z"), "hybrid": ("S", "z", "ring_k", "ring_v", "sink_k", "sink_v"),
-                      "window": ("ring_k", "ring_v", "sink_k", "sink_v")}[w.mode]  # fmt: skip
+        self._used = {
+            "linear": ("S", "z"),
+            "hybrid": ("S", "z", "ring_k", "ring_v", "sink_k", "sink_v"),
+            "window": ("ring_k", "ring_v", "sink_k", "sink_v"),
+        }[w.mode]
         self.generation = -1  # (set by the model's builder, with the sources: what `current` checks)
         self.sources: list[torch.Tensor] = []
         self.source_ptrs: list[int] = []
@@ -215,10 +272,25 @@ class FusedLlamaStep:
             raise ValueError(f"FusedLlamaStep: n_heads={H} must be a multiple of n_kv_heads={Hkv}, head_dim={D} even")
         hedgehog = w.feature_map == "hedgehog" and w.mode != "window"
         m = w.layers[0]["fq_w"].shape[-1] if hedgehog and w.layers[0]["fq_w"] is not None else 0
-        want = {"attn_norm": (d,), "mlp_norm": (d,), "wq": (H * D, d), "wk": (Hkv * D, d), "wv": (Hkv * D, d),
-                "wo": (d, H * D), "wg": (dff, d), "wu": (dff, d), "wd": (d, dff), "bq": (H * D,), "bk": (Hkv * D,),
-                "bv": (Hkv * D,), "bo": (d,), "fq_w": (H, D, m), "fq_b": (H, m), "fk_w": (H, D, m),
-                "fk_b": (H, m)}  # fmt: skip
+        want = {
+            "attn_norm": (d,),
+            "mlp_norm": (d,),
+            "wq": (H * D, d),
+            "wk": (Hkv * D, d),
+            "wv": (Hkv * D, d),
+            "wo": (d, H * D),
+            "wg": (dff, d),
+            "wu": (dff, d),
+            "wd": (d, dff),
+            "bq": (H * D,),
+            "bk": (Hkv * D,),
+            "bv": (Hkv * D,),
+            "bo": (d,),
+            "fq_w": (H, D, m),
+            "fq_b": (H, m),
+            "fk_w": (H, D, m),
+            "fk_b": (H, m),
+        }
         for i, layer in enumerate(w.layers):
             if hedgehog and any(layer.get(k) is None for k in HEDGEHOG):
                 raise ValueError(f"FusedLlamaStep: layer {i} lacks its Hedgehog feature-map weights")
@@ -227,10 +299,15 @@ class FusedLlamaStep:
                 if name in PER_LAYER and t is None:
                     raise ValueError(f"FusedLlamaStep: layer {i} lacks {name}")
                 if t is not None and (name not in HEDGEHOG or hedgehog) and tuple(t.shape) != shape:
-                    raise ValueError(f"FusedLlamaStep: layer {i}'s {name} must have shape {list(shape)}, "
-                                     f"got {list(t.shape)}")  # fmt: skip
-        around = {"embed": (w.embed, (V, d)), "final_norm": (w.final_norm, (d,)), "head": (w.head, (V, d)),
-                  "inv_freq": (w.inv_freq, (D // 2,))}  # fmt: skip
+                    raise ValueError(
+                        f"FusedLlamaStep: layer {i}'s {name} must have shape {list(shape)}, got {list(t.shape)}"
+                    )
+        around = {
+            "embed": (w.embed, (V, d)),
+            "final_norm": (w.final_norm, (d,)),
+            "head": (w.head, (V, d)),
+            "inv_freq": (w.inv_freq, (D // 2,)),
+        }
         for name, (t, shape) in around.items():
             if tuple(t.shape) != shape:
                 raise ValueError(f"FusedLlamaStep: {name} must have shape {list(shape)}, got {list(t.shape)}")
@@ -251,8 +328,14 @@ class FusedLlamaStep:
         """The six per-layer pointer arrays (S, z, ring_k, ring_v, sink_k, sink_v), each tensor checked
         when the states' tensors are not those of the previous call (their addresses and layouts)."""
         used = self._used
-        key = (B, [(t.data_ptr(), t.is_contiguous()) if t is not None else None
-                   for s in states for t in (getattr(s, n) for n in used)])  # fmt: skip
+        key = (
+            B,
+            [
+                (t.data_ptr(), t.is_contiguous()) if t is not None else None
+                for s in states
+                for t in (getattr(s, n) for n in used)
+            ],
+        )
         if self._arrays is not None and self._arrays[0] == key and len({s.seen for s in states}) == 1:
             return self._arrays[1]
         arrays = self._check_states(B, states)
@@ -264,8 +347,14 @@ class FusedLlamaStep:
         L = self.struct.n_layers
         if len(states) != L:
             raise ValueError(f"fused Llama step: one state per layer ({L}), got {len(states)}")
-        shapes = {"S": (B, H, F, D), "z": (B, H, F), "ring_k": (B, H, W, D), "ring_v": (B, H, W, D),
-                  "sink_k": (B, H, ns, D), "sink_v": (B, H, ns, D)}  # fmt: skip
+        shapes = {
+            "S": (B, H, F, D),
+            "z": (B, H, F),
+            "ring_k": (B, H, W, D),
+            "ring_v": (B, H, W, D),
+            "sink_k": (B, H, ns, D),
+            "sink_v": (B, H, ns, D),
+        }
         used = {"linear": ("S", "z"), "hybrid": tuple(shapes), "window": ("ring_k", "ring_v", "sink_k", "sink_v")}
         seen = {s.seen for s in states}
         if len(seen) != 1:
@@ -278,11 +367,18 @@ class FusedLlamaStep:
             ptrs = []
             for layer, s in enumerate(states):
                 t = getattr(s, name)
-                if t is None or t.shape != shape or t.dtype != torch.float32 or not t.is_contiguous() or (
-                        t.device.type != "cpu"):  # fmt: skip
+                if (
+                    t is None
+                    or t.shape != shape
+                    or t.dtype != torch.float32
+                    or not t.is_contiguous()
+                    or (t.device.type != "cpu")
+                ):
                     got = "None" if t is None else f"{t.dtype} {list(t.shape)} on {t.device}"
-                    raise ValueError(f"fused Llama step: layer {layer}'s state {name} must be a contiguous float32 "
-                                     f"CPU tensor {list(shape)}, got {got}")  # fmt: skip
+                    raise ValueError(
+                        f"fused Llama step: layer {layer}'s state {name} must be a contiguous float32 "
+                        f"CPU tensor {list(shape)}, got {got}"
+                    )
                 ptrs.append(t.data_ptr())
             out.append((ctypes.c_void_p * L)(*ptrs))
         return out
@@ -291,8 +387,10 @@ class FusedLlamaStep:
         """tokens [B] and positions [B] (RoPE's) -> logits [B, vocab]; `states` (one HybridState per
         layer, all having seen the same tokens) advance by one token, in place."""
         if tokens.dim() != 1 or positions.shape != tokens.shape:
-            raise ValueError(f"fused Llama step: tokens and positions must both be [B], got {list(tokens.shape)} "
-                             f"and {list(positions.shape)}")  # fmt: skip
+            raise ValueError(
+                f"fused Llama step: tokens and positions must both be [B], got {list(tokens.shape)} "
+                f"and {list(positions.shape)}"
+            )
         B = tokens.shape[0]
         tokens, positions = tokens.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
         arrays = self._state_arrays(B, states)
@@ -301,9 +399,17 @@ class FusedLlamaStep:
         if self._work is None or self._work.numel() < need:
             self._work = torch.empty(max(need, 1), dtype=torch.float32)
         logits = torch.empty(B, self.vocab, dtype=torch.float32)
-        status = lib.lt_llama_token_f32(ctypes.byref(self.struct), B, tokens.data_ptr(), positions.data_ptr(),
-                                        states[0].seen, *[_ptr_array(a) for a in arrays], self._work.data_ptr(),
-                                        self._work.numel(), logits.data_ptr())  # fmt: skip
+        status = lib.lt_llama_token_f32(
+            ctypes.byref(self.struct),
+            B,
+            tokens.data_ptr(),
+            positions.data_ptr(),
+            states[0].seen,
+            *[_ptr_array(a) for a in arrays],
+            self._work.data_ptr(),
+            self._work.numel(),
+            logits.data_ptr(),
+        )
         if status == 2:
             raise ValueError(
                 f"fused Llama step: tokens must lie in [0, {self.vocab}) and positions be >= 0, got tokens in "

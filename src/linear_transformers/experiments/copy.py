@@ -44,14 +44,24 @@ METHODS = {  # name -> ModelConfig fields
     "lsh-4": dict(attention="causal-lsh", lsh_hashes=4),
     "lsh-8": dict(attention="causal-lsh", lsh_hashes=8),
 }
-PAPER = dict(max_symbols=63, min_symbols=32, n_layers=4, n_heads=4, d_model=128, d_ff=512, lsh_buckets=8,
-             steps=10000, lr_drop_step=3000)  # fmt: skip
+PAPER = dict(
+    max_symbols=63,
+    min_symbols=32,
+    n_layers=4,
+    n_heads=4,
+    d_model=128,
+    d_ff=512,
+    lsh_buckets=8,
+    steps=10000,
+    lr_drop_step=3000,
+)
 
 
 @dataclass
 class CopySettings:
-    methods: tuple[str, ...] = option(("softmax", "linear", "lsh-1", "lsh-4"), "the attention of each model",
-                                      choices=list(METHODS))  # fmt: skip
+    methods: tuple[str, ...] = option(
+        ("softmax", "linear", "lsh-1", "lsh-4"), "the attention of each model", choices=list(METHODS)
+    )
     seeds: tuple[int, ...] = option((0, 1), "one run per method and seed")
     max_symbols: int = count(16, "longest string copied (the paper: 63, --paper; 128-token sequences)")
     min_symbols: int = count(8, "shortest string copied (a quarter of the sequence, as the authors' code)")
@@ -64,8 +74,9 @@ class CopySettings:
     batch: int = count(64, "sequences per training step")
     steps: int = count(5000, "training steps of every run")
     lr: float = option(1e-3, "learning rate (RAdam)")
-    lr_drop_step: int = option(4000, "the learning rate drops to --lr-after from this step (earlier froze linear "
-                               "short of softmax)")  # fmt: skip
+    lr_drop_step: int = option(
+        4000, "the learning rate drops to --lr-after from this step (earlier froze linear short of softmax)"
+    )
     lr_after: float = option(1e-4, "the learning rate after --lr-drop-step")
     eval_every: int = option(100, "steps between held-out evaluations")
     eval_batches: int = count(4, "held-out batches per evaluation")
@@ -76,8 +87,10 @@ class CopySettings:
 
 @dataclass
 class CopyRun(RunSwitches):
-    paper: bool = option(False, "the paper's task and budget: 128-token sequences, 4 layers x 4 heads of 32, 10000 "
-                         "updates, lr drop at 3000")  # fmt: skip
+    paper: bool = option(
+        False,
+        "the paper's task and budget: 128-token sequences, 4 layers x 4 heads of 32, 10000 updates, lr drop at 3000",
+    )
     out: Path | None = option(None, "default results/copy (--quick: results/copy-quick)")
 
 
@@ -96,9 +109,25 @@ def settings_from(args: argparse.Namespace) -> CopySettings:
     if args.paper:
         s = apply_preset(s, PAPER, given)
     if args.quick:
-        s = apply_preset(s, dict(max_symbols=8, min_symbols=1, n_layers=2, n_heads=2, d_model=16, d_ff=32, batch=8,
-                                 steps=12, lr_drop_step=8, eval_every=6, eval_batches=1, lsh_buckets=4, seeds=(0,)),
-                         given)  # fmt: skip
+        s = apply_preset(
+            s,
+            dict(
+                max_symbols=8,
+                min_symbols=1,
+                n_layers=2,
+                n_heads=2,
+                d_model=16,
+                d_ff=32,
+                batch=8,
+                steps=12,
+                lr_drop_step=8,
+                eval_every=6,
+                eval_batches=1,
+                lsh_buckets=4,
+                seeds=(0,),
+            ),
+            given,
+        )
     if not 1 <= s.min_symbols <= s.max_symbols:
         raise ValueError(f"copy: --min-symbols must be in 1 .. --max-symbols={s.max_symbols}, got {s.min_symbols}")
     if s.jobs < 1:
@@ -109,9 +138,15 @@ def settings_from(args: argparse.Namespace) -> CopySettings:
 
 def model_config(s: CopySettings, method: str) -> ModelConfig:
     return ModelConfig(
-        vocab_size=copy_data.vocab_size(s.n_symbols), max_len=copy_data.seq_len(s.max_symbols), d_model=s.d_model,
-        n_layers=s.n_layers, n_heads=s.n_heads, d_ff=s.d_ff, lsh_buckets=s.lsh_buckets, **METHODS[method],
-    )  # fmt: skip
+        vocab_size=copy_data.vocab_size(s.n_symbols),
+        max_len=copy_data.seq_len(s.max_symbols),
+        d_model=s.d_model,
+        n_layers=s.n_layers,
+        n_heads=s.n_heads,
+        d_ff=s.d_ff,
+        lsh_buckets=s.lsh_buckets,
+        **METHODS[method],
+    )
 
 
 def masked_loss_and_accuracy(model: CausalTransformer, tokens: torch.Tensor, mask: torch.Tensor):
@@ -162,10 +197,22 @@ def train_method(s: CopySettings, method: str, seed: int = 0, log=print, stop_af
             accuracy = sum(r[1].item() for r in results) / len(results)
             train_loss = sum(train_losses) / len(train_losses)
             train_losses = []
-            rows.append({"method": method, "seed": seed, "step": step, "train_loss": train_loss,
-                         "eval_loss": eval_loss, "eval_accuracy": accuracy, "train_seconds": elapsed})  # fmt: skip
-            log(f"  {method:8s} seed {seed}  step {step:6d}  train loss {train_loss:.4f}  held-out loss "
-                f"{eval_loss:.4f}  accuracy {accuracy:.4f}  {elapsed / step:.3f} s/step", flush=True)  # fmt: skip
+            rows.append(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "step": step,
+                    "train_loss": train_loss,
+                    "eval_loss": eval_loss,
+                    "eval_accuracy": accuracy,
+                    "train_seconds": elapsed,
+                }
+            )
+            log(
+                f"  {method:8s} seed {seed}  step {step:6d}  train loss {train_loss:.4f}  held-out loss "
+                f"{eval_loss:.4f}  accuracy {accuracy:.4f}  {elapsed / step:.3f} s/step",
+                flush=True,
+            )
     return rows if not stop_after else [{"train_seconds": elapsed, "step": stop_after}]
 
 
@@ -221,9 +268,11 @@ def plot(rows: list[dict], path: Path, s: CopySettings) -> None:
         ax.axvline(s.lr_drop_step, color="grey", lw=0.8, ls=":")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Copy task: strings of {s.min_symbols}-{s.max_symbols} symbols, {s.n_layers} layers, "
-                 f"{s.n_heads} heads of {s.d_model // s.n_heads}, batch {s.batch}; band: min-max over seeds",
-                 fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"Copy task: strings of {s.min_symbols}-{s.max_symbols} symbols, {s.n_layers} layers, "
+        f"{s.n_heads} heads of {s.d_model // s.n_heads}, batch {s.batch}; band: min-max over seeds",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -244,11 +293,29 @@ def summary(rows: list[dict]) -> str:
         reach = [steps_to(c, 0.99) for c in seeds.values()]
         reached = "/".join(str(x) if x is not None else "-" for x in reach)
         spread = lambda v, d: f"{fmt(sum(v) / len(v), d)} ({fmt(min(v), d)}-{fmt(max(v), d)})"  # noqa: E731
-        out.append([method, str(len(last)), str(last[0]["step"]), spread(loss, 4), spread(acc, 2), reached,
-                    fmt(sum(r["train_seconds"] / r["step"] for r in last) / len(last), 3)])  # fmt: skip
+        out.append(
+            [
+                method,
+                str(len(last)),
+                str(last[0]["step"]),
+                spread(loss, 4),
+                spread(acc, 2),
+                reached,
+                fmt(sum(r["train_seconds"] / r["step"] for r in last) / len(last), 3),
+            ]
+        )
     return markdown_table(
-        ["method", "seeds", "steps", "held-out loss, mean (min-max)", "held-out accuracy %, mean (min-max)",
-         "steps to 99% (per seed)", "s/step"], out)  # fmt: skip
+        [
+            "method",
+            "seeds",
+            "steps",
+            "held-out loss, mean (min-max)",
+            "held-out accuracy %, mean (min-max)",
+            "steps to 99% (per seed)",
+            "s/step",
+        ],
+        out,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -258,8 +325,10 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(s.threads)
     out.mkdir(parents=True, exist_ok=True)
     info = machine_info()
-    print(f"copy task on {info['cpu']} ({s.device}), {torch.get_num_threads()} threads, {s.jobs} job(s), "
-          f"torch {info['torch']}")  # fmt: skip
+    print(
+        f"copy task on {info['cpu']} ({s.device}), {torch.get_num_threads()} threads, {s.jobs} job(s), "
+        f"torch {info['torch']}"
+    )
     settings = {k: v for k, v in asdict(s).items() if k not in NOT_SETTINGS}
     runs = [(method, seed) for method in s.methods for seed in s.seeds]
     results: dict[tuple[str, int], list[dict]] = {}
@@ -268,21 +337,24 @@ def main(args: argparse.Namespace) -> int:
         done = out / f"{method}-seed{seed}.json"
         saved = None if args.fresh else load_finished(done, {**settings, "seed": seed})
         if saved is not None:
-            print(f"  {method}, seed {seed}: results exist in {done} (same settings), not trained again; "
-                  "--fresh retrains")  # fmt: skip
+            print(
+                f"  {method}, seed {seed}: results exist in {done} (same settings), not trained again; --fresh retrains"
+            )
             results[method, seed] = saved
         else:
             todo.append((method, seed, done))
     if todo:
         estimate = estimate_seconds(s, [(m, seed) for m, seed, _ in todo])
-        print(f"  training {len(todo)} run(s) of {s.steps} steps, estimated {estimate / 60:.1f} minutes here",
-              flush=True)  # fmt: skip
+        print(
+            f"  training {len(todo)} run(s) of {s.steps} steps, estimated {estimate / 60:.1f} minutes here", flush=True
+        )
     if s.jobs > 1 and len(todo) > 1:
         import multiprocessing
 
         with ProcessPoolExecutor(s.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {(m, seed): pool.submit(_run, s, m, seed, path, {**settings, "seed": seed})
-                       for m, seed, path in todo}  # fmt: skip
+            futures = {
+                (m, seed): pool.submit(_run, s, m, seed, path, {**settings, "seed": seed}) for m, seed, path in todo
+            }
             for key, future in futures.items():
                 results[key] = future.result()
     else:

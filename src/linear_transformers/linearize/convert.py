@@ -201,8 +201,12 @@ def linearize(model: nn.Module, cfg: LinearizeConfig | None = None) -> nn.Module
 
 def feature_map_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters attention transfer trains: every layer's feature maps."""
-    return [p for m in model.modules() if isinstance(m, LinearizedAttention)
-            for p in [*m.feature_map_q.parameters(), *m.feature_map_k.parameters()]]  # fmt: skip
+    return [
+        p
+        for m in model.modules()
+        if isinstance(m, LinearizedAttention)
+        for p in [*m.feature_map_q.parameters(), *m.feature_map_k.parameters()]
+    ]
 
 
 class LinearizedCache(Cache):

@@ -35,9 +35,12 @@ class FinetuneConfig:
     out: str = option("runs/lz-lora", "run folder: state.pt (resumable), result.json, model/")
     mode: str = option("", "override the student's mode (window: its linear part removed)", choices=("", *MODES))
     teacher: bool = option(False, "fine-tune the softmax teacher instead (the control run; data from --student's run)")
-    loss: str = option("next-token", "next-token (cross-entropy on the text) or distill (KL divergence to the "
-                       "teacher's next-token distribution, the teacher run alongside)",
-                       choices=("next-token", "distill"))  # fmt: skip
+    loss: str = option(
+        "next-token",
+        "next-token (cross-entropy on the text) or distill (KL divergence to the "
+        "teacher's next-token distribution, the teacher run alongside)",
+        choices=("next-token", "distill"),
+    )
     rank: int = count(8, "LoRA rank")
     alpha: float = option(16.0, "LoRA alpha")
     lr: float = option(1e-3, "AdamW learning rate")
@@ -53,8 +56,10 @@ class FinetuneConfig:
         if not 0 < self.lr < math.inf or not 0 <= self.minutes < math.inf:
             raise ValueError("finetune: --lr must be > 0 and --minutes >= 0")
         if self.teacher and (self.mode or self.loss == "distill"):
-            raise ValueError("finetune: --teacher fine-tunes the softmax teacher with next-token loss; "
-                             "--mode and --loss distill apply to a student")  # fmt: skip
+            raise ValueError(
+                "finetune: --teacher fine-tunes the softmax teacher with next-token loss; "
+                "--mode and --loss distill apply to a student"
+            )
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -96,8 +101,10 @@ def main(args: argparse.Namespace) -> int:
         model.config.linearize = {**model.config.linearize, "mode": cfg.mode}
     for prm in model.parameters():
         prm.requires_grad_(False)
-    model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=TARGETS,
-                                             lora_dropout=0.0, task_type="CAUSAL_LM"))  # fmt: skip
+    model = get_peft_model(
+        model,
+        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM"),
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     step, seconds, log = 0, 0.0, []
@@ -105,8 +112,11 @@ def main(args: argparse.Namespace) -> int:
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
         may_change = ("minutes", "steps", "threads", "eval_windows", "checkpoint_every", "student", "data", "out")
-        diffs = [f"--{k.replace('_', '-')} {v!r} (the run has {state['settings'].get(k)!r})"
-                 for k, v in asdict(cfg).items() if k not in may_change and state["settings"].get(k) != v]  # fmt: skip
+        diffs = [
+            f"--{k.replace('_', '-')} {v!r} (the run has {state['settings'].get(k)!r})"
+            for k, v in asdict(cfg).items()
+            if k not in may_change and state["settings"].get(k) != v
+        ]
         if diffs:
             raise ValueError(f"finetune: {out} was trained with other settings: {'; '.join(diffs)}")
         lora = state["lora"]
@@ -120,8 +130,17 @@ def main(args: argparse.Namespace) -> int:
     def save() -> None:
         lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         tmp = state_path.with_suffix(".tmp")
-        torch.save({"lora": lora, "optimizer": opt.state_dict(), "step": step, "seconds": seconds, "log": log,
-                    "settings": asdict(cfg)}, tmp)  # fmt: skip
+        torch.save(
+            {
+                "lora": lora,
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "seconds": seconds,
+                "log": log,
+                "settings": asdict(cfg),
+            },
+            tmp,
+        )
         os.replace(tmp, state_path)
 
     teacher = None
@@ -167,15 +186,24 @@ def main(args: argparse.Namespace) -> int:
     linearize = None if cfg.teacher else merged.config.linearize
     key = "teacher_lora_ppl" if cfg.teacher else PPL_KEYS[linearize["mode"]]
     tokens = step * data["train"].shape[1]
-    result = {"command": args.command_line,
-              "settings": asdict(cfg), "linearize": linearize, "stage": 2, "steps": step,
-              "tokens": tokens, "cpu_hours": round(seconds * torch.get_num_threads() / 3600, 3),
-              "wall_seconds": round(seconds, 1), "eval_windows": n,
-              key: perplexity(merged, data["held_out"][:n]),
-              "second_domain": {key: perplexity(merged, data["second_domain"][:n])},
-              "loss_first_last_20": [sum(r["loss"] for r in log[:20]) / max(1, len(log[:20])),
-                                     sum(r["loss"] for r in log[-20:]) / max(1, len(log[-20:]))],
-              "provenance": provenance()}  # fmt: skip
+    result = {
+        "command": args.command_line,
+        "settings": asdict(cfg),
+        "linearize": linearize,
+        "stage": 2,
+        "steps": step,
+        "tokens": tokens,
+        "cpu_hours": round(seconds * torch.get_num_threads() / 3600, 3),
+        "wall_seconds": round(seconds, 1),
+        "eval_windows": n,
+        key: perplexity(merged, data["held_out"][:n]),
+        "second_domain": {key: perplexity(merged, data["second_domain"][:n])},
+        "loss_first_last_20": [
+            sum(r["loss"] for r in log[:20]) / max(1, len(log[:20])),
+            sum(r["loss"] for r in log[-20:]) / max(1, len(log[-20:])),
+        ],
+        "provenance": provenance(),
+    }
     try:
         from transformers import AutoTokenizer
 
@@ -183,8 +211,9 @@ def main(args: argparse.Namespace) -> int:
 
         tok = AutoTokenizer.from_pretrained(cfg.student)
         _, teacher = load_teacher()
-        result["samples"] = greedy_samples({"teacher": teacher, "teacher + LoRA" if cfg.teacher else "student": merged},
-                                           tok)  # fmt: skip
+        result["samples"] = greedy_samples(
+            {"teacher": teacher, "teacher + LoRA" if cfg.teacher else "student": merged}, tok
+        )
     except (OSError, ValueError, FileNotFoundError) as e:  # (no tokenizer in the folder, no teacher installed)
         result["samples"] = f"not drawn: {e}"
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -41,8 +41,18 @@ class LinearLlamaForCausalLM(LlamaForCausalLM):
 
     decode_config = DecodeConfig()  # how generation steps on the CPU (set an instance's to change it)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, **kwargs):  # fmt: skip
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
         """LlamaForCausalLM's forward; one new token per row after a prefill (generate()'s steps) runs
         through the fused C step where it applies (step.fused_logits; self.decode_config chooses it
         and its weight format), the same logits."""
@@ -51,9 +61,17 @@ class LinearLlamaForCausalLM(LlamaForCausalLM):
         logits = fused_logits(self, input_ids, position_ids, cache, inputs_embeds, labels, kwargs)
         if logits is not None:
             return CausalLMOutputWithPast(logits=logits, cache=cache)
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                               logits_to_keep=logits_to_keep, **kwargs)  # fmt: skip
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         """generate() keeps a recurrent state, not a key/value cache."""

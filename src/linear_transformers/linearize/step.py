@@ -58,24 +58,50 @@ def llama_weights(model: nn.Module) -> llama.LlamaWeights | None:
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
         entry = {
-            "attn_norm": layer.input_layernorm.weight, "mlp_norm": layer.post_attention_layernorm.weight,
-            "wq": attn.q_proj.weight, "wk": attn.k_proj.weight, "wv": attn.v_proj.weight, "wo": attn.o_proj.weight,
-            "wg": mlp.gate_proj.weight, "wu": mlp.up_proj.weight, "wd": mlp.down_proj.weight,
-            "bq": attn.q_proj.bias, "bk": attn.k_proj.bias, "bv": attn.v_proj.bias, "bo": attn.o_proj.bias,
-            "fq_w": None, "fq_b": None, "fk_w": None, "fk_b": None,
-        }  # fmt: skip
+            "attn_norm": layer.input_layernorm.weight,
+            "mlp_norm": layer.post_attention_layernorm.weight,
+            "wq": attn.q_proj.weight,
+            "wk": attn.k_proj.weight,
+            "wv": attn.v_proj.weight,
+            "wo": attn.o_proj.weight,
+            "wg": mlp.gate_proj.weight,
+            "wu": mlp.up_proj.weight,
+            "wd": mlp.down_proj.weight,
+            "bq": attn.q_proj.bias,
+            "bk": attn.k_proj.bias,
+            "bv": attn.v_proj.bias,
+            "bo": attn.o_proj.bias,
+            "fq_w": None,
+            "fq_b": None,
+            "fk_w": None,
+            "fk_b": None,
+        }
         if cfg.feature_map == "hedgehog" and cfg.mode != "window":
-            entry.update(fq_w=attn.feature_map_q.weight, fq_b=attn.feature_map_q.bias,
-                         fk_w=attn.feature_map_k.weight, fk_b=attn.feature_map_k.bias)  # fmt: skip
+            entry.update(
+                fq_w=attn.feature_map_q.weight,
+                fq_b=attn.feature_map_q.bias,
+                fk_w=attn.feature_map_k.weight,
+                fk_b=attn.feature_map_k.bias,
+            )
         layers.append(entry)
     rotary = inner.rotary_emb
     return llama.LlamaWeights(
-        layers=layers, embed=inner.embed_tokens.weight, final_norm=inner.norm.weight, head=model.lm_head.weight,
-        inv_freq=rotary.inv_freq, n_heads=first.n_heads, n_kv_heads=first.n_kv_heads, head_dim=first.head_dim,
-        mode=cfg.mode, feature_map=cfg.feature_map, window=cfg.window, sinks=cfg.sinks,
-        rms_eps=float(inner.norm.variance_epsilon), attn_eps=float(cfg.eps),
+        layers=layers,
+        embed=inner.embed_tokens.weight,
+        final_norm=inner.norm.weight,
+        head=model.lm_head.weight,
+        inv_freq=rotary.inv_freq,
+        n_heads=first.n_heads,
+        n_kv_heads=first.n_kv_heads,
+        head_dim=first.head_dim,
+        mode=cfg.mode,
+        feature_map=cfg.feature_map,
+        window=cfg.window,
+        sinks=cfg.sinks,
+        rms_eps=float(inner.norm.variance_epsilon),
+        attn_eps=float(cfg.eps),
         rope_scale=float(getattr(rotary, "attention_scaling", 1.0)),
-    )  # fmt: skip
+    )
 
 
 # The fused steps built for each model, one per weight format (each rebuilt when the model's weights
@@ -105,8 +131,9 @@ def fused_step(model: nn.Module, config: DecodeConfig) -> llama.FusedLlamaStep |
             step.generation = fused.current_generation()
             return step
     found = llama_weights(model)
-    if found is None or any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
-                            for t in found.tensors()):  # fmt: skip
+    if found is None or any(
+        t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in found.tensors()
+    ):
         return None  # (a copy of a strided weight would not see the model's in-place updates)
     step = llama.FusedLlamaStep(found, config.weights, config.dot)
     step.generation = fused.current_generation()

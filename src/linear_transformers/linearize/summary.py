@@ -26,10 +26,18 @@ def summarize(folder: Path) -> dict:
     for path in sorted(folder.glob("*/result.json")):
         r = json.loads(path.read_text())
         mode = r["linearize"]["mode"] if r["linearize"] else "teacher"  # (finetune --teacher: the control)
-        runs.append({"run": path.parent.name, "stage": r.get("stage", 1), "mode": mode,
-                     "tokens": r["tokens"], "cpu_hours": r["cpu_hours"], "wall_seconds": r["wall_seconds"],
-                     "ppl": {k: r[k] for k in KEYS if k in r},
-                     "second_domain": {k: v for k, v in r["second_domain"].items() if k in KEYS}})  # fmt: skip
+        runs.append(
+            {
+                "run": path.parent.name,
+                "stage": r.get("stage", 1),
+                "mode": mode,
+                "tokens": r["tokens"],
+                "cpu_hours": r["cpu_hours"],
+                "wall_seconds": r["wall_seconds"],
+                "ppl": {k: r[k] for k in KEYS if k in r},
+                "second_domain": {k: v for k, v in r["second_domain"].items() if k in KEYS},
+            }
+        )
     if not runs:
         raise FileNotFoundError(f"summary: no */result.json under {folder}")
     out: dict = {"second_domain": {}, "stage": {}, "runs": runs}

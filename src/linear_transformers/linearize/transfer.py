@@ -92,8 +92,9 @@ class TransferConfig:
     out: str = option(
         "runs/linearize", "run folder: state.pt (resumable), result.json, table, curve; model/ at the end"
     )
-    mode: str = option("hybrid", "linear, hybrid (window + sinks + linear) or window (window + sinks alone)",
-                       choices=MODES)  # fmt: skip
+    mode: str = option(
+        "hybrid", "linear, hybrid (window + sinks + linear) or window (window + sinks alone)", choices=MODES
+    )
     feature_map: str = option("hedgehog", "the learned feature map, or a fixed baseline", choices=FEATURE_MAPS)
     window: int = count(64, "softmax window of hybrid and window")
     sinks: int = option(4, "first tokens always attended to (attention sinks)")
@@ -161,8 +162,7 @@ def attach_students(teacher, cfg: LinearizeConfig) -> list[LinearizedAttention]:
     students = []
     for i, layer in enumerate(teacher.model.layers):
         attn = layer.self_attn
-        student = LinearizedAttention(attn, cfg, teacher.config.num_attention_heads,
-                                      teacher.config.num_key_value_heads)  # fmt: skip
+        student = LinearizedAttention(attn, cfg, teacher.config.num_attention_heads, teacher.config.num_key_value_heads)
         student.layer_idx = i
 
         def hook(module, args, kwargs, output, student=student):
@@ -219,8 +219,13 @@ def main(args: argparse.Namespace) -> int:
 
     def save() -> None:
         maps = [{"q": s.feature_map_q.state_dict(), "k": s.feature_map_k.state_dict()} for s in students]
-        state = {"students": maps, "optimizer": opt.state_dict() if opt else {}, "step": step, "seconds": seconds,
-                 "log": log}  # fmt: skip
+        state = {
+            "students": maps,
+            "optimizer": opt.state_dict() if opt else {},
+            "step": step,
+            "seconds": seconds,
+            "log": log,
+        }
         tmp = state_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, state_path)
@@ -308,10 +313,17 @@ def evaluate(
         layer.self_attn._forward_hooks.clear()
     n = cfg.eval_windows
     held, second = data["held_out"][:n], data["second_domain"][:n]
-    result = {"command": command, "settings": asdict(cfg), "linearize": lin.to_dict(), "steps": step,
-              "tokens": step * cfg.seq_len, "cpu_hours": round(seconds * max(1, torch.get_num_threads()) / 3600, 3),
-              "wall_seconds": round(seconds, 1), "eval_windows": n,
-              "eval_tokens_per_domain": n * cfg.seq_len}  # fmt: skip
+    result = {
+        "command": command,
+        "settings": asdict(cfg),
+        "linearize": lin.to_dict(),
+        "steps": step,
+        "tokens": step * cfg.seq_len,
+        "cpu_hours": round(seconds * max(1, torch.get_num_threads()) / 3600, 3),
+        "wall_seconds": round(seconds, 1),
+        "eval_windows": n,
+        "eval_tokens_per_domain": n * cfg.seq_len,
+    }
     result["teacher_ppl"] = perplexity(teacher, held)
     result["curve_teacher_ppl"] = perplexity(teacher, data["held_out"][: cfg.curve_windows])  # the curve's windows
     result["second_domain"] = {"teacher_ppl": perplexity(teacher, second)}
@@ -364,12 +376,20 @@ def report(out: Path) -> None:
         w.writerow(["step", "tokens", "held_out_ppl"])
         for r in curve:
             w.writerow([r["step"], r["tokens"], r["held_out_ppl"]])
-    rows = [("teacher (softmax)", "teacher_ppl")] + [(n, k) for n, k in (("hybrid (window + sinks + linear)",
-            "hybrid_ppl"), ("window + sinks alone (linear part removed)", "window_only_ppl"),
-            ("pure linear", "linear_ppl")) if k in result]  # fmt: skip
+    rows = [("teacher (softmax)", "teacher_ppl")] + [
+        (n, k)
+        for n, k in (
+            ("hybrid (window + sinks + linear)", "hybrid_ppl"),
+            ("window + sinks alone (linear part removed)", "window_only_ppl"),
+            ("pure linear", "linear_ppl"),
+        )
+        if k in result
+    ]
     t = result["teacher_ppl"], result["second_domain"]["teacher_ppl"]
-    lines = ["| model | held-out ppl (python docs) | x teacher | second domain ppl (debian-reference) | x teacher |",
-             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| model | held-out ppl (python docs) | x teacher | second domain ppl (debian-reference) | x teacher |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, key in rows:
         a, b = result[key], result["second_domain"][key]
         lines.append(f"| {name} | {a:.2f} | {a / t[0]:.3f} | {b:.2f} | {b / t[1]:.3f} |")

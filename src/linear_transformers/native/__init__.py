@@ -86,8 +86,9 @@ def check_struct(layout: Callable, struct: type[ctypes.Structure], what: str) ->
     layout(values, n)
     ours = [ctypes.sizeof(struct)] + [getattr(struct, name).offset for name, _ in struct._fields_]
     if list(values) != ours:
-        raise RuntimeError(f"{struct.__name__} does not mirror {what} (size and offsets: C {list(values)}, "
-                           f"Python {ours})")  # fmt: skip
+        raise RuntimeError(
+            f"{struct.__name__} does not mirror {what} (size and offsets: C {list(values)}, Python {ours})"
+        )
 
 
 def registered() -> list[str]:
@@ -190,8 +191,13 @@ def verdict(kind: str, measure: Callable[[], tuple[float, float]], library: str)
             }
             if kernel_s == kernel_s:  # (a failed measurement is not kept)
                 build.store_verdict(loaded.build, what, stored)
-            build.log.info("timed %s in %.1f s: %s ms against PyTorch's %s ms", kind, time.perf_counter() - started,
-                           stored["kernel_ms"], stored["pytorch_ms"])  # fmt: skip
+            build.log.info(
+                "timed %s in %.1f s: %s ms against PyTorch's %s ms",
+                kind,
+                time.perf_counter() - started,
+                stored["kernel_ms"],
+                stored["pytorch_ms"],
+            )
     if not stored["faster"] and key not in _warned:
         _warned.add(key)
         warnings.warn(

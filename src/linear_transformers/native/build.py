@@ -288,8 +288,13 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: str
             pass  # rebuilt below
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    log.info("compiling the C library %s for %s with %s (once per machine; cached in %s) ...", name, level,
-             Path(cc).name, out.parent)  # fmt: skip
+    log.info(
+        "compiling the C library %s for %s with %s (once per machine; cached in %s) ...",
+        name,
+        level,
+        Path(cc).name,
+        out.parent,
+    )
     errors = []
     attempts = [(level_flags, omp) for level_flags in flag_sets for omp in _openmp_flags(clang, openmp)]
     for level_flags, omp in attempts:
@@ -305,8 +310,10 @@ def build(name: str, sources: dict[str, bytes], level: str, cc: str, openmp: str
                 digest = file_sha256(tmp_out)
                 os.replace(tmp_out, out)  # atomic: concurrent builders never see a partial file
                 result = Build(out, level, version, tuple(flags), bool(omp), openmp)
-                _write_json(info, {"flags": list(flags), "openmp": bool(omp), "compiler": version, "sha256": digest,
-                                   "verdicts": {}})  # fmt: skip
+                _write_json(
+                    info,
+                    {"flags": list(flags), "openmp": bool(omp), "compiler": version, "sha256": digest, "verdicts": {}},
+                )
                 log.info("compiled %s in %.1f s", name, time.perf_counter() - started)
                 return result
             errors.append(f"{' '.join(cmd)}\n{proc.stderr.strip()[-1500:]}")

@@ -255,8 +255,10 @@ def causal_linear_attention(
     check_chunk_size(fn, chunk_size)
     fixed = BACKENDS[backend].chunk if backend in BACKENDS else None
     if fixed is not None and chunk_size != fixed:
-        raise ValueError(f"{fn}: backend {backend!r} computes in chunks of {fixed}, not chunk_size={chunk_size}; "
-                         f"pass chunk_size={fixed} or another backend")  # fmt: skip
+        raise ValueError(
+            f"{fn}: backend {backend!r} computes in chunks of {fixed}, not chunk_size={chunk_size}; "
+            f"pass chunk_size={fixed} or another backend"
+        )
     chunk_size = min(chunk_size, max(q.shape[1], 1))
     impl = _causal_backend(fn, backend, q, v)
     if cu_seqlens is not None:
@@ -310,8 +312,10 @@ def context_parallel_causal_linear_attention(
 
     fn = "context_parallel_causal_linear_attention"
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{fn}: torch.distributed is not initialised (run under torchrun, or call "
-                           "torch.distributed.init_process_group first)")  # fmt: skip
+        raise RuntimeError(
+            f"{fn}: torch.distributed is not initialised (run under torchrun, or call "
+            "torch.distributed.init_process_group first)"
+        )
     check_qkv(fn, q, k, v, same_length=True)
     eps = check_eps(fn, eps)
     check_chunk_size(fn, chunk_size)
@@ -319,12 +323,15 @@ def context_parallel_causal_linear_attention(
     rank = dist.get_rank(group)
     if initial_state is not None:
         if rank != 0:
-            raise ValueError(f"{fn}: initial_state is the state before the whole sequence; pass it on the group's "
-                             f"first rank only, not on rank {rank}")  # fmt: skip
+            raise ValueError(
+                f"{fn}: initial_state is the state before the whole sequence; pass it on the group's "
+                f"first rank only, not on rank {rank}"
+            )
         _check_state(fn, initial_state, q, v)
     impl = _causal_backend(fn, backend, q, v)
-    out, state = parallel.causal(q, k, v, group, initial_state, eps, max(1, min(chunk_size, q.shape[1])),
-                                 partial(_run, impl))  # fmt: skip
+    out, state = parallel.causal(
+        q, k, v, group, initial_state, eps, max(1, min(chunk_size, q.shape[1])), partial(_run, impl)
+    )
     if not return_state:
         return out
     # the tokens seen: those of the earlier ranks (the first counting its initial state's) and ours

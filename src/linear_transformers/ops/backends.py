@@ -65,8 +65,15 @@ def _naive_forward(q, k, v, S0, z0, eps: float, chunk_size: int, save: bool) -> 
 
 
 def _kernel(module, **supports) -> Backend:
-    return Backend(module.NAME, module.run_forward, module.run_backward, module.Saved, module.saved_shapes,
-                   twice_differentiable=False, **supports)  # fmt: skip
+    return Backend(
+        module.NAME,
+        module.run_forward,
+        module.run_backward,
+        module.Saved,
+        module.saved_shapes,
+        twice_differentiable=False,
+        **supports,
+    )
 
 
 def _triton_candidate(q: torch.Tensor, v: torch.Tensor) -> bool:

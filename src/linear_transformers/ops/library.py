@@ -38,25 +38,45 @@ def _(q, k, v, S0, z0, eps, chunk_size, backend, save):
     empty = q.new_empty(0, dtype=acc)
     half = q.dtype != acc and BACKENDS[backend].keeps_float_output
     out_acc = q.new_empty(B, T, H, Dv, dtype=acc) if save and half else empty
-    saved = [q.new_empty(shape, dtype=acc) if save else empty
-             for shape in BACKENDS[backend].saved_shapes(B, T, H, Dk, Dv, chunk_size)]  # fmt: skip
+    saved = [
+        q.new_empty(shape, dtype=acc) if save else empty
+        for shape in BACKENDS[backend].saved_shapes(B, T, H, Dk, Dv, chunk_size)
+    ]
     return q.new_empty(B, T, H, Dv), S0.new_empty(S0.shape), z0.new_empty(z0.shape), out_acc, *saved
 
 
 @torch.library.custom_op("linear_transformers::causal_linear_attention_bwd", mutates_args=())
 def causal_linear_attention_bwd(
-    q: Tensor, k: Tensor, v: Tensor, y: Tensor, out_acc: Tensor, saved0: Tensor, saved1: Tensor, saved2: Tensor,
-    dy: Tensor, dS_final: Tensor, dz_final: Tensor, eps: float, chunk_size: int, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    y: Tensor,
+    out_acc: Tensor,
+    saved0: Tensor,
+    saved1: Tensor,
+    saved2: Tensor,
+    dy: Tensor,
+    dS_final: Tensor,
+    dz_final: Tensor,
+    eps: float,
+    chunk_size: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     b = BACKENDS[backend]
-    return tuple(b.backward(q, k, v, y, out_acc, b.Saved(saved0, saved1, saved2), dy, dS_final, dz_final, eps,
-                            chunk_size))  # fmt: skip
+    return tuple(
+        b.backward(q, k, v, y, out_acc, b.Saved(saved0, saved1, saved2), dy, dS_final, dz_final, eps, chunk_size)
+    )
 
 
 @causal_linear_attention_bwd.register_fake
 def _(q, k, v, y, out_acc, saved0, saved1, saved2, dy, dS_final, dz_final, eps, chunk_size, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dS_final.new_empty(dS_final.shape), \
-        dz_final.new_empty(dz_final.shape)  # fmt: skip
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        dS_final.new_empty(dS_final.shape),
+        dz_final.new_empty(dz_final.shape),
+    )
 
 
 def _setup_context(ctx, inputs, output):

@@ -44,20 +44,26 @@ def check_cu_seqlens(fn: str, cu_seqlens: object, total: int, batch: int) -> lis
         got = type(cu_seqlens).__name__
         raise TypeError(f"{fn}: cu_seqlens must be an integer tensor [n_documents + 1], got {got}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"{fn}: cu_seqlens must be a 1-D int32/int64 tensor [n_documents + 1] (at least 2 "
-                         f"entries), got {cu_seqlens.dtype} of shape {list(cu_seqlens.shape)}")  # fmt: skip
+        raise ValueError(
+            f"{fn}: cu_seqlens must be a 1-D int32/int64 tensor [n_documents + 1] (at least 2 "
+            f"entries), got {cu_seqlens.dtype} of shape {list(cu_seqlens.shape)}"
+        )
     if batch != 1:
-        raise ValueError(f"{fn}: with cu_seqlens the documents are packed along time in one row, so B must be 1, "
-                         f"got B={batch}")  # fmt: skip
+        raise ValueError(
+            f"{fn}: with cu_seqlens the documents are packed along time in one row, so B must be 1, got B={batch}"
+        )
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != total:
-        raise ValueError(f"{fn}: cu_seqlens must start at 0 and end at the packed length T={total}, "
-                         f"got {bounds[0]} ... {bounds[-1]}")  # fmt: skip
+        raise ValueError(
+            f"{fn}: cu_seqlens must start at 0 and end at the packed length T={total}, got {bounds[0]} ... {bounds[-1]}"
+        )
     lengths = [b - a for a, b in itertools.pairwise(bounds)]
     bad = next((d for d, n in enumerate(lengths) if n < 0), None)
     if bad is not None:
-        raise ValueError(f"{fn}: cu_seqlens must be non-decreasing; it falls from {bounds[bad]} to "
-                         f"{bounds[bad + 1]} at document {bad}")  # fmt: skip
+        raise ValueError(
+            f"{fn}: cu_seqlens must be non-decreasing; it falls from {bounds[bad]} to "
+            f"{bounds[bad + 1]} at document {bad}"
+        )
     return lengths
 
 
@@ -107,9 +113,13 @@ def layout(lengths: list[int], P: int, device: torch.device) -> Layout:
     index = torch.where(valid, starts[doc][:, None] + offset, 0)
     last = torch.where(counts > 0, first_piece + counts - 1, -1)
     return Layout(
-        P, index.reshape(-1).to(device), valid.reshape(-1).to(device), doc.to(device), last.to(device),
+        P,
+        index.reshape(-1).to(device),
+        valid.reshape(-1).to(device),
+        doc.to(device),
+        last.to(device),
         int(counts.max()) if len(lengths) else 0,
-    )  # fmt: skip
+    )
 
 
 def gather(x: torch.Tensor, lay: Layout, zero_padding: bool) -> torch.Tensor:

@@ -76,8 +76,11 @@ def causal(q, k, v, group, initial_state: LinearState | None, eps: float, chunk_
     # every rank takes part in the backward's all_gather
     if U0 is not None:
         prefix = prefix + U0
-    start = LinearState(prefix[..., :-1].contiguous(), prefix[..., -1].contiguous(),
-                        initial_state.n_tokens if initial_state is not None else 0)  # fmt: skip
+    start = LinearState(
+        prefix[..., :-1].contiguous(),
+        prefix[..., -1].contiguous(),
+        initial_state.n_tokens if initial_state is not None else 0,
+    )
     return run(q, k, v, start, eps, chunk_size)
 
 

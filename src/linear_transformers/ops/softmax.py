@@ -52,6 +52,7 @@ def attend_with_cache(
     """Append k, v [B, T, H, D] to `cache` (key_padding_mask [B, T]: which of them are padding),
     then let q [B, T, H, Dk] attend causally to everything cached but padding. Returns [B, T, H, Dv]."""
     cache.append(k, v, key_padding_mask)
-    out = attend(q.transpose(1, 2), cache.keys(), cache.values(), causal=True, key_padding_mask=cache.padding(),
-                 scale=scale)  # fmt: skip
+    out = attend(
+        q.transpose(1, 2), cache.keys(), cache.values(), causal=True, key_padding_mask=cache.padding(), scale=scale
+    )
     return out.transpose(1, 2)

@@ -114,8 +114,10 @@ class KVCache:
         if not 0 <= length <= k.shape[2]:
             raise ValueError(f"{fn}: length must be in [0, capacity={k.shape[2]}], got {length}")
         if padding is not None and (padding.shape != k.shape[:1] + k.shape[2:3] or padding.dtype != torch.bool):
-            raise ValueError(f"{fn}: padding must be bool [B, capacity] = {list(k.shape[:1] + k.shape[2:3])}, "
-                             f"got {padding.dtype} {list(padding.shape)}")  # fmt: skip
+            raise ValueError(
+                f"{fn}: padding must be bool [B, capacity] = {list(k.shape[:1] + k.shape[2:3])}, "
+                f"got {padding.dtype} {list(padding.shape)}"
+            )
         self._k = k
         self._v = v
         self._pad = padding  # True at cached tokens that are padding (None: none is)
@@ -189,8 +191,9 @@ class KVCache:
             )
         T = k.shape[1]
         if padding is not None and (padding.shape != (B, T) or padding.dtype != torch.bool):
-            raise ValueError(f"KVCache.append: padding must be bool [B, T] = [{B}, {T}], got {padding.dtype} "
-                             f"{list(padding.shape)}")  # fmt: skip
+            raise ValueError(
+                f"KVCache.append: padding must be bool [B, T] = [{B}, {T}], got {padding.dtype} {list(padding.shape)}"
+            )
         self._reserve(self.length + T)
         self._k[:, :, self.length : self.length + T] = k.transpose(1, 2)
         self._v[:, :, self.length : self.length + T] = v.transpose(1, 2)

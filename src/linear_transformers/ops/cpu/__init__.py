@@ -27,15 +27,53 @@ NAME = "cpu"
 
 # The arguments of causal_linear.h's functions, by name (a tensor's data pointer, a size, eps, threads)
 _SIZES = ("B", "T", "H", "Dk", "Dv", "C")
-FORWARD_ARGS = ("q", "k", "v", "S0", "z0", "out", "S_final", "z_final", "S_save", "z_save", "den_save", *_SIZES, "eps",
-                "n_threads")  # fmt: skip
-BACKWARD_ARGS = ("q", "k", "v", "out", "dout", "S_save", "z_save", "den_save", "dS_final", "dz_final", "dq", "dk",
-                 "dv", "dS0", "dz0", *_SIZES, "n_threads")  # fmt: skip
+FORWARD_ARGS = (
+    "q",
+    "k",
+    "v",
+    "S0",
+    "z0",
+    "out",
+    "S_final",
+    "z_final",
+    "S_save",
+    "z_save",
+    "den_save",
+    *_SIZES,
+    "eps",
+    "n_threads",
+)
+BACKWARD_ARGS = (
+    "q",
+    "k",
+    "v",
+    "out",
+    "dout",
+    "S_save",
+    "z_save",
+    "den_save",
+    "dS_final",
+    "dz_final",
+    "dq",
+    "dk",
+    "dv",
+    "dS0",
+    "dz0",
+    *_SIZES,
+    "n_threads",
+)
 
 
 def _ctype(arg: str):
-    return ctypes.c_long if arg in _SIZES else ctypes.c_double if arg == "eps" else ctypes.c_int \
-        if arg == "n_threads" else ctypes.c_void_p  # fmt: skip
+    return (
+        ctypes.c_long
+        if arg in _SIZES
+        else ctypes.c_double
+        if arg == "eps"
+        else ctypes.c_int
+        if arg == "n_threads"
+        else ctypes.c_void_p
+    )
 
 
 def _set_signatures(lib: ctypes.CDLL) -> None:
@@ -47,8 +85,12 @@ def _set_signatures(lib: ctypes.CDLL) -> None:
 
 
 _HERE = Path(__file__).parent
-native.register(LIBRARY, [_HERE / "causal_linear.h", _HERE / "causal_linear.c", _HERE / "causal_linear_impl.h",
-                          native.SIMD_H], "pytorch", _set_signatures)  # fmt: skip
+native.register(
+    LIBRARY,
+    [_HERE / "causal_linear.h", _HERE / "causal_linear.c", _HERE / "causal_linear_impl.h", native.SIMD_H],
+    "pytorch",
+    _set_signatures,
+)
 
 
 def load() -> ctypes.CDLL | None:
@@ -145,10 +187,18 @@ def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool) -> Forward:
     # call reads it, leaving a dangling pointer)
     S0_, z0_ = S0.contiguous(), z0.contiguous()
     _call(
-        "cla_forward", acc,
+        "cla_forward",
+        acc,
         *map(_ptr, (q_, k_, v_, S0_, z0_, out, S_final, z_final, S_save, z_save, den)),
-        B, T, H, Dk, Dv, C, eps, torch.get_num_threads(),
-    )  # fmt: skip
+        B,
+        T,
+        H,
+        Dk,
+        Dv,
+        C,
+        eps,
+        torch.get_num_threads(),
+    )
     y = out.to(q.dtype)
 
     out_acc = out if (save and y is not out) else None
@@ -167,8 +217,15 @@ def run_backward(q, k, v, y, out_acc, saved: Saved, dy, dS_final, dz_final, eps:
     dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
     dS0, dz0 = torch.empty(B, H, Dk, Dv, dtype=acc), torch.empty(B, H, Dk, dtype=acc)
     _call(
-        "cla_backward", acc,
+        "cla_backward",
+        acc,
         *map(_ptr, (q_, k_, v_, out, dy_, S_save, z_save, den, dS_, dz_, dq, dk, dv, dS0, dz0)),
-        B, T, H, Dk, Dv, C, torch.get_num_threads(),
-    )  # fmt: skip
+        B,
+        T,
+        H,
+        Dk,
+        Dv,
+        C,
+        torch.get_num_threads(),
+    )
     return Grads(dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dS0, dz0)

@@ -159,9 +159,35 @@ def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool) -> Forward:
     z = torch.empty(B, H, NT, DK, **f32) if save else den
     S_final, z_final = torch.empty_like(S0), torch.empty_like(z0)
     kernels.chunk_out_fwd_kernel[(NT, B * H, NV)](
-        q, k, v, S, kv, c, ks, S0, z0, y, den, z, S_final, z_final, T, H, DK, DV, eps,
-        *_strides(q), *_strides(v), *_strides(y), BT=BT, BK=BK, BV=BV, PREC=PREC, SAVE=save, **LAUNCH,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        S,
+        kv,
+        c,
+        ks,
+        S0,
+        z0,
+        y,
+        den,
+        z,
+        S_final,
+        z_final,
+        T,
+        H,
+        DK,
+        DV,
+        eps,
+        *_strides(q),
+        *_strides(v),
+        *_strides(y),
+        BT=BT,
+        BK=BK,
+        BV=BV,
+        PREC=PREC,
+        SAVE=save,
+        **LAUNCH,
+    )
     del kv, ks, c
 
     return result(y, S_final, z_final, None, Saved(S, z, den) if save else None, like=den)
@@ -188,13 +214,58 @@ def run_backward(q, k, v, y, out_acc, saved: Saved, do, dS_final, dz_final, eps:
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dS0, dz0 = torch.empty_like(dS_final), torch.empty_like(dz_final)
     kernels.chunk_dqk_bwd_kernel[(NT, B * H, NK)](
-        q, k, v, do, den, dden, S, z, qd, Gc, qg, gc, dS_final, dz_final, dq, dk, dz0, T, H, DK, DV,
-        *_strides(q), *_strides(v), *_strides(do), BT=BT, BK=BK, BV=BV, PREC=PREC, **LAUNCH,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        do,
+        den,
+        dden,
+        S,
+        z,
+        qd,
+        Gc,
+        qg,
+        gc,
+        dS_final,
+        dz_final,
+        dq,
+        dk,
+        dz0,
+        T,
+        H,
+        DK,
+        DV,
+        *_strides(q),
+        *_strides(v),
+        *_strides(do),
+        BT=BT,
+        BK=BK,
+        BV=BV,
+        PREC=PREC,
+        **LAUNCH,
+    )
     kernels.chunk_dv_bwd_kernel[(NT, B * H, NV)](
-        q, k, do, den, qd, Gc, dS_final, dv, dS0, T, H, DK, DV,
-        *_strides(q), *_strides(do), BT=BT, BK=BK, BV=BV, PREC=PREC, **LAUNCH,
-    )  # fmt: skip
+        q,
+        k,
+        do,
+        den,
+        qd,
+        Gc,
+        dS_final,
+        dv,
+        dS0,
+        T,
+        H,
+        DK,
+        DV,
+        *_strides(q),
+        *_strides(do),
+        BT=BT,
+        BK=BK,
+        BV=BV,
+        PREC=PREC,
+        **LAUNCH,
+    )
     return Grads(dq, dk, dv, dS0, dz0)
 
 

@@ -33,11 +33,25 @@ import triton.language as tl
 
 @triton.jit
 def chunk_state_fwd_kernel(
-    k, v, kv, ks,
-    T, H, DK, DV,
-    s_kb, s_kt, s_kh, s_vb, s_vt, s_vh,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
+    k,
+    v,
+    kv,
+    ks,
+    T,
+    H,
+    DK,
+    DV,
+    s_kb,
+    s_kt,
+    s_kh,
+    s_vb,
+    s_vt,
+    s_vh,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """kv[b, h, n] = K_n^T V_n [DK, DV] and ks[b, h, n] = K_n^T 1 [DK], for chunk n (grid: NT, B*H, NK*NV)."""
     i_n, i_bh, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -61,11 +75,40 @@ def chunk_state_fwd_kernel(
 
 @triton.jit
 def chunk_out_fwd_kernel(
-    q, k, v, C, kv, c, ks, S0, z0, o, den, z_ex, S_fin, z_fin,
-    T, H, DK, DV, eps,
-    s_qb, s_qt, s_qh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, SAVE: tl.constexpr,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    C,
+    kv,
+    c,
+    ks,
+    S0,
+    z0,
+    o,
+    den,
+    z_ex,
+    S_fin,
+    z_fin,
+    T,
+    H,
+    DK,
+    DV,
+    eps,
+    s_qb,
+    s_qt,
+    s_qh,
+    s_vb,
+    s_vt,
+    s_vh,
+    s_ob,
+    s_ot,
+    s_oh,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+    SAVE: tl.constexpr,
+):
     """Outputs of chunk n for one value block (grid: NT, B*H, NV). C, c: inclusive prefix sums of
     kv, ks over the chunks; the state entering chunk n is S_0 + C_n - kv_n. With SAVE that state is
     written over C_n (each program reads and writes only its own value block of it) and z_n into
@@ -111,8 +154,9 @@ def chunk_out_fwd_kernel(
         b_den += tl.sum(b_q * b_z[None, :], axis=1)
     causal = tl.arange(0, BT)[:, None] >= tl.arange(0, BT)[None, :]
     b_A = tl.where(causal, b_A, 0.0)
-    b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_t[:, None] * s_vt + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                  other=0.0).to(tl.float32)  # fmt: skip
+    b_v = tl.load(
+        v + i_b * s_vb + i_h * s_vh + o_t[:, None] * s_vt + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0
+    ).to(tl.float32)
     b_num += tl.dot(b_A, b_v, input_precision=PREC)
     b_den += tl.sum(b_A, axis=1) + eps
     b_o = b_num / b_den[:, None]
@@ -124,11 +168,28 @@ def chunk_out_fwd_kernel(
 
 @triton.jit
 def chunk_state_bwd_kernel(
-    q, do, y, den, dden, qd, qg,
-    T, H, DK, DV,
-    s_qb, s_qt, s_qh, s_ob, s_ot, s_oh,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
+    q,
+    do,
+    y,
+    den,
+    dden,
+    qd,
+    qg,
+    T,
+    H,
+    DK,
+    DV,
+    s_qb,
+    s_qt,
+    s_qh,
+    s_ob,
+    s_ot,
+    s_oh,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """qd[b, h, r] = Q_n^T dnum_n [DK, DV] with dnum = dout / den, and qg[b, h, r] = Q_n^T dden_n [DK]
     with dden = -(dout . out) / den, in slot r = NT - 1 - n (grid: NT, B*H, NK*NV). do and y (the
     forward's output) share strides; the first key and value block also writes dden [B, H, T]."""
@@ -141,15 +202,19 @@ def chunk_state_bwd_kernel(
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_t, m_k, m_v = o_t < T, o_k < DK, o_v < DV
-    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_t[:, None] * s_qt + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                  other=0.0).to(tl.float32)  # fmt: skip
+    b_q = tl.load(
+        q + i_b * s_qb + i_h * s_qh + o_t[:, None] * s_qt + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0
+    ).to(tl.float32)
     p_o = i_b * s_ob + i_h * s_oh + o_t[:, None] * s_ot
     b_do = tl.load(do + p_o + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
     b_den = tl.load(den + i_bh * T + o_t, mask=m_t, other=1.0)
     b_dnum = b_do / b_den[:, None]
     base = (i_bh * NT + NT - 1 - i_n) * DK
-    tl.store(qd + (base + o_k[:, None]) * DV + o_v[None, :], tl.dot(tl.trans(b_q), b_dnum, input_precision=PREC),
-             mask=m_k[:, None] & m_v[None, :])  # fmt: skip
+    tl.store(
+        qd + (base + o_k[:, None]) * DV + o_v[None, :],
+        tl.dot(tl.trans(b_q), b_dnum, input_precision=PREC),
+        mask=m_k[:, None] & m_v[None, :],
+    )
     if i_v == 0:
         b_dy = tl.zeros([BT], dtype=tl.float32)
         for j in range(NV):
@@ -166,11 +231,41 @@ def chunk_state_bwd_kernel(
 
 @triton.jit
 def chunk_dqk_bwd_kernel(
-    q, k, v, do, den, dden, S, z, qd, Gc, qg, gc, dS_fin, dz_fin, dq, dk, dz0,
-    T, H, DK, DV,
-    s_qb, s_qt, s_qh, s_vb, s_vt, s_vh, s_ob, s_ot, s_oh,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    do,
+    den,
+    dden,
+    S,
+    z,
+    qd,
+    Gc,
+    qg,
+    gc,
+    dS_fin,
+    dz_fin,
+    dq,
+    dk,
+    dz0,
+    T,
+    H,
+    DK,
+    DV,
+    s_qb,
+    s_qt,
+    s_qh,
+    s_vb,
+    s_vt,
+    s_vh,
+    s_ob,
+    s_ot,
+    s_oh,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """dQ and dK of chunk n for one key block (grid: NT, B*H, NK):
         dA = causal(dnum V^T + dden 1^T),  dQ = dA K + dnum S_n^T + dden z_n^T,  dK = dA^T Q + V G_n^T + 1 g_n^T
     S, z: states entering each chunk; G_n = dS_fin + Gc_r - qd_r (r = NT - 1 - n), the gradient of the
@@ -225,11 +320,30 @@ def chunk_dqk_bwd_kernel(
 
 @triton.jit
 def chunk_dv_bwd_kernel(
-    q, k, do, den, qd, Gc, dS_fin, dv, dS0,
-    T, H, DK, DV,
-    s_qb, s_qt, s_qh, s_ob, s_ot, s_oh,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
+    q,
+    k,
+    do,
+    den,
+    qd,
+    Gc,
+    dS_fin,
+    dv,
+    dS0,
+    T,
+    H,
+    DK,
+    DV,
+    s_qb,
+    s_qt,
+    s_qh,
+    s_ob,
+    s_ot,
+    s_oh,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """dV of chunk n for one value block (grid: NT, B*H, NV): dV = causal(Q K^T)^T dnum + K G_n, with
     G_n as in chunk_dqk_bwd_kernel. dv [B, T, H, DV] contiguous, in the input dtype. The first chunk
     writes dS0 = dS_fin + Gc_{NT-1}."""
@@ -264,16 +378,24 @@ def chunk_dv_bwd_kernel(
     b_do = tl.load(do + i_b * s_ob + i_h * s_oh + o_t[:, None] * s_ot + o_v[None, :], mask=m_tv, other=0.0)
     b_den = tl.load(den + i_bh * T + o_t, mask=m_t, other=1.0)
     b_dv += tl.dot(tl.trans(b_A), b_do.to(tl.float32) / b_den[:, None], input_precision=PREC)
-    tl.store(dv + (i_b * T + o_t[:, None]) * H * DV + i_h * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty),
-             mask=m_tv)  # fmt: skip
+    tl.store(dv + (i_b * T + o_t[:, None]) * H * DV + i_h * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
 def step_kernel(
-    q, k, v, S, z, o,
-    H, DK, DV, eps,
-    BK: tl.constexpr, BV: tl.constexpr,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    S,
+    z,
+    o,
+    H,
+    DK,
+    DV,
+    eps,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+):
     """One token, in place (grid: B*H): S += k v^T, z += k, o = q S / (q . z + eps), a value block at a
     time inside the program (so z is read before it is written). q, k [B, H, DK], v and o [B, H, DV],
     S [B, H, DK, DV] and z [B, H, DK] float32, all contiguous. Allocates nothing."""
