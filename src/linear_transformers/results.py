@@ -67,7 +67,8 @@ def isa_lines() -> list[str]:
 
 def provenance(command_line: str | None = None) -> dict:
     """What made a result, for its folder: the command line, the git commit of this checkout, the
-    host's CPU and its vector flags, cores, versions, the date (UTC)."""
+    host's CPU and its vector flags, cores, versions, the date (UTC). Take it when the run starts (the
+    checkout may move on while it runs) and add `finished(...)` when it ends."""
     commit = ""
     with contextlib.suppress(OSError):
         commit = subprocess.run(
@@ -93,6 +94,11 @@ def provenance(command_line: str | None = None) -> dict:
         **versions,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def finished(started: dict) -> dict:
+    """A provenance taken at the start, with the time the run ended."""
+    return {**started, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -40,14 +40,15 @@ def save_finished(path: Path, settings: dict, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def write_run_record(out: Path, command_line: str | None, models: dict[str, dict]) -> Path:
-    """out/run.json: what made the folder's results (results.provenance: the command line, the git
-    commit, the host's flags, versions, the date) and each method's full model configuration (norm
-    placement, positions, feature map, sizes), written by the program."""
-    from ..results import provenance
+def write_run_record(out: Path, started: dict, models: dict[str, dict]) -> Path:
+    """out/run.json: what made the folder's results (`started`: results.provenance taken when the
+    command began: the command line, the git commit, the host's flags, versions, the date) and each
+    method's full model configuration (norm placement, positions, feature map, sizes), written by
+    the program when it ends."""
+    from ..results import finished
 
     path = out / "run.json"
-    path.write_text(json.dumps({**provenance(command_line), "models": models}, indent=2, default=str) + "\n")
+    path.write_text(json.dumps({**finished(started), "models": models}, indent=2, default=str) + "\n")
     return path
 
 

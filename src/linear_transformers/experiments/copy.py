@@ -33,7 +33,7 @@ from ..commands import apply_preset
 from ..data import copy as copy_data
 from ..model import CausalTransformer, ModelConfig
 from ..options import add_options, count, from_args, option
-from ..results import fmt, machine_info, markdown_table, write_csv
+from ..results import fmt, machine_info, markdown_table, provenance, write_csv
 from ..train import resolve_device
 from . import RunSwitches, load_finished, save_finished, write_run_record
 
@@ -319,6 +319,7 @@ def summary(rows: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    started = provenance(getattr(args, "command_line", None))  # (the checkout may move on while it runs)
     s = settings_from(args)
     out = args.out or Path("results/copy-quick" if args.quick else "results/copy")
     if s.threads:
@@ -370,7 +371,7 @@ def main(args: argparse.Namespace) -> int:
         f"Copy task, {info['cpu']}, {s.device}, torch {info['torch']}; settings {json.dumps(settings)}\n\n" + table
     )
     plot(rows, out / "copy.png", s)
-    write_run_record(out, getattr(args, "command_line", None), {m: model_config(s, m).to_dict() for m in s.methods})
+    write_run_record(out, started, {m: model_config(s, m).to_dict() for m in s.methods})
     print()
     print(table)
     print(f"wrote {out / 'copy.csv'}, {out / 'copy.png'}, {out / 'table.md'}, {out / 'run.json'}")

@@ -43,7 +43,7 @@ from ..commands import apply_preset
 from ..data.images import image_grid, write_png
 from ..model import CausalTransformer, ModelConfig
 from ..options import add_options, count, from_args, option
-from ..results import fmt, machine_info, markdown_table, write_csv
+from ..results import fmt, machine_info, markdown_table, provenance, write_csv
 from ..train import TrainConfig, resolve_device, train
 from . import RunSwitches, finished_or_run, load_finished, write_run_record
 
@@ -406,6 +406,7 @@ def _finish_method(s: ImageSettings, method: str, out: Path, settings: dict, fre
 
 
 def main(args: argparse.Namespace) -> int:
+    started = provenance(getattr(args, "command_line", None))  # (the checkout may move on while it runs)
     s = settings_from(args)
     out = args.out or Path(f"results/image-{s.dataset}" + ("-quick" if args.quick else ""))
     out.mkdir(parents=True, exist_ok=True)
@@ -445,7 +446,7 @@ def main(args: argparse.Namespace) -> int:
     print(table)
     if gap:
         print(gap)
-    write_run_record(out, getattr(args, "command_line", None), {m: model_config(s, m, d).to_dict() for m in s.methods})
+    write_run_record(out, started, {m: model_config(s, m, d).to_dict() for m in s.methods})
     figure = plot_samples(out, s.methods)
     curves = plot_curves(out, s.methods)
     grids = ", ".join(f"samples_{m}.png" for m in s.methods)

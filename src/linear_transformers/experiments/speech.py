@@ -40,7 +40,7 @@ from ..commands import apply_preset
 from ..data import speech
 from ..model import sinusoidal_table
 from ..options import add_options, count, from_args, option
-from ..results import fmt, machine_info, markdown_table, write_csv
+from ..results import fmt, machine_info, markdown_table, provenance, write_csv
 from ..train import resolve_device
 from . import RunSwitches, finished_or_run, load_finished, write_run_record
 
@@ -417,6 +417,7 @@ def estimate_seconds(s: SpeechSettings, train: list, methods: list[str]) -> floa
 
 
 def main(args: argparse.Namespace) -> int:
+    started = provenance(getattr(args, "command_line", None))  # (the checkout may move on while it runs)
     s = settings_from(args)
     corpus, out = default_folders(args, s)
     out.mkdir(parents=True, exist_ok=True)
@@ -470,6 +471,6 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(table)
     models = {m: {"settings": settings, "architecture": repr(make_model(m, s))} for m in s.methods}
-    write_run_record(out, getattr(args, "command_line", None), models)
+    write_run_record(out, started, models)
     print(f"wrote {out / 'speech.csv'}, {out / 'table.md'}, {out / 'speech.png'}, {out / 'run.json'}")
     return 0

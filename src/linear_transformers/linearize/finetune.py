@@ -76,11 +76,12 @@ def main(args: argparse.Namespace) -> int:
 
     import linear_transformers.linearize  # noqa: F401 (registers linear_llama)
 
-    from ..results import provenance
+    from ..results import finished, provenance
     from .convert import LinearizedAttention
     from .transfer import perplexity
 
     cfg = from_args(FinetuneConfig, args)
+    started = provenance()  # (the checkout may move on while it runs)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -202,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
             sum(r["loss"] for r in log[:20]) / max(1, len(log[:20])),
             sum(r["loss"] for r in log[-20:]) / max(1, len(log[-20:])),
         ],
-        "provenance": provenance(),
+        "provenance": finished(started),
     }
     try:
         from transformers import AutoTokenizer

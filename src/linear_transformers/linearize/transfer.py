@@ -29,7 +29,7 @@ import torch
 
 from ..checkpoint import owned_by_training
 from ..options import add_options, check_threads, count, from_args, option
-from ..results import provenance
+from ..results import finished, provenance
 from .attention import FEATURE_MAPS, MODES, PPL_KEYS
 from .convert import LinearizeConfig, LinearizedAttention
 
@@ -190,6 +190,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     cfg = from_args(TransferConfig, args)
+    started = provenance()  # (the checkout may move on while it runs)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -261,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
     save()
     # evaluation: the teacher, then the model with the students swapped in
     result = evaluate(teacher, students, data, cfg, lin, step, seconds, log, args.command_line)
-    result["provenance"] = provenance()
+    result["provenance"] = finished(started)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     report(out)
     if cfg.save_model:
