@@ -159,3 +159,26 @@ def test_norm_and_feature_map_reach_the_model_and_old_results_still_count(tmp_pa
     (tmp_path / "old.json").write_text(json.dumps({"settings": old, "rows": [1]}))
     assert load_finished(tmp_path / "old.json", {**old, "norm": "pre", "feature_map": "elu"}) == [1]
     assert load_finished(tmp_path / "old.json", saved["settings"]) is None
+
+
+def test_image_gap_reads_the_runs_and_plots_the_gap(tmp_path, capsys):
+    """experiment image-gap: per arm and seed, linear - softmax from two quick runs' result.json and
+    logs; an arm that changes linear attention only takes its softmax from another folder."""
+    import json
+
+    base = ["image", "--quick", "--eval-every", "1", "--steps", "3"]
+    assert main([*base, "--methods", "softmax", "linear", "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--methods", "linear", "--feature-map", "hedgehog", "--out", str(tmp_path / "h")]) == 0
+    runs = [f"baseline={tmp_path / 'a'}", f"hedgehog={tmp_path / 'h'},{tmp_path / 'a'}"]
+    assert main(["image-gap", "--runs", *runs, "--out", str(tmp_path / "gap")]) == 0
+    rows = list(csv.DictReader((tmp_path / "gap" / "gap.csv").read_text().splitlines()))
+    assert {r["arm"] for r in rows} == {"baseline", "hedgehog"} and all(r["seed"] == "0" for r in rows)
+    for r in rows:
+        assert abs(float(r["gap"]) - (float(r["linear"]) - float(r["softmax"]))) < 1e-12
+    table = (tmp_path / "gap" / "table.md").read_text()
+    lin = json.loads((tmp_path / "h" / "linear" / "result.json").read_text())["rows"][0]["test_bpd"]
+    soft = json.loads((tmp_path / "a" / "softmax" / "result.json").read_text())["rows"][0]["test_bpd"]
+    assert "| hedgehog | 0 | 3 | pre | hedgehog |" in table and f"{lin - soft:+.3f} |" in table
+    assert (tmp_path / "gap" / "gap.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="NAME=FOLDER"):
+        main(["image-gap", "--runs", str(tmp_path / "a"), "--out", str(tmp_path / "gap2")])

@@ -46,7 +46,10 @@ BENCHMARKS = {
     name: Command(f"linear_transformers.bench.{name}")
     for name in ("attention", "dispatch", "generate", "gpu", "hf", "linearized", "packed", "parallel", "threads")
 }
-EXPERIMENTS = {name: Command(f"linear_transformers.experiments.{name}") for name in ("copy", "image", "speech")}
+EXPERIMENTS = {
+    name: Command(f"linear_transformers.experiments.{name.replace('-', '_')}")
+    for name in ("copy", "image", "image-gap", "speech")
+}
 COMMANDS: dict[str, Command | dict] = {
     "train": Command("linear_transformers.commands.train", "train (or resume) a causal transformer"),
     "sample": Command("linear_transformers.commands.sample", "generate images (PNG grid) or text from a checkpoint"),
