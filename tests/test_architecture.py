@@ -18,7 +18,7 @@ ROWS = [
     {"ops", "feature_maps"},
     {"attention"},
     {"decode"},
-    {"heads", "model", "blocks"},
+    {"heads", "model", "blocks", "config"},
     {"checkpoint", "hf", "linearize", "results"},
     {"train", "export", "web"},
     {"commands", "bench", "experiments", "demo"},

@@ -12,93 +12,17 @@ paper's softmax baseline does.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from . import decode, ops
-from .attention import ATTENTION_KINDS
 from .blocks import Block, sinusoidal_table
+from .config import NORMS, POSITIONAL, ModelConfig  # noqa: F401 (the model's public names: model.ModelConfig)
 from .decode import DecodeConfig
-from .feature_maps import FEATURE_MAPS
 from .heads import HEADS, check_sampling, sample  # noqa: F401 (sample: the model API)
 from .ops import KVCache, LinearState
-from .options import option
-
-POSITIONAL = ("sinusoidal", "learned", "none")
-NORMS = ("pre", "post")
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = option(256, "values a token takes: 256 pixel levels, or the characters of a text")
-    n_classes: int = option(0, "> 0: class-conditional; the class label is the start token")
-    max_len: int = option(784, "longest sequence the positional encoding covers (28 x 28 pixels)")
-    d_model: int = option(256, "width of the residual stream")
-    n_layers: int = option(8, "transformer blocks")
-    n_heads: int = option(8, "attention heads per block")
-    d_ff: int = option(1024, "width of each block's feed-forward layer")
-    dropout: float = option(0.0, "dropout on embeddings, attention and feed-forward outputs")
-    attention: str = option("causal-linear", '"causal-linear" (the paper\'s); baselines "causal-softmax", "causal-lsh"')
-    feature_map: str = option("elu", "phi of linear attention, a name in feature_maps.FEATURE_MAPS")
-    positional: str = option("sinusoidal", '"sinusoidal", "learned" or "none"')
-    norm: str = option(
-        "pre", 'layer norm before each sublayer ("pre") or after the residual add ("post", the paper\'s)'
-    )
-    head: str = option("categorical", '"categorical" softmax, or "mol": discretised mixture of logistics (images)')
-    mol_components: int = option(10, 'mixture components of the "mol" head')
-    eps: float = option(1e-6, "normaliser epsilon of linear attention")
-    chunk_size: int = option(64, "chunk of the parallel causal linear attention")
-    lsh_hashes: int = option(1, 'hashing rounds of "causal-lsh" attention (the paper ran 1, 4 and 8)')
-    lsh_buckets: int = option(64, 'hash buckets of "causal-lsh" attention (even)')
-    lsh_chunk: int = option(0, "sorted positions per LSH chunk; 0: the average bucket, ceil(length / lsh_buckets)")
-
-    def __post_init__(self) -> None:
-        def choose(name, value, choices):
-            if value not in choices:
-                raise ValueError(f"ModelConfig: {name}={value!r} is not one of {', '.join(map(repr, choices))}")
-
-        choose("attention", self.attention, [k for k in ATTENTION_KINDS if k.startswith("causal")])
-        choose("feature_map", self.feature_map, list(FEATURE_MAPS))
-        if self.attention == "causal-linear" and not FEATURE_MAPS[self.feature_map].non_negative:
-            raise ValueError(
-                f"ModelConfig: feature_map={self.feature_map!r} can give negative similarities, so the "
-                "causal normaliser can reach zero and training diverges; use elu, relu, favor, hedgehog "
-                "or taylor"
-            )
-        choose("positional", self.positional, POSITIONAL)
-        choose("norm", self.norm, NORMS)
-        choose("head", self.head, list(HEADS))
-        for name in (
-            "vocab_size",
-            "max_len",
-            "d_model",
-            "n_layers",
-            "n_heads",
-            "d_ff",
-            "chunk_size",
-            "lsh_hashes",
-            "mol_components",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig: {name} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"ModelConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if self.lsh_buckets < 2 or self.lsh_buckets % 2 or self.lsh_chunk < 0:
-            raise ValueError(
-                f"ModelConfig: lsh_buckets must be even and >= 2 and lsh_chunk >= 0, "
-                f"got {self.lsh_buckets} and {self.lsh_chunk}"
-            )
-        if self.n_classes < 0:
-            raise ValueError(f"ModelConfig: n_classes must be >= 0, got {self.n_classes}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"ModelConfig: dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.eps < math.inf:
-            raise ValueError(f"ModelConfig: eps must be a finite number >= 0, got {self.eps}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -37,140 +37,14 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .model import CausalTransformer, ModelConfig
-from .options import check_threads, option
-
-
-@dataclass
-class TrainConfig:
-    data: str = option("mnist", "dataset: mnist, fashion-mnist, digits, cifar10 or text")
-    data_path: str = option("", "folder or file for datasets that are not bundled (IDX, CIFAR-10 binary, text)")
-    image_size: int = option(0, "average-pool images to this side (0 keeps them; 14 halves MNIST)")
-    levels: int = option(0, "quantise pixels to this many levels (0 keeps 256)")
-    seq_len: int = option(256, "window length of text datasets")
-    conditional: bool = option(True, "condition on the class label (image datasets)")
-    out: str = option("runs/model", "run folder: checkpoints and log")
-    steps: int = option(2000, "optimiser steps in all (a resumed run continues up to this)")
-    batch_size: int = option(32, "global batch, split across data-parallel ranks")
-    context_parallel: int = option(
-        1,
-        "ranks that share each sequence under torchrun, each holding a segment (context parallelism, "
-        "causal-linear attention); the data-parallel ranks are WORLD_SIZE / this",
-    )
-    optimizer: str = option("radam", "radam or adamw")
-    lr: float = option(1e-3, "peak learning rate")
-    weight_decay: float = option(0.0, "weight decay (AdamW's decoupled; L2 for RAdam)")
-    warmup: int = option(100, "steps of linear warmup")
-    schedule: str = option("cosine", "after warmup: cosine (to 10% of lr), linear (to 0) or constant")
-    clip: float = option(1.0, "gradient norm clipping (0: off)")
-    bf16: bool = option(False, "bfloat16 autocast for forward and loss")
-    eval_every: int = option(500, "steps between evaluations on the test split (0: only at the end)")
-    eval_batches: int = option(20, "test batches per evaluation")
-    checkpoint_every: int = option(200, "steps between checkpoints (and one at the end)")
-    keep: int = option(2, "checkpoints kept in the run folder")
-    time_limit: float = option(
-        0.0, "stop after this many seconds of training, resumes included, with a checkpoint (0: none)"
-    )
-    resume: bool = option(False, "continue from the run folder's latest checkpoint")
-    seed: int = option(0, "seed of the initialisation, data order and sampling")
-    threads: int = option(0, "CPU threads (0: torch's default)")
-    device: str = option("auto", "auto (cuda when available), cpu or cuda")
-    progress: bool = option(True, "show a progress bar")
-
-    def __post_init__(self) -> None:
-        if self.data not in datasets.DATASETS:
-            raise ValueError(f"TrainConfig: data={self.data!r} is not one of {', '.join(datasets.DATASETS)}")
-        if self.optimizer not in ("radam", "adamw"):
-            raise ValueError(f"TrainConfig: optimizer must be 'radam' or 'adamw', got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"TrainConfig: schedule must be cosine, linear or constant, got {self.schedule!r}")
-        for name in ("steps", "batch_size", "checkpoint_every", "keep", "eval_batches", "context_parallel"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("image_size", "warmup", "eval_every", "threads", "weight_decay", "clip", "time_limit"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"TrainConfig: lr must be a finite number > 0, got {self.lr}")
-        if self.levels == 1 or self.levels < 0 or self.levels > 256:
-            raise ValueError(f"TrainConfig: levels must be in [2, 256] (0 keeps 256), got {self.levels}")
-        if self.seq_len < 2:
-            raise ValueError(f"TrainConfig: seq_len must be >= 2, got {self.seq_len}")
-        check_threads("TrainConfig", self.threads)
-        resolve_device(self.device)
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device: "auto" (CUDA when there is one), "cpu", "cuda" or "cuda:N", checked against this machine."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no CUDA device found"
-            raise ValueError(f"device {name!r}: {why}; use --device cpu (or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-# Settings a resumed run may change: how long it goes on, how often it reports and saves, where it
-# runs. Every other one (model, data, optimiser, schedule, batch, seed) must be the run's own.
-RESUME_MAY_CHANGE = (
-    "steps",
-    "time_limit",
-    "eval_every",
-    "eval_batches",
-    "checkpoint_every",
-    "keep",
-    "resume",
-    "threads",
-    "device",
-    "progress",
-    "out",
-    "data_path",
-    "context_parallel",
+from .config import (  # noqa: F401 (train's public names: train.TrainConfig, train.preset ...)
+    PRESETS,
+    RESUME_MAY_CHANGE,
+    TrainConfig,
+    preset,
+    resolve_device,
 )
-
-
-# ---- presets --------------------------------------------------------------------------------------
-
-PRESETS = ("tiny", "small", "paper")
-_PRESET_MODELS = {
-    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256},
-    "small": {"d_model": 128, "n_layers": 4, "n_heads": 4, "d_ff": 512},
-    "paper": {"d_model": 256, "n_layers": 8, "n_heads": 8, "d_ff": 1024},
-}
-_PRESET_TRAINING = {
-    "tiny": {"steps": 300, "batch_size": 16, "lr": 3e-3, "warmup": 30, "seq_len": 128},
-    "small": {"steps": 900, "batch_size": 32, "lr": 2e-3, "warmup": 50, "seq_len": 256},
-    "paper": {"steps": 10_000, "batch_size": 32, "lr": 1e-3, "warmup": 500, "seq_len": 256},
-}
-
-
-def preset(name: str, data: str) -> tuple[dict, dict]:
-    """(ModelConfig values, TrainConfig values) of a named size for data set `data`:
-
-        tiny    2 layers, d_model 64, 300 steps: a minute or two on 2 cores, to see it work
-        small   4 layers, d_model 128, 900 steps: what `make demo` trains (~5 min on MNIST)
-        paper   the paper's image architecture (8 layers, d_model 256, 8 heads; 16 layers on
-                CIFAR-10) on full-size images, 10,000 steps: hours on a CPU
-
-    tiny and small pool MNIST and Fashion-MNIST to 14 x 14 and 16 grey levels (a quarter of the
-    tokens, as the demo does)."""
-    if name not in PRESETS:
-        raise ValueError(f"train: preset must be one of {', '.join(PRESETS)}, got {name!r}")
-    model, training = dict(_PRESET_MODELS[name]), dict(_PRESET_TRAINING[name])
-    if name == "paper" and data == "cifar10":
-        model["n_layers"] = 16
-    if name != "paper" and data in ("mnist", "fashion-mnist"):
-        training |= {"image_size": 14, "levels": 16}
-    return model, training
+from .model import CausalTransformer, ModelConfig
 
 
 class TrainingDiverged(ArithmeticError):
