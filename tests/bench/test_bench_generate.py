@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from linear_transformers.bench import generate
+from linear_transformers.bench import generate, measure
 from linear_transformers.bench.__main__ import main
 
 
@@ -79,7 +79,7 @@ def test_paper_tables_when_a_generator_is_timed_at_batch_1_only():
 
 
 def test_read_f32_reads_every_element():
-    """The floor's read (fused.read_f32) covers every element of every tensor, whatever its size."""
+    """The floor's read (measure.read_f32) covers every element of every tensor, whatever its size."""
     import pytest
     import torch
 
@@ -89,11 +89,11 @@ def test_read_f32_reads_every_element():
         pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     tensors = [torch.rand(n) + 1 for n in (1, 15, 64, 65, 1000, 65536 + 7, 300_001)]
     expected = sum(float(t.double().sum()) for t in tensors)
-    assert abs(fused.read_f32(tensors) - expected) < 1e-5 * expected
+    assert abs(measure.read_f32(tensors) - expected) < 1e-5 * expected
     for t in tensors:  # each alone, so a missed tail of a small one shows
-        assert abs(fused.read_f32([t]) - float(t.double().sum())) <= 1e-5 * float(t.double().sum())
-    assert abs(fused.read_f32(tensors, passes=3) - expected) < 1e-5 * expected  # the mean over passes
+        assert abs(measure.read_f32([t]) - float(t.double().sum())) <= 1e-5 * float(t.double().sum())
+    assert abs(measure.read_f32(tensors, passes=3) - expected) < 1e-5 * expected  # the mean over passes
     with pytest.raises(ValueError, match="passes must be >= 1"):
-        fused.read_f32(tensors, passes=0)
+        measure.read_f32(tensors, passes=0)
     with pytest.raises(ValueError, match="contiguous float32 CPU tensors"):
-        fused.read_f32([torch.rand(8, dtype=torch.float64)])
+        measure.read_f32([torch.rand(8, dtype=torch.float64)])

@@ -17,7 +17,7 @@ per-token cost is flat; marked "integrated" for the others, whose cost grows wit
 every timed token includes drawing it from the head (temperature 1). The RNN modes are also timed
 the way a user meets them: whole images at batch 1 through model.generate(n=1), the modes taking
 turns (median of --images); with them, in turn, the floor for float32 at batch 1: one read of the
-float32 projection weights per token (fused.read_f32: a pass per token in one parallel region, the
+float32 projection weights per token (measure.read_f32: a pass per token in one parallel region, the
 step's threads reading the way its GEMVs do), what memory bandwidth alone costs per image. Also:
 training step tokens/s, linear vs softmax. Where whole images take seconds (MNIST), the PyTorch step
 ("linear-rnn-pytorch", the fused step switched off) takes turns with them too. --parts picks the parts.
@@ -42,7 +42,7 @@ from ..decode import DEFAULT, DecodeConfig, fused
 from ..model import CausalTransformer, ModelConfig, ModelState
 from ..options import add_options, count, option
 from ..results import fmt, isa_lines, machine_info, markdown_table, write_csv
-from . import levels
+from . import levels, measure
 from .measure import time_fn
 
 CONFIGS = {
@@ -154,7 +154,7 @@ def whole_images(
     """Seconds for whole images at batch 1 through model.generate(n=1) (sampling at temperature 1):
     the models take turns, image by image, so the machine's drift falls on all of them alike. With
     `floor` (streamed_weights), each turn also times reading those tensors once per token of an
-    image (fused.read_f32: max_len passes in one parallel region, the step's threads, in the pattern
+    image (measure.read_f32: max_len passes in one parallel region, the step's threads, in the pattern
     its GEMVs read): what reading the float32 weights alone costs per image at that moment."""
     times: dict[str, list[float]] = {label: [] for label in models}
     if floor is not None:
@@ -168,7 +168,7 @@ def whole_images(
             times[label].append(time.perf_counter() - t0)
         if floor is not None:
             t0 = time.perf_counter()
-            fused.read_f32(floor, passes=next(iter(models.values()))[0].cfg.max_len)
+            measure.read_f32(floor, passes=next(iter(models.values()))[0].cfg.max_len)
             times[FLOOR].append(time.perf_counter() - t0)
     return times
 

@@ -14,7 +14,7 @@ those of the PyTorch step (float32 to 1e-4, the other formats within their error
 and decoder, the prefill is timed (--repeats, median; once from 8k tokens on) and --tokens
 single-token steps after it, taking turns between decoders (the median per token, and the min).
 The bandwidth floor of each format is the time to read its weights once on the same threads
-(`fused.read_f32`), taking turns with the decoders at the smallest context (median of --tokens
+(`measure.read_f32`), taking turns with the decoders at the smallest context (median of --tokens
 passes): the fused step's time there, through the model's forward and as the bare C call (on its
 own copy of the state), is quoted as a multiple of it.
 --perplexity DATA.pt (a linearize run's token windows) adds each format's held-out perplexity,
@@ -38,6 +38,7 @@ import torch
 from ..decode import PRECISIONS, DecodeConfig, fused
 from ..options import add_options, count, option
 from ..results import fmt, isa_lines, machine_info, markdown_table, write_csv
+from . import measure
 
 LLAMA_CPP_TYPES = {"f32": "ALL_F32", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
@@ -243,9 +244,9 @@ def weight_views(step) -> list[torch.Tensor]:
 
 
 def read_once(views: list[torch.Tensor]) -> float:
-    """Seconds to read the views once on the fused step's threads (fused.read_f32)."""
+    """Seconds to read the views once on the fused step's threads (measure.read_f32)."""
     t0 = time.perf_counter()
-    fused.read_f32(views)
+    measure.read_f32(views)
     return time.perf_counter() - t0
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..decode import fused
+
 
 @dataclass
 class Timing:
@@ -80,3 +82,18 @@ def batched_gemm_gflops(n: int = 64, batch: int = 1024, repeats: int = 5) -> flo
     out = torch.empty(batch, n, n)
     t = time_fn(lambda: torch.bmm(a, b, out=out), repeats, warmup=2)
     return 2 * batch * n**3 / (t.best_ms * 1e-3) / 1e9
+
+
+def read_f32(tensors: list[torch.Tensor], passes: int = 1) -> float:
+    """The bandwidth probe (decode/read_probe.c, built into the fused step's library): read float32
+    CPU tensors (contiguous) `passes` times in one parallel region with the fused step's threads,
+    the way its GEMVs read weights; returns their sum (the mean over passes).
+    bench generate times 784 passes against a 784-token image: the bandwidth floor of generation
+    at batch 1."""
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        raise ValueError("read_f32: tensors must be contiguous float32 CPU tensors")
+    if passes < 1:
+        raise ValueError(f"read_f32: passes must be >= 1, got {passes}")
+    ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+    sizes = (ctypes.c_long * len(tensors))(*[t.numel() for t in tensors])
+    return fused.load().lt_read_f32(len(tensors), ptrs, sizes, passes)

@@ -369,20 +369,6 @@ class FusedModelStep:
         return out[1:]
 
 
-def read_f32(tensors: list[torch.Tensor], passes: int = 1) -> float:
-    """Read float32 CPU tensors (contiguous) `passes` times in one parallel region with the fused
-    step's threads, the way its GEMVs read weights; returns their sum (the mean over passes).
-    bench generate times 784 passes against a 784-token image: the bandwidth floor of generation
-    at batch 1."""
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-        raise ValueError("read_f32: tensors must be contiguous float32 CPU tensors")
-    if passes < 1:
-        raise ValueError(f"read_f32: passes must be >= 1, got {passes}")
-    ptrs = (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
-    sizes = (ctypes.c_long * len(tensors))(*[t.numel() for t in tensors])
-    return load().lt_read_f32(len(tensors), ptrs, sizes, passes)
-
-
 def mol_sample(params: torch.Tensor, race: torch.Tensor, u: torch.Tensor, levels: int) -> torch.Tensor:
     """Levels [B] (int64) drawn from the discretised mixtures params [B, 3K] with the given random
     numbers race [B, K] ~ Exp(1) and u [B] ~ U(0, 1): MixtureOfLogisticsHead.sample's arithmetic
