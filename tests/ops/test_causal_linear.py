@@ -296,3 +296,30 @@ def test_non_causal_padding_invariance():
     mask[:, 12:] = True
     out = ops.linear_attention(q, torch.cat([k, extra_k], 1), torch.cat([v, extra_v], 1), key_padding_mask=mask)
     assert rel_err(out, ops.linear_attention(q, k, v)) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["naive", "chunked", "cpu"])
+def test_under_bfloat16_autocast_every_backend_takes_its_inputs_dtype(backend):
+    """Inside torch.autocast (bf16 training) the op runs as it does outside on the same bf16 inputs:
+    autocast must not reach into a backend ("chunked" got bfloat16 products into its float32
+    accumulators and failed), forward and backward."""
+    if backend == "cpu" and not ops.cpu.available():
+        pytest.skip(ops.cpu.unavailable_reason())
+    g = torch.Generator().manual_seed(0)
+    q, k = ((torch.rand(2, 70, 3, 8, generator=g) + 0.1).bfloat16().requires_grad_() for _ in range(2))
+    v = torch.randn(2, 70, 3, 8, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(2, 70, 3, 8, generator=g)
+    plain = ops.causal_linear_attention(q, k, v, backend=backend, chunk_size=16)
+    g_plain = torch.autograd.grad((plain.float() * w).sum(), (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.causal_linear_attention(q, k, v, backend=backend, chunk_size=16)
+    g_auto = torch.autograd.grad((out.float() * w).sum(), (q, k, v))  # (backward outside, as PyTorch advises)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, plain)
+    for a, b in zip(g_auto, g_plain, strict=True):
+        assert torch.equal(a, b)
+    if backend != "naive":  # a kernel's own backward, called inside the block, is not autocast either
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ops.causal_linear_attention(q, k, v, backend=backend, chunk_size=16)
+            g_inside = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+        for a, b in zip(g_inside, g_plain, strict=True):
+            assert torch.equal(a, b)

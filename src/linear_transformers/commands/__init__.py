@@ -44,7 +44,18 @@ class Command:
 # (`linear-transformers bench attention`). The one table: `cli.main` and `python -m` of each group run it.
 BENCHMARKS = {
     name: Command(f"linear_transformers.bench.{name}")
-    for name in ("attention", "dispatch", "generate", "gpu", "hf", "linearized", "packed", "parallel", "threads")
+    for name in (
+        "attention",
+        "dispatch",
+        "generate",
+        "gpu",
+        "hf",
+        "linearized",
+        "packed",
+        "parallel",
+        "threads",
+        "training",
+    )
 }
 EXPERIMENTS = {
     name: Command(f"linear_transformers.experiments.{name.replace('-', '_')}")

@@ -76,7 +76,15 @@ __all__ = [
 def _run(backend: Backend, q, k, v, initial_state: LinearState | None, eps: float, chunk_size: int):
     """Causal linear attention by `backend` -> (out, final LinearState). A kernel backend runs under
     torch.compile through the registered operator pair in library.py (one opaque node), in eager
-    mode through its forward and backward called directly (library.EagerCausalLinearAttention)."""
+    mode through its forward and backward called directly (library.EagerCausalLinearAttention).
+    Autocast is off inside: every backend takes its inputs' dtype and accumulates in float32 itself
+    (under a bfloat16 autocast, "chunked" would otherwise get bfloat16 products into its float32
+    accumulators)."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _run_backend(backend, q, k, v, initial_state, eps, chunk_size)
+
+
+def _run_backend(backend: Backend, q, k, v, initial_state: LinearState | None, eps: float, chunk_size: int):
     if initial_state is None:
         B, _, H, Dk = q.shape
         initial_state = LinearState.zeros(B, H, Dk, v.shape[-1], dtype=q.dtype, device=q.device)

@@ -107,7 +107,8 @@ def _gradients(ctx, dy, dS_final, dz_final, eager: bool):
     dz_final = q.new_zeros(ctx.state_shapes[1], dtype=acc) if dz_final is None else dz_final
     if eager:
         b = BACKENDS[ctx.backend]
-        return b.backward(q, k, v, y, out_acc, b.Saved(*saved), dy, dS_final, dz_final, ctx.eps, ctx.chunk_size)
+        with torch.autocast(q.device.type, enabled=False):  # (a backward called inside an autocast block)
+            return b.backward(q, k, v, y, out_acc, b.Saved(*saved), dy, dS_final, dz_final, ctx.eps, ctx.chunk_size)
     return torch.ops.linear_transformers.causal_linear_attention_bwd(
         q, k, v, y, out_acc, *saved, dy, dS_final, dz_final, ctx.eps, ctx.chunk_size, ctx.backend
     )
