@@ -54,7 +54,7 @@ except ImportError as e:  # pragma: no cover - the extra is not installed
     ) from None
 
 from .heads import check_sampling
-from .heads import sample as draw
+from .heads import sample as sample_tokens
 from .model import CausalTransformer, ModelConfig, ModelState, sinusoidal_table
 
 MODEL_TYPE = "linear_transformer"
@@ -320,7 +320,7 @@ class SameDraws(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         log_probs = torch.log_softmax(scores.float(), dim=-1)
-        token = draw(log_probs, self.temperature, self.top_k, self.top_p, self.generator)
+        token = sample_tokens(log_probs, self.temperature, self.top_k, self.top_p, self.generator)
         return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
 
 

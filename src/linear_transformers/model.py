@@ -301,7 +301,7 @@ class CausalTransformer(nn.Module):
         """Feed one token [B]; returns the head parameters of the next token [B, n_params] and the state.
         With linear attention this costs the same at every position (the state is updated in place
         under torch.no_grad). On the CPU the whole step runs in one C call where that computes the
-        same and is faster (decode.fused_step; config chooses and sets its precision)."""
+        same and is faster (decode.fused_step_for; config chooses and sets its precision)."""
         batches = {s.S.shape[0] if isinstance(s, LinearState) else s.batch for s in state.layers}
         if not isinstance(token, torch.Tensor) or token.dim() != 1 or batches != {token.shape[0]}:
             got = f"shape {list(token.shape)}" if isinstance(token, torch.Tensor) else type(token).__name__
@@ -316,10 +316,10 @@ class CausalTransformer(nn.Module):
         decode.check_config("CausalTransformer.step", config)
         last = state.position if state.offsets is None else int((state.position - state.offsets).max())
         self.ensure_positions(last + 1)  # (before the fused step reads the table: it may grow)
-        fused = decode.fused_step(self, token.shape[0], state, config)
+        fused = decode.fused_step_for(self, token.shape[0], state, config)
         if fused is None:
             return self.step_pytorch(token, state)
-        return decode.step_fused(fused, token, state), state
+        return decode.run_fused_step(fused, token, state), state
 
     def step_pytorch(self, token: torch.Tensor, state: ModelState) -> tuple[torch.Tensor, ModelState]:
         """`step` through the blocks' own step, one PyTorch operation at a time."""

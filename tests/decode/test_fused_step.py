@@ -346,7 +346,7 @@ def test_generation_loop_in_c_refuses_bad_requests_and_non_finite_parameters():
     model = _model(n_classes=0, head="mol", max_len=12)
     with torch.no_grad():
         _, state = model.prefill(torch.randint(0, 16, (2, 3)))
-        step = decode.fused_step(model, 2, state)
+        step = decode.fused_step_for(model, 2, state)
         S, z = [s.S for s in state.layers], [s.z for s in state.layers]
         before = [t.clone() for t in S + z]
         first = torch.tensor([1, 2])
@@ -505,21 +505,21 @@ def test_a_config_that_is_not_a_decode_config_is_refused():
 def test_fused_step_survives_unrelated_module_registrations_without_rebuilding():
     """A module built elsewhere in the process bumps the registration count; the model's own fused
     step is kept (its tensors are the same) and the cheap check holds again afterwards."""
-    from linear_transformers.decode import fused_step
+    from linear_transformers.decode import fused_step_for
 
     if not fused.available():
         pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     model = _model(n_classes=0, max_len=8)
     with torch.no_grad():
         _, state = model.prefill(torch.randint(0, 16, (1, 2)))
-        step = fused_step(model, 1, state)
+        step = fused_step_for(model, 1, state)
         if step is None:
             pytest.skip("the fused step is not taken here")
         torch.nn.Linear(2, 2)  # registers parameters: an unrelated module
         assert not step.current()
-        assert fused_step(model, 1, state) is step and step.current()
+        assert fused_step_for(model, 1, state) is step and step.current()
         model.blocks[0].norm1.weight = torch.nn.Parameter(torch.ones_like(model.blocks[0].norm1.weight))
-        assert fused_step(model, 1, state) is not step
+        assert fused_step_for(model, 1, state) is not step
 
 
 # ---- every ISA level this machine runs, with gcc and clang (the each_build fixture, conftest.py) ----

@@ -181,7 +181,7 @@ def check_generate(
     return prompt.long(), max_new_tokens
 
 
-def fused_step(model: CausalTransformer, batch: int, state: ModelState, config: DecodeConfig = DEFAULT):
+def fused_step_for(model: CausalTransformer, batch: int, state: ModelState, config: DecodeConfig = DEFAULT):
     """The fused C step for stepping `state` (batch rows) of `model`, or None where the PyTorch step
     must run: the C step computes what the model would (fused.computes: linear attention with an
     elementwise feature map, plain layers; float32 on the CPU, no autograd, no dropout, no per-row
@@ -214,7 +214,7 @@ def fused_step(model: CausalTransformer, batch: int, state: ModelState, config: 
     return step
 
 
-def step_fused(step: fused.FusedModelStep, token: torch.Tensor, state: ModelState) -> torch.Tensor:
+def run_fused_step(step: fused.FusedModelStep, token: torch.Tensor, state: ModelState) -> torch.Tensor:
     """One token [B] through the fused step: the next token's head parameters; `state` advances."""
     params = step(token, state.position, [s.S for s in state.layers], [s.z for s in state.layers])
     for s in state.layers:
@@ -251,7 +251,7 @@ class _Recurrent:
         if self.params is None:
             token = out[:, t - 1]
             if self.fused is not None:
-                self.params = step_fused(self.fused, token, self.state)
+                self.params = run_fused_step(self.fused, token, self.state)
             else:
                 self.params, self.state = self.model.step_pytorch(token, self.state)
         out[:, t] = self.sampling(self.model.head, self.params)
@@ -307,7 +307,7 @@ def stepper(
     if mode == "recompute":
         return _Recompute(model, labels, padding, sampling)
     params, state = model.prefill(out[:, :T0], labels, None if padding is None else padding[:, :T0])
-    step = fused_step(model, out.shape[0], state, config)
+    step = fused_step_for(model, out.shape[0], state, config)
     direct = model.cfg.head == "mol" and model.head.draws_directly(sampling.temperature, sampling.top_k, sampling.top_p)
     kind = _FusedMixture if step is not None and direct else _Recurrent
     return kind(model, params, state, sampling, step)

@@ -127,7 +127,7 @@ class FusedModelStep:
 
     Built from the model's parameter tensors (float32, contiguous, CPU): `layers`, the blocks' (see
     WEIGHTS), and `io`, those around them (see IO; "pos", "norm_w" and "norm_b" may be None). It
-    keeps references to them, so their memory outlives any reassignment; decode.fused_step rebuilds
+    keeps references to them, so their memory outlives any reassignment; decode.fused_step_for rebuilds
     it whenever the model's weights are other tensors or at other addresses (weights_key). In-place
     updates (optimizer steps, load_state_dict) are seen.
 
