@@ -6,6 +6,8 @@ ValueError/TypeError: never a crash, never a NaN the reference does not have."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -138,6 +140,7 @@ def model_cases(draw):
         batch=draw(st.sampled_from([1, 2, 3, 5, 19, 20, 21, 40])),
         prompt=draw(st.integers(0, 5)),
         wrong_batch=draw(st.sampled_from([None, 0, 1, 64])),
+        seed=draw(st.integers(0, 2**16)),
     )
 
 
@@ -157,6 +160,7 @@ def test_the_fused_step_equals_the_pytorch_step_on_random_models(case):
         positional=case["positional"],
         head=case["head"],
     )
+    torch.manual_seed(case["seed"])  # (the model and tokens are part of the example: reproducible)
     model = CausalTransformer(cfg).eval()
     configs = (DecodeConfig(max_batch=64), DecodeConfig(fused=False))
     B = case["batch"]
@@ -172,4 +176,13 @@ def test_the_fused_step_equals_the_pytorch_step_on_random_models(case):
             outs.append(torch.stack([model.step(tokens[:, t], st_, config)[0] for t in range(case["prompt"], 11)], 1))
         assert decode.built_step(model) is not None
     assert torch.isfinite(outs[0]).all()
-    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
+    # The fused step must be as exact as PyTorch's own float32 step: both against the model in float64.
+    # (A random model of width 3 can be ill-conditioned, its LayerNorm dividing by a tiny spread; there
+    # both float32 paths are off float64 by 1e-5 and more, and they may differ by as much from each other.)
+    exact = copy.deepcopy(model).double()
+    with torch.no_grad():
+        _, s64 = exact.prefill(tokens[:, : case["prompt"]])
+        ref = torch.stack([exact.step(tokens[:, t], s64, configs[1])[0] for t in range(case["prompt"], 11)], 1)
+    float32_error = float((outs[1].double() - ref).abs().max())
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5 + 2 * float32_error, rtol=2e-5)
+    assert float((outs[0].double() - ref).abs().max()) <= 2e-5 + 2 * float32_error
