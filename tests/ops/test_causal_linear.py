@@ -323,3 +323,16 @@ def test_under_bfloat16_autocast_every_backend_takes_its_inputs_dtype(backend):
             g_inside = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
         for a, b in zip(g_inside, g_plain, strict=True):
             assert torch.equal(a, b)
+
+
+def test_non_causal_linear_attention_sums_in_float32_under_autocast():
+    """Inside a bfloat16 autocast the non-causal op still sums in float32 (its einsums would
+    otherwise run in bfloat16): the same output as outside autocast, packed or not."""
+    g = torch.Generator().manual_seed(0)
+    q, k = ((torch.rand(1, 300, 2, 8, generator=g) + 0.1).bfloat16() for _ in range(2))
+    v = torch.randn(1, 300, 2, 8, generator=g).bfloat16()
+    cu = torch.tensor([0, 100, 300])
+    for kwargs in ({}, {"cu_seqlens": cu}):
+        plain = ops.linear_attention(q, k, v, **kwargs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(ops.linear_attention(q, k, v, **kwargs), plain)

@@ -194,6 +194,11 @@ def linear_attention(
     fn = "linear_attention"
     check_qkv(fn, q, k, v, same_length=cu_seqlens is not None)
     eps = check_eps(fn, eps)
+    with torch.autocast(q.device.type, enabled=False):  # (its sums are float32 under autocast too)
+        return _linear_attention(fn, q, k, v, key_padding_mask, eps, cu_seqlens)
+
+
+def _linear_attention(fn: str, q, k, v, key_padding_mask, eps: float, cu_seqlens):
     if cu_seqlens is not None:
         if key_padding_mask is not None:
             raise ValueError(f"{fn}: pass cu_seqlens or key_padding_mask, not both (packed documents have no padding)")
