@@ -101,6 +101,17 @@ def finished(started: dict) -> dict:
     return {**started, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
+def write_run_record(out: Path, started: dict, **extra) -> Path:
+    """out/run.json: what made the folder's results (`started`: a provenance taken when the command
+    began: its command line, git commit, host flags, versions, date), when it finished, and `extra`
+    (an experiment's model configurations...), written by the program."""
+    import json
+
+    path = out / "run.json"
+    path.write_text(json.dumps({**finished(started), **extra}, indent=2, default=str) + "\n")
+    return path
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(k for row in rows for k in row))

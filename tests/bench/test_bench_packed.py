@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -27,6 +28,7 @@ def test_bench_packed_quick(tmp_path):
         assert int(r["real_tokens"]) <= int(r["computed_tokens"]) and float(r["tokens_per_s"]) > 0
         assert (r["mode"] == "packed") <= (r["real_tokens"] == r["computed_tokens"])  # packing pads nothing
     assert "x padded" in (tmp_path / "out" / "table.md").read_text()
+    assert "bench packed --quick" in json.loads((tmp_path / "out" / "run.json").read_text())["command"]
 
 
 def test_documents_are_paragraphs_cut_at_max_len(tmp_path):
@@ -62,3 +64,4 @@ def test_bench_parallel_quick(tmp_path):
     # what a rank exchanges grows with the ranks, not with the tokens
     assert [int(r["ranks"]) for r in model] == [1, 2, 4, 8, 16, 32, 64]
     assert float(model[2]["exchanged_kib"]) == 2 * float(model[1]["exchanged_kib"])
+    assert json.loads((tmp_path / "run.json").read_text())["git_commit"]

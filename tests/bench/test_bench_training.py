@@ -5,6 +5,7 @@ CSV, table and plot are written."""
 from __future__ import annotations
 
 import csv
+import json
 
 from linear_transformers.bench.__main__ import main
 
@@ -18,6 +19,8 @@ def test_quick_training_benchmark(tmp_path, capsys):
     assert all(float(r["tokens_per_s"]) > 0 and float(r["verified_error"]) < 1e-3 for r in rows)
     assert {r["vs_softmax"] for r in rows if r["arm"] == "softmax"} == {"1.0"}
     assert "largest relative difference" in capsys.readouterr().out
+    record = json.loads((tmp_path / "run.json").read_text())  # what made the numbers, written by the program
+    assert record["command"].startswith("python -m linear_transformers.bench training --quick") and record["git_commit"]
     assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG" and "x softmax" in (
         tmp_path / "table.md"
     ).read_text()

@@ -180,5 +180,7 @@ def test_image_gap_reads_the_runs_and_plots_the_gap(tmp_path, capsys):
     soft = json.loads((tmp_path / "a" / "softmax" / "result.json").read_text())["rows"][0]["test_bpd"]
     assert "| hedgehog | 0 | 3 | pre | hedgehog |" in table and f"{lin - soft:+.3f} |" in table
     assert (tmp_path / "gap" / "gap.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError, match="is missing: is .* a finished run of experiment image with linear"):
+        main(["image-gap", "--runs", f"x={tmp_path / 'nowhere'}", "--out", str(tmp_path / "gap3")])
     with pytest.raises(ValueError, match="NAME=FOLDER"):
         main(["image-gap", "--runs", str(tmp_path / "a"), "--out", str(tmp_path / "gap2")])

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..options import add_options, count, option
-from ..results import fmt, isa_lines, machine_info, markdown_table, write_csv
+from ..results import fmt, isa_lines, machine_info, markdown_table, provenance, write_csv, write_run_record
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 MODES = ("padded", "bucketed", "packed")
@@ -124,6 +124,7 @@ def verify(model, docs: list[bytes]) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    started = provenance(getattr(args, "command_line", None))  # (run.json: what made the results)
     from ..model import CausalTransformer, ModelConfig
 
     torch.set_num_threads(args.threads)
@@ -202,7 +203,8 @@ def main(args: argparse.Namespace) -> int:
     (args.out / "table.md").write_text(header + "\n" + table)
     print(table)
     plotted = plot(summary, args.out / "packed.png", f"training tokens/s by batching, {info['cpu']}")
-    print(f"wrote {args.out}/packed.csv, table.md" + (", packed.png" if plotted else ""))
+    write_run_record(args.out, started)
+    print(f"wrote {args.out}/packed.csv, table.md, run.json" + (", packed.png" if plotted else ""))
     return 0
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..options import add_options, count, option
-from ..results import fmt, isa_lines, machine_info, markdown_table, write_csv
+from ..results import fmt, isa_lines, machine_info, markdown_table, provenance, write_csv, write_run_record
 
 KINDS = ("attention", "model")
 
@@ -186,6 +186,7 @@ def _spawn(fn, world: int, *args):
 
 
 def main(args: argparse.Namespace) -> int:
+    started = provenance(getattr(args, "command_line", None))  # (run.json: what made the results)
     from ..ops import parallel
 
     lengths, repeats = ([2048, 4096], 1) if args.quick else (args.lengths, args.repeats)
@@ -274,7 +275,8 @@ def main(args: argparse.Namespace) -> int:
     (args.out / "table.md").write_text(header + "\n" + table + model_header + model_table)
     print(table + model_header + model_table)
     plotted = plot(rows, args.out / "parallel.png", f"context parallelism, {info['cpu']}")
-    print(f"wrote {args.out}/parallel.csv, model.csv, table.md" + (", parallel.png" if plotted else ""))
+    write_run_record(args.out, started)
+    print(f"wrote {args.out}/parallel.csv, model.csv, table.md, run.json" + (", parallel.png" if plotted else ""))
     return 0
 
 

@@ -30,7 +30,7 @@ import torch
 
 from ..config import ModelConfig
 from ..options import add_options, count, option
-from ..results import fmt, isa_lines, machine_info, markdown_table, write_csv
+from ..results import fmt, isa_lines, machine_info, markdown_table, provenance, write_csv, write_run_record
 
 ARMS = {
     "linear-cpu": ("causal-linear", "cpu"),
@@ -108,6 +108,7 @@ def verify(args, tokens: torch.Tensor) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    started = provenance(getattr(args, "command_line", None))  # (run.json: what made the results)
     args = argparse.Namespace(**vars(args))
     if args.quick:
         args.length, args.d_model, args.n_layers, args.n_heads, args.rounds = 256, 64, 2, 4, 2
@@ -172,7 +173,8 @@ def main(args: argparse.Namespace) -> int:
     plot(rows, args.out / "training.png", f"training, T={args.length}, {info['cpu']}")
     print()
     print(table)
-    print(f"wrote {args.out / 'training.csv'}, table.md, training.png")
+    write_run_record(args.out, started)
+    print(f"wrote {args.out / 'training.csv'}, table.md, run.json, training.png")
     return 0
 
 

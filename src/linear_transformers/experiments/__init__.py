@@ -40,18 +40,6 @@ def save_finished(path: Path, settings: dict, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
-def write_run_record(out: Path, started: dict, models: dict[str, dict]) -> Path:
-    """out/run.json: what made the folder's results (`started`: results.provenance taken when the
-    command began: the command line, the git commit, the host's flags, versions, the date) and each
-    method's full model configuration (norm placement, positions, feature map, sizes), written by
-    the program when it ends."""
-    from ..results import finished
-
-    path = out / "run.json"
-    path.write_text(json.dumps({**finished(started), "models": models}, indent=2, default=str) + "\n")
-    return path
-
-
 def finished_or_run(out: Path, method: str, settings: dict, fresh: bool, run: Callable[[], list[dict]]) -> list[dict]:
     """A method's rows from out/<method>/result.json when it finished with these settings (unless
     fresh: then its folder is cleared); otherwise run() it and save what it returns."""

@@ -33,9 +33,9 @@ from ..commands import apply_preset
 from ..data import copy as copy_data
 from ..model import CausalTransformer, ModelConfig
 from ..options import add_options, count, from_args, option
-from ..results import fmt, machine_info, markdown_table, provenance, write_csv
+from ..results import fmt, machine_info, markdown_table, provenance, write_csv, write_run_record
 from ..train import resolve_device
-from . import RunSwitches, load_finished, save_finished, write_run_record
+from . import RunSwitches, load_finished, save_finished
 
 METHODS = {  # name -> ModelConfig fields
     "softmax": dict(attention="causal-softmax"),
@@ -371,7 +371,7 @@ def main(args: argparse.Namespace) -> int:
         f"Copy task, {info['cpu']}, {s.device}, torch {info['torch']}; settings {json.dumps(settings)}\n\n" + table
     )
     plot(rows, out / "copy.png", s)
-    write_run_record(out, started, {m: model_config(s, m).to_dict() for m in s.methods})
+    write_run_record(out, started, models={m: model_config(s, m).to_dict() for m in s.methods})
     print()
     print(table)
     print(f"wrote {out / 'copy.csv'}, {out / 'copy.png'}, {out / 'table.md'}, {out / 'run.json'}")

@@ -43,9 +43,9 @@ from ..commands import apply_preset
 from ..data.images import image_grid, write_png
 from ..model import CausalTransformer, ModelConfig
 from ..options import add_options, count, from_args, option
-from ..results import fmt, machine_info, markdown_table, provenance, write_csv
+from ..results import fmt, machine_info, markdown_table, provenance, write_csv, write_run_record
 from ..train import TrainConfig, resolve_device, train
-from . import RunSwitches, finished_or_run, load_finished, write_run_record
+from . import RunSwitches, finished_or_run, load_finished
 
 METHODS = {  # name -> (ModelConfig fields, generation mode)
     "softmax": (dict(attention="causal-softmax"), "recompute"),
@@ -446,7 +446,7 @@ def main(args: argparse.Namespace) -> int:
     print(table)
     if gap:
         print(gap)
-    write_run_record(out, started, {m: model_config(s, m, d).to_dict() for m in s.methods})
+    write_run_record(out, started, models={m: model_config(s, m, d).to_dict() for m in s.methods})
     figure = plot_samples(out, s.methods)
     curves = plot_curves(out, s.methods)
     grids = ", ".join(f"samples_{m}.png" for m in s.methods)

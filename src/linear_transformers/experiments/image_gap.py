@@ -51,7 +51,12 @@ def curve(folder: Path, method: str) -> dict[int, float]:
 
 def final(folder: Path, method: str) -> tuple[float, dict]:
     """(test bits/dim on the final evaluation, the run's settings) from its result.json."""
-    saved = json.loads((folder / method / "result.json").read_text())
+    path = folder / method / "result.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"image-gap: {path} is missing: is {folder} a finished run of experiment image with {method}?"
+        )
+    saved = json.loads(path.read_text())
     (row,) = [r for r in saved["rows"] if r["method"] == method]
     return float(row["test_bpd"]), saved["settings"]
 

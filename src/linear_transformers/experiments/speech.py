@@ -40,9 +40,9 @@ from ..commands import apply_preset
 from ..data import speech
 from ..model import sinusoidal_table
 from ..options import add_options, count, from_args, option
-from ..results import fmt, machine_info, markdown_table, provenance, write_csv
+from ..results import fmt, machine_info, markdown_table, provenance, write_csv, write_run_record
 from ..train import resolve_device
-from . import RunSwitches, finished_or_run, load_finished, write_run_record
+from . import RunSwitches, finished_or_run, load_finished
 
 METHODS = ("bilstm", "softmax", "linear", "lsh-4")
 ATTENTION = {"softmax": ("softmax", 1), "linear": ("linear", 1), "lsh-4": ("lsh", 4)}  # kind, hashing rounds
@@ -471,6 +471,6 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(table)
     models = {m: {"settings": settings, "architecture": repr(make_model(m, s))} for m in s.methods}
-    write_run_record(out, started, models)
+    write_run_record(out, started, models=models)
     print(f"wrote {out / 'speech.csv'}, {out / 'table.md'}, {out / 'speech.png'}, {out / 'run.json'}")
     return 0
