@@ -123,6 +123,43 @@ def test_attention_kernel_equals_the_reference(harness, tmp_path, dtype, B, T, H
         assert rel_err(g, w) < tol, (name, rel_err(g, w))
 
 
+@pytest.mark.parametrize(("B", "T", "H", "Dk", "Dv", "C"), [(2, 65, 3, 16, 24, 16), (1, 77, 2, 17, 5, 5)])
+def test_bfloat16_attention_kernel_is_within_bfloat16_error(harness, tmp_path, B, T, H, Dk, Dv, C):
+    """bfloat16 in and out, float32 states: within twice the error of "chunked" (float32 copies) here."""
+    q, k, v = qkv(B, T, H, Dk, Dv, torch.bfloat16)
+    state = random_state(B, H, Dk, Dv, torch.float32)
+    dy = torch.randn(B, T, H, Dv).bfloat16()
+    dS, dz = torch.randn(B, H, Dk, Dv), torch.randn(B, H, Dk)
+
+    def reference(backend, dtype, acc):
+        inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        S0, z0 = (x.detach().to(acc).requires_grad_() for x in (state.S, state.z))
+        y, final = ops.causal_linear_attention(
+            *inputs, initial_state=LinearState(S0, z0, 0), return_state=True, backend=backend, chunk_size=C
+        )
+        grads = torch.autograd.grad([y, final.S, final.z], [*inputs, S0, z0], [dy.to(dtype), dS.to(acc), dz.to(acc)])
+        return [y, final.S, final.z, *grads]
+
+    exact = reference("naive", torch.float64, torch.float64)
+    chunked = reference("chunked", torch.bfloat16, torch.float32)
+    inputs = [x.contiguous().view(torch.int16).numpy().tobytes() for x in (q, k, v)]
+    inputs += [x.contiguous().numpy().tobytes() for x in (state.S, state.z)]
+    inputs += [dy.view(torch.int16).numpy().tobytes(), dS.numpy().tobytes(), dz.numpy().tobytes()]
+    data = harness("attention", _i64(2, B, T, H, Dk, Dv, C) + np.float64(1e-6).tobytes() + b"".join(inputs), tmp_path)
+    sizes = [(B, T, H, Dv, 2), (B, H, Dk, Dv, 4), (B, H, Dk, 4), (B, T, H, Dk, 2), (B, T, H, Dk, 2), (B, T, H, Dv, 2)]
+    sizes += [(B, H, Dk, Dv, 4), (B, H, Dk, 4)]
+    got, at = [], 0
+    for *shape, es in sizes:
+        n = int(np.prod(shape)) * es
+        raw = torch.frombuffer(bytearray(data[at : at + n]), dtype=torch.int16 if es == 2 else torch.float32)
+        got.append((raw.view(torch.bfloat16) if es == 2 else raw).reshape(shape))
+        at += n
+    assert at == len(data)
+    for name, g, r, e in zip(("y", "S", "z", "dq", "dk", "dv", "dS0", "dz0"), got, chunked, exact, strict=True):
+        slack = 2**-8 if name == "y" else 1e-6
+        assert rel_err(g, e) <= 2 * rel_err(r, e) + slack, (name, rel_err(g, e), rel_err(r, e))
+
+
 def _step_request(model: CausalTransformer, tokens: torch.Tensor) -> bytes:
     cfg, n, B = model.cfg, tokens.shape[1], tokens.shape[0]
     step = fused.from_model(model)

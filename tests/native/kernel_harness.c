@@ -3,9 +3,10 @@
  * tests/test_aarch64.py writes the requests and checks the results against PyTorch.
  *
  *   kernel_harness attention IN OUT   cla_forward (keeping what the backward needs) + cla_backward
- *     IN:  int64 dtype (4 or 8), B, T, H, Dk, Dv, C; float64 eps; then q, k, v [B,T,H,Dk|Dv],
- *          S0 [B,H,Dk,Dv], z0 [B,H,Dk], dy [B,T,H,Dv], dS [B,H,Dk,Dv], dz [B,H,Dk] in that dtype
- *     OUT: y, S, z, dq, dk, dv, dS0, dz0
+ *     IN:  int64 dtype (element bytes: 2 bfloat16, 4 float32, 8 float64), B, T, H, Dk, Dv, C; float64
+ *          eps; then q, k, v [B,T,H,Dk|Dv], S0 [B,H,Dk,Dv], z0 [B,H,Dk], dy [B,T,H,Dv], dS [B,H,Dk,Dv],
+ *          dz [B,H,Dk] in that dtype (the states S0, z0, dS, dz in float32 for bfloat16)
+ *     OUT: y, S, z, dq, dk, dv, dS0, dz0 (the same dtypes)
  *   kernel_harness step IN OUT        lt_model_token_f32 for n tokens from position 0, zero state
  *     IN:  int64 n_layers, d, n_heads, dk, dv, dff, pre_norm, feature_map, vocab, max_len, n_params,
  *          has_pos, has_norm, B, n; float32 ln_eps, attn_eps, norm_eps; per layer the 12 weights of
@@ -55,17 +56,21 @@ static int attention(FILE *out) {
                   C = take_i64();
     double eps;
     memcpy(&eps, take(8), 8);
-    if ((es != 4 && es != 8) || B < 1 || T < 1 || H < 1 || Dk < 1 || Dv < 1 || C < 1) return 2;
+    if ((es != 2 && es != 4 && es != 8) || B < 1 || T < 1 || H < 1 || Dk < 1 || Dv < 1 || C < 1) return 2;
+    const size_t ss = es == 8 ? 8 : 4; /* states: float32 for bfloat16 (es 2) */
     const size_t nq = B * T * H * Dk, nv = B * T * H * Dv, nS = B * H * Dk * Dv, nz = B * H * Dk;
     const size_t nN = (T + C - 1) / C;
-    void *q = take(es * nq), *k = take(es * nq), *v = take(es * nv), *S0 = take(es * nS), *z0 = take(es * nz);
-    void *dy = take(es * nv), *dS = take(es * nS), *dz = take(es * nz);
-    void *y = malloc(es * nv), *S = malloc(es * nS), *z = malloc(es * nz), *Ss = malloc(es * nS * nN),
-         *zs = malloc(es * nz * nN), *den = malloc(es * B * H * T);
-    void *dq = malloc(es * nq), *dk = malloc(es * nq), *dv = malloc(es * nv), *dS0 = malloc(es * nS),
-         *dz0 = malloc(es * nz);
+    void *q = take(es * nq), *k = take(es * nq), *v = take(es * nv), *S0 = take(ss * nS), *z0 = take(ss * nz);
+    void *dy = take(es * nv), *dS = take(ss * nS), *dz = take(ss * nz);
+    void *y = malloc(es * nv), *S = malloc(ss * nS), *z = malloc(ss * nz), *Ss = malloc(ss * nS * nN),
+         *zs = malloc(ss * nz * nN), *den = malloc(ss * B * H * T);
+    void *dq = malloc(es * nq), *dk = malloc(es * nq), *dv = malloc(es * nv), *dS0 = malloc(ss * nS),
+         *dz0 = malloc(ss * nz);
     int status;
-    if (es == 4) {
+    if (es == 2) {
+        status = cla_forward_bf16(q, k, v, S0, z0, y, S, z, Ss, zs, den, B, T, H, Dk, Dv, C, eps, 2) ||
+                 cla_backward_bf16(q, k, v, y, dy, Ss, zs, den, dS, dz, dq, dk, dv, dS0, dz0, B, T, H, Dk, Dv, C, 2);
+    } else if (es == 4) {
         status = cla_forward_f32(q, k, v, S0, z0, y, S, z, Ss, zs, den, B, T, H, Dk, Dv, C, eps, 2) ||
                  cla_backward_f32(q, k, v, y, dy, Ss, zs, den, dS, dz, dq, dk, dv, dS0, dz0, B, T, H, Dk, Dv, C, 2);
     } else {
@@ -73,8 +78,8 @@ static int attention(FILE *out) {
                  cla_backward_f64(q, k, v, y, dy, Ss, zs, den, dS, dz, dq, dk, dv, dS0, dz0, B, T, H, Dk, Dv, C, 2);
     }
     if (status) return 4;
-    put(out, y, es * nv), put(out, S, es * nS), put(out, z, es * nz);
-    put(out, dq, es * nq), put(out, dk, es * nq), put(out, dv, es * nv), put(out, dS0, es * nS), put(out, dz0, es * nz);
+    put(out, y, es * nv), put(out, S, ss * nS), put(out, z, ss * nz);
+    put(out, dq, es * nq), put(out, dk, es * nq), put(out, dv, es * nv), put(out, dS0, ss * nS), put(out, dz0, ss * nz);
     return 0;
 }
 

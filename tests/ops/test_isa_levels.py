@@ -41,3 +41,43 @@ def test_attention_kernel_equals_the_reference(each_build, shape):
             results.append([y, final.S, final.z, *torch.autograd.grad(loss, [*inputs, S0, z0])])
         for name, got, want in zip(("out", "S", "z", "dq", "dk", "dv", "dS0", "dz0"), *results, strict=True):
             assert rel_err(got, want) < tol, (name, dtype, rel_err(got, want))
+
+
+# bfloat16 shapes: the SHAPES above plus chunks that do not divide T, Dk wider than the chunk, odd
+# widths (a bfloat16 pair split at the end of a row), a chunk of 1
+BF16_CASES = [(shape, 16) for shape in SHAPES] + [
+    (dict(B=2, T=77, H=2, Dk=17, Dv=5), 5),
+    (dict(B=1, T=40, H=1, Dk=70, Dv=66), 32),
+    (dict(B=1, T=9, H=2, Dk=3, Dv=1), 1),
+]
+
+
+@pytest.mark.parametrize("shape, chunk", BF16_CASES, ids=[f"{shape_id(**s)}-C{c}" for s, c in BF16_CASES])
+def test_bfloat16_kernel_is_within_bfloat16_error_of_float64(each_build, shape, chunk):
+    """bfloat16 in, bfloat16 out, float32 states (products in bfloat16 on AVX512-BF16 builds): the
+    output within one bfloat16 rounding of "chunked" (which computes in float32 copies), the final
+    state and all gradients as accurate as it, everything against float64 on the same rounded inputs."""
+    B, T, H, Dk, Dv = shape.values()
+    g = torch.Generator().manual_seed(T * 1000 + Dk)
+    q, k, v = qkv(B, T, H, Dk, Dv, torch.bfloat16)
+    state = random_state(B, H, Dk, Dv, torch.float32)
+    dy = torch.randn(B, T, H, Dv, generator=g).bfloat16()
+    dS, dz = torch.randn(B, H, Dk, Dv, generator=g), torch.randn(B, H, Dk, generator=g)
+
+    def run(backend, dtype, acc):
+        inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        S0, z0 = (x.detach().to(acc).requires_grad_() for x in (state.S, state.z))
+        y, final = ops.causal_linear_attention(
+            *inputs, initial_state=LinearState(S0, z0, 5), return_state=True, backend=backend, chunk_size=chunk
+        )
+        grads = torch.autograd.grad([y, final.S, final.z], [*inputs, S0, z0], [dy.to(dtype), dS.to(acc), dz.to(acc)])
+        return [y, final.S, final.z, *grads]
+
+    exact = run("naive", torch.float64, torch.float64)
+    got = run("cpu", torch.bfloat16, torch.float32)
+    ref = run("chunked", torch.bfloat16, torch.float32)
+    names = ("out", "S", "z", "dq", "dk", "dv", "dS0", "dz0")
+    for name, x, r, e in zip(names, got, ref, exact, strict=True):
+        assert x.dtype == r.dtype, name
+        slack = 2**-8 if name == "out" else 1e-6  # out: one more bfloat16 rounding (of the products' operands)
+        assert rel_err(x, e) <= 2 * rel_err(r, e) + slack, (name, rel_err(x, e), rel_err(r, e))

@@ -55,8 +55,8 @@ class Backend:
     auto_candidate: Callable[[torch.Tensor, torch.Tensor], bool] | None = None
     # ... and, where it is available, takes it when this says it was measured faster here
     auto_faster: Callable[[], bool] = lambda: True
-    # with half-precision inputs its forward keeps a float32 copy of the output for the backward
-    keeps_float_output: bool = True
+    # with these half-precision inputs its forward keeps a float32 copy of the output for the backward
+    keeps_float_output: Callable[[torch.dtype], bool] = lambda dtype: True
 
 
 def _naive_forward(q, k, v, S0, z0, eps: float, chunk_size: int, save: bool) -> Forward:
@@ -91,6 +91,7 @@ BACKENDS: dict[str, Backend] = {
         why_unavailable=lambda device: None if cpu.available() else cpu.unavailable_reason(),
         auto_candidate=lambda q, v: q.device.type == "cpu",
         auto_faster=lambda: cpu.auto_uses_kernel(),
+        keeps_float_output=lambda dtype: dtype != torch.bfloat16,  # bfloat16 runs in the kernel as it is
     ),
     "triton": _kernel(
         triton_backend,
@@ -98,6 +99,6 @@ BACKENDS: dict[str, Backend] = {
         check_shapes=lambda fn, q, v: triton_backend.check_shapes(fn, q, v),
         chunk=triton_backend.CHUNK,
         auto_candidate=_triton_candidate,
-        keeps_float_output=False,
+        keeps_float_output=lambda dtype: False,
     ),
 }

@@ -36,7 +36,7 @@ def _(q, k, v, S0, z0, eps, chunk_size, backend, save):
     Dv = v.shape[-1]
     acc = accumulation_dtype(q.dtype)
     empty = q.new_empty(0, dtype=acc)
-    half = q.dtype != acc and BACKENDS[backend].keeps_float_output
+    half = q.dtype != acc and BACKENDS[backend].keeps_float_output(q.dtype)
     out_acc = q.new_empty(B, T, H, Dv, dtype=acc) if save and half else empty
     saved = [
         q.new_empty(shape, dtype=acc) if save else empty

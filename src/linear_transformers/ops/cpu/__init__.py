@@ -5,7 +5,10 @@ compiler has PyTorch's runtime (gcc on Linux), else on pthreads.
 
 "auto" takes the kernel only where it is faster than "chunked" on this machine (`auto_uses_kernel`:
 measured once per build on a small representative shape, the verdict kept beside the library).
-float32 and float64 run natively; float16/bfloat16 inputs are computed in float32.
+float32 and float64 run natively. bfloat16 tensors go in and come out as they are, with float32
+states and sums; the chunk products use bfloat16 operands (float32 accumulation) where the build
+has AVX512-BF16 (x86-64-v4-bf16, x86-64-v4-amx), float32 elsewhere. float16 inputs are computed
+in float32 copies.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def _ctype(arg: str):
 
 
 def _set_signatures(lib: ctypes.CDLL) -> None:
-    for suffix in ("f32", "f64"):
+    for suffix in ("f32", "f64", "bf16"):
         for name, args in (("cla_forward", FORWARD_ARGS), ("cla_backward", BACKWARD_ARGS)):
             fn = getattr(lib, f"{name}_{suffix}")
             fn.argtypes = [_ctype(a) for a in args]
@@ -146,7 +149,7 @@ def _call(name: str, dtype: torch.dtype, *args) -> None:
     lib = load()
     if lib is None:
         raise RuntimeError(f"the CPU kernel is unavailable: {unavailable_reason()}")
-    suffix = "f64" if dtype == torch.float64 else "f32"
+    suffix = {torch.float64: "f64", torch.bfloat16: "bf16"}.get(dtype, "f32")
     status = getattr(lib, f"{name}_{suffix}")(*args)
     if status == 2:
         B, T, H, Dk, Dv, C = args[-8:-2] if name == "cla_forward" else args[-7:-1]
@@ -172,13 +175,19 @@ def saved_shapes(B: int, T: int, H: int, Dk: int, Dv: int, C: int) -> tuple[tupl
     return (B, H, N, Dk, Dv), (B, H, N, Dk), (B, H, T)
 
 
+def _io_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernel reads and writes q, k, v and their gradients in: bfloat16 as it is,
+    float16 through float32 copies."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else accumulation_dtype(dtype)
+
+
 def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool) -> Forward:
     """The Forward record (out_acc and Saved empty unless needed)."""
-    acc = accumulation_dtype(q.dtype)
-    q_, k_, v_ = (x.to(acc).contiguous() for x in (q, k, v))
+    acc, io = accumulation_dtype(q.dtype), _io_dtype(q.dtype)
+    q_, k_, v_ = (x.to(io).contiguous() for x in (q, k, v))
     B, T, H, Dk = q_.shape
     Dv = v_.shape[-1]
-    out = torch.empty(B, T, H, Dv, dtype=acc)
+    out = torch.empty(B, T, H, Dv, dtype=io)
     S_final = torch.empty(B, H, Dk, Dv, dtype=acc)
     z_final = torch.empty(B, H, Dk, dtype=acc)
     shapes = saved_shapes(B, T, H, Dk, Dv, C)
@@ -188,7 +197,7 @@ def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool) -> Forward:
     S0_, z0_ = S0.contiguous(), z0.contiguous()
     _call(
         "cla_forward",
-        acc,
+        io,
         *map(_ptr, (q_, k_, v_, S0_, z0_, out, S_final, z_final, S_save, z_save, den)),
         B,
         T,
@@ -208,17 +217,18 @@ def run_forward(q, k, v, S0, z0, eps: float, C: int, save: bool) -> Forward:
 def run_backward(q, k, v, y, out_acc, saved: Saved, dy, dS_final, dz_final, eps: float, C: int) -> Grads:
     """Gradients of run_forward."""
     S_save, z_save, den = saved
-    acc = S_save.dtype
-    q_, k_, v_ = (x.to(acc).contiguous() for x in (q, k, v))
-    out = (out_acc if out_acc.numel() else y).to(acc).contiguous()
+    acc, io = S_save.dtype, _io_dtype(q.dtype)
+    q_, k_, v_ = (x.to(io).contiguous() for x in (q, k, v))
+    out = (out_acc if out_acc.numel() else y).to(io).contiguous()
     B, T, H, Dk = q_.shape
     Dv = v_.shape[-1]
-    dy_, dS_, dz_ = (x.to(acc).contiguous() for x in (dy, dS_final, dz_final))
+    dy_ = dy.to(io).contiguous()
+    dS_, dz_ = (x.to(acc).contiguous() for x in (dS_final, dz_final))
     dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
     dS0, dz0 = torch.empty(B, H, Dk, Dv, dtype=acc), torch.empty(B, H, Dk, dtype=acc)
     _call(
         "cla_backward",
-        acc,
+        io,
         *map(_ptr, (q_, k_, v_, out, dy_, S_save, z_save, den, dS_, dz_, dq, dk, dv, dS0, dz0)),
         B,
         T,

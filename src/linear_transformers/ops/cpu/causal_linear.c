@@ -1,4 +1,5 @@
-/* Causal linear attention kernels for the CPU (float32 and float64), loaded by ops/cpu/__init__.py with ctypes.
+/* Causal linear attention kernels for the CPU (float32, float64, and bfloat16 in and out with float32
+ * states), loaded by ops/cpu/__init__.py with ctypes.
  * Plain C with GCC/clang vector extensions of the target's width (simd.h), threaded with OpenMP where
  * the compiler has PyTorch's runtime (libgomp) and with pthreads otherwise:
  * no PyTorch headers, so it compiles in about a second on first use. The algorithm is in
@@ -105,3 +106,173 @@ static int parallel_over(long n_items, int n_threads, range_fn fn, const void *a
 #undef T
 #undef SUF
 #undef VL
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+/* The chunk products on bfloat16 operands, float32 accumulation (vdpbf16ps: each float32 lane adds
+ * the products of a pair of bfloat16s). mm_dpbf16 computes what mm_f32 computes (the same arguments,
+ * float32 operands, the same meaning of tri), after rounding both operands to bfloat16:
+ *   A -> Ab [M, Kp] (Kp = K rounded up to even), a row's pairs (k, k + 1) in one 32-bit word;
+ *   B -> Bp [Kp / 2, Np, 2] (Np = N rounded up to 16): for each pair of rows, the two values of a
+ *        column side by side, so a 64-byte load holds 16 columns' pairs;
+ * then a register tile of up to BF_ROWS rows x BF_NV vectors of 16 columns, broadcasting a row's
+ * pair. Entries a triangular operand leaves out (tri) are written as zeros into Ab, never read
+ * from A, so the garbage the callers keep above the diagonal cannot reach the sums. ws holds Ab,
+ * Bp and a transposing buffer: dpbf16_ws_floats(Dk, Dv, C) floats. */
+enum { BF_ROWS = 4, BF_NV = 4 };
+
+static long bf_pad(long n) { return (n + 16) / 16 * 16; } /* >= n + 1, a multiple of 16 */
+
+static long dpbf16_ws_floats(long Dk, long Dv, long C) {
+    long m = Dk > Dv ? Dk : Dv;
+    m = bf_pad(m > C ? m : C);
+    return 3 * m * m / 2 + 128; /* and room to align Ab and Bp to 64 bytes */
+}
+
+/* float -> bfloat16 bits, rounded to nearest even (NaN stays NaN). */
+static inline uint16_t bf_round(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (u & 0x7fffffff) > 0x7f800000 ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+static inline __mmask16 bf_mask(int n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+
+/* dst[p, j] = (X[2p, j], X[2p + 1, j]) as bfloat16 pairs for p < (K + 1) / 2, j < Np (the row
+ * stride of dst, Np >= N); zero past K rows or N columns. */
+static void bf_pack_pairs(const float *X, long ldx, int K, int N, int Np, uint32_t *dst) {
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int p = 0; 2 * p < K; p++) {
+        const float *r0 = X + 2L * p * ldx, *r1 = r0 + ldx;
+        const int has1 = 2 * p + 1 < K;
+        for (int j = 0; j < Np; j += 16) {
+            const __mmask16 m = bf_mask(N - j);
+            const __m512 lo = _mm512_maskz_loadu_ps(m, r0 + j);
+            const __m512 hi = has1 ? _mm512_maskz_loadu_ps(m, r1 + j) : _mm512_setzero_ps();
+            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lanes 0-15 lo, 16-31 hi */
+            _mm512_mask_storeu_epi32(dst + (long)p * Np + j, bf_mask(Np - j),
+                                     _mm512_permutexvar_epi16(interleave, both));
+        }
+    }
+}
+
+/* Ab [M, Kp] from op(A)(i, k) = A[i * ars + k * acs]: row-major rows converted 16 at a time; a
+ * transposed operand (ars = 1) packed as pairs of its rows, then transposed 32 bits at a time. */
+static void bf_pack_a(int M, int K, const float *A, long ars, long acs, uint16_t *Ab, uint32_t *tmp) {
+    const int Kp = (K + 1) / 2 * 2;
+    if (acs == 1) {
+        for (int i = 0; i < M; i++) {
+            const float *row = A + (long)i * ars;
+            uint16_t *out = Ab + (long)i * Kp;
+            for (int k = 0; k < Kp; k += 16) {
+                const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(bf_mask(K - k), row + k));
+                _mm256_mask_storeu_epi16(out + k, bf_mask(Kp - k), h);
+            }
+        }
+    } else if (ars == 1) {
+        bf_pack_pairs(A, acs, K, M, M, tmp);                           /* [Kp / 2, M] pairs */
+        transpose_f32(Kp / 2, M, (const float *)tmp, (float *)Ab); /* 32-bit words moved, not computed on */
+    } else {
+        for (int i = 0; i < M; i++)
+            for (int k = 0; k < Kp; k++) Ab[(long)i * Kp + k] = k < K ? bf_round(A[i * ars + k * acs]) : 0;
+    }
+}
+
+/* C[i0 + r, j + 16u] (+)= sum over pairs p0 <= p < p1 of Ab's row pair . Bp's column pair, for
+ * r < R, u < NV; the last vector's columns masked by last (C's columns past N are not touched). */
+static inline __attribute__((always_inline)) void bf_tile(int R, int NV, int p0, int p1, const uint32_t *Ab, int Kp2,
+                                                          const uint32_t *Bp, int Np, float *C, long ldc, int acc,
+                                                          __mmask16 last) {
+    __m512 c[BF_ROWS][BF_NV];
+    LT_UNROLL for (int r = 0; r < R; r++) LT_UNROLL for (int u = 0; u < NV; u++) {
+            const __mmask16 m = u == NV - 1 ? last : 0xffff;
+            c[r][u] = acc ? _mm512_maskz_loadu_ps(m, C + r * ldc + 16 * u) : _mm512_setzero_ps();
+        }
+    for (int p = p0; p < p1; p++) {
+        __m512i b[BF_NV];
+        LT_UNROLL for (int u = 0; u < NV; u++) b[u] = _mm512_loadu_si512(Bp + (long)p * Np + 16 * u);
+        LT_UNROLL for (int r = 0; r < R; r++) {
+            const __m512i a = _mm512_set1_epi32((int)Ab[(long)r * Kp2 + p]);
+            LT_UNROLL for (int u = 0; u < NV; u++) c[r][u] = _mm512_dpbf16_ps(c[r][u], (__m512bh)a, (__m512bh)b[u]);
+        }
+    }
+    LT_UNROLL for (int r = 0; r < R; r++) LT_UNROLL for (int u = 0; u < NV; u++) {
+            const __mmask16 m = u == NV - 1 ? last : 0xffff;
+            _mm512_mask_storeu_ps(C + r * ldc + 16 * u, m, c[r][u]);
+        }
+}
+
+#define BF_TILE(R_, NV_) bf_tile(R_, NV_, p0, p1, Ai, Kp / 2, Bp + j, Np, Ci + j, ldc, acc, last)
+#define BF_TILE_R(NV_)                  \
+    switch (R) {                        \
+        case 4: BF_TILE(4, NV_); break; \
+        case 3: BF_TILE(3, NV_); break; \
+        case 2: BF_TILE(2, NV_); break; \
+        default: BF_TILE(1, NV_); break; \
+    }
+
+/* mm_f32's product on bfloat16 operands (see above). */
+static void mm_dpbf16(int M, int N, int K, const float *A, long ars, long acs, const float *B, long ldb, float *C,
+                    long ldc, int acc, int tri, uint16_t *ws) {
+    if (K <= 0) { /* an empty sum: C = acc ? C : 0 */
+        if (!acc)
+            for (int i = 0; i < M; i++) memset(C + (long)i * ldc, 0, sizeof(float) * N);
+        return;
+    }
+    const int Kp = (K + 1) / 2 * 2, Np = (int)bf_pad(N - 1);
+    uint16_t *Ab = (uint16_t *)(((uintptr_t)ws + 63) & ~(uintptr_t)63);
+    uint32_t *Bp = (uint32_t *)(((uintptr_t)(Ab + (long)M * Kp) + 63) & ~(uintptr_t)63);
+    uint32_t *tmp = Bp + (long)(Kp / 2) * Np;
+    bf_pack_a(M, K, A, ars, acs, Ab, tmp);
+    bf_pack_pairs(B, ldb, K, N, Np, Bp);
+    for (int i = 0; i < M; i += BF_ROWS) {
+        const int R = M - i < BF_ROWS ? M - i : BF_ROWS;
+        int p0 = 0, p1 = Kp / 2, n_end = N;
+        if (tri == MM_LOWER_A && i + R < K) p1 = (i + R + 1) / 2;
+        if (tri == MM_UPPER_A) p0 = (i < K ? i : K) / 2;
+        /* zeros where a triangular operand is zero, within the pairs this tile reads */
+        for (int r = i; r < i + R; r++) {
+            uint16_t *row = Ab + (long)r * Kp;
+            if (tri == MM_LOWER_A)
+                for (int k = r + 1; k < 2 * p1; k++) row[k] = 0;
+            if (tri == MM_UPPER_A)
+                for (int k = 2 * p0; k < r && k < Kp; k++) row[k] = 0;
+            if (K < Kp) row[K] = 0;
+        }
+        if (tri == MM_LOWER_C) {
+            n_end = (i + R + 15) / 16 * 16;
+            if (n_end > N) n_end = N;
+        }
+        const uint32_t *Ai = (const uint32_t *)(Ab + (long)i * Kp);
+        float *Ci = C + (long)i * ldc;
+        const __mmask16 full = 0xffff;
+        __mmask16 last = full;
+        int j = 0;
+        for (; j + 64 <= n_end; j += 64) BF_TILE_R(4)
+        for (; j + 32 <= n_end; j += 32) BF_TILE_R(2)
+        for (; j + 16 <= n_end; j += 16) BF_TILE_R(1)
+        if (j < n_end) {
+            last = bf_mask(n_end - j);
+            BF_TILE_R(1)
+        }
+    }
+}
+#undef BF_TILE
+#undef BF_TILE_R
+#define MM_BF16 1
+#endif
+
+/* bfloat16 in and out (q, k, v, out, dout and their gradients), float32 states and sums; the
+ * products in bfloat16 where the target has AVX512-BF16 (MM_BF16), else in float32. */
+#define T float
+#define SUF bf16
+#define VL LT_VLF
+#define IO_BF16 1
+#include "causal_linear_impl.h"
+#undef T
+#undef SUF
+#undef VL
+#undef IO_BF16
+#undef MM_BF16

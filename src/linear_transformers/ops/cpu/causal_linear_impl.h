@@ -1,7 +1,15 @@
 /* Causal linear attention on the CPU, one scalar type. Included by causal_linear.c with
- *   T    the scalar type (float or double)
- *   SUF  the suffix of the exported names (f32, f64)
+ *   T    the scalar type of the computation, states and normalisers (float or double)
+ *   SUF  the suffix of the exported names (f32, f64, bf16)
  *   VL   lanes of T in a vector of the compile target (LT_VBYTES / sizeof(T), simd.h)
+ * and optionally
+ *   IO_BF16  q, k, v, out, dout, dq, dk, dv are bfloat16 (uint16_t bits; T is float): rows are
+ *            widened as they are gathered into the chunk buffers and rounded (to nearest even) as
+ *            they are stored, so no float32 copy of a tensor is ever made;
+ *   MM_BF16  the forward's chunk products run on bfloat16 operands with float32 accumulation
+ *            (mm_dpbf16 in causal_linear.c, AVX512-BF16); states, normalisers, sums and the
+ *            backward's products stay float32. The backward recomputes the output in float32
+ *            from the saved states instead of reading the rounded one (`out` is not read).
  *
  * Each (batch, head) sequence is walked chunk by chunk (C tokens). A chunk's queries, keys and
  * values are copied into small contiguous buffers that stay in L1/L2, and every product is a
@@ -12,9 +20,10 @@
  * Forward, chunk n (state S, z entering it; A = tril(Q K^T)):
  *   out = (A V + Q S) / (rowsum(A) + Q z + eps),   S += K^T V,   z += K^T 1
  * Backward, chunks in reverse, (G, g) = gradient of the state leaving the chunk:
- *   dnum = dout / den,  dden = -(dnum . out),  dA = tril(dnum V^T + dden 1^T)
- *   dQ = dA K + dnum S^T + dden z^T,   dK = dA^T Q + V G^T + 1 g^T,   dV = A^T dnum + K G
- *   G += Q^T dnum,   g += Q^T dden
+ *   dnum = dout / den,  dden = -(dnum . out),  dA = tril(dnum V^T)
+ *   dQ = dA K + dnum S^T + dden (z + cumsum K)^T,   dK = dA^T Q + V G^T + 1 g^T + revcumsum(dden Q),
+ *   dV = A^T dnum + K G,   G += Q^T dnum,   g += Q^T dden
+ * (the dden terms are tril(dden 1^T) K and its transpose's product, summed as running sums)
  * The forward keeps S and z entering every chunk and the normaliser of every position for the
  * backward: one state per chunk, never one per position (the paper's Algorithm 1, chunkwise).
  */
@@ -28,6 +37,12 @@
 typedef T FN(vec) __attribute__((vector_size(LT_VBYTES), aligned(sizeof(T))));
 typedef T FN(vmem) __attribute__((vector_size(LT_VBYTES), aligned(sizeof(T)), may_alias));
 #define V FN(vec)
+
+#ifdef IO_BF16
+#define TI uint16_t
+#else
+#define TI T
+#endif
 
 static inline V FN(vload)(const T *p) { return *(const FN(vmem) *)p; }
 
@@ -180,17 +195,46 @@ static void FN(transpose)(int R, int Cn, const T *src, T *dst) {
 #undef TR_LIST
 #undef TR_LIST2
 
+#ifdef IO_BF16
+typedef uint32_t FN(u32mem) __attribute__((may_alias));
+/* bfloat16 bits -> float: the 16 bits are the float's upper half (a loop GCC and clang vectorise). */
+static inline void FN(widen)(T *dst, const uint16_t *src, int n) {
+    FN(u32mem) *d = (FN(u32mem) *)dst;
+    for (int i = 0; i < n; i++) d[i] = (uint32_t)src[i] << 16;
+}
+/* scale * float -> bfloat16 bits, rounded to nearest even (NaN stays NaN). */
+static inline void FN(narrow)(uint16_t *dst, const T *src, int n, T scale) {
+    for (int i = 0; i < n; i++) {
+        T f = scale * src[i];
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        dst[i] = (u & 0x7fffffff) > 0x7f800000 ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    }
+}
+#endif
+
 /* Rows [t0, t0 + len) of head h of sequence b from x [B, T, H, D] into buf [C, D], zero-filling to C rows. */
-static void FN(load_rows)(const T *x, long b, long t0, int len, int C, long Tn, long H, long h, int D, T *buf) {
-    for (int i = 0; i < len; i++) FN(copy)(buf + (long)i * D, x + ((b * Tn + t0 + i) * H + h) * D, D, 1);
+static void FN(load_rows)(const TI *x, long b, long t0, int len, int C, long Tn, long H, long h, int D, T *buf) {
+    for (int i = 0; i < len; i++) {
+#ifdef IO_BF16
+        FN(widen)(buf + (long)i * D, x + ((b * Tn + t0 + i) * H + h) * D, D);
+#else
+        FN(copy)(buf + (long)i * D, x + ((b * Tn + t0 + i) * H + h) * D, D, 1);
+#endif
+    }
     if (len < C) memset(buf + (long)len * D, 0, sizeof(T) * (C - len) * D);
 }
 
 /* Rows of buf into rows [t0, t0 + len) of head h of x [B, T, H, D], row i multiplied by scale[i] (NULL: 1). */
-static void FN(store_rows)(T *x, long b, long t0, int len, long Tn, long H, long h, int D, const T *buf,
+static void FN(store_rows)(TI *x, long b, long t0, int len, long Tn, long H, long h, int D, const T *buf,
                            const T *scale) {
-    for (int i = 0; i < len; i++)
+    for (int i = 0; i < len; i++) {
+#ifdef IO_BF16
+        FN(narrow)(x + ((b * Tn + t0 + i) * H + h) * D, buf + (long)i * D, D, scale ? scale[i] : 1);
+#else
         FN(copy)(x + ((b * Tn + t0 + i) * H + h) * D, buf + (long)i * D, D, scale ? scale[i] : 1);
+#endif
+    }
 }
 
 /* Scratch memory aligned to the 64-byte vectors (a vector load across two cache lines costs double). */
@@ -207,9 +251,22 @@ static void FN(mask_band)(int C, T *A) {
         for (int j = i + 1; j < i + MM_ROWS && j < C; j++) A[(long)i * C + j] = 0;
 }
 
+/* The forward's chunk products: bfloat16 operands (MM_BF16, into the scratch ws) or this type's
+ * own. The backward's products stay float32: in bfloat16 they made the gradients 2.6-3.2x less
+ * accurate (against 1.0x) for 12% of the backward's time (AMD EPYC, 2026-12-07; CHANGELOG). */
+#ifdef MM_BF16
+#define MM(...) mm_dpbf16(__VA_ARGS__, ws)
+#define WS_FLOATS(Dk, Dv, C) dpbf16_ws_floats(Dk, Dv, C)
+#else
+#define MM(...) FN(mm)(__VA_ARGS__)
+#define WS_FLOATS(Dk, Dv, C) 0
+#endif
+
 typedef struct {
-    const T *q, *k, *v, *S0, *z0;
-    T *out, *S_final, *z_final, *S_save, *z_save, *den_save;
+    const TI *q, *k, *v;
+    const T *S0, *z0;
+    TI *out;
+    T *S_final, *z_final, *S_save, *z_save, *den_save;
     long B, Tn, H;
     int Dk, Dv, C;
     T eps;
@@ -223,6 +280,8 @@ static void FN(forward_chunk)(const FN(fwd_args) * a, long bh, long n, T *S, T *
     const int len = (int)(Tn - t0 < C ? Tn - t0 : C);
     T *Q = work, *K = Q + (long)C * Dk, *Vv = K + (long)C * Dk, *num = Vv + (long)C * Dv, *A = num + (long)C * Dv;
     T *Kt = A + (long)C * C, *den = Kt + (long)Dk * C;
+    uint16_t *ws = (uint16_t *)(den + C); /* the bfloat16 products' scratch (mm_dpbf16 aligns it) */
+    (void)ws;
     FN(load_rows)(a->q, b, t0, len, C, Tn, H, h, Dk, Q);
     FN(load_rows)(a->k, b, t0, len, C, Tn, H, h, Dk, K);
     FN(load_rows)(a->v, b, t0, len, C, Tn, H, h, Dv, Vv);
@@ -231,15 +290,15 @@ static void FN(forward_chunk)(const FN(fwd_args) * a, long bh, long n, T *S, T *
         memcpy(a->z_save + (bh * N + n) * Dk, z, sizeof(T) * Dk);
     }
     FN(transpose)(C, Dk, K, Kt);
-    FN(mm)(C, C, Dk, Q, Dk, 1, Kt, C, A, C, 0, MM_LOWER_C);
+    MM(C, C, Dk, Q, Dk, 1, Kt, C, A, C, 0, MM_LOWER_C);
     FN(mask_band)(C, A);
     for (int i = 0; i < C; i++) den[i] = a->eps + FN(dot)(i + 1, A + (long)i * C, NULL) + FN(dot)(Dk, Q + (long)i * Dk, z);
-    FN(mm)(C, Dv, Dk, Q, Dk, 1, S, Dv, num, Dv, 0, MM_FULL);
-    FN(mm)(C, Dv, C, A, C, 1, Vv, Dv, num, Dv, 1, MM_LOWER_A);
+    MM(C, Dv, Dk, Q, Dk, 1, S, Dv, num, Dv, 0, MM_FULL);
+    MM(C, Dv, C, A, C, 1, Vv, Dv, num, Dv, 1, MM_LOWER_A);
     if (a->den_save) memcpy(a->den_save + bh * Tn + t0, den, sizeof(T) * len);
     for (int i = 0; i < len; i++) den[i] = 1 / den[i];
     FN(store_rows)(a->out, b, t0, len, Tn, H, h, Dv, num, den); /* out = num / den */
-    FN(mm)(Dk, Dv, len, K, 1, Dk, Vv, Dv, S, Dv, 1, MM_FULL); /* S += K^T V */
+    MM(Dk, Dv, len, K, 1, Dk, Vv, Dv, S, Dv, 1, MM_FULL); /* S += K^T V */
     for (int i = 0; i < len; i++)
         for (int d = 0; d < Dk; d++) z[d] += K[(long)i * Dk + d];
 }
@@ -251,7 +310,7 @@ static int FN(forward_range)(const void *args, long bh0, long bh1) {
     const FN(fwd_args) *a = args;
     const int Dk = a->Dk, Dv = a->Dv, C = a->C;
     const long N = (a->Tn + C - 1) / C, n_seq = bh1 - bh0, state = (long)Dk * Dv + Dk;
-    T *mem = FN(alloc)(n_seq * state + (long)C * (2 * Dk + 2 * Dv + C) + (long)Dk * C + C);
+    T *mem = FN(alloc)(n_seq * state + (long)C * (2 * Dk + 2 * Dv + C) + (long)Dk * C + C + WS_FLOATS(Dk, Dv, C));
     if (!mem) return 1;
     T *work = mem + n_seq * state;
     for (long s = 0; s < n_seq; s++) {
@@ -270,8 +329,10 @@ static int FN(forward_range)(const void *args, long bh0, long bh1) {
 }
 
 typedef struct {
-    const T *q, *k, *v, *out, *dout, *S_save, *z_save, *den_save, *dS_final, *dz_final;
-    T *dq, *dk, *dv, *dS0, *dz0;
+    const TI *q, *k, *v, *out, *dout;
+    const T *S_save, *z_save, *den_save, *dS_final, *dz_final;
+    TI *dq, *dk, *dv;
+    T *dS0, *dz0;
     long B, Tn, H;
     int Dk, Dv, C;
 } FN(bwd_args);
@@ -286,45 +347,61 @@ static void FN(backward_chunk)(const FN(bwd_args) * a, long bh, long n, T *G, T 
     T *Q = work, *K = Q + (long)C * Dk, *dQ = K + (long)C * Dk, *dK = dQ + (long)C * Dk;
     T *Vv = dK + (long)C * Dk, *dnum = Vv + (long)C * Dv, *O = dnum + (long)C * Dv, *dV = O + (long)C * Dv;
     T *A = dV + (long)C * Dv, *dA = A + (long)C * C, *Kt = dA + (long)C * C, *Vt = Kt + (long)Dk * C;
-    T *Gt = Vt + (long)Dv * C, *St = Gt + (long)Dk * Dv, *dden = St + (long)Dk * Dv;
+    T *Gt = Vt + (long)Dv * C, *St = Gt + (long)Dk * Dv, *dden = St + (long)Dk * Dv, *run = dden + C;
     const T *zn = a->z_save + (bh * N + n) * Dk;
     FN(load_rows)(a->q, b, t0, len, C, Tn, H, h, Dk, Q);
     FN(load_rows)(a->k, b, t0, len, C, Tn, H, h, Dk, K);
     FN(load_rows)(a->v, b, t0, len, C, Tn, H, h, Dv, Vv);
     FN(load_rows)(a->dout, b, t0, len, C, Tn, H, h, Dv, dnum);
-    FN(load_rows)(a->out, b, t0, len, C, Tn, H, h, Dv, O);
-    for (int i = 0; i < C; i++) { /* dnum = dout / den, dden = -(dnum . out) */
-        T inv = i < len ? 1 / a->den_save[bh * Tn + t0 + i] : 0;
-        for (int d = 0; d < Dv; d++) dnum[(long)i * Dv + d] *= inv;
-        dden[i] = -FN(dot)(Dv, dnum + (long)i * Dv, O + (long)i * Dv);
-    }
     FN(transpose)(C, Dk, K, Kt);
     FN(transpose)(C, Dv, Vv, Vt);
     FN(transpose)(Dk, Dv, G, Gt);
     FN(transpose)(Dk, Dv, a->S_save + (bh * N + n) * Dk * Dv, St);
     FN(mm)(C, C, Dk, Q, Dk, 1, Kt, C, A, C, 0, MM_LOWER_C);
     FN(mask_band)(C, A);
-    FN(mm)(C, C, Dv, dnum, Dv, 1, Vt, C, dA, C, 0, MM_LOWER_C);
-    for (int i = 0; i < C; i++)
-        for (int j = 0; j <= i; j++) dA[(long)i * C + j] += dden[i];
+#ifdef IO_BF16
+    /* the output in float32, recomputed (out = (Q S + A V) / den): the bfloat16 output the forward
+     * stored would put its rounding into dden, where it cancels (the gradient of a normalised sum) */
+    FN(mm)(C, Dv, Dk, Q, Dk, 1, a->S_save + (bh * N + n) * Dk * Dv, Dv, O, Dv, 0, MM_FULL);
+    FN(mm)(C, Dv, C, A, C, 1, Vv, Dv, O, Dv, 1, MM_LOWER_A);
+#else
+    FN(load_rows)(a->out, b, t0, len, C, Tn, H, h, Dv, O);
+#endif
+    for (int i = 0; i < C; i++) { /* dnum = dout / den, dden = -(dnum . out) */
+        T inv = i < len ? 1 / a->den_save[bh * Tn + t0 + i] : 0;
+        for (int d = 0; d < Dv; d++) dnum[(long)i * Dv + d] *= inv;
+#ifdef IO_BF16
+        for (int d = 0; d < Dv; d++) O[(long)i * Dv + d] *= inv;
+#endif
+        dden[i] = -FN(dot)(Dv, dnum + (long)i * Dv, O + (long)i * Dv);
+    }
+    FN(mm)(C, C, Dv, dnum, Dv, 1, Vt, C, dA, C, 0, MM_LOWER_C); /* dA without its dden part: tril(dnum V^T) */
     FN(mask_band)(C, dA);
-    /* dQ = dA K + dnum S^T + dden z^T */
+    /* dQ = dA K + dnum S^T + dden (z + K's running sum)^T: the dden part of the product summed
+     * exactly, outside the product (in bfloat16 products it would cancel against the rest) */
     FN(mm)(C, Dk, C, dA, C, 1, K, Dk, dQ, Dk, 0, MM_LOWER_A);
     FN(mm)(C, Dk, Dv, dnum, Dv, 1, St, Dk, dQ, Dk, 1, MM_FULL);
+    memcpy(run, zn, sizeof(T) * Dk);
     for (int i = 0; i < len; i++)
-        for (int d = 0; d < Dk; d++) dQ[(long)i * Dk + d] += dden[i] * zn[d];
-    /* dK = dA^T Q + V G^T + 1 g^T */
+        for (int d = 0; d < Dk; d++) {
+            run[d] += K[(long)i * Dk + d];
+            dQ[(long)i * Dk + d] += dden[i] * run[d];
+        }
+    /* dK = dA^T Q + V G^T + 1 (g + sum_{i >= j} dden_i Q_i)^T */
     FN(mm)(C, Dk, C, dA, 1, C, Q, Dk, dK, Dk, 0, MM_UPPER_A);
     FN(mm)(C, Dk, Dv, Vv, Dv, 1, Gt, Dk, dK, Dk, 1, MM_FULL);
-    for (int i = 0; i < len; i++)
-        for (int d = 0; d < Dk; d++) dK[(long)i * Dk + d] += g[d];
+    memcpy(run, g, sizeof(T) * Dk);
+    for (int i = len - 1; i >= 0; i--)
+        for (int d = 0; d < Dk; d++) {
+            run[d] += dden[i] * Q[(long)i * Dk + d];
+            dK[(long)i * Dk + d] += run[d];
+        }
     /* dV = A^T dnum + K G */
     FN(mm)(C, Dv, C, A, 1, C, dnum, Dv, dV, Dv, 0, MM_UPPER_A);
     FN(mm)(C, Dv, Dk, K, Dk, 1, G, Dv, dV, Dv, 1, MM_FULL);
-    /* the gradient of the state entering the chunk: G += Q^T dnum, g += Q^T dden */
+    /* the gradient of the state entering the chunk: G += Q^T dnum, g += Q^T dden (the sum above) */
     FN(mm)(Dk, Dv, len, Q, 1, Dk, dnum, Dv, G, Dv, 1, MM_FULL);
-    for (int i = 0; i < len; i++)
-        for (int d = 0; d < Dk; d++) g[d] += dden[i] * Q[(long)i * Dk + d];
+    memcpy(g, run, sizeof(T) * Dk);
     FN(store_rows)(a->dq, b, t0, len, Tn, H, h, Dk, dQ, NULL);
     FN(store_rows)(a->dk, b, t0, len, Tn, H, h, Dk, dK, NULL);
     FN(store_rows)(a->dv, b, t0, len, Tn, H, h, Dv, dV, NULL);
@@ -335,7 +412,7 @@ static int FN(backward_range)(const void *args, long bh0, long bh1) {
     const int Dk = a->Dk, Dv = a->Dv, C = a->C;
     const long N = (a->Tn + C - 1) / C, n_seq = bh1 - bh0, state = (long)Dk * Dv + Dk;
     const long work = (long)C * Dk * 4 + (long)C * Dv * 4 + (long)C * C * 2 + (long)Dk * C + (long)Dv * C +
-                      (long)Dk * Dv * 2 + C;
+                      (long)Dk * Dv * 2 + C + Dk;
     T *mem = FN(alloc)(n_seq * state + work);
     if (!mem) return 1;
     for (long s = 0; s < n_seq; s++) {
@@ -359,7 +436,7 @@ static int FN(bad_sizes)(long B, long Tn, long H, long Dk, long Dv, long C) {
            C > INT_MAX / 4 || B > LONG_MAX / H || Tn > LONG_MAX / (B * H * (Dk + Dv));
 }
 
-int FN(cla_forward)(const T *q, const T *k, const T *v, const T *S0, const T *z0, T *out, T *S_final, T *z_final,
+int FN(cla_forward)(const TI *q, const TI *k, const TI *v, const T *S0, const T *z0, TI *out, T *S_final, T *z_final,
                     T *S_save, T *z_save, T *den_save, long B, long Tn, long H, long Dk, long Dv, long C, double eps,
                     int n_threads) {
     if (FN(bad_sizes)(B, Tn, H, Dk, Dv, C) || !q || !k || !v || !S0 || !z0 || !out || !S_final || !z_final ||
@@ -370,8 +447,8 @@ int FN(cla_forward)(const T *q, const T *k, const T *v, const T *S0, const T *z0
     return parallel_over(B * H, n_threads, FN(forward_range), &a);
 }
 
-int FN(cla_backward)(const T *q, const T *k, const T *v, const T *out, const T *dout, const T *S_save,
-                     const T *z_save, const T *den_save, const T *dS_final, const T *dz_final, T *dq, T *dk, T *dv,
+int FN(cla_backward)(const TI *q, const TI *k, const TI *v, const TI *out, const TI *dout, const T *S_save,
+                     const T *z_save, const T *den_save, const T *dS_final, const T *dz_final, TI *dq, TI *dk, TI *dv,
                      T *dS0, T *dz0, long B, long Tn, long H, long Dk, long Dv, long C, int n_threads) {
     if (FN(bad_sizes)(B, Tn, H, Dk, Dv, C) || !q || !k || !v || !out || !dout || !S_save || !z_save || !den_save ||
         !dS_final || !dz_final || !dq || !dk || !dv || !dS0 || !dz0)
@@ -382,6 +459,9 @@ int FN(cla_backward)(const T *q, const T *k, const T *v, const T *out, const T *
 }
 
 #undef V
+#undef TI
+#undef MM
+#undef WS_FLOATS
 #undef TILE
 #undef TILE_R
 #undef FN
