@@ -6,6 +6,8 @@ Implementations, all with feature-mapped q, k of [B, N, H, D] and the normaliser
     naive     quadratic masked linear attention (the reference; skipped where N^2 does not fit)
     chunked   causal_linear_attention(backend="chunked"): the chunkwise PyTorch path
     cpu       causal_linear_attention(backend="cpu"): the compiled C kernel (CPU only)
+    cpu-f32   the same kernel on float32 inputs whatever --dtype says: with --dtype bfloat16, the
+              kernel's bfloat16 path against its own float32 in the same rounds (not in the defaults)
     auto      causal_linear_attention(backend="auto"): what users get ("cpu" where it measured faster here)
     softmax   torch's causal scaled_dot_product_attention on head-major contiguous inputs (its best case)
 
@@ -36,13 +38,22 @@ import torch.nn.functional as F
 from .. import ops
 from ..ops import naive
 from ..options import add_options, count, option
-from ..results import finish_log_log, fmt, isa_lines, machine_info, markdown_table, write_csv
+from ..results import (
+    finish_log_log,
+    fmt,
+    isa_lines,
+    machine_info,
+    markdown_table,
+    provenance,
+    write_csv,
+    write_run_record,
+)
 from . import figure1, levels
 from .attention_levels import per_level
 from .measure import batched_gemm_gflops, peak_extra_memory, rel_error
 
-IMPLS = ("naive", "chunked", "cpu", "auto", "softmax")
-FAST = ("chunked", "cpu", "auto")
+IMPLS = ("naive", "chunked", "cpu", "cpu-f32", "auto", "softmax")
+FAST = ("chunked", "cpu", "cpu-f32", "auto")
 DEFAULT_OUT = Path("results/bench_attention")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,7 +66,7 @@ class AttentionOptions:
     dim: int = count(64, "head dimension (Dk = Dv)")
     chunk_size: int = count(64, "chunk of the chunkwise algorithm")
     dtype: str = option("float32", "input dtype", choices=list(DTYPES))
-    impls: list[str] = option(list(IMPLS), "what to time", choices=IMPLS)
+    impls: list[str] = option([i for i in IMPLS if i != "cpu-f32"], "what to time", choices=IMPLS)
     threads: int = option(torch.get_num_threads(), "CPU threads")
     repeats: int = count(5, "interleaved rounds per length (each implementation timed once per round; median and min)")
     naive_limit_gib: float = option(4.0, "skip naive above this many GiB of N^2 scores")
@@ -90,12 +101,18 @@ def make_inputs(B: int, N: int, H: int, D: int, dtype: torch.dtype, device: str,
     return [x.to(device=device, dtype=dtype) for x in (q, k, v)]
 
 
+def impl_dtype(args, impl: str) -> torch.dtype:
+    """The dtype an implementation's inputs are made in: --dtype, except float32 for "cpu-f32"."""
+    return torch.float32 if impl == "cpu-f32" else DTYPES[args.dtype]
+
+
 def _attention(impl: str, q, k, v, chunk_size: int):
     """Returns a function running the implementation forward; inputs in [B, N, H, D]."""
     if impl == "naive":
         return lambda: ops.causal_linear_attention(q, k, v, backend="naive")
     if impl in FAST:
-        return lambda: ops.causal_linear_attention(q, k, v, backend=impl, chunk_size=chunk_size)
+        backend = "cpu" if impl == "cpu-f32" else impl
+        return lambda: ops.causal_linear_attention(q, k, v, backend=backend, chunk_size=chunk_size)
     qh, kh, vh = (x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad) for x in (q, k, v))
 
     def sdpa():
@@ -116,7 +133,8 @@ def verify(args, lengths: list[int]) -> list[str]:
         with torch.no_grad():
             ref, _ = naive.causal_linear_attention_recurrent(q.double(), k.double(), v.double())
             for impl in fast:
-                err = rel_error(_attention(impl, q, k, v, args.chunk_size)(), ref)
+                x = [t.to(impl_dtype(args, impl)) for t in (q, k, v)]
+                err = rel_error(_attention(impl, *x, args.chunk_size)(), ref)
                 lines.append(f"N={N}: {impl} vs token-by-token recurrence (float64): rel. error {err:.1e}")
                 if not err < tol:
                     raise SystemExit(f"verification failed: {impl} differs from the recurrence at N={N}: {err:.2e}")
@@ -131,7 +149,7 @@ def verify(args, lengths: list[int]) -> list[str]:
         return [out, *torch.autograd.grad(out.square().sum(), (q, k, v))]
 
     reference = outputs_and_grads("naive")
-    for impl in fast:
+    for impl in [i for i in fast if i != "cpu-f32"]:  # (the float64 kernel is the same for both)
         err = max(rel_error(a, b) for a, b in zip(outputs_and_grads(impl), reference, strict=True))
         lines.append(f"N={N}: {impl} vs naive, outputs and dq/dk/dv (float64): rel. error {err:.1e}")
         if not err < 1e-10:
@@ -149,9 +167,9 @@ def verify(args, lengths: list[int]) -> list[str]:
 def prepare(args, impl: str, N: int):
     """One implementation at length N: its row (sizes; or why it is skipped), and its forward and
     forward+backward as callables on their own inputs, for measure_interleaved."""
-    dtype = DTYPES[args.dtype]
+    dtype = impl_dtype(args, impl)
     B, H, D = args.batch, args.heads, args.dim
-    row = {"impl": impl, "N": N, "batch": B, "heads": H, "dim": D, "dtype": args.dtype, "threads": args.threads}
+    row = {"impl": impl, "N": N, "batch": B, "heads": H, "dim": D, "dtype": str(dtype)[6:], "threads": args.threads}
     if impl == "naive" and B * H * N * N * 8 * 3 > args.naive_limit_gib * 2**30:
         row["skipped"] = f"N^2 scores exceed {args.naive_limit_gib} GiB"
         return row, None, None
@@ -336,7 +354,14 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     except ImportError:
         return False
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = {"naive": "tab:gray", "chunked": "tab:blue", "cpu": "tab:green", "auto": "tab:olive", "softmax": "tab:red"}
+    colors = {
+        "naive": "tab:gray",
+        "chunked": "tab:blue",
+        "cpu": "tab:green",
+        "cpu-f32": "tab:cyan",
+        "auto": "tab:olive",
+        "softmax": "tab:red",
+    }
     for impl in IMPLS:
         pts = sorted((r["N"], r) for r in rows if r["impl"] == impl and "fwd_ms" in r)
         if not pts:
@@ -360,10 +385,11 @@ def main(args: argparse.Namespace) -> int:
         args.lengths, args.heads, args.dim, args.repeats = [128, 256], 2, 16, 1
     if args.isa:
         return per_level(args)
-    if "cpu" in args.impls and (args.device != "cpu" or not ops.cpu.available()):
+    started = provenance(getattr(args, "command_line", None))  # (run.json: what made the results)
+    if {"cpu", "cpu-f32"} & set(args.impls) and (args.device != "cpu" or not ops.cpu.available()):
         why = "not a CPU run" if args.device != "cpu" else ops.cpu.unavailable_reason()
-        print(f"skipping impl 'cpu': {why}", file=sys.stderr)
-        args.impls = [i for i in args.impls if i != "cpu"]
+        print(f"skipping impls 'cpu', 'cpu-f32': {why}", file=sys.stderr)
+        args.impls = [i for i in args.impls if i not in ("cpu", "cpu-f32")]
     torch.set_num_threads(args.threads)
     info = machine_info()
     config = (
@@ -411,6 +437,18 @@ def main(args: argparse.Namespace) -> int:
             + ", ".join(f"N={r['N']} {r['auto_vs_best']:.2f}" for r in auto_rows)
             + "\n"
         )
+    if {"cpu", "cpu-f32"} <= set(args.impls) and args.dtype != "float32":
+        by = {(r["N"], r["impl"]): r for r in rows if "fwdbwd_ms" in r}
+        pairs = [(N, by.get((N, "cpu-f32")), by.get((N, "cpu"))) for N in args.lengths]
+        table += (
+            f'\n"cpu-f32" (float32) / "cpu" ({args.dtype}), medians of the same rounds, fwd | fwd+bwd: '
+            + ", ".join(
+                f"N={N} {f['fwd_ms'] / c['fwd_ms']:.2f}x | {f['fwdbwd_ms'] / c['fwdbwd_ms']:.2f}x"
+                for N, f, c in pairs
+                if f and c
+            )
+            + "\n"
+        )
     machine = info["gpu"] if args.device.startswith("cuda") and "gpu" in info else info["cpu"]
     import os
 
@@ -423,6 +461,7 @@ def main(args: argparse.Namespace) -> int:
     if gemm == gemm:
         header += f"Batched 64x64x64 float32 matmul rate measured in the same run: {gemm:.0f} GFLOP/s\n"
     (out / "table.md").write_text(header + "\n" + table)
+    write_run_record(out, started)
     print()
     print(table)
     plotted = plot(rows, out / "attention.png", f"causal attention, {config}\n{machine}")
