@@ -15,8 +15,9 @@ and decoder, the prefill is timed (--repeats, median; once from 8k tokens on) an
 single-token steps after it, taking turns between decoders (the median per token, and the min).
 The bandwidth floor of each format is the time to read its weights once on the same threads
 (`measure.read_f32`), taking turns with the decoders at the smallest context (median of --tokens
-passes): the fused step's time there, through the model's forward and as the bare C call (on its
-own copy of the state), is quoted as a multiple of it.
+passes): the fused step's time there, through the model's forward, as the bare C call (on its
+own copy of the state) and through linearize.generate's own loop (the C step and the C sampler at
+temperature 1, top-p 0.9: what `linear-transformers sample` runs), is quoted as a multiple of it.
 --perplexity DATA.pt (a linearize run's token windows) adds each format's held-out perplexity,
 every token through the fused step. Writes linearized.csv, floor.csv, [perplexity.csv],
 linearized.png and table.md under --out.
@@ -147,7 +148,7 @@ def _prefill(model, ids, repeats: int):
         t0 = time.perf_counter()
         logits = model(ids, cache=cache, use_cache=True).logits
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), cache, logits[:, -1:].argmax(-1)
+    return statistics.median(times), cache, logits[:, -1:].argmax(-1), logits[:, -1]
 
 
 @torch.no_grad()
@@ -197,6 +198,7 @@ def read_once(views: list[torch.Tensor]) -> float:
 
 @torch.no_grad()
 def main(args: argparse.Namespace) -> int:
+    from ..linearize.generate import RecurrentGenerator
     from ..linearize.step import fused_step
 
     formats = _formats(args)
@@ -232,14 +234,25 @@ def main(args: argparse.Namespace) -> int:
         )
         decoders = {}  # name -> (callable giving one token's seconds list)
         student.decode_config = DecodeConfig()
-        s_prefill, s_cache, s_next = _prefill(student, ids, repeats)
+        s_prefill, s_cache, s_next, s_logits = _prefill(student, ids, repeats)
         rows.append({"model": f"student ({args.mode}) prefill", "context": context, "prefill_s": s_prefill})
         for name, config in [("student, PyTorch step", DecodeConfig(fused=False))] + [
             (f"student, fused {f}", DecodeConfig.precision(f)) for f in formats
         ]:
             decoders[name] = (config, copy.deepcopy(s_cache))
+        own = {  # linearize.generate's loop: the C step and the C sampler (temperature 1, top-p 0.9)
+            f"student, own loop {f}, top-p 0.9": RecurrentGenerator.resume(
+                student,
+                copy.deepcopy(s_cache),
+                s_logits,
+                top_p=0.9,
+                generator=torch.Generator().manual_seed(context),
+                config=DecodeConfig.precision(f),
+            )
+            for f in formats
+        }
         if context <= args.teacher_max:
-            t_prefill, t_cache, t_next = _prefill(teacher, ids, repeats)
+            t_prefill, t_cache, t_next, _ = _prefill(teacher, ids, repeats)
             rows.append({"model": "teacher (SDPA) prefill", "context": context, "prefill_s": t_prefill})
             for tag, runner in cpp.items():
                 rows.append(
@@ -249,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
                         "prefill_s": runner.prefill(ids[0].tolist()),
                     }
                 )
-        times = {name: [] for name in decoders}
+        times = {name: [] for name in [*decoders, *own]}
         if context == min(args.contexts):  # the C step called directly, on its own copy of the prefill's state
             raw_states = {f: [copy.deepcopy(s_cache.states[i]) for i in range(len(s_cache.states))] for f in formats}
             raw_token = s_next[:, 0]
@@ -267,6 +280,10 @@ def main(args: argparse.Namespace) -> int:
             for name, (config, cache) in decoders.items():
                 student.decode_config = config
                 times[name] += _decode(student, cache, s_next, 1)
+            for name, gen in own.items():
+                t0 = time.perf_counter()
+                gen.next_tokens()
+                times[name].append(time.perf_counter() - t0)
             if context <= args.teacher_max:
                 times["teacher (SDPA, KV cache)"] += _decode(teacher, t_cache, t_next, 1)
                 for tag, runner in cpp.items():
@@ -296,6 +313,7 @@ def main(args: argparse.Namespace) -> int:
     smallest, floor_rows = min(args.contexts), []
     for f, step in steps.items():
         mine = next(r for r in rows if r["model"] == f"student, fused {f}" and r["context"] == smallest)
+        loop = next(r for r in rows if r["model"] == f"student, own loop {f}, top-p 0.9" and r["context"] == smallest)
         floor = statistics.median(floor_times[f]) * 1e3
         raw = statistics.median(raw_times[f]) * 1e3
         floor_rows.append(
@@ -308,6 +326,8 @@ def main(args: argparse.Namespace) -> int:
                 "times_floor": round(mine["decode_ms"] / floor, 2),
                 "c_call_ms": round(raw, 3),
                 "c_call_times_floor": round(raw / floor, 2),
+                "own_loop_ms": loop["decode_ms"],
+                "own_loop_times_floor": round(loop["decode_ms"] / floor, 2),
             }
         )
     ppl_rows = []
@@ -398,6 +418,8 @@ def report(args, rows: list[dict], floor_rows: list[dict], ppl_rows: list[dict])
             "x floor",
             "C call alone, ms",
             "x floor",
+            "own loop + C sampler, ms",
+            "x floor",
         ],
         [
             [
@@ -408,6 +430,8 @@ def report(args, rows: list[dict], floor_rows: list[dict], ppl_rows: list[dict])
                 fmt(r["times_floor"], 2),
                 fmt(r["c_call_ms"], 2),
                 fmt(r["c_call_times_floor"], 2),
+                fmt(r["own_loop_ms"], 2),
+                fmt(r["own_loop_times_floor"], 2),
             ]
             for r in floor_rows
         ],

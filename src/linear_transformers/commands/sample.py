@@ -139,11 +139,12 @@ def _model_type(folder: Path) -> str | None:
 
 
 def _sample_linearized(cfg: SampleConfig, device: torch.device) -> Path:
-    """Text from a linearised pretrained model (`linearize`'s model/ folder): its own tokenizer, and
-    transformers' generate() running it as an RNN (LinearizedCache), for any number of new tokens."""
+    """Text from a linearised pretrained model (`linearize`'s model/ folder): its own tokenizer, the
+    prompt through the model's forward, then every token through the fused C step and the C sampler
+    (linearize.generate) as an RNN, for any number of new tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import linear_transformers.linearize  # noqa: F401 (registers linear_llama)
+    from ..linearize import generate
 
     if not cfg.prompt:
         raise ValueError("sample: a linearised language model needs --prompt, the text to continue")
@@ -151,17 +152,18 @@ def _sample_linearized(cfg: SampleConfig, device: torch.device) -> Path:
     tok = AutoTokenizer.from_pretrained(cfg.checkpoint)
     model = AutoModelForCausalLM.from_pretrained(cfg.checkpoint).to(device).eval()
     model.decode_config = _decode_config(model, cfg.cpu_precision, cfg.fused_step, device, _why_not_fused_llama)
-    ids = tok([cfg.prompt] * cfg.n, return_tensors="pt")["input_ids"].to(device)
-    torch.manual_seed(cfg.seed)
+    ids = tok([cfg.prompt] * cfg.n, return_tensors="pt")["input_ids"]
     start = time.perf_counter()
-    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k or None, "top_p": cfg.top_p}
-    with torch.no_grad():
-        tokens = model.generate(
-            ids,
-            max_new_tokens=cfg.max_new_tokens or 100,
-            pad_token_id=tok.eos_token_id,
-            **(sampling if cfg.temperature > 0 else {"do_sample": False}),
-        )
+    tokens = generate(
+        model,
+        ids,
+        cfg.max_new_tokens or 100,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_token_id=tok.eos_token_id,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     text = "\n\n".join(tok.decode(row, skip_special_tokens=True) for row in tokens)
     with open(out, "x") as f:
         f.write(text + "\n")

@@ -11,6 +11,7 @@ against the library's own when it loads.
 from __future__ import annotations
 
 import ctypes
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .. import native
 
 LIBRARY = "llama_step"
 _HERE = Path(__file__).parent
-SOURCES = [_HERE / name for name in ("llama_step.h", "llama_step.c", "vec.h", "gemv.h")]
+SOURCES = [_HERE / name for name in ("llama_step.h", "llama_step.c", "token_sample.c", "vec.h", "gemv.h")]
 
 MODES = {"linear": 0, "hybrid": 1, "window": 2}
 FEATURE_MAPS = {"hedgehog": 0, "elu": 1, "relu": 2}
@@ -90,6 +91,19 @@ def _set_signatures(lib: ctypes.CDLL) -> None:
         ptr,
     ]
     lib.lt_llama_token_f32.restype = ctypes.c_int
+    lib.lt_sample_tokens_f32.argtypes = [
+        ctypes.c_int,
+        ctypes.c_long,
+        ptr,
+        ctypes.c_float,
+        ctypes.c_long,
+        ctypes.c_float,
+        ptr,
+        ptr,
+        ctypes.c_long,
+        ptr,
+    ]
+    lib.lt_sample_tokens_f32.restype = ctypes.c_int
     check_layout(lib)
 
 
@@ -431,6 +445,92 @@ class FusedLlamaStep:
         """Every weight tensor the step reads per token (the embedding excepted), for a bandwidth probe."""
         layers, _, norm, head, _ = self.held
         return [t for layer in layers for t in layer.values() if t is not None] + [norm, head]
+
+
+def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+    """One-line errors for sampling settings out of range."""
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"sampling: temperature must be finite and >= 0 (0: the most likely token), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"sampling: top_k must be >= 0 (0: no limit), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"sampling: top_p must be in (0, 1], got {top_p}")
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, u: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next tokens [B] (int64) from logits [B, V] in C (token_sample.c: the rule is in its header
+    comment), u [B] ~ U[0, 1) (float32; needed unless temperature is 0). Where the library is
+    unavailable, sample_tokens_reference (the same rule in PyTorch) runs instead."""
+    check_sampling_args(temperature, top_k, top_p)
+    if logits.dim() != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
+        raise ValueError(f"sample_tokens: logits must be [B, V] with B, V >= 1, got {list(logits.shape)}")
+    B, V = logits.shape
+    if temperature > 0 and (u is None or u.shape != (B,)):
+        got = None if u is None else list(u.shape)
+        raise ValueError(f"sample_tokens: u must be [B] = [{B}] uniform draws, got {got}")
+    lib = load()
+    if lib is None:
+        return sample_tokens_reference(logits, temperature, top_k, top_p, u)
+    x = logits.detach().to(torch.float32).contiguous()
+    u_ = u.detach().to(torch.float32).contiguous() if u is not None else None
+    work = torch.empty(2 * V if temperature > 0 else 1, dtype=torch.float32)
+    out = torch.empty(B, dtype=torch.int64)
+    status = lib.lt_sample_tokens_f32(
+        B,
+        V,
+        x.data_ptr(),
+        float(temperature),
+        int(top_k),
+        float(top_p),
+        None if u_ is None else u_.data_ptr(),
+        work.data_ptr(),
+        work.numel(),
+        out.data_ptr(),
+    )
+    if status == 3:
+        raise ValueError("sample_tokens: a row of logits holds NaN or +inf, or is all -inf")
+    if status:
+        raise ValueError(f"sample_tokens: u must lie in [0, 1), got [{float(u_.min())}, {float(u_.max())}]")
+    return out
+
+
+def sample_tokens_reference(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, u: torch.Tensor | None = None
+) -> torch.Tensor:
+    """lt_sample_tokens_f32's rule in PyTorch, row by row, with its arithmetic (float32 scaling,
+    float64 sums in the same order): the same token for the same u."""
+    check_sampling_args(temperature, top_k, top_p)
+    logits = logits.detach().to(torch.float32)
+    if temperature == 0:
+        return logits.argmax(-1)
+    out = []
+    p = torch.tensor(top_p, dtype=torch.float32).double()
+    for b, row in enumerate(logits):
+        x = row / torch.tensor(temperature, dtype=torch.float32)
+        best = int(row.argmax())
+        if torch.isinf(x[best]):
+            out.append(best)
+            continue
+        top = x.max().double()
+        t = torch.tensor(-float("inf"), dtype=torch.float32)
+        finite = int((x > -float("inf")).sum())
+        if 0 < top_k < finite:
+            t = x.topk(top_k).values[-1]
+        if top_p < 1:
+            kept = x >= t
+            total = torch.exp(x[kept].double() - top).cumsum(0)[-1]
+            cand = x[kept].sort(descending=True).values
+            mass = torch.exp(cand.double() - top).cumsum(0)
+            reached = (mass >= p * total).nonzero()
+            j = int(reached[0]) if len(reached) else len(cand) - 1
+            t = torch.maximum(t, cand[j])
+        kept = x >= t
+        run = torch.where(kept, torch.exp(x.double() - top), torch.zeros((), dtype=torch.float64)).cumsum(0)
+        above = ((run > u[b].double() * run[-1]) & kept).nonzero()
+        out.append(int(above[0]) if len(above) else int(kept.nonzero()[-1]))
+    return torch.tensor(out, dtype=torch.int64)
 
 
 def _ptr_array(a):

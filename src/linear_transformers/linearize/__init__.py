@@ -3,6 +3,7 @@ sliding-window hybrid with attention sinks, attention transfer. See convert.py a
 
 from .attention import HybridState, hybrid_attention, step_attention
 from .convert import LinearizeConfig, LinearizedAttention, LinearizedCache, feature_map_parameters, linearize
+from .generate import RecurrentGenerator, generate
 from .hf import LinearLlamaConfig, LinearLlamaForCausalLM, from_linearized, save_linearized
 
 __all__ = [
@@ -12,8 +13,10 @@ __all__ = [
     "LinearizeConfig",
     "LinearizedAttention",
     "LinearizedCache",
+    "RecurrentGenerator",
     "feature_map_parameters",
     "from_linearized",
+    "generate",
     "hybrid_attention",
     "linearize",
     "save_linearized",
