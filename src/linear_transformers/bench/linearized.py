@@ -141,6 +141,48 @@ def _decode(model, cache, first: torch.Tensor, tokens: int) -> list[float]:
     return times
 
 
+def time_sampling(logits: torch.Tensor, rounds: int) -> list[dict]:
+    """One next token from logits [1, V]: the C sampler (decode/llama.sample_tokens, as
+    linearize.generate calls it) against transformers' logits processors and torch.multinomial (as
+    generate() samples), taking turns; median and min ms per call for three settings."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from ..decode import llama
+
+    ids = torch.zeros(1, 1, dtype=torch.int64)
+    work = torch.empty(4 * logits.shape[1])
+
+    def theirs(top_k, top_p):
+        scores = TemperatureLogitsWarper(1.0)(ids, logits)
+        scores = TopKLogitsWarper(top_k)(ids, scores) if top_k else scores
+        scores = TopPLogitsWarper(top_p)(ids, scores) if top_p < 1 else scores
+        return torch.multinomial(scores.softmax(-1), 1)
+
+    rows = []
+    for top_k, top_p in ((0, 1.0), (0, 0.9), (50, 0.9)):
+        fns = {
+            "C sampler": lambda k=top_k, p=top_p: llama.sample_tokens(logits, 1.0, k, p, torch.rand(1), work),
+            "transformers": lambda k=top_k, p=top_p: theirs(k, p),
+        }
+        times = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        for name, ts in times.items():
+            rows.append(
+                {
+                    "sampler": name,
+                    "top_k": top_k,
+                    "top_p": top_p,
+                    "ms": round(statistics.median(ts), 4),
+                    "ms_min": round(min(ts), 4),
+                }
+            )
+    return rows
+
+
 def _prefill(model, ids, repeats: int):
     times = []
     for _ in range(repeats):
@@ -304,6 +346,8 @@ def main(args: argparse.Namespace) -> int:
         line = ", ".join(f"{n} {statistics.median(t) * 1e3:.1f}" for n, t in times.items())
         print(f"context {context}: decode ms/token: {line}", flush=True)
     student.decode_config = DecodeConfig()
+    sampling_rows = time_sampling(s_logits[0:1].float(), args.tokens * 4)
+    write_csv(args.out / "sampling.csv", sampling_rows)
     for r in rows:
         for k in ("prefill_s", "decode_ms", "decode_ms_min"):
             if k in r:
@@ -353,11 +397,11 @@ def main(args: argparse.Namespace) -> int:
         write_csv(args.out / "perplexity.csv", ppl_rows)
     write_csv(args.out / "linearized.csv", rows)
     write_csv(args.out / "floor.csv", floor_rows)
-    report(args, rows, floor_rows, ppl_rows)
+    report(args, rows, floor_rows, ppl_rows, sampling_rows)
     return 0
 
 
-def report(args, rows: list[dict], floor_rows: list[dict], ppl_rows: list[dict]) -> None:
+def report(args, rows: list[dict], floor_rows: list[dict], ppl_rows: list[dict], sampling_rows=()) -> None:
     out = args.out
     info = machine_info()
     header = (
@@ -436,6 +480,28 @@ def report(args, rows: list[dict], floor_rows: list[dict], ppl_rows: list[dict])
             for r in floor_rows
         ],
     )
+    if sampling_rows:
+        table += (
+            "\n\nSampling one token from the student's logits at the smallest context, temperature 1, "
+            "ms per call (median; the min in parentheses):\n\n"
+        )
+        ms = {(r["top_k"], r["top_p"], r["sampler"]): r for r in sampling_rows}
+        settings = list(dict.fromkeys((r["top_k"], r["top_p"]) for r in sampling_rows))
+        table += markdown_table(
+            ["top-k", "top-p", "C sampler (linearize.generate)", "transformers' processors + multinomial", "ratio"],
+            [
+                [
+                    str(k),
+                    str(p),
+                    *[
+                        f"{fmt(ms[k, p, n]['ms'], 3)} ({fmt(ms[k, p, n]['ms_min'], 3)})"
+                        for n in ("C sampler", "transformers")
+                    ],
+                    f"{ms[k, p, 'transformers']['ms'] / ms[k, p, 'C sampler']['ms']:.1f}x",
+                ]
+                for k, p in settings
+            ],
+        )
     if ppl_rows:
         table += "\n\nHeld-out perplexity through the fused step, per weight format:\n\n" + markdown_table(
             ["domain", "format", "windows x tokens", "perplexity", "/ float32"],

@@ -458,10 +458,16 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
 
 
 def sample_tokens(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, u: torch.Tensor | None = None
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    u: torch.Tensor | None = None,
+    work: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Next tokens [B] (int64) from logits [B, V] in C (token_sample.c: the rule is in its header
-    comment), u [B] ~ U[0, 1) (float32; needed unless temperature is 0). Where the library is
+    comment), u [B] ~ U[0, 1) (float32; needed unless temperature is 0). `work`: a float32 scratch
+    tensor of at least 4 V to reuse between calls (else one is allocated). Where the library is
     unavailable, sample_tokens_reference (the same rule in PyTorch) runs instead."""
     check_sampling_args(temperature, top_k, top_p)
     if logits.dim() != 2 or logits.shape[0] < 1 or logits.shape[1] < 1:
@@ -475,7 +481,8 @@ def sample_tokens(
         return sample_tokens_reference(logits, temperature, top_k, top_p, u)
     x = logits.detach().to(torch.float32).contiguous()
     u_ = u.detach().to(torch.float32).contiguous() if u is not None else None
-    work = torch.empty(2 * V if temperature > 0 else 1, dtype=torch.float32)
+    if work is None or work.dtype != torch.float32 or not work.is_contiguous() or work.numel() < 4 * V:
+        work = torch.empty(4 * V if temperature > 0 else 1, dtype=torch.float32)
     out = torch.empty(B, dtype=torch.int64)
     status = lib.lt_sample_tokens_f32(
         B,

@@ -53,7 +53,8 @@ int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const in
 /* Next tokens from logits [B, V] (token_sample.c): temperature 0 picks the largest logit; otherwise
  * softmax(logits / temperature) restricted to the top_k most likely (0: no limit) and then to the
  * smallest most likely set holding top_p of the probability (1: no limit), sampled by inverse CDF in
- * index order with u [B] ~ U[0, 1) from the caller. work: 2 V floats (unused at temperature 0).
+ * index order with u [B] ~ U[0, 1) from the caller. work: 4 V floats, 8-byte aligned (unused at
+ * temperature 0).
  * Returns 0, 2 (an argument out of range: nothing written) or 3 (a row's logits hold NaN or +inf,
  * or are all -inf). */
 int lt_sample_tokens_f32(int B, long V, const float *logits, float temperature, long top_k, float top_p,

@@ -14,19 +14,14 @@
  *   then, in index order, the first kept token whose running sum of exp(x - max x) exceeds
  *   u * (the sum over the kept tokens), u ~ U[0, 1) drawn by the caller (so the random stream is
  *   PyTorch's generator).
- * Finding t never sorts the vocabulary: top-k selects (quickselect, linear on average), top-p sorts
- * only the most likely candidates, 64 at first, four times as many while they hold less than p. */
+ * Finding t never sorts: top-k and top-p both select (quickselect; for top-p weighted by
+ * probability), linear in V on average. */
 
 #include "llama_step.h"
 
 #include <math.h>
-#include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
-
-static int desc(const void *a, const void *b) {
-    const float x = *(const float *)a, y = *(const float *)b;
-    return (x < y) - (x > y);
-}
 
 /* The k-th largest of x[0, n) (1 <= k <= n), leaving x[0, k) the k largest (in no order): quickselect. */
 static float kth_largest(float *x, long n, long k) {
@@ -56,47 +51,79 @@ static float kth_largest(float *x, long n, long k) {
     return x[want];
 }
 
-/* One row: x [V] the scaled logits (finite or -inf, at least one finite), spare [V] scratch. */
-static long sample_row(const float *x, long V, long top_k, float top_p, float u, float *spare) {
+/* top-p's cut among the candidates idx[0, n) (e: their exp(x - max)): the value v with less than
+ * `need` of the mass above it and at least `need` at or above it, found by selection (partitions
+ * three ways around a pivot, keeping the part the cut is in; linear on average), never a sort. */
+static float top_p_cut(const float *x, const double *e, int32_t *idx, long n, double need) {
+    long lo = 0, hi = n;
+    double above = 0; /* the mass of the candidates already known to lie above [lo, hi) */
+    for (;;) {
+        const float a = x[idx[lo]], b = x[idx[lo + (hi - lo) / 2]], c = x[idx[hi - 1]];
+        const float pivot = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
+        long gt = lo, i = lo, lt = hi; /* [lo, gt) > pivot, [gt, i) == pivot, [lt, hi) < pivot */
+        double m_gt = 0, m_eq = 0;
+        while (i < lt) {
+            const int32_t j = idx[i];
+            if (x[j] > pivot) {
+                idx[i++] = idx[gt];
+                idx[gt++] = j;
+                m_gt += e[j];
+            } else if (x[j] < pivot) {
+                idx[i] = idx[--lt];
+                idx[lt] = j;
+            } else {
+                m_eq += e[j];
+                i++;
+            }
+        }
+        if (above + m_gt >= need && gt > lo) {
+            hi = gt;
+        } else if (above + m_gt + m_eq >= need || lt >= hi) {
+            return pivot; /* (or nothing is left below it: the sums fell short of need by rounding) */
+        } else {
+            above += m_gt + m_eq;
+            lo = lt;
+        }
+    }
+}
+
+/* One row: x [V] the scaled logits (finite or -inf, at least one finite), spare [V] and e [V]
+ * scratch. exp(x - max) is computed once per token (e), the sums read it. */
+static long sample_row(const float *x, long V, long top_k, float top_p, float u, float *spare, double *e) {
     float top = -INFINITY;
-    for (long i = 0; i < V; i++) top = x[i] > top ? x[i] : top;
-    float t = -INFINITY;
     long n_finite = 0;
-    for (long i = 0; i < V; i++) n_finite += x[i] > -INFINITY;
+    for (long i = 0; i < V; i++) {
+        top = x[i] > top ? x[i] : top;
+        n_finite += x[i] > -INFINITY;
+    }
+    float t = -INFINITY;
     if (top_k > 0 && top_k < n_finite) {
         memcpy(spare, x, sizeof(float) * V);
         t = kth_largest(spare, V, top_k);
     }
+    double total = 0;
+    for (long i = 0; i < V; i++) {
+        e[i] = x[i] >= t ? exp((double)x[i] - top) : 0;
+        total += e[i];
+    }
     if (top_p < 1.0f) {
-        double total = 0;
-        for (long i = 0; i < V; i++)
-            if (x[i] >= t) total += exp((double)x[i] - top);
+        int32_t *idx = (int32_t *)spare; /* the candidates' indices */
         long kept = 0;
         for (long i = 0; i < V; i++)
-            if (x[i] >= t) spare[kept++] = x[i]; /* the candidates, compacted */
-        for (long m = 64;; m *= 4) {
-            if (m > kept) m = kept;
-            kth_largest(spare, kept, m);
-            qsort(spare, m, sizeof(float), desc);
-            double mass = 0;
-            long j = 0;
-            for (; j < m && mass < top_p * total; j++) mass += exp((double)spare[j] - top);
-            if (mass >= top_p * total || m == kept) {
-                const float tp = spare[j > 0 ? j - 1 : 0];
-                t = tp > t ? tp : t;
-                break;
-            }
+            if (x[i] >= t) idx[kept++] = (int32_t)i;
+        const float tp = top_p_cut(x, e, idx, kept, top_p * total);
+        if (tp > t) {
+            t = tp;
+            total = 0;
+            for (long i = 0; i < V; i++) total += x[i] >= t ? e[i] : 0;
         }
     }
-    double total = 0;
-    for (long i = 0; i < V; i++)
-        if (x[i] >= t) total += exp((double)x[i] - top);
     const double target = (double)u * total;
     double run = 0;
     long last = -1;
     for (long i = 0; i < V; i++)
         if (x[i] >= t) {
-            run += exp((double)x[i] - top);
+            run += e[i];
             last = i;
             if (run > target) return i;
         }
@@ -108,7 +135,7 @@ int lt_sample_tokens_f32(int B, long V, const float *logits, float temperature, 
     if (B < 1 || V < 1 || !logits || !out || !(temperature >= 0) || !isfinite(temperature) || top_k < 0 ||
         !(top_p > 0 && top_p <= 1))
         return 2;
-    if (temperature > 0 && (!u || !work || work_size < 2 * V)) return 2;
+    if (temperature > 0 && (!u || !work || work_size < 4 * V)) return 2;
     for (int b = 0; b < B; b++) {
         if (temperature > 0 && !(u[b] >= 0 && u[b] < 1)) return 2;
         const float *row = logits + (long)b * V;
@@ -128,6 +155,7 @@ int lt_sample_tokens_f32(int B, long V, const float *logits, float temperature, 
             continue;
         }
         float *x = work, *spare = work + V;
+        double *e = (double *)(work + 2 * V);
         long best = 0;
         for (long i = 0; i < V; i++) {
             x[i] = row[i] / temperature;
@@ -135,7 +163,7 @@ int lt_sample_tokens_f32(int B, long V, const float *logits, float temperature, 
         }
         /* a temperature so small that the largest logit overflows (to +inf, or to -inf when
          * negative): its limit, the most likely token */
-        out[b] = isinf(x[best]) ? best : sample_row(x, V, top_k, top_p, u[b], spare);
+        out[b] = isinf(x[best]) ? best : sample_row(x, V, top_k, top_p, u[b], spare, e);
     }
     return 0;
 }

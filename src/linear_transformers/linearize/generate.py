@@ -72,6 +72,7 @@ class RecurrentGenerator:
     def _start(self, model, cache, logits, temperature, top_k, top_p, generator, config) -> None:
         self.model, self.temperature, self.top_k, self.top_p = model, temperature, top_k, top_p
         self.generator, self.cache, self.logits = generator, cache, logits.float()
+        self._work = None  # the sampler's scratch, kept between tokens
         config = config if config is not None else getattr(model, "decode_config", DecodeConfig())
         cpu = next(model.parameters()).device.type == "cpu"
         self.step = fused_step(model, config) if cpu else None
@@ -85,7 +86,9 @@ class RecurrentGenerator:
         u = None
         if self.temperature > 0:
             u = torch.rand(B, generator=self.generator)
-        return llama.sample_tokens(self.logits.cpu(), self.temperature, self.top_k, self.top_p, u)
+        if self._work is None or self._work.numel() < 4 * self.logits.shape[1]:
+            self._work = torch.empty(4 * self.logits.shape[1], dtype=torch.float32)
+        return llama.sample_tokens(self.logits.cpu(), self.temperature, self.top_k, self.top_p, u, self._work)
 
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor) -> None:
