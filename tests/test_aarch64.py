@@ -21,13 +21,14 @@ from linear_transformers.model import CausalTransformer, ModelConfig, ModelState
 from linear_transformers.native import build
 from linear_transformers.ops import LinearState, cpu
 
-from helpers import qkv, random_state, rel_err
+from helpers import qkv, random_sampling_cases, random_state, rel_err
 
 HARNESS = Path(__file__).parent / "native" / "kernel_harness.c"
 KERNELS = [
     Path(cpu.__file__).parent / "causal_linear.c",
     *(f for f in fused.SOURCES if f.suffix == ".c"),
     Path(fused.__file__).parent / "llama_step.c",
+    Path(fused.__file__).parent / "token_sample.c",
 ]
 INCLUDES = [native.SIMD_H.parent, Path(cpu.__file__).parent, Path(fused.__file__).parent]
 TARGETS = {
@@ -158,6 +159,20 @@ def test_bfloat16_attention_kernel_is_within_bfloat16_error(harness, tmp_path, B
     for name, g, r, e in zip(("y", "S", "z", "dq", "dk", "dv", "dS0", "dz0"), got, chunked, exact, strict=True):
         slack = 2**-8 if name == "y" else 1e-6
         assert rel_err(g, e) <= 2 * rel_err(r, e) + slack, (name, rel_err(g, e), rel_err(r, e))
+
+
+def test_token_sampler_draws_the_reference_token(harness, tmp_path):
+    """The C sampler (token_sample.c) on this target: the token llama.sample_tokens_reference draws
+    for the same u, over random logits with ties and -inf entries and every kind of setting."""
+    from linear_transformers.decode import llama
+
+    for logits, temperature, top_k, top_p, u in random_sampling_cases(40, seed=3):
+        B, V = logits.shape
+        request = _i64(B, V, top_k) + np.array([temperature, top_p], dtype=np.float32).tobytes()
+        request += logits.contiguous().numpy().tobytes() + u.contiguous().numpy().tobytes()
+        got = np.frombuffer(harness("sample", request, tmp_path), dtype=np.int64)
+        want = llama.sample_tokens_reference(logits, temperature, top_k, top_p, u)
+        assert got.tolist() == want.tolist(), (B, V, temperature, top_k, top_p)
 
 
 def _step_request(model: CausalTransformer, tokens: torch.Tensor) -> bytes:

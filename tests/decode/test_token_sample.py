@@ -10,28 +10,13 @@ import torch
 
 from linear_transformers.decode import llama
 
+from helpers import random_sampling_cases as random_cases
+
 
 @pytest.fixture(autouse=True)
 def _needs_the_library():
     if not llama.available():
         pytest.skip(f"the fused Llama step is not built here: {llama.unavailable_reason()}")
-
-
-def random_cases(n: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    for trial in range(n):
-        B = int(torch.randint(1, 4, (1,), generator=g))
-        V = int(torch.randint(1, 3000, (1,), generator=g))
-        logits = torch.randn(B, V, generator=g) * float(torch.rand(1, generator=g) * 8)
-        if trial % 3 == 0:
-            logits = logits.round()  # ties, at the top-k and top-p cuts too
-        if trial % 5 == 0:
-            logits[:, ::7] = -float("inf")
-            logits[:, 0] = 1.0
-        temperature = (0.0, 0.3, 1.0, 2.5)[trial % 4]
-        top_k = (0, 1, 5, 50, 10**6)[trial % 5]
-        top_p = (1.0, 0.9, 0.5, 0.01, 0.999)[(trial // 5) % 5]
-        yield logits, temperature, top_k, top_p, torch.rand(B, generator=g)
 
 
 def check_c_equals_reference(n: int = 200, seed: int = 0) -> None:

@@ -19,6 +19,9 @@
  *          wd (in wkind's layout), [bq, bk, bv, bo], [fq_w, fq_b, fk_w, fk_b (Hedgehog)]; embed,
  *          final_norm, head (in wkind's layout); int64 tokens [n, B]
  *     OUT: float32 logits [n, B, vocab], then per layer S, z, ring_k, ring_v, sink_k, sink_v
+ *   kernel_harness sample IN OUT      lt_sample_tokens_f32
+ *     IN:  int64 B, V, top_k; float32 temperature, top_p; float32 logits [B, V], u [B]
+ *     OUT: int64 tokens [B]
  * Every read is checked against the file's size; exit status 2 on a short or malformed file. */
 
 #include <stdint.h>
@@ -195,14 +198,32 @@ static int llama(FILE *out) {
     return 0;
 }
 
+static int sample(FILE *out) {
+    const int64_t B = take_i64(), V = take_i64(), top_k = take_i64();
+    float f[2];
+    memcpy(f, take(8), 8);
+    if (B < 1 || V < 1) return 2;
+    const float *logits = take(4 * (size_t)(B * V)), *u = take(4 * (size_t)B);
+    float *work = malloc(16 * (size_t)V);
+    int64_t *tokens = malloc(8 * (size_t)B);
+    const int status = lt_sample_tokens_f32((int)B, V, logits, f[0], top_k, f[1], u, work, 4 * V, tokens);
+    if (status) return 4 + status;
+    put(out, tokens, 8 * (size_t)B);
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    if (argc != 4 || (strcmp(argv[1], "attention") && strcmp(argv[1], "step") && strcmp(argv[1], "llama"))) {
-        fprintf(stderr, "usage: kernel_harness attention|step|llama IN OUT\n");
+    const char *kinds[] = {"attention", "step", "llama", "sample"};
+    int kind = -1;
+    for (int i = 0; i < 4 && argc == 4; i++)
+        if (!strcmp(argv[1], kinds[i])) kind = i;
+    if (kind < 0) {
+        fprintf(stderr, "usage: kernel_harness attention|step|llama|sample IN OUT\n");
         return 1;
     }
     in = fopen(argv[2], "rb");
     FILE *out = fopen(argv[3], "wb");
     if (!in || !out) return 1;
-    const int status = !strcmp(argv[1], "attention") ? attention(out) : !strcmp(argv[1], "step") ? step(out) : llama(out);
+    const int status = kind == 0 ? attention(out) : kind == 1 ? step(out) : kind == 2 ? llama(out) : sample(out);
     return fclose(out) || status ? (status ? status : 3) : 0;
 }
