@@ -137,3 +137,18 @@ def random_sampling_cases(n: int, seed: int):
         top_k = (0, 1, 5, 50, 10**6)[trial % 5]
         top_p = (1.0, 0.9, 0.5, 0.01, 0.999)[(trial // 5) % 5]
         yield logits, temperature, top_k, top_p, torch.rand(B, generator=g)
+
+
+def attention_with_grads(backend, dtype, acc, q, k, v, state, dy, dS, dz, chunk, n_tokens=0):
+    """[out, S, z, dq, dk, dv, dS0, dz0] of causal_linear_attention on `backend` with q, k, v in
+    `dtype` and the state in `acc`, the gradients those of <out, dy> + <S, dS> + <z, dz>."""
+    from linear_transformers import ops
+    from linear_transformers.ops import LinearState
+
+    inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    S0, z0 = (x.detach().to(acc).requires_grad_() for x in (state.S, state.z))
+    y, final = ops.causal_linear_attention(
+        *inputs, initial_state=LinearState(S0, z0, n_tokens), return_state=True, backend=backend, chunk_size=chunk
+    )
+    grads = torch.autograd.grad([y, final.S, final.z], [*inputs, S0, z0], [dy.to(dtype), dS.to(acc), dz.to(acc)])
+    return [y, final.S, final.z, *grads]

@@ -21,7 +21,7 @@ from linear_transformers.model import CausalTransformer, ModelConfig, ModelState
 from linear_transformers.native import build
 from linear_transformers.ops import LinearState, cpu
 
-from helpers import qkv, random_sampling_cases, random_state, rel_err
+from helpers import attention_with_grads, qkv, random_sampling_cases, random_state, rel_err
 
 HARNESS = Path(__file__).parent / "native" / "kernel_harness.c"
 KERNELS = [
@@ -133,13 +133,7 @@ def test_bfloat16_attention_kernel_is_within_bfloat16_error(harness, tmp_path, B
     dS, dz = torch.randn(B, H, Dk, Dv), torch.randn(B, H, Dk)
 
     def reference(backend, dtype, acc):
-        inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        S0, z0 = (x.detach().to(acc).requires_grad_() for x in (state.S, state.z))
-        y, final = ops.causal_linear_attention(
-            *inputs, initial_state=LinearState(S0, z0, 0), return_state=True, backend=backend, chunk_size=C
-        )
-        grads = torch.autograd.grad([y, final.S, final.z], [*inputs, S0, z0], [dy.to(dtype), dS.to(acc), dz.to(acc)])
-        return [y, final.S, final.z, *grads]
+        return attention_with_grads(backend, dtype, acc, q, k, v, state, dy, dS, dz, C)
 
     exact = reference("naive", torch.float64, torch.float64)
     chunked = reference("chunked", torch.bfloat16, torch.float32)

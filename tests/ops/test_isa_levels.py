@@ -12,7 +12,7 @@ import torch
 from linear_transformers import ops
 from linear_transformers.ops import LinearState
 
-from helpers import qkv, random_state, rel_err, shape_id
+from helpers import attention_with_grads, qkv, random_state, rel_err, shape_id
 
 SHAPES = [
     dict(B=1, T=1, H=1, Dk=8, Dv=8),
@@ -65,13 +65,7 @@ def test_bfloat16_kernel_is_within_bfloat16_error_of_float64(each_build, shape, 
     dS, dz = torch.randn(B, H, Dk, Dv, generator=g), torch.randn(B, H, Dk, generator=g)
 
     def run(backend, dtype, acc):
-        inputs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-        S0, z0 = (x.detach().to(acc).requires_grad_() for x in (state.S, state.z))
-        y, final = ops.causal_linear_attention(
-            *inputs, initial_state=LinearState(S0, z0, 5), return_state=True, backend=backend, chunk_size=chunk
-        )
-        grads = torch.autograd.grad([y, final.S, final.z], [*inputs, S0, z0], [dy.to(dtype), dS.to(acc), dz.to(acc)])
-        return [y, final.S, final.z, *grads]
+        return attention_with_grads(backend, dtype, acc, q, k, v, state, dy, dS, dz, chunk, n_tokens=5)
 
     exact = run("naive", torch.float64, torch.float64)
     got = run("cpu", torch.bfloat16, torch.float32)
