@@ -21,7 +21,7 @@ float32 projection weights per token (measure.read_f32: a pass per token in one 
 step's threads reading the way its GEMVs do), what memory bandwidth alone costs per image. Also:
 training step tokens/s, linear vs softmax. Where whole images take seconds (MNIST), the PyTorch step
 ("linear-rnn-pytorch", the fused step switched off) takes turns with them too. --parts picks the parts.
-Writes generate.csv, table.md and generate.png under --out.
+Writes generate.csv, table.md, generate.png and run.json under --out.
 
 --isa LEVEL... (or all) runs the benchmark once per ISA level of the C kernels, each in its own
 process with PyTorch capped to that level (bench/levels.py), and adds levels.csv and levels.md: per
@@ -41,7 +41,7 @@ import torch
 from ..decode import DEFAULT, DecodeConfig, fused
 from ..model import CausalTransformer, ModelConfig, ModelState
 from ..options import add_options, count, option
-from ..results import fmt, isa_lines, machine_info, markdown_table, write_csv
+from ..results import fmt, isa_lines, machine_info, markdown_table, provenance, write_csv, write_run_record
 from . import levels, measure
 from .generate_report import PAPER, paper_tables, plot, summary
 from .measure import time_fn
@@ -248,6 +248,7 @@ def main(args: argparse.Namespace) -> int:
         args.batch, args.points, args.images = 4, 3, 2
     if args.isa:
         return per_level(args)
+    started = provenance(getattr(args, "command_line", None))  # (run.json: what made the results)
     info = machine_info()
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {args.threads} threads")
     for line in isa_lines():
@@ -352,7 +353,7 @@ def main(args: argparse.Namespace) -> int:
     )
     print()
     print(table)
-    written = [args.out / "generate.csv", args.out / "table.md"]
+    written = [args.out / "generate.csv", args.out / "table.md", write_run_record(args.out, started)]
     if curves:  # the per-token timings (part "tokens")
         plot(curves, args.out / "generate.png", args.batch)
         written.append(args.out / "generate.png")
