@@ -140,3 +140,45 @@ def _parse(argv):
     args = p.parse_args(argv)
     args.given = given_options(p, argv)
     return args
+
+
+def test_paired_bootstrap():
+    phones = [10, 20, 30, 40]
+    same = exp.paired_bootstrap({"linear": [1, 2, 3, 4], "softmax": [1, 2, 3, 4]}, phones, "linear", n=500)
+    assert same[0]["per_difference"] == same[0]["ci_low"] == same[0]["ci_high"] == 0
+    assert same[0]["share_at_or_below_zero"] == 1.0
+    worse = exp.paired_bootstrap({"linear": [1, 2, 3, 4], "lsh-4": [2, 3, 4, 6]}, phones, "linear", n=500)[0]
+    assert worse["method"] == "lsh-4" and worse["per_difference"] == 100 * 5 / 100
+    assert 0 < worse["ci_low"] <= worse["per_difference"] <= worse["ci_high"]
+    assert worse["share_at_or_below_zero"] == 0.0
+
+
+@pytest.mark.skipif(bool(speech.synthesizers_missing()), reason="espeak-ng / flite not installed")
+def test_seeds_and_the_paired_bootstrap(tmp_path, capsys):
+    """--seeds runs each method once per seed in its own folder; the table gives each run, each
+    method's mean, and PER minus linear's with a paired bootstrap interval over test utterances."""
+    words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november".split()
+    g = torch.Generator().manual_seed(2)
+    lines = [" ".join(words[i] for i in torch.randint(len(words), (6,), generator=g)) + "." for _ in range(40)]
+    (tmp_path / "text.txt").write_text("\n".join(lines))
+    out = tmp_path / "out"
+    args = ["speech", "--quick", "--text", str(tmp_path / "text.txt"), "--corpus", str(tmp_path / "corpus")]
+    args += ["--out", str(out), "--methods", "softmax", "linear", "--seeds", "0", "1"]
+    assert main(args) == 0
+    assert all((out / f"{m}-seed{k}" / "result.json").exists() for m in ("softmax", "linear") for k in (0, 1))
+    rows = list(csv.DictReader((out / "speech.csv").read_text().splitlines()))
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        ("softmax", "0"),
+        ("softmax", "1"),
+        ("linear", "0"),
+        ("linear", "1"),
+    ]
+    boot = list(csv.DictReader((out / "bootstrap.csv").read_text().splitlines()))
+    assert [(b["method"], b["base"]) for b in boot] == [("softmax", "linear")]
+    assert all(float(b["ci_low"]) <= float(b["per_difference"]) <= float(b["ci_high"]) for b in boot)
+    table = (out / "table.md").read_text()
+    assert "linear, mean of 2" in table and "paired bootstrap over the 4 test utterances" in table
+    capsys.readouterr()
+    assert main(args) == 0  # every run finished: read back, the same table
+    assert capsys.readouterr().out.count("finished earlier with these settings") == 4
+    assert (out / "table.md").read_text() == table

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -213,21 +213,59 @@ def edit_distance(a: list, b: list) -> int:
 
 
 @torch.no_grad()
-def phoneme_error_rate(model: nn.Module, items: list[tuple], batch: int, device=None) -> float:
+def utterance_errors(model: nn.Module, items: list[tuple], batch: int, device=None) -> list[int]:
+    """Phone errors of greedy CTC decoding (edit distance to the reference) per utterance, in order."""
     model.eval()
-    errors = total = 0
+    errors = [0] * len(items)
     for idx in batches(items, batch, None):
         x, lengths, _, _ = collate(items, idx)
         logits = model(x.to(device), lengths.to(device)).cpu() if device is not None else model(x, lengths)
         for hyp, i in zip(greedy_ctc(logits, lengths), idx, strict=True):
-            ref = items[i][1].tolist()
-            errors += edit_distance(hyp, ref)
-            total += len(ref)
-    return 100.0 * errors / max(total, 1)
+            errors[i] = edit_distance(hyp, items[i][1].tolist())
+    return errors
+
+
+def phoneme_error_rate(model: nn.Module, items: list[tuple], batch: int, device=None) -> float:
+    errors = utterance_errors(model, items, batch, device)
+    return 100.0 * sum(errors) / max(sum(len(ref) for _, ref in items), 1)
+
+
+def paired_bootstrap(
+    errors: dict[str, list[float]], phones: list[int], base: str, n: int = 10000, seed: int = 0
+) -> list[dict]:
+    """PER of every method minus `base`'s, with a 95% interval from resampling the test utterances
+    (the same resample for both: paired), and how often the difference came out <= 0. errors: per
+    method, the phone errors of each test utterance (the mean over seeds); phones: each reference's
+    length."""
+    rng = np.random.default_rng(seed)
+    ref = np.asarray(phones, dtype=np.float64)
+    picks = rng.integers(0, len(ref), size=(n, len(ref)))
+    total = ref[picks].sum(1)
+    b = np.asarray(errors[base], dtype=np.float64)
+    rows = []
+    for method, e in errors.items():
+        if method == base:
+            continue
+        d = np.asarray(e, dtype=np.float64) - b
+        diffs = 100.0 * d[picks].sum(1) / total
+        rows.append(
+            {
+                "method": method,
+                "base": base,
+                "per_difference": 100.0 * d.sum() / ref.sum(),
+                "ci_low": float(np.percentile(diffs, 2.5)),
+                "ci_high": float(np.percentile(diffs, 97.5)),
+                "share_at_or_below_zero": float((diffs <= 0).mean()),
+                "resamples": n,
+            }
+        )
+    return rows
 
 
 # ---- one method ---------------------------------------------------------------------------------
-def run_method(method: str, s: SpeechSettings, train: list, test: list, out: Path, log=print) -> dict:
+def run_method(method: str, s: SpeechSettings, train: list, test: list, out: Path, log=print, name: str = "") -> dict:
+    """Train `method` with s.seed's initialisation and data order; its row (with every test
+    utterance's phone errors) and loss history, the history also in out/<name or method>/loss.csv."""
     torch.manual_seed(s.seed)
     device = resolve_device(s.device)
     model = make_model(method, s).to(device)
@@ -265,9 +303,11 @@ def run_method(method: str, s: SpeechSettings, train: list, test: list, out: Pat
             break
     train_s = time.perf_counter() - start
     epochs = frames_seen / frames_per_epoch
-    per = phoneme_error_rate(model, test, s.batch, device)
+    errors = utterance_errors(model, test, s.batch, device)
+    per = 100.0 * sum(errors) / max(sum(len(ref) for _, ref in test), 1)
     row = {
         "method": method,
+        "seed": s.seed,
         "params_m": params / 1e6,
         "steps": steps,
         "epochs": epochs,
@@ -275,44 +315,64 @@ def run_method(method: str, s: SpeechSettings, train: list, test: list, out: Pat
         "seconds_per_epoch": train_s / epochs,
         "test_per": per,
         "paper_per": PAPER_PER[method],
+        "utterance_errors": errors,
     }
     log(
         f"  {method}: {params / 1e6:.2f}M parameters, {steps} steps ({epochs:.1f} epochs) in {train_s / 60:.1f} min, "
         f"{train_s / epochs:.0f} s/epoch; test PER {per:.2f}% (paper, WSJ: {PAPER_PER[method]})"
     )
-    (out / method).mkdir(parents=True, exist_ok=True)
-    write_csv(out / method / "loss.csv", history)
+    (out / (name or method)).mkdir(parents=True, exist_ok=True)
+    write_csv(out / (name or method) / "loss.csv", history)
     return {"row": row, "history": history}
 
 
 def summary(rows: list[dict]) -> str:
-    body = [
-        [
-            r["method"],
-            fmt(r["params_m"], 2),
-            str(r["steps"]),
-            fmt(r["epochs"], 1),
-            fmt(r["seconds_per_epoch"], 0),
-            fmt(r["test_per"], 2),
-            fmt(r["paper_per"], 2),
-        ]
-        for r in rows
-    ]
+    """One line per run; with several seeds of a method, also its mean and range."""
+    several = len({r.get("seed") for r in rows}) > 1
+    body = []
+    for r in rows:
+        body.append(
+            [
+                r["method"] + (f" (seed {r['seed']})" if several else ""),
+                fmt(r["params_m"], 2),
+                str(r["steps"]),
+                fmt(r["epochs"], 1),
+                fmt(r["seconds_per_epoch"], 0),
+                fmt(r["test_per"], 2),
+                fmt(r["paper_per"], 2),
+            ]
+        )
+    if several:
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pers = [r["test_per"] for r in rows if r["method"] == method]
+            mean = sum(pers) / len(pers)
+            body.append(
+                [
+                    f"**{method}, mean of {len(pers)}**",
+                    "",
+                    "",
+                    "",
+                    "",
+                    f"**{fmt(mean, 2)}** ({fmt(min(pers), 2)}-{fmt(max(pers), 2)})",
+                    "",
+                ]
+            )
     return markdown_table(
         ["method", "params (M)", "steps", "epochs", "s/epoch", "test PER %", "paper PER % (WSJ)"], body
     )
 
 
-def plot(histories: list[list[dict]], path: Path) -> None:
+def plot(histories: list[list[dict]], path: Path, labels: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for h in histories:
+    for i, h in enumerate(histories):
         if h:
-            ax.plot([r["seconds"] / 60 for r in h], [r["loss"] for r in h], label=h[0]["method"])
+            label = labels[i] if labels else h[0]["method"]
+            ax.plot([r["seconds"] / 60 for r in h], [r["loss"] for r in h], label=label)
     ax.set_xlabel("training time (minutes)")
     ax.set_ylabel("CTC loss (training batches)")
     ax.set_yscale("log")
@@ -335,6 +395,11 @@ class SpeechRun(RunSwitches):
     corpus: Path | None = option(None, "the corpus cache (default results/speech-corpus; -<k>sent for k sentences)")
     corpus_only: bool = option(False, "build (or reuse) the corpus, print its size, stop")
     out: Path | None = option(None, "default results/speech (--wsj-length: speech-wsj-length; --quick: -quick)")
+    seeds: list[int] = option(
+        [],
+        "run every method once per seed (initialisation and data order; the corpus stays --seed's), "
+        "in <out>/<method>-seed<k>; empty: --seed alone, in <out>/<method>",
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -451,19 +516,61 @@ def main(args: argparse.Namespace) -> int:
     budget = f"{s.minutes:g} minutes per method" if s.minutes else f"{s.max_epochs} epochs per method"
     print(f"{info_m['cpu']} ({s.device}), {torch.get_num_threads()} threads; {budget}")
     settings = {k: v for k, v in asdict(s).items() if k not in NOT_SETTINGS}
-    todo = [m for m in s.methods if args.fresh or load_finished(out / m / "result.json", settings) is None]
+    seeds = list(dict.fromkeys(args.seeds)) or [s.seed]
+    runs = [(m, k, f"{m}-seed{k}" if args.seeds else m) for m in s.methods for k in seeds]
+    todo = [
+        name
+        for m, k, name in runs
+        if args.fresh or load_finished(out / name / "result.json", {**settings, "seed": k}) is None
+    ]
     if todo:
-        print(f"  estimated {estimate_seconds(s, train, todo) / 60:.0f} minutes here for {', '.join(todo)}", flush=True)
+        print(
+            f"  estimated {estimate_seconds(s, train, [n.split('-seed')[0] for n in todo]) / 60:.0f} minutes here "
+            f"for {', '.join(todo)}",
+            flush=True,
+        )
     rows, histories = [], []
-    for method in s.methods:
+    for method, k, name in runs:
+        sk = replace(s, seed=k)
         (result,) = finished_or_run(
-            out, method, settings, args.fresh, lambda method=method: [run_method(method, s, train, test, out)]
+            out,
+            name,
+            {**settings, "seed": k},
+            args.fresh,
+            lambda method=method, sk=sk, name=name: [run_method(method, sk, train, test, out, name=name)],
         )
         rows.append(result["row"])
         histories.append(result["history"])
+    errors = {}  # per method, each test utterance's phone errors averaged over its seeds
+    for method in s.methods:
+        mine = [r["utterance_errors"] for r in rows if r["method"] == method and "utterance_errors" in r]
+        if mine:
+            errors[method] = list(np.mean(np.asarray(mine, dtype=np.float64), axis=0))
+    phones = [len(ref) for _, ref in test]
+    boot = paired_bootstrap(errors, phones, base="linear") if "linear" in errors and len(errors) > 1 else []
+    if boot:
+        write_csv(out / "bootstrap.csv", boot)
+    rows = [{k: v for k, v in r.items() if k != "utterance_errors"} for r in rows]
     write_csv(out / "speech.csv", rows)
-    plot(histories, out / "speech.png")
+    plot(histories, out / "speech.png", [name for _, _, name in runs])
     table = summary(rows)
+    if boot:
+        table += (
+            f"\n\nPER minus linear's, paired bootstrap over the {len(phones)} test utterances "
+            f"({boot[0]['resamples']} resamples; errors averaged over seeds {', '.join(map(str, seeds))}):\n\n"
+            + markdown_table(
+                ["method", "PER - linear PER", "95% interval", "share of resamples <= 0"],
+                [
+                    [
+                        b["method"],
+                        f"{b['per_difference']:+.2f}",
+                        f"[{b['ci_low']:+.2f}, {b['ci_high']:+.2f}]",
+                        f"{b['share_at_or_below_zero']:.3f}",
+                    ]
+                    for b in boot
+                ],
+            )
+        )
     (out / "table.md").write_text(
         f"Speech recognition, {info_m['cpu']}, {s.device}, torch {info_m['torch']}; {budget}; train utterances "
         f"{mean_frames:.0f} frames on average; settings {json.dumps(settings)}\n\n" + table + "\n"
