@@ -15,6 +15,13 @@ def test_layer_compiles_without_graph_breaks(backend):
     _check_compiled_layer(AttentionLayer(32, 4, backend=backend), torch.randn(2, 70, 32, requires_grad=True), 1e-5)
 
 
+def test_bfloat16_layer_compiles_with_the_cpu_kernel():
+    """bfloat16 goes through the kernel without a float32 copy of the output (the operator's fake
+    says so per dtype): compiled and eager agree."""
+    layer = AttentionLayer(32, 4, backend="cpu").to(torch.bfloat16)
+    _check_compiled_layer(layer, torch.randn(2, 70, 32, dtype=torch.bfloat16, requires_grad=True), 2e-2)
+
+
 def _check_compiled_layer(layer, x, tol):
     """The layer compiled with fullgraph=True (a graph break is an error) computes the eager outputs and
     input gradients."""
