@@ -102,6 +102,22 @@ def test_speech_tables_equal_their_csvs():
             assert f"{ratio:.2f}x" in {row[5] for row in rows}
 
 
+def test_speech_seeds_table_equals_its_csvs():
+    folder = EVIDENCE / "speech-wsj-length-stack-3-seeds"
+    header = head("method", "PER %, seed 0", "seed 1", "seed 2", "mean (min-max)", "PER - linear's PER [95% interval]")
+    per = {(r["method"], int(r["seed"])): float(r["test_per"]) for r in rows_of(folder / "speech.csv")}
+    boot = {r["method"]: r for r in rows_of(folder / "bootstrap.csv")}
+    rows = tables(header)[0]
+    assert {row[0] for row in rows} == {m for m, _ in per}
+    for row in rows:
+        runs = [per[row[0], k] for k in (0, 1, 2)]
+        assert row[1:4] == [f"{x:.2f}" for x in runs], row[0]
+        assert row[4] == f"{sum(runs) / 3:.2f} ({min(runs):.2f}-{max(runs):.2f})", row[0]
+        if row[0] != "linear":
+            b = {k: float(boot[row[0]][k]) for k in ("per_difference", "ci_low", "ci_high")}
+            assert row[5] == f"{b['per_difference']:+.2f} [{b['ci_low']:+.2f}, {b['ci_high']:+.2f}]", row[0]
+
+
 def test_copy_table_equals_its_runs():
     header = head(
         "method",
