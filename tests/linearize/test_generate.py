@@ -86,6 +86,10 @@ def test_generator_state_and_refusals():
     assert torch.equal(first, generate(model, prompt, 1, temperature=0.0)[:, -1])
     with pytest.raises(ValueError, match=r"input_ids must be \[B, T\]"):
         generate(model, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"token ids in \[0, 97\), got torch.int64 in \[0, 97\]"):
+        generate(model, torch.tensor([[0, 97]]))
+    with pytest.raises(ValueError, match="integer token ids"):
+        generate(model, torch.zeros(1, 3))
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
         generate(model, prompt, -1)
     with pytest.raises(ValueError, match="top_p must be in"):

@@ -43,6 +43,12 @@ class RecurrentGenerator:
     ) -> None:
         if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
             raise ValueError(f"generate: input_ids must be [B, T] with B, T >= 1, got {list(input_ids.shape)}")
+        vocab = model.config.vocab_size
+        if input_ids.is_floating_point() or int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise ValueError(
+                f"generate: input_ids must be integer token ids in [0, {vocab}), got {input_ids.dtype} "
+                f"in [{input_ids.min().item()}, {input_ids.max().item()}]"
+            )
         llama.check_sampling_args(temperature, top_k, top_p)
         cache = LinearizedCache()
         with torch.no_grad():
