@@ -69,6 +69,23 @@ def unavailable_reason() -> str | None:
     return native.load(LIBRARY).error
 
 
+# A block's weights, in lt_model's order (model_step.h): one pointer per layer each
+LAYER_WEIGHTS = (
+    "ln1_w",
+    "ln1_b",
+    "qkv_w",
+    "qkv_b",
+    "out_w",
+    "out_b",
+    "ln2_w",
+    "ln2_b",
+    "ff1_w",
+    "ff1_b",
+    "ff2_w",
+    "ff2_b",
+)
+
+
 class _LtModel(ctypes.Structure):
     """Mirror of lt_model in model_step.h (checked against the library's own layout when it loads)."""
 
@@ -79,23 +96,7 @@ class _LtModel(ctypes.Structure):
         ],
         ("ln_eps", ctypes.c_float),
         ("attn_eps", ctypes.c_float),
-        *[
-            (name, ctypes.POINTER(ctypes.c_void_p))
-            for name in (
-                "ln1_w",
-                "ln1_b",
-                "qkv_w",
-                "qkv_b",
-                "out_w",
-                "out_b",
-                "ln2_w",
-                "ln2_b",
-                "ff1_w",
-                "ff1_b",
-                "ff2_w",
-                "ff2_b",
-            )
-        ],
+        *[(name, ctypes.POINTER(ctypes.c_void_p)) for name in LAYER_WEIGHTS],
         *[(name, ctypes.c_int) for name in ("vocab", "max_len", "n_params")],
         ("norm_eps", ctypes.c_float),
         *[(name, ctypes.c_void_p) for name in ("embed", "pos", "norm_w", "norm_b", "head_w", "head_b")],
@@ -141,20 +142,7 @@ class FusedModelStep:
     The embedding, norms and head stay float32.
     """
 
-    WEIGHTS = (
-        "ln1_w",
-        "ln1_b",
-        "qkv_w",
-        "qkv_b",
-        "out_w",
-        "out_b",
-        "ln2_w",
-        "ln2_b",
-        "ff1_w",
-        "ff1_b",
-        "ff2_w",
-        "ff2_b",
-    )
+    WEIGHTS = LAYER_WEIGHTS
     PROJECTIONS = ("qkv_w", "out_w", "ff1_w", "ff2_w")
     # sample_mol's tokens per C call in generation: long enough to spread a call's fixed cost, short
     # enough that Ctrl-C is seen between calls

@@ -112,7 +112,8 @@ static int parallel_over(long n_items, int n_threads, range_fn fn, const void *a
 
 /* The chunk products on bfloat16 operands, float32 accumulation (vdpbf16ps: each float32 lane adds
  * the products of a pair of bfloat16s). mm_dpbf16 computes what mm_f32 computes (the same arguments,
- * float32 operands, the same meaning of tri), after rounding both operands to bfloat16:
+ * float32 operands), after rounding both operands to bfloat16, for what the forward asks of it:
+ * tri MM_FULL, MM_LOWER_A or MM_LOWER_C (not MM_UPPER_A), A row-major (acs = 1) or transposed (ars = 1):
  *   A -> Ab [M, Kp] (Kp = K rounded up to even), a row's pairs (k, k + 1) in one 32-bit word;
  *   B -> Bp [Kp / 2, Np, 2] (Np = N rounded up to 16): for each pair of rows, the two values of a
  *        column side by side, so a 64-byte load holds 16 columns' pairs;
@@ -128,13 +129,6 @@ static long dpbf16_ws_floats(long Dk, long Dv, long C) {
     long m = Dk > Dv ? Dk : Dv;
     m = bf_pad(m > C ? m : C);
     return 3 * m * m / 2 + 128; /* and room to align Ab and Bp to 64 bytes */
-}
-
-/* float -> bfloat16 bits, rounded to nearest even (NaN stays NaN). */
-static inline uint16_t bf_round(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (u & 0x7fffffff) > 0x7f800000 ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
 static inline __mmask16 bf_mask(int n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
@@ -158,8 +152,9 @@ static void bf_pack_pairs(const float *X, long ldx, int K, int N, int Np, uint32
     }
 }
 
-/* Ab [M, Kp] from op(A)(i, k) = A[i * ars + k * acs]: row-major rows converted 16 at a time; a
- * transposed operand (ars = 1) packed as pairs of its rows, then transposed 32 bits at a time. */
+/* Ab [M, Kp] from op(A)(i, k) = A[i * ars + k * acs], zero-padded to Kp: row-major rows (acs = 1)
+ * converted 16 at a time; a transposed operand (ars = 1) packed as pairs of its rows, then
+ * transposed 32 bits at a time. */
 static void bf_pack_a(int M, int K, const float *A, long ars, long acs, uint16_t *Ab, uint32_t *tmp) {
     const int Kp = (K + 1) / 2 * 2;
     if (acs == 1) {
@@ -171,12 +166,9 @@ static void bf_pack_a(int M, int K, const float *A, long ars, long acs, uint16_t
                 _mm256_mask_storeu_epi16(out + k, bf_mask(Kp - k), h);
             }
         }
-    } else if (ars == 1) {
+    } else { /* ars == 1 */
         bf_pack_pairs(A, acs, K, M, M, tmp);                           /* [Kp / 2, M] pairs */
         transpose_f32(Kp / 2, M, (const float *)tmp, (float *)Ab); /* 32-bit words moved, not computed on */
-    } else {
-        for (int i = 0; i < M; i++)
-            for (int k = 0; k < Kp; k++) Ab[(long)i * Kp + k] = k < K ? bf_round(A[i * ars + k * acs]) : 0;
     }
 }
 
@@ -229,18 +221,12 @@ static void mm_dpbf16(int M, int N, int K, const float *A, long ars, long acs, c
     bf_pack_pairs(B, ldb, K, N, Np, Bp);
     for (int i = 0; i < M; i += BF_ROWS) {
         const int R = M - i < BF_ROWS ? M - i : BF_ROWS;
-        int p0 = 0, p1 = Kp / 2, n_end = N;
+        const int p0 = 0;
+        int p1 = Kp / 2, n_end = N;
         if (tri == MM_LOWER_A && i + R < K) p1 = (i + R + 1) / 2;
-        if (tri == MM_UPPER_A) p0 = (i < K ? i : K) / 2;
-        /* zeros where a triangular operand is zero, within the pairs this tile reads */
-        for (int r = i; r < i + R; r++) {
-            uint16_t *row = Ab + (long)r * Kp;
-            if (tri == MM_LOWER_A)
-                for (int k = r + 1; k < 2 * p1; k++) row[k] = 0;
-            if (tri == MM_UPPER_A)
-                for (int k = 2 * p0; k < r && k < Kp; k++) row[k] = 0;
-            if (K < Kp) row[K] = 0;
-        }
+        if (tri == MM_LOWER_A) /* zeros where the triangular operand is zero, in the pairs this tile reads */
+            for (int r = i; r < i + R; r++)
+                for (int k = r + 1; k < 2 * p1; k++) Ab[(long)r * Kp + k] = 0;
         if (tri == MM_LOWER_C) {
             n_end = (i + R + 15) / 16 * 16;
             if (n_end > N) n_end = N;
