@@ -69,6 +69,24 @@ def small_model(n_classes=3, vocab=16, max_len=48, n_heads=4, **kw):
     return CausalTransformer(cfg).eval()
 
 
+def tiny_llama(seed=0):
+    """A tiny random Llama (softmax attention, grouped key/value heads, tied embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
 def linear_llama(
     mode="hybrid", feature_map="hedgehog", window=5, sinks=2, heads=4, kv_heads=2, bias=False, d=64, seed=0
 ):

@@ -22,6 +22,8 @@ from linear_transformers.linearize.attention import HybridState, step_attention
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import tiny_llama as _tiny_llama  # noqa: E402
+
 
 def _steps(q, k, v, fmq, fmk, mode, window, sinks, eps):
     B, T, H, D = q.shape
@@ -82,23 +84,6 @@ def test_window_covering_the_sequence_is_softmax_attention():
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
     ).transpose(1, 2)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
-
-
-def _tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def test_window_model_with_a_long_window_is_the_teacher():

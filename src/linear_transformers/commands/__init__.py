@@ -81,6 +81,10 @@ COMMANDS: dict[str, Command | dict] = {
     "linearize-summary": Command(
         "linear_transformers.linearize.summary", "the linearisation runs of a folder in one result.json and table"
     ),
+    "linearize-context": Command(
+        "linear_transformers.linearize.context",
+        "held-out perplexity of linearised models by the context each token has (is the linear part used?)",
+    ),
     "prepare": Command(
         "linear_transformers.commands.prepare",
         "compile and time the C kernels now (after install, or in a Docker layer), so that a first run starts at once",

@@ -65,12 +65,43 @@ class FinetuneConfig:
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+def with_lora(model, rank: int, alpha: float):
+    """The model (frozen) with trainable LoRA adapters (peft) on its attention projections."""
+    from peft import LoraConfig, get_peft_model
+
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def load_lora(model, lora: dict[str, torch.Tensor]) -> None:
+    """A run's saved adapters (state.pt's "lora") into a with_lora model; every one must have its place."""
+    params = dict(model.named_parameters())
+    missing = [name for name in lora if name not in params]
+    if missing:
+        raise ValueError(f"finetune: the saved LoRA holds {missing[0]!r}, which this model does not have")
+    for name, value in lora.items():
+        params[name].data.copy_(value)
+
+
+def teacher_with_lora(run: Path):
+    """The teacher with the LoRA of a `finetune --teacher` run folder (its state.pt), merged."""
+    from .transfer import load_teacher
+
+    state = torch.load(run / "state.pt", weights_only=True)
+    if not state["settings"].get("teacher"):
+        raise ValueError(f"finetune: {run} is a student's run, not a finetune --teacher one; load its model/ folder")
+    model = with_lora(load_teacher()[1], state["settings"]["rank"], state["settings"]["alpha"])
+    load_lora(model, state["lora"])
+    return model.merge_and_unload().eval()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, FinetuneConfig, title="finetune")
 
 
 def main(args: argparse.Namespace) -> int:
-    from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
@@ -100,12 +131,7 @@ def main(args: argparse.Namespace) -> int:
             if isinstance(m, LinearizedAttention):
                 m.cfg = type(m.cfg)(**{**m.cfg.to_dict(), "mode": cfg.mode})
         model.config.linearize = {**model.config.linearize, "mode": cfg.mode}
-    for prm in model.parameters():
-        prm.requires_grad_(False)
-    model = get_peft_model(
-        model,
-        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM"),
-    )
+    model = with_lora(model, cfg.rank, cfg.alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     step, seconds, log = 0, 0.0, []
@@ -120,10 +146,7 @@ def main(args: argparse.Namespace) -> int:
         ]
         if diffs:
             raise ValueError(f"finetune: {out} was trained with other settings: {'; '.join(diffs)}")
-        lora = state["lora"]
-        for name, prm in model.named_parameters():
-            if name in lora:
-                prm.data.copy_(lora[name])
+        load_lora(model, state["lora"])
         opt.load_state_dict(state["optimizer"])
         step, seconds, log = state["step"], state["seconds"], state["log"]
         print(f"resuming {out} at step {step}", flush=True)
