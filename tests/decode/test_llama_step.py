@@ -57,7 +57,7 @@ def assert_states_equal(a: LinearizedCache, b: LinearizedCache, tol: float) -> N
     assert a.seen == b.seen
     for layer in a.states:
         sa, sb = a.states[layer], b.states[layer]
-        assert sa.seen == sb.seen
+        assert torch.equal(sa.seen, sb.seen)
         for name in STATE:
             x, y = getattr(sa, name), getattr(sb, name)
             if x is None or y is None or x.numel() == 0:
@@ -204,7 +204,7 @@ def test_bad_states_and_tokens_are_refused_in_one_line():
     with pytest.raises(ValueError, match="one state per layer"):
         step(torch.tensor([1, 2]), torch.tensor([6, 6]), states[:1])
     assert all(torch.equal(a, s.S) for a, s in zip(before, states, strict=True))  # nothing touched
-    states[1].seen += 1
+    states[1].seen = states[1].seen + 1
     with pytest.raises(ValueError, match="seen the same tokens"):
         step(torch.tensor([1, 2]), torch.tensor([6, 6]), states)
 

@@ -187,9 +187,9 @@ static int llama(FILE *out) {
     float *work = malloc(4 * (size_t)work_size), *logits = malloc(4 * (size_t)B * m.vocab);
     int64_t *positions = malloc(8 * (size_t)B);
     for (int t = 0; t < n; t++) {
-        for (int b = 0; b < B; b++) positions[b] = t;
-        const int status = lt_llama_token_f32(&m, B, tokens + (size_t)t * B, positions, t, st[0], st[1], st[2], st[3],
-                                              st[4], st[5], work, work_size, logits);
+        for (int b = 0; b < B; b++) positions[b] = t; /* (each row's count of tokens seen, too) */
+        const int status = lt_llama_token_f32(&m, B, tokens + (size_t)t * B, positions, positions, st[0], st[1], st[2],
+                                              st[3], st[4], st[5], work, work_size, logits);
         if (status) return 4 + status;
         put(out, logits, 4 * (size_t)B * m.vocab);
     }

@@ -310,7 +310,7 @@ def main(args: argparse.Namespace) -> int:
             raw_token = s_next[:, 0]
 
             def raw_call(f, states=raw_states, token=raw_token):
-                positions = torch.full((1,), states[f][0].seen, dtype=torch.int64)
+                positions = states[f][0].seen.clone()
                 t0 = time.perf_counter()
                 steps[f](token, positions, states[f])
                 return time.perf_counter() - t0

@@ -84,7 +84,7 @@ def _set_signatures(lib: ctypes.CDLL) -> None:
         ctypes.c_int,
         ptr,
         ptr,
-        ctypes.c_long,
+        ptr,
         *[ptr] * 6,
         ptr,
         ctypes.c_long,
@@ -350,7 +350,7 @@ class FusedLlamaStep:
                 for t in (getattr(s, n) for n in used)
             ],
         )
-        if self._arrays is not None and self._arrays[0] == key and len({s.seen for s in states}) == 1:
+        if self._arrays is not None and self._arrays[0] == key and all(s.seen is states[0].seen for s in states):
             return self._arrays[1]
         arrays = self._check_states(B, states)
         self._arrays = (key, arrays)
@@ -370,9 +370,6 @@ class FusedLlamaStep:
             "sink_v": (B, H, ns, D),
         }
         used = {"linear": ("S", "z"), "hybrid": tuple(shapes), "window": ("ring_k", "ring_v", "sink_k", "sink_v")}
-        seen = {s.seen for s in states}
-        if len(seen) != 1:
-            raise ValueError(f"fused Llama step: every layer's state must have seen the same tokens, got {seen}")
         out = []
         for name, shape in shapes.items():
             if name not in used[self.mode]:
@@ -395,11 +392,26 @@ class FusedLlamaStep:
                     )
                 ptrs.append(t.data_ptr())
             out.append((ctypes.c_void_p * L)(*ptrs))
+        seen = states[0].seen
+        if (
+            not isinstance(seen, torch.Tensor)
+            or seen.dtype != torch.int64
+            or seen.shape != (B,)
+            or seen.device.type != "cpu"
+        ):
+            got = f"{seen.dtype} {list(seen.shape)}" if isinstance(seen, torch.Tensor) else repr(seen)
+            raise ValueError(f"fused Llama step: a state's seen must be an int64 CPU tensor [{B}], got {got}")
+        differ = [i for i, s in enumerate(states) if not torch.equal(s.seen, seen)]
+        if differ:
+            raise ValueError(
+                f"fused Llama step: every layer's state must have seen the same tokens; layer {differ[0]} has "
+                f"{states[differ[0]].seen.tolist()}, layer 0 {seen.tolist()}"
+            )
         return out
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, states) -> torch.Tensor:
         """tokens [B] and positions [B] (RoPE's) -> logits [B, vocab]; `states` (one HybridState per
-        layer, all having seen the same tokens) advance by one token, in place."""
+        layer, all having seen the same tokens: seen [B], per row) advance by one token, in place."""
         if tokens.dim() != 1 or positions.shape != tokens.shape:
             raise ValueError(
                 f"fused Llama step: tokens and positions must both be [B], got {list(tokens.shape)} "
@@ -413,12 +425,13 @@ class FusedLlamaStep:
         if self._work is None or self._work.numel() < need:
             self._work = torch.empty(max(need, 1), dtype=torch.float32)
         logits = torch.empty(B, self.vocab, dtype=torch.float32)
+        seen = states[0].seen.contiguous()
         status = lib.lt_llama_token_f32(
             ctypes.byref(self.struct),
             B,
             tokens.data_ptr(),
             positions.data_ptr(),
-            states[0].seen,
+            seen.data_ptr(),
             *[_ptr_array(a) for a in arrays],
             self._work.data_ptr(),
             self._work.numel(),
@@ -431,8 +444,9 @@ class FusedLlamaStep:
             )
         if status:
             raise MemoryError("fused Llama step: out of memory for its per-thread buffers")
+        advanced = seen + 1  # (one tensor for every layer, as it came: the next call checks nothing again)
         for s in states:
-            s.seen += 1
+            s.seen = advanced
         return logits
 
     def weight_bytes(self) -> int:

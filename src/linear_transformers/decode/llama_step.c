@@ -220,7 +220,7 @@ static inline float dot(const float *a, const float *b, int n) {
 }
 
 /* One (row, query head): the attention output y [D] for the roped q and k and the value v of the
- * token at index t (= seen), the layer's state of that row and head advanced. */
+ * token at index t (= the row's seen), the layer's state of that row and head advanced. */
 static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, const float *v, float *S, float *z,
                        float *ring_k, float *ring_v, float *sink_k, float *sink_v, float *y) {
     const int D = m->head_dim, F = m->n_features, W = m->window, ns = m->sinks;
@@ -317,7 +317,7 @@ static void silu_mul(float *gate, const float *up, int n) {
     for (; j < n; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
 }
 
-static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, const int64_t *positions, long seen,
+static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, const int64_t *seen,
                          float *const *S, float *const *z, float *const *ring_k, float *const *ring_v,
                          float *const *sink_k, float *const *sink_v, float *logits) {
     const int d = m->d, H = m->n_heads, Hkv = m->n_kv_heads, D = m->head_dim, dff = m->dff, B = s->B;
@@ -341,7 +341,7 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
             rope(D, s->cs + (long)b * D, t->q);
             rope(D, s->cs + (long)b * D, t->k);
             const long bh = (long)b * H + hd;
-            attend_one(m, l, hd, seen, t, s->v + (long)b * nk + (long)g * D, S ? S[l] + bh * F * D : NULL,
+            attend_one(m, l, hd, (long)seen[b], t, s->v + (long)b * nk + (long)g * D, S ? S[l] + bh * F * D : NULL,
                        z ? z[l] + bh * F : NULL, ring_k ? ring_k[l] + bh * W * D : NULL,
                        ring_v ? ring_v[l] + bh * W * D : NULL, sink_k ? sink_k[l] + bh * ns * D : NULL,
                        sink_v ? sink_v[l] + bh * ns * D : NULL, att + (long)b * nq + (long)hd * D);
@@ -369,15 +369,15 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
     gemv_kind(kind, B, d, m->vocab, lo, hi, m->head, NULL, h, logits, NULL);
 }
 
-int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const int64_t *positions, long seen,
+int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const int64_t *positions, const int64_t *seen,
                        float *const *S, float *const *z, float *const *ring_k, float *const *ring_v,
                        float *const *sink_k, float *const *sink_v, float *work, long work_size, float *logits) {
-    if (check_llama(m) || B < 1 || !tokens || !positions || seen < 0 || !work || !logits) return 2;
+    if (check_llama(m) || B < 1 || !tokens || !positions || !seen || !work || !logits) return 2;
     if (work_size < lt_llama_work_size(m, B)) return 2;
     if (m->wkind == LT_BF16_DOT && (!LT_HAS_BF16_DOT || m->d % 32 || m->dff % 32 || (m->n_heads * m->head_dim) % 32))
         return 2;
     for (int b = 0; b < B; b++)
-        if (tokens[b] < 0 || tokens[b] >= m->vocab || positions[b] < 0) return 2;
+        if (tokens[b] < 0 || tokens[b] >= m->vocab || positions[b] < 0 || seen[b] < 0) return 2;
     const int linear = m->mode != LT_WINDOW, windowed = m->mode != LT_LINEAR;
     if ((linear && (!S || !z)) || (windowed && (!ring_k || !ring_v || !sink_k || !sink_v))) return 2;
     for (int l = 0; l < m->n_layers; l++) {
@@ -397,7 +397,7 @@ int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const in
         failed += t.h == NULL;
 #pragma omp barrier
         if (!failed)
-            llama_blocks(m, &s, &t, positions, seen, linear ? S : NULL, linear ? z : NULL, windowed ? ring_k : NULL,
+            llama_blocks(m, &s, &t, seen, linear ? S : NULL, linear ? z : NULL, windowed ? ring_k : NULL,
                          windowed ? ring_v : NULL, windowed ? sink_k : NULL, windowed ? sink_v : NULL, logits);
         free(t.h);
     }

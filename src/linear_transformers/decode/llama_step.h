@@ -40,13 +40,14 @@ int lt_llama_layout(long *out, int n);
 /* The float32 scratch one call needs for B rows (work_size below must be at least this). */
 long lt_llama_work_size(const lt_llama *m, int B);
 
-/* One token for B rows: tokens [B] in [0, vocab), positions [B] >= 0 (RoPE's), `seen` the tokens
- * each layer's state holds so far (the same for every row). Per layer l, updated in place:
+/* One token for B rows: tokens [B] in [0, vocab), positions [B] >= 0 (RoPE's), seen [B] >= 0 the
+ * tokens each row's state holds so far (the same in every layer; rows of a left-padded batch
+ * differ). Per layer l, updated in place:
  * S[l] [B, H, F, D] and z[l] [B, H, F] (linear and hybrid; float32), ring_k[l], ring_v[l]
  * [B, H, window, D] (slot position % window) and sink_k[l], sink_v[l] [B, H, sinks, D] (hybrid and
  * window) - linearize.HybridState's tensors. logits [B, vocab]. Returns 0, 1 (out of memory) or 2 (a
- * size, token, position or pointer out of range: nothing is touched). */
-int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const int64_t *positions, long seen,
+ * size, token, position, count or pointer out of range: nothing is touched). */
+int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const int64_t *positions, const int64_t *seen,
                        float *const *S, float *const *z, float *const *ring_k, float *const *ring_v,
                        float *const *sink_k, float *const *sink_v, float *work, long work_size, float *logits);
 

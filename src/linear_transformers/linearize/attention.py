@@ -61,9 +61,12 @@ def hybrid_attention(
     window: int,
     sinks: int,
     eps: float,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The hybrid (fq, fk given) or window-only (None) attention of q, k [B, T, H, D], v [B, T, H, Dv]
-    and the feature maps fq, fk [B, T, H, F], banded + chunked (chunks of `window`). Returns [B, T, H, Dv]."""
+    and the feature maps fq, fk [B, T, H, F], banded + chunked (chunks of `window`). Returns [B, T, H, Dv].
+    start [B]: left padding, row b's tokens begin at start[b]: no query sees a key before it, the
+    sinks are the row's own first tokens, and a padding position's output is 0."""
     B, T, H, D = q.shape
     W, n = window, -(-T // window)
     pad = n * W - T
@@ -81,24 +84,33 @@ def hybrid_attention(
     a = torch.arange(W, device=q.device)
     pos_q = torch.arange(n, device=q.device)[:, None] * W + a  # [n, W] position of each query
     pos_p = pos_q - W  # of each key of the previous chunk
-    # window band: the own chunk up to the query; the previous chunk after the query's offset
-    own_mask = a[None, :] <= a[:, None]  # [W(query), W(key)]
-    prev_mask = (a[None, :] > a[:, None])[None] & (pos_p[:, None, :] >= 0)  # [n, W, W]
-    # sink keys (positions < sinks) outside the band are seen directly
+    first = torch.zeros(B, dtype=torch.long, device=q.device) if start is None else start.to(q.device).long()
+    first_ = first[:, None, None, None]  # [B, 1(n), 1(query), 1(key)]
+    # window band: the own chunk up to the query; the previous chunk after the query's offset; no
+    # key before the row's first token
+    own_mask = (a[None, :] <= a[:, None]) & (pos_q[:, None, :] >= first_)  # [B, n, W(query), W(key)]
+    prev_mask = (a[None, :] > a[:, None])[None] & (pos_p[:, None, :] >= first_)  # [B, n, W, W]
+    # sink keys (the row's first `sinks` tokens) outside the band are seen directly
     n_sinks = min(sinks, T)  # (a sequence shorter than the sinks has only its own tokens)
-    sink_pos = torch.arange(n_sinks, device=q.device)
-    sink_mask = sink_pos[None, None] <= pos_q[..., None] - W  # [n, W, sinks]: not in the band already
+    sink_pos = first[:, None] + torch.arange(n_sinks, device=q.device)  # [B, sinks]
+    sink_mask = (sink_pos[:, None, None] <= pos_q[None, ..., None] - W) & (sink_pos < T)[:, None, None]
+    sink_mask = sink_mask[:, None]  # [B, 1(H), n, W, sinks]: not in the band already
+    own_mask, prev_mask = own_mask[:, None], prev_mask[:, None]  # [B, 1(H), n, W, W]
     s_own = torch.einsum("bhnid,bhnjd->bhnij", qc, kc) * scale
     s_prev = torch.einsum("bhnid,bhnjd->bhnij", qc, kp) * scale
     s_own = s_own.masked_fill(~own_mask, -math.inf)
     s_prev = s_prev.masked_fill(~prev_mask, -math.inf)
     parts = [s_own, s_prev]
     if n_sinks:
-        ks, vs = k[:, :n_sinks].transpose(1, 2), v[:, :n_sinks].transpose(1, 2)  # [B, H, sinks, X]
+        at = sink_pos.clamp(max=T - 1)[:, :, None, None]  # (a sink past the row's end is masked)
+        ks = k.gather(1, at.expand(-1, -1, H, D)).transpose(1, 2)  # [B, H, sinks, D]
+        vs = v.gather(1, at.expand(-1, -1, H, v.shape[-1])).transpose(1, 2)
         s_sink = torch.einsum("bhnid,bhsd->bhnis", qc, ks) * scale
         parts.append(s_sink.masked_fill(~sink_mask, -math.inf))
     # (the linear part is not scaled by exp(-m): m is part of the function, and gradients flow through it)
-    m = torch.cat(parts, dim=-1).amax(dim=-1, keepdim=True)  # the own chunk always holds the query itself
+    m = torch.cat(parts, dim=-1).amax(dim=-1, keepdim=True)  # the own chunk holds the query itself ...
+    if start is not None:
+        m = m.clamp_min(torch.finfo(m.dtype).min)  # ... unless it is padding: it sees nothing, outputs 0
     a_own, a_prev = torch.exp(s_own - m), torch.exp(s_prev - m)
     num = torch.einsum("bhnij,bhnjd->bhnid", a_own, vc) + torch.einsum("bhnij,bhnjd->bhnid", a_prev, vp)
     den = a_own.sum(-1, keepdim=True) + a_prev.sum(-1, keepdim=True)
@@ -109,11 +121,14 @@ def hybrid_attention(
     if fq is not None:
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         fqc, fkc = chunks(fq).to(acc), chunks(fk).to(acc)
-        keep = (pos_q >= sinks).to(acc)[None, None, ..., None]  # sink keys stay out of the linear part
+        # sink keys and padding stay out of the linear part
+        keep = (pos_q[None] - first[:, None, None] >= sinks).to(acc)[:, None, ..., None]  # [B, 1, n, W, 1]
         fkc = fkc * keep
         fkp, vp_acc = previous(fkc), vp.to(acc)
         # linear part: the previous chunk's keys at or before the query's offset ...
-        lin_prev = torch.einsum("bhnif,bhnjf->bhnij", fqc, fkp).masked_fill(prev_mask | (pos_p < 0)[:, None], 0.0)
+        lin_prev = torch.einsum("bhnif,bhnjf->bhnij", fqc, fkp).masked_fill(
+            (a[None, :] > a[:, None]) | (pos_p < 0)[:, None], 0.0
+        )
         # ... and every chunk before that, through the per-chunk state summed over chunks
         kv = torch.einsum("bhnjf,bhnjd->bhnfd", fkc, vc.to(acc))
         zc = fkc.sum(3)  # [B, H, n, F]
@@ -133,7 +148,8 @@ def hybrid_attention(
 class HybridState:
     """One layer's recurrent state: the linear part's S [B, H, F, Dv] and z [B, H, F] (float32, or
     float64 for float64 inputs), the last `window` keys and values [B, H, window, D] (a ring, slot
-    position % window), the sink tokens' [B, H, sinks, D], and the tokens seen."""
+    position % window), the sink tokens' [B, H, sinks, D], and `seen` [B] (int64): the tokens each
+    row holds (its own: left padding is not seen, so a padded row's state is the one it has alone)."""
 
     S: torch.Tensor | None
     z: torch.Tensor | None
@@ -141,8 +157,13 @@ class HybridState:
     ring_v: torch.Tensor | None = None
     sink_k: torch.Tensor | None = None
     sink_v: torch.Tensor | None = None
-    seen: int = 0
+    seen: torch.Tensor | None = None  # (None: a new state, 0 for every row)
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.seen is None:
+            rows = next(t for t in (self.S, self.ring_k) if t is not None).shape[0]
+            self.seen = torch.zeros(rows, dtype=torch.int64)
 
     def index_select(self, index: torch.Tensor) -> HybridState:
         pick = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
@@ -153,7 +174,7 @@ class HybridState:
             pick(self.ring_v),
             pick(self.sink_k),
             pick(self.sink_v),
-            self.seen,
+            self.seen.index_select(0, index.to(self.seen.device)),
         )
 
     def nbytes(self) -> int:
@@ -178,8 +199,8 @@ def step_attention(
 ) -> torch.Tensor:
     """One token: q, k [B, H, D], v [B, H, Dv] (after RoPE, k/v repeated over the query heads);
     fq [B, H, F] the query's features; fk_of(k) the key map (applied to the key that leaves the
-    window, or to the new key in linear mode). Updates `state` in place; returns [B, H, Dv]."""
-    t = state.seen
+    window, or to the new key in linear mode). Updates `state` in place; returns [B, H, Dv]. Each
+    row's token is its state.seen[b]-th (rows of a left-padded batch differ)."""
     acc = state.S.dtype if state.S is not None else torch.float32
     if mode == "linear":
         fk = fk_of(k).to(acc)
@@ -188,32 +209,37 @@ def step_attention(
         fqa = fq.to(acc)
         num = torch.einsum("bhf,bhfd->bhd", fqa, state.S)
         den = torch.einsum("bhf,bhf->bh", fqa, state.z)[..., None]
-        state.seen += 1
+        state.seen = state.seen + 1
         return (num / (den + eps)).to(v.dtype)
     B, H, D = k.shape
+    t = state.seen.to(k.device)  # [B]
+    rows = torch.arange(B, device=k.device)
     if state.ring_k is None:
         state.ring_k = k.new_zeros(B, H, window, D)
         state.ring_v = v.new_zeros(B, H, window, v.shape[-1])
         state.sink_k = k.new_zeros(B, H, sinks, D)
         state.sink_v = v.new_zeros(B, H, sinks, v.shape[-1])
     slot = t % window
-    if mode == "hybrid" and t >= window and t - window >= sinks:  # the key leaving the window joins the state
-        old_k, old_v = state.ring_k[:, :, slot], state.ring_v[:, :, slot]
-        fk = fk_of(old_k).to(acc)
+    leaving = (t >= window) & (t - window >= sinks)  # rows whose key leaving the window joins the state
+    if mode == "hybrid" and bool(leaving.any()):
+        old_k, old_v = state.ring_k[rows, :, slot], state.ring_v[rows, :, slot]  # [B, H, D]
+        fk = fk_of(old_k).to(acc) * leaving.to(acc)[:, None, None]
         state.S = state.S + fk[..., :, None] * old_v.to(acc)[..., None, :]
         state.z = state.z + fk
     state.ring_k = state.ring_k.clone()
     state.ring_v = state.ring_v.clone()
-    state.ring_k[:, :, slot], state.ring_v[:, :, slot] = k, v
-    if t < sinks:
+    state.ring_k[rows, :, slot], state.ring_v[rows, :, slot] = k, v
+    sinking = t < sinks
+    if bool(sinking.any()):
         state.sink_k = state.sink_k.clone()
         state.sink_v = state.sink_v.clone()
-        state.sink_k[:, :, t], state.sink_v[:, :, t] = k, v
+        state.sink_k[rows[sinking], :, t[sinking]] = k[sinking]
+        state.sink_v[rows[sinking], :, t[sinking]] = v[sinking]
     # positions held by the ring: slot s holds the latest p <= t with p % window == s
     s_idx = torch.arange(window, device=k.device)
-    ring_pos = t - ((t - s_idx) % window)
-    ring_ok = (ring_pos >= 0) & (ring_pos >= sinks)  # sink positions are counted once, from the sinks
-    sink_ok = torch.arange(sinks, device=k.device) <= t
+    ring_pos = t[:, None] - ((t[:, None] - s_idx) % window)  # [B, window]
+    ring_ok = ((ring_pos >= 0) & (ring_pos >= sinks))[:, None]  # sink positions are counted once, from the sinks
+    sink_ok = (torch.arange(sinks, device=k.device) <= t[:, None])[:, None]
     scale = 1.0 / math.sqrt(D)
     s_ring = torch.einsum("bhd,bhwd->bhw", q, state.ring_k) * scale
     s_sink = torch.einsum("bhd,bhsd->bhs", q, state.sink_k) * scale
@@ -227,5 +253,5 @@ def step_attention(
         fqa = fq.to(acc)
         num = num.to(acc) + torch.einsum("bhf,bhfd->bhd", fqa, state.S)
         den = den.to(acc) + torch.einsum("bhf,bhf->bh", fqa, state.z)[..., None]
-    state.seen += 1
+    state.seen = state.seen + 1
     return (num / (den + eps)).to(v.dtype)

@@ -91,15 +91,19 @@ class LinearizedAttention(nn.Module):
             k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
         return q, k, v
 
-    def attend(self, q, k, v) -> torch.Tensor:
-        """The parallel form over q, k, v [B, T, H, D] -> [B, T, H, D]."""
+    def attend(self, q, k, v, start: torch.Tensor | None = None) -> torch.Tensor:
+        """The parallel form over q, k, v [B, T, H, D] -> [B, T, H, D]; start [B]: where each row's
+        tokens begin (left padding before it: no key there is seen, its outputs are 0)."""
         cfg = self.cfg
         if cfg.mode == "linear":
-            return linear_attention(self.feature_map_q(q), self.feature_map_k(k), v, cfg.eps, cfg.backend)
+            fk = self.feature_map_k(k)
+            if start is not None:
+                fk = fk * (torch.arange(k.shape[1], device=k.device) >= start[:, None].to(k.device))[..., None, None]
+            return linear_attention(self.feature_map_q(q), fk, v, cfg.eps, cfg.backend)
         fq = fk = None
         if cfg.mode == "hybrid":
             fq, fk = self.feature_map_q(q), self.feature_map_k(k)
-        return hybrid_attention(q, k, v, fq, fk, cfg.window, cfg.sinks, cfg.eps)
+        return hybrid_attention(q, k, v, fq, fk, cfg.window, cfg.sinks, cfg.eps, start)
 
     def new_state(self, q: torch.Tensor) -> HybridState:
         B = q.shape[0]
@@ -108,31 +112,44 @@ class LinearizedAttention(nn.Module):
         S = q.new_zeros(B, self.n_heads, F, self.head_dim, dtype=acc)
         return HybridState(S, q.new_zeros(B, self.n_heads, F, dtype=acc))
 
-    def prefill_state(self, q, k, v) -> HybridState:
+    def prefill_state(self, q, k, v, start: torch.Tensor | None = None) -> HybridState:
         """The recurrent state after the tokens q, k, v [B, T, H, D] (what T steps from an empty
         state leave), computed in one pass: the keys that left the window (and are no sinks) summed
-        into S and z, the last `window` keys and values in their ring slots, the sinks'."""
+        into S and z, the last `window` keys and values in their ring slots, the sinks'. start [B]:
+        left padding; row b's state is that of its tokens from start[b] on, alone."""
         cfg, (B, T, H, D) = self.cfg, k.shape
+        start = torch.zeros(B, dtype=torch.int64) if start is None else start.to("cpu", torch.int64)
         state = self.new_state(q)
         acc = state.S.dtype
+        index = torch.arange(T, device=k.device)
+        own = index[None] - start[:, None].to(k.device)  # [B, T]: each token's position in its row
+        n_own = T - start  # [B]
         first = cfg.sinks if cfg.mode == "hybrid" else 0
-        last = T - cfg.window if cfg.mode == "hybrid" else T  # keys before this position are in the state
-        if cfg.mode != "window" and last > first:
-            fk = self.feature_map_k(k[:, first:last]).to(acc)
+        # keys before `last` of their row (and not sinks, nor padding) are in S and z
+        last = (n_own - cfg.window if cfg.mode == "hybrid" else n_own).to(k.device)
+        into_state = (own >= first) & (own < last[:, None])
+        if cfg.mode != "window" and bool(into_state.any()):
+            lo = int(into_state.float().argmax(1)[into_state.any(1)].min())  # (skip what no row takes)
+            fk = self.feature_map_k(k[:, lo:]).to(acc) * into_state[:, lo:, None, None].to(acc)
             # (contiguous: the fused C step updates these tensors in place, row-major)
-            state.S = torch.einsum("bthf,bthd->bhfd", fk, v[:, first:last].to(acc)).contiguous()
+            state.S = torch.einsum("bthf,bthd->bhfd", fk, v[:, lo:].to(acc)).contiguous()
             state.z = fk.sum(1).contiguous()
-        state.seen = T
+        state.seen = n_own.clone()
         if cfg.mode == "linear":
             return state
-        W = cfg.window
+        W, ns = cfg.window, cfg.sinks
         state.ring_k, state.ring_v = k.new_zeros(B, H, W, D), v.new_zeros(B, H, W, v.shape[-1])
-        positions = torch.arange(max(0, T - W), T, device=k.device)
-        state.ring_k[:, :, positions % W] = k[:, positions].transpose(1, 2)
-        state.ring_v[:, :, positions % W] = v[:, positions].transpose(1, 2)
-        n = min(cfg.sinks, T)
-        state.sink_k, state.sink_v = k.new_zeros(B, H, cfg.sinks, D), v.new_zeros(B, H, cfg.sinks, v.shape[-1])
-        state.sink_k[:, :, :n], state.sink_v[:, :, :n] = k[:, :n].transpose(1, 2), v[:, :n].transpose(1, 2)
+        state.sink_k, state.sink_v = k.new_zeros(B, H, ns, D), v.new_zeros(B, H, ns, v.shape[-1])
+        for b in range(B):  # (once per prompt: rows hold different numbers of tokens)
+            s, n = int(start[b]), int(n_own[b])
+            positions = torch.arange(max(0, n - W), n, device=k.device)  # the row's own, in its ring
+            state.ring_k[b, :, positions % W] = k[b, s + positions].transpose(0, 1)
+            state.ring_v[b, :, positions % W] = v[b, s + positions].transpose(0, 1)
+            m = min(ns, n)
+            state.sink_k[b, :, :m], state.sink_v[b, :, :m] = (
+                k[b, s : s + m].transpose(0, 1),
+                v[b, s : s + m].transpose(0, 1),
+            )
         return state
 
     def step(self, q, k, v, state: HybridState) -> torch.Tensor:
@@ -142,15 +159,25 @@ class LinearizedAttention(nn.Module):
         return _step(q, k, v, fq, self.feature_map_k, state, cfg.mode, cfg.window, cfg.sinks, cfg.eps)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        """`padding_start` [B] (a keyword LinearLlamaForCausalLM passes from its 2-D attention_mask):
+        where each row's tokens begin after left padding. Without it, a mask that hides keys (padding,
+        packed documents) is refused: this layer reads no mask of its own."""
         B, T, _ = hidden_states.shape
+        start = kwargs.get("padding_start")  # (None with the key present: the model read its mask)
+        if "padding_start" not in kwargs and hides_keys(attention_mask):
+            raise ValueError(
+                f"LinearizedAttention (layer {self.layer_idx}): the attention mask hides keys (padding or packed "
+                "documents), which this layer cannot read from a 4-D mask; load the model as linear_llama "
+                "(linearize.from_linearized) for left padding, or give rows without padding"
+            )
         q, k, v = self.project(hidden_states, position_embeddings)
         if not isinstance(cache, LinearizedCache):
             cache = None  # (a key/value cache transformers made: a linear layer has no use for it)
         state = cache.state(self.layer_idx) if cache is not None else None
         if state is None and (cache is None or T > 1):
-            y = self.attend(q, k, v)
+            y = self.attend(q, k, v, start)
             if cache is not None:  # prefill: the state after these tokens, from the same k, v
-                cache.set_state(self.layer_idx, self.prefill_state(q, k, v))
+                cache.set_state(self.layer_idx, self.prefill_state(q, k, v, start))
         else:
             if state is None:
                 state = self.new_state(q)
@@ -159,6 +186,15 @@ class LinearizedAttention(nn.Module):
         if cache is not None and self.layer_idx == 0:  # (read before any layer runs: the next call sees it)
             cache.seen += T
         return self.o_proj(y.reshape(B, T, -1)), None
+
+
+def hides_keys(mask) -> bool:
+    """Whether transformers' processed attention mask (4-D bool, or additive float) hides any key
+    from the last query, which sees every key of a plain causal sequence: padding or packing."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return False
+    last = mask[..., -1, :]
+    return bool(~last.all()) if last.dtype == torch.bool else bool((last < 0).any())
 
 
 def attention_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

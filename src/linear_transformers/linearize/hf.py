@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -55,9 +56,14 @@ class LinearLlamaForCausalLM(LlamaForCausalLM):
     ):
         """LlamaForCausalLM's forward; one new token per row after a prefill (generate()'s steps) runs
         through the fused C step where it applies (step.fused_logits; self.decode_config chooses it
-        and its weight format), the same logits."""
+        and its weight format), the same logits. attention_mask [B, past + T]: 0 at left padding
+        (each padded row computes what it computes alone; positions follow the mask when
+        position_ids are not given); right padding only where no recurrent state is kept."""
         if cache is None:  # (transformers' deprecated name for it, still accepted)
             cache = kwargs.pop("past_key_values", None)
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            kwargs["padding_start"], position_ids = padding_of(attention_mask, T, cache, position_ids)
         logits = fused_logits(self, input_ids, position_ids, cache, inputs_embeds, labels, kwargs)
         if logits is not None:
             return CausalLMOutputWithPast(logits=logits, cache=cache)
@@ -78,6 +84,40 @@ class LinearLlamaForCausalLM(LlamaForCausalLM):
         given = model_kwargs.get("cache") is not None or model_kwargs.get("past_key_values") is not None
         if not given and generation_config.use_cache is not False:
             model_kwargs["cache"] = LinearizedCache()
+
+
+def padding_of(attention_mask: torch.Tensor, T: int, cache, position_ids):
+    """(start [B]: where each row's tokens begin, position_ids) of a 2-D attention_mask with zeros;
+    a one-line ValueError for padding the recurrent state cannot hold."""
+    if attention_mask.dim() != 2 or attention_mask.shape[1] < T:
+        raise ValueError(
+            f"linear_llama: attention_mask must be [B, past + T] (T = {T}), got {list(attention_mask.shape)}"
+        )
+    keep = attention_mask.bool()
+    if position_ids is None:  # (a padded row's tokens count from its first, as generate() numbers them)
+        position_ids = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+    new = keep[:, -T:]
+    stepping = isinstance(cache, LinearizedCache) and len(cache.states) > 0
+    if stepping:
+        if not bool(new.all()):
+            raise ValueError(
+                "linear_llama: padding after the prompt (zeros in attention_mask's new tokens); pad prompts on the left"
+            )
+        return None, position_ids
+    index = torch.arange(T, device=new.device)
+    count = new.sum(1)
+    start = torch.where(count > 0, new.long().argmax(1), T)  # each row's first token (T: none)
+    runs = (index >= start[:, None]) & (index < (start + count)[:, None])
+    if not bool((runs == new).all()):
+        row = int((runs != new).any(1).nonzero()[0])
+        raise ValueError(f"linear_llama: attention_mask row {row} has padding inside it; pad on the left")
+    if isinstance(cache, LinearizedCache) and bool((start + count < T).any()):
+        row = int((start + count < T).nonzero()[0])
+        raise ValueError(
+            f"linear_llama: attention_mask row {row} is padded on the right, which the recurrent state would "
+            "take in; pad prompts on the left"
+        )
+    return start.to(torch.int64), position_ids  # (right padding without a state: causal, never seen)
 
 
 def from_linearized(model: LlamaForCausalLM) -> LinearLlamaForCausalLM:

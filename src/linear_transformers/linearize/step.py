@@ -173,7 +173,7 @@ def fused_logits(model, input_ids, position_ids, cache, inputs_embeds, labels, k
     if position_ids is not None:
         positions = position_ids[:, -1].expand(B) if position_ids.shape[0] == 1 else position_ids[:, -1]
     else:
-        positions = torch.full((B,), cache.seen, dtype=torch.int64)
+        positions = states[0].seen.clone()  # (each row's own count: left padding is not counted)
     logits = step(input_ids[:, 0], positions, states)
     cache.seen += 1
     return logits[:, None]
