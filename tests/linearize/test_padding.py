@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("transformers")
 
 from linear_transformers.decode import DecodeConfig, llama
-from linear_transformers.linearize import LinearizeConfig, LinearizedCache, hybrid_attention, linearize
+from linear_transformers.linearize import LinearizeConfig, LinearizedCache, generate, hybrid_attention, linearize
 from linear_transformers.linearize.attention import step_attention
 
 from helpers import linear_llama, tiny_llama
@@ -161,3 +161,20 @@ def test_padding_the_state_cannot_hold_is_a_one_line_error():
         plain(ids, attention_mask=torch.ones(2, 6, dtype=torch.long))  # no padding: fine
         with pytest.raises(ValueError, match="the attention mask hides keys"):
             plain(ids, attention_mask=torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_our_own_loop_on_a_left_padded_batch_gives_each_row_its_own_tokens(fused):
+    if fused and not llama.available():
+        pytest.skip(f"the fused Llama step is not built here: {llama.unavailable_reason()}")
+    model = linear_llama("hybrid", "hedgehog", window=4, sinks=2)
+    config = DecodeConfig(fused=fused)
+    g = torch.Generator().manual_seed(8)
+    rows = [torch.randint(1, 97, (n,), generator=g) for n in (3, 9, 6)]
+    ids, mask = left_padded(rows)
+    out = generate(model, ids, 12, temperature=0.0, config=config, attention_mask=mask)
+    for b, r in enumerate(rows):
+        alone = generate(model, r[None], 12, temperature=0.0, config=config)
+        assert torch.equal(out[b, ids.shape[1] :], alone[0, len(r) :]), b
+    with pytest.raises(ValueError, match="attention_mask must be input_ids' shape"):
+        generate(model, ids, 2, attention_mask=mask[:, 1:])

@@ -27,8 +27,9 @@ from .step import fused_step
 class RecurrentGenerator:
     """The prompt's state, then one token per call of `next_tokens()` for every row.
 
-    input_ids [B, T]: rows of the same length (no padding; T >= 1). After each call the state holds
-    every token returned so far, and `logits` [B, vocab] (float32) are those of the next one."""
+    input_ids [B, T] (T >= 1); attention_mask [B, T]: 0 at left padding, for prompts of different
+    lengths (each row then generates what it generates alone). After each call the state holds every
+    token returned so far, and `logits` [B, vocab] (float32) are those of the next one."""
 
     def __init__(
         self,
@@ -40,6 +41,7 @@ class RecurrentGenerator:
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         config: DecodeConfig | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> None:
         if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
             raise ValueError(f"generate: input_ids must be [B, T] with B, T >= 1, got {list(input_ids.shape)}")
@@ -50,9 +52,16 @@ class RecurrentGenerator:
                 f"in [{input_ids.min().item()}, {input_ids.max().item()}]"
             )
         llama.check_sampling_args(temperature, top_k, top_p)
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"generate: attention_mask must be input_ids' shape {list(input_ids.shape)}, "
+                f"got {list(attention_mask.shape)}"
+            )
         cache = LinearizedCache()
+        device = next(model.parameters()).device
+        mask = None if attention_mask is None else attention_mask.to(device)
         with torch.no_grad():
-            out = model(input_ids=input_ids.to(next(model.parameters()).device), cache=cache, use_cache=True)
+            out = model(input_ids=input_ids.to(device), attention_mask=mask, cache=cache, use_cache=True)
         self._start(model, cache, out.logits[:, -1], temperature, top_k, top_p, generator, config)
 
     @classmethod
@@ -100,13 +109,17 @@ class RecurrentGenerator:
     def feed(self, tokens: torch.Tensor) -> None:
         """Add tokens [B] to the state; `logits` become those of the token after them."""
         if self.step is not None:
-            positions = torch.full((tokens.shape[0],), self.cache.seen, dtype=torch.int64)
+            positions = self.states[0].seen.clone()  # (each row's own count: padding is not counted)
             self.logits = self.step(tokens, positions, self.states)
             self.cache.seen += 1
             return
         before, self.model.decode_config = getattr(self.model, "decode_config", None), self.config
         try:
-            out = self.model(input_ids=tokens[:, None].to(self.logits.device), cache=self.cache, use_cache=True)
+            device = self.logits.device
+            positions = self.states[0].seen[:, None].to(device)
+            out = self.model(
+                input_ids=tokens[:, None].to(device), position_ids=positions, cache=self.cache, use_cache=True
+            )
         finally:
             self.model.decode_config = before
         self.logits = out.logits[:, -1].float()
@@ -130,15 +143,23 @@ def generate(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     config: DecodeConfig | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """input_ids [B, T] followed by up to max_new_tokens generated tokens per row, [B, T + n] (CPU,
     int64). A row that produces eos_token_id keeps producing it; generation stops early once every
     row has. temperature 0: the most likely token each time (transformers' greedy search gives the
-    same tokens)."""
+    same tokens). attention_mask [B, T]: 0 at left padding (prompts of different lengths)."""
     if max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
     gen = RecurrentGenerator(
-        model, input_ids, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, config=config
+        model,
+        input_ids,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+        config=config,
+        attention_mask=attention_mask,
     )
     out = [input_ids.cpu()]
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
