@@ -7,6 +7,8 @@ padding entered the linear state and the window.)"""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -178,3 +180,117 @@ def test_our_own_loop_on_a_left_padded_batch_gives_each_row_its_own_tokens(fused
         assert torch.equal(out[b, ids.shape[1] :], alone[0, len(r) :]), b
     with pytest.raises(ValueError, match="attention_mask must be input_ids' shape"):
         generate(model, ids, 2, attention_mask=mask[:, 1:])
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "linear", "window"])
+def test_packed_documents_are_each_computed_alone(mode):
+    """Documents packed in rows, position_ids restarting at each (transformers' convention, which
+    also gives the teacher its block-diagonal mask): every document's logits and gradients are
+    those it has alone."""
+    model = linear_llama(mode, "hedgehog", window=4, sinks=2)
+    g = torch.Generator().manual_seed(9)
+    lengths = [[5, 1, 11, 7], [24]]  # (row 0: four documents, one of a single token)
+    ids = torch.randint(1, 97, (2, 24), generator=g)
+    pos = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in lengths])
+    out = model(ids, position_ids=pos).logits
+    out.square().sum().backward()
+    packed_grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    at, total = 0, 0.0
+    for b, row in enumerate(lengths):
+        at = 0
+        for n in row:
+            alone = model(ids[b : b + 1, at : at + n]).logits
+            torch.testing.assert_close(out[b, at : at + n], alone[0], rtol=1e-4, atol=1e-5)
+            total = total + alone.square().sum()
+            at += n
+    total.backward()
+    torch.testing.assert_close(packed_grad, model.model.layers[0].self_attn.q_proj.weight.grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), pytest.raises(ValueError, match="packed documents .* cannot fill one recurrent state"):
+        model(ids, position_ids=pos, cache=LinearizedCache())
+
+
+def test_the_teacher_reads_packed_documents_the_same_way():
+    """(What packing relies on for attention transfer: transformers gives the softmax teacher a
+    block-diagonal mask for the same position_ids, when no key/value cache is made.)"""
+    teacher = tiny_llama()
+    ids = torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(10))
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    with torch.no_grad():
+        out = teacher(ids, position_ids=pos, use_cache=False).logits
+        torch.testing.assert_close(out[0, 5:], teacher(ids[:, 5:]).logits[0], rtol=1e-4, atol=1e-5)
+
+
+def test_packed_windows_restart_positions_and_predict_nothing_across_a_boundary():
+    from linear_transformers.linearize.transfer import packed
+
+    w = torch.tensor([[5, 6, 2, 7, 2, 2, 8, 9]])
+    pos, labels = packed(w, eos=2)
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+    assert labels.tolist() == [[-100, 6, 2, -100, 2, -100, -100, 9]]
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_packed_perplexity_is_each_documents_own(which):
+    """perplexity(..., eos): every document of a window scored alone (its first token unscored), for
+    the softmax teacher (transformers' packed mask) and a linearised student (documents_of)."""
+    from linear_transformers.linearize.transfer import perplexity
+
+    model = tiny_llama() if which == "teacher" else linear_llama("hybrid", "hedgehog", d=48, heads=6)
+    g = torch.Generator().manual_seed(11)
+    docs = [torch.cat([torch.randint(3, 97, (n,), generator=g), torch.tensor([2])]) for n in (6, 0, 9, 4)]
+    window = torch.cat(docs)[None]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for d in docs:
+            if len(d) > 1:
+                logits = model(d[None]).logits[0, :-1]
+                total += torch.nn.functional.cross_entropy(logits, d[1:], reduction="sum").item()
+                count += len(d) - 1
+    assert perplexity(model, window, eos=2) == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert perplexity(model, window) != pytest.approx(math.exp(total / count), rel=1e-3)  # (unpacked differs)
+
+
+def test_attention_transfer_and_lora_train_packed_and_resume_only_as_packed(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    import json
+    import types
+
+    from linear_transformers import commands
+    from linear_transformers.linearize import transfer
+
+    g = torch.Generator().manual_seed(12)
+    data = {k: torch.randint(3, 97, (6, 24), generator=g) for k in ("train", "held_out", "second_domain")}
+    for w in data.values():
+        w[:, 7], w[:, 15] = 2, 2  # (three documents per window)
+    (tmp_path / "run").mkdir()
+    torch.save(data, tmp_path / "run" / "data.pt")
+    monkeypatch.setattr(transfer, "load_teacher", lambda: (types.SimpleNamespace(eos_token_id=2), tiny_llama()))
+    seen_documents = []  # (the hooks' students attend within each document)
+
+    def spy(position_ids, B, T, real=transfer.documents_of):
+        seen_documents.append(real(position_ids, B, T))
+        return seen_documents[-1]
+
+    monkeypatch.setattr(transfer, "documents_of", spy)
+    argv = ["linearize", "--out", str(tmp_path / "run"), "--window", "4", "--sinks", "2", "--seq-len", "24"]
+    argv += ["--eval-windows", "2", "--curve-windows", "1", "--eval-every", "2", "--threads", "1", "--no-save-model"]
+    assert commands.dispatch("linear-transformers", [*argv, "--pack", "--steps", "2"]) == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["settings"]["pack"] and result["steps"] == 2 and result["hybrid_ppl"] > 1
+    assert seen_documents and all(d.tolist() == [0, 8, 16, 24] for d in seen_documents)
+    with pytest.raises(ValueError, match="other settings: --pack False"):
+        commands.dispatch("linear-transformers", [*argv, "--steps", "3"])
+    assert commands.dispatch("linear-transformers", [*argv, "--pack", "--steps", "3"]) == 0  # resumes
+
+    from linear_transformers.linearize import save_linearized
+
+    save_linearized(linear_llama("hybrid", "hedgehog", d=48, heads=6), tmp_path / "run" / "model")
+    ft = ["finetune", "--student", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "lora"), "--pack"]
+    assert commands.dispatch("linear-transformers", [*ft, "--steps", "2", "--eval-windows", "2", "--threads", "1"]) == 0
+    result = json.loads((tmp_path / "lora" / "result.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "model")
+    assert result["settings"]["pack"]
+    assert result["hybrid_ppl"] == pytest.approx(transfer.perplexity(merged, data["held_out"][:2], eos=2), rel=1e-5)

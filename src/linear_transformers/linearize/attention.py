@@ -47,9 +47,29 @@ def make_feature_map(kind: str, heads: int, dim: int) -> nn.Module:
 # ---- the parallel forms ---------------------------------------------------------------------------
 
 
-def linear_attention(fq, fk, v, eps: float, backend: str = "auto") -> torch.Tensor:
-    """Pure causal linear attention of feature-mapped fq, fk [B, T, H, F] and v [B, T, H, Dv]."""
-    return ops.causal_linear_attention(fq, fk, v, eps=eps, backend=backend)
+def linear_attention(fq, fk, v, eps: float, backend: str = "auto", cu_seqlens=None) -> torch.Tensor:
+    """Pure causal linear attention of feature-mapped fq, fk [B, T, H, F] and v [B, T, H, Dv];
+    cu_seqlens [n + 1]: packed documents over the B T tokens taken row after row (each alone)."""
+    if cu_seqlens is None:
+        return ops.causal_linear_attention(fq, fk, v, eps=eps, backend=backend)
+    B, T = v.shape[:2]
+    flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (fq, fk, v)]
+    return ops.causal_linear_attention(*flat, eps=eps, backend=backend, cu_seqlens=cu_seqlens).view(v.shape)
+
+
+def documents_of(position_ids: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """cu_seqlens [n + 1] of the documents packed in rows [B, T], numbered row after row: a document
+    starts each row and wherever position_ids do not go up by one (transformers' rule for packed
+    sequences); None when every row is one sequence."""
+    if position_ids is None or T < 2:
+        return None
+    pos = position_ids.expand(B, T) if position_ids.shape[0] == 1 else position_ids
+    starts = torch.ones(B, T, dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    at = starts.reshape(-1).nonzero()[:, 0].cpu()
+    return torch.cat([at, torch.tensor([B * T])]).to(torch.int64)
 
 
 def hybrid_attention(

@@ -13,13 +13,22 @@ recurrent = parallel, and the fused C step = the PyTorch step).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .attention import FEATURE_MAPS, MODES, HybridState, hybrid_attention, linear_attention, make_feature_map
+from .attention import (
+    FEATURE_MAPS,
+    MODES,
+    HybridState,
+    documents_of,
+    hybrid_attention,
+    linear_attention,
+    make_feature_map,
+)
 from .attention import step_attention as _step
 
 
@@ -91,19 +100,32 @@ class LinearizedAttention(nn.Module):
             k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
         return q, k, v
 
-    def attend(self, q, k, v, start: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(self, q, k, v, start: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
         """The parallel form over q, k, v [B, T, H, D] -> [B, T, H, D]; start [B]: where each row's
-        tokens begin (left padding before it: no key there is seen, its outputs are 0)."""
+        tokens begin (left padding before it: no key there is seen, its outputs are 0); cu_seqlens
+        (documents_of): packed documents, each attending only to itself, sinks and all."""
         cfg = self.cfg
         if cfg.mode == "linear":
             fk = self.feature_map_k(k)
             if start is not None:
                 fk = fk * (torch.arange(k.shape[1], device=k.device) >= start[:, None].to(k.device))[..., None, None]
-            return linear_attention(self.feature_map_q(q), fk, v, cfg.eps, cfg.backend)
+            return linear_attention(self.feature_map_q(q), fk, v, cfg.eps, cfg.backend, cu_seqlens)
         fq = fk = None
         if cfg.mode == "hybrid":
             fq, fk = self.feature_map_q(q), self.feature_map_k(k)
-        return hybrid_attention(q, k, v, fq, fk, cfg.window, cfg.sinks, cfg.eps, start)
+        if cu_seqlens is None:
+            return hybrid_attention(q, k, v, fq, fk, cfg.window, cfg.sinks, cfg.eps, start)
+        # packed: each document through the banded form alone (its own window, sinks and state)
+        B, T = q.shape[:2]
+        cut = lambda x, a, b: None if x is None else x.reshape(1, B * T, *x.shape[2:])[:, a:b]  # noqa: E731
+        edges = cu_seqlens.tolist()
+        parts = [
+            hybrid_attention(
+                cut(q, a, b), cut(k, a, b), cut(v, a, b), cut(fq, a, b), cut(fk, a, b), cfg.window, cfg.sinks, cfg.eps
+            )
+            for a, b in itertools.pairwise(edges)
+        ]
+        return torch.cat(parts, dim=1).view(*q.shape[:3], v.shape[-1])
 
     def new_state(self, q: torch.Tensor) -> HybridState:
         B = q.shape[0]
@@ -160,11 +182,18 @@ class LinearizedAttention(nn.Module):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         """`padding_start` [B] (a keyword LinearLlamaForCausalLM passes from its 2-D attention_mask):
-        where each row's tokens begin after left padding. Without it, a mask that hides keys (padding,
-        packed documents) is refused: this layer reads no mask of its own."""
+        where each row's tokens begin after left padding. Packed documents come from position_ids
+        that restart (as transformers finds them): each attends only to itself. A mask that hides
+        keys otherwise (padding in a Llama converted in place) is refused: this layer reads no mask."""
         B, T, _ = hidden_states.shape
         start = kwargs.get("padding_start")  # (None with the key present: the model read its mask)
-        if "padding_start" not in kwargs and hides_keys(attention_mask):
+        documents = documents_of(kwargs.get("position_ids"), B, T) if start is None else None
+        if documents is not None and isinstance(cache, LinearizedCache):
+            raise ValueError(
+                f"LinearizedAttention (layer {self.layer_idx}): packed documents (position_ids that restart) "
+                "cannot fill one recurrent state per row; prefill each document in a row of its own"
+            )
+        if documents is None and "padding_start" not in kwargs and hides_keys(attention_mask):
             raise ValueError(
                 f"LinearizedAttention (layer {self.layer_idx}): the attention mask hides keys (padding or packed "
                 "documents), which this layer cannot read from a 4-D mask; load the model as linear_llama "
@@ -175,7 +204,7 @@ class LinearizedAttention(nn.Module):
             cache = None  # (a key/value cache transformers made: a linear layer has no use for it)
         state = cache.state(self.layer_idx) if cache is not None else None
         if state is None and (cache is None or T > 1):
-            y = self.attend(q, k, v, start)
+            y = self.attend(q, k, v, start, documents)
             if cache is not None:  # prefill: the state after these tokens, from the same k, v
                 cache.set_state(self.layer_idx, self.prefill_state(q, k, v, start))
         else:

@@ -48,6 +48,11 @@ class FinetuneConfig:
     steps: int = count(100_000, "optimiser steps at most")
     eval_windows: int = count(16, "held-out windows per domain scored at the end")
     checkpoint_every: int = count(20, "steps between saves of state.pt")
+    pack: bool = option(
+        False,
+        "documents packed: each window's documents (ended by the end-of-text token) attend only to "
+        "themselves, and no token is predicted across a boundary (training and evaluation)",
+    )
     seed: int = option(0, "seed of the data order")
     threads: int = option(0, "CPU threads (0: torch's default)")
 
@@ -109,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
 
     from ..results import finished, provenance
     from .convert import LinearizedAttention
-    from .transfer import perplexity
+    from .transfer import forward_kwargs, packed, perplexity
 
     cfg = from_args(FinetuneConfig, args)
     started = provenance()  # (the checkout may move on while it runs)
@@ -175,12 +180,18 @@ def main(args: argparse.Namespace) -> int:
         for prm in teacher.parameters():
             prm.requires_grad_(False)
 
+    eos = None
+    if cfg.pack:
+        eos = model.config.eos_token_id if model.config.eos_token_id is not None else 0
+        eos = eos[0] if isinstance(eos, list) else eos
+
     def loss_of(w: torch.Tensor) -> torch.Tensor:
+        kwargs = forward_kwargs(w, eos)
         if teacher is None:
-            return model(input_ids=w, labels=w).loss
+            return model(input_ids=w, labels=w if eos is None else packed(w, eos)[1], **kwargs).loss
         with torch.no_grad():
-            target = torch.log_softmax(teacher(input_ids=w).logits.float(), dim=-1)
-        log_q = torch.log_softmax(model(input_ids=w).logits.float(), dim=-1)
+            target = torch.log_softmax(teacher(input_ids=w, **kwargs).logits.float(), dim=-1)
+        log_q = torch.log_softmax(model(input_ids=w, **kwargs).logits.float(), dim=-1)
         return torch.nn.functional.kl_div(log_q, target, log_target=True, reduction="batchmean") / w.shape[1]
 
     order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(cfg.seed + 1))
@@ -220,8 +231,8 @@ def main(args: argparse.Namespace) -> int:
         "cpu_hours": round(seconds * torch.get_num_threads() / 3600, 3),
         "wall_seconds": round(seconds, 1),
         "eval_windows": n,
-        key: perplexity(merged, data["held_out"][:n]),
-        "second_domain": {key: perplexity(merged, data["second_domain"][:n])},
+        key: perplexity(merged, data["held_out"][:n], eos),
+        "second_domain": {key: perplexity(merged, data["second_domain"][:n], eos)},
         "loss_first_last_20": [
             sum(r["loss"] for r in log[:20]) / max(1, len(log[:20])),
             sum(r["loss"] for r in log[-20:]) / max(1, len(log[-20:])),

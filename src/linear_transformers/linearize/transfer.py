@@ -30,7 +30,7 @@ import torch
 from ..checkpoint import owned_by_training
 from ..options import add_options, check_threads, count, from_args, option
 from ..results import finished, provenance
-from .attention import FEATURE_MAPS, MODES, PPL_KEYS
+from .attention import FEATURE_MAPS, MODES, PPL_KEYS, documents_of
 from .convert import LinearizeConfig, LinearizedAttention
 
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html")
@@ -110,6 +110,11 @@ class TransferConfig:
     seed: int = option(0, "seed of the document split and the data order")
     threads: int = option(0, "CPU threads (0: torch's default)")
     save_model: bool = option(True, "write the linearised model as a transformers folder (out/model) at the end")
+    pack: bool = option(
+        False,
+        "documents packed: each window's documents (ended by the end-of-text token) attend only to "
+        "themselves, teacher and student, and evaluation scores them the same way",
+    )
 
     def __post_init__(self) -> None:
         check_threads("linearize", self.threads)
@@ -146,13 +151,34 @@ def split_data(tok, cfg: TransferConfig, cache: Path) -> dict[str, torch.Tensor]
     return data
 
 
+def packed(w: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids, labels) of windows w [B, T] of documents that each end with `eos`, packed: the
+    positions restart after every eos (so each document attends only to itself: documents_of for
+    the student, transformers' packed-sequence mask for the teacher), and no document's first token
+    is a label (-100: nothing before it in its document predicts it)."""
+    B, T = w.shape
+    starts = torch.zeros(B, T, dtype=torch.bool, device=w.device)
+    starts[:, 0] = True
+    starts[:, 1:] = w[:, :-1] == eos
+    index = torch.arange(T, device=w.device).expand(B, T)
+    return index - torch.cummax(torch.where(starts, index, 0), dim=1).values, w.masked_fill(starts, -100)
+
+
+def forward_kwargs(w: torch.Tensor, eos: int | None) -> dict:
+    """The forward's keywords for windows w: none, or (eos given) packed documents' position_ids."""
+    return {} if eos is None else {"position_ids": packed(w, eos)[0], "use_cache": False}
+
+
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor) -> float:
+def perplexity(model, windows: torch.Tensor, eos: int | None = None) -> float:
+    """Held-out perplexity over windows [n, T], each scored alone; eos given: documents packed
+    (see `packed`), each document's first token not scored."""
     total, count = 0.0, 0
     for w in windows:
-        logits = model(w[None]).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum")
-        total, count = total + nll.item(), count + len(w) - 1
+        logits = model(w[None], **forward_kwargs(w[None], eos)).logits[0, :-1].float()
+        targets = w[1:] if eos is None else packed(w[None], eos)[1][0, 1:]
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum", ignore_index=-100)
+        total, count = total + nll.item(), count + int((targets != -100).sum())
     return math.exp(total / count)
 
 
@@ -171,7 +197,7 @@ def attach_students(teacher, cfg: LinearizeConfig) -> list[LinearizedAttention]:
                 q, k, v = student.project(hidden, kwargs["position_embeddings"])
                 target = output[0]
             with torch.enable_grad():
-                y = student.attend(q, k, v)
+                y = student.attend(q, k, v, cu_seqlens=documents_of(kwargs.get("position_ids"), *hidden.shape[:2]))
                 out = student.o_proj(y.reshape(*hidden.shape[:2], -1))
                 student.loss = torch.nn.functional.mse_loss(out, target) / target.pow(2).mean().clamp_min(1e-12)
 
@@ -202,6 +228,7 @@ def main(args: argparse.Namespace) -> int:
     for prm in teacher.parameters():
         prm.requires_grad_(False)
     data = split_data(tok, cfg, out / "data.pt")
+    eos = (tok.eos_token_id or 0) if cfg.pack else None  # (token_windows ends every document with it)
     torch.manual_seed(cfg.seed)
     students = attach_students(teacher, lin)
     params = feature_map_parameters_of(students)
@@ -210,6 +237,14 @@ def main(args: argparse.Namespace) -> int:
     step, seconds, log = 0, 0.0, []
     if state_path.exists():
         state = torch.load(state_path, weights_only=True)
+        may_change = ("minutes", "steps", "threads", "eval_every", "eval_windows", "curve_windows", "checkpoint_every")
+        diffs = [
+            f"--{k.replace('_', '-')} {v!r} (the run has {state['settings'].get(k)!r})"
+            for k, v in asdict(cfg).items()
+            if "settings" in state and k not in (*may_change, "out", "save_model") and state["settings"].get(k) != v
+        ]
+        if diffs:
+            raise ValueError(f"linearize: {out} was trained with other settings: {'; '.join(diffs)}")
         for s, sd in zip(students, state["students"], strict=True):
             s.feature_map_q.load_state_dict(sd["q"]), s.feature_map_k.load_state_dict(sd["k"])
         if opt is not None:
@@ -226,6 +261,7 @@ def main(args: argparse.Namespace) -> int:
             "step": step,
             "seconds": seconds,
             "log": log,
+            "settings": asdict(cfg),
         }
         tmp = state_path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -240,7 +276,7 @@ def main(args: argparse.Namespace) -> int:
         if opt is None:
             break
         w = data["train"][order[step % len(order)]][None]
-        teacher(w)  # the hooks compute every student's loss
+        teacher(w, **forward_kwargs(w, eos))  # the hooks compute every student's loss
         loss = sum(s.loss for s in students) / len(students)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -250,7 +286,7 @@ def main(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if cfg.eval_every and step % cfg.eval_every == 0:  # the curve: held-out perplexity against tokens
-            ppl = student_perplexity(teacher, students, data["held_out"][: cfg.curve_windows])
+            ppl = student_perplexity(teacher, students, data["held_out"][: cfg.curve_windows], eos=eos)
             log[-1]["held_out_ppl"] = round(ppl, 3)
             bar.write(f"step {step}: held-out perplexity {ppl:.2f} ({cfg.curve_windows} windows)")
         if step % cfg.checkpoint_every == 0:
@@ -261,7 +297,7 @@ def main(args: argparse.Namespace) -> int:
     seconds += time.perf_counter() - start
     save()
     # evaluation: the teacher, then the model with the students swapped in
-    result = evaluate(teacher, students, data, cfg, lin, step, seconds, log, args.command_line)
+    result = evaluate(teacher, students, data, cfg, lin, step, seconds, log, args.command_line, eos)
     result["provenance"] = finished(started)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     report(out)
@@ -294,9 +330,9 @@ def swapped_in(teacher, students, mode: str | None = None):
             layer.self_attn, s.cfg = o, m
 
 
-def student_perplexity(teacher, students, windows, mode: str | None = None) -> float:
+def student_perplexity(teacher, students, windows, mode: str | None = None, eos: int | None = None) -> float:
     with swapped_in(teacher, students, mode) as model:
-        return perplexity(model, windows)
+        return perplexity(model, windows, eos)
 
 
 def evaluate(
@@ -309,6 +345,7 @@ def evaluate(
     seconds: float,
     log: list,
     command: str = "",
+    eos: int | None = None,
 ) -> dict:
     for layer in teacher.model.layers:
         layer.self_attn._forward_hooks.clear()
@@ -325,15 +362,15 @@ def evaluate(
         "eval_windows": n,
         "eval_tokens_per_domain": n * cfg.seq_len,
     }
-    result["teacher_ppl"] = perplexity(teacher, held)
-    result["curve_teacher_ppl"] = perplexity(teacher, data["held_out"][: cfg.curve_windows])  # the curve's windows
-    result["second_domain"] = {"teacher_ppl": perplexity(teacher, second)}
+    result["teacher_ppl"] = perplexity(teacher, held, eos)
+    result["curve_teacher_ppl"] = perplexity(teacher, data["held_out"][: cfg.curve_windows], eos)  # the curve's
+    result["second_domain"] = {"teacher_ppl": perplexity(teacher, second, eos)}
     key = PPL_KEYS[cfg.mode]
-    result[key] = student_perplexity(teacher, students, held)
-    result["second_domain"][key] = student_perplexity(teacher, students, second)
+    result[key] = student_perplexity(teacher, students, held, eos=eos)
+    result["second_domain"][key] = student_perplexity(teacher, students, second, eos=eos)
     if cfg.mode == "hybrid":  # the same window and sinks with the linear part removed
-        result["window_only_ppl"] = student_perplexity(teacher, students, held, "window")
-        result["second_domain"]["window_only_ppl"] = student_perplexity(teacher, students, second, "window")
+        result["window_only_ppl"] = student_perplexity(teacher, students, held, "window", eos)
+        result["second_domain"]["window_only_ppl"] = student_perplexity(teacher, students, second, "window", eos)
     result["curve"] = [r for r in log if "held_out_ppl" in r]
     return result
 
