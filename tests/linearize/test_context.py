@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+import linear_transformers.linearize
 from linear_transformers import commands
 from linear_transformers.linearize import context
 
@@ -57,7 +58,7 @@ def test_command_files_every_token_once_and_agrees_with_finetune(tmp_path, monke
 
     argv = ["linearize-context", "--data", str(tmp_path / "s" / "data.pt"), "--length", "24", "--windows", "2"]
     argv += ["--first-bucket", "4", "--out", str(tmp_path / "ctx"), "--model", f"lora={tmp_path / 't'}"]
-    argv += [f"student={tmp_path / 's' / 'model'}", "teacher=teacher", "--relative-to", "teacher"]
+    argv += [f"student={tmp_path / 's' / 'model'}", "teacher=teacher", "--relative-to", "teacher", "--linear-share"]
     assert commands.dispatch("linear-transformers", argv) == 0
     with open(tmp_path / "ctx" / "context.csv") as f:
         rows = list(csv.DictReader(f))
@@ -70,6 +71,8 @@ def test_command_files_every_token_once_and_agrees_with_finetune(tmp_path, monke
             # the buckets' losses average to the whole window's
             mean = sum(int(r["tokens"]) * math.log(float(r["ppl"])) for r in mine[:-1]) / (2 * 23)
             assert math.exp(mean) == pytest.approx(float(whole[0]["ppl"]), rel=1e-6)
+    shares = {r["model"]: r["linear_share"] for r in rows if r["context"] == "16-23"}
+    assert shares["teacher"] == "" and 0 < float(shares["student"]) < 1  # (a hybrid student: window 5)
     lora = {r["domain"]: float(r["ppl"]) for r in rows if r["model"] == "lora" and r["context"] == "all"}
     assert lora["held_out"] == pytest.approx(result["teacher_lora_ppl"], rel=1e-5)
     assert lora["second_domain"] == pytest.approx(result["second_domain"]["teacher_lora_ppl"], rel=1e-5)
@@ -102,3 +105,24 @@ def test_too_few_windows_and_unknown_folders_say_so(tmp_path):
         commands.dispatch("linear-transformers", argv)
     with pytest.raises(FileNotFoundError, match="neither 'teacher'"):
         context.load_model(str(tmp_path))
+
+
+def test_the_linear_share_splits_the_hybrid_output_between_its_two_parts():
+    """y = (1 - s) y_window + s y_linear per query: s, the linear part's share of the normaliser,
+    weighs the window-only output (softmax over window and sinks) against the linear part's own."""
+    model = linear_llama(mode="hybrid", window=4, sinks=2, heads=1, kv_heads=1)
+    attn = model.model.layers[0].self_attn
+    attn.cfg.eps = 0.0
+    torch.manual_seed(1)
+    T, D = 21, attn.head_dim
+    q, k, v = (torch.randn(1, T, 1, D) for _ in range(3))
+    with torch.no_grad():
+        share = context.normaliser_share(attn, q[0], k[0])
+        y = attn.attend(q, k, v)[0, :, 0]
+        window = linear_transformers.linearize.hybrid_attention(q, k, v, None, None, 4, 2, 0.0)[0, :, 0]
+        fq, fk = attn.feature_map_q(q)[0, :, 0], attn.feature_map_k(k)[0, :, 0]
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+        weights = (fq @ fk.T) * ((j <= i - 4) & (j >= 2))
+        linear = (weights @ v[0, :, 0]) / weights.sum(1, keepdim=True).clamp_min(1e-30)
+    assert (share[:6] == 0).all() and (share[6:] > 0).all()  # (no key leaves the window before position 6)
+    torch.testing.assert_close(y, (1 - share)[:, None] * window + share[:, None] * linear, rtol=1e-4, atol=1e-5)

@@ -41,6 +41,9 @@ class ContextConfig:
     windows: int = count(16, "windows per domain")
     first_bucket: int = count(64, "the first bucket's end: [1, first), then doubling up to --length")
     relative_to: str = option("", "the model every other is divided by in the table (default: the first)")
+    linear_share: bool = option(
+        False, "also the share of each query's normaliser held by the linear part (hybrid models; T x T per layer)"
+    )
     out: str = option("runs/linearize-context", "folder for context.csv, table.md, context.png, run.json")
     threads: int = option(0, "CPU threads (0: torch's default)")
 
@@ -88,11 +91,60 @@ def losses_by_context(model, windows: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def rows_of(name: str, domain: str, losses: torch.Tensor, spans: list[tuple[int, int]]) -> list[dict]:
+def normaliser_share(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[T]: for each query of one hybrid layer, the share of its normaliser that the linear part
+    holds (sum_L l_ij / (sum_A a_ij + sum_L l_ij), hybrid_attention's terms), averaged over heads;
+    q, k [T, H, D] after RoPE. The window's softmax part holds the rest."""
+    T, D = q.shape[0], q.shape[-1]
+    W, ns = attn.cfg.window, attn.cfg.sinks
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    seen = ((j <= i) & (j > i - W)) | ((j < ns) & (j <= i))  # the window and the sinks
+    far = (j <= i - W) & (j >= ns)  # the linear part
+    scores = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(D)
+    scores = scores.masked_fill(~seen, -math.inf)
+    window = torch.exp(scores - scores.amax(-1, keepdim=True)).sum(-1)  # [H, T]
+    fq, fk = attn.feature_map_q(q[None])[0], attn.feature_map_k(k[None])[0]
+    linear = (torch.einsum("ihf,jhf->hij", fq, fk) * far).sum(-1)
+    return (linear / (window + linear)).mean(0)
+
+
+@torch.no_grad()
+def linear_shares(model, windows: torch.Tensor) -> torch.Tensor | None:
+    """[n, length - 1]: normaliser_share at each query that predicts a token, averaged over the
+    hybrid layers (None for a model without any)."""
+    from .convert import LinearizedAttention
+
+    layers = [m for m in model.modules() if isinstance(m, LinearizedAttention) and m.cfg.mode == "hybrid"]
+    if not layers:
+        return None
+    captured = []
+    for m in layers:  # (an instance attribute over the method: removed below)
+
+        def attend(q, k, v, *args, _m=m, _attend=m.attend, **kwargs):
+            captured.append(normaliser_share(_m, q[0], k[0]))
+            return _attend(q, k, v, *args, **kwargs)
+
+        m.attend = attend
+    try:
+        out = []
+        for w in windows:
+            captured.clear()
+            model(w[None])
+            out.append(torch.stack(captured).mean(0)[:-1])
+        return torch.stack(out)
+    finally:
+        for m in layers:
+            del m.attend
+
+
+def rows_of(
+    name: str, domain: str, losses: torch.Tensor, spans: list[tuple[int, int]], shares: torch.Tensor | None = None
+) -> list[dict]:
     context = torch.arange(1, losses.shape[1] + 1)  # tokens before each predicted one
     rows = []
     for lo, hi in [*spans, (1, losses.shape[1] + 1)]:
-        pick = losses[:, (context >= lo) & (context < hi)]
+        chosen = (context >= lo) & (context < hi)
+        pick = losses[:, chosen]
         whole = (lo, hi) not in spans
         rows.append(
             {
@@ -103,6 +155,7 @@ def rows_of(name: str, domain: str, losses: torch.Tensor, spans: list[tuple[int,
                 "context_to": hi - 1,
                 "tokens": pick.numel(),
                 "ppl": math.exp(pick.mean().item()),
+                "linear_share": None if shares is None else shares[:, chosen].mean().item(),
             }
         )
     return rows
@@ -134,6 +187,7 @@ def table(rows: list[dict], relative_to: str) -> str:
     spans = list(dict.fromkeys(r["context"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     ppl = {(r["model"], r["domain"], r["context"]): r["ppl"] for r in rows}
+    ppl_share = {(r["model"], r["domain"], r["context"]): r.get("linear_share") for r in rows}
     tokens = {(r["domain"], r["context"]): r["tokens"] for r in rows}
     for domain, title in DOMAINS.items():
         if not any(r["domain"] == domain for r in rows):
@@ -148,6 +202,14 @@ def table(rows: list[dict], relative_to: str) -> str:
                 [[m, *[fmt(ppl[m, domain, s] / ppl[relative_to, domain, s], 3) for s in spans]] for m in models],
             )
         )
+        shared = [m for m in models if ppl_share.get((m, domain, spans[0])) is not None]
+        if shared:
+            parts.append(f"\n{title}: share of the normaliser held by the linear part (mean over queries and layers)\n")
+            parts.append(
+                markdown_table(
+                    head[:1] + spans, [[m, *[fmt(ppl_share[m, domain, s], 3) for s in spans]] for m in shared]
+                )
+            )
         parts.append("\n")
     return "".join(parts)
 
@@ -199,7 +261,8 @@ def main(args: argparse.Namespace) -> int:
         name, _, path = entry.partition("=")
         model = load_model(path)
         for domain, w in windows.items():
-            rows += rows_of(name, domain, losses_by_context(model, w), spans)
+            shares = linear_shares(model, w) if cfg.linear_share else None
+            rows += rows_of(name, domain, losses_by_context(model, w), spans, shares)
         del model
     write_csv(out / "context.csv", rows)
     relative_to = cfg.relative_to or cfg.model[0].partition("=")[0]
