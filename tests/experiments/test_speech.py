@@ -64,6 +64,18 @@ def test_stack_frames():
 
 
 @pytest.mark.skipif(bool(speech.synthesizers_missing()), reason="espeak-ng / flite not installed")
+def test_splice_frames_gives_each_step_its_neighbours():
+    f = torch.arange(12, dtype=torch.float32).view(4, 3)
+    out = exp.splice_frames(f, 1)
+    assert out.shape == (4, 9)
+    torch.testing.assert_close(out[1], torch.cat([f[0], f[1], f[2]]))
+    torch.testing.assert_close(out[0, :3], torch.zeros(3))  # (zeros past the ends)
+    torch.testing.assert_close(out[3, 6:], torch.zeros(3))
+    assert exp.splice_frames(f, 0) is f
+    model = exp.make_model("linear", replace(exp.SpeechSettings(), stack=1, splice=2, n_layers=1, d_model=16, d_ff=32))
+    assert model.inp.in_features == 40 * 5
+
+
 def test_quick_speech_experiment(tmp_path, capsys):
     words = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november".split()
     g = torch.Generator().manual_seed(0)
