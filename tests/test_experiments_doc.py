@@ -161,6 +161,31 @@ def test_linearisation_table_equals_its_results():
         assert (row[6], row[7]) == (f"{b:.2f}", f"{b / t2:.3f}"), name
 
 
+def test_linearisation_by_context_table_equals_its_csv():
+    rows = rows_of(EVIDENCE / "linearize-smollm2" / "context" / "context.csv")
+    ppl = {(r["model"], r["domain"], r["context"]): float(r["ppl"]) for r in rows}
+    spans = ["1-63", "64-127", "128-255", "256-511", "512-1023", "1024-2047"]
+    table = tables(head("tokens of context", *spans))[0]
+    names = {"teacher": "teacher", "teacher + LoRA": "teacher+LoRA", "hybrid (stage 1+2)": "hybrid"}
+    names |= {"window-only, 459 steps": "window-only", "window-only, 360 steps": "window-only, 360 steps"}
+    for row in table:
+        if row[0] in names:
+            want = [
+                f"{ppl[names[row[0]], 'held_out', s]:.2f} / {ppl[names[row[0]], 'second_domain', s]:.2f}" for s in spans
+            ]
+        else:
+            assert row[0] == "window-only (360) / hybrid"
+            want = [
+                " / ".join(
+                    f"{ppl['window-only, 360 steps', d, s] / ppl['hybrid', d, s]:.3f}"
+                    for d in ("held_out", "second_domain")
+                )
+                for s in spans
+            ]
+        assert row[1:] == want, row[0]
+    assert len(table) == 6
+
+
 @pytest.mark.parametrize("header", list(UNCOMMITTED))
 def test_uncommitted_tables_are_still_the_known_ones(header):
     assert tables(header)
