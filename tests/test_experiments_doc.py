@@ -118,6 +118,26 @@ def test_speech_seeds_table_equals_its_csvs():
             assert row[5] == f"{b['per_difference']:+.2f} [{b['ci_low']:+.2f}, {b['ci_high']:+.2f}]", row[0]
 
 
+def test_speech_splice_table_equals_its_csvs():
+    folder = EVIDENCE / "speech-wsj-length-splice-1"
+    header = head("method", "steps", "s/epoch", "speed vs softmax", "test PER %", "PER - linear's [95% interval]")
+    runs = {r["method"]: r for r in rows_of(folder / "speech.csv")}
+    boot = {r["method"]: r for r in rows_of(folder / "bootstrap.csv")}
+    softmax = float(runs["softmax"]["seconds_per_epoch"])
+    for row in tables(header)[0]:
+        r = runs[row[0]]
+        speed = softmax / float(r["seconds_per_epoch"])
+        assert row[1:5] == [
+            r["steps"],
+            f"{float(r['seconds_per_epoch']):.1f}",
+            f"{speed:.2f}x".replace("1.00x", "1.0x"),
+            f"{float(r['test_per']):.2f}",
+        ]
+        if row[0] != "linear":
+            b = {k: float(boot[row[0]][k]) for k in ("per_difference", "ci_low", "ci_high")}
+            assert row[5] == f"{b['per_difference']:+.2f} [{b['ci_low']:+.2f}, {b['ci_high']:+.2f}]"
+
+
 def test_copy_table_equals_its_runs():
     header = head(
         "method",
