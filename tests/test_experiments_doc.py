@@ -32,7 +32,7 @@ def tables(header: str) -> list[list[list[str]]]:
     for i, line in enumerate(lines):
         if line.strip() == header:
             rows, j = [], i + 2
-            while j < len(lines) and lines[j].startswith("|"):
+            while j < len(lines) and lines[j].lstrip().startswith("|"):
                 rows.append([c.strip().strip("*") for c in lines[j].strip().strip("|").split("|")])
                 j += 1
             found.append(rows)
@@ -204,6 +204,14 @@ def test_linearisation_by_context_table_equals_its_csv():
             ]
         assert row[1:] == want, row[0]
     assert len(table) == 6
+
+
+def test_linearisation_trained_at_2048_table_equals_its_csv():
+    rows = rows_of(EVIDENCE / "linearize-smollm2" / "context-2048-trained" / "context.csv")
+    ppl = {(r["domain"], r["context"]): float(r["ppl"]) for r in rows}
+    spans = ["128-255", "256-511", "512-1023", "1024-2047"]
+    (row,) = tables(head("tokens of context", *spans))[0]
+    assert row[1:] == [f"{ppl['held_out', s]:.2f} / {ppl['second_domain', s]:.2f}" for s in spans]
 
 
 @pytest.mark.parametrize("header", list(UNCOMMITTED))
