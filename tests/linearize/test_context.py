@@ -105,6 +105,12 @@ def test_too_few_windows_and_unknown_folders_say_so(tmp_path):
         commands.dispatch("linear-transformers", argv)
     with pytest.raises(FileNotFoundError, match="neither 'teacher'"):
         context.load_model(str(tmp_path))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest").write_text("step-1\n")  # (a training run's folder)
+    argv = ["linearize-context", "--data", str(tmp_path / "data.pt"), "--windows", "1", "--length", "24"]
+    with pytest.raises(FileExistsError, match="a training run's folder"):
+        commands.dispatch("linear-transformers", [*argv, "--first-bucket", "4", "--out", str(run / "ctx")])
 
 
 def test_the_linear_share_splits_the_hybrid_output_between_its_two_parts():

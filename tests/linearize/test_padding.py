@@ -151,6 +151,8 @@ def test_padding_the_state_cannot_hold_is_a_one_line_error():
     ids = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(7))
     with torch.no_grad(), pytest.raises(ValueError, match="row 1 has padding inside it"):
         model(ids, attention_mask=torch.tensor([[1] * 6, [0, 1, 1, 0, 1, 1]]))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"attention_mask must be \[B, past \+ T\] \(B = 2"):
+        model(ids, attention_mask=torch.tensor([[0] + [1] * 5] * 3))  # (three rows for two)
     cache = LinearizedCache()
     with torch.no_grad():
         model(ids, cache=cache)

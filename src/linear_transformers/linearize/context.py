@@ -20,6 +20,7 @@ run.json (the command, commit, host).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 from dataclasses import asdict, dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import owned_by_training
 from ..options import add_options, check_threads, count, from_args, option
 from ..results import fmt, markdown_table, provenance, write_csv, write_run_record
 
@@ -81,16 +83,6 @@ def windows_of(stream: torch.Tensor, length: int, n: int, where: str) -> torch.T
     return flat[: n * length].view(n, length)
 
 
-@torch.no_grad()
-def losses_by_context(model, windows: torch.Tensor) -> torch.Tensor:
-    """[n, length - 1]: the loss of token t + 1 of each window given the t + 1 tokens before it."""
-    out = []
-    for w in windows:
-        logits = model(w[None]).logits[0, :-1].float()
-        out.append(torch.nn.functional.cross_entropy(logits, w[1:], reduction="none"))
-    return torch.stack(out)
-
-
 def normaliser_share(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """[T]: for each query of one hybrid layer, the share of its normaliser that the linear part
     holds (sum_L l_ij / (sum_A a_ij + sum_L l_ij), hybrid_attention's terms), averaged over heads;
@@ -108,15 +100,16 @@ def normaliser_share(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (linear / (window + linear)).mean(0)
 
 
-@torch.no_grad()
-def linear_shares(model, windows: torch.Tensor) -> torch.Tensor | None:
-    """[n, length - 1]: normaliser_share at each query that predicts a token, averaged over the
-    hybrid layers (None for a model without any)."""
+@contextlib.contextmanager
+def captured_shares(model):
+    """While open, every forward of the model appends each hybrid layer's normaliser_share [T] to
+    the list it yields (None for a model without a hybrid layer)."""
     from .convert import LinearizedAttention
 
     layers = [m for m in model.modules() if isinstance(m, LinearizedAttention) and m.cfg.mode == "hybrid"]
     if not layers:
-        return None
+        yield None
+        return
     captured = []
     for m in layers:  # (an instance attribute over the method: removed below)
 
@@ -126,19 +119,36 @@ def linear_shares(model, windows: torch.Tensor) -> torch.Tensor | None:
 
         m.attend = attend
     try:
-        out = []
-        for w in windows:
-            captured.clear()
-            model(w[None])
-            out.append(torch.stack(captured).mean(0)[:-1])
-        return torch.stack(out)
+        yield captured
     finally:
         for m in layers:
             del m.attend
 
 
+@torch.no_grad()
+def score(model, windows: torch.Tensor, share: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward per window: ([n, length - 1] the loss of token t + 1 given the t + 1 tokens before
+    it, and with `share` the normaliser_share of the query predicting it, averaged over the hybrid
+    layers; None for a model without any, or without `share`)."""
+    losses, shares = [], []
+    with captured_shares(model) if share else contextlib.nullcontext() as captured:
+        for w in windows:
+            if captured is not None:
+                captured.clear()
+            logits = model(w[None]).logits[0, :-1].float()
+            losses.append(torch.nn.functional.cross_entropy(logits, w[1:], reduction="none"))
+            if captured is not None:
+                shares.append(torch.stack(captured).mean(0)[:-1])
+    return torch.stack(losses), torch.stack(shares) if shares else None
+
+
+def losses_by_context(model, windows: torch.Tensor) -> torch.Tensor:
+    """[n, length - 1]: the loss of token t + 1 of each window given the t + 1 tokens before it."""
+    return score(model, windows)[0]
+
+
 def rows_of(
-    name: str, domain: str, losses: torch.Tensor, spans: list[tuple[int, int]], shares: torch.Tensor | None = None
+    name: str, domain: str, losses: torch.Tensor, shares: torch.Tensor | None, spans: list[tuple[int, int]]
 ) -> list[dict]:
     context = torch.arange(1, losses.shape[1] + 1)  # tokens before each predicted one
     rows = []
@@ -255,14 +265,15 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"linearize-context: {cfg.data} holds neither {' nor '.join(DOMAINS)}")
     spans = buckets(cfg.length, cfg.first_bucket)
     out = Path(cfg.out)
+    if (owner := owned_by_training(out)) is not None:
+        raise FileExistsError(f"--out {out} lies in {owner}, a training run's folder; choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for entry in tqdm(cfg.model, desc="models", dynamic_ncols=True):
         name, _, path = entry.partition("=")
         model = load_model(path)
         for domain, w in windows.items():
-            shares = linear_shares(model, w) if cfg.linear_share else None
-            rows += rows_of(name, domain, losses_by_context(model, w), spans, shares)
+            rows += rows_of(name, domain, *score(model, w, cfg.linear_share), spans=spans)
         del model
     write_csv(out / "context.csv", rows)
     relative_to = cfg.relative_to or cfg.model[0].partition("=")[0]

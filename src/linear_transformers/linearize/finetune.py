@@ -114,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
 
     from ..results import finished, provenance
     from .convert import LinearizedAttention
-    from .transfer import forward_kwargs, packed, perplexity
+    from .transfer import inputs, perplexity
 
     cfg = from_args(FinetuneConfig, args)
     started = provenance()  # (the checkout may move on while it runs)
@@ -186,9 +186,9 @@ def main(args: argparse.Namespace) -> int:
         eos = eos[0] if isinstance(eos, list) else eos
 
     def loss_of(w: torch.Tensor) -> torch.Tensor:
-        kwargs = forward_kwargs(w, eos)
+        kwargs, labels = inputs(w, eos)
         if teacher is None:
-            return model(input_ids=w, labels=w if eos is None else packed(w, eos)[1], **kwargs).loss
+            return model(input_ids=w, labels=labels, **kwargs).loss
         with torch.no_grad():
             target = torch.log_softmax(teacher(input_ids=w, **kwargs).logits.float(), dim=-1)
         log_q = torch.log_softmax(model(input_ids=w, **kwargs).logits.float(), dim=-1)

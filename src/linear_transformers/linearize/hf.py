@@ -62,8 +62,8 @@ class LinearLlamaForCausalLM(LlamaForCausalLM):
         if cache is None:  # (transformers' deprecated name for it, still accepted)
             cache = kwargs.pop("past_key_values", None)
         if attention_mask is not None and not bool(attention_mask.bool().all()):
-            T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            kwargs["padding_start"], position_ids = padding_of(attention_mask, T, cache, position_ids)
+            B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            kwargs["padding_start"], position_ids = padding_of(attention_mask, B, T, cache, position_ids)
         logits = fused_logits(self, input_ids, position_ids, cache, inputs_embeds, labels, kwargs)
         if logits is not None:
             return CausalLMOutputWithPast(logits=logits, cache=cache)
@@ -86,12 +86,12 @@ class LinearLlamaForCausalLM(LlamaForCausalLM):
             model_kwargs["cache"] = LinearizedCache()
 
 
-def padding_of(attention_mask: torch.Tensor, T: int, cache, position_ids):
+def padding_of(attention_mask: torch.Tensor, B: int, T: int, cache, position_ids):
     """(start [B]: where each row's tokens begin, position_ids) of a 2-D attention_mask with zeros;
     a one-line ValueError for padding the recurrent state cannot hold."""
-    if attention_mask.dim() != 2 or attention_mask.shape[1] < T:
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
         raise ValueError(
-            f"linear_llama: attention_mask must be [B, past + T] (T = {T}), got {list(attention_mask.shape)}"
+            f"linear_llama: attention_mask must be [B, past + T] (B = {B}, T = {T}), got {list(attention_mask.shape)}"
         )
     keep = attention_mask.bool()
     if position_ids is None:  # (a padded row's tokens count from its first, as generate() numbers them)

@@ -164,9 +164,13 @@ def packed(w: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
     return index - torch.cummax(torch.where(starts, index, 0), dim=1).values, w.masked_fill(starts, -100)
 
 
-def forward_kwargs(w: torch.Tensor, eos: int | None) -> dict:
-    """The forward's keywords for windows w: none, or (eos given) packed documents' position_ids."""
-    return {} if eos is None else {"position_ids": packed(w, eos)[0], "use_cache": False}
+def inputs(w: torch.Tensor, eos: int | None) -> tuple[dict, torch.Tensor]:
+    """(the forward's keywords, labels) of windows w [B, T]: none and w itself, or (eos given)
+    packed documents' position_ids and labels (see `packed`)."""
+    if eos is None:
+        return {}, w
+    positions, labels = packed(w, eos)
+    return {"position_ids": positions, "use_cache": False}, labels
 
 
 @torch.no_grad()
@@ -175,8 +179,8 @@ def perplexity(model, windows: torch.Tensor, eos: int | None = None) -> float:
     (see `packed`), each document's first token not scored."""
     total, count = 0.0, 0
     for w in windows:
-        logits = model(w[None], **forward_kwargs(w[None], eos)).logits[0, :-1].float()
-        targets = w[1:] if eos is None else packed(w[None], eos)[1][0, 1:]
+        kwargs, labels = inputs(w[None], eos)
+        logits, targets = model(w[None], **kwargs).logits[0, :-1].float(), labels[0, 1:]
         nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum", ignore_index=-100)
         total, count = total + nll.item(), count + int((targets != -100).sum())
     return math.exp(total / count)
@@ -276,7 +280,7 @@ def main(args: argparse.Namespace) -> int:
         if opt is None:
             break
         w = data["train"][order[step % len(order)]][None]
-        teacher(w, **forward_kwargs(w, eos))  # the hooks compute every student's loss
+        teacher(w, **inputs(w, eos)[0])  # the hooks compute every student's loss
         loss = sum(s.loss for s in students) / len(students)
         opt.zero_grad(set_to_none=True)
         loss.backward()
