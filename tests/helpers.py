@@ -115,9 +115,10 @@ def linear_llama(
     return model
 
 
-def llama_with_weights_of(model, weights: torch.dtype):
+def llama_with_weights_of(model, weights: torch.dtype, dot: torch.dtype = torch.float32):
     """The model with every projection (and the head) holding the values the fused step reads in
-    that format: bfloat16-rounded, or int8-dequantized (per-row scales)."""
+    that format: bfloat16-rounded, or int8-dequantized (per-row scales); with dot=torch.int8 their
+    inputs are also rounded as int8 dot products round them (decode.llama.quantize_input)."""
     import copy
 
     from linear_transformers.decode import llama
@@ -135,7 +136,16 @@ def llama_with_weights_of(model, weights: torch.dtype):
                 w.copy_(w.to(torch.bfloat16).float())
             else:
                 w.copy_(llama.dequantize_int8(llama.quantize_int8(w), *w.shape))
+            if dot == torch.int8:
+                m.register_forward_pre_hook(round_input_to_int8)
     return ref
+
+
+def round_input_to_int8(module, args):
+    from linear_transformers.decode import llama
+
+    q, scale = llama.quantize_input(args[0])
+    return ((q.unflatten(-1, (-1, llama.I8_BLOCK)) * scale[..., None]).flatten(-2),)
 
 
 def random_sampling_cases(n: int, seed: int):
@@ -170,3 +180,20 @@ def attention_with_grads(backend, dtype, acc, q, k, v, state, dy, dS, dz, chunk,
     )
     grads = torch.autograd.grad([y, final.S, final.z], [*inputs, S0, z0], [dy.to(dtype), dS.to(acc), dz.to(acc)])
     return [y, final.S, final.z, *grads]
+
+
+def projection_reference(x, w, weights, dot, bias=None):
+    """What a projection in each (weights, dot) format of the fused Llama step computes, in float64."""
+    from linear_transformers.decode import llama
+
+    if dot == torch.int8:
+        y = llama.int8_dot_reference(llama.quantize_int8(w), *w.shape, x)
+    else:
+        if weights == torch.bfloat16:
+            w = w.to(torch.bfloat16).float()
+        elif weights == torch.int8:
+            w = llama.dequantize_int8(llama.quantize_int8(w), *w.shape)
+        if dot == torch.bfloat16:
+            x = x.to(torch.bfloat16).float()
+        y = x.double() @ w.double().T
+    return y if bias is None else y + bias.double()

@@ -21,7 +21,7 @@ from linear_transformers.model import CausalTransformer, ModelConfig, ModelState
 from linear_transformers.native import build
 from linear_transformers.ops import LinearState, cpu
 
-from helpers import attention_with_grads, qkv, random_sampling_cases, random_state, rel_err
+from helpers import attention_with_grads, projection_reference, qkv, random_sampling_cases, random_state, rel_err
 
 HARNESS = Path(__file__).parent / "native" / "kernel_harness.c"
 KERNELS = [
@@ -267,7 +267,7 @@ def _llama_request(model, wkind: int, tokens: torch.Tensor) -> bytes:
         return t.detach().float().contiguous().numpy().tobytes()
 
     def matrix(t):
-        return llama.quantize_int8(t).numpy().tobytes() if wkind == 3 else raw(t)
+        return llama.quantize_int8(t).numpy().tobytes() if wkind in (3, 4) else raw(t)
 
     body = [raw(w.inv_freq)]
     for layer in w.layers:
@@ -283,7 +283,12 @@ def _llama_request(model, wkind: int, tokens: torch.Tensor) -> bytes:
 
 @pytest.mark.parametrize(
     ("mode", "feature_map", "weights", "bias"),
-    [("hybrid", "hedgehog", "float32", False), ("linear", "elu", "int8", True), ("window", "hedgehog", "int8", False)],
+    [
+        ("hybrid", "hedgehog", "float32", False),
+        ("linear", "elu", "int8", True),
+        ("window", "hedgehog", "int8", False),
+        ("hybrid", "hedgehog", "int8-dot", False),
+    ],
 )
 def test_fused_llama_step_equals_the_pytorch_layers(harness, tmp_path, mode, feature_map, weights, bias):
     """The linearised Llama step (int8 weights: against the model holding the dequantised weights),
@@ -295,13 +300,42 @@ def test_fused_llama_step_equals_the_pytorch_layers(harness, tmp_path, mode, fea
     from helpers import linear_llama, llama_with_weights_of
 
     model = linear_llama(mode, feature_map, window=4, sinks=2, heads=4, kv_heads=2, bias=bias, d=64)
-    reference = model if weights == "float32" else llama_with_weights_of(model, torch.int8)
+    dot = torch.int8 if weights == "int8-dot" else torch.float32
+    reference = model if weights == "float32" else llama_with_weights_of(model, torch.int8, dot)
     reference.decode_config = DecodeConfig(fused=False)
     B, n = 3, 10
     tokens = torch.randint(0, 97, (B, n))
     cache = LinearizedCache()
     with torch.no_grad():  # the PyTorch step from an empty state, one token at a time
         want = torch.cat([reference(tokens[:, t : t + 1], cache=cache).logits for t in range(n)], 1).transpose(0, 1)
-    got_bytes = harness("llama", _llama_request(model, 3 if weights == "int8" else 0, tokens), tmp_path)
+    wkind = {"float32": 0, "int8": 3, "int8-dot": 4}[weights]
+    got_bytes = harness("llama", _llama_request(model, wkind, tokens), tmp_path)
     logits = torch.from_numpy(np.frombuffer(got_bytes, dtype=np.float32)[: n * B * 97].copy()).view(n, B, 97)
+    if weights == "int8-dot":  # an input near a rounding boundary of its int8 grid may round the other way
+        assert ((logits - want).abs().max() / want.abs().max()).item() < 1e-2
+        return
     torch.testing.assert_close(logits, want, atol=2e-5, rtol=1e-4)
+
+
+def test_projections_in_every_portable_format(harness, tmp_path):
+    """lt_llama_gemv_f32 in float32, int8 and int8 dot products (NEON: the plain-C group sums) against
+    the float64 references, at batches and widths that take every loop's tail."""
+    from linear_transformers.decode import llama
+
+    g = torch.Generator().manual_seed(3)
+    for B, n_out, n_in in [(1, 5, 32), (3, 37, 96), (17, 9, 160)]:
+        w = torch.randn(n_out, n_in, generator=g)
+        x = torch.randn(B, n_in, generator=g) * 4
+        bias = torch.randn(n_out, generator=g)
+        for wkind, (weights, dot) in [
+            (0, (torch.float32,) * 2),
+            (3, (torch.int8, torch.float32)),
+            (4, (torch.int8,) * 2),
+        ]:
+            packed = w if wkind == 0 else llama.quantize_int8(w)
+            request = _i64(wkind, B, n_in, n_out, 1) + b"".join(
+                t.contiguous().numpy().tobytes() for t in (packed, bias, x)
+            )
+            y = torch.from_numpy(np.frombuffer(harness("gemv", request, tmp_path), dtype=np.float32).copy())
+            want = projection_reference(x, w, weights, dot, bias)
+            assert ((y.view(B, n_out).double() - want).abs().max() / want.abs().max()).item() < 1e-5, (wkind, B, n_in)

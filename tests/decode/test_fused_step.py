@@ -137,6 +137,44 @@ def check_bfloat16_dots(norm, batch):
     assert (outs[0] - model(tokens)[:, 4:]).abs().max() > 1e-4  # and it is not the float32 model
 
 
+@pytest.mark.parametrize("batch", [1, 21])  # (21: past where float32 takes the batched layout)
+def test_fused_step_with_int8_dots_equals_rounding_weights_and_inputs(batch):
+    """dot=torch.int8: int8 weights times inputs rounded to int8 per block of 32, emulated in PyTorch
+    (dequantised weights, inputs rounded by a hook): equal but for the rare input that a float32
+    difference moves across a rounding boundary of its int8 grid."""
+    if not fused.available():
+        pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
+    import copy
+
+    from linear_transformers.decode import llama
+
+    from helpers import round_input_to_int8
+
+    model = _model(n_classes=0)
+    emulated = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in emulated.blocks:
+            for lin in (block.attn.qkv, block.attn.out, block.ff_in, block.ff_out):
+                lin.weight.copy_(llama.dequantize_int8(llama.quantize_int8(lin.weight), *lin.weight.shape))
+                lin.register_forward_pre_hook(round_input_to_int8)
+    tokens = torch.randint(0, 16, (batch, 24))
+    outs = []
+    with torch.no_grad():
+        start_params, start_state = model.prefill(tokens[:, :4])
+        for m, config in ((model, DecodeConfig.precision("int8-dot")), (emulated, DecodeConfig(fused=False))):
+            params, state = start_params, start_state.clone()
+            seq = [params]
+            for t in range(4, 23):
+                params, state = m.step(tokens[:, t], state, config)
+                seq.append(params)
+            outs.append(torch.stack(seq, 1))
+    assert decode.built_step(model).dot == torch.int8
+    diff = (outs[0] - outs[1]).abs()
+    assert (diff <= 1e-5 + 1e-5 * outs[1].abs()).float().mean() > 0.95, diff.max()
+    assert diff.max() < 2e-2 * outs[1].abs().max()
+    assert (outs[0] - model(tokens)[:, 4:24]).abs().max() > 1e-4  # and it is not the float32 model
+
+
 @pytest.mark.parametrize("batch", [7, 37])  # 37: the batched layout (on AMX tiles where fused.has_amx())
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm, batch):
@@ -466,14 +504,19 @@ def test_decode_config_refuses_what_the_step_cannot_do():
         ValueError, match="weights must be torch.float32, torch.bfloat16 or torch.int8, got torch.float16"
     ):
         DecodeConfig(weights=torch.float16)
-    with pytest.raises(ValueError, match="dot must be torch.float32 or torch.bfloat16, got torch.int8"):
-        DecodeConfig(weights=torch.int8, dot=torch.int8)
+    with pytest.raises(ValueError, match="dot must be torch.float32, torch.bfloat16 or torch.int8, got torch.float16"):
+        DecodeConfig(dot=torch.float16)
+    with pytest.raises(ValueError, match="dot=torch.int8 needs weights=torch.int8, got torch.bfloat16"):
+        DecodeConfig(weights=torch.bfloat16, dot=torch.int8)
     with pytest.raises(ValueError, match="max_batch must be >= 0, got -1"):
         DecodeConfig(max_batch=-1)
-    with pytest.raises(ValueError, match="cpu precision must be one of float32, bf16-weights, bf16, int8, got 'fp16'"):
+    with pytest.raises(
+        ValueError, match="cpu precision must be one of float32, bf16-weights, bf16, int8, int8-dot, got 'fp16'"
+    ):
         DecodeConfig.precision("fp16")
     assert DecodeConfig.precision("bf16-weights") == DecodeConfig(weights=torch.bfloat16)
     assert DecodeConfig.precision("int8") == DecodeConfig(weights=torch.int8)
+    assert DecodeConfig.precision("int8-dot") == DecodeConfig(weights=torch.int8, dot=torch.int8)
 
 
 @pytest.mark.parametrize("head", ["mol", "categorical"])

@@ -19,6 +19,7 @@ from linear_transformers.linearize.step import fused_step, llama_weights, why_no
 
 from helpers import linear_llama as student
 from helpers import llama_with_weights_of as rounded_copy
+from helpers import projection_reference
 
 STATE = ("S", "z", "ring_k", "ring_v", "sink_k", "sink_v")
 
@@ -109,6 +110,88 @@ def test_bfloat16_dots_where_the_cpu_has_them():
     ref = rounded_copy(model, torch.bfloat16)
     worst, _, _, _ = run_both(model, ref, config=DecodeConfig(weights=torch.bfloat16, dot=torch.bfloat16))
     assert worst < 0.02  # activations rounded to bfloat16 too
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "d", "B"), [(4, 2, 64, 1), (6, 2, 96, 3), (4, 4, 128, 6)])
+def test_int8_dots_equal_the_model_with_those_weights_and_inputs(heads, kv_heads, d, B):
+    """int8 weights times inputs rounded to int8 per block of 32 (widths of 64, 96: an odd number of
+    blocks, 128; the MLP's 96), against the PyTorch model rounding the same weights and inputs, and
+    against the float32 model within the format's error."""
+    model = student("hybrid", "hedgehog", heads=heads, kv_heads=kv_heads, d=d)
+    config = DecodeConfig(weights=torch.int8, dot=torch.int8)
+    worst, ours, theirs, _ = run_both(model, rounded_copy(model, torch.int8, torch.int8), B=B, config=config)
+    # not 1e-5: an input that float32 rounding upstream moves across a rounding boundary of its int8
+    # grid changes by one step (1/127 of its block's largest value); the projection itself is exact
+    # to float32 rounding (test_every_format_projects_like_its_reference)
+    assert worst < 1e-2
+    assert_states_equal(ours, theirs, 1e-2)
+    worst, _, _, _ = run_both(model, model, B=B, steps=16, config=config)
+    assert worst < 0.05
+
+
+FORMAT_NAMES = {
+    (torch.float32, torch.float32): "float32",
+    (torch.bfloat16, torch.float32): "bf16-weights",
+    (torch.bfloat16, torch.bfloat16): "bf16",
+    (torch.int8, torch.float32): "int8",
+    (torch.int8, torch.int8): "int8-dot",
+}
+
+
+def check_projections(formats, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for B, n_out, n_in in [(1, 5, 32), (3, 37, 96), (6, 67, 160), (17, 9, 64), (2, 130, 576)]:
+        w = torch.randn(n_out, n_in, generator=g) * torch.rand(n_out, 1, generator=g) * 3
+        x = torch.randn(B, n_in, generator=g) * torch.rand(B, 1, generator=g) * 10
+        x[0, :32] *= 1e-3  # a block far below the others
+        bias = torch.randn(n_out, generator=g) if n_out % 2 else None
+        for weights, dot in formats:
+            got = llama.project(x, w, weights, dot, bias)
+            want = projection_reference(x, w, weights, dot, bias)
+            err = ((got.double() - want).abs().max() / want.abs().max()).item()
+            assert err < 1e-5, (FORMAT_NAMES[(weights, dot)], B, n_out, n_in, err)
+
+
+def available_formats():
+    return [f for f in llama.FORMATS if f[1] != torch.bfloat16 or fused.has_bf16_dot()]
+
+
+def test_every_format_projects_like_its_reference():
+    """One projection through the step's GEMV in each weight format, against its float64 reference:
+    batches of 1 to 17 rows (past the 16 that int8 dots round at a time), widths of an even and odd
+    number of 32-blocks (the AVX-512 int8 loop's half-vector tail), awkward output counts, biases."""
+    check_projections(available_formats())
+
+
+def test_a_projection_the_step_cannot_compute_is_refused():
+    x, w = torch.randn(2, 40), torch.randn(3, 40)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        llama.project(x, w, torch.int8, torch.int8)
+    with pytest.raises(ValueError, match="must be one of"):
+        llama.project(x, w, torch.float32, torch.int8)
+    torch.testing.assert_close(
+        llama.project(x, w, torch.int8), projection_reference(x, w, torch.int8, torch.float32).float()
+    )
+
+
+def test_int8_dot_products_equal_their_float64_reference():
+    """gemv.h's quantize_input and the int32 group sums, through the step's LM head alone: a model
+    whose last hidden state is given, against decode.llama.int8_dot_reference."""
+    torch.manual_seed(1)
+    for n_out, n_in in [(5, 32), (37, 96), (64, 160)]:
+        w = torch.randn(n_out, n_in) * torch.rand(n_out, 1) * 3
+        packed = llama.quantize_int8(w)
+        x = torch.randn(4, n_in) * torch.rand(4, 1) * 10
+        x[1, :32] = 0  # an all-zero block: scale 0, every x_q 0
+        x[2, 5] = 1e4  # one large value: the rest of its block rounds to 0
+        q, s = llama.quantize_input(x)
+        assert q.abs().max() <= 127 and torch.equal(q, q.round())
+        assert torch.all(s[1, 0] == 0) and torch.equal(q[1, :32], torch.zeros(32))
+        back = (q.unflatten(-1, (-1, 32)) * s[..., None]).flatten(-2)
+        assert torch.all((back - x).abs() <= s.repeat_interleave(32, -1) / 2 * (1 + 1e-6))
+        want = llama.int8_dot_reference(packed, n_out, n_in, x)
+        deq = (llama.dequantize_int8(packed, n_out, n_in).double() @ back.double().T).T
+        assert (want - deq).abs().max() < 1e-6 * want.abs().max()  # (deq: float32 products)
 
 
 def test_int8_packing_round_trips_within_half_a_step():
@@ -223,6 +306,10 @@ def test_the_mirror_of_the_struct_is_checked():
             llama.check_layout(llama.load())
     finally:
         llama._LtLlama = original
+
+
+def test_every_build_projects_like_the_reference(each_build):
+    check_projections([f for f in llama.FORMATS if f[1] != torch.bfloat16 or fused.has_bf16_dot()], seed=1)
 
 
 def test_every_build_steps_like_the_pytorch_layers(each_build):

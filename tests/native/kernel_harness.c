@@ -14,11 +14,15 @@
  *     OUT: float32 params [n, B, n_params], then S and z of every layer
  *   kernel_harness llama IN OUT       lt_llama_token_f32 for n tokens from position 0, zero state
  *     IN:  int64 n_layers, d, n_heads, n_kv_heads, head_dim, dff, vocab, mode, feature_map, n_features,
- *          hh_m, window, sinks, wkind (0 float32 or 3 int8), has_bias, B, n; float32 rms_eps, attn_eps,
+ *          hh_m, window, sinks, wkind (0 float32, 3 int8 or 4 int8 dots), has_bias, B, n; float32 rms_eps, attn_eps,
  *          rope_scale; inv_freq [head_dim / 2]; per layer attn_norm, mlp_norm, wq, wk, wv, wo, wg, wu,
  *          wd (in wkind's layout), [bq, bk, bv, bo], [fq_w, fq_b, fk_w, fk_b (Hedgehog)]; embed,
  *          final_norm, head (in wkind's layout); int64 tokens [n, B]
  *     OUT: float32 logits [n, B, vocab], then per layer S, z, ring_k, ring_v, sink_k, sink_v
+ *   kernel_harness gemv IN OUT        lt_llama_gemv_f32: one projection in a weight format
+ *     IN:  int64 wkind (0 float32, 3 int8 or 4 int8 dots), B, n_in, n_out, has_bias; W in wkind's layout,
+ *          [bias [n_out]], x [B, n_in] float32
+ *     OUT: float32 y [B, n_out]
  *   kernel_harness sample IN OUT      lt_sample_tokens_f32
  *     IN:  int64 B, V, top_k; float32 temperature, top_p; float32 logits [B, V], u [B]
  *     OUT: int64 tokens [B]
@@ -124,7 +128,19 @@ static int step(FILE *out) {
 
 /* A weight matrix [rows, cols] in format wkind: float32, or int8 followed by its rows' float32 scales. */
 static const void *take_matrix(int wkind, long rows, long cols) {
-    return take(wkind == LT_I8 ? (size_t)(rows * cols + 4 * rows) : (size_t)(4 * rows * cols));
+    return take(wkind == LT_I8 || wkind == LT_I8_DOT ? (size_t)(rows * cols + 4 * rows) : (size_t)(4 * rows * cols));
+}
+
+static int gemv(FILE *out) {
+    const int64_t wkind = take_i64(), B = take_i64(), n_in = take_i64(), n_out = take_i64(), has_bias = take_i64();
+    if ((wkind != LT_F32 && wkind != LT_I8 && wkind != LT_I8_DOT) || B < 1 || n_in < 1 || n_out < 1) return 2;
+    const void *W = take_matrix((int)wkind, n_out, n_in);
+    const float *bias = has_bias ? take(4 * (size_t)n_out) : NULL, *x = take(4 * (size_t)(B * n_in));
+    float *y = malloc(4 * (size_t)(B * n_out));
+    const int status = lt_llama_gemv_f32((int)wkind, (int)B, (int)n_in, (int)n_out, W, bias, x, y);
+    if (status) return 4 + status;
+    put(out, y, 4 * (size_t)(B * n_out));
+    return 0;
 }
 
 static int llama(FILE *out) {
@@ -137,7 +153,7 @@ static int llama(FILE *out) {
     m.n_features = (int)h[9], m.hh_m = (int)h[10], m.window = (int)h[11], m.sinks = (int)h[12], m.wkind = (int)h[13];
     const int has_bias = (int)h[14], B = (int)h[15], n = (int)h[16], L = m.n_layers, d = m.d, D = m.head_dim;
     if (L < 1 || d < 1 || D < 2 || m.n_heads < 1 || m.n_kv_heads < 1 || m.dff < 1 || m.vocab < 1 || B < 1 || n < 1 ||
-        (m.wkind != LT_F32 && m.wkind != LT_I8))
+        (m.wkind != LT_F32 && m.wkind != LT_I8 && m.wkind != LT_I8_DOT))
         return 2;
     float eps[3];
     memcpy(eps, take(12), 12);
@@ -213,17 +229,21 @@ static int sample(FILE *out) {
 }
 
 int main(int argc, char **argv) {
-    const char *kinds[] = {"attention", "step", "llama", "sample"};
+    const char *kinds[] = {"attention", "step", "llama", "sample", "gemv"};
     int kind = -1;
-    for (int i = 0; i < 4 && argc == 4; i++)
+    for (int i = 0; i < 5 && argc == 4; i++)
         if (!strcmp(argv[1], kinds[i])) kind = i;
     if (kind < 0) {
-        fprintf(stderr, "usage: kernel_harness attention|step|llama|sample IN OUT\n");
+        fprintf(stderr, "usage: kernel_harness attention|step|llama|sample|gemv IN OUT\n");
         return 1;
     }
     in = fopen(argv[2], "rb");
     FILE *out = fopen(argv[3], "wb");
     if (!in || !out) return 1;
-    const int status = kind == 0 ? attention(out) : kind == 1 ? step(out) : kind == 2 ? llama(out) : sample(out);
+    const int status = kind == 0   ? attention(out)
+                       : kind == 1 ? step(out)
+                       : kind == 2 ? llama(out)
+                       : kind == 3 ? sample(out)
+                                   : gemv(out);
     return fclose(out) || status ? (status ? status : 3) : 0;
 }

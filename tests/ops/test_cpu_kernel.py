@@ -165,8 +165,10 @@ def test_levels_follow_the_cpu_flags(monkeypatch):
     avx2 = build._V3 | {"sse2"}
     monkeypatch.setattr(build, "cpu_flags", lambda: avx2)
     assert build.supported_levels() == ["x86-64-v3", "x86-64", "generic"]
-    monkeypatch.setattr(build, "cpu_flags", lambda: build._V4 | {"avx512_bf16"})  # AMX missing (AMD Zen 4)
+    monkeypatch.setattr(build, "cpu_flags", lambda: build._V4 | {"avx512_bf16", "avx512_vnni"})  # no AMX (Zen 4)
     assert build.supported_levels()[:2] == ["x86-64-v4-bf16", "x86-64-v4"]
+    monkeypatch.setattr(build, "cpu_flags", lambda: build._V4 | {"avx512_bf16"})  # (no such CPU: VNNI missing)
+    assert build.supported_levels()[0] == "x86-64-v4"
     monkeypatch.setattr(build, "cpu_flags", lambda: build._V4)
     assert build.supported_levels()[0] == "x86-64-v4"
     monkeypatch.setattr(build, "cpu_flags", lambda: None)  # no /proc/cpuinfo: PyTorch's view

@@ -45,7 +45,10 @@ class DecodeConfig:
         streams int8 copies, symmetric with one float32 scale per output row (a quarter of the bytes;
         the activations stay float32). Both model families: our CausalTransformer and linearised Llamas.
     dot: torch.bfloat16 (with bfloat16 weights, on a CPU with AVX512-BF16) also rounds the
-        projections' inputs to bfloat16 and multiplies bfloat16 pairs, accumulating in float32.
+        projections' inputs to bfloat16 and multiplies bfloat16 pairs, accumulating in float32;
+        torch.int8 (with int8 weights) rounds them to int8 per block of 32 (symmetric, one scale per
+        block) and sums the int8 products exactly in int32 (AVX512-VNNI where the CPU has it; the same
+        sums on every CPU). Needs input widths divisible by 32.
     """
 
     fused: bool = True
@@ -60,10 +63,10 @@ class DecodeConfig:
             raise ValueError(
                 f"DecodeConfig: weights must be torch.float32, torch.bfloat16 or torch.int8, got {self.weights}"
             )
-        if self.dot not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"DecodeConfig: dot must be torch.float32 or torch.bfloat16, got {self.dot}")
-        if self.dot == torch.bfloat16 and self.weights != torch.bfloat16:
-            raise ValueError("DecodeConfig: dot=torch.bfloat16 needs weights=torch.bfloat16")
+        if self.dot not in (torch.float32, torch.bfloat16, torch.int8):
+            raise ValueError(f"DecodeConfig: dot must be torch.float32, torch.bfloat16 or torch.int8, got {self.dot}")
+        if self.dot != torch.float32 and self.weights != self.dot:
+            raise ValueError(f"DecodeConfig: dot={self.dot} needs weights={self.dot}, got {self.weights}")
 
     @classmethod
     def precision(cls, name: str, **kwargs) -> DecodeConfig:
@@ -80,6 +83,7 @@ PRECISIONS = {
     "bf16-weights": (torch.bfloat16, torch.float32),
     "bf16": (torch.bfloat16, torch.bfloat16),
     "int8": (torch.int8, torch.float32),
+    "int8-dot": (torch.int8, torch.int8),
 }
 DEFAULT = DecodeConfig()
 

@@ -18,6 +18,7 @@ import torch
 
 from .. import native
 from ..native import ptr as _ptr
+from .llama import FORMATS, convert
 
 LIBRARY = "model_step"
 
@@ -138,7 +139,9 @@ class FusedModelStep:
     way (the row layout at every batch). dot=torch.bfloat16 (with
     bfloat16 weights, on a CPU with AVX512-BF16) also rounds the activations entering those
     projections to bfloat16 and multiplies bfloat16 pairs, accumulating in float32: no widening
-    (from 20 rows on, on AMX tiles where the CPU and the kernel allow it: has_amx()).
+    (from 20 rows on, on AMX tiles where the CPU and the kernel allow it: has_amx()). dot=torch.int8
+    (with int8 weights) rounds those activations to int8 per block of 32 and sums the int8 products
+    in int32 (gemv.h's gemv_i8dot; AVX512-VNNI where the CPU has it), the row layout at every batch.
     The embedding, norms and head stay float32.
     """
 
@@ -174,8 +177,14 @@ class FusedModelStep:
             raise ValueError(
                 f"FusedModelStep: weights must be torch.float32, torch.bfloat16 or torch.int8, got {weights}"
             )
-        if dot not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"FusedModelStep: dot must be torch.float32 or torch.bfloat16, got {dot}")
+        if dot not in (torch.float32, torch.bfloat16, torch.int8):
+            raise ValueError(f"FusedModelStep: dot must be torch.float32, torch.bfloat16 or torch.int8, got {dot}")
+        if dot == torch.int8:
+            if weights != torch.int8:
+                raise ValueError("FusedModelStep: dot=torch.int8 needs weights=torch.int8")
+            widths = {n: layers[0][n].shape[1] for n in self.PROJECTIONS}
+            if any(w % 32 for w in widths.values()):
+                raise ValueError(f"FusedModelStep: dot=torch.int8 needs input widths divisible by 32, got {widths}")
         if dot == torch.bfloat16:
             if weights != torch.bfloat16:
                 raise ValueError("FusedModelStep: dot=torch.bfloat16 needs weights=torch.bfloat16")
@@ -191,8 +200,6 @@ class FusedModelStep:
         d, dff = layers[0]["ln1_w"].numel(), layers[0]["ff1_w"].shape[0]  # (before any flat int8 copy)
         if weights != torch.float32:  # copies of the four projections: a half (bfloat16) or a quarter (int8) of
             # the bytes to stream per token
-            from .llama import convert
-
             layers = [
                 {k: convert(t, weights) if k in self.PROJECTIONS else t for k, t in layer.items()} for layer in layers
             ]
@@ -212,7 +219,7 @@ class FusedModelStep:
             dff,
             int(pre_norm),
             FEATURE_MAPS[feature_map],
-            {torch.float32: 0, torch.bfloat16: 1, torch.int8: 3}[weights] if dot == torch.float32 else 2,
+            FORMATS[(weights, dot)],
             ln_eps,
             attn_eps,
             *[self.arrays[name] for name in self.WEIGHTS],

@@ -155,6 +155,150 @@ DEFINE_GEMV(gemv_f32, wload_f32, wscalar_f32, 4, NO_SCALE)
 DEFINE_GEMV(gemv_bf16, wload_bf16, wscalar_bf16, 2, NO_SCALE)
 DEFINE_GEMV(gemv_i8, wload_i8, wscalar_i8, 1, scale_i8)
 
+/* int8 dot products (format LT_I8_DOT): the int8 weights above times the input rounded to int8 too,
+ * per block of LT_I8_BLOCK inputs (symmetric: x_q = rint(x * 127 / max|x_b|), scale max|x_b| / 127),
+ * so that each group of 4 weights times 4 inputs sums exactly in int32: vpdpbusd (AVX512-VNNI),
+ * vpmaddubsw + vpmaddwd (AVX-512BW, AVX2), plain C elsewhere; every ISA gets the same int32 sums. A
+ * vector lane holds one group: its sum, widened to float32, times its block's scale, accumulates in
+ * float32; y = row scale * (the lanes' sum) + bias. The unsigned operand is |x_q|, the signed one the
+ * weight with x_q's sign (weights lie in [-127, 127], so the negation is exact and a pair of products
+ * stays within int16). n_in must be a multiple of LT_I8_BLOCK (checked by the callers). */
+#define LT_I8_BLOCK 32
+
+/* x [n_in] -> xq [n_in] and s4 [n_in / 4], each group of 4's block scale (decode.llama.quantize_input) */
+static void quantize_input(int n_in, const float *x, int8_t *xq, float *s4) {
+    for (int b = 0; b < n_in; b += LT_I8_BLOCK) {
+        float top = 0.0f;
+        for (int i = b; i < b + LT_I8_BLOCK; i++) top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
+        const float inv = top > 0.0f ? 127.0f / top : 0.0f, s = top / 127.0f;
+        for (int i = b; i < b + LT_I8_BLOCK; i++) {
+            const float v = rintf(x[i] * inv);
+            xq[i] = (int8_t)(v >= 127.0f ? 127 : v <= -127.0f ? -127 : v == v ? (int)v : 0); /* (NaN: 0) */
+        }
+        for (int g = b / 4; g < (b + LT_I8_BLOCK) / 4; g++) s4[g] = s;
+    }
+}
+
+/* One group's int32 sum, in plain C (the tails, and the targets without the instructions below). */
+static inline int32_t idot_group(const int8_t *w, const int8_t *x) {
+    return (int32_t)w[0] * x[0] + (int32_t)w[1] * x[1] + (int32_t)w[2] * x[2] + (int32_t)w[3] * x[3];
+}
+
+/* A chunk of the input (4 VLF int8: VLF groups) made ready for idot, once per chunk and row of x,
+ * then shared by the tile's four weight rows. */
+#if LT_VLF == 16 && defined(__AVX512BW__)
+typedef struct {
+    __m512i a;
+    __mmask64 neg;
+} xchunk;
+static inline xchunk xprep(const int8_t *x) {
+    const __m512i v = _mm512_loadu_si512(x);
+    return (xchunk){_mm512_abs_epi8(v), _mm512_movepi8_mask(v)};
+}
+static inline vf idot(const int8_t *w, xchunk x) {
+    const __m512i wv = _mm512_loadu_si512(w);
+    const __m512i ws = _mm512_mask_sub_epi8(wv, x.neg, _mm512_setzero_si512(), wv);
+#ifdef __AVX512VNNI__
+    const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), x.a, ws);
+#else
+    const __m512i d = _mm512_madd_epi16(_mm512_maddubs_epi16(x.a, ws), _mm512_set1_epi16(1));
+#endif
+    return (vf)_mm512_cvtepi32_ps(d);
+}
+#elif LT_VLF == 8 && defined(__AVX2__)
+typedef struct {
+    __m256i v, a;
+} xchunk;
+static inline xchunk xprep(const int8_t *x) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)x);
+    return (xchunk){v, _mm256_abs_epi8(v)};
+}
+static inline vf idot(const int8_t *w, xchunk x) {
+    const __m256i ws = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)w), x.v);
+    return (vf)_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(x.a, ws), _mm256_set1_epi16(1)));
+}
+#else
+typedef struct {
+    const int8_t *p;
+} xchunk;
+static inline xchunk xprep(const int8_t *x) { return (xchunk){x}; }
+static inline vf idot(const int8_t *w, xchunk x) {
+    vi d;
+    for (int l = 0; l < VLF; l++) d[l] = idot_group(w + 4 * l, x.p + 4 * l);
+    return __builtin_convertvector(d, vf);
+}
+#endif
+
+/* A tile of 4 weight rows (tile_rows) by NB rows of the quantised input (xq, s4: rows b0.., strides
+ * n_in and n_in / 4), as DEFINE_GEMV's. */
+static inline __attribute__((always_inline)) void i8dot_tile(const int NB, int n_in, int n_out, int b0, int j, int nr,
+                                                             int rs, const int8_t *W, const float *bias,
+                                                             const int8_t *xq, const float *s4, float *y,
+                                                             const float *base) {
+    enum { CH = 4 * VLF }; /* bytes of a weight row per chunk */
+    long w[4];
+    for (int r = 0; r < 4; r++) w[r] = (long)(j + (r < nr ? r : 0) * rs) * n_in;
+    vf acc[4][4];
+    float tail[4][4];
+    for (int c = 0; c < NB; c++)
+        for (int r = 0; r < 4; r++) acc[c][r] = (vf){0}, tail[c][r] = 0.0f;
+    int i = 0;
+    for (; i + CH <= n_in; i += CH) {
+        if (i % 64 == 0) /* one prefetch per cache line and row */
+            for (int r = 0; r < 4; r++) __builtin_prefetch(W + w[r] + i + LT_AHEAD);
+        xchunk xc[4];
+        vf sv[4];
+        for (int c = 0; c < NB; c++) {
+            xc[c] = xprep(xq + (long)c * n_in + i);
+            sv[c] = vload(s4 + (long)c * (n_in / 4) + i / 4);
+        }
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < NB; c++) acc[c][r] += idot(W + w[r] + i, xc[c]) * sv[c];
+    }
+    for (; i < n_in; i += 4) /* (AVX-512: the last 32 inputs when n_in is an odd multiple of 32) */
+        for (int c = 0; c < NB; c++)
+            for (int r = 0; r < 4; r++)
+                tail[c][r] += s4[(long)c * (n_in / 4) + i / 4] * (float)idot_group(W + w[r] + i, xq + (long)c * n_in + i);
+    for (int c = 0; c < NB; c++) {
+        float sums[4];
+        hsum4(acc[c], sums);
+        for (int r = 0; r < nr; r++) {
+            const int row = j + r * rs;
+            float s = scale_i8(W, n_out, n_in, row) * (sums[r] + tail[c][r]) + (bias ? bias[row] : 0.0f);
+            const long o = (long)(b0 + c) * n_out + row;
+            y[o] = base ? s + base[o] : s;
+        }
+    }
+}
+
+/* Rows [j0, j1) of y = W x (+ bias, + base) for B rows of x, int8 dot products: the input quantised
+ * LT_I8_ROWS rows at a time (on the stack), each tile's weights reused for every row of the batch. */
+#define LT_I8_ROWS 16
+static void gemv_i8dot(int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias, const float *x,
+                       float *y, const float *base) {
+    int8_t xq[LT_I8_ROWS * n_in];
+    float s4[LT_I8_ROWS * (n_in / 4)];
+    for (int a = 0; a < B; a += LT_I8_ROWS) {
+        const int na = B - a < LT_I8_ROWS ? B - a : LT_I8_ROWS;
+        for (int c = 0; c < na; c++)
+            quantize_input(n_in, x + (long)(a + c) * n_in, xq + (long)c * n_in, s4 + (long)c * (n_in / 4));
+        int j, rs, nr;
+        for (int t = 0; (nr = tile_rows(j0, j1, t, &j, &rs)); t++) {
+            int c0 = 0;
+            for (; c0 + LT_GEMV_NB <= na; c0 += LT_GEMV_NB)
+                i8dot_tile(LT_GEMV_NB, n_in, n_out, a + c0, j, nr, rs, W, bias, xq + (long)c0 * n_in,
+                           s4 + (long)c0 * (n_in / 4), y, base);
+            const int8_t *xr = xq + (long)c0 * n_in;
+            const float *sr = s4 + (long)c0 * (n_in / 4);
+            switch (na - c0) {
+                case 3: i8dot_tile(3, n_in, n_out, a + c0, j, nr, rs, W, bias, xr, sr, y, base); break;
+                case 2: i8dot_tile(2, n_in, n_out, a + c0, j, nr, rs, W, bias, xr, sr, y, base); break;
+                case 1: i8dot_tile(1, n_in, n_out, a + c0, j, nr, rs, W, bias, xr, sr, y, base); break;
+            }
+        }
+    }
+}
+
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 #define LT_HAS_BF16_DOT 1
@@ -464,8 +608,11 @@ static void batched_gemv(int amx, int kind, int B, int n_in, int n_out, int j0, 
  * scalar erff cost as much as the bfloat16 products at batch 1. */
 static void gemv(int bf16, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
                  const float *x, float *y, const float *base, int gelu) {
-    (bf16 == 3 ? gemv_i8 : bf16 == 2 ? gemv_bf16dot : bf16 ? gemv_bf16 : gemv_f32)(B, n_in, n_out, j0, j1, W, bias, x, y,
-                                                                                base);
+    (bf16 == 4   ? gemv_i8dot
+     : bf16 == 3 ? gemv_i8
+     : bf16 == 2 ? gemv_bf16dot
+     : bf16      ? gemv_bf16
+                 : gemv_f32)(B, n_in, n_out, j0, j1, W, bias, x, y, base);
     for (int b = 0; gelu && b < B; b++) gelu_row(y + (long)b * n_out + j0, j1 - j0);
 }
 

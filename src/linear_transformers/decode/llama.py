@@ -1,5 +1,6 @@
 """The fused generation step for linearised Llama-style models (llama_step.c): one C call per token
-from the token ids to the logits, with the weights in float32, bfloat16 or int8.
+from the token ids to the logits, with the weights in float32, bfloat16 or int8 (and bfloat16 or int8
+dot products).
 
 A model offers its weights by role (`LlamaWeights`, built by linearize.hf.llama_weights for any
 Llama-style model that linearize converted); `FusedLlamaStep` holds them (or their bfloat16 / int8
@@ -31,7 +32,9 @@ FORMATS = {
     (torch.bfloat16, torch.float32): 1,
     (torch.bfloat16, torch.bfloat16): 2,
     (torch.int8, torch.float32): 3,
+    (torch.int8, torch.int8): 4,
 }
+I8_BLOCK = 32  # int8 dot products round the projections' inputs per block of this many (gemv.h's LT_I8_BLOCK)
 PER_LAYER = ("attn_norm", "mlp_norm", "wq", "wk", "wv", "wo", "wg", "wu", "wd")
 BIASES = ("bq", "bk", "bv", "bo")
 HEDGEHOG = ("fq_w", "fq_b", "fk_w", "fk_b")
@@ -91,6 +94,8 @@ def _set_signatures(lib: ctypes.CDLL) -> None:
         ptr,
     ]
     lib.lt_llama_token_f32.restype = ctypes.c_int
+    lib.lt_llama_gemv_f32.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr]
+    lib.lt_llama_gemv_f32.restype = ctypes.c_int
     lib.lt_sample_tokens_f32.argtypes = [
         ctypes.c_int,
         ctypes.c_long,
@@ -166,6 +171,28 @@ def dequantize_int8(packed: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor
     return q * packed[n_out * n_in :].clone().view(torch.float32)[:, None]  # (clone: the scales may be unaligned)
 
 
+def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gemv.h's quantize_input: x [..., n] float32 (n a multiple of I8_BLOCK) rounded to int8 per block of
+    I8_BLOCK, symmetric: (x_q [..., n] int8 values as float32, scales [..., n / I8_BLOCK]), x ~ x_q * scale."""
+    b = x.detach().float().reshape(*x.shape[:-1], -1, I8_BLOCK)
+    top = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(top > 0, torch.tensor(127.0) / top, torch.zeros_like(top))
+    q = torch.clamp(torch.round(b * inv), -127, 127)
+    return q.reshape(x.shape), (top / 127.0).squeeze(-1)
+
+
+def int8_dot_reference(packed: torch.Tensor, n_out: int, n_in: int, x: torch.Tensor) -> torch.Tensor:
+    """What an int8-dot projection computes, in float64: x [..., n_in] -> [..., n_out], the int8 weights
+    times the input rounded by quantize_input, each block's integer sum times its scale (tests)."""
+    q = packed[: n_out * n_in].view(n_out, n_in).double()
+    scale = packed[n_out * n_in :].clone().view(torch.float32).double()
+    xq, s = quantize_input(x)
+    per_block = torch.einsum(
+        "...bi,obi->...ob", xq.double().reshape(*x.shape[:-1], -1, I8_BLOCK), q.view(n_out, -1, I8_BLOCK)
+    )
+    return (per_block * s.double()[..., None, :]).sum(-1) * scale
+
+
 def convert(w: torch.Tensor, weights: torch.dtype) -> torch.Tensor:
     """A projection in the step's weight format (a copy unless float32)."""
     w = w.detach()
@@ -176,11 +203,50 @@ def convert(w: torch.Tensor, weights: torch.dtype) -> torch.Tensor:
     return quantize_int8(w)
 
 
+def project(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    weights: torch.dtype = torch.float32,
+    dot: torch.dtype = torch.float32,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One projection as the fused step computes it: x [B, n_in] float32, w [n_out, n_in] float32 taken
+    to the (weights, dot) format (convert) -> [B, n_out] (tests and benchmarks; one thread)."""
+    if (weights, dot) not in FORMATS:
+        raise ValueError(f"project: (weights, dot) must be one of {sorted(map(str, FORMATS))}, got ({weights}, {dot})")
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"project: the C step is unavailable: {unavailable_reason()}")
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or (bias is not None and bias.shape != w.shape[:1]):
+        raise ValueError(f"project: x [B, n] and w [m, n] (bias [m]) expected, got {list(x.shape)}, {list(w.shape)}")
+    x = x.detach().float().contiguous()
+    packed = convert(w.detach().float().contiguous(), weights)
+    b = None if bias is None else bias.detach().float().contiguous()
+    y = torch.empty(x.shape[0], w.shape[0])
+    code = lib.lt_llama_gemv_f32(
+        FORMATS[(weights, dot)],
+        x.shape[0],
+        x.shape[1],
+        w.shape[0],
+        packed.data_ptr(),
+        None if b is None else b.data_ptr(),
+        x.data_ptr(),
+        y.data_ptr(),
+    )
+    if code:
+        raise ValueError(
+            f"project: the C step refused ({weights}, {dot}) at n_in={x.shape[1]} (a multiple of 32 for dots)"
+        )
+    return y
+
+
 class FusedLlamaStep:
     """One token of a linearised Llama-style model in one C call: tokens [B] -> logits [B, vocab],
     the per-layer HybridState tensors updated in place. weights: torch.float32 (the model's own
     tensors, read where they are), torch.bfloat16 or torch.int8 (copies taken here); dot:
-    torch.bfloat16 with bfloat16 weights multiplies bfloat16 pairs (AVX512-BF16)."""
+    torch.bfloat16 with bfloat16 weights multiplies bfloat16 pairs (AVX512-BF16), torch.int8 with int8
+    weights rounds the projections' inputs to int8 per block of 32 and sums int8 products in int32
+    (AVX512-VNNI where present; every target computes the same sums)."""
 
     def __init__(self, w: LlamaWeights, weights: torch.dtype = torch.float32, dot: torch.dtype = torch.float32):
         if (weights, dot) not in FORMATS:
@@ -209,9 +275,10 @@ class FusedLlamaStep:
 
             if not fused.has_bf16_dot():
                 raise ValueError("FusedLlamaStep: dot=torch.bfloat16 needs a CPU with AVX512-BF16")
+        if dot != torch.float32:
             widths = {"d_model": d, "d_ff": dff, "heads x head_dim": w.n_heads * w.head_dim}
             if any(v % 32 for v in widths.values()):
-                raise ValueError(f"FusedLlamaStep: dot=torch.bfloat16 needs widths divisible by 32, got {widths}")
+                raise ValueError(f"FusedLlamaStep: dot={dot} needs widths divisible by 32, got {widths}")
         self.weights, self.dot, self.vocab = weights, dot, w.embed.shape[0]
         self.n_heads, self.head_dim, self.window, self.sinks = w.n_heads, w.head_dim, w.window, w.sinks
         self.mode = w.mode

@@ -50,7 +50,7 @@ int lt_llama_layout(long *out, int n) {
 static int check_llama(const lt_llama *m) {
     if (!m || m->n_layers < 1 || m->d < 1 || m->n_heads < 1 || m->n_kv_heads < 1 || m->n_heads % m->n_kv_heads ||
         m->head_dim < 2 || m->head_dim % 2 || m->dff < 1 || m->vocab < 1 || m->mode < 0 || m->mode > 2 ||
-        m->feature_map < 0 || m->feature_map > 2 || m->wkind < 0 || m->wkind > 3 || m->sinks < 0 ||
+        m->feature_map < 0 || m->feature_map > 2 || m->wkind < 0 || m->wkind > 4 || m->sinks < 0 ||
         (m->mode != LT_LINEAR && m->window < 1) || !m->inv_freq || !m->embed || !m->final_norm || !m->head)
         return 2;
     if (m->mode != LT_WINDOW && (m->feature_map == LT_HEDGEHOG ? (m->hh_m < 1 || m->n_features != 2 * m->hh_m)
@@ -125,8 +125,20 @@ static void rms_norm(int B, int d, const float *x, const float *w, float eps, fl
 static void gemv_kind(int kind, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
                       const float *x, float *y, const float *base) {
     if (j0 >= j1) return;
-    (kind == LT_I8 ? gemv_i8 : kind == LT_BF16_DOT ? gemv_bf16dot : kind == LT_BF16 ? gemv_bf16 : gemv_f32)(
-        B, n_in, n_out, j0, j1, W, bias, x, y, base);
+    (kind == LT_I8_DOT     ? gemv_i8dot
+     : kind == LT_I8       ? gemv_i8
+     : kind == LT_BF16_DOT ? gemv_bf16dot
+     : kind == LT_BF16     ? gemv_bf16
+                           : gemv_f32)(B, n_in, n_out, j0, j1, W, bias, x, y, base);
+}
+
+int lt_llama_gemv_f32(int wkind, int B, int n_in, int n_out, const void *W, const float *bias, const float *x,
+                      float *y) {
+    if (wkind < LT_F32 || wkind > LT_I8_DOT || B < 1 || n_in < 1 || n_out < 1 || !W || !x || !y) return 2;
+    if (wkind == LT_BF16_DOT && (!LT_HAS_BF16_DOT || n_in % 32)) return 2;
+    if (wkind == LT_I8_DOT && n_in % LT_I8_BLOCK) return 2;
+    gemv_kind(wkind, B, n_in, n_out, 0, n_out, W, bias, x, y, NULL);
+    return 0;
 }
 
 /* The rows [lo, hi) of the outputs of q, k and v stacked (one range of work over the three): each
@@ -375,6 +387,8 @@ int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const in
     if (check_llama(m) || B < 1 || !tokens || !positions || !seen || !work || !logits) return 2;
     if (work_size < lt_llama_work_size(m, B)) return 2;
     if (m->wkind == LT_BF16_DOT && (!LT_HAS_BF16_DOT || m->d % 32 || m->dff % 32 || (m->n_heads * m->head_dim) % 32))
+        return 2;
+    if (m->wkind == LT_I8_DOT && (m->d % LT_I8_BLOCK || m->dff % LT_I8_BLOCK || (m->n_heads * m->head_dim) % LT_I8_BLOCK))
         return 2;
     for (int b = 0; b < B; b++)
         if (tokens[b] < 0 || tokens[b] >= m->vocab || positions[b] < 0 || seen[b] < 0) return 2;

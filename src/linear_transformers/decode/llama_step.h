@@ -8,7 +8,7 @@
 
 enum { LT_LINEAR = 0, LT_HYBRID = 1, LT_WINDOW = 2 };        /* attention: linearize.LinearizeConfig.mode */
 enum { LT_HEDGEHOG = 0, LT_ELU = 1, LT_RELU = 2 };           /* feature maps */
-enum { LT_F32 = 0, LT_BF16 = 1, LT_BF16_DOT = 2, LT_I8 = 3 }; /* weight formats of the projections */
+enum { LT_F32 = 0, LT_BF16 = 1, LT_BF16_DOT = 2, LT_I8 = 3, LT_I8_DOT = 4 }; /* the projections' weight formats */
 
 typedef struct {
     int n_layers, d, n_heads, n_kv_heads, head_dim, dff, vocab;
@@ -19,7 +19,9 @@ typedef struct {
     int window, sinks;
     int wkind;       /* the seven projections' and the head's format: LT_F32, LT_BF16 (uint16, widened),
                         LT_BF16_DOT (bfloat16 pairs, AVX512-BF16; input widths multiples of 32), LT_I8 (an
-                        int8 matrix [out, in] followed by its out float32 scales) */
+                        int8 matrix [out, in] followed by its out float32 scales, widened to float32),
+                        LT_I8_DOT (the same int8 weights times inputs rounded to int8 per block of 32:
+                        int32 sums, gemv.h; input widths multiples of 32) */
     float rms_eps, attn_eps, rope_scale; /* rope_scale: transformers' attention_scaling (cos and sin) */
     const float *inv_freq;               /* [head_dim / 2]: RoPE's inverse frequencies (the model's buffer) */
     /* per layer, n_layers pointers each (PyTorch layouts: Linear weights [out, in] row-major) */
@@ -50,6 +52,13 @@ long lt_llama_work_size(const lt_llama *m, int B);
 int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const int64_t *positions, const int64_t *seen,
                        float *const *S, float *const *z, float *const *ring_k, float *const *ring_v,
                        float *const *sink_k, float *const *sink_v, float *work, long work_size, float *logits);
+
+/* One projection as the step computes it (tests, benchmarks): y [B, n_out] = x [B, n_in] W^T (+ bias
+ * [n_out] when given), W [n_out, n_in] in format wkind, on the calling thread. Returns 0, or 2 (a size,
+ * a pointer or a format out of range, or a format this build or these widths cannot run: nothing
+ * written). */
+int lt_llama_gemv_f32(int wkind, int B, int n_in, int n_out, const void *W, const float *bias, const float *x,
+                      float *y);
 
 /* Next tokens from logits [B, V] (token_sample.c): temperature 0 picks the largest logit; otherwise
  * softmax(logits / temperature) restricted to the top_k most likely (0: no limit) and then to the

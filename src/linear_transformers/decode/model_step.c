@@ -164,7 +164,7 @@ typedef struct {
 
 static lt_step step_layout(const lt_model *m, int B, float *work) {
     lt_step s;
-    s.B = B, s.Bp = roundv(B), s.batched = B >= LT_BATCHED_MIN && m->bf16 != 3, s.kind = m->bf16;
+    s.B = B, s.Bp = roundv(B), s.batched = B >= LT_BATCHED_MIN && m->bf16 < 3, s.kind = m->bf16;
 #ifdef LT_AMX
     s.amx = s.batched && s.kind == 2 && amx_enable();
 #else
@@ -178,9 +178,12 @@ static lt_step step_layout(const lt_model *m, int B, float *work) {
 /* 0, or 2 when the model's sizes or pointers are unusable (the caller's checks are not trusted). */
 static int check_model(const lt_model *m) {
     if (!m || m->n_layers < 1 || m->d < 1 || m->n_heads < 1 || m->dk < 1 || m->dv < 1 || m->dff < 1 ||
-        m->vocab < 1 || m->max_len < 1 || m->n_params < 1 || m->bf16 < 0 || m->bf16 > 3 || m->feature_map < 0 ||
+        m->vocab < 1 || m->max_len < 1 || m->n_params < 1 || m->bf16 < 0 || m->bf16 > 4 || m->feature_map < 0 ||
         m->feature_map > 1 || !m->embed || !m->head_w || !m->head_b || !m->norm_w != !m->norm_b)
         return 2;
+    /* dot products on bfloat16 pairs or int8 groups read whole blocks of 32 inputs */
+    if ((m->bf16 == 2 || m->bf16 == 4) && (m->d % 32 || (m->n_heads * m->dv) % 32 || m->dff % 32)) return 2;
+    if (m->bf16 == 2 && !LT_HAS_BF16_DOT) return 2;
     const float *const *arrays[12] = {m->ln1_w, m->ln1_b, m->qkv_w, m->qkv_b, m->out_w, m->out_b,
                                       m->ln2_w, m->ln2_b, m->ff1_w, m->ff1_b, m->ff2_w, m->ff2_b};
     for (int a = 0; a < 12; a++) {

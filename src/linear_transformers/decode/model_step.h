@@ -15,7 +15,9 @@ typedef struct {
                          2 bfloat16, and dot products on bfloat16 pairs (activations rounded to bfloat16,
                          AVX512-BF16 vdpbf16ps, float32 accumulation); 2 needs lt_has_bf16_dot();
                          3 int8, one float32 scale per output row after the matrix (gemv.h), widened to
-                         float32 (the row layout at every batch) */
+                         float32 (the row layout at every batch); 4 the same int8 weights times inputs
+                         rounded to int8 per block of 32 (int32 sums, gemv.h's gemv_i8dot; row layout);
+                         2 and 4 need input widths (d, H dv, dff) divisible by 32 */
     float ln_eps, attn_eps;
     /* per layer, n_layers pointers each (PyTorch layouts: Linear weights [out, in] row-major) */
     const float *const *ln1_w, *const *ln1_b, *const *qkv_w, *const *qkv_b, *const *out_w, *const *out_b;
