@@ -14,14 +14,42 @@
  *   then, in index order, the first kept token whose running sum of exp(x - max x) exceeds
  *   u * (the sum over the kept tokens), u ~ U[0, 1) drawn by the caller (so the random stream is
  *   PyTorch's generator).
- * Finding t never sorts: top-k and top-p both select (quickselect; for top-p weighted by
- * probability), linear in V on average. */
+ * Finding t never sorts: top-k selects (quickselect), top-p first files the candidates' mass into
+ * LT_TOP_P_BINS bins by value (one pass), then selects, weighted by probability, only among the
+ * candidates of the bin where the mass from the top reaches p: linear in V. exp(x - max) is
+ * computed in float64 lanes (vexp_d, within 2 ulp of libm's exp), the sums in float64. */
 
 #include "llama_step.h"
+#include "vec.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+typedef double vd __attribute__((vector_size(LT_VBYTES), aligned(8)));
+typedef int64_t vl __attribute__((vector_size(LT_VBYTES)));
+typedef float vfh __attribute__((vector_size(LT_VBYTES / 2), aligned(4)));
+#define VLD LT_VLD
+
+/* exp(x) for x <= 0 (or -inf) in float64 lanes: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts),
+ * exp(r) by its Taylor polynomial of degree 13 (truncation < 1e-17 relative), times 2^n built in
+ * the exponent bits; 0 below -708 (where 2^n would leave the normal range: such terms cannot
+ * change a sum that holds exp(0) = 1). */
+static inline vd vexp_d(vd x) {
+    const vl under = x < -708.0;
+    x = (vd)(((vl)x & ~under) | ((vl)((vd){0} - 708.0) & under));
+    const vd shift = (vd){0} + 6755399441055744.0; /* 1.5 * 2^52: adding it rounds to an integer */
+    const vd n = (x * 1.4426950408889634 + shift) - shift;
+    const vd r = (x - n * 0.6931471803691238) - n * 1.9082149292705877e-10;
+    static const double c[14] = {1.0 / 6227020800, 1.0 / 479001600, 1.0 / 39916800, 1.0 / 3628800, 1.0 / 362880,
+                                 1.0 / 40320,      1.0 / 5040,      1.0 / 720,      1.0 / 120,     1.0 / 24,
+                                 1.0 / 6,          0.5,             1.0,            1.0};
+    vd p = (vd){0} + c[0];
+    for (int i = 1; i < 14; i++) p = p * r + c[i];
+    const vl bits = (__builtin_convertvector(n, vl) + 1023) << 52;
+    return (vd)((vl)(p * (vd)bits) & ~under);
+}
 
 /* The k-th largest of x[0, n) (1 <= k <= n), leaving x[0, k) the k largest (in no order): quickselect. */
 static float kth_largest(float *x, long n, long k) {
@@ -51,12 +79,12 @@ static float kth_largest(float *x, long n, long k) {
     return x[want];
 }
 
-/* top-p's cut among the candidates idx[0, n) (e: their exp(x - max)): the value v with less than
- * `need` of the mass above it and at least `need` at or above it, found by selection (partitions
- * three ways around a pivot, keeping the part the cut is in; linear on average), never a sort. */
-static float top_p_cut(const float *x, const double *e, int32_t *idx, long n, double need) {
+/* top-p's cut among the candidates idx[0, n) (e: their exp(x - max)), given `above`, the mass of the
+ * candidates above all of them: the value v with less than `need` of the mass above it and at least
+ * `need` at or above it, found by selection (partitions three ways around a pivot, keeping the part
+ * the cut is in; linear on average), never a sort. */
+static float top_p_select(const float *x, const double *e, int32_t *idx, long n, double need, double above) {
     long lo = 0, hi = n;
-    double above = 0; /* the mass of the candidates already known to lie above [lo, hi) */
     for (;;) {
         const float a = x[idx[lo]], b = x[idx[lo + (hi - lo) / 2]], c = x[idx[hi - 1]];
         const float pivot = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
@@ -87,6 +115,36 @@ static float top_p_cut(const float *x, const double *e, int32_t *idx, long n, do
     }
 }
 
+/* top-p's cut among the candidates x >= t (e: their exp(x - top), 0 for the others; at least one):
+ * their mass is filed into bins by value (bin 0 holds the largest values: the bin is monotone in x,
+ * so each bin's values all lie below those of the bins before it), the bin where the mass from the
+ * top first reaches `need` found, and the cut selected among that bin's candidates alone. idx:
+ * scratch for V indices. */
+#define LT_TOP_P_BINS 4096
+static inline int bin_of(float v, float top, float scale) {
+    const int b = (int)((top - v) * scale);
+    return b < LT_TOP_P_BINS ? b : LT_TOP_P_BINS - 1;
+}
+
+static float top_p_cut(const float *x, const double *e, long V, float t, float top, int32_t *idx, double need) {
+    const float floor = t > -INFINITY ? t : -FLT_MAX; /* (-inf logits hold no mass: never the cut) */
+    float low = top;
+    for (long i = 0; i < V; i++) low = x[i] >= floor && x[i] < low ? x[i] : low;
+    if (!(top > low)) return top; /* every candidate holds the same value */
+    const float scale = (LT_TOP_P_BINS - 1) / (top - low);
+    double mass[LT_TOP_P_BINS] = {0};
+    for (long i = 0; i < V; i++)
+        if (x[i] >= floor) mass[bin_of(x[i], top, scale)] += e[i];
+    double above = 0;
+    int bin = 0;
+    while (bin < LT_TOP_P_BINS - 1 && !(above + mass[bin] >= need)) above += mass[bin++];
+    long n = 0;
+    for (long i = 0; i < V; i++)
+        if (x[i] >= floor && bin_of(x[i], top, scale) == bin) idx[n++] = (int32_t)i;
+    if (n == 0) return low; /* (the mass fell short of need by rounding: the lowest candidate) */
+    return top_p_select(x, e, idx, n, need, above);
+}
+
 /* One row: x [V] the scaled logits (finite or -inf, at least one finite), spare [V] and e [V]
  * scratch. exp(x - max) is computed once per token (e), the sums read it. */
 static long sample_row(const float *x, long V, long top_k, float top_p, float u, float *spare, double *e) {
@@ -102,16 +160,29 @@ static long sample_row(const float *x, long V, long top_k, float top_p, float u,
         t = kth_largest(spare, V, top_k);
     }
     double total = 0;
-    for (long i = 0; i < V; i++) {
+    long i = 0;
+    {
+        vd sums = (vd){0};
+        const vd topv = (vd){0} + (double)top;
+        const vfh tv = (vfh){0} + t;
+        for (; i + VLD <= V; i += VLD) {
+            vfh xv;
+            memcpy(&xv, x + i, sizeof xv);
+            const vl kept = __builtin_convertvector(xv >= tv, vl);
+            const vd ev = (vd)((vl)vexp_d(__builtin_convertvector(xv, vd) - topv) & kept);
+            memcpy(e + i, &ev, sizeof ev);
+            sums += ev;
+        }
+        double lanes[VLD];
+        memcpy(lanes, &sums, sizeof sums);
+        for (int l = 0; l < VLD; l++) total += lanes[l];
+    }
+    for (; i < V; i++) {
         e[i] = x[i] >= t ? exp((double)x[i] - top) : 0;
         total += e[i];
     }
     if (top_p < 1.0f) {
-        int32_t *idx = (int32_t *)spare; /* the candidates' indices */
-        long kept = 0;
-        for (long i = 0; i < V; i++)
-            if (x[i] >= t) idx[kept++] = (int32_t)i;
-        const float tp = top_p_cut(x, e, idx, kept, top_p * total);
+        const float tp = top_p_cut(x, e, V, t, top, (int32_t *)spare, top_p * total);
         if (tp > t) {
             t = tp;
             total = 0;
