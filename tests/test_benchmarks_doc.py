@@ -8,6 +8,7 @@ sources are CSVs written by `bench linearized` are also recomputed from them, nu
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,16 @@ def test_sampler_tables_equal_their_csvs(folder):
     for row in table:
         c, t = ms["C sampler", row[0], row[1]], ms["transformers", row[0], row[1]]
         assert row[2:] == [f"{c:.3f}", f"{t:.3f}", f"{t / c:.1f}x"], row[:2]
+
+
+def test_readme_quotes_its_headline_numbers_from_the_docs():
+    """Every number in the README's Benchmarks and Experiments sections appears in BENCHMARKS.md or
+    EXPERIMENTS.md (whose tables the tests above and tests/test_experiments_doc.py check against
+    their files): the README restates, it does not measure."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Benchmarks")
+    end = readme.index("\n## ", readme.index("## Experiments"))
+    docs = DOC + (ROOT / "EXPERIMENTS.md").read_text()
+    numbers = re.findall(r"(?<![\w.-])\d+(?:\.\d+)?(?![\w.])", readme[start:end])
+    missing = sorted({n for n in numbers if not re.search(rf"(?<![\d.]){re.escape(n)}(?!\d)", docs)})
+    assert not missing, f"README numbers found in neither BENCHMARKS.md nor EXPERIMENTS.md: {missing}"
