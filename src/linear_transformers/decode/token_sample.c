@@ -14,9 +14,10 @@
  *   then, in index order, the first kept token whose running sum of exp(x - max x) exceeds
  *   u * (the sum over the kept tokens), u ~ U[0, 1) drawn by the caller (so the random stream is
  *   PyTorch's generator).
- * Finding t never sorts: top-k selects (quickselect), top-p first files the candidates' mass into
- * LT_TOP_P_BINS bins by value (one pass), then selects, weighted by probability, only among the
- * candidates of the bin where the mass from the top reaches p: linear in V. exp(x - max) is
+ * Finding t never sorts: top-k and top-p first file the candidates into LT_TOP_P_BINS bins by value
+ * (one pass: counts, or probability mass), then select (quickselect; for top-p weighted by
+ * probability) only among the candidates of the bin where the count reaches k or the mass from the
+ * top reaches p: linear in V. exp(x - max) is
  * computed in float64 lanes (vexp_d, within 2 ulp of libm's exp), the sums in float64. */
 
 #include "llama_step.h"
@@ -126,6 +127,27 @@ static inline int bin_of(float v, float top, float scale) {
     return b < LT_TOP_P_BINS ? b : LT_TOP_P_BINS - 1;
 }
 
+/* The k-th largest finite value of x[0, V) (1 <= k < the number of finite values; top: the largest):
+ * the values counted into bins (as top_p_cut files them), then selected (kth_largest) among the
+ * bin's values only, which spare [V] receives: exactly the k-th largest, without a pass of
+ * quickselect over all V. */
+static float top_k_cut(const float *x, long V, long k, float top, float *spare) {
+    float low = top;
+    for (long i = 0; i < V; i++) low = x[i] >= -FLT_MAX && x[i] < low ? x[i] : low;
+    if (!(top > low)) return top;
+    const float scale = (LT_TOP_P_BINS - 1) / (top - low);
+    long count[LT_TOP_P_BINS] = {0};
+    for (long i = 0; i < V; i++)
+        if (x[i] >= -FLT_MAX) count[bin_of(x[i], top, scale)]++;
+    long above = 0;
+    int bin = 0;
+    while (above + count[bin] < k) above += count[bin++]; /* (bin < LT_TOP_P_BINS: k < the finite values) */
+    long n = 0;
+    for (long i = 0; i < V; i++)
+        if (x[i] >= -FLT_MAX && bin_of(x[i], top, scale) == bin) spare[n++] = x[i];
+    return kth_largest(spare, n, k - above);
+}
+
 static float top_p_cut(const float *x, const double *e, long V, float t, float top, int32_t *idx, double need) {
     const float floor = t > -INFINITY ? t : -FLT_MAX; /* (-inf logits hold no mass: never the cut) */
     float low = top;
@@ -155,10 +177,7 @@ static long sample_row(const float *x, long V, long top_k, float top_p, float u,
         n_finite += x[i] > -INFINITY;
     }
     float t = -INFINITY;
-    if (top_k > 0 && top_k < n_finite) {
-        memcpy(spare, x, sizeof(float) * V);
-        t = kth_largest(spare, V, top_k);
-    }
+    if (top_k > 0 && top_k < n_finite) t = top_k_cut(x, V, top_k, top, spare);
     double total = 0;
     long i = 0;
     {
