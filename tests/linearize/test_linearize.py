@@ -118,6 +118,28 @@ def test_converted_llama_steps_to_its_parallel_logits(mode, backend):
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 9:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["hybrid", "window"])
+def test_the_ring_keeps_each_key_value_head_once_and_beams_repeat_it(mode):
+    """6 query heads in 2 groups: the window's ring and the sinks hold 2 heads (a third of a
+    per-query-head ring), S and z 6; repeating rows for beams or samples works in every mode
+    (window mode has no S to count rows by); a step told the wrong group size says so."""
+    model = linearize(_tiny_llama(), LinearizeConfig(mode=mode, window=4, sinks=2))
+    cache = LinearizedCache()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 9)), past_key_values=cache, use_cache=True)
+    state = cache.states[0]
+    assert state.ring_k.shape == (2, 2, 4, 8) and state.sink_v.shape == (2, 2, 2, 8)
+    if mode == "hybrid":
+        assert state.S.shape[:2] == (2, 6)
+    cache.batch_repeat_interleave(3)
+    assert cache.states[0].seen.shape == (6,) and cache.states[1].ring_v.shape[0] == 6
+    attn = model.model.layers[0].self_attn
+    q = k = v = torch.randn(6, 6, 8)
+    fq = attn.feature_map_q(q) if mode == "hybrid" else None
+    with pytest.raises(ValueError, match="ring holds 2 key/value heads, but 6 query heads in groups of 1 make 6"):
+        step_attention(q, k, v, fq, attn.feature_map_k, cache.states[0], mode, 4, 2, 1e-6)
+
+
 def test_unsupported_models_and_settings_are_one_line_errors():
     with pytest.raises(ValueError, match="mode must be one of"):
         LinearizeConfig(mode="fast")

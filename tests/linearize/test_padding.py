@@ -71,7 +71,8 @@ def test_prefilled_state_and_steps_of_padded_rows_are_the_rows_alone(mode):
         qn, kn, vn = (torch.randn(len(starts), attn.n_heads, attn.head_dim) for _ in range(3))
         fq = attn.feature_map_q(qn) if mode != "window" else None
         cfg = attn.cfg
-        y = step_attention(qn, kn, vn, fq, attn.feature_map_k, state, mode, cfg.window, cfg.sinks, cfg.eps)
+        groups = attn.n_heads // attn.n_kv_heads
+        y = step_attention(qn, kn, vn, fq, attn.feature_map_k, state, mode, cfg.window, cfg.sinks, cfg.eps, groups)
         for b, a in enumerate(alone):
             fqb = None if fq is None else fq[b : b + 1]
             yb = step_attention(
@@ -85,6 +86,7 @@ def test_prefilled_state_and_steps_of_padded_rows_are_the_rows_alone(mode):
                 cfg.window,
                 cfg.sinks,
                 cfg.eps,
+                groups,
             )
             torch.testing.assert_close(y[b : b + 1], yb, rtol=1e-5, atol=1e-6)
 

@@ -191,8 +191,9 @@ static int llama(FILE *out) {
     m.embed = take(4 * (size_t)m.vocab * d), m.final_norm = take(4 * (size_t)d);
     m.head = take_matrix(m.wkind, m.vocab, d);
     const int64_t *tokens = take(8 * (size_t)n * B);
-    const size_t sizes[6] = {B * H * F * D, B * H * F, B * H * m.window * D, B * H * m.window * D,
-                             B * H * m.sinks * D, B * H * m.sinks * D};
+    const long Hk = m.n_kv_heads; /* (the ring and the sinks: one per key/value head) */
+    const size_t sizes[6] = {B * H * F * D, B * H * F, B * Hk * m.window * D, B * Hk * m.window * D,
+                             B * Hk * m.sinks * D, B * Hk * m.sinks * D};
     float **st[6];
     for (int j = 0; j < 6; j++) {
         st[j] = malloc(sizeof(float *) * L);

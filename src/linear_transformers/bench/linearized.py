@@ -201,15 +201,16 @@ def fused_perplexity(step, windows: torch.Tensor) -> float:
 
     B, T = windows.shape
     H, D, F, W, ns = step.n_heads, step.head_dim, step.n_features, step.window, step.sinks
+    Hk = step.struct.n_kv_heads  # (the ring and the sinks: one per key/value head)
     zeros = lambda *shape: torch.zeros(*shape)  # noqa: E731
     states = [
         HybridState(
             zeros(B, H, F, D),
             zeros(B, H, F),
-            zeros(B, H, W, D),
-            zeros(B, H, W, D),
-            zeros(B, H, ns, D),
-            zeros(B, H, ns, D),
+            zeros(B, Hk, W, D),
+            zeros(B, Hk, W, D),
+            zeros(B, Hk, ns, D),
+            zeros(B, Hk, ns, D),
         )
         for _ in range(step.struct.n_layers)
     ]

@@ -425,16 +425,16 @@ class FusedLlamaStep:
 
     def _check_states(self, B: int, states) -> list:
         H, D, F, W, ns = self.n_heads, self.head_dim, self.n_features, self.window, self.sinks
-        L = self.struct.n_layers
+        Hk, L = self.struct.n_kv_heads, self.struct.n_layers
         if len(states) != L:
             raise ValueError(f"fused Llama step: one state per layer ({L}), got {len(states)}")
         shapes = {
             "S": (B, H, F, D),
             "z": (B, H, F),
-            "ring_k": (B, H, W, D),
-            "ring_v": (B, H, W, D),
-            "sink_k": (B, H, ns, D),
-            "sink_v": (B, H, ns, D),
+            "ring_k": (B, Hk, W, D),
+            "ring_v": (B, Hk, W, D),
+            "sink_k": (B, Hk, ns, D),
+            "sink_v": (B, Hk, ns, D),
         }
         used = {"linear": ("S", "z"), "hybrid": tuple(shapes), "window": ("ring_k", "ring_v", "sink_k", "sink_v")}
         out = []

@@ -8,7 +8,8 @@
  *   per query head (k, v of its key/value group):
  *     linear  S += phi_k(k) v^T; z += phi_k(k); y = phi_q(q)^T S / (phi_q(q) . z + eps)
  *     hybrid  the key leaving the window (and not a sink) joins S and z; k, v enter the ring (slot
- *             position % window; the first `sinks` tokens also their own slots); y = (sum_j a_j v_j +
+ *             position % window; the first `sinks` tokens also their own slots; ring and sinks are
+ *             kept once per key/value head, S and z per query head); y = (sum_j a_j v_j +
  *             phi_q(q)^T S) / (sum_j a_j + phi_q(q) . z + eps), a_j = exp(q.k_j / sqrt(D) - max) over
  *             the ring's and the sinks' keys (linearize/attention.py, step_attention)
  *     window  the hybrid without S and z
@@ -232,9 +233,12 @@ static inline float dot(const float *a, const float *b, int n) {
 }
 
 /* One (row, query head): the attention output y [D] for the roped q and k and the value v of the
- * token at index t (= the row's seen), the layer's state of that row and head advanced. */
+ * token at index t (= the row's seen), S and z of that row and head advanced. The ring and the
+ * sinks (one per key/value head, shared by the group's query heads) are only read here: the new
+ * key and value stand in for the slot they will take, which ring_write fills after every head of
+ * the group has read the key leaving it. */
 static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, const float *v, float *S, float *z,
-                       float *ring_k, float *ring_v, float *sink_k, float *sink_v, float *y) {
+                       const float *ring_k, const float *ring_v, const float *sink_k, const float *sink_v, float *y) {
     const int D = m->head_dim, F = m->n_features, W = m->window, ns = m->sinks;
     const float *q = w->q, *k = w->k;
     if (m->mode == LT_LINEAR) { /* S += phi_k(k) v^T and the read of S, in one pass */
@@ -264,13 +268,8 @@ static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, con
         feature_map(m, l, h, 1, ring_k + (long)slot * D, w->fk);
         memcpy(w->vold, ring_v + (long)slot * D, sizeof(float) * D);
     }
-    memcpy(ring_k + (long)slot * D, k, sizeof(float) * D);
-    memcpy(ring_v + (long)slot * D, v, sizeof(float) * D);
-    if (t < ns) {
-        memcpy(sink_k + t * D, k, sizeof(float) * D);
-        memcpy(sink_v + t * D, v, sizeof(float) * D);
-    }
-    /* scores of the ring's valid slots (positions >= 0 and not sinks) and of the sinks seen */
+    /* scores of the ring's valid slots (positions >= 0 and not sinks) and of the sinks seen; the
+     * ring's slot `slot` and the sink t < sinks are this token's */
     const float scale = 1.0f / sqrtf((float)D);
     float *sc = w->score, top = -INFINITY;
     for (int s = 0; s < W + ns; s++) {
@@ -278,9 +277,9 @@ static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, con
         const float *key;
         if (s < W) {
             const long pos = t - ((t - s) % W + W) % W;
-            ok = pos >= 0 && pos >= ns, key = ring_k + (long)s * D;
+            ok = pos >= 0 && pos >= ns, key = s == slot ? k : ring_k + (long)s * D;
         } else {
-            ok = s - W <= t, key = sink_k + (long)(s - W) * D;
+            ok = s - W <= t, key = s - W == t ? k : sink_k + (long)(s - W) * D;
         }
         sc[s] = ok ? dot(q, key, D) * scale : -INFINITY;
         top = sc[s] > top ? sc[s] : top;
@@ -290,7 +289,7 @@ static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, con
     for (int s = 0; s < W + ns; s++) {
         if (sc[s] == -INFINITY) continue;
         const float a = expf(sc[s] - top);
-        const float *val = s < W ? ring_v + (long)s * D : sink_v + (long)(s - W) * D;
+        const float *val = s < W ? (s == slot ? v : ring_v + (long)s * D) : (s - W == t ? v : sink_v + (long)(s - W) * D);
         den += a;
         for (int e = 0; e < D; e++) y[e] += a * val[e];
     }
@@ -312,6 +311,20 @@ static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, con
     }
     const float inv = 1.0f / (den + m->attn_eps);
     for (int e = 0; e < D; e++) y[e] *= inv;
+}
+
+/* The token's roped key k and value v into its ring slot (and its sink slot while t < sinks), for one
+ * (row, key/value head): after every query head of the group has attended (attend_one). */
+static void ring_write(const lt_llama *m, long t, const float *k, const float *v, float *ring_k, float *ring_v,
+                       float *sink_k, float *sink_v) {
+    const int D = m->head_dim;
+    const long slot = t % m->window;
+    memcpy(ring_k + slot * D, k, sizeof(float) * D);
+    memcpy(ring_v + slot * D, v, sizeof(float) * D);
+    if (t < m->sinks) {
+        memcpy(sink_k + t * D, k, sizeof(float) * D);
+        memcpy(sink_v + t * D, v, sizeof(float) * D);
+    }
 }
 
 /* gate [n] = silu(gate) * up, VLF lanes at a time: sigmoid from e = exp(-|g|) (vexp_neg), 1 / (1 + e)
@@ -352,16 +365,28 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
             memcpy(t->k, s->k + (long)b * nk + (long)g * D, sizeof(float) * D);
             rope(D, s->cs + (long)b * D, t->q);
             rope(D, s->cs + (long)b * D, t->k);
-            const long bh = (long)b * H + hd;
+            const long bh = (long)b * H + hd, bg = (long)b * Hkv + g;
             attend_one(m, l, hd, (long)seen[b], t, s->v + (long)b * nk + (long)g * D, S ? S[l] + bh * F * D : NULL,
-                       z ? z[l] + bh * F : NULL, ring_k ? ring_k[l] + bh * W * D : NULL,
-                       ring_v ? ring_v[l] + bh * W * D : NULL, sink_k ? sink_k[l] + bh * ns * D : NULL,
-                       sink_v ? sink_v[l] + bh * ns * D : NULL, att + (long)b * nq + (long)hd * D);
+                       z ? z[l] + bh * F : NULL, ring_k ? ring_k[l] + bg * W * D : NULL,
+                       ring_v ? ring_v[l] + bg * W * D : NULL, sink_k ? sink_k[l] + bg * ns * D : NULL,
+                       sink_v ? sink_v[l] + bg * ns * D : NULL, att + (long)b * nq + (long)hd * D);
         }
 #pragma omp barrier
-        /* C: output projection and residual */
+        /* C: output projection and residual; the new keys and values into the rings (no head reads
+         * them until the next token) */
         share(d, 4, &lo, &hi);
         gemv_kind(kind, B, nq, d, lo, hi, m->wo[l], m->bo ? m->bo[l] : NULL, att, x, x);
+        if (ring_k) {
+            share(B * Hkv, 1, &lo, &hi);
+            for (int p = lo; p < hi; p++) {
+                const int b = p / Hkv, g = p % Hkv;
+                memcpy(t->k, s->k + (long)b * nk + (long)g * D, sizeof(float) * D);
+                rope(D, s->cs + (long)b * D, t->k);
+                ring_write(m, (long)seen[b], t->k, s->v + (long)b * nk + (long)g * D, ring_k[l] + (long)p * W * D,
+                           ring_v[l] + (long)p * W * D, ns ? sink_k[l] + (long)p * ns * D : NULL,
+                           ns ? sink_v[l] + (long)p * ns * D : NULL);
+            }
+        }
 #pragma omp barrier
         /* D: gate and up, silu(gate) * up into gate */
         rms_norm(B, d, x, m->mlp_norm[l], m->rms_eps, h);

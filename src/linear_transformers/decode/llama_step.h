@@ -46,8 +46,8 @@ long lt_llama_work_size(const lt_llama *m, int B);
  * tokens each row's state holds so far (the same in every layer; rows of a left-padded batch
  * differ). Per layer l, updated in place:
  * S[l] [B, H, F, D] and z[l] [B, H, F] (linear and hybrid; float32), ring_k[l], ring_v[l]
- * [B, H, window, D] (slot position % window) and sink_k[l], sink_v[l] [B, H, sinks, D] (hybrid and
- * window) - linearize.HybridState's tensors. logits [B, vocab]. Returns 0, 1 (out of memory) or 2 (a
+ * [B, Hkv, window, D] (slot position % window) and sink_k[l], sink_v[l] [B, Hkv, sinks, D] (hybrid and
+ * window; one per key/value head) - linearize.HybridState's tensors. logits [B, vocab]. Returns 0, 1 (out of memory) or 2 (a
  * size, token, position, count or pointer out of range: nothing is touched). */
 int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const int64_t *positions, const int64_t *seen,
                        float *const *S, float *const *z, float *const *ring_k, float *const *ring_v,

@@ -166,10 +166,11 @@ def hybrid_attention(
 
 @dataclass
 class HybridState:
-    """One layer's recurrent state: the linear part's S [B, H, F, Dv] and z [B, H, F] (float32, or
-    float64 for float64 inputs), the last `window` keys and values [B, H, window, D] (a ring, slot
-    position % window), the sink tokens' [B, H, sinks, D], and `seen` [B] (int64): the tokens each
-    row holds (its own: left padding is not seen, so a padded row's state is the one it has alone)."""
+    """One layer's recurrent state: the linear part's S [B, H, F, Dv] and z [B, H, F] per query head
+    (float32, or float64 for float64 inputs), the last `window` keys and values [B, Hkv, window, D]
+    per key/value head (a ring, slot position % window; a group's query heads share it), the sink
+    tokens' [B, Hkv, sinks, D], and `seen` [B] (int64): the tokens each row holds (its own: left
+    padding is not seen, so a padded row's state is the one it has alone)."""
 
     S: torch.Tensor | None
     z: torch.Tensor | None
@@ -216,11 +217,13 @@ def step_attention(
     window: int,
     sinks: int,
     eps: float,
+    groups: int = 1,
 ) -> torch.Tensor:
-    """One token: q, k [B, H, D], v [B, H, Dv] (after RoPE, k/v repeated over the query heads);
-    fq [B, H, F] the query's features; fk_of(k) the key map (applied to the key that leaves the
-    window, or to the new key in linear mode). Updates `state` in place; returns [B, H, Dv]. Each
-    row's token is its state.seen[b]-th (rows of a left-padded batch differ)."""
+    """One token: q, k [B, H, D], v [B, H, Dv] (after RoPE, k/v repeated over the query heads: each
+    key/value head `groups` times in a row); fq [B, H, F] the query's features; fk_of(k) the key map
+    (applied to the key that leaves the window, repeated over its group, or to the new key in linear
+    mode). The ring and the sinks keep each key/value head once. Updates `state` in place; returns
+    [B, H, Dv]. Each row's token is its state.seen[b]-th (rows of a left-padded batch differ)."""
     acc = state.S.dtype if state.S is not None else torch.float32
     if mode == "linear":
         fk = fk_of(k).to(acc)
@@ -232,17 +235,25 @@ def step_attention(
         state.seen = state.seen + 1
         return (num / (den + eps)).to(v.dtype)
     B, H, D = k.shape
+    Hk, Dv = H // groups, v.shape[-1]
+    k, v = k[:, ::groups], v[:, ::groups]  # [B, Hkv, D]: one per key/value head
     t = state.seen.to(k.device)  # [B]
     rows = torch.arange(B, device=k.device)
+    if state.ring_k is not None and state.ring_k.shape[1] != Hk:
+        raise ValueError(
+            f"step_attention: the state's ring holds {state.ring_k.shape[1]} key/value heads, but {H} query "
+            f"heads in groups of {groups} make {Hk}: pass groups = n_heads // n_kv_heads"
+        )
     if state.ring_k is None:
-        state.ring_k = k.new_zeros(B, H, window, D)
-        state.ring_v = v.new_zeros(B, H, window, v.shape[-1])
-        state.sink_k = k.new_zeros(B, H, sinks, D)
-        state.sink_v = v.new_zeros(B, H, sinks, v.shape[-1])
+        state.ring_k = k.new_zeros(B, Hk, window, D)
+        state.ring_v = v.new_zeros(B, Hk, window, Dv)
+        state.sink_k = k.new_zeros(B, Hk, sinks, D)
+        state.sink_v = v.new_zeros(B, Hk, sinks, Dv)
     slot = t % window
     leaving = (t >= window) & (t - window >= sinks)  # rows whose key leaving the window joins the state
     if mode == "hybrid" and bool(leaving.any()):
-        old_k, old_v = state.ring_k[rows, :, slot], state.ring_v[rows, :, slot]  # [B, H, D]
+        old_k, old_v = state.ring_k[rows, :, slot], state.ring_v[rows, :, slot]  # [B, Hkv, D]
+        old_k, old_v = old_k.repeat_interleave(groups, 1), old_v.repeat_interleave(groups, 1)
         fk = fk_of(old_k).to(acc) * leaving.to(acc)[:, None, None]
         state.S = state.S + fk[..., :, None] * old_v.to(acc)[..., None, :]
         state.z = state.z + fk
@@ -261,13 +272,17 @@ def step_attention(
     ring_ok = ((ring_pos >= 0) & (ring_pos >= sinks))[:, None]  # sink positions are counted once, from the sinks
     sink_ok = (torch.arange(sinks, device=k.device) <= t[:, None])[:, None]
     scale = 1.0 / math.sqrt(D)
-    s_ring = torch.einsum("bhd,bhwd->bhw", q, state.ring_k) * scale
-    s_sink = torch.einsum("bhd,bhsd->bhs", q, state.sink_k) * scale
+    qg = q.view(B, Hk, groups, D)  # (the query heads of each key/value head's group)
+    s_ring = torch.einsum("bgjd,bgwd->bgjw", qg, state.ring_k).reshape(B, H, window) * scale
+    s_sink = torch.einsum("bgjd,bgsd->bgjs", qg, state.sink_k).reshape(B, H, sinks) * scale
     s_ring = s_ring.masked_fill(~ring_ok, -math.inf)
     s_sink = s_sink.masked_fill(~sink_ok, -math.inf)
     m = torch.cat([s_ring, s_sink], dim=-1).amax(-1, keepdim=True)
     a_ring, a_sink = torch.exp(s_ring - m), torch.exp(s_sink - m)
-    num = torch.einsum("bhw,bhwd->bhd", a_ring, state.ring_v) + torch.einsum("bhs,bhsd->bhd", a_sink, state.sink_v)
+    num = torch.einsum("bgjw,bgwd->bgjd", a_ring.view(B, Hk, groups, window), state.ring_v) + torch.einsum(
+        "bgjs,bgsd->bgjd", a_sink.view(B, Hk, groups, sinks), state.sink_v
+    )
+    num = num.reshape(B, H, Dv)
     den = a_ring.sum(-1, keepdim=True) + a_sink.sum(-1, keepdim=True)
     if mode == "hybrid":
         fqa = fq.to(acc)

@@ -159,9 +159,11 @@ class LinearizedAttention(nn.Module):
         state.seen = n_own.clone()
         if cfg.mode == "linear":
             return state
-        W, ns = cfg.window, cfg.sinks
-        state.ring_k, state.ring_v = k.new_zeros(B, H, W, D), v.new_zeros(B, H, W, v.shape[-1])
-        state.sink_k, state.sink_v = k.new_zeros(B, H, ns, D), v.new_zeros(B, H, ns, v.shape[-1])
+        W, ns, groups = cfg.window, cfg.sinks, self.n_heads // self.n_kv_heads
+        k, v = k[:, :, ::groups], v[:, :, ::groups]  # (one per key/value head: the group shares its ring)
+        Hk = H // groups
+        state.ring_k, state.ring_v = k.new_zeros(B, Hk, W, D), v.new_zeros(B, Hk, W, v.shape[-1])
+        state.sink_k, state.sink_v = k.new_zeros(B, Hk, ns, D), v.new_zeros(B, Hk, ns, v.shape[-1])
         for b in range(B):  # (once per prompt: rows hold different numbers of tokens)
             s, n = int(start[b]), int(n_own[b])
             positions = torch.arange(max(0, n - W), n, device=k.device)  # the row's own, in its ring
@@ -178,7 +180,8 @@ class LinearizedAttention(nn.Module):
         """One token: q, k, v [B, H, D] -> [B, H, D]; `state` advances."""
         cfg = self.cfg
         fq = self.feature_map_q(q) if cfg.mode != "window" else None
-        return _step(q, k, v, fq, self.feature_map_k, state, cfg.mode, cfg.window, cfg.sinks, cfg.eps)
+        groups = self.n_heads // self.n_kv_heads
+        return _step(q, k, v, fq, self.feature_map_k, state, cfg.mode, cfg.window, cfg.sinks, cfg.eps, groups)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         """`padding_start` [B] (a keyword LinearLlamaForCausalLM passes from its 2-D attention_mask):
@@ -314,7 +317,7 @@ class LinearizedCache(Cache):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.states:
-            B = next(iter(self.states.values())).S.shape[0]
+            B = next(iter(self.states.values())).seen.shape[0]  # (S is None in window mode)
             self.reorder_cache(torch.arange(B).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
