@@ -51,6 +51,10 @@ TABLES = [
     ("format", "evidence/bench/linearized-c-call-2026-12-07-amd/"),
     ("format", "evidence/bench/linearized-own-loop-2026-12-07-amd"),
     ("top-k", "evidence/bench/linearized-own-loop-2026-12-07-amd"),
+    ("decoder", "evidence/bench/linearized-int8-dot-2026-12-07-amd"),
+    ("format", "evidence/bench/linearized-int8-dot-2026-12-07-amd"),
+    ("domain", "evidence/bench/linearized-int8-dot-2026-12-07-amd"),
+    ("top-k", "evidence/bench/linearized-int8-dot-2026-12-07-amd"),
     ("layers", "evidence/bench/hf-2026-12-02/"),
     ("arm", "evidence/bench/training-2026-12-07-amd/"),
     ("N", "evidence/bench/attention-f32-2026-12-07-amd/"),
@@ -110,8 +114,10 @@ def decode_cell(rows: dict, name: str, context: str) -> str:
     return f"{float(r['decode_ms']):.1f} ({float(r['decode_ms_min']):.1f})" if r else ""
 
 
-def test_linearized_decode_table_equals_its_csv():
-    folder = "evidence/bench/linearized-fused-2026-12-07-amd/"
+@pytest.mark.parametrize(
+    "folder", ["evidence/bench/linearized-fused-2026-12-07-amd/", "evidence/bench/linearized-int8-dot-2026-12-07-amd"]
+)
+def test_linearized_decode_tables_equal_their_csvs(folder):
     header, table = table_from(folder, 0)
     rows = {(r["model"], r["context"]): r for r in rows_of(ROOT / folder / "linearized.csv") if r["decode_ms"]}
     names = {"student, PyTorch layers": "student, PyTorch step", "llama.cpp F32": "llama.cpp f32"}
@@ -142,6 +148,7 @@ def floor_columns(r: dict) -> dict[str, str]:
         ("evidence/bench/linearized-floor-2026-12-07-amd/", 0),
         ("evidence/bench/linearized-c-call-2026-12-07-amd/", 0),
         ("evidence/bench/linearized-own-loop-2026-12-07-amd", 0),
+        ("evidence/bench/linearized-int8-dot-2026-12-07-amd", 1),
     ],
 )
 def test_linearized_floor_tables_equal_their_csvs(folder, n):
@@ -163,10 +170,10 @@ def test_linearized_floor_tables_equal_their_csvs(folder, n):
 
 @pytest.mark.parametrize(
     ("folder", "n"),
-    [("evidence/bench/linearized-fused-2026-12-07-amd/", 0)],
+    [("evidence/bench/linearized-fused-2026-12-07-amd/", 2), ("evidence/bench/linearized-int8-dot-2026-12-07-amd", 2)],
 )
 def test_linearized_perplexity_tables_equal_their_csvs(folder, n):
-    header, table = table_from(folder, 2 if "fused" in folder else 1)
+    header, table = table_from(folder, n)
     ppl = {(r["domain"], r["format"]): float(r["perplexity"]) for r in rows_of(ROOT / folder / "perplexity.csv")}
     for row in table:
         for column, cell in zip(header[1:], row[1:], strict=True):
@@ -177,9 +184,15 @@ def test_linearized_perplexity_tables_equal_their_csvs(folder, n):
                 assert cell == f"{ppl[row[0], column]:.3f}", (row[0], column)
 
 
-@pytest.mark.parametrize("folder", ["evidence/bench/linearized-own-loop-2026-12-07-amd"])
-def test_sampler_tables_equal_their_csvs(folder):
-    _, table = table_from(folder, 1 if "own-loop" in folder else 2)
+@pytest.mark.parametrize(
+    ("folder", "n"),
+    [
+        ("evidence/bench/linearized-own-loop-2026-12-07-amd", 1),
+        ("evidence/bench/linearized-int8-dot-2026-12-07-amd", 3),
+    ],
+)
+def test_sampler_tables_equal_their_csvs(folder, n):
+    _, table = table_from(folder, n)
     ms = {(r["sampler"], r["top_k"], r["top_p"]): float(r["ms"]) for r in rows_of(ROOT / folder / "sampling.csv")}
     for row in table:
         c, t = ms["C sampler", row[0], row[1]], ms["transformers", row[0], row[1]]
