@@ -272,7 +272,7 @@ def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
         return generate(self, *args, **kwargs)
 
     monkeypatch.setattr(CausalTransformer, "generate", spy)
-    names = ["bf16-weights"] + (["bf16"] if fused.has_bf16_dot() else [])
+    names = ["bf16-weights", "int8-dot"] + (["bf16"] if fused.has_bf16_dot() else [])
     for name in names:
         assert (
             cli_main(
@@ -308,7 +308,7 @@ def test_sample_cpu_precision(tmp_path, mnist_dir, capsys, monkeypatch):
     cli_error(
         capsys,
         ["sample", "--checkpoint", str(run), "--cpu-precision", "fp16"],
-        "--cpu-precision must be one of float32, bf16-weights, bf16, int8, got 'fp16'",
+        "--cpu-precision must be one of float32, bf16-weights, bf16, int8, int8-dot, got 'fp16'",
     )
     softmax = tmp_path / "softmax"
     cli_main(
