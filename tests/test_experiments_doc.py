@@ -148,10 +148,16 @@ def test_copy_table_equals_its_runs():
         "steps to 99% held-out accuracy",
         "s/step",
     )
+    for n, folder in enumerate(["copy", "copy-paper"]):  # the scaled-down task, then --paper's
+        check_copy_table(tables(header)[n], EVIDENCE / folder / "copy.csv")
+
+
+def check_copy_table(table: list[list[str]], source: Path) -> None:
     by_run: dict[tuple[str, str], list[dict]] = {}
-    for r in rows_of(EVIDENCE / "copy" / "copy.csv"):
+    for r in rows_of(source):
         by_run.setdefault((r["method"], r["seed"]), []).append(r)
-    for row in tables(header)[0]:
+    assert {row[0] for row in table} == {m for m, _ in by_run}, source
+    for row in table:
         runs = [rs for (m, _), rs in sorted(by_run.items()) if m == row[0]]
         assert len(runs) == int(row[1]), row[0]
         last = [rs[-1] for rs in runs]
@@ -160,6 +166,9 @@ def test_copy_table_equals_its_runs():
         assert row[3] == f"{sum(losses) / len(losses):.4f} ({min(losses):.4f}-{max(losses):.4f})", row[0]
         acc = [100 * float(r["eval_accuracy"]) for r in last]
         assert row[4] == f"{sum(acc) / len(acc):.2f} ({min(acc):.2f}-{max(acc):.2f})", row[0]
+        first = [next((r["step"] for r in rs if float(r["eval_accuracy"]) >= 0.99), None) for rs in runs]
+        want = "not reached" if first == [None] * len(first) else " / ".join(f or "not reached" for f in first)
+        assert row[5] == want, row[0]
 
 
 def test_linearisation_table_equals_its_results():

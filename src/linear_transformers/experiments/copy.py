@@ -70,7 +70,7 @@ class CopySettings:
     n_heads: int = count(2, "attention heads per block")
     d_model: int = count(64, "width of the residual stream (heads of 32 as the paper's: 8-wide heads learn slower)")
     d_ff: int = count(256, "width of each block's feed-forward layer")
-    lsh_buckets: int = count(8, "LSH buckets per sequence (chunks of ceil(34 / 8) = 5 positions; 16 with --paper)")
+    lsh_buckets: int = count(8, "LSH buckets per sequence (chunks of ceil(34 / 8) = 5 positions; --paper: of 16)")
     batch: int = count(64, "sequences per training step")
     steps: int = count(5000, "training steps of every run")
     lr: float = option(1e-3, "learning rate (RAdam)")
