@@ -179,7 +179,7 @@ def test_fused_step_with_bfloat16_dots_equals_rounding_then_float32(norm, batch)
     check_bfloat16_dots(norm, batch)
 
 
-def test_bfloat16_dots_are_refused_where_they_cannot_run():
+def test_dots_are_refused_where_they_cannot_run():
     if not fused.available():
         pytest.skip(f"no CPU kernel: {fused.unavailable_reason()}")
     model = _model(n_classes=0)
@@ -192,8 +192,12 @@ def test_bfloat16_dots_are_refused_where_they_cannot_run():
         fused.FusedModelStep(layers, io, **kw, weights=torch.bfloat16, dot=torch.float16)
     with pytest.raises(ValueError, match="io must map"):
         fused.FusedModelStep(layers, {**io, "embed": None}, **kw)
+    with pytest.raises(ValueError, match="dot=torch.int8 needs weights=torch.int8"):
+        fused.FusedModelStep(layers, io, **kw, weights=torch.bfloat16, dot=torch.int8)
+    narrow = CausalTransformer(ModelConfig(vocab_size=16, d_model=24, n_layers=1, n_heads=4, d_ff=64))
+    with pytest.raises(ValueError, match="dot=torch.int8 needs input widths divisible by 32"):
+        fused.from_model(narrow, torch.int8, torch.int8)
     if fused.has_bf16_dot():
-        narrow = CausalTransformer(ModelConfig(vocab_size=16, d_model=24, n_layers=1, n_heads=4, d_ff=64))
         with pytest.raises(ValueError, match="divisible by 32"):
             fused.from_model(narrow, torch.bfloat16, torch.bfloat16)
 

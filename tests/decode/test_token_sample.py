@@ -34,6 +34,17 @@ def test_every_build_samples_like_the_reference(each_build):
     check_c_equals_reference(60, seed=2)
 
 
+def test_logits_spanning_float32s_whole_range_are_cut_like_the_reference():
+    """Top-k and top-p file values into bins over [min, max]: a range too wide for float32 (the bins'
+    width overflows) still gives the reference's token."""
+    logits = torch.tensor([[3e38, -3e38, 1e38, 0.0, -1e38, 2e38, 5.0]])
+    for top_k, top_p in [(3, 1.0), (0, 0.5), (2, 0.9)]:
+        for u in (0.0, 0.5, 0.99):
+            u_ = torch.tensor([u])
+            want = llama.sample_tokens_reference(logits, 1.0, top_k, top_p, u_)
+            assert torch.equal(llama.sample_tokens(logits, 1.0, top_k, top_p, u_), want), (top_k, top_p, u)
+
+
 def test_it_samples_the_filtered_distribution():
     """Over a fine grid of u, each token's share is its probability after temperature, top-k and
     top-p, within the grid's resolution; tokens the filters drop never appear."""

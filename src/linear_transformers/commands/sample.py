@@ -43,7 +43,7 @@ class SampleConfig:
         "float32",
         "linear RNN on the CPU, the fused step's weights: float32, bf16-weights, "
         "bf16 (bfloat16 dot products, AVX512-BF16), int8 (int8 weights) or int8-dot (int8 weights and "
-        "int8 dot products: the fastest; see README)",
+        "int8 dot products: faster for batches; see README)",
     )
     fused_step: bool = option(
         True,

@@ -179,16 +179,10 @@ class FusedModelStep:
             )
         if dot not in (torch.float32, torch.bfloat16, torch.int8):
             raise ValueError(f"FusedModelStep: dot must be torch.float32, torch.bfloat16 or torch.int8, got {dot}")
-        if dot == torch.int8:
-            if weights != torch.int8:
-                raise ValueError("FusedModelStep: dot=torch.int8 needs weights=torch.int8")
-            widths = {n: layers[0][n].shape[1] for n in self.PROJECTIONS}
-            if any(w % 32 for w in widths.values()):
-                raise ValueError(f"FusedModelStep: dot=torch.int8 needs input widths divisible by 32, got {widths}")
-        if dot == torch.bfloat16:
-            if weights != torch.bfloat16:
-                raise ValueError("FusedModelStep: dot=torch.bfloat16 needs weights=torch.bfloat16")
-            if not has_bf16_dot():
+        if dot != torch.float32:  # bfloat16 pairs or int8 groups: whole blocks of 32 inputs
+            if weights != dot:
+                raise ValueError(f"FusedModelStep: dot={dot} needs weights={dot}")
+            if dot == torch.bfloat16 and not has_bf16_dot():
                 level = native.build_info(LIBRARY).level
                 raise ValueError(
                     "FusedModelStep: dot=torch.bfloat16 needs a CPU with AVX512-BF16 (vdpbf16ps) and a kernel built "
@@ -196,7 +190,7 @@ class FusedModelStep:
                 )
             widths = {n: layers[0][n].shape[1] for n in self.PROJECTIONS}
             if any(w % 32 for w in widths.values()):
-                raise ValueError(f"FusedModelStep: dot=torch.bfloat16 needs input widths divisible by 32, got {widths}")
+                raise ValueError(f"FusedModelStep: dot={dot} needs input widths divisible by 32, got {widths}")
         d, dff = layers[0]["ln1_w"].numel(), layers[0]["ff1_w"].shape[0]  # (before any flat int8 copy)
         if weights != torch.float32:  # copies of the four projections: a half (bfloat16) or a quarter (int8) of
             # the bytes to stream per token

@@ -604,15 +604,19 @@ static void batched_gemv(int amx, int kind, int B, int n_in, int n_out, int j0, 
     }
 }
 
+/* The row-layout GEMV of a weight format: 0 float32, 1 bfloat16 widened, 2 bfloat16 dots, 3 int8
+ * widened, 4 int8 dots (llama_step.h's LT_F32 .. LT_I8_DOT; model_step.h's bf16 field). */
+typedef void (*gemv_fn)(int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias, const float *x,
+                        float *y, const float *base);
+static inline gemv_fn gemv_of(int kind) {
+    return kind == 4 ? gemv_i8dot : kind == 3 ? gemv_i8 : kind == 2 ? gemv_bf16dot : kind ? gemv_bf16 : gemv_f32;
+}
+
 /* With gelu set, GELU (exact) is applied after the products, VLF outputs at a time (vgelu): libm's
  * scalar erff cost as much as the bfloat16 products at batch 1. */
 static void gemv(int bf16, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
                  const float *x, float *y, const float *base, int gelu) {
-    (bf16 == 4   ? gemv_i8dot
-     : bf16 == 3 ? gemv_i8
-     : bf16 == 2 ? gemv_bf16dot
-     : bf16      ? gemv_bf16
-                 : gemv_f32)(B, n_in, n_out, j0, j1, W, bias, x, y, base);
+    gemv_of(bf16)(B, n_in, n_out, j0, j1, W, bias, x, y, base);
     for (int b = 0; gelu && b < B; b++) gelu_row(y + (long)b * n_out + j0, j1 - j0);
 }
 

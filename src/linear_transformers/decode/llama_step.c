@@ -125,19 +125,14 @@ static void rms_norm(int B, int d, const float *x, const float *w, float eps, fl
 
 static void gemv_kind(int kind, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
                       const float *x, float *y, const float *base) {
-    if (j0 >= j1) return;
-    (kind == LT_I8_DOT     ? gemv_i8dot
-     : kind == LT_I8       ? gemv_i8
-     : kind == LT_BF16_DOT ? gemv_bf16dot
-     : kind == LT_BF16     ? gemv_bf16
-                           : gemv_f32)(B, n_in, n_out, j0, j1, W, bias, x, y, base);
+    if (j0 < j1) gemv_of(kind)(B, n_in, n_out, j0, j1, W, bias, x, y, base);
 }
 
 int lt_llama_gemv_f32(int wkind, int B, int n_in, int n_out, const void *W, const float *bias, const float *x,
                       float *y) {
     if (wkind < LT_F32 || wkind > LT_I8_DOT || B < 1 || n_in < 1 || n_out < 1 || !W || !x || !y) return 2;
-    if (wkind == LT_BF16_DOT && (!LT_HAS_BF16_DOT || n_in % 32)) return 2;
-    if (wkind == LT_I8_DOT && n_in % LT_I8_BLOCK) return 2;
+    if ((wkind == LT_BF16_DOT || wkind == LT_I8_DOT) && n_in % 32) return 2;
+    if (wkind == LT_BF16_DOT && !LT_HAS_BF16_DOT) return 2;
     gemv_kind(wkind, B, n_in, n_out, 0, n_out, W, bias, x, y, NULL);
     return 0;
 }
@@ -411,10 +406,10 @@ int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const in
                        float *const *sink_k, float *const *sink_v, float *work, long work_size, float *logits) {
     if (check_llama(m) || B < 1 || !tokens || !positions || !seen || !work || !logits) return 2;
     if (work_size < lt_llama_work_size(m, B)) return 2;
-    if (m->wkind == LT_BF16_DOT && (!LT_HAS_BF16_DOT || m->d % 32 || m->dff % 32 || (m->n_heads * m->head_dim) % 32))
+    /* dot products on bfloat16 pairs or int8 groups read whole blocks of 32 inputs (= LT_I8_BLOCK) */
+    if ((m->wkind == LT_BF16_DOT || m->wkind == LT_I8_DOT) && (m->d % 32 || m->dff % 32 || (m->n_heads * m->head_dim) % 32))
         return 2;
-    if (m->wkind == LT_I8_DOT && (m->d % LT_I8_BLOCK || m->dff % LT_I8_BLOCK || (m->n_heads * m->head_dim) % LT_I8_BLOCK))
-        return 2;
+    if (m->wkind == LT_BF16_DOT && !LT_HAS_BF16_DOT) return 2;
     for (int b = 0; b < B; b++)
         if (tokens[b] < 0 || tokens[b] >= m->vocab || positions[b] < 0 || seen[b] < 0) return 2;
     const int linear = m->mode != LT_WINDOW, windowed = m->mode != LT_LINEAR;

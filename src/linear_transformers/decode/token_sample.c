@@ -17,8 +17,8 @@
  * Finding t never sorts: top-k and top-p first file the candidates into LT_TOP_P_BINS bins by value
  * (one pass: counts, or probability mass), then select (quickselect; for top-p weighted by
  * probability) only among the candidates of the bin where the count reaches k or the mass from the
- * top reaches p: linear in V. exp(x - max) is
- * computed in float64 lanes (vexp_d, within 2 ulp of libm's exp), the sums in float64. */
+ * top reaches p: linear in V. exp(x - max) is computed in float64 lanes (vexp_d, within 2 ulp of
+ * libm's exp), the sums in float64. */
 
 #include "llama_step.h"
 #include "vec.h"
@@ -123,8 +123,16 @@ static float top_p_select(const float *x, const double *e, int32_t *idx, long n,
  * scratch for V indices. */
 #define LT_TOP_P_BINS 4096
 static inline int bin_of(float v, float top, float scale) {
-    const int b = (int)((top - v) * scale);
-    return b < LT_TOP_P_BINS ? b : LT_TOP_P_BINS - 1;
+    const float f = (top - v) * scale; /* (NaN for inf * 0, past an overflowed range: the last bin) */
+    return f < LT_TOP_P_BINS - 1 ? (int)f : LT_TOP_P_BINS - 1;
+}
+
+/* The bins' scale for the values x >= floor (top: the largest; *low gets the smallest, top when
+ * all are equal). A range too wide for float32 gives 0: every value in bin 0, still exact. */
+static float bin_scale(const float *x, long V, float floor, float top, float *low) {
+    *low = top;
+    for (long i = 0; i < V; i++) *low = x[i] >= floor && x[i] < *low ? x[i] : *low;
+    return top > *low ? (LT_TOP_P_BINS - 1) / (top - *low) : 0.0f;
 }
 
 /* The k-th largest finite value of x[0, V) (1 <= k < the number of finite values; top: the largest):
@@ -132,10 +140,9 @@ static inline int bin_of(float v, float top, float scale) {
  * bin's values only, which spare [V] receives: exactly the k-th largest, without a pass of
  * quickselect over all V. */
 static float top_k_cut(const float *x, long V, long k, float top, float *spare) {
-    float low = top;
-    for (long i = 0; i < V; i++) low = x[i] >= -FLT_MAX && x[i] < low ? x[i] : low;
+    float low;
+    const float scale = bin_scale(x, V, -FLT_MAX, top, &low);
     if (!(top > low)) return top;
-    const float scale = (LT_TOP_P_BINS - 1) / (top - low);
     long count[LT_TOP_P_BINS] = {0};
     for (long i = 0; i < V; i++)
         if (x[i] >= -FLT_MAX) count[bin_of(x[i], top, scale)]++;
@@ -150,10 +157,9 @@ static float top_k_cut(const float *x, long V, long k, float top, float *spare) 
 
 static float top_p_cut(const float *x, const double *e, long V, float t, float top, int32_t *idx, double need) {
     const float floor = t > -INFINITY ? t : -FLT_MAX; /* (-inf logits hold no mass: never the cut) */
-    float low = top;
-    for (long i = 0; i < V; i++) low = x[i] >= floor && x[i] < low ? x[i] : low;
+    float low;
+    const float scale = bin_scale(x, V, floor, top, &low);
     if (!(top > low)) return top; /* every candidate holds the same value */
-    const float scale = (LT_TOP_P_BINS - 1) / (top - low);
     double mass[LT_TOP_P_BINS] = {0};
     for (long i = 0; i < V; i++)
         if (x[i] >= floor) mass[bin_of(x[i], top, scale)] += e[i];

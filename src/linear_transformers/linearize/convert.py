@@ -82,6 +82,7 @@ class LinearizedAttention(nn.Module):
         self.layer_idx = getattr(softmax_attention, "layer_idx", 0)
         self.head_dim = softmax_attention.head_dim
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.groups = n_heads // n_kv_heads  # query heads per key/value head
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, getattr(softmax_attention, name))
         self.feature_map_q = make_feature_map(cfg.feature_map, n_heads, self.head_dim)
@@ -95,9 +96,8 @@ class LinearizedAttention(nn.Module):
         v = self.v_proj(hidden_states).view(B, T, self.n_kv_heads, self.head_dim)
         cos, sin = position_embeddings
         q, k = _rope(q, k, cos, sin)
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+        if self.groups > 1:
+            k, v = k.repeat_interleave(self.groups, dim=2), v.repeat_interleave(self.groups, dim=2)
         return q, k, v
 
     def attend(self, q, k, v, start: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
@@ -139,7 +139,7 @@ class LinearizedAttention(nn.Module):
         state leave), computed in one pass: the keys that left the window (and are no sinks) summed
         into S and z, the last `window` keys and values in their ring slots, the sinks'. start [B]:
         left padding; row b's state is that of its tokens from start[b] on, alone."""
-        cfg, (B, T, H, D) = self.cfg, k.shape
+        cfg, (B, T, _, D) = self.cfg, k.shape
         start = torch.zeros(B, dtype=torch.int64) if start is None else start.to("cpu", torch.int64)
         state = self.new_state(q)
         acc = state.S.dtype
@@ -159,9 +159,8 @@ class LinearizedAttention(nn.Module):
         state.seen = n_own.clone()
         if cfg.mode == "linear":
             return state
-        W, ns, groups = cfg.window, cfg.sinks, self.n_heads // self.n_kv_heads
-        k, v = k[:, :, ::groups], v[:, :, ::groups]  # (one per key/value head: the group shares its ring)
-        Hk = H // groups
+        W, ns, Hk = cfg.window, cfg.sinks, self.n_kv_heads
+        k, v = k[:, :, :: self.groups], v[:, :, :: self.groups]  # (one per key/value head: the group shares its ring)
         state.ring_k, state.ring_v = k.new_zeros(B, Hk, W, D), v.new_zeros(B, Hk, W, v.shape[-1])
         state.sink_k, state.sink_v = k.new_zeros(B, Hk, ns, D), v.new_zeros(B, Hk, ns, v.shape[-1])
         for b in range(B):  # (once per prompt: rows hold different numbers of tokens)
@@ -180,8 +179,7 @@ class LinearizedAttention(nn.Module):
         """One token: q, k, v [B, H, D] -> [B, H, D]; `state` advances."""
         cfg = self.cfg
         fq = self.feature_map_q(q) if cfg.mode != "window" else None
-        groups = self.n_heads // self.n_kv_heads
-        return _step(q, k, v, fq, self.feature_map_k, state, cfg.mode, cfg.window, cfg.sinks, cfg.eps, groups)
+        return _step(q, k, v, fq, self.feature_map_k, state, cfg.mode, cfg.window, cfg.sinks, cfg.eps, self.groups)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         """`padding_start` [B] (a keyword LinearLlamaForCausalLM passes from its 2-D attention_mask):
