@@ -13,7 +13,7 @@ and memory are divided by the batch: per sample. Every implementation is first c
 reference on the benchmark's shapes; then each (method, N) is timed forward+backward and forward
 only, and its extra peak memory (fwd+bwd) measured. A point is skipped, and marked so, when its
 estimated peak memory exceeds --memory-gib or its time, extrapolated from the previous length, exceeds
---max-seconds. Writes figure1.csv, figure1.png (two log-log panels like the paper's) and table.md.
+--max-seconds. Writes figure1.csv, figure1.png (two log-log panels like the paper's), table.md and run.json.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import ops
 from ..ops import lsh, naive
 from ..options import add_options, count, option
-from ..results import finish_log_log, fmt, machine_info, markdown_table, write_csv
+from ..results import finish_log_log, fmt, machine_info, markdown_table, provenance, write_csv, write_run_record
 from .measure import peak_extra_memory, rel_error
 
 METHODS = ("softmax", "softmax-math", "linear", "lsh-1", "lsh-4", "lsh-8")
@@ -231,6 +231,7 @@ def write_results(out: Path, rows: list[dict], info: dict, threads: int, config:
 def main(args: argparse.Namespace) -> int:
     if args.quick:
         args.fig_lengths, args.heads, args.dim, args.tokens, args.lsh_chunk = [128, 256], 2, 16, 512, 16
+    started = provenance(getattr(args, "command_line", None))  # (run.json: what made the results)
     torch.set_num_threads(args.threads)
     info = machine_info()
     config = f"H={args.heads} D={args.dim} float32, {args.tokens} tokens per batch, LSH chunk {args.lsh_chunk}"
@@ -270,5 +271,6 @@ def main(args: argparse.Namespace) -> int:
     plot(rows, out / "figure1.png", f"one causal attention layer, {config}\n{info['cpu']}, {args.threads} threads")
     print()
     print(table)
-    print(f"wrote {out / 'figure1.csv'}, {out / 'figure1.png'}, {out / 'table.md'}")
+    write_run_record(out, started, config=config, threads=args.threads, max_seconds=args.max_seconds)
+    print(f"wrote {out / 'figure1.csv'}, {out / 'figure1.png'}, {out / 'table.md'}, {out / 'run.json'}")
     return 0
