@@ -1,9 +1,12 @@
 """Where every table of BENCHMARKS.md comes from. Each table (found by its header row, in order) is
 listed in TABLES with its source: a committed file or folder under evidence/ (which must exist and be
 named in its section above the table), "summary" (a targets table whose cells quote the tables above
-it), or "uncommitted: why" for runs whose files were never kept (older runs, said in the text). A new
-table fails test_every_table_has_a_known_source until its source is decided. The tables whose
-sources are CSVs written by `bench linearized` are also recomputed from them, number by number."""
+it), or "uncommitted: why" for a one-off whose code was not kept (said in the text). Runs whose
+files were never kept live in docs/bench/*-history.md, not here. A new table fails
+test_every_table_has_a_known_source until its source is decided. Every number of a table with a
+committed source must be found, at the precision shown, among the numbers of its source's files;
+the tables whose sources are CSVs written by `bench linearized` are also recomputed from them,
+number by number."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ DOC = (ROOT / "BENCHMARKS.md").read_text()
 LINES = DOC.splitlines()
 
 SUMMARY = "summary"
-OLD_RUN = "uncommitted: a run of 2026-11-27/28 that wrote to the ignored results/ (said in the text)"
+ONE_OFF = "uncommitted: a one-off experiment with a build-time switch not kept in the code (said in the text)"
 
 # (the table's first column header, its source), in the order of BENCHMARKS.md
 TABLES = [
@@ -33,15 +36,15 @@ TABLES = [
     ("forward, median (best) ms", "evidence/bench/threads-2026-12-03-amd/"),
     ("level", "evidence/bench/isa-levels-2026-12-03-amd-omp/"),
     ("level", "evidence/bench/generate-levels-2026-12-03-amd/"),
-    ("N", OLD_RUN),
+    ("N", "evidence/bench/attention-2026-12-07-amd/"),
     ("target", SUMMARY),
     ("backend", "evidence/bench/dispatch-2026-12-02"),
-    ("N", OLD_RUN),
-    ("N", OLD_RUN),
-    ("config", OLD_RUN),
-    ("config", OLD_RUN),
-    ("method", OLD_RUN),
-    ("method", OLD_RUN),
+    ("N", "evidence/bench/figure1-2026-12-07-amd/"),
+    ("N", "evidence/bench/figure1-2026-12-07-amd/"),
+    ("method", "evidence/bench/generate-tables-2026-12-07-amd/"),
+    ("method", "evidence/bench/generate-tables-2026-12-07-amd/"),
+    ("config", "evidence/bench/generate-tables-2026-12-07-amd/"),
+    ("config", "evidence/bench/generate-tables-2026-12-07-amd/"),
     ("", "evidence/bench/generate-tables-2026-12-07-amd/"),
     ("target", SUMMARY),
     ("decoder", "evidence/bench/linearized-fused-2026-12-07-amd/"),
@@ -60,7 +63,7 @@ TABLES = [
     ("N", "evidence/bench/attention-f32-2026-12-07-amd/"),
     ("target", SUMMARY),
     ("N", "evidence/bench/attention-bf16-2026-12-07-amd/"),
-    ("forward products", "evidence/bench/attention-bf16-2026-12-07-amd/before-7927842/"),
+    ("forward products", ONE_OFF),
     ("bfloat16, D=64, N", "evidence/bench/gpu_h200.csv"),
 ]
 
@@ -107,6 +110,87 @@ def test_a_committed_source_exists_and_is_named_above_its_table(index):
     line = doc_tables()[index][0]
     section = max(i for i in range(line) if LINES[i].startswith("## "))
     assert source.rstrip("/") in "\n".join(LINES[section:line]), f"{source} is not named in its section above it"
+
+
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\d.])")  # (a ratio "1.58x" is 1.58)
+SOURCE_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def numbers_in(source: str) -> list[float]:
+    """Every number written in a source: the file, or the CSV, Markdown, JSON and text files under it."""
+    path = ROOT / source
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.suffix in (".csv", ".md", ".json", ".txt")]
+    return [float(m) for f in files for m in SOURCE_NUMBER.findall(f.read_text())]
+
+
+def shown_as(cell: str, values: list[float]) -> bool:
+    """Is some value of the source, rounded to the cell's decimals, the number the cell shows?"""
+    digits = len(cell.partition(".")[2])
+    return any(abs(v - float(cell)) <= 0.5 * 10**-digits * (1 + 1e-9) for v in values)
+
+
+def row_ratios(row: list[str]) -> list[float]:
+    """The quotients of every two numbers of a row that are not themselves ratios ("1.58x")."""
+    plain = [float(m.group()) for cell in row[1:] for m in NUMBER.finditer(cell) if cell[m.end() : m.end() + 1] != "x"]
+    return [a / b for a in plain for b in plain if b]
+
+
+# sources whose tables are recomputed from their CSVs column by column by a test below instead
+RECOMPUTED = ("evidence/bench/attention-f32-2026-12-07-amd/", "evidence/bench/attention-bf16-2026-12-07-amd/")
+
+
+@pytest.mark.parametrize("index", range(len(TABLES)))
+def test_every_number_of_a_table_is_in_its_source(index):
+    _, source = TABLES[index]
+    if source in (SUMMARY, *RECOMPUTED) or source.startswith("uncommitted: "):
+        return
+    values = numbers_in(source)
+    _, _, rows = doc_tables()[index]
+    missing = []
+    for row in rows:
+        for cell in row[1:]:
+            for m in NUMBER.finditer(cell):
+                ratio = cell[m.end() : m.end() + 1] == "x"  # (a ratio may be of two numbers of its row)
+                if not shown_as(m.group(), values + (row_ratios(row) if ratio else [])):
+                    missing.append(m.group())
+    assert not missing, f"table {index} ({TABLES[index][0]!r}): numbers not in {source}: {missing}"
+
+
+def attention_rows(folder: str) -> dict[tuple[str, int], dict[str, float]]:
+    rows = rows_of(ROOT / folder / "attention.csv")
+    return {(r["impl"], int(r["N"])): {k: float(v) for k, v in r.items() if v and k.endswith(("_ms", "_mib"))} for r in rows}
+
+
+def test_float32_kernel_table_equals_its_csv():
+    header, table = table_from("evidence/bench/attention-f32-2026-12-07-amd/")
+    by = attention_rows("evidence/bench/attention-f32-2026-12-07-amd/")
+    for row in table:
+        k, c, s = (by[impl, int(row[0])] for impl in ("cpu", "chunked", "softmax"))
+        want = [
+            f"{k['fwdbwd_ms']:.1f} ({k['fwdbwd_min_ms']:.1f})",
+            f"{c['fwdbwd_ms']:.1f}",
+            f"{s['fwdbwd_ms']:.1f}",
+            f"{c['fwd_ms'] / k['fwd_ms']:.2f}x / {c['fwdbwd_ms'] / k['fwdbwd_ms']:.2f}x",
+            f"{s['fwdbwd_ms'] / k['fwdbwd_ms']:.1f}x",
+        ]
+        assert row[1:6] == want, row[0]
+
+
+def test_bfloat16_kernel_table_equals_its_csv():
+    _, table = table_from("evidence/bench/attention-bf16-2026-12-07-amd/")
+    by = attention_rows("evidence/bench/attention-bf16-2026-12-07-amd/")
+    for row in table:
+        k, f, c, s = (by[impl, int(row[0])] for impl in ("cpu", "cpu-f32", "chunked", "softmax"))
+        want = [
+            f"{k['fwdbwd_ms']:.1f}",
+            f"{f['fwdbwd_ms']:.1f}",
+            f"{f['fwd_ms'] / k['fwd_ms']:.2f}x",
+            f"{f['fwdbwd_ms'] / k['fwdbwd_ms']:.2f}x",
+            f"{c['fwdbwd_ms'] / k['fwdbwd_ms']:.1f}x",
+            f"{s['fwdbwd_ms'] / k['fwdbwd_ms']:.1f}x",
+            f"{k['fwdbwd_peak_mib']:.0f} / {f['fwdbwd_peak_mib']:.0f}",
+        ]
+        assert row[1:] == want, row[0]
 
 
 def decode_cell(rows: dict, name: str, context: str) -> str:
