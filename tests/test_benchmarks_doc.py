@@ -1,8 +1,7 @@
 """Where every table of BENCHMARKS.md comes from. Each table (found by its header row, in order) is
 listed in TABLES with its source: a committed file or folder under evidence/ (which must exist and be
 named in its section above the table), "summary" (a targets table whose cells quote the tables above
-it), or "uncommitted: why" for a one-off whose code was not kept (said in the text). Runs whose
-files were never kept live in docs/bench/*-history.md, not here. A new table fails
+it). Runs whose files were never kept live in docs/bench/*-history.md, not here. A new table fails
 test_every_table_has_a_known_source until its source is decided. Every number of a table with a
 committed source must be found, at the precision shown, among the numbers of its source's files;
 the tables whose sources are CSVs written by `bench linearized` are also recomputed from them,
@@ -22,7 +21,6 @@ DOC = (ROOT / "BENCHMARKS.md").read_text()
 LINES = DOC.splitlines()
 
 SUMMARY = "summary"
-ONE_OFF = "uncommitted: a one-off experiment with a build-time switch not kept in the code (said in the text)"
 
 # (the table's first column header, its source), in the order of BENCHMARKS.md
 TABLES = [
@@ -63,7 +61,6 @@ TABLES = [
     ("N", "evidence/bench/attention-f32-2026-12-07-amd/"),
     ("target", SUMMARY),
     ("N", "evidence/bench/attention-bf16-2026-12-07-amd/"),
-    ("forward products", ONE_OFF),
     ("bfloat16, D=64, N", "evidence/bench/gpu_h200.csv"),
 ]
 
@@ -104,7 +101,7 @@ def test_every_table_has_a_known_source():
 @pytest.mark.parametrize("index", range(len(TABLES)))
 def test_a_committed_source_exists_and_is_named_above_its_table(index):
     _, source = TABLES[index]
-    if source == SUMMARY or source.startswith("uncommitted: "):
+    if source == SUMMARY:
         return
     assert (ROOT / source).exists(), source
     line = doc_tables()[index][0]
@@ -142,7 +139,7 @@ RECOMPUTED = ("evidence/bench/attention-f32-2026-12-07-amd/", "evidence/bench/at
 @pytest.mark.parametrize("index", range(len(TABLES)))
 def test_every_number_of_a_table_is_in_its_source(index):
     _, source = TABLES[index]
-    if source in (SUMMARY, *RECOMPUTED) or source.startswith("uncommitted: "):
+    if source in (SUMMARY, *RECOMPUTED):
         return
     values = numbers_in(source)
     _, _, rows = doc_tables()[index]
@@ -158,11 +155,13 @@ def test_every_number_of_a_table_is_in_its_source(index):
 
 def attention_rows(folder: str) -> dict[tuple[str, int], dict[str, float]]:
     rows = rows_of(ROOT / folder / "attention.csv")
-    return {(r["impl"], int(r["N"])): {k: float(v) for k, v in r.items() if v and k.endswith(("_ms", "_mib"))} for r in rows}
+    return {
+        (r["impl"], int(r["N"])): {k: float(v) for k, v in r.items() if v and k.endswith(("_ms", "_mib"))} for r in rows
+    }
 
 
 def test_float32_kernel_table_equals_its_csv():
-    header, table = table_from("evidence/bench/attention-f32-2026-12-07-amd/")
+    _, table = table_from("evidence/bench/attention-f32-2026-12-07-amd/")
     by = attention_rows("evidence/bench/attention-f32-2026-12-07-amd/")
     for row in table:
         k, c, s = (by[impl, int(row[0])] for impl in ("cpu", "chunked", "softmax"))

@@ -246,7 +246,8 @@ def main(args: argparse.Namespace) -> int:
 
     formats = _formats(args)
     teacher, student = _models(args)
-    for line in verify(teacher, student, formats):
+    checks = verify(teacher, student, formats)
+    for line in checks:
         print(line, flush=True)
     cpp_tags = [t for t in args.llama_cpp if t != "none"]
     unknown = [t for t in cpp_tags if t not in (*LLAMA_CPP_TYPES, "q4_1")]
@@ -398,11 +399,11 @@ def main(args: argparse.Namespace) -> int:
         write_csv(args.out / "perplexity.csv", ppl_rows)
     write_csv(args.out / "linearized.csv", rows)
     write_csv(args.out / "floor.csv", floor_rows)
-    report(args, rows, floor_rows, ppl_rows, sampling_rows)
+    report(args, rows, floor_rows, ppl_rows, sampling_rows, checks)
     return 0
 
 
-def report(args, rows: list[dict], floor_rows: list[dict], ppl_rows: list[dict], sampling_rows=()) -> None:
+def report(args, rows: list[dict], floor_rows: list[dict], ppl_rows: list[dict], sampling_rows=(), checks=()) -> None:
     out = args.out
     info = machine_info()
     header = (
@@ -525,6 +526,7 @@ def report(args, rows: list[dict], floor_rows: list[dict], ppl_rows: list[dict],
         "options": {k: str(v) for k, v in vars(args).items()},
         "machine": info,
         "provenance": provenance(),
+        "checks": list(checks),  # (what verify() printed: each decoder's error against the parallel forward)
     }
     (out / "run.json").write_text(json.dumps(record, indent=1))
     import matplotlib
