@@ -6,6 +6,8 @@ docs/experiments-history.md, not here."""
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import json
 from pathlib import Path
 
@@ -59,6 +61,27 @@ def test_mnist_tables_equal_their_csvs():
             assert row[3] == f"{float(r['test_bpd']):.3f}", (folder, method, "test bits/dim")
             checked += 1
         assert checked >= 2, f"{folder}: no row of the table matched the CSV's methods"
+
+
+def test_mnist_curve_table_equals_its_logs():
+    """The 24,000-step run's held-out curve, every 3000 steps, from its three training logs."""
+
+    def curve(method: str) -> dict[int, float]:
+        raw = gzip.decompress((EVIDENCE / "image-mnist-24000-steps" / method / "run" / "log.csv.gz").read_bytes())
+        rows = csv.DictReader(io.StringIO(raw.decode()))
+        return {int(r["step"]): float(r["test_bits_per_dim"]) for r in rows if r["test_bits_per_dim"]}
+
+    softmax, linear, lsh = curve("softmax"), curve("linear"), curve("lsh-1")
+    (table,) = tables(head("step", *(str(s) for s in range(3000, 24001, 3000))))
+    steps = range(3000, 24001, 3000)
+    want = {
+        "softmax": [f"{softmax[s]:.3f}" for s in steps],
+        "linear": [f"{linear[s]:.3f}" for s in steps],
+        "gap": [f"{linear[s] - softmax[s]:+.3f}" for s in steps],
+        "lsh-1": [f"{lsh[s]:.3f}" for s in steps],
+        "lsh-1 - softmax": [f"{lsh[s] - softmax[s]:+.3f}" for s in steps],
+    }
+    assert {row[0]: row[1:] for row in table} == want
 
 
 def test_speech_tables_equal_their_csvs():
