@@ -107,6 +107,10 @@ def test_quick_speech_experiment(tmp_path, capsys):
     assert {r["paper_per"] for r in rows} == {"10.94", "5.12", "8.08", "9.33"}
     assert (tmp_path / "out" / "speech.png").read_bytes()[:4] == b"\x89PNG"
     assert "paper PER % (WSJ)" in (tmp_path / "out" / "table.md").read_text()
+    for r in rows:  # the held-out PER after every epoch (--per-every 1), the last one the table's
+        curve = list(csv.DictReader((tmp_path / "out" / r["method"] / "per_epoch.csv").read_text().splitlines()))
+        assert len(curve) == 2 and float(curve[0]["epoch"]) < float(curve[1]["epoch"]), r["method"]
+        assert float(curve[-1]["test_per"]) == pytest.approx(float(r["test_per"]))
     assert main(args) == 0
     assert capsys.readouterr().out.count("finished earlier with these settings") == 4
     assert main([*args, "--corpus-only"]) == 0

@@ -73,6 +73,12 @@ class SpeechSettings:
     d_model: int = count(256, "width of the residual stream")
     d_ff: int = count(1024, "width of each block's feed-forward layer")
     dropout: float = option(0.1, "dropout of every model")
+    per_every: int = option(
+        1,
+        "the held-out PER after every N epochs, for the plot and per_epoch.csv (its time is not "
+        "counted as training; 0: only at the end)",
+        low=0,
+    )
     lsh_buckets: int = count(8, "LSH buckets per sequence (chunks of about length / 8 steps)")
     seed: int = option(0, "seed of the initialisation and data order")
     data_path: str = option("", "a real corpus: DIR/train and DIR/test with .wav + .phn files")
@@ -83,7 +89,7 @@ class SpeechSettings:
 
 
 # what a result depends on: not where it ran
-NOT_SETTINGS = ("methods", "device")
+NOT_SETTINGS = ("methods", "device", "per_every")  # (per_every changes no result: old runs still resume)
 # --wsj-length: utterances of about 8 s (WSJ's average), every 10 ms frame a model step, equal epochs.
 # Sized for about half an hour on 2 CPU cores without the Bi-LSTM (EXPERIMENTS.md: what it costs at
 # this length): 350 utterances (0.8 h), 2 epochs, transformers of 4 layers 128 wide.
@@ -243,9 +249,13 @@ def utterance_errors(model: nn.Module, items: list[tuple], batch: int, device=No
     return errors
 
 
-def phoneme_error_rate(model: nn.Module, items: list[tuple], batch: int, device=None) -> float:
-    errors = utterance_errors(model, items, batch, device)
+def per_of(errors: list[int], items: list[tuple]) -> float:
+    """The phoneme error rate (%) of per-utterance phone errors against the items' references."""
     return 100.0 * sum(errors) / max(sum(len(ref) for _, ref in items), 1)
+
+
+def phoneme_error_rate(model: nn.Module, items: list[tuple], batch: int, device=None) -> float:
+    return per_of(utterance_errors(model, items, batch, device), items)
 
 
 def paired_bootstrap(
@@ -294,11 +304,11 @@ def run_method(method: str, s: SpeechSettings, train: list, test: list, out: Pat
     ctc = nn.CTCLoss(blank=0, zero_infinity=True)
     rng = np.random.default_rng(s.seed)
     frames_per_epoch = sum(len(x) for x, _ in train)
-    history, steps, frames_seen = [], 0, 0
+    history, curve, steps, frames_seen = [], [], 0, 0
     start = time.perf_counter()
     limit = 60 * s.minutes if s.minutes else float("inf")
     stopped = False
-    for _epoch in range(s.max_epochs):
+    for epoch in range(s.max_epochs):
         model.train()
         for idx in batches(train, s.batch, rng):
             x, lengths, targets, target_lengths = (t.to(device) for t in collate(train, idx))
@@ -319,10 +329,22 @@ def run_method(method: str, s: SpeechSettings, train: list, test: list, out: Pat
                 break
         if stopped:
             break
+        if s.per_every and (epoch + 1) % s.per_every == 0 and epoch + 1 < s.max_epochs:
+            paused = time.perf_counter()  # (the clock stops: evaluation is not training time)
+            curve.append(
+                {
+                    "method": method,
+                    "epoch": frames_seen / frames_per_epoch,
+                    "step": steps,
+                    "test_per": per_of(utterance_errors(model, test, s.batch, device), test),
+                }
+            )
+            start += time.perf_counter() - paused
     train_s = time.perf_counter() - start
     epochs = frames_seen / frames_per_epoch
     errors = utterance_errors(model, test, s.batch, device)
-    per = 100.0 * sum(errors) / max(sum(len(ref) for _, ref in test), 1)
+    per = per_of(errors, test)
+    curve.append({"method": method, "epoch": epochs, "step": steps, "test_per": per})
     row = {
         "method": method,
         "seed": s.seed,
@@ -341,7 +363,8 @@ def run_method(method: str, s: SpeechSettings, train: list, test: list, out: Pat
     )
     (out / (name or method)).mkdir(parents=True, exist_ok=True)
     write_csv(out / (name or method) / "loss.csv", history)
-    return {"row": row, "history": history}
+    write_csv(out / (name or method) / "per_epoch.csv", curve)
+    return {"row": row, "history": history, "per_curve": curve}
 
 
 def summary(rows: list[dict]) -> str:
@@ -380,13 +403,18 @@ def summary(rows: list[dict]) -> str:
     )
 
 
-def plot(histories: list[list[dict]], path: Path, labels: list[str] | None = None) -> None:
+def plot(
+    histories: list[list[dict]], path: Path, labels: list[str] | None = None, curves: list[list[dict]] | None = None
+) -> None:
+    """The training loss against time; beside it, where runs kept one, the held-out PER against epochs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    with_per = bool(curves) and any(len(c) > 1 for c in curves)
+    fig, axes = plt.subplots(1, 2 if with_per else 1, figsize=(12, 4) if with_per else (6.5, 4), squeeze=False)
+    ax = axes[0][0]
     for i, h in enumerate(histories):
         if h:
             label = labels[i] if labels else h[0]["method"]
@@ -396,6 +424,16 @@ def plot(histories: list[list[dict]], path: Path, labels: list[str] | None = Non
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
+    if with_per:
+        right = axes[0][1]
+        for i, c in enumerate(curves):
+            if c:
+                label = labels[i] if labels else c[0]["method"]
+                right.plot([r["epoch"] for r in c], [r["test_per"] for r in c], "o-", ms=3, label=label)
+        right.set_xlabel("epochs")
+        right.set_ylabel("held-out PER %")
+        right.legend()
+        right.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -437,7 +475,7 @@ def settings_from(args: argparse.Namespace) -> SpeechSettings:
                 train_utterances=12,
                 test_utterances=4,
                 minutes=0.0,
-                max_epochs=1,
+                max_epochs=2,  # (two points of the held-out PER curve)
                 batch=4,
                 lstm_hidden=8,
                 lstm_layers=2,
@@ -550,7 +588,7 @@ def main(args: argparse.Namespace) -> int:
             f"for {', '.join(todo)}",
             flush=True,
         )
-    rows, histories = [], []
+    rows, histories, curves = [], [], []
     for method, k, name in runs:
         sk = replace(s, seed=k)
         (result,) = finished_or_run(
@@ -562,6 +600,7 @@ def main(args: argparse.Namespace) -> int:
         )
         rows.append(result["row"])
         histories.append(result["history"])
+        curves.append(result.get("per_curve", []))  # (runs from before per_every kept none)
     errors = {}  # per method, each test utterance's phone errors averaged over its seeds
     for method in s.methods:
         mine = [r["utterance_errors"] for r in rows if r["method"] == method and "utterance_errors" in r]
@@ -573,7 +612,7 @@ def main(args: argparse.Namespace) -> int:
         write_csv(out / "bootstrap.csv", boot)
     rows = [{k: v for k, v in r.items() if k != "utterance_errors"} for r in rows]
     write_csv(out / "speech.csv", rows)
-    plot(histories, out / "speech.png", [name for _, _, name in runs])
+    plot(histories, out / "speech.png", [name for _, _, name in runs], curves)
     table = summary(rows)
     if boot:
         table += (
