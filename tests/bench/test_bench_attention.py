@@ -30,6 +30,7 @@ def test_quick_attention_benchmark(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "chunked vs naive, outputs and dq/dk/dv" in out and "cpu vs naive, outputs and dq/dk/dv" in out
     assert str(tmp_path) in out
+    assert (tmp_path / "log.txt").read_text() == out  # (the dispatcher keeps what a benchmark printed)
 
 
 def test_auto_paired_rounds_balance_the_order(monkeypatch):

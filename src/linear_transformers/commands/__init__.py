@@ -10,10 +10,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import io
 import shlex
 import sys
+from pathlib import Path
 
 from ..options import Parser
+
+
+class _Tee(io.StringIO):
+    """While entered, everything written to stdout also goes into this buffer."""
+
+    def __enter__(self):
+        self._stdout = sys.stdout
+        sys.stdout = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout = self._stdout
+
+    def write(self, text: str) -> int:
+        self._stdout.write(text)
+        return super().write(text)
+
+    def flush(self) -> None:
+        self._stdout.flush()
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -134,7 +155,15 @@ def dispatch(prog: str, argv: list[str] | None = None, table: dict | None = None
         # which options were given (presets such as --quick and --paper fill in only the others)
         args.given = given_options(parser, rest)
         args.command_line = shlex.join([*prog.split(), name, *rest])  # (results record what made them)
-        return importlib.import_module(entry.module).main(args)
+        run = importlib.import_module(entry.module).main
+        if not entry.module.startswith("linear_transformers.bench."):
+            return run(args)
+        with _Tee() as printed:  # (a benchmark's folder keeps what it printed: its checks, its timings)
+            code = run(args)
+        out = getattr(args, "out", None)
+        if out is not None and Path(out).is_dir():
+            (Path(out) / "log.txt").write_text(printed.getvalue())
+        return code
     # no command named: the listing (--help, --version), or what was wrong, in one line
     parser = Parser(prog=prog, description=DESCRIPTION if table is COMMANDS else None)
     if version:
