@@ -269,6 +269,9 @@ def _llama_request(model, wkind: int, tokens: torch.Tensor) -> bytes:
     def matrix(t):
         return llama.quantize_int8(t).numpy().tobytes() if wkind in (3, 4) else raw(t)
 
+    def hedgehog_weight(t):  # (the maps' weights in the projections' family)
+        return llama.quantize_map_int8(t).numpy().tobytes() if wkind in (3, 4) else raw(t)
+
     body = [raw(w.inv_freq)]
     for layer in w.layers:
         body += [raw(layer["attn_norm"]), raw(layer["mlp_norm"])]
@@ -276,7 +279,12 @@ def _llama_request(model, wkind: int, tokens: torch.Tensor) -> bytes:
         if has_bias:
             body += [raw(layer[k]) for k in ("bq", "bk", "bv", "bo")]
         if hedgehog:
-            body += [raw(layer[k]) for k in ("fq_w", "fq_b", "fk_w", "fk_b")]
+            body += [
+                hedgehog_weight(layer["fq_w"]),
+                raw(layer["fq_b"]),
+                hedgehog_weight(layer["fk_w"]),
+                raw(layer["fk_b"]),
+            ]
     body += [raw(w.embed), raw(w.final_norm), matrix(w.head)]
     return header + floats + b"".join(body) + tokens.T.contiguous().numpy().astype(np.int64).tobytes()
 

@@ -16,7 +16,8 @@
  *     IN:  int64 n_layers, d, n_heads, n_kv_heads, head_dim, dff, vocab, mode, feature_map, n_features,
  *          hh_m, window, sinks, wkind (0 float32, 3 int8 or 4 int8 dots), has_bias, B, n; float32 rms_eps, attn_eps,
  *          rope_scale; inv_freq [head_dim / 2]; per layer attn_norm, mlp_norm, wq, wk, wv, wo, wg, wu,
- *          wd (in wkind's layout), [bq, bk, bv, bo], [fq_w, fq_b, fk_w, fk_b (Hedgehog)]; embed,
+ *          wd (in wkind's layout), [bq, bk, bv, bo], [fq_w, fq_b, fk_w, fk_b (Hedgehog; fq_w and fk_w
+ *          in wkind's family: float32, or int8 [H, D, m] then [H, m] float32 column scales)]; embed,
  *          final_norm, head (in wkind's layout); int64 tokens [n, B]
  *     OUT: float32 logits [n, B, vocab], then per layer S, z, ring_k, ring_v, sink_k, sink_v
  *   kernel_harness gemv IN OUT        lt_llama_gemv_f32: one projection in a weight format
@@ -174,8 +175,10 @@ static int llama(FILE *out) {
             a[12][l] = take(4 * (size_t)d);
         }
         if (hedgehog) {
-            a[13][l] = take(4 * (size_t)(H * D * m.hh_m)), a[14][l] = take(4 * (size_t)(H * m.hh_m));
-            a[15][l] = take(4 * (size_t)(H * D * m.hh_m)), a[16][l] = take(4 * (size_t)(H * m.hh_m));
+            /* the maps' weights in the projections' family: float32, or int8 then [H, m] float32 scales */
+            const size_t nm = (size_t)(H * D * m.hh_m), map = m.wkind == LT_F32 ? 4 * nm : nm + 4 * (size_t)(H * m.hh_m);
+            a[13][l] = take(map), a[14][l] = take(4 * (size_t)(H * m.hh_m));
+            a[15][l] = take(map), a[16][l] = take(4 * (size_t)(H * m.hh_m));
         }
     }
     m.attn_norm = (const float *const *)a[0], m.mlp_norm = (const float *const *)a[1];
@@ -185,8 +188,8 @@ static int llama(FILE *out) {
         m.bo = (const float *const *)a[12];
     }
     if (hedgehog) {
-        m.fq_w = (const float *const *)a[13], m.fq_b = (const float *const *)a[14];
-        m.fk_w = (const float *const *)a[15], m.fk_b = (const float *const *)a[16];
+        m.fq_w = (const void *const *)a[13], m.fq_b = (const float *const *)a[14];
+        m.fk_w = (const void *const *)a[15], m.fk_b = (const float *const *)a[16];
     }
     m.embed = take(4 * (size_t)m.vocab * d), m.final_norm = take(4 * (size_t)d);
     m.head = take_matrix(m.wkind, m.vocab, d);

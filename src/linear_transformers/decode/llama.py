@@ -193,6 +193,34 @@ def int8_dot_reference(packed: torch.Tensor, n_out: int, n_in: int, x: torch.Ten
     return (per_block * s.double()[..., None, :]).sum(-1) * scale
 
 
+def quantize_map_int8(w: torch.Tensor) -> torch.Tensor:
+    """Hedgehog weights [H, D, m] in int8 with one float32 scale per (head, column), symmetric over the D
+    inputs: the int8 tensor [H, D, m] then the [H, m] scales, as one flat int8 tensor (llama_step.h)."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1) / 127.0  # [H, m]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(w / scale[:, None, :]), -127, 127).to(torch.int8)
+    return torch.cat([q.reshape(-1), scale.contiguous().view(torch.int8).reshape(-1)])
+
+
+def dequantize_map_int8(packed: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The float32 [H, D, m] Hedgehog weights an int8 map packing stands for (tests)."""
+    H, D, m = shape
+    q = packed[: H * D * m].view(H, D, m).float()
+    return q * packed[H * D * m :].clone().view(torch.float32).view(H, 1, m)
+
+
+def convert_map(w: torch.Tensor, weights: torch.dtype) -> torch.Tensor:
+    """Hedgehog weights [H, D, m] in the projections' family (a copy unless float32): the maps are
+    read once a token like the projections, and the narrow formats narrow them too."""
+    w = w.detach()
+    if weights == torch.float32:
+        return w
+    if weights == torch.bfloat16:
+        return w.to(torch.bfloat16).contiguous()
+    return quantize_map_int8(w)
+
+
 def convert(w: torch.Tensor, weights: torch.dtype) -> torch.Tensor:
     """A projection in the step's weight format (a copy unless float32)."""
     w = w.detach()
@@ -282,13 +310,15 @@ class FusedLlamaStep:
         self.weights, self.dot, self.vocab = weights, dot, w.embed.shape[0]
         self.n_heads, self.head_dim, self.window, self.sinks = w.n_heads, w.head_dim, w.window, w.sinks
         self.mode = w.mode
-        layers = [
-            {
-                k: (convert(t, weights) if k in PROJECTIONS else None if t is None else t.detach())
-                for k, t in layer.items()
-            }
-            for layer in w.layers
-        ]
+
+        def in_format(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if name in PROJECTIONS:
+                return convert(t, weights)
+            return convert_map(t, weights) if name in ("fq_w", "fk_w") else t.detach()
+
+        layers = [{k: in_format(k, t) for k, t in layer.items()} for layer in w.layers]
         head = w.head.detach() if weights == torch.float32 else convert(w.head, weights)
         self.held = (layers, w.embed.detach(), w.final_norm.detach(), head, w.inv_freq.detach())  # kept alive
         L = len(layers)
@@ -305,7 +335,7 @@ class FusedLlamaStep:
         F = w.head_dim
         hh_m = 0
         if w.feature_map == "hedgehog" and w.mode != "window":
-            hh_m = layers[0]["fq_w"].shape[-1]
+            hh_m = w.layers[0]["fq_w"].shape[-1]
             F = 2 * hh_m
         self.n_features = F
         self.struct = _LtLlama(

@@ -153,17 +153,35 @@ static void qkv_share(int kind, int B, int d, int nq, int nk, int lo, int hi, co
     }
 }
 
-/* The Hedgehog map of one head: u = x W + b (W [D, m], b [m]); phi = [softmax(u), softmax(-u)]. */
-static void hedgehog(int D, int m, const float *x, const float *W, const float *b, float *phi) {
+/* The Hedgehog map of one head: u = x W + b (W [D, m], b [m]); phi = [softmax(u), softmax(-u)]. W is in
+ * the projections' weight family (map_format): float32; bfloat16, widened; or int8 with one float32
+ * scale per column j (scales [m]: u_j = b_j + s_j sum_i x_i W_ij). Reading the 30 layers' maps is
+ * traffic the weights' floor does not count, so the narrow formats narrow it too. */
+static void hedgehog(int D, int m, int fmt, const float *x, const void *W, const float *scales, const float *b,
+                     float *phi) {
     float *u = phi; /* u in the first half, then both halves from it */
-    for (int j = 0; j < m; j++) u[j] = b[j];
+    for (int j = 0; j < m; j++) u[j] = fmt == LT_I8 ? 0.0f : b[j];
     for (int i = 0; i < D; i++) {
         const float xi = x[i];
-        const float *w = W + (long)i * m;
+        const long row = (long)i * m;
         int j = 0;
-        for (; j + VLF <= m; j += VLF) vstore(u + j, vload(u + j) + xi * vload(w + j));
-        for (; j < m; j++) u[j] += xi * w[j];
+        if (fmt == LT_F32)
+            for (; j + VLF <= m; j += VLF) vstore(u + j, vload(u + j) + xi * wload_f32(W, row + j));
+        else if (fmt == LT_BF16)
+            for (; j + VLF <= m; j += VLF) vstore(u + j, vload(u + j) + xi * wload_bf16(W, row + j));
+        else
+            for (; j + VLF <= m; j += VLF) vstore(u + j, vload(u + j) + xi * wload_i8(W, row + j));
+        for (; j < m; j++)
+            u[j] += xi * (fmt == LT_F32    ? wscalar_f32(W, row + j)
+                          : fmt == LT_BF16 ? wscalar_bf16(W, row + j)
+                                           : wscalar_i8(W, row + j));
     }
+    if (fmt == LT_I8)
+        for (int j = 0; j < m; j++) {
+            float sj;
+            memcpy(&sj, scales + j, sizeof sj); /* (the scales follow the int8 matrix: maybe unaligned) */
+            u[j] = b[j] + sj * u[j];
+        }
     float hi = u[0], lo = u[0];
     for (int j = 1; j < m; j++) hi = u[j] > hi ? u[j] : hi, lo = u[j] < lo ? u[j] : lo;
     float sp = 0, sn = 0;
@@ -184,12 +202,24 @@ static void hedgehog(int D, int m, const float *x, const float *W, const float *
     for (j = 0; j < m; j++) phi[j] *= ip, phi[m + j] *= in;
 }
 
+/* The Hedgehog maps' format for a weight format: the projections' family, without their dot products. */
+static int map_format(int wkind) { return wkind == LT_F32 ? LT_F32 : wkind <= LT_BF16_DOT ? LT_BF16 : LT_I8; }
+
+/* Bytes of one layer's Hedgehog weights [H, D, m] in a map format (then, for int8, the [H, m] scales). */
+static long map_bytes(const lt_llama *m, int fmt) {
+    const long n = (long)m->n_heads * m->head_dim * m->hh_m;
+    return fmt == LT_F32 ? 4 * n : fmt == LT_BF16 ? 2 * n : n;
+}
+
 static void feature_map(const lt_llama *m, int l, int h, int keys, const float *x, float *phi) {
     const int D = m->head_dim;
     if (m->feature_map == LT_HEDGEHOG) {
-        const int hm = m->hh_m;
-        const float *W = (keys ? m->fk_w : m->fq_w)[l] + (long)h * D * hm, *b = (keys ? m->fk_b : m->fq_b)[l] + h * hm;
-        hedgehog(D, hm, x, W, b, phi);
+        const int hm = m->hh_m, fmt = map_format(m->wkind);
+        const long per_head = map_bytes(m, fmt) / m->n_heads;
+        const char *W = (const char *)(keys ? m->fk_w : m->fq_w)[l];
+        const float *scales = (const float *)(W + map_bytes(m, fmt)) + (long)h * hm; /* (int8 only) */
+        const float *b = (keys ? m->fk_b : m->fq_b)[l] + h * hm;
+        hedgehog(D, hm, fmt, x, W + h * per_head, scales, b, phi);
     } else if (m->feature_map == LT_ELU) {
         for (int i = 0; i < D; i++) phi[i] = x[i] > 0 ? x[i] + 1.0f : expf(x[i]);
     } else {

@@ -29,7 +29,13 @@ typedef struct {
     const void *const *wq, *const *wk, *const *wv, *const *wo;         /* [H D, d], [Hkv D, d] x 2, [d, H D] */
     const void *const *wg, *const *wu, *const *wd;                     /* [dff, d] x 2, [d, dff] */
     const float *const *bq, *const *bk, *const *bv, *const *bo;        /* biases: NULL (Llama) or per layer */
-    const float *const *fq_w, *const *fq_b, *const *fk_w, *const *fk_b; /* Hedgehog: [H, D, m], [H, m] */
+    /* Hedgehog: weights [H, D, m] in the projections' family (wkind LT_F32: float32; LT_BF16 and
+     * LT_BF16_DOT: bfloat16; LT_I8 and LT_I8_DOT: int8 followed by [H, m] float32 scales, one per
+     * column), biases [H, m] float32 */
+    const void *const *fq_w;
+    const float *const *fq_b;
+    const void *const *fk_w;
+    const float *const *fk_b;
     const float *embed;                                                /* [vocab, d] float32 */
     const float *final_norm;                                           /* [d] */
     const void *head;                                                  /* [vocab, d] in wkind's format */
