@@ -56,6 +56,9 @@ TABLES = [
     ("format", "evidence/bench/linearized-int8-dot-2026-12-07-amd"),
     ("domain", "evidence/bench/linearized-int8-dot-2026-12-07-amd"),
     ("top-k", "evidence/bench/linearized-int8-dot-2026-12-07-amd"),
+    ("format", "evidence/bench/linearized-maps-2026-12-07-amd/"),
+    ("domain", "evidence/bench/linearized-maps-2026-12-07-amd/"),
+    ("format", "evidence/bench/linearized-maps-2026-12-07-amd/"),
     ("layers", "evidence/bench/hf-2026-12-02/"),
     ("arm", "evidence/bench/training-2026-12-07-amd/"),
     ("N", "evidence/bench/attention-f32-2026-12-07-amd/"),
@@ -232,6 +235,7 @@ def floor_columns(r: dict) -> dict[str, str]:
         ("evidence/bench/linearized-c-call-2026-12-07-amd/", 0),
         ("evidence/bench/linearized-own-loop-2026-12-07-amd", 0),
         ("evidence/bench/linearized-int8-dot-2026-12-07-amd", 1),
+        ("evidence/bench/linearized-maps-2026-12-07-amd/", 0),
     ],
 )
 def test_linearized_floor_tables_equal_their_csvs(folder, n):
@@ -253,7 +257,11 @@ def test_linearized_floor_tables_equal_their_csvs(folder, n):
 
 @pytest.mark.parametrize(
     ("folder", "n"),
-    [("evidence/bench/linearized-fused-2026-12-07-amd/", 2), ("evidence/bench/linearized-int8-dot-2026-12-07-amd", 2)],
+    [
+        ("evidence/bench/linearized-fused-2026-12-07-amd/", 2),
+        ("evidence/bench/linearized-int8-dot-2026-12-07-amd", 2),
+        ("evidence/bench/linearized-maps-2026-12-07-amd/", 1),
+    ],
 )
 def test_linearized_perplexity_tables_equal_their_csvs(folder, n):
     header, table = table_from(folder, n)
