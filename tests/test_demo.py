@@ -3,6 +3,7 @@ finished run, resumes a cut-short one, and says so when its bits/dim is outside 
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -32,8 +33,15 @@ def test_demo_trains_its_steps_then_reuses_the_run(tiny_demo, capsys, tmp_path):
     assert "for 4 steps" in out and "step 4" in out and (tmp_path / "samples.png").stat().st_size > 1000
     # four steps of a tiny model are far from the calibrated 1.0 bits/dim: said plainly
     assert "outside the range this demo was calibrated to" in out
+    record = json.loads((tmp_path / "run" / "run.json").read_text())  # what it measured, with its command
+    assert record["command"].startswith("linear-transformers demo") and record["git_commit"] is not None
+    result = record["result"]
+    assert f"test bits/dim: {result['test_bpd']:.4f}" in out and result["step"] == 4 and result["train_seconds"] > 0
+    assert result["speed"][0]["generator"].startswith("linear attention, RNN")
+    assert (tmp_path / "run" / "log.txt").read_text() == out  # (what it printed)
     assert commands.dispatch("linear-transformers", ["demo", *tiny_demo]) == 0
     assert "reusing the trained model" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["result"]["train_seconds"] is None
 
 
 def test_a_time_capped_demo_says_so_and_the_next_one_finishes(tiny_demo, capsys, monkeypatch):

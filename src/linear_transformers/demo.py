@@ -25,6 +25,7 @@ from .checkpoint import load_model
 from .data.images import image_grid, write_png
 from .model import CausalTransformer, ModelConfig
 from .options import add_options, from_args, option
+from .results import provenance, write_run_record
 from .train import TrainConfig, evaluate, preset, train
 
 # train --preset small: the same model and training
@@ -88,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(namespace: argparse.Namespace) -> int:
     args = from_args(DemoOptions, namespace)
+    started, began = provenance(getattr(namespace, "command_line", None)), time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.out)
@@ -97,6 +99,7 @@ def main(namespace: argparse.Namespace) -> int:
     d = datasets.load("mnist", size=cfg.image_size, levels=cfg.levels)
     side = d.image_shape[0]
     print(f"MNIST {side}x{side}, {d.vocab_size} levels: {len(d.train)} train / {len(d.test)} test images")
+    train_seconds = None  # (this process trained nothing: a finished run reused)
     if _finished(run, cfg.steps):
         print(f"reusing the trained model in {run} (delete it to train again)")
     else:
@@ -105,7 +108,9 @@ def main(namespace: argparse.Namespace) -> int:
             f"training a {MODEL.n_layers}-layer causal linear transformer for {cfg.steps} steps (about "
             f"{MINUTES_PER_900_STEPS} minutes on 2 cores{cap}) ..."
         )
+        t0 = time.perf_counter()
         train(MODEL, cfg, data=d)
+        train_seconds = time.perf_counter() - t0
     model, config = load_model(run)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, step {config['step']}")
     if config["step"] < cfg.steps:
@@ -145,4 +150,15 @@ def main(namespace: argparse.Namespace) -> int:
         f"  linear RNN vs softmax recomputing: {recompute / lin:.0f}x; vs stateful softmax: {cache / lin:.1f}x "
         f"({np.prod(d.image_shape)} tokens per image)"
     )
+    record = {
+        "test_bpd": bpd,
+        "step": config["step"],
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "train_seconds": train_seconds,
+        "generate_seconds": took,
+        "seconds": time.perf_counter() - began,
+        "speed": [{"generator": name, "images_per_s": per_s, "s_per_image": s} for name, per_s, s in rows],
+        "samples": args.samples,
+    }
+    print(f"wrote {write_run_record(run, started, result=record)}")
     return 0

@@ -156,9 +156,9 @@ def dispatch(prog: str, argv: list[str] | None = None, table: dict | None = None
         args.given = given_options(parser, rest)
         args.command_line = shlex.join([*prog.split(), name, *rest])  # (results record what made them)
         run = importlib.import_module(entry.module).main
-        if not entry.module.startswith("linear_transformers.bench."):
+        if not (entry.module.startswith("linear_transformers.bench.") or entry.module == "linear_transformers.demo"):
             return run(args)
-        with _Tee() as printed:  # (a benchmark's folder keeps what it printed: its checks, its timings)
+        with _Tee() as printed:  # (a benchmark's or the demo's folder keeps what it printed)
             code = run(args)
         out = getattr(args, "out", None)
         if out is not None and Path(out).is_dir():
