@@ -31,10 +31,11 @@ from .train import TrainConfig, evaluate, preset, train
 # train --preset small: the same model and training
 MODEL = ModelConfig(**preset("small", "mnist")[0], attention="causal-linear", feature_map="elu")
 TRAIN = TrainConfig(data="mnist", **preset("small", "mnist")[1], eval_every=300, eval_batches=10, checkpoint_every=100)
-# What 900 steps reach on the full test split (0.968 bits/dim, 2026-11-28, committed as
-# docs/demo_samples.png): above this the digits are visibly weaker, and the demo says so.
+# What 900 steps reach on the full test split (0.968 bits/dim: evidence/demo-2026-12-07-amd/run.json, the
+# same on 2026-11-28; its digits are docs/demo_samples.png): above this the digits are visibly weaker,
+# and the demo says so.
 CALIBRATED_BPD = 1.0
-MINUTES_PER_900_STEPS = "5"  # on the project's 2-core machines (4 min 41 s on 2026-11-27)
+MINUTES_PER_900_STEPS = "5"  # on the project's 2-core machines (3 min 16 s on 2026-12-07, 4 min 41 s on 11-27)
 
 
 def _finished(run: Path, steps: int) -> bool:
