@@ -155,9 +155,9 @@ static void qkv_share(int kind, int B, int d, int nq, int nk, int lo, int hi, co
 
 /* The Hedgehog map of one head: u = x W + b (W [D, m], b [m]); phi = [softmax(u), softmax(-u)]. W is in
  * the projections' weight family (map_format): float32; bfloat16, widened; or int8 with one float32
- * scale per column j (scales [m]: u_j = b_j + s_j sum_i x_i W_ij). Reading the 30 layers' maps is
- * traffic the weights' floor does not count, so the narrow formats narrow it too. */
-static void hedgehog(int D, int m, int fmt, const float *x, const void *W, const float *scales, const float *b,
+ * scale per column j (scales: m float32 at any byte address, u_j = b_j + s_j sum_i x_i W_ij). The maps
+ * are read once a token like the projections, so the narrow formats narrow them too. */
+static void hedgehog(int D, int m, int fmt, const float *x, const void *W, const char *scales, const float *b,
                      float *phi) {
     float *u = phi; /* u in the first half, then both halves from it */
     for (int j = 0; j < m; j++) u[j] = fmt == LT_I8 ? 0.0f : b[j];
@@ -179,7 +179,7 @@ static void hedgehog(int D, int m, int fmt, const float *x, const void *W, const
     if (fmt == LT_I8)
         for (int j = 0; j < m; j++) {
             float sj;
-            memcpy(&sj, scales + j, sizeof sj); /* (the scales follow the int8 matrix: maybe unaligned) */
+            memcpy(&sj, scales + 4L * j, sizeof sj); /* (the scales follow the int8 matrix: maybe unaligned) */
             u[j] = b[j] + sj * u[j];
         }
     float hi = u[0], lo = u[0];
@@ -217,7 +217,7 @@ static void feature_map(const lt_llama *m, int l, int h, int keys, const float *
         const int hm = m->hh_m, fmt = map_format(m->wkind);
         const long per_head = map_bytes(m, fmt) / m->n_heads;
         const char *W = (const char *)(keys ? m->fk_w : m->fq_w)[l];
-        const float *scales = (const float *)(W + map_bytes(m, fmt)) + (long)h * hm; /* (int8 only) */
+        const char *scales = W + map_bytes(m, fmt) + 4L * h * hm; /* (int8 only) */
         const float *b = (keys ? m->fk_b : m->fq_b)[l] + h * hm;
         hedgehog(D, hm, fmt, x, W + h * per_head, scales, b, phi);
     } else if (m->feature_map == LT_ELU) {
