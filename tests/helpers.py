@@ -139,13 +139,13 @@ def llama_with_weights_of(model, weights: torch.dtype, dot: torch.dtype = torch.
                 w.copy_(llama.dequantize_int8(llama.quantize_int8(w), *w.shape))
             if dot == torch.int8:
                 m.register_forward_pre_hook(round_input_to_int8)
-        for name, m in ref.named_modules():  # the Hedgehog maps, in the same family (llama.convert_map)
+        for name, m in ref.named_modules():  # the Hedgehog maps, in the same family (llama.convert)
             if name.rsplit(".", 1)[-1] in ("feature_map_q", "feature_map_k") and hasattr(m, "weight"):
                 w = m.weight
                 if weights == torch.bfloat16:
                     w.copy_(w.to(torch.bfloat16).float())
                 else:
-                    w.copy_(llama.dequantize_map_int8(llama.quantize_map_int8(w), tuple(w.shape)))
+                    w.copy_(llama.dequantize_int8(llama.quantize_int8(w), *w.shape))
     return ref
 
 

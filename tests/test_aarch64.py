@@ -270,7 +270,7 @@ def _llama_request(model, wkind: int, tokens: torch.Tensor) -> bytes:
         return llama.quantize_int8(t).numpy().tobytes() if wkind in (3, 4) else raw(t)
 
     def hedgehog_weight(t):  # (the maps' weights in the projections' family)
-        return llama.quantize_map_int8(t).numpy().tobytes() if wkind in (3, 4) else raw(t)
+        return llama.quantize_int8(t).numpy().tobytes() if wkind in (3, 4) else raw(t)
 
     body = [raw(w.inv_freq)]
     for layer in w.layers:

@@ -6,7 +6,9 @@ steps each; medians and mins of ms per step. The old step gets float32 maps, the
 With --bound a third step, "no map traffic": 84ee743 patched by probe-no-map-traffic.diff (every map
 reads layer 0's first head, so that no map weight comes from memory), the most the maps' format could
 give. Run from the repository root:
-PYTHONPATH=src python evidence/bench/linearized-maps-2026-12-07-amd/ab_maps.py [--bound] [formats...]"""
+PYTHONPATH=src python evidence/bench/linearized-maps-2026-12-07-amd/ab_maps.py [--bound] [formats...]
+(The outputs were made at commit 8b70f86, where the maps had their own convert_map; the script now
+patches llama.convert, which took it over.)"""
 
 import copy
 import statistics
@@ -54,15 +56,15 @@ formats = [a for a in sys.argv[1:] if a != "--bound"] or ["float32", "bf16", "in
 steps = {}
 for f in formats:
     steps["maps in the format", f] = (new_lib, fused_step(model, DecodeConfig.precision(f)))
-    keep = llama.convert_map
-    llama.convert_map = lambda w, weights: w.detach()  # (84ee743's step reads float32 maps)
+    keep = llama.convert
+    llama.convert = lambda w, weights: w.detach() if w.dim() == 3 else keep(w, weights)  # (84ee743: float32 maps)
     try:
         cfg = DecodeConfig.precision(f)
         steps["float32 maps", f] = (old_lib, llama.FusedLlamaStep(llama_weights(model), cfg.weights, cfg.dot))
         if bound:
             steps["no map traffic", f] = (probe_lib, llama.FusedLlamaStep(llama_weights(model), cfg.weights, cfg.dot))
     finally:
-        llama.convert_map = keep
+        llama.convert = keep
 states = {k: [copy.deepcopy(cache.states[i]) for i in range(len(cache.states))] for k in steps}
 token, times = torch.tensor([5]), {k: [] for k in steps}
 original_load = llama.load

@@ -156,19 +156,23 @@ class LlamaWeights:
 
 
 def quantize_int8(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 per output row: the int8 matrix [out, in] then its `out` float32 scales, as one
-    flat int8 tensor (llama_step.h's LT_I8 layout). scale = max|row| / 127; a zero row gets scale 1."""
+    """Symmetric int8 with one float32 scale per slice along dim 1: a projection [out, in] gets a scale
+    per output row, Hedgehog weights [H, D, m] one per (head, column). The int8 tensor then its scales
+    (dim 1 dropped), as one flat int8 tensor (llama_step.h's LT_I8 layout). scale = max|slice| / 127; a
+    zero slice gets scale 1."""
     w = w.detach().float()
     scale = w.abs().amax(dim=1) / 127.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
-    return torch.cat([q.reshape(-1), scale.contiguous().view(torch.int8)])
+    q = torch.clamp(torch.round(w / scale.unsqueeze(1)), -127, 127).to(torch.int8)
+    return torch.cat([q.reshape(-1), scale.contiguous().view(torch.int8).reshape(-1)])
 
 
-def dequantize_int8(packed: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
-    """The float32 matrix an int8 packing stands for (tests; the C side never widens it whole)."""
-    q = packed[: n_out * n_in].view(n_out, n_in).float()
-    return q * packed[n_out * n_in :].clone().view(torch.float32)[:, None]  # (clone: the scales may be unaligned)
+def dequantize_int8(packed: torch.Tensor, *shape: int) -> torch.Tensor:
+    """The float32 tensor of `shape` ([out, in] or [H, D, m]) an int8 packing stands for (tests; the C
+    side never widens it whole)."""
+    n = math.prod(shape)
+    scale = packed[n:].clone().view(torch.float32)  # (clone: the scales may be unaligned)
+    return packed[:n].view(*shape).float() * scale.view(shape[0], 1, *shape[2:])
 
 
 def quantize_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,36 +197,9 @@ def int8_dot_reference(packed: torch.Tensor, n_out: int, n_in: int, x: torch.Ten
     return (per_block * s.double()[..., None, :]).sum(-1) * scale
 
 
-def quantize_map_int8(w: torch.Tensor) -> torch.Tensor:
-    """Hedgehog weights [H, D, m] in int8 with one float32 scale per (head, column), symmetric over the D
-    inputs: the int8 tensor [H, D, m] then the [H, m] scales, as one flat int8 tensor (llama_step.h)."""
-    w = w.detach().float()
-    scale = w.abs().amax(dim=1) / 127.0  # [H, m]
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.clamp(torch.round(w / scale[:, None, :]), -127, 127).to(torch.int8)
-    return torch.cat([q.reshape(-1), scale.contiguous().view(torch.int8).reshape(-1)])
-
-
-def dequantize_map_int8(packed: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """The float32 [H, D, m] Hedgehog weights an int8 map packing stands for (tests)."""
-    H, D, m = shape
-    q = packed[: H * D * m].view(H, D, m).float()
-    return q * packed[H * D * m :].clone().view(torch.float32).view(H, 1, m)
-
-
-def convert_map(w: torch.Tensor, weights: torch.dtype) -> torch.Tensor:
-    """Hedgehog weights [H, D, m] in the projections' family (a copy unless float32): the maps are
-    read once a token like the projections, and the narrow formats narrow them too."""
-    w = w.detach()
-    if weights == torch.float32:
-        return w
-    if weights == torch.bfloat16:
-        return w.to(torch.bfloat16).contiguous()
-    return quantize_map_int8(w)
-
-
 def convert(w: torch.Tensor, weights: torch.dtype) -> torch.Tensor:
-    """A projection in the step's weight format (a copy unless float32)."""
+    """A projection [out, in], or Hedgehog weights [H, D, m], in the step's weight format (a copy
+    unless float32). The maps are read once a token like the projections, so they follow them."""
     w = w.detach()
     if weights == torch.float32:
         return w
@@ -314,9 +291,7 @@ class FusedLlamaStep:
         def in_format(name: str, t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
-            if name in PROJECTIONS:
-                return convert(t, weights)
-            return convert_map(t, weights) if name in ("fq_w", "fk_w") else t.detach()
+            return convert(t, weights) if name in (*PROJECTIONS, "fq_w", "fk_w") else t.detach()
 
         layers = [{k: in_format(k, t) for k, t in layer.items()} for layer in w.layers]
         head = w.head.detach() if weights == torch.float32 else convert(w.head, weights)
