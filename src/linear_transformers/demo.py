@@ -113,7 +113,8 @@ def main(namespace: argparse.Namespace) -> int:
         train(MODEL, cfg, data=d)
         train_seconds = time.perf_counter() - t0
     model, config = load_model(run)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, step {config['step']}")
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"model: {params_m:.2f}M parameters, step {config['step']}")
     if config["step"] < cfg.steps:
         print(
             f"note: training stopped at step {config['step']} of {cfg.steps} (--minutes); the digits below are from "
@@ -154,7 +155,7 @@ def main(namespace: argparse.Namespace) -> int:
     record = {
         "test_bpd": bpd,
         "step": config["step"],
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "params_m": params_m,
         "train_seconds": train_seconds,
         "generate_seconds": took,
         "seconds": time.perf_counter() - began,

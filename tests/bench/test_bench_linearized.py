@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from linear_transformers.bench import linearized
-from linear_transformers.decode import fused
+from linear_transformers.decode import llama
 
 from helpers import linear_llama
 
@@ -29,7 +29,7 @@ def tiny_pair():
     return teacher, student
 
 
-@pytest.mark.skipif(not fused.available(), reason="the fused C step is not built here")
+@pytest.mark.skipif(not llama.available(), reason="the fused Llama step is not built here")
 def test_bench_linearized_runs_and_records_its_checks(tmp_path, monkeypatch):
     monkeypatch.setattr(linearized, "_models", lambda args: tiny_pair())
     args = argparse.Namespace(
