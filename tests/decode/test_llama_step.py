@@ -272,6 +272,34 @@ def test_a_replaced_weight_rebuilds_the_step():
     assert fused_step(model, DecodeConfig(weights=torch.int8)) is not int8
 
 
+def test_generate_checks_the_weights_once_per_call_and_sees_changes_between_calls():
+    model = student()
+    model.decode_config = DecodeConfig(weights=torch.bfloat16)
+    prompt = torch.randint(0, 97, (1, 5))
+    checks, original = [], llama.FusedLlamaStep.current
+
+    def counted(self):
+        checks.append(self)
+        return original(self)
+
+    llama.FusedLlamaStep.current = counted
+    try:
+        first = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert len(checks) <= 1  # (none where the step was built in this call: it is new)
+        with torch.no_grad():
+            for layer in model.model.layers:  # in place: the bfloat16 copies are stale now
+                layer.mlp.down_proj.weight.mul_(-3)
+        checks.clear()
+        second = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert len(checks) == 1
+    finally:
+        llama.FusedLlamaStep.current = original
+    reference = rounded_copy(model, torch.bfloat16)  # PyTorch layers holding the rounded new weights
+    reference.decode_config = DecodeConfig(fused=False)
+    want = reference.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(second, want) and not torch.equal(first, second)
+
+
 def test_bad_states_and_tokens_are_refused_in_one_line():
     model = student()
     step = fused_step(model, DecodeConfig())
@@ -290,6 +318,41 @@ def test_bad_states_and_tokens_are_refused_in_one_line():
     states[1].seen = states[1].seen + 1
     with pytest.raises(ValueError, match="seen the same tokens"):
         step(torch.tensor([1, 2]), torch.tensor([6, 6]), states)
+
+
+def test_states_are_checked_again_whenever_a_tensor_or_seen_is_not_the_one_left():
+    model = student()
+    step = fused_step(model, DecodeConfig())
+    cache = LinearizedCache()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 6)), cache=cache)
+    states = [cache.states[i] for i in range(2)]
+    step(torch.tensor([1, 2]), torch.tensor([6, 6]), states)
+    assert step.knows(2, states) and not step.knows(1, states)
+    copy = states[1].S.clone()
+    states[1].S = copy  # a new tensor (what index_select and beam reordering give): checked again
+    assert not step.knows(2, states)
+    step(torch.tensor([1, 2]), torch.tensor([7, 7]), states)
+    assert step.knows(2, states)
+    for s in states:  # one object in every layer, but not the one the step left: checked again
+        s.seen = torch.zeros(2)
+    with pytest.raises(ValueError, match="seen must be an int64 CPU tensor"):
+        step(torch.tensor([1, 2]), torch.tensor([8, 8]), states)
+    for s in states:
+        s.seen = torch.full((2,), 8)
+    step(torch.tensor([1, 2]), torch.tensor([8, 8]), states)
+    old = states[0].S.data_ptr()
+    states[0].S.set_(torch.zeros_like(states[0].S))  # its storage swapped in place: the old one stays alive
+    assert old in [st.data_ptr() for st in step._checked[0]["storages"]]
+    step(torch.tensor([1, 2]), torch.tensor([9, 9]), states)  # (writes where it checked: no dangling pointer)
+    other = LinearizedCache()  # two generations taking turns: each keeps its check
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 6)), cache=other)
+    others = [other.states[i] for i in range(2)]
+    step(torch.tensor([1, 2]), torch.tensor([6, 6]), others)
+    assert step.knows(2, states) and step.knows(2, others)
+    del cache, states, copy, other, others
+    assert not any(step._checked)  # the states are gone: nothing of theirs is kept
 
 
 def test_the_mirror_of_the_struct_is_checked():

@@ -242,7 +242,7 @@ def read_once(views: list[torch.Tensor]) -> float:
 @torch.no_grad()
 def main(args: argparse.Namespace) -> int:
     from ..linearize.generate import RecurrentGenerator
-    from ..linearize.step import fused_step
+    from ..linearize.step import fused_step, weights_fixed
 
     formats = _formats(args)
     teacher, student = _models(args)
@@ -320,22 +320,23 @@ def main(args: argparse.Namespace) -> int:
         if context <= args.teacher_max:
             times["teacher (SDPA, KV cache)"] = []
             times.update({f"llama.cpp {tag}": [] for tag in cpp})
-        for _ in range(args.tokens):  # one token per decoder in turn, so a slow moment hits all
-            for name, (config, cache) in decoders.items():
-                student.decode_config = config
-                times[name] += _decode(student, cache, s_next, 1)
-            for name, gen in own.items():
-                t0 = time.perf_counter()
-                gen.next_tokens()
-                times[name].append(time.perf_counter() - t0)
-            if context <= args.teacher_max:
-                times["teacher (SDPA, KV cache)"] += _decode(teacher, t_cache, t_next, 1)
-                for tag, runner in cpp.items():
-                    times[f"llama.cpp {tag}"] += runner.decode(1)
-            if context == min(args.contexts):  # the floor and the bare C call, in the same rounds
-                for f in formats:
-                    floor_times[f].append(read_once(views[f]))
-                    raw_times[f].append(raw_call(f))
+        with weights_fixed(student):  # (as generate() runs its steps: the weights checked once)
+            for _ in range(args.tokens):  # one token per decoder in turn, so a slow moment hits all
+                for name, (config, cache) in decoders.items():
+                    student.decode_config = config
+                    times[name] += _decode(student, cache, s_next, 1)
+                for name, gen in own.items():
+                    t0 = time.perf_counter()
+                    gen.next_tokens()
+                    times[name].append(time.perf_counter() - t0)
+                if context <= args.teacher_max:
+                    times["teacher (SDPA, KV cache)"] += _decode(teacher, t_cache, t_next, 1)
+                    for tag, runner in cpp.items():
+                        times[f"llama.cpp {tag}"] += runner.decode(1)
+                if context == min(args.contexts):  # the floor and the bare C call, in the same rounds
+                    for f in formats:
+                        floor_times[f].append(read_once(views[f]))
+                        raw_times[f].append(raw_call(f))
         for name, ts in times.items():
             rows.append(
                 {

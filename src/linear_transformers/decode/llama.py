@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,6 +254,8 @@ class FusedLlamaStep:
     weights rounds the projections' inputs to int8 per block of 32 and sums int8 products in int32
     (AVX512-VNNI where present; every target computes the same sums)."""
 
+    KEEP_CHECKED = 4  # states remembered as checked (_state_arrays)
+
     def __init__(self, w: LlamaWeights, weights: torch.dtype = torch.float32, dot: torch.dtype = torch.float32):
         if (weights, dot) not in FORMATS:
             raise ValueError(
@@ -338,7 +341,7 @@ class FusedLlamaStep:
             head.data_ptr(),
         )
         self._work: torch.Tensor | None = None
-        self._arrays: tuple | None = None  # (the states' key, their pointer arrays) of the last call
+        self._checked: list[dict] = []  # what the last calls checked of their states (_state_arrays)
         self._used = {
             "linear": ("S", "z"),
             "hybrid": ("S", "z", "ring_k", "ring_v", "sink_k", "sink_v"),
@@ -410,23 +413,50 @@ class FusedLlamaStep:
             return False
         return self.source_versions is None or [t._version for t in self.sources] == self.source_versions
 
-    def _state_arrays(self, B: int, states) -> list:
-        """The six per-layer pointer arrays (S, z, ring_k, ring_v, sink_k, sink_v), each tensor checked
-        when the states' tensors are not those of the previous call (their addresses and layouts)."""
-        used = self._used
-        key = (
-            B,
-            [
-                (t.data_ptr(), t.is_contiguous()) if t is not None else None
-                for s in states
-                for t in (getattr(s, n) for n in used)
-            ],
-        )
-        if self._arrays is not None and self._arrays[0] == key and all(s.seen is states[0].seen for s in states):
-            return self._arrays[1]
+    def knows(self, B: int, states) -> bool:
+        """Whether `states` hold the very tensors that one of the last few calls checked, with the
+        `seen` it left them (then nothing is checked again: asking each of their ~180 tensors for its
+        address and layout costs ~0.2 ms a token, read cold after the step has streamed the weights)."""
+        return self._entry(B, states) is not None
+
+    def _entry(self, B: int, states) -> dict | None:
+        for entry in self._checked:
+            if not entry or entry["B"] != B or len(states) != entry["L"] or entry["seen"]() is None:
+                continue
+            seen, refs, i = entry["seen"](), entry["refs"], 0
+            for s in states:
+                if s.seen is not seen:
+                    break
+                if any(refs[i + j]() is not getattr(s, name) for j, name in enumerate(self._used)):
+                    break
+                i += len(self._used)
+            else:
+                return entry
+        return None
+
+    def _state_arrays(self, B: int, states) -> dict:
+        """What a call checked of its states: among them the six per-layer pointer arrays (S, z,
+        ring_k, ring_v, sink_k, sink_v), taken from the last few calls where the states hold the same
+        tensors (`knows`: a few, so that generations taking turns are not checked at every token),
+        else from each tensor checked. The storages under them are kept alive while those tensors
+        live, so no pointer can dangle whatever is done to a tensor in place (resize_, set_)."""
+        entry = self._entry(B, states)
+        if entry is not None:
+            return entry
         arrays = self._check_states(B, states)
-        self._arrays = (key, arrays)
-        return arrays
+        tensors = [getattr(s, name) for s in states for name in self._used]
+        entry = {}
+        forget = lambda _ref, entry=entry: entry.clear()  # noqa: E731 (a checked tensor is gone)
+        entry.update(
+            B=B,
+            L=len(states),
+            refs=[weakref.ref(t, forget) for t in tensors],
+            storages=[t.untyped_storage() for t in tensors],
+            seen=weakref.ref(states[0].seen),
+            arrays=arrays,
+        )
+        self._checked = [entry, *[e for e in self._checked if e][: self.KEEP_CHECKED - 1]]
+        return entry
 
     def _check_states(self, B: int, states) -> list:
         H, D, F, W, ns = self.n_heads, self.head_dim, self.n_features, self.window, self.sinks
@@ -491,7 +521,7 @@ class FusedLlamaStep:
             )
         B = tokens.shape[0]
         tokens, positions = tokens.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
-        arrays = self._state_arrays(B, states)
+        checked = self._state_arrays(B, states)
         lib = load()
         need = lib.lt_llama_work_size(ctypes.byref(self.struct), B)
         if self._work is None or self._work.numel() < need:
@@ -504,7 +534,7 @@ class FusedLlamaStep:
             tokens.data_ptr(),
             positions.data_ptr(),
             seen.data_ptr(),
-            *[_ptr_array(a) for a in arrays],
+            *[_ptr_array(a) for a in checked["arrays"]],
             self._work.data_ptr(),
             self._work.numel(),
             logits.data_ptr(),
@@ -519,6 +549,8 @@ class FusedLlamaStep:
         advanced = seen + 1  # (one tensor for every layer, as it came: the next call checks nothing again)
         for s in states:
             s.seen = advanced
+        if checked:  # (empty: a checked tensor died during the call)
+            checked["seen"] = weakref.ref(advanced)
         return logits
 
     def weight_bytes(self) -> int:

@@ -15,7 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..decode import DecodeConfig
 from .convert import LinearizeConfig, LinearizedCache, linearize
-from .step import fused_logits
+from .step import fused_logits, weights_fixed
 
 MODEL_TYPE = "linear_llama"
 
@@ -78,6 +78,12 @@ class LinearLlamaForCausalLM(LlamaForCausalLM):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def generate(self, *args, **kwargs):
+        """transformers' generate(); the fused step's weights are checked once per call, not per token
+        (step.weights_fixed: nothing changes them between its tokens)."""
+        with weights_fixed(self):
+            return super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         """generate() keeps a recurrent state, not a key/value cache."""

@@ -11,6 +11,7 @@ advances the LinearizedCache in place; otherwise None, and the layers run in PyT
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -109,12 +110,45 @@ def llama_weights(model: nn.Module) -> llama.LlamaWeights | None:
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+# Models inside `weights_fixed`: the steps (or None) already checked against their weights there
+_FIXED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def weights_fixed(model: nn.Module):
+    """Within: `model`'s weights do not change, so `fused_step` checks them once per format, at the
+    first token, instead of at every token (where touching each of its ~400 parameters' address and
+    version costs ~0.3 ms a token, read cold after the step has streamed the weights through the
+    caches). transformers' generate() runs inside one (LinearLlamaForCausalLM.generate), as
+    linearize.generate's loop holds its step for the whole generation. Changing the weights in place
+    inside one (a streamer that trains, say) is not seen until it ends."""
+    before = _FIXED.get(model)
+    _FIXED[model] = {}
+    try:
+        yield
+    finally:
+        if before is None:
+            _FIXED.pop(model, None)
+        else:
+            _FIXED[model] = before
+
+
 def fused_step(model: nn.Module, config: DecodeConfig) -> llama.FusedLlamaStep | None:
     """The fused step over `model`'s current weights in config's format, or None where it does not
     apply (config.fused off, a model the C step does not compute, weights not float32 on the CPU, the
     library unavailable)."""
     if not config.fused or not llama.available():
         return None
+    fixed = _FIXED.get(model)
+    if fixed is None:
+        return _current_step(model, config)
+    key = (config.weights, config.dot)
+    if key not in fixed:
+        fixed[key] = _current_step(model, config)
+    return fixed[key]
+
+
+def _current_step(model: nn.Module, config: DecodeConfig) -> llama.FusedLlamaStep | None:
     built = _STEPS.setdefault(model, {})
     step = built.get((config.weights, config.dot))
     if step is not None:
@@ -167,9 +201,9 @@ def fused_logits(model, input_ids, position_ids, cache, inputs_embeds, labels, k
     if step is None:
         return None
     states = [cache.states[i] for i in range(model.config.num_hidden_layers)]
-    if any(s.S is None or s.S.shape[0] != input_ids.shape[0] for s in states):
-        return None
     B = input_ids.shape[0]
+    if not step.knows(B, states) and any(s.S is None or s.S.shape[0] != B for s in states):
+        return None
     if position_ids is not None:
         positions = position_ids[:, -1].expand(B) if position_ids.shape[0] == 1 else position_ids[:, -1]
     else:
