@@ -88,6 +88,23 @@ def test_grouped_heads_biases_batches_windows_and_sinks(heads, kv_heads, bias, B
     assert_states_equal(ours, theirs, 1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["hybrid", "linear", "window"])
+def test_heads_split_across_threads(mode, threads):
+    """Attention's work items are halves of (row, head) pairs: with 3 heads, 1 row and 2 or 3 threads a
+    head's halves fall on two threads (each computing its features), with 1 thread on one (the
+    second reusing the first's)."""
+    model = student(mode, "hedgehog", window=4, sinks=1, heads=3, kv_heads=1, d=48)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        worst, ours, theirs, _ = run_both(model, model, B=1, prompt_len=3, steps=10)
+    finally:
+        torch.set_num_threads(before)
+    assert worst < 1e-5
+    assert_states_equal(ours, theirs, 1e-5)
+
+
 @pytest.mark.parametrize("weights", ["bfloat16", "int8"])
 def test_low_precision_weights_equal_the_model_with_those_weights(weights):
     dtype = getattr(torch, weights)

@@ -18,8 +18,9 @@
  *
  * Every weight is read once per step for up to LT_GEMV_NB rows at a time (gemv.h): at batch 1 a step
  * costs one pass over the weights, in float32, bfloat16 or int8 (per-row scales). Work is shared
- * with OpenMP over output features, and over (row, head) pairs for attention; four barriers per
- * layer. Every thread normalises x itself (identical results) instead of waiting for one that does.
+ * with OpenMP over output features, and over halves of (row, head) pairs for attention (attend_part);
+ * five barriers per layer. Every thread normalises x itself, and combines the attention's halves
+ * itself (identical results), instead of waiting for one that does.
  */
 #include "llama_step.h"
 #include "gemv.h"
@@ -72,40 +73,46 @@ static int check_llama(const lt_llama *m) {
     return 0;
 }
 
-/* Shared buffers, in work: x [B, d] (the residual stream), q [B, H D], k and v [B, Hkv D], att
- * [B, H D], gate and up [B, dff], cs [B, D] (RoPE's cos and sin per row). Per thread (malloc'd in the region): h [B, d] and one head's scratch. */
+/* The parts of a head in attention (attend_part): one in window mode, else one per half of S's features. */
+static int head_parts(const lt_llama *m) { return m->mode == LT_WINDOW ? 1 : 2; }
+
+/* Shared buffers, in work: x [B, d] (the residual stream), q [B, H D], k and v [B, Hkv D], part_y
+ * [B, H, parts, D] and part_den [B, H, parts] (attention's parts), gate and up [B, dff], cs [B, D] (RoPE's
+ * cos and sin per row). Per thread (malloc'd in the region): h [B, d], att [B, H D] (the parts combined)
+ * and one head's scratch. */
 typedef struct {
-    int B, nq, nk;
-    float *x, *q, *k, *v, *att, *gate, *up, *cs;
+    int B, nq, nk, parts;
+    float *x, *q, *k, *v, *part_y, *part_den, *gate, *up, *cs;
 } lt_lstep;
 
 typedef struct {
-    float *h, *q, *k, *fq, *fk, *score, *vold;
+    float *h, *att, *q, *k, *fq, *fk, *score;
 } lt_lmine;
 
 long lt_llama_work_size(const lt_llama *m, int B) {
     if (check_llama(m) || B < 1) return -1;
-    const long D = m->head_dim;
-    return (long)B * (m->d + (m->n_heads + 2L * m->n_kv_heads) * D + m->n_heads * D + 2L * m->dff + D);
+    const long D = m->head_dim, P = head_parts(m);
+    return (long)B * (m->d + (m->n_heads + 2L * m->n_kv_heads) * D + m->n_heads * P * (D + 1) + 2L * m->dff + D);
 }
 
 static lt_lstep lstep_layout(const lt_llama *m, int B, float *work) {
     lt_lstep s;
-    s.B = B, s.nq = m->n_heads * m->head_dim, s.nk = m->n_kv_heads * m->head_dim;
+    s.B = B, s.nq = m->n_heads * m->head_dim, s.nk = m->n_kv_heads * m->head_dim, s.parts = head_parts(m);
     s.x = work, s.q = s.x + (long)B * m->d, s.k = s.q + (long)B * s.nq, s.v = s.k + (long)B * s.nk;
-    s.att = s.v + (long)B * s.nk;
-    s.gate = s.att + (long)B * s.nq, s.up = s.gate + (long)B * m->dff, s.cs = s.up + (long)B * m->dff;
+    s.part_y = s.v + (long)B * s.nk, s.part_den = s.part_y + (long)B * s.nq * s.parts;
+    s.gate = s.part_den + (long)B * m->n_heads * s.parts, s.up = s.gate + (long)B * m->dff;
+    s.cs = s.up + (long)B * m->dff;
     return s;
 }
 
 static lt_lmine lmine_alloc(const lt_llama *m, int B) {
     const long D = m->head_dim, F = m->n_features;
-    const long n = (long)B * m->d + 3 * D + 2 * F + (m->window + m->sinks) + 4 * VLF;
+    const long n = (long)B * (m->d + m->n_heads * D) + 2 * D + 2 * F + (m->window + m->sinks) + 4 * VLF;
     lt_lmine t = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     t.h = malloc(sizeof(float) * n);
     if (!t.h) return t;
-    t.q = t.h + (long)B * m->d, t.k = t.q + D, t.fq = t.k + D, t.fk = t.fq + F, t.score = t.fk + F;
-    t.vold = t.score + m->window + m->sinks;
+    t.att = t.h + (long)B * m->d, t.q = t.att + (long)B * m->n_heads * D, t.k = t.q + D, t.fq = t.k + D;
+    t.fk = t.fq + F, t.score = t.fk + F;
     return t;
 }
 
@@ -257,21 +264,29 @@ static inline float dot(const float *a, const float *b, int n) {
     return s;
 }
 
-/* One (row, query head): the attention output y [D] for the roped q and k and the value v of the
- * token at index t (= the row's seen), S and z of that row and head advanced. The ring and the
- * sinks (one per key/value head, shared by the group's query heads) are only read here: the new
- * key and value stand in for the slot they will take, which ring_write fills after every head of
- * the group has read the key leaving it. */
-static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, const float *v, float *S, float *z,
-                       const float *ring_k, const float *ring_v, const float *sink_k, const float *sink_v, float *y) {
-    const int D = m->head_dim, F = m->n_features, W = m->window, ns = m->sinks;
+/* One part of a (row, query head): the unnormalised attention output y [D] and its normaliser *den
+ * for the roped q and k and the value v of the token at index t (= the row's seen), the features
+ * [f0, f1) of S and z of that row and head advanced and read; with `ring`, the window's and the
+ * sinks' softmax terms too. A head is one part (window mode) or two, one per half of the features
+ * (the halves of a Hedgehog map are its two softmaxes), so that 2 H parts share out evenly over the
+ * threads where H heads do not (SmolLM2: 9 heads, 2 threads); the parts' sums are added before the
+ * division (combine). w->fq and w->fk hold the head's features when `mapped` (the thread's previous
+ * part was the other half of the same head). The ring and the sinks (one per key/value head, shared
+ * by the group's query heads) are only read here: the new key and value stand in for the slot they
+ * will take, which ring_write fills after every head of the group has read the key leaving it. */
+static void attend_part(const lt_llama *m, int l, int h, long t, lt_lmine *w, const float *v, float *S, float *z,
+                        const float *ring_k, const float *ring_v, const float *sink_k, const float *sink_v, int f0,
+                        int f1, int ring, int mapped, float *y, float *den_out) {
+    const int D = m->head_dim, W = m->window, ns = m->sinks;
     const float *q = w->q, *k = w->k;
+    float den = 0;
+    for (int e = 0; e < D; e++) y[e] = 0;
     if (m->mode == LT_LINEAR) { /* S += phi_k(k) v^T and the read of S, in one pass */
-        feature_map(m, l, h, 1, k, w->fk);
-        feature_map(m, l, h, 0, q, w->fq);
-        float den = 0;
-        for (int e = 0; e < D; e++) y[e] = 0;
-        for (int f = 0; f < F; f++) {
+        if (!mapped) {
+            feature_map(m, l, h, 1, k, w->fk);
+            feature_map(m, l, h, 0, q, w->fq);
+        }
+        for (int f = f0; f < f1; f++) {
             const float p = w->fq[f], a = w->fk[f];
             float *row = S + (long)f * D;
             int e = 0;
@@ -281,61 +296,74 @@ static void attend_one(const lt_llama *m, int l, int h, long t, lt_lmine *w, con
             den += p * z[f];
             for (e = 0; e < D; e++) y[e] += p * row[e];
         }
-        const float inv = 1.0f / (den + m->attn_eps);
-        for (int e = 0; e < D; e++) y[e] *= inv;
+        *den_out = den;
         return;
     }
     const int slot = (int)(t % W);
     /* the key leaving the window (and not a sink) joins the state: its features and value are kept
      * here, and S and z take them in the same pass that reads S for this token (below) */
     const int leaving = m->mode == LT_HYBRID && t >= W && t - W >= ns;
-    if (leaving) {
-        feature_map(m, l, h, 1, ring_k + (long)slot * D, w->fk);
-        memcpy(w->vold, ring_v + (long)slot * D, sizeof(float) * D);
-    }
-    /* scores of the ring's valid slots (positions >= 0 and not sinks) and of the sinks seen; the
-     * ring's slot `slot` and the sink t < sinks are this token's */
-    const float scale = 1.0f / sqrtf((float)D);
-    float *sc = w->score, top = -INFINITY;
-    for (int s = 0; s < W + ns; s++) {
-        int ok;
-        const float *key;
-        if (s < W) {
-            const long pos = t - ((t - s) % W + W) % W;
-            ok = pos >= 0 && pos >= ns, key = s == slot ? k : ring_k + (long)s * D;
-        } else {
-            ok = s - W <= t, key = s - W == t ? k : sink_k + (long)(s - W) * D;
+    if (leaving && !mapped) feature_map(m, l, h, 1, ring_k + (long)slot * D, w->fk);
+    if (ring) {
+        /* scores of the ring's valid slots (positions >= 0 and not sinks) and of the sinks seen; the
+         * ring's slot `slot` and the sink t < sinks are this token's */
+        const float scale = 1.0f / sqrtf((float)D);
+        float *sc = w->score, top = -INFINITY;
+        for (int s = 0; s < W + ns; s++) {
+            int ok;
+            const float *key;
+            if (s < W) {
+                const long pos = t - ((t - s) % W + W) % W;
+                ok = pos >= 0 && pos >= ns, key = s == slot ? k : ring_k + (long)s * D;
+            } else {
+                ok = s - W <= t, key = s - W == t ? k : sink_k + (long)(s - W) * D;
+            }
+            sc[s] = ok ? dot(q, key, D) * scale : -INFINITY;
+            top = sc[s] > top ? sc[s] : top;
         }
-        sc[s] = ok ? dot(q, key, D) * scale : -INFINITY;
-        top = sc[s] > top ? sc[s] : top;
-    }
-    float den = 0;
-    for (int e = 0; e < D; e++) y[e] = 0;
-    for (int s = 0; s < W + ns; s++) {
-        if (sc[s] == -INFINITY) continue;
-        const float a = expf(sc[s] - top);
-        const float *val = s < W ? (s == slot ? v : ring_v + (long)s * D) : (s - W == t ? v : sink_v + (long)(s - W) * D);
-        den += a;
-        for (int e = 0; e < D; e++) y[e] += a * val[e];
+        for (int s = 0; s < W + ns; s++) {
+            if (sc[s] == -INFINITY) continue;
+            const float a = expf(sc[s] - top);
+            const float *val =
+                s < W ? (s == slot ? v : ring_v + (long)s * D) : (s - W == t ? v : sink_v + (long)(s - W) * D);
+            den += a;
+            for (int e = 0; e < D; e++) y[e] += a * val[e];
+        }
     }
     if (m->mode == LT_HYBRID) { /* one pass over S: the leaving key's update, then its read */
-        feature_map(m, l, h, 0, q, w->fq);
-        for (int f = 0; f < F; f++) {
+        if (!mapped) feature_map(m, l, h, 0, q, w->fq);
+        const float *vold = ring_v + (long)slot * D;
+        for (int f = f0; f < f1; f++) {
             const float p = w->fq[f];
             float *row = S + (long)f * D;
             if (leaving) {
                 const float a = w->fk[f];
                 int e = 0;
-                for (; e + VLF <= D; e += VLF) vstore(row + e, vload(row + e) + a * vload(w->vold + e));
-                for (; e < D; e++) row[e] += a * w->vold[e];
+                for (; e + VLF <= D; e += VLF) vstore(row + e, vload(row + e) + a * vload(vold + e));
+                for (; e < D; e++) row[e] += a * vold[e];
                 z[f] += a;
             }
             den += p * z[f];
             for (int e = 0; e < D; e++) y[e] += p * row[e];
         }
     }
-    const float inv = 1.0f / (den + m->attn_eps);
-    for (int e = 0; e < D; e++) y[e] *= inv;
+    *den_out = den;
+}
+
+/* att [B, H D] = the sum of each head's parts' y over the sum of their normalisers (+ eps). */
+static void combine(const lt_llama *m, int B, int parts, const float *part_y, const float *part_den, float *att) {
+    const int D = m->head_dim, n = B * m->n_heads;
+    for (int bh = 0; bh < n; bh++) {
+        float den = 0;
+        for (int c = 0; c < parts; c++) den += part_den[(long)bh * parts + c];
+        const float inv = 1.0f / (den + m->attn_eps);
+        float *y = att + (long)bh * D;
+        const float *p0 = part_y + (long)bh * parts * D;
+        for (int e = 0; e < D; e++) y[e] = p0[e];
+        for (int c = 1; c < parts; c++)
+            for (int e = 0; e < D; e++) y[e] += p0[(long)c * D + e];
+        for (int e = 0; e < D; e++) y[e] *= inv;
+    }
 }
 
 /* The token's roped key k and value v into its ring slot (and its sink slot while t < sinks), for one
@@ -373,7 +401,7 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
     const int d = m->d, H = m->n_heads, Hkv = m->n_kv_heads, D = m->head_dim, dff = m->dff, B = s->B;
     const int nq = s->nq, nk = s->nk, kind = m->wkind, F = m->n_features;
     const int W = m->window, ns = m->sinks, group = H / Hkv;
-    float *x = s->x, *att = s->att, *gate = s->gate, *up = s->up, *h = t->h;
+    float *x = s->x, *gate = s->gate, *up = s->up, *h = t->h;
     for (int l = 0; l < m->n_layers; l++) {
         int lo, hi;
         /* A: q, k, v (rows of the three projections shared out together) */
@@ -382,25 +410,28 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
         qkv_share(kind, B, d, nq, nk, lo, hi, m->wq[l], m->wk[l], m->wv[l], m->bq ? m->bq[l] : NULL,
                   m->bk ? m->bk[l] : NULL, m->bv ? m->bv[l] : NULL, h, s->q, s->k, s->v);
 #pragma omp barrier
-        /* B: attention, a (row, query head) per work item */
-        share(B * H, 1, &lo, &hi);
+        /* B: attention, a part of a (row, query head) per work item (attend_part) */
+        const int P = s->parts, half = F / P;
+        share(B * H * P, 1, &lo, &hi);
         for (int p = lo; p < hi; p++) {
-            const int b = p / H, hd = p % H, g = hd / group;
+            const int bh = p / P, c = p % P, b = bh / H, hd = bh % H, g = hd / group;
             memcpy(t->q, s->q + (long)b * nq + (long)hd * D, sizeof(float) * D);
             memcpy(t->k, s->k + (long)b * nk + (long)g * D, sizeof(float) * D);
             rope(D, s->cs + (long)b * D, t->q);
             rope(D, s->cs + (long)b * D, t->k);
-            const long bh = (long)b * H + hd, bg = (long)b * Hkv + g;
-            attend_one(m, l, hd, (long)seen[b], t, s->v + (long)b * nk + (long)g * D, S ? S[l] + bh * F * D : NULL,
-                       z ? z[l] + bh * F : NULL, ring_k ? ring_k[l] + bg * W * D : NULL,
-                       ring_v ? ring_v[l] + bg * W * D : NULL, sink_k ? sink_k[l] + bg * ns * D : NULL,
-                       sink_v ? sink_v[l] + bg * ns * D : NULL, att + (long)b * nq + (long)hd * D);
+            const long bg = (long)b * Hkv + g;
+            attend_part(m, l, hd, (long)seen[b], t, s->v + (long)b * nk + (long)g * D,
+                        S ? S[l] + (long)bh * F * D : NULL, z ? z[l] + (long)bh * F : NULL,
+                        ring_k ? ring_k[l] + bg * W * D : NULL, ring_v ? ring_v[l] + bg * W * D : NULL,
+                        sink_k ? sink_k[l] + bg * ns * D : NULL, sink_v ? sink_v[l] + bg * ns * D : NULL, c * half,
+                        (c + 1) * half, c == 0, c > 0 && p > lo, s->part_y + (long)p * D, s->part_den + p);
         }
 #pragma omp barrier
-        /* C: output projection and residual; the new keys and values into the rings (no head reads
-         * them until the next token) */
+        /* C: the parts combined (by every thread, into its own att), output projection and residual;
+         * the new keys and values into the rings (no head reads them until the next token) */
+        combine(m, B, P, s->part_y, s->part_den, t->att);
         share(d, 4, &lo, &hi);
-        gemv_kind(kind, B, nq, d, lo, hi, m->wo[l], m->bo ? m->bo[l] : NULL, att, x, x);
+        gemv_kind(kind, B, nq, d, lo, hi, m->wo[l], m->bo ? m->bo[l] : NULL, t->att, x, x);
         if (ring_k) {
             share(B * Hkv, 1, &lo, &hi);
             for (int p = lo; p < hi; p++) {
