@@ -60,6 +60,8 @@ TABLES = [
     ("format", "evidence/bench/linearized-maps-2026-12-07-amd/"),
     ("domain", "evidence/bench/linearized-maps-2026-12-07-amd/"),
     ("format", "evidence/bench/linearized-maps-2026-12-07-amd/"),
+    ("format", "evidence/bench/linearized-python-2026-12-07-amd/"),
+    ("decoder", "evidence/bench/linearized-python-2026-12-07-amd/"),
     ("layers", "evidence/bench/hf-2026-12-02/"),
     ("arm", "evidence/bench/training-2026-12-07-amd/"),
     ("N", "evidence/bench/attention-f32-2026-12-07-amd/"),
@@ -202,10 +204,15 @@ def decode_cell(rows: dict, name: str, context: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "folder", ["evidence/bench/linearized-fused-2026-12-07-amd/", "evidence/bench/linearized-int8-dot-2026-12-07-amd"]
+    ("folder", "n"),
+    [
+        ("evidence/bench/linearized-fused-2026-12-07-amd/", 0),
+        ("evidence/bench/linearized-int8-dot-2026-12-07-amd", 0),
+        ("evidence/bench/linearized-python-2026-12-07-amd/", 1),
+    ],
 )
-def test_linearized_decode_tables_equal_their_csvs(folder):
-    header, table = table_from(folder, 0)
+def test_linearized_decode_tables_equal_their_csvs(folder, n):
+    header, table = table_from(folder, n)
     rows = {(r["model"], r["context"]): r for r in rows_of(ROOT / folder / "linearized.csv") if r["decode_ms"]}
     names = {"student, PyTorch layers": "student, PyTorch step", "llama.cpp F32": "llama.cpp f32"}
     names |= {"llama.cpp BF16": "llama.cpp bf16", "llama.cpp Q8_0": "llama.cpp q8_0"}
@@ -237,6 +244,7 @@ def floor_columns(r: dict) -> dict[str, str]:
         ("evidence/bench/linearized-own-loop-2026-12-07-amd", 0),
         ("evidence/bench/linearized-int8-dot-2026-12-07-amd", 1),
         ("evidence/bench/linearized-maps-2026-12-07-amd/", 0),
+        ("evidence/bench/linearized-python-2026-12-07-amd/", 0),
     ],
 )
 def test_linearized_floor_tables_equal_their_csvs(folder, n):

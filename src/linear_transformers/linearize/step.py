@@ -117,9 +117,9 @@ _FIXED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 @contextlib.contextmanager
 def weights_fixed(model: nn.Module):
     """Within: `model`'s weights do not change, so `fused_step` checks them once per format, at the
-    first token, instead of at every token (where touching each of its ~400 parameters' address and
-    version costs ~0.3 ms a token, read cold after the step has streamed the weights through the
-    caches). transformers' generate() runs inside one (LinearLlamaForCausalLM.generate), as
+    first token, instead of at every token (where asking each of its ~400 parameters for its address
+    and version took 145 us a token, read cold after the step has streamed the weights through the
+    caches: BENCHMARKS.md). transformers' generate() runs inside one (LinearLlamaForCausalLM.generate), as
     linearize.generate's loop holds its step for the whole generation. Changing the weights in place
     inside one (a streamer that trains, say) is not seen until it ends."""
     before = _FIXED.get(model)
