@@ -264,6 +264,12 @@ static inline float dot(const float *a, const float *b, int n) {
     return s;
 }
 
+/* rows of S prefetched ahead of the one being read (S of one head spans 8 pages of 4 KB: the hardware
+ * prefetcher restarts on each) */
+#ifndef LT_S_AHEAD
+#define LT_S_AHEAD 8
+#endif
+
 /* One part of a (row, query head): the unnormalised attention output y [D] and its normaliser *den
  * for the roped q and k and the value v of the token at index t (= the row's seen), the features
  * [f0, f1) of S and z of that row and head advanced and read; with `ring`, the window's and the
@@ -281,6 +287,9 @@ static void attend_part(const lt_llama *m, int l, int h, long t, lt_lmine *w, co
     const float *q = w->q, *k = w->k;
     float den = 0;
     for (int e = 0; e < D; e++) y[e] = 0;
+    if (S) /* the first rows of this part's S, on their way while the maps and the window are computed */
+        for (long i = (long)f0 * D; i < (long)(f0 + LT_S_AHEAD < f1 ? f0 + LT_S_AHEAD : f1) * D; i += 16)
+            __builtin_prefetch(S + i, 1);
     if (m->mode == LT_LINEAR) { /* S += phi_k(k) v^T and the read of S, in one pass */
         if (!mapped) {
             feature_map(m, l, h, 1, k, w->fk);
@@ -289,6 +298,8 @@ static void attend_part(const lt_llama *m, int l, int h, long t, lt_lmine *w, co
         for (int f = f0; f < f1; f++) {
             const float p = w->fq[f], a = w->fk[f];
             float *row = S + (long)f * D;
+            if (f + LT_S_AHEAD < f1)
+                for (int e = 0; e < D; e += 16) __builtin_prefetch(row + (long)LT_S_AHEAD * D + e, 1);
             int e = 0;
             for (; e + VLF <= D; e += VLF) vstore(row + e, vload(row + e) + a * vload(v + e));
             for (; e < D; e++) row[e] += a * v[e];
@@ -318,6 +329,11 @@ static void attend_part(const lt_llama *m, int l, int h, long t, lt_lmine *w, co
             } else {
                 ok = s - W <= t, key = s - W == t ? k : sink_k + (long)(s - W) * D;
             }
+            if (s + 4 < W)
+                for (int e = 0; e < D; e += 16) {
+                    __builtin_prefetch(ring_k + (long)(s + 4) * D + e);
+                    __builtin_prefetch(ring_v + (long)s * D + e); /* (read by the weighted sum below) */
+                }
             sc[s] = ok ? dot(q, key, D) * scale : -INFINITY;
             top = sc[s] > top ? sc[s] : top;
         }
@@ -336,6 +352,8 @@ static void attend_part(const lt_llama *m, int l, int h, long t, lt_lmine *w, co
         for (int f = f0; f < f1; f++) {
             const float p = w->fq[f];
             float *row = S + (long)f * D;
+            if (f + LT_S_AHEAD < f1)
+                for (int e = 0; e < D; e += 16) __builtin_prefetch(row + (long)LT_S_AHEAD * D + e, 1);
             if (leaving) {
                 const float a = w->fk[f];
                 int e = 0;
