@@ -317,13 +317,18 @@ def test_generate_checks_the_weights_once_per_call_and_sees_changes_between_call
     assert torch.equal(second, want) and not torch.equal(first, second)
 
 
+def prefilled(model, B: int = 2, T: int = 6) -> tuple[LinearizedCache, list]:
+    """A cache after a random prompt [B, T] through `model`'s layers, and its per-layer states."""
+    cache = LinearizedCache()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (B, T)), cache=cache)
+    return cache, [cache.states[i] for i in range(len(cache.states))]
+
+
 def test_bad_states_and_tokens_are_refused_in_one_line():
     model = student()
     step = fused_step(model, DecodeConfig())
-    cache = LinearizedCache()
-    with torch.no_grad():
-        model(torch.randint(0, 97, (2, 6)), cache=cache)
-    states = [cache.states[i] for i in range(2)]
+    _cache, states = prefilled(model)
     before = [s.S.clone() for s in states]
     with pytest.raises(ValueError, match=r"tokens must lie in \[0, 97\)"):
         step(torch.tensor([1, 97]), torch.tensor([6, 6]), states)
@@ -340,10 +345,7 @@ def test_bad_states_and_tokens_are_refused_in_one_line():
 def test_states_are_checked_again_whenever_a_tensor_or_seen_is_not_the_one_left():
     model = student()
     step = fused_step(model, DecodeConfig())
-    cache = LinearizedCache()
-    with torch.no_grad():
-        model(torch.randint(0, 97, (2, 6)), cache=cache)
-    states = [cache.states[i] for i in range(2)]
+    cache, states = prefilled(model)
     step(torch.tensor([1, 2]), torch.tensor([6, 6]), states)
     assert step.knows(2, states) and not step.knows(1, states)
     copy = states[1].S.clone()
@@ -362,10 +364,7 @@ def test_states_are_checked_again_whenever_a_tensor_or_seen_is_not_the_one_left(
     states[0].S.set_(torch.zeros_like(states[0].S))  # its storage swapped in place: the old one stays alive
     assert old in [st.data_ptr() for st in step._checked[0]["storages"]]
     step(torch.tensor([1, 2]), torch.tensor([9, 9]), states)  # (writes where it checked: no dangling pointer)
-    other = LinearizedCache()  # two generations taking turns: each keeps its check
-    with torch.no_grad():
-        model(torch.randint(0, 97, (2, 6)), cache=other)
-    others = [other.states[i] for i in range(2)]
+    other, others = prefilled(model)  # two generations taking turns: each keeps its check
     step(torch.tensor([1, 2]), torch.tensor([6, 6]), others)
     assert step.knows(2, states) and step.knows(2, others)
     del cache, states, copy, other, others
