@@ -15,7 +15,8 @@ and decoder, the prefill is timed (--repeats, median; once from 8k tokens on) an
 single-token steps after it, taking turns between decoders (the median per token, and the min).
 The bandwidth floor of each format is the time to read its weights once on the same threads
 (`measure.read_f32`), taking turns with the decoders at the smallest context (median of --tokens
-passes): the fused step's time there, through the model's forward, as the bare C call (on its
+passes): the fused step's time there, through the model's forward (inside `weights_fixed`, as
+generate() calls it: the weights checked once), as the bare C call (on its
 own copy of the state) and through linearize.generate's own loop (the C step and the C sampler at
 temperature 1, top-p 0.9: what `linear-transformers sample` runs), is quoted as a multiple of it.
 --perplexity DATA.pt (a linearize run's token windows) adds each format's held-out perplexity,
