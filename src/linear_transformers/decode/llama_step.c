@@ -413,6 +413,13 @@ static void silu_mul(float *gate, const float *up, int n) {
     for (; j < n; j++) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
 }
 
+/* bytes of a thread's rows of Wo fetched into L2 during the attention phase (llama_blocks): all of
+ * SmolLM2's int8 share (166 KB) nearly; more (its whole bf16 or float32 share) made those formats
+ * 1-5% slower side by side, crowding the cache the attention phase works in */
+#ifndef LT_WO_AHEAD
+#define LT_WO_AHEAD (128L << 10)
+#endif
+
 static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, const int64_t *seen,
                          float *const *S, float *const *z, float *const *ring_k, float *const *ring_v,
                          float *const *sink_k, float *const *sink_v, float *logits) {
@@ -430,8 +437,18 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
 #pragma omp barrier
         /* B: attention, a part of a (row, query head) per work item (attend_part) */
         const int P = s->parts, half = F / P;
+        /* the first LT_WO_AHEAD bytes of this thread's rows of Wo (phase C's share), fetched into
+         * L2 a slice per work item: the attention phase, bound by its latency, leaves memory
+         * bandwidth unused, and phase C then reads them from the cache */
+        int wlo, whi;
+        share(d, 4, &wlo, &whi);
+        const long esize = kind == LT_F32 ? 4 : kind <= LT_BF16_DOT ? 2 : 1;
+        const char *wo = (const char *)m->wo[l] + (long)wlo * nq * esize;
+        const long wo_all = (long)(whi - wlo) * nq * esize, wo_bytes = wo_all < LT_WO_AHEAD ? wo_all : LT_WO_AHEAD;
         share(B * H * P, 1, &lo, &hi);
         for (int p = lo; p < hi; p++) {
+            for (long i = wo_bytes * (p - lo) / (hi - lo) / 64 * 64; i < wo_bytes * (p - lo + 1) / (hi - lo); i += 64)
+                __builtin_prefetch(wo + i, 0, 2);
             const int bh = p / P, c = p % P, b = bh / H, hd = bh % H, g = hd / group;
             memcpy(t->q, s->q + (long)b * nq + (long)hd * D, sizeof(float) * D);
             memcpy(t->k, s->k + (long)b * nk + (long)g * D, sizeof(float) * D);
