@@ -3,6 +3,7 @@ fused C step of runs/lz-hybrid/model (batch 1, after a 256-token prefill) built 
 each commit given, in each format, taking turns for 50 rounds of 5 steps; medians and mins of ms per
 step, and each commit's median against the first's. Run from the repository root:
     PYTHONPATH=src python evidence/bench/linearized-prefetch-2026-12-08-amd/ab_step.py 376121c 4de41ed > ab_step.txt
+    PYTHONPATH=src python evidence/bench/linearized-prefetch-2026-12-08-amd/ab_step.py 4de41ed a6c1399 > ab_step_wo.txt
 """
 
 import copy
