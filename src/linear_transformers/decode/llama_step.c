@@ -212,10 +212,12 @@ static void hedgehog(int D, int m, int fmt, const float *x, const void *W, const
 /* The Hedgehog maps' format for a weight format: the projections' family, without their dot products. */
 static int map_format(int wkind) { return wkind == LT_F32 ? LT_F32 : wkind <= LT_BF16_DOT ? LT_BF16 : LT_I8; }
 
+/* Bytes per weight in a weight format (its family's: 4, 2 or 1). */
+static long weight_size(int wkind) { return wkind == LT_F32 ? 4 : wkind <= LT_BF16_DOT ? 2 : 1; }
+
 /* Bytes of one layer's Hedgehog weights [H, D, m] in a map format (then, for int8, the [H, m] scales). */
 static long map_bytes(const lt_llama *m, int fmt) {
-    const long n = (long)m->n_heads * m->head_dim * m->hh_m;
-    return fmt == LT_F32 ? 4 * n : fmt == LT_BF16 ? 2 * n : n;
+    return weight_size(fmt) * m->n_heads * m->head_dim * m->hh_m;
 }
 
 static void feature_map(const lt_llama *m, int l, int h, int keys, const float *x, float *phi) {
@@ -442,7 +444,7 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
          * bandwidth unused, and phase C then reads them from the cache */
         int wlo, whi;
         share(d, 4, &wlo, &whi);
-        const long esize = kind == LT_F32 ? 4 : kind <= LT_BF16_DOT ? 2 : 1;
+        const long esize = weight_size(kind);
         const char *wo = (const char *)m->wo[l] + (long)wlo * nq * esize;
         const long wo_all = (long)(whi - wlo) * nq * esize, wo_bytes = wo_all < LT_WO_AHEAD ? wo_all : LT_WO_AHEAD;
         share(B * H * P, 1, &lo, &hi);
