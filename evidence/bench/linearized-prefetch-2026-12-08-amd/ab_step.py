@@ -26,13 +26,15 @@ from linear_transformers.results import machine_info
 revs, formats = sys.argv[1:], ["int8", "bf16", "float32"]
 libs = {}
 for rev in revs:
-    folder = Path(tempfile.mkdtemp())
-    for src in llama.SOURCES + [native.SIMD_H]:
-        rel = src.relative_to(Path(llama.__file__).parents[2])
-        text = subprocess.run(["git", "show", f"{rev}:src/{rel}"], capture_output=True, check=True).stdout
-        (folder / src.name).write_bytes(text)
-    native.register(f"llama_step_ab_{rev}", [folder / s.name for s in llama.SOURCES + [native.SIMD_H]], "any", llama._set_signatures)
-    libs[rev] = native.load(f"llama_step_ab_{rev}").lib
+    with tempfile.TemporaryDirectory() as tmp:  # (the sources, until the library is built and loaded)
+        folder = Path(tmp)
+        for src in llama.SOURCES + [native.SIMD_H]:
+            rel = src.relative_to(Path(llama.__file__).parents[2])
+            text = subprocess.run(["git", "show", f"{rev}:src/{rel}"], capture_output=True, check=True).stdout
+            (folder / src.name).write_bytes(text)
+        sources = [folder / s.name for s in llama.SOURCES + [native.SIMD_H]]
+        native.register(f"llama_step_ab_{rev}", sources, "any", llama._set_signatures)
+        libs[rev] = native.load(f"llama_step_ab_{rev}").lib
     assert libs[rev] is not None, rev
 model = AutoModelForCausalLM.from_pretrained("runs/lz-hybrid/model").eval()
 ids = torch.randint(0, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(1))

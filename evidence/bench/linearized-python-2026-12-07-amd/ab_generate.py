@@ -3,7 +3,8 @@ generate() on runs/lz-hybrid/model (batch 1, greedy, a 512-token prompt, 32 new 
 time as the interval between consecutive calls of a logits processor (the model's forward plus
 generate()'s own loop), in each weight format; the code of commit b09b1bf (the weights and the
 states checked at every token) against this commit's, as separate processes taking turns, 6 rounds
-each. Run from the repository root (it makes a worktree of b09b1bf in /tmp/lt-b09b1bf):
+each. Run from the repository root (it makes a worktree of b09b1bf in /tmp/lt-b09b1bf, removed at
+the end):
     python evidence/bench/linearized-python-2026-12-07-amd/ab_generate.py > ab_generate.txt
 """
 
@@ -53,16 +54,20 @@ def one_process() -> None:  # (run with PYTHONPATH set to the source tree to mea
 def main() -> None:
     root = Path.cwd()
     old_tree = Path(f"/tmp/lt-{OLD}")
-    if not old_tree.exists():
-        subprocess.run(["git", "worktree", "add", "--detach", str(old_tree), OLD], check=True, capture_output=True)
-    trees = {"checked every token (b09b1bf)": old_tree / "src", "this commit": root / "src"}
-    times = {(t, f): [] for t in trees for f in FORMATS}
-    for _ in range(6):
-        for name, src in trees.items():
-            env = dict(os.environ, PYTHONPATH=str(src))
-            run = subprocess.run([sys.executable, __file__, "--one"], env=env, capture_output=True, text=True, check=True)
-            for f, ts in json.loads(run.stdout.strip().splitlines()[-1]).items():
-                times[name, f] += ts
+    subprocess.run(["git", "worktree", "add", "--detach", str(old_tree), OLD], check=True, capture_output=True)
+    try:
+        trees = {"checked every token (b09b1bf)": old_tree / "src", "this commit": root / "src"}
+        times = {(t, f): [] for t in trees for f in FORMATS}
+        for _ in range(6):
+            for name, src in trees.items():
+                env = dict(os.environ, PYTHONPATH=str(src))
+                run = subprocess.run(
+                    [sys.executable, __file__, "--one"], env=env, capture_output=True, text=True, check=True
+                )
+                for f, ts in json.loads(run.stdout.strip().splitlines()[-1]).items():
+                    times[name, f] += ts
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(old_tree)], check=True, capture_output=True)
     from linear_transformers.results import machine_info
 
     print(f"# {machine_info()} {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")

@@ -26,8 +26,7 @@ from linear_transformers.results import machine_info
 PHASES = ["A: q, k, v", "B: attention", "C: output projection, rings", "D: gate, up", "E: down"]
 
 
-def timed_sources(rev: str) -> list[Path]:
-    folder = Path(tempfile.mkdtemp())
+def timed_sources(rev: str, folder: Path) -> list[Path]:
     for src in llama.SOURCES + [native.SIMD_H]:
         rel = src.relative_to(Path(llama.__file__).parents[2])
         text = subprocess.run(["git", "show", f"{rev}:src/{rel}"], capture_output=True, check=True, text=True).stdout
@@ -61,8 +60,9 @@ with torch.no_grad():
     model(ids, cache=cache, use_cache=True)
 runs = {}
 for rev in revs:
-    native.register(f"llama_step_{rev}", timed_sources(rev), "any", llama._set_signatures)
-    lib = native.load(f"llama_step_{rev}").lib
+    with tempfile.TemporaryDirectory() as tmp:  # (the sources, until the library is built and loaded)
+        native.register(f"llama_step_{rev}", timed_sources(rev, Path(tmp)), "any", llama._set_signatures)
+        lib = native.load(f"llama_step_{rev}").lib
     assert lib is not None
     runs[rev] = (lib, fused_step(model, DecodeConfig.precision("int8")), [copy.deepcopy(cache.states[i]) for i in range(len(cache.states))])
 token, steps = torch.tensor([5]), 0
