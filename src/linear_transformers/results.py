@@ -47,7 +47,8 @@ def isa_info() -> dict[str, str]:
     from .ops import cpu
 
     flags = build.cpu_flags() or frozenset()
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "asimd", "sve")
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd")
+    wanted += ("sve",)
     b, step = native.build_info(cpu.LIBRARY), native.build_info(fused.LIBRARY)
     return {
         "cpu_flags": " ".join(f for f in wanted if f in flags) or "(none of " + ", ".join(wanted) + ")",

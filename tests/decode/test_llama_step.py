@@ -6,6 +6,8 @@ through transformers' generate(); what it refuses; every ISA level and compiler.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -178,6 +180,78 @@ def test_every_format_projects_like_its_reference():
     batches of 1 to 17 rows (past the 16 that int8 dots round at a time), widths of an even and odd
     number of 32-blocks (the AVX-512 int8 loop's half-vector tail), awkward output counts, biases."""
     check_projections(available_formats())
+
+
+TILE_FORMATS = [(torch.bfloat16, torch.bfloat16), (torch.int8, torch.int8)]
+
+
+def tile_formats():
+    have = [f for f in TILE_FORMATS if llama.has_tiles(*f)]
+    if not have:
+        pytest.skip("no AMX tiles here for the dot formats (llama.has_tiles): needs AMX-BF16/AMX-INT8")
+    return have
+
+
+def test_amx_tiles_project_like_the_reference_and_the_rows():
+    """Both dot formats on AMX tiles: batches below, at and past 16 rows (the tile's), output counts
+    of whole 32-row pairs, a single 16 and leftovers (the row path), inputs of 1 to 48 blocks; against
+    the float64 reference of the same rounding, and against the row layout to float32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    for B, n_out, n_in in [(1, 16, 32), (5, 48, 96), (16, 67, 160), (17, 130, 576), (40, 96, 1536)]:
+        w = torch.randn(n_out, n_in, generator=g) * torch.rand(n_out, 1, generator=g) * 3
+        x = torch.randn(B, n_in, generator=g) * torch.rand(B, 1, generator=g) * 10
+        x[0, :32] *= 1e-3  # a block far below the others
+        bias = torch.randn(n_out, generator=g) if B % 2 else None
+        for weights, dot in tile_formats():
+            got = llama.project(x, w, weights, dot, bias, tiles=True)
+            want = projection_reference(x, w, weights, dot, bias)
+            rows = llama.project(x, w, weights, dot, bias)
+            scale = want.abs().max()
+            assert ((got.double() - want).abs().max() / scale).item() < 1e-5, (weights, B, n_out, n_in)
+            assert ((got - rows).abs().max() / scale).item() < 1e-5, (weights, B, n_out, n_in)
+            assert torch.equal(got[:, n_out // 16 * 16 :], rows[:, n_out // 16 * 16 :])  # leftovers: the rows'
+
+
+@pytest.mark.parametrize(("B", "tile_rows"), [(18, None), (5, 1)])
+def test_amx_tiles_step_like_the_rows_and_the_model(B, tile_rows, monkeypatch):
+    """The whole step with its projections on tiles (a batch past FusedLlamaStep.TILE_ROWS, or forced
+    from one row on): against the PyTorch model holding the same rounded weights (and, for int8,
+    inputs), and step by step against the same step in the row layout from the same states (logits
+    and every state tensor)."""
+    formats = tile_formats()
+    if tile_rows is not None:
+        monkeypatch.setattr(llama.FusedLlamaStep, "TILE_ROWS", tile_rows)
+    for weights, dot in formats:
+        config = DecodeConfig(weights=weights, dot=dot)
+        model = student("hybrid", "hedgehog")  # d 64, q 64 and k, v 32 rows, MLP 96, vocab 97
+        tiles = fused_step(model, config)
+        assert tiles.tile_rows == llama.FusedLlamaStep.TILE_ROWS and B >= tiles.tile_rows
+        ref = rounded_copy(model, weights, dot if dot == torch.int8 else torch.float32)
+        worst, _, _, _ = run_both(model, ref, B=B, config=config)
+        assert worst < 0.02, (weights, worst)
+
+        rows = llama.FusedLlamaStep(llama_weights(model), weights, dot)
+        rows.struct.amx_rows = 0  # the row layout at any batch
+        prompt = torch.randint(0, 97, (B, 9), generator=torch.Generator().manual_seed(B))
+        cache = LinearizedCache()
+        model.decode_config = DecodeConfig(fused=False)
+        with torch.no_grad():
+            model(prompt, cache=cache)
+        a = [cache.states[i] for i in range(len(cache.states))]
+        b = copy.deepcopy(a)
+        token, errs = prompt[:, -1], []
+        for _ in range(10):
+            got, want = tiles(token, a[0].seen.clone(), a), rows(token, b[0].seen.clone(), b)
+            errs.append(((got - want).abs().max() / want.abs().max()).item())
+            token = want.argmax(-1)
+        # not float32 rounding alone: an input that a different summation order upstream moves across
+        # a rounding boundary of bfloat16 (or of its int8 block) moves by a whole step (measured: up to
+        # 2.3e-4 for bfloat16 at B=18, 2e-7 for int8)
+        assert max(errs) < 2e-3, (weights, errs)
+        for sa, sb in zip(a, b, strict=True):
+            for name in ("S", "z", "ring_k", "ring_v", "sink_k", "sink_v"):
+                x, y = getattr(sa, name), getattr(sb, name)
+                assert (x - y).abs().max() <= 2e-3 * y.abs().max(), (weights, name)
 
 
 def test_a_projection_the_step_cannot_compute_is_refused():

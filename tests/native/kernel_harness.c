@@ -138,7 +138,7 @@ static int gemv(FILE *out) {
     const void *W = take_matrix((int)wkind, n_out, n_in);
     const float *bias = has_bias ? take(4 * (size_t)n_out) : NULL, *x = take(4 * (size_t)(B * n_in));
     float *y = malloc(4 * (size_t)(B * n_out));
-    const int status = lt_llama_gemv_f32((int)wkind, (int)B, (int)n_in, (int)n_out, W, bias, x, y);
+    const int status = lt_llama_gemv_f32((int)wkind, 0, (int)B, (int)n_in, (int)n_out, W, bias, x, y);
     if (status) return 4 + status;
     put(out, y, 4 * (size_t)(B * n_out));
     return 0;

@@ -536,12 +536,15 @@ typedef struct {
     uint8_t rows[16];
 } amx_config;
 
-/* tiles 0-1: C (two blocks of 16 outputs), 2-3: A (their weights), 4: B (16 rows of the batch) */
-static void amx_configure(void) {
+/* tiles 0-1: C (two blocks of 16 outputs by 16 rows of the batch: float32, or int32 for int8),
+ * 2-3: A (their weights, 32 inputs: 64 bytes of bfloat16 or 32 of int8), 4: B (the same 32 inputs of
+ * 16 rows of the batch, in pairs (bfloat16: 16 rows of the tile) or fours (int8: 8 rows)) */
+static void amx_configure(int int8) {
     amx_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int t = 0; t < 5; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    if (int8) c.colsb[2] = c.colsb[3] = 32, c.rows[4] = 8;
     _tile_loadconfig(&c);
 }
 
@@ -611,6 +614,124 @@ typedef void (*gemv_fn)(int B, int n_in, int n_out, int j0, int j1, const void *
 static inline gemv_fn gemv_of(int kind) {
     return kind == 4 ? gemv_i8dot : kind == 3 ? gemv_i8 : kind == 2 ? gemv_bf16dot : kind ? gemv_bf16 : gemv_f32;
 }
+
+#ifdef LT_AMX
+#ifdef __AMX_INT8__
+#define LT_AMX_INT8 1 /* int8 dots on tiles too */
+#endif
+
+/* The row layout on AMX tiles, for the Llama step's batched rows (llama_step.c): rows [j0, j1) of
+ * y [B, n_out] = W x (+ bias, + base) for x [B, n_in], 32 (or 16) outputs by 16 rows of the batch per
+ * pass over the inputs, the weights AMX's A operand as they are (16 rows by 32 inputs).
+ *   bfloat16 dots (kind 2): x rounded to bfloat16 as gemv_bf16dot rounds it and packed as the B
+ *     operand, pairs of inputs: xp[i / 2][b] = (x[b, i], x[b, i + 1]); float32 sums over every input.
+ *   int8 dots (kind 4, AMX-INT8): x quantised per block of 32 by quantize_input (gemv_i8dot's int8
+ *     values and scales), packed in fours: xp[i / 4][b]; each block is one tile product (exact int32
+ *     sums), taken out of the tile and added in float32 times the block's scale, then times the
+ *     row's scale.
+ * The products are the row path's; their sums are added in another order, so results agree to
+ * float32 rounding, not bit for bit. Rows left over (fewer than 16) take the row path. pack holds
+ * amx_pack_bytes(n_in, B); the caller configured the tiles (amx_configure(kind == 4)). */
+static long amx_pack_bytes(int n_in, int B) {
+    const long Bp = (B + 15) / 16 * 16;
+    return 2L * n_in * Bp + 4L * (n_in / 32) * Bp + 2L * n_in + 64;
+}
+
+static void amx_pack(int int8, int B, int Bp, int n_in, const float *x, uint32_t *xp, float *sT, int8_t *xq,
+                     float *s4) {
+    const int per = int8 ? 4 : 2; /* inputs per 32-bit cell */
+    for (int b = 0; b < Bp; b++) {
+        const float *xb = x + (long)b * n_in;
+        if (b >= B) {
+            for (int g = 0; g < n_in / per; g++) xp[(long)g * Bp + b] = 0;
+            for (int k = 0; int8 && k < n_in / 32; k++) sT[(long)k * Bp + b] = 0.0f;
+            continue;
+        }
+        if (int8) {
+            quantize_input(n_in, xb, xq, s4);
+            for (int g = 0; g < n_in / 4; g++) memcpy(xp + (long)g * Bp + b, xq + 4 * g, 4);
+            for (int k = 0; k < n_in / 32; k++) sT[(long)k * Bp + b] = s4[8 * k];
+            continue;
+        }
+        for (int i = 0; i < n_in; i += 32) {
+            uint32_t u[16];
+            _mm512_storeu_si512(u, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb + i + 16), _mm512_loadu_ps(xb + i)));
+            for (int p = 0; p < 16; p++) xp[(long)(i / 2 + p) * Bp + b] = u[p];
+        }
+    }
+}
+
+static void amx_gemm(int kind, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
+                     const float *x, float *y, const float *base, void *pack) {
+    const int int8 = kind == 4, Bp = (B + 15) / 16 * 16, j16 = j0 + (j1 - j0) / 16 * 16;
+    uint32_t *xp = pack;
+    float *sT = (float *)(xp + (long)(n_in / (int8 ? 4 : 2)) * Bp);
+    float *s4 = sT + (long)(n_in / 32) * Bp;
+    int8_t *xq = (int8_t *)(s4 + n_in / 4);
+    if (j0 < j16) amx_pack(int8, B, Bp, n_in, x, xp, sT, xq, s4);
+    const char *Wb = W;
+    const long wrow = int8 ? n_in : 2L * n_in; /* bytes per weight row */
+    for (int j = j0; j < j16; j += 32) {
+        const int nblk = j16 - j >= 32 ? 2 : 1;
+        for (int b0 = 0; b0 < Bp; b0 += 16) {
+            float t[2][16][16] __attribute__((aligned(64)));
+            if (!int8) {
+                _tile_zero(0);
+                _tile_zero(1);
+                for (int k = 0; k < n_in; k += 32) {
+                    _tile_loadd(4, xp + (long)(k / 2) * Bp + b0, 4 * Bp);
+                    _tile_loadd(2, Wb + j * wrow + 2L * k, wrow);
+                    _tile_dpbf16ps(0, 2, 4);
+                    if (nblk == 2) {
+                        _tile_loadd(3, Wb + (j + 16) * wrow + 2L * k, wrow);
+                        _tile_dpbf16ps(1, 3, 4);
+                    }
+                }
+                _tile_stored(0, t[0], 64);
+                if (nblk == 2) _tile_stored(1, t[1], 64);
+            } else {
+#ifdef LT_AMX_INT8
+                int32_t ti[2][16][16] __attribute__((aligned(64)));
+                memset(t, 0, sizeof t);
+                for (int k = 0; k < n_in; k += 32) {
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_loadd(4, xp + (long)(k / 4) * Bp + b0, 4 * Bp);
+                    _tile_loadd(2, Wb + j * wrow + k, wrow);
+                    _tile_dpbssd(0, 2, 4);
+                    if (nblk == 2) {
+                        _tile_loadd(3, Wb + (j + 16) * wrow + k, wrow);
+                        _tile_dpbssd(1, 3, 4);
+                    }
+                    _tile_stored(0, ti[0], 64);
+                    if (nblk == 2) _tile_stored(1, ti[1], 64);
+                    const vf s = vload(sT + (long)(k / 32) * Bp + b0);
+                    for (int m = 0; m < 16 * nblk; m++) {
+                        float *tm = t[m / 16][m % 16];
+                        vi sums;
+                        memcpy(&sums, ti[m / 16][m % 16], sizeof sums);
+                        vstore(tm, vload(tm) + __builtin_convertvector(sums, vf) * s);
+                    }
+                }
+                for (int m = 0; m < 16 * nblk; m++) {
+                    float *tm = t[m / 16][m % 16];
+                    vstore(tm, vload(tm) * scale_i8(W, n_out, n_in, j + m));
+                }
+#endif
+            }
+            for (int m = 0; m < 16 * nblk; m++) {
+                const float bj = bias ? bias[j + m] : 0.0f;
+                for (int l = 0; l < 16 && b0 + l < B; l++) {
+                    const long o = (long)(b0 + l) * n_out + j + m;
+                    const float v = t[m / 16][m % 16][l] + bj;
+                    y[o] = base ? base[o] + v : v;
+                }
+            }
+        }
+    }
+    if (j16 < j1) gemv_of(kind)(B, n_in, n_out, j16, j1, W, bias, x, y, base);
+}
+#endif
 
 /* With gelu set, GELU (exact) is applied after the products, VLF outputs at a time (vgelu): libm's
  * scalar erff cost as much as the bfloat16 products at batch 1. */

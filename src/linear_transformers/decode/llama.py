@@ -63,6 +63,7 @@ class _LtLlama(ctypes.Structure):
                 "window",
                 "sinks",
                 "wkind",
+                "amx_rows",
             )
         ],
         *[(n, ctypes.c_float) for n in ("rms_eps", "attn_eps", "rope_scale")],
@@ -95,8 +96,10 @@ def _set_signatures(lib: ctypes.CDLL) -> None:
         ptr,
     ]
     lib.lt_llama_token_f32.restype = ctypes.c_int
-    lib.lt_llama_gemv_f32.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr, ptr, ptr]
+    lib.lt_llama_gemv_f32.argtypes = [*[ctypes.c_int] * 5, ptr, ptr, ptr, ptr]
     lib.lt_llama_gemv_f32.restype = ctypes.c_int
+    lib.lt_llama_tiles.argtypes = [ctypes.c_int]
+    lib.lt_llama_tiles.restype = ctypes.c_int
     lib.lt_sample_tokens_f32.argtypes = [
         ctypes.c_int,
         ctypes.c_long,
@@ -118,6 +121,14 @@ native.register(LIBRARY, [*SOURCES, native.SIMD_H], "any", _set_signatures)
 
 def load() -> ctypes.CDLL | None:
     return native.load(LIBRARY).lib
+
+
+def has_tiles(weights: torch.dtype, dot: torch.dtype) -> bool:
+    """Whether the (weights, dot) format runs on AMX tiles here (batched rows, from
+    FusedLlamaStep.TILE_ROWS on): bfloat16 dots with AMX-BF16, int8 dots with AMX-INT8, in a build for
+    them (level x86-64-v4-amx) and with the tile registers granted to this process by Linux."""
+    lib = load()
+    return bool(lib is not None and (weights, dot) in FORMATS and lib.lt_llama_tiles(FORMATS[(weights, dot)]))
 
 
 def available() -> bool:
@@ -215,14 +226,18 @@ def project(
     weights: torch.dtype = torch.float32,
     dot: torch.dtype = torch.float32,
     bias: torch.Tensor | None = None,
+    tiles: bool = False,
 ) -> torch.Tensor:
     """One projection as the fused step computes it: x [B, n_in] float32, w [n_out, n_in] float32 taken
-    to the (weights, dot) format (convert) -> [B, n_out] (tests and benchmarks; one thread)."""
+    to the (weights, dot) format (convert) -> [B, n_out] (tests and benchmarks; one thread); on AMX
+    tiles with `tiles` (formats for which has_tiles() holds)."""
     if (weights, dot) not in FORMATS:
         raise ValueError(f"project: (weights, dot) must be one of {sorted(map(str, FORMATS))}, got ({weights}, {dot})")
     lib = load()
     if lib is None:
         raise RuntimeError(f"project: the C step is unavailable: {unavailable_reason()}")
+    if tiles and not has_tiles(weights, dot):
+        raise ValueError(f"project: ({weights}, {dot}) has no AMX tiles here (has_tiles)")
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or (bias is not None and bias.shape != w.shape[:1]):
         raise ValueError(f"project: x [B, n] and w [m, n] (bias [m]) expected, got {list(x.shape)}, {list(w.shape)}")
     x = x.detach().float().contiguous()
@@ -231,6 +246,7 @@ def project(
     y = torch.empty(x.shape[0], w.shape[0])
     code = lib.lt_llama_gemv_f32(
         FORMATS[(weights, dot)],
+        int(tiles),
         x.shape[0],
         x.shape[1],
         w.shape[0],
@@ -252,9 +268,12 @@ class FusedLlamaStep:
     tensors, read where they are), torch.bfloat16 or torch.int8 (copies taken here); dot:
     torch.bfloat16 with bfloat16 weights multiplies bfloat16 pairs (AVX512-BF16), torch.int8 with int8
     weights rounds the projections' inputs to int8 per block of 32 and sums int8 products in int32
-    (AVX512-VNNI where present; every target computes the same sums)."""
+    (AVX512-VNNI where present; every target computes the same sums). Both dot formats run batches of
+    TILE_ROWS rows and more on AMX tiles where the CPU has them (has_tiles): the same products, summed
+    in another order."""
 
     KEEP_CHECKED = 4  # states remembered as checked (_state_arrays)
+    TILE_ROWS = 16  # the batch from which the dot formats run on AMX tiles (where has_tiles)
 
     def __init__(self, w: LlamaWeights, weights: torch.dtype = torch.float32, dot: torch.dtype = torch.float32):
         if (weights, dot) not in FORMATS:
@@ -316,6 +335,8 @@ class FusedLlamaStep:
             hh_m = w.layers[0]["fq_w"].shape[-1]
             F = 2 * hh_m
         self.n_features = F
+        # batches of TILE_ROWS rows and more on AMX tiles, where this format has them (has_tiles)
+        self.tile_rows = self.TILE_ROWS if has_tiles(weights, dot) else 0
         self.struct = _LtLlama(
             L,
             d,
@@ -331,6 +352,7 @@ class FusedLlamaStep:
             w.window,
             w.sinks,
             FORMATS[(weights, dot)],
+            self.tile_rows,
             w.rms_eps,
             w.attn_eps,
             w.rope_scale,

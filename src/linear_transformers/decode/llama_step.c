@@ -36,7 +36,7 @@ int lt_llama_layout(long *out, int n) {
     const long values[] = {
         (long)sizeof(lt_llama), LT_FIELD(n_layers), LT_FIELD(d), LT_FIELD(n_heads), LT_FIELD(n_kv_heads),
         LT_FIELD(head_dim), LT_FIELD(dff), LT_FIELD(vocab), LT_FIELD(mode), LT_FIELD(feature_map),
-        LT_FIELD(n_features), LT_FIELD(hh_m), LT_FIELD(window), LT_FIELD(sinks), LT_FIELD(wkind),
+        LT_FIELD(n_features), LT_FIELD(hh_m), LT_FIELD(window), LT_FIELD(sinks), LT_FIELD(wkind), LT_FIELD(amx_rows),
         LT_FIELD(rms_eps), LT_FIELD(attn_eps), LT_FIELD(rope_scale), LT_FIELD(inv_freq), LT_FIELD(attn_norm),
         LT_FIELD(mlp_norm), LT_FIELD(wq), LT_FIELD(wk), LT_FIELD(wv), LT_FIELD(wo), LT_FIELD(wg), LT_FIELD(wu),
         LT_FIELD(wd), LT_FIELD(bq), LT_FIELD(bk), LT_FIELD(bv), LT_FIELD(bo), LT_FIELD(fq_w), LT_FIELD(fq_b),
@@ -52,7 +52,7 @@ int lt_llama_layout(long *out, int n) {
 static int check_llama(const lt_llama *m) {
     if (!m || m->n_layers < 1 || m->d < 1 || m->n_heads < 1 || m->n_kv_heads < 1 || m->n_heads % m->n_kv_heads ||
         m->head_dim < 2 || m->head_dim % 2 || m->dff < 1 || m->vocab < 1 || m->mode < 0 || m->mode > 2 ||
-        m->feature_map < 0 || m->feature_map > 2 || m->wkind < 0 || m->wkind > 4 || m->sinks < 0 ||
+        m->feature_map < 0 || m->feature_map > 2 || m->wkind < 0 || m->wkind > 4 || m->sinks < 0 || m->amx_rows < 0 ||
         (m->mode != LT_LINEAR && m->window < 1) || !m->inv_freq || !m->embed || !m->final_norm || !m->head)
         return 2;
     if (m->mode != LT_WINDOW && (m->feature_map == LT_HEDGEHOG ? (m->hh_m < 1 || m->n_features != 2 * m->hh_m)
@@ -87,6 +87,7 @@ typedef struct {
 
 typedef struct {
     float *h, *att, *q, *k, *fq, *fk, *score;
+    void *pack; /* the projections' inputs packed for AMX tiles (amx_gemm), when the step uses them */
 } lt_lmine;
 
 long lt_llama_work_size(const lt_llama *m, int B) {
@@ -105,10 +106,19 @@ static lt_lstep lstep_layout(const lt_llama *m, int B, float *work) {
     return s;
 }
 
-static lt_lmine lmine_alloc(const lt_llama *m, int B) {
+static lt_lmine lmine_alloc(const lt_llama *m, int B, int tiles) {
     const long D = m->head_dim, F = m->n_features;
     const long n = (long)B * (m->d + m->n_heads * D) + 2 * D + 2 * F + (m->window + m->sinks) + 4 * VLF;
-    lt_lmine t = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    lt_lmine t = {NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+#ifdef LT_AMX
+    if (tiles) {
+        const int nq = m->n_heads * m->head_dim, widest = m->dff > m->d ? (m->dff > nq ? m->dff : nq) : (m->d > nq ? m->d : nq);
+        t.pack = aligned_alloc(64, (amx_pack_bytes(widest, B) + 63) / 64 * 64);
+        if (!t.pack) return t;
+    }
+#else
+    (void)tiles;
+#endif
     t.h = malloc(sizeof(float) * n);
     if (!t.h) return t;
     t.att = t.h + (long)B * m->d, t.q = t.att + (long)B * m->n_heads * D, t.k = t.q + D, t.fq = t.k + D;
@@ -130,23 +140,61 @@ static void rms_norm(int B, int d, const float *x, const float *w, float eps, fl
     }
 }
 
-static void gemv_kind(int kind, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
-                      const float *x, float *y, const float *base) {
-    if (j0 < j1) gemv_of(kind)(B, n_in, n_out, j0, j1, W, bias, x, y, base);
+/* Rows [j0, j1) of a projection in format kind: on AMX tiles when pack is given (the step uses them
+ * for this format and batch: amx_gemm), else the row layout (gemv.h). */
+static void gemv_kind(int kind, void *pack, int B, int n_in, int n_out, int j0, int j1, const void *W,
+                      const float *bias, const float *x, float *y, const float *base) {
+    if (j0 >= j1) return;
+#ifdef LT_AMX
+    if (pack) {
+        amx_gemm(kind, B, n_in, n_out, j0, j1, W, bias, x, y, base, pack);
+        return;
+    }
+#else
+    (void)pack;
+#endif
+    gemv_of(kind)(B, n_in, n_out, j0, j1, W, bias, x, y, base);
 }
 
-int lt_llama_gemv_f32(int wkind, int B, int n_in, int n_out, const void *W, const float *bias, const float *x,
-                      float *y) {
-    if (wkind < LT_F32 || wkind > LT_I8_DOT || B < 1 || n_in < 1 || n_out < 1 || !W || !x || !y) return 2;
+int lt_llama_tiles(int wkind) {
+#ifdef LT_AMX
+#ifdef LT_AMX_INT8
+    if (wkind == LT_I8_DOT) return amx_enable();
+#endif
+    if (wkind == LT_BF16_DOT) return amx_enable();
+#else
+    (void)wkind;
+#endif
+    return 0;
+}
+
+int lt_llama_gemv_f32(int wkind, int tiles, int B, int n_in, int n_out, const void *W, const float *bias,
+                      const float *x, float *y) {
+    if (wkind < LT_F32 || wkind > LT_I8_DOT || tiles < 0 || tiles > 1 || B < 1 || n_in < 1 || n_out < 1 || !W ||
+        !x || !y)
+        return 2;
     if ((wkind == LT_BF16_DOT || wkind == LT_I8_DOT) && n_in % 32) return 2;
     if (wkind == LT_BF16_DOT && !LT_HAS_BF16_DOT) return 2;
-    gemv_kind(wkind, B, n_in, n_out, 0, n_out, W, bias, x, y, NULL);
+    if (tiles && !lt_llama_tiles(wkind)) return 2;
+    void *pack = NULL;
+#ifdef LT_AMX
+    if (tiles) {
+        pack = aligned_alloc(64, (amx_pack_bytes(n_in, B) + 63) / 64 * 64);
+        if (!pack) return 2;
+        amx_configure(wkind == LT_I8_DOT);
+    }
+#endif
+    gemv_kind(wkind, pack, B, n_in, n_out, 0, n_out, W, bias, x, y, NULL);
+#ifdef LT_AMX
+    if (tiles) _tile_release();
+#endif
+    free(pack);
     return 0;
 }
 
 /* The rows [lo, hi) of the outputs of q, k and v stacked (one range of work over the three): each
  * projection's share, into its own buffer. */
-static void qkv_share(int kind, int B, int d, int nq, int nk, int lo, int hi, const void *wq, const void *wk,
+static void qkv_share(int kind, void *pack, int B, int d, int nq, int nk, int lo, int hi, const void *wq, const void *wk,
                       const void *wv, const float *bq, const float *bk, const float *bv, const float *h, float *q,
                       float *k, float *v) {
     const int bounds[4] = {0, nq, nq + nk, nq + 2 * nk};
@@ -156,7 +204,7 @@ static void qkv_share(int kind, int B, int d, int nq, int nk, int lo, int hi, co
     for (int p = 0; p < 3; p++) {
         const int n = bounds[p + 1] - bounds[p];
         const int j0 = lo > bounds[p] ? lo - bounds[p] : 0, j1 = hi < bounds[p + 1] ? hi - bounds[p] : n;
-        gemv_kind(kind, B, d, n, j0, j1, W[p], bias[p], h, y[p], NULL);
+        gemv_kind(kind, pack, B, d, n, j0, j1, W[p], bias[p], h, y[p], NULL);
     }
 }
 
@@ -429,12 +477,14 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
     const int nq = s->nq, nk = s->nk, kind = m->wkind, F = m->n_features;
     const int W = m->window, ns = m->sinks, group = H / Hkv;
     float *x = s->x, *gate = s->gate, *up = s->up, *h = t->h;
+    void *pack = t->pack;
+    const int grain = pack ? 16 : 4; /* output rows: the tiles take 16 at a time, the row layout 4 */
     for (int l = 0; l < m->n_layers; l++) {
         int lo, hi;
         /* A: q, k, v (rows of the three projections shared out together) */
         rms_norm(B, d, x, m->attn_norm[l], m->rms_eps, h);
-        share(nq + 2 * nk, 4, &lo, &hi);
-        qkv_share(kind, B, d, nq, nk, lo, hi, m->wq[l], m->wk[l], m->wv[l], m->bq ? m->bq[l] : NULL,
+        share(nq + 2 * nk, grain, &lo, &hi);
+        qkv_share(kind, pack, B, d, nq, nk, lo, hi, m->wq[l], m->wk[l], m->wv[l], m->bq ? m->bq[l] : NULL,
                   m->bk ? m->bk[l] : NULL, m->bv ? m->bv[l] : NULL, h, s->q, s->k, s->v);
 #pragma omp barrier
         /* B: attention, a part of a (row, query head) per work item (attend_part) */
@@ -443,7 +493,7 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
          * L2 a slice per work item: the attention phase, bound by its latency, leaves memory
          * bandwidth unused, and phase C then reads them from the cache */
         int wlo, whi;
-        share(d, 4, &wlo, &whi);
+        share(d, grain, &wlo, &whi);
         const long esize = weight_size(kind);
         const char *wo = (const char *)m->wo[l] + (long)wlo * nq * esize;
         const long wo_all = (long)(whi - wlo) * nq * esize, wo_bytes = wo_all < LT_WO_AHEAD ? wo_all : LT_WO_AHEAD;
@@ -467,8 +517,8 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
         /* C: the parts combined (by every thread, into its own att), output projection and residual;
          * the new keys and values into the rings (no head reads them until the next token) */
         combine(m, B, P, s->part_y, s->part_den, t->att);
-        share(d, 4, &lo, &hi);
-        gemv_kind(kind, B, nq, d, lo, hi, m->wo[l], m->bo ? m->bo[l] : NULL, t->att, x, x);
+        share(d, grain, &lo, &hi);
+        gemv_kind(kind, pack, B, nq, d, lo, hi, m->wo[l], m->bo ? m->bo[l] : NULL, t->att, x, x);
         if (ring_k) {
             share(B * Hkv, 1, &lo, &hi);
             for (int p = lo; p < hi; p++) {
@@ -483,20 +533,20 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
 #pragma omp barrier
         /* D: gate and up, silu(gate) * up into gate */
         rms_norm(B, d, x, m->mlp_norm[l], m->rms_eps, h);
-        share(dff, 4, &lo, &hi);
-        gemv_kind(kind, B, d, dff, lo, hi, m->wg[l], NULL, h, gate, NULL);
-        gemv_kind(kind, B, d, dff, lo, hi, m->wu[l], NULL, h, up, NULL);
+        share(dff, grain, &lo, &hi);
+        gemv_kind(kind, pack, B, d, dff, lo, hi, m->wg[l], NULL, h, gate, NULL);
+        gemv_kind(kind, pack, B, d, dff, lo, hi, m->wu[l], NULL, h, up, NULL);
         for (int b = 0; b < B; b++) silu_mul(gate + (long)b * dff + lo, up + (long)b * dff + lo, hi - lo);
 #pragma omp barrier
         /* E: down projection and residual */
-        share(d, 4, &lo, &hi);
-        gemv_kind(kind, B, dff, d, lo, hi, m->wd[l], NULL, gate, x, x);
+        share(d, grain, &lo, &hi);
+        gemv_kind(kind, pack, B, dff, d, lo, hi, m->wd[l], NULL, gate, x, x);
 #pragma omp barrier
     }
     rms_norm(B, d, x, m->final_norm, m->rms_eps, h);
     int lo, hi;
-    share(m->vocab, 4, &lo, &hi);
-    gemv_kind(kind, B, d, m->vocab, lo, hi, m->head, NULL, h, logits, NULL);
+    share(m->vocab, grain, &lo, &hi);
+    gemv_kind(kind, pack, B, d, m->vocab, lo, hi, m->head, NULL, h, logits, NULL);
 }
 
 int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const int64_t *positions, const int64_t *seen,
@@ -521,17 +571,26 @@ int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const in
         memcpy(s.x + (long)b * m->d, m->embed + tokens[b] * m->d, sizeof(float) * m->d);
         rope_angles(m, positions[b], s.cs + (long)b * m->head_dim);
     }
+    /* AMX tiles for the dot formats from amx_rows rows on, where this build and process have them */
+    const int tiles = m->amx_rows && B >= m->amx_rows && lt_llama_tiles(m->wkind);
     int failed = 0;
 #pragma omp parallel
     {
-        lt_lmine t = lmine_alloc(m, B);
+        lt_lmine t = lmine_alloc(m, B, tiles);
 #pragma omp atomic
         failed += t.h == NULL;
 #pragma omp barrier
+#ifdef LT_AMX
+        if (tiles && !failed) amx_configure(m->wkind == LT_I8_DOT); /* (each thread's own configuration) */
+#endif
         if (!failed)
             llama_blocks(m, &s, &t, seen, linear ? S : NULL, linear ? z : NULL, windowed ? ring_k : NULL,
                          windowed ? ring_v : NULL, windowed ? sink_k : NULL, windowed ? sink_v : NULL, logits);
+#ifdef LT_AMX
+        if (tiles && !failed) _tile_release();
+#endif
         free(t.h);
+        free(t.pack);
     }
     return failed ? 1 : 0;
 }

@@ -22,6 +22,8 @@ typedef struct {
                         int8 matrix [out, in] followed by its out float32 scales, widened to float32),
                         LT_I8_DOT (the same int8 weights times inputs rounded to int8 per block of 32:
                         int32 sums, gemv.h; input widths multiples of 32) */
+    int amx_rows;    /* LT_BF16_DOT and LT_I8_DOT run on AMX tiles from this many rows on, where the build
+                        has them (lt_llama_tiles); 0: never. Same products, sums in another order */
     float rms_eps, attn_eps, rope_scale; /* rope_scale: transformers' attention_scaling (cos and sin) */
     const float *inv_freq;               /* [head_dim / 2]: RoPE's inverse frequencies (the model's buffer) */
     /* per layer, n_layers pointers each (PyTorch layouts: Linear weights [out, in] row-major) */
@@ -60,11 +62,15 @@ int lt_llama_token_f32(const lt_llama *m, int B, const int64_t *tokens, const in
                        float *const *sink_k, float *const *sink_v, float *work, long work_size, float *logits);
 
 /* One projection as the step computes it (tests, benchmarks): y [B, n_out] = x [B, n_in] W^T (+ bias
- * [n_out] when given), W [n_out, n_in] in format wkind, on the calling thread. Returns 0, or 2 (a size,
- * a pointer or a format out of range, or a format this build or these widths cannot run: nothing
- * written). */
-int lt_llama_gemv_f32(int wkind, int B, int n_in, int n_out, const void *W, const float *bias, const float *x,
-                      float *y);
+ * [n_out] when given), W [n_out, n_in] in format wkind, on the calling thread; on AMX tiles when tiles
+ * is 1. Returns 0, or 2 (a size, a pointer or a format out of range, or a format this build, this
+ * process or these widths cannot run: nothing written). */
+int lt_llama_gemv_f32(int wkind, int tiles, int B, int n_in, int n_out, const void *W, const float *bias,
+                      const float *x, float *y);
+
+/* 1 when weight format wkind runs on AMX tiles here: the build has them for it (AMX-BF16 for
+ * LT_BF16_DOT, AMX-INT8 for LT_I8_DOT) and Linux granted this process the tile registers; else 0. */
+int lt_llama_tiles(int wkind);
 
 /* Next tokens from logits [B, V] (token_sample.c): temperature 0 picks the largest logit; otherwise
  * softmax(logits / temperature) restricted to the top_k most likely (0: no limit) and then to the

@@ -341,7 +341,7 @@ int lt_model_token_f32(const lt_model *m, int B, const int64_t *tokens, long pos
         failed += t.xp == NULL;
 #pragma omp barrier
 #ifdef LT_AMX
-        if (s.amx) amx_configure(); /* the tile configuration is each thread's own */
+        if (s.amx) amx_configure(0); /* the tile configuration is each thread's own */
 #endif
         if (!failed) step_blocks(m, &s, &t, S, z, params);
 #ifdef LT_AMX
@@ -383,7 +383,7 @@ int lt_generate_mol_f32(const lt_model *m, int B, int64_t *out, long position, i
         failed += t.xp == NULL;
 #pragma omp barrier
 #ifdef LT_AMX
-        if (s.amx) amx_configure();
+        if (s.amx) amx_configure(0);
 #endif
         for (int i = 0; !failed && i < n; i++) {
             step_blocks(m, &s, &t, S, z, params);

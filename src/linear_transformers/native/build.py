@@ -6,7 +6,7 @@ the CPU's model, and `-march=native` then tunes for the wrong chip (what that co
 "The CPU kernels per ISA level"). Each level tunes for `generic`. The kernels pick their vector width and register tiles
 from the compiler's predefined macros (native/simd.h), so each level gets code written for it.
 
-    x86-64-v4-amx  AVX-512 + AVX512-BF16 + VNNI + AMX-BF16 (Sapphire Rapids and later): 16 floats, 32 registers
+    x86-64-v4-amx  AVX-512 + AVX512-BF16 + VNNI + AMX-BF16/INT8 (Sapphire Rapids and later): 16 floats, 32 registers
     x86-64-v4-bf16 AVX-512 + AVX512-BF16 + VNNI (AMD Zen 4 and later, Cooper Lake): bfloat16 and int8 dots, no AMX
     x86-64-v4      AVX-512 (F, BW, CD, DQ, VL): 16 floats a vector, 32 registers
     x86-64-v3      AVX2 + FMA (most laptops and many cloud CPUs): 8 floats, 16 registers
@@ -77,8 +77,16 @@ LEVELS: dict[str, Level] = {
     for level in (
         Level(
             "x86-64-v4-amx",
-            ("-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni", "-mamx-tile", "-mamx-bf16", "-mtune=generic"),
-            _V4 | {"avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"},
+            (
+                "-march=x86-64-v4",
+                "-mavx512bf16",
+                "-mavx512vnni",
+                "-mamx-tile",
+                "-mamx-bf16",
+                "-mamx-int8",
+                "-mtune=generic",
+            ),
+            _V4 | {"avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"},
             "x86_64",
             older=(
                 "-march=skylake-avx512",
@@ -86,6 +94,7 @@ LEVELS: dict[str, Level] = {
                 "-mavx512vnni",
                 "-mamx-tile",
                 "-mamx-bf16",
+                "-mamx-int8",
                 "-mtune=generic",
             ),
         ),
