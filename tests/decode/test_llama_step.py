@@ -196,13 +196,17 @@ def test_amx_tiles_project_like_the_reference_and_the_rows():
     """Both dot formats on AMX tiles: batches below, at and past 16 rows (the tile's), output counts
     of whole 32-row pairs, a single 16 and leftovers (the row path), inputs of 1 to 48 blocks; against
     the float64 reference of the same rounding, and against the row layout to float32 rounding."""
-    g = torch.Generator().manual_seed(3)
+    check_tiles(tile_formats())
+
+
+def check_tiles(formats, seed=3):
+    g = torch.Generator().manual_seed(seed)
     for B, n_out, n_in in [(1, 16, 32), (5, 48, 96), (16, 67, 160), (17, 130, 576), (40, 96, 1536)]:
         w = torch.randn(n_out, n_in, generator=g) * torch.rand(n_out, 1, generator=g) * 3
         x = torch.randn(B, n_in, generator=g) * torch.rand(B, 1, generator=g) * 10
         x[0, :32] *= 1e-3  # a block far below the others
         bias = torch.randn(n_out, generator=g) if B % 2 else None
-        for weights, dot in tile_formats():
+        for weights, dot in formats:
             got = llama.project(x, w, weights, dot, bias, tiles=True)
             want = projection_reference(x, w, weights, dot, bias)
             rows = llama.project(x, w, weights, dot, bias)
@@ -212,7 +216,7 @@ def test_amx_tiles_project_like_the_reference_and_the_rows():
             assert torch.equal(got[:, n_out // 16 * 16 :], rows[:, n_out // 16 * 16 :])  # leftovers: the rows'
 
 
-@pytest.mark.parametrize(("B", "tile_rows"), [(18, None), (5, 1)])
+@pytest.mark.parametrize(("B", "tile_rows"), [(18, None), (5, 1)])  # (18: past both formats' TILE_ROWS)
 def test_amx_tiles_step_like_the_rows_and_the_model(B, tile_rows, monkeypatch):
     """The whole step with its projections on tiles (a batch past FusedLlamaStep.TILE_ROWS, or forced
     from one row on): against the PyTorch model holding the same rounded weights (and, for int8,
@@ -220,12 +224,12 @@ def test_amx_tiles_step_like_the_rows_and_the_model(B, tile_rows, monkeypatch):
     and every state tensor)."""
     formats = tile_formats()
     if tile_rows is not None:
-        monkeypatch.setattr(llama.FusedLlamaStep, "TILE_ROWS", tile_rows)
+        monkeypatch.setattr(llama.FusedLlamaStep, "TILE_ROWS", dict.fromkeys((torch.bfloat16, torch.int8), tile_rows))
     for weights, dot in formats:
         config = DecodeConfig(weights=weights, dot=dot)
         model = student("hybrid", "hedgehog")  # d 64, q 64 and k, v 32 rows, MLP 96, vocab 97
         tiles = fused_step(model, config)
-        assert tiles.tile_rows == llama.FusedLlamaStep.TILE_ROWS and B >= tiles.tile_rows
+        assert tiles.tile_rows == llama.FusedLlamaStep.TILE_ROWS[dot] and B >= tiles.tile_rows
         ref = rounded_copy(model, weights, dot if dot == torch.int8 else torch.float32)
         worst, _, _, _ = run_both(model, ref, B=B, config=config)
         assert worst < 0.02, (weights, worst)
@@ -463,6 +467,7 @@ def test_the_mirror_of_the_struct_is_checked():
 
 def test_every_build_projects_like_the_reference(each_build):
     check_projections([f for f in llama.FORMATS if f[1] != torch.bfloat16 or fused.has_bf16_dot()], seed=1)
+    check_tiles([f for f in TILE_FORMATS if llama.has_tiles(*f)], seed=4)  # (the AMX level's builds)
 
 
 def test_every_build_steps_like_the_pytorch_layers(each_build):

@@ -16,6 +16,7 @@ import math
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -125,7 +126,7 @@ def load() -> ctypes.CDLL | None:
 
 def has_tiles(weights: torch.dtype, dot: torch.dtype) -> bool:
     """Whether the (weights, dot) format runs on AMX tiles here (batched rows, from
-    FusedLlamaStep.TILE_ROWS on): bfloat16 dots with AMX-BF16, int8 dots with AMX-INT8, in a build for
+    FusedLlamaStep.TILE_ROWS[dot] on): bfloat16 dots with AMX-BF16, int8 dots with AMX-INT8, in a build for
     them (level x86-64-v4-amx) and with the tile registers granted to this process by Linux."""
     lib = load()
     return bool(lib is not None and (weights, dot) in FORMATS and lib.lt_llama_tiles(FORMATS[(weights, dot)]))
@@ -269,11 +270,13 @@ class FusedLlamaStep:
     torch.bfloat16 with bfloat16 weights multiplies bfloat16 pairs (AVX512-BF16), torch.int8 with int8
     weights rounds the projections' inputs to int8 per block of 32 and sums int8 products in int32
     (AVX512-VNNI where present; every target computes the same sums). Both dot formats run batches of
-    TILE_ROWS rows and more on AMX tiles where the CPU has them (has_tiles): the same products, summed
+    TILE_ROWS[dot] rows and more on AMX tiles where the CPU has them (has_tiles): the same products, summed
     in another order."""
 
     KEEP_CHECKED = 4  # states remembered as checked (_state_arrays)
-    TILE_ROWS = 16  # the batch from which the dot formats run on AMX tiles (where has_tiles)
+    # the batch from which each dot format runs on AMX tiles (where has_tiles): below it the row layout,
+    # bound by reading the weights, is faster (BENCHMARKS.md, "Batched rows on AMX tiles")
+    TILE_ROWS: ClassVar[dict] = {torch.bfloat16: 8, torch.int8: 16}
 
     def __init__(self, w: LlamaWeights, weights: torch.dtype = torch.float32, dot: torch.dtype = torch.float32):
         if (weights, dot) not in FORMATS:
@@ -336,7 +339,7 @@ class FusedLlamaStep:
             F = 2 * hh_m
         self.n_features = F
         # batches of TILE_ROWS rows and more on AMX tiles, where this format has them (has_tiles)
-        self.tile_rows = self.TILE_ROWS if has_tiles(weights, dot) else 0
+        self.tile_rows = self.TILE_ROWS[dot] if has_tiles(weights, dot) else 0
         self.struct = _LtLlama(
             L,
             d,
