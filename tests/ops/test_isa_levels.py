@@ -44,11 +44,15 @@ def test_attention_kernel_equals_the_reference(each_build, shape):
 
 
 # bfloat16 shapes: the SHAPES above plus chunks that do not divide T, Dk wider than the chunk, odd
-# widths (a bfloat16 pair split at the end of a row), a chunk of 1
+# widths (a bfloat16 pair split at the end of a row), a chunk of 1, larger chunks
 BF16_CASES = [(shape, 16) for shape in SHAPES] + [
     (dict(B=2, T=77, H=2, Dk=17, Dv=5), 5),
     (dict(B=1, T=40, H=1, Dk=70, Dv=66), 32),
     (dict(B=1, T=9, H=2, Dk=3, Dv=1), 1),
+    # the default chunk, and one of 48: AMX tiles (16 rows at a time) skip the zero blocks of the
+    # triangular products; widths not whole tiles
+    (dict(B=1, T=200, H=2, Dk=64, Dv=64), 64),
+    (dict(B=1, T=150, H=1, Dk=48, Dv=40), 48),
 ]
 
 

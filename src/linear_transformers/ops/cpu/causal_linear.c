@@ -127,8 +127,8 @@ static long bf_pad(long n) { return (n + 16) / 16 * 16; } /* >= n + 1, a multipl
 
 static long dpbf16_ws_floats(long Dk, long Dv, long C) {
     long m = Dk > Dv ? Dk : Dv;
-    m = bf_pad(m > C ? m : C);
-    return 3 * m * m / 2 + 128; /* and room to align Ab and Bp to 64 bytes */
+    m = (bf_pad(m > C ? m : C) + 31) / 32 * 32; /* (K padded to 32 for the AMX tiles) */
+    return 3 * m * m / 2 + 128;                 /* and room to align Ab and Bp to 64 bytes */
 }
 
 static inline __mmask16 bf_mask(int n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
@@ -155,8 +155,7 @@ static void bf_pack_pairs(const float *X, long ldx, int K, int N, int Np, uint32
 /* Ab [M, Kp] from op(A)(i, k) = A[i * ars + k * acs], zero-padded to Kp: row-major rows (acs = 1)
  * converted 16 at a time; a transposed operand (ars = 1) packed as pairs of its rows, then
  * transposed 32 bits at a time. */
-static void bf_pack_a(int M, int K, const float *A, long ars, long acs, uint16_t *Ab, uint32_t *tmp) {
-    const int Kp = (K + 1) / 2 * 2;
+static void bf_pack_a(int M, int K, int Kp, const float *A, long ars, long acs, uint16_t *Ab, uint32_t *tmp) {
     if (acs == 1) {
         for (int i = 0; i < M; i++) {
             const float *row = A + (long)i * ars;
@@ -167,7 +166,8 @@ static void bf_pack_a(int M, int K, const float *A, long ars, long acs, uint16_t
             }
         }
     } else { /* ars == 1 */
-        bf_pack_pairs(A, acs, K, M, M, tmp);                           /* [Kp / 2, M] pairs */
+        bf_pack_pairs(A, acs, K, M, M, tmp); /* [Kp / 2, M] pairs, the ones past K zero: */
+        memset(tmp + (long)(K + 1) / 2 * M, 0, sizeof(uint32_t) * (Kp / 2 - (K + 1) / 2) * M);
         transpose_f32(Kp / 2, M, (const float *)tmp, (float *)Ab); /* 32-bit words moved, not computed on */
     }
 }
@@ -205,7 +205,78 @@ static inline __attribute__((always_inline)) void bf_tile(int R, int NV, int p0,
         default: BF_TILE(1, NV_); break; \
     }
 
-/* mm_f32's product on bfloat16 operands (see above). */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define MM_AMX 1
+
+/* AMX-BF16 tiles for the forward's products where the CPU has them: a thread runs its range of
+ * sequences (forward_range) between amx_begin and amx_end, which configure and release its tiles;
+ * Linux hands out the tile registers on request (arch_prctl), once per process. */
+static int amx_granted = -1; /* -1 unknown, 0 refused, 1 granted */
+static __thread int amx_on;  /* this thread's tiles are configured */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_cfg;
+
+static void amx_begin(void) {
+    if (amx_granted < 0) {
+        unsigned long mask = 0;
+        amx_granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 &&
+                      syscall(SYS_arch_prctl, 0x1022 /* ARCH_GET_XCOMP_PERM */, &mask) == 0 && (mask >> 18) & 1;
+    }
+    if (!amx_granted) return;
+    amx_cfg c; /* tiles 0-1: two 16 x 16 float32 blocks of C; 2: 16 rows of Ab (32 bfloat16); 3-4: Bp's pairs */
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 5; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    _tile_loadconfig(&c);
+    amx_on = 1;
+}
+
+static void amx_end(void) {
+    if (amx_on) _tile_release();
+    amx_on = 0;
+}
+
+/* Rows [i, i + 16) of C (+)= Ab Bp on tiles: 16 x 32 blocks of C (16 x 16 for the last), over pairs
+ * [0, k_end / 2) (k_end a multiple of 32), for the columns [0, n_end) that whole blocks cover; returns
+ * where they end (the caller does the rest, fewer than 16 columns, with vector tiles). */
+static int amx_rows16(int i, int n_end, int k_end, const uint16_t *Ab, int Kp, const uint32_t *Bp, int Np, float *C,
+                      long ldc, int acc) {
+    int j = 0;
+    while (j + 16 <= n_end) {
+        const int two = j + 32 <= n_end;
+        float *c0 = C + (long)i * ldc + j;
+        if (acc) {
+            _tile_loadd(0, c0, 4 * ldc);
+            if (two) _tile_loadd(1, c0 + 16, 4 * ldc);
+        } else {
+            _tile_zero(0);
+            _tile_zero(1);
+        }
+        for (int k = 0; k < k_end; k += 32) {
+            _tile_loadd(2, Ab + (long)i * Kp + k, 2 * Kp);
+            _tile_loadd(3, Bp + (long)(k / 2) * Np + j, 4 * Np);
+            _tile_dpbf16ps(0, 2, 3);
+            if (two) {
+                _tile_loadd(4, Bp + (long)(k / 2) * Np + j + 16, 4 * Np);
+                _tile_dpbf16ps(1, 2, 4);
+            }
+        }
+        _tile_stored(0, c0, 4 * ldc);
+        if (two) _tile_stored(1, c0 + 16, 4 * ldc);
+        j += two ? 32 : 16;
+    }
+    return j;
+}
+#endif
+
+/* mm_f32's product on bfloat16 operands (see above); on AMX tiles, 16 rows at a time, where the
+ * thread has them (amx_begin), with K padded to 32 (zeros) in Ab and Bp. */
 static void mm_dpbf16(int M, int N, int K, const float *A, long ars, long acs, const float *B, long ldb, float *C,
                     long ldc, int acc, int tri, uint16_t *ws) {
     if (K <= 0) { /* an empty sum: C = acc ? C : 0 */
@@ -213,13 +284,41 @@ static void mm_dpbf16(int M, int N, int K, const float *A, long ars, long acs, c
             for (int i = 0; i < M; i++) memset(C + (long)i * ldc, 0, sizeof(float) * N);
         return;
     }
-    const int Kp = (K + 1) / 2 * 2, Np = (int)bf_pad(N - 1);
+#ifdef MM_AMX
+    const int amx = amx_on;
+#else
+    const int amx = 0;
+#endif
+    const int Kp = amx ? (K + 31) / 32 * 32 : (K + 1) / 2 * 2, Np = (int)bf_pad(N - 1);
     uint16_t *Ab = (uint16_t *)(((uintptr_t)ws + 63) & ~(uintptr_t)63);
     uint32_t *Bp = (uint32_t *)(((uintptr_t)(Ab + (long)M * Kp) + 63) & ~(uintptr_t)63);
     uint32_t *tmp = Bp + (long)(Kp / 2) * Np;
-    bf_pack_a(M, K, A, ars, acs, Ab, tmp);
+    bf_pack_a(M, K, Kp, A, ars, acs, Ab, tmp);
     bf_pack_pairs(B, ldb, K, N, Np, Bp);
-    for (int i = 0; i < M; i += BF_ROWS) {
+    memset(Bp + (long)(K + 1) / 2 * Np, 0, sizeof(uint32_t) * (Kp / 2 - (K + 1) / 2) * Np); /* (pairs past K) */
+    int i0 = 0;
+#ifdef MM_AMX
+    if (amx) {
+        if (tri == MM_LOWER_A) /* zeros where the triangular operand is zero */
+            for (int r = 0; r < M; r++)
+                for (int k = r + 1; k < Kp; k++) Ab[(long)r * Kp + k] = 0;
+        for (; i0 + 16 <= M; i0 += 16) {
+            int n_end = N, k_end = Kp;
+            if (tri == MM_LOWER_C) n_end = i0 + 16 < N ? i0 + 16 : N;
+            if (tri == MM_LOWER_A && (i0 + 16 + 31) / 32 * 32 < Kp) k_end = (i0 + 16 + 31) / 32 * 32;
+            const int j = amx_rows16(i0, n_end, k_end, Ab, Kp, Bp, Np, C, ldc, acc);
+            if (j < n_end) /* the columns left (< 16), on vector tiles */
+                for (int i = i0; i < i0 + 16; i += BF_ROWS) {
+                    const int p0 = 0, p1 = k_end / 2;
+                    const uint32_t *Ai = (const uint32_t *)(Ab + (long)i * Kp);
+                    float *Ci = C + (long)i * ldc;
+                    const __mmask16 last = bf_mask(n_end - j);
+                    BF_TILE(BF_ROWS, 1);
+                }
+        }
+    }
+#endif
+    for (int i = i0; i < M; i += BF_ROWS) {
         const int R = M - i < BF_ROWS ? M - i : BF_ROWS;
         const int p0 = 0;
         int p1 = Kp / 2, n_end = N;

@@ -261,6 +261,14 @@ static void FN(mask_band)(int C, T *A) {
 #define MM(...) FN(mm)(__VA_ARGS__)
 #define WS_FLOATS(Dk, Dv, C) 0
 #endif
+/* a thread's forward range runs on AMX tiles where the build and Linux give them (mm_dpbf16) */
+#if defined(MM_BF16) && defined(MM_AMX)
+#define MM_BEGIN() amx_begin()
+#define MM_END() amx_end()
+#else
+#define MM_BEGIN() (void)0
+#define MM_END() (void)0
+#endif
 
 typedef struct {
     const TI *q, *k, *v;
@@ -317,9 +325,11 @@ static int FN(forward_range)(const void *args, long bh0, long bh1) {
         memcpy(mem + s * state, a->S0 + (bh0 + s) * Dk * Dv, sizeof(T) * Dk * Dv);
         memcpy(mem + s * state + (long)Dk * Dv, a->z0 + (bh0 + s) * Dk, sizeof(T) * Dk);
     }
+    MM_BEGIN();
     for (long n = 0; n < N; n++)
         for (long s = 0; s < n_seq; s++)
             FN(forward_chunk)(a, bh0 + s, n, mem + s * state, mem + s * state + (long)Dk * Dv, work);
+    MM_END();
     for (long s = 0; s < n_seq; s++) {
         memcpy(a->S_final + (bh0 + s) * Dk * Dv, mem + s * state, sizeof(T) * Dk * Dv);
         memcpy(a->z_final + (bh0 + s) * Dk, mem + s * state + (long)Dk * Dv, sizeof(T) * Dk);
@@ -462,6 +472,8 @@ int FN(cla_backward)(const TI *q, const TI *k, const TI *v, const TI *out, const
 #undef TI
 #undef MM
 #undef WS_FLOATS
+#undef MM_BEGIN
+#undef MM_END
 #undef TILE
 #undef TILE_R
 #undef FN
