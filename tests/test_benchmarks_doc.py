@@ -64,6 +64,9 @@ TABLES = [
     ("decoder", "evidence/bench/linearized-python-2026-12-07-amd/"),
     ("format", "evidence/bench/linearized-prefetch-2026-12-08-amd/"),
     ("decoder", "evidence/bench/linearized-prefetch-2026-12-08-amd/"),
+    ("format", "evidence/bench/linearized-2026-12-08-xeon/"),
+    ("decoder", "evidence/bench/linearized-2026-12-08-xeon/"),
+    ("B", "evidence/bench/linearized-tiles-2026-12-08-xeon/"),
     ("layers", "evidence/bench/hf-2026-12-02/"),
     ("arm", "evidence/bench/training-2026-12-07-amd/"),
     ("N", "evidence/bench/attention-f32-2026-12-07-amd/"),
@@ -212,6 +215,7 @@ def decode_cell(rows: dict, name: str, context: str) -> str:
         ("evidence/bench/linearized-int8-dot-2026-12-07-amd", 0),
         ("evidence/bench/linearized-python-2026-12-07-amd/", 1),
         ("evidence/bench/linearized-prefetch-2026-12-08-amd/", 1),
+        ("evidence/bench/linearized-2026-12-08-xeon/", 1),
     ],
 )
 def test_linearized_decode_tables_equal_their_csvs(folder, n):
@@ -249,6 +253,7 @@ def floor_columns(r: dict) -> dict[str, str]:
         ("evidence/bench/linearized-maps-2026-12-07-amd/", 0),
         ("evidence/bench/linearized-python-2026-12-07-amd/", 0),
         ("evidence/bench/linearized-prefetch-2026-12-08-amd/", 0),
+        ("evidence/bench/linearized-2026-12-08-xeon/", 0),
     ],
 )
 def test_linearized_floor_tables_equal_their_csvs(folder, n):
