@@ -72,6 +72,10 @@ TABLES = [
     ("N", "evidence/bench/attention-f32-2026-12-07-amd/"),
     ("target", SUMMARY),
     ("N", "evidence/bench/attention-bf16-2026-12-07-amd/"),
+    ("N", "evidence/bench/attention-f32-2026-12-08-xeon/"),
+    ("N", "evidence/bench/attention-bf16-2026-12-08-xeon/bench/"),
+    ("N", "evidence/bench/attention-bf16-2026-12-08-xeon/"),
+    ("target", SUMMARY),
     ("bfloat16, D=64, N", "evidence/bench/gpu_h200.csv"),
 ]
 
@@ -144,7 +148,9 @@ def row_ratios(row: list[str]) -> list[float]:
 
 
 # sources whose tables are recomputed from their CSVs column by column by a test below instead
-RECOMPUTED = ("evidence/bench/attention-f32-2026-12-07-amd/", "evidence/bench/attention-bf16-2026-12-07-amd/")
+F32_TABLES = ("evidence/bench/attention-f32-2026-12-07-amd/", "evidence/bench/attention-f32-2026-12-08-xeon/")
+BF16_TABLES = ("evidence/bench/attention-bf16-2026-12-07-amd/", "evidence/bench/attention-bf16-2026-12-08-xeon/bench/")
+RECOMPUTED = (*F32_TABLES, *BF16_TABLES)
 
 
 @pytest.mark.parametrize("index", range(len(TABLES)))
@@ -171,9 +177,10 @@ def attention_rows(folder: str) -> dict[tuple[str, int], dict[str, float]]:
     }
 
 
-def test_float32_kernel_table_equals_its_csv():
-    _, table = table_from("evidence/bench/attention-f32-2026-12-07-amd/")
-    by = attention_rows("evidence/bench/attention-f32-2026-12-07-amd/")
+@pytest.mark.parametrize("folder", F32_TABLES)
+def test_float32_kernel_table_equals_its_csv(folder):
+    _, table = table_from(folder)
+    by = attention_rows(folder)
     for row in table:
         k, c, s = (by[impl, int(row[0])] for impl in ("cpu", "chunked", "softmax"))
         want = [
@@ -186,9 +193,10 @@ def test_float32_kernel_table_equals_its_csv():
         assert row[1:6] == want, row[0]
 
 
-def test_bfloat16_kernel_table_equals_its_csv():
-    _, table = table_from("evidence/bench/attention-bf16-2026-12-07-amd/")
-    by = attention_rows("evidence/bench/attention-bf16-2026-12-07-amd/")
+@pytest.mark.parametrize("folder", BF16_TABLES)
+def test_bfloat16_kernel_table_equals_its_csv(folder):
+    _, table = table_from(folder)
+    by = attention_rows(folder)
     for row in table:
         k, f, c, s = (by[impl, int(row[0])] for impl in ("cpu", "cpu-f32", "chunked", "softmax"))
         want = [
