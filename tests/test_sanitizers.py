@@ -1,8 +1,9 @@
 """The C kernels under AddressSanitizer: the ISA-level tests (attention forward/backward, the fused
-step, its generation loop and sampler) and the property-based tests rerun in a child process whose
-kernels are built with -fsanitize=address (LINEAR_TRANSFORMERS_SANITIZE=address) and gcc's libasan
-preloaded, so an out-of-bounds read or write fails the suite instead of passing by luck. (A kernel
-that reads one row past q on the last chunk was caught this way: heap-buffer-overflow in vload_f64.)"""
+steps, the generation loop and sampler, the Llama step's AMX tiles) and the property-based tests
+rerun in a child process whose kernels are built with -fsanitize=address
+(LINEAR_TRANSFORMERS_SANITIZE=address) and gcc's libasan preloaded, so an out-of-bounds read or
+write fails the suite instead of passing by luck. (A kernel that reads one row past q on the last
+chunk was caught this way: heap-buffer-overflow in vload_f64.)"""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def test_kernels_under_address_sanitizer(tmp_path):
     tests = [
         str(here / "ops" / "test_isa_levels.py"),
         str(here / "decode" / "test_fused_step.py"),
+        str(here / "decode" / "test_llama_step.py"),
         str(here / "test_properties.py"),
     ]
     cmd = [
@@ -51,7 +53,7 @@ def test_kernels_under_address_sanitizer(tmp_path):
         "no:cacheprovider",
         *tests,
         "-k",
-        f"{level}-gcc or test_properties",
+        f"{level}-gcc or test_properties or amx_tiles",  # (amx_tiles: skipped without AMX)
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     report = proc.stdout[-3000:] + proc.stderr[-3000:]
