@@ -66,6 +66,7 @@ TABLES = [
     ("decoder", "evidence/bench/linearized-prefetch-2026-12-08-amd/"),
     ("format", "evidence/bench/linearized-2026-12-08-xeon/"),
     ("decoder", "evidence/bench/linearized-2026-12-08-xeon/"),
+    ("decoder", "evidence/bench/linearized-llamacpp-2026-12-08-xeon/"),
     ("B", "evidence/bench/linearized-tiles-2026-12-08-xeon/"),
     ("layers", "evidence/bench/hf-2026-12-02/"),
     ("arm", "evidence/bench/training-2026-12-07-amd/"),
@@ -224,6 +225,7 @@ def decode_cell(rows: dict, name: str, context: str) -> str:
         ("evidence/bench/linearized-python-2026-12-07-amd/", 1),
         ("evidence/bench/linearized-prefetch-2026-12-08-amd/", 1),
         ("evidence/bench/linearized-2026-12-08-xeon/", 1),
+        ("evidence/bench/linearized-llamacpp-2026-12-08-xeon/", 0),
     ],
 )
 def test_linearized_decode_tables_equal_their_csvs(folder, n):

@@ -157,13 +157,20 @@ FORMAT_NAMES = {
 }
 
 
-def check_projections(formats, seed=0):
+def projection_cases(shapes, seed):
+    """(B, n_out, n_in, w, x, bias) for each shape: rows of w and x at scales apart, a block of x far
+    below the others, a bias for odd B or n_out."""
     g = torch.Generator().manual_seed(seed)
-    for B, n_out, n_in in [(1, 5, 32), (3, 37, 96), (6, 67, 160), (17, 9, 64), (2, 130, 576)]:
+    for B, n_out, n_in in shapes:
         w = torch.randn(n_out, n_in, generator=g) * torch.rand(n_out, 1, generator=g) * 3
         x = torch.randn(B, n_in, generator=g) * torch.rand(B, 1, generator=g) * 10
-        x[0, :32] *= 1e-3  # a block far below the others
-        bias = torch.randn(n_out, generator=g) if n_out % 2 else None
+        x[0, :32] *= 1e-3
+        yield B, n_out, n_in, w, x, torch.randn(n_out, generator=g) if B % 2 or n_out % 2 else None
+
+
+def check_projections(formats, seed=0):
+    shapes = [(1, 5, 32), (3, 37, 96), (6, 67, 160), (17, 9, 64), (2, 130, 576)]
+    for B, n_out, n_in, w, x, bias in projection_cases(shapes, seed):
         for weights, dot in formats:
             got = llama.project(x, w, weights, dot, bias)
             want = projection_reference(x, w, weights, dot, bias)
@@ -200,12 +207,8 @@ def test_amx_tiles_project_like_the_reference_and_the_rows():
 
 
 def check_tiles(formats, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    for B, n_out, n_in in [(1, 16, 32), (5, 48, 96), (16, 67, 160), (17, 130, 576), (40, 96, 1536)]:
-        w = torch.randn(n_out, n_in, generator=g) * torch.rand(n_out, 1, generator=g) * 3
-        x = torch.randn(B, n_in, generator=g) * torch.rand(B, 1, generator=g) * 10
-        x[0, :32] *= 1e-3  # a block far below the others
-        bias = torch.randn(n_out, generator=g) if B % 2 else None
+    shapes = [(1, 16, 32), (5, 48, 96), (16, 67, 160), (17, 130, 576), (40, 96, 1536)]
+    for B, n_out, n_in, w, x, bias in projection_cases(shapes, seed):
         for weights, dot in formats:
             got = llama.project(x, w, weights, dot, bias, tiles=True)
             want = projection_reference(x, w, weights, dot, bias)

@@ -72,38 +72,25 @@ class Level:
     older: tuple[str, ...] = ()
 
 
+_BF16_FLAGS = ("-mavx512bf16", "-mavx512vnni")  # (on top of AVX-512)
+_AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mamx-int8")
+
 LEVELS: dict[str, Level] = {
     level.name: level
     for level in (
         Level(
             "x86-64-v4-amx",
-            (
-                "-march=x86-64-v4",
-                "-mavx512bf16",
-                "-mavx512vnni",
-                "-mamx-tile",
-                "-mamx-bf16",
-                "-mamx-int8",
-                "-mtune=generic",
-            ),
+            ("-march=x86-64-v4", *_BF16_FLAGS, *_AMX_FLAGS, "-mtune=generic"),
             _V4 | {"avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"},
             "x86_64",
-            older=(
-                "-march=skylake-avx512",
-                "-mavx512bf16",
-                "-mavx512vnni",
-                "-mamx-tile",
-                "-mamx-bf16",
-                "-mamx-int8",
-                "-mtune=generic",
-            ),
+            older=("-march=skylake-avx512", *_BF16_FLAGS, *_AMX_FLAGS, "-mtune=generic"),
         ),
         Level(
             "x86-64-v4-bf16",
-            ("-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni", "-mtune=generic"),
+            ("-march=x86-64-v4", *_BF16_FLAGS, "-mtune=generic"),
             _V4 | {"avx512_bf16", "avx512_vnni"},
             "x86_64",
-            older=("-march=skylake-avx512", "-mavx512bf16", "-mavx512vnni", "-mtune=generic"),
+            older=("-march=skylake-avx512", *_BF16_FLAGS, "-mtune=generic"),
         ),
         Level(
             "x86-64-v4",
