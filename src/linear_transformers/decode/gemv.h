@@ -1,6 +1,7 @@
 /* The GEMVs of the fused steps: y = W x + bias for a batch of rows, float32 or bfloat16 weights
  * (widened, or bfloat16 dot products on AVX512-BF16), in the row layout (batch <= LT_BATCHED_MIN) or
- * the batched layout (rows in vector lanes; AMX-BF16 tiles where present); GELU; and the share of
+ * the batched layout (rows in vector lanes; AMX-BF16 tiles where present); the Llama step's batches
+ * of bfloat16 or int8 dots on AMX tiles (amx_gemm); GELU; and the share of
  * work each OpenMP thread takes. Static functions, so each step's file inlines them for its own
  * shapes. LT_HAS_BF16_DOT and LT_AMX say what the build has. */
 #ifndef LT_GEMV_H

@@ -17,7 +17,8 @@
  * then logits = head(RMSNorm(x)).
  *
  * Every weight is read once per step for up to LT_GEMV_NB rows at a time (gemv.h): at batch 1 a step
- * costs one pass over the weights, in float32, bfloat16 or int8 (per-row scales). Work is shared
+ * costs one pass over the weights, in float32, bfloat16 or int8 (per-row scales). Batches of amx_rows
+ * rows and more run the dot formats' projections on AMX tiles (amx_gemm), where the build has them. Work is shared
  * with OpenMP over output features, and over halves of (row, head) pairs for attention (attend_part);
  * five barriers per layer. Every thread normalises x itself, and combines the attention's halves
  * itself (identical results), instead of waiting for one that does.
