@@ -692,27 +692,24 @@ static void amx_gemm(int kind, int B, int n_in, int n_out, int j0, int j1, const
                 if (nblk == 2) _tile_stored(1, t[1], 64);
             } else {
 #ifdef LT_AMX_INT8
-                int32_t ti[2][16][16] __attribute__((aligned(64)));
-                memset(t, 0, sizeof t);
-                for (int k = 0; k < n_in; k += 32) {
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_loadd(4, xp + (long)(k / 4) * Bp + b0, 4 * Bp);
-                    _tile_loadd(2, Wb + j * wrow + k, wrow);
-                    _tile_dpbssd(0, 2, 4);
-                    if (nblk == 2) {
-                        _tile_loadd(3, Wb + (j + 16) * wrow + k, wrow);
-                        _tile_dpbssd(1, 3, 4);
+                int32_t ti[16][16] __attribute__((aligned(64)));
+                for (int c = 0; c < nblk; c++) { /* a block of 16 outputs at a time: its sums stay in registers */
+                    vf acc[16];
+                    for (int m = 0; m < 16; m++) acc[m] = (vf){0};
+                    for (int k = 0; k < n_in; k += 32) {
+                        _tile_zero(0);
+                        _tile_loadd(4, xp + (long)(k / 4) * Bp + b0, 4 * Bp);
+                        _tile_loadd(2, Wb + (j + 16 * c) * wrow + k, wrow);
+                        _tile_dpbssd(0, 2, 4);
+                        _tile_stored(0, ti, 64);
+                        const vf s = vload(sT + (long)(k / 32) * Bp + b0);
+                        for (int m = 0; m < 16; m++) {
+                            vi sums;
+                            memcpy(&sums, ti[m], sizeof sums);
+                            acc[m] += __builtin_convertvector(sums, vf) * s;
+                        }
                     }
-                    _tile_stored(0, ti[0], 64);
-                    if (nblk == 2) _tile_stored(1, ti[1], 64);
-                    const vf s = vload(sT + (long)(k / 32) * Bp + b0);
-                    for (int m = 0; m < 16 * nblk; m++) {
-                        float *tm = t[m / 16][m % 16];
-                        vi sums;
-                        memcpy(&sums, ti[m / 16][m % 16], sizeof sums);
-                        vstore(tm, vload(tm) + __builtin_convertvector(sums, vf) * s);
-                    }
+                    for (int m = 0; m < 16; m++) vstore(t[c][m], acc[m]);
                 }
                 for (int m = 0; m < 16 * nblk; m++) {
                     float *tm = t[m / 16][m % 16];
