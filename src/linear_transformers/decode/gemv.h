@@ -632,7 +632,8 @@ static inline gemv_fn gemv_of(int kind) {
  *     row's scale.
  * The products are the row path's; their sums are added in another order, so results agree to
  * float32 rounding, not bit for bit. Rows left over (fewer than 16) take the row path. pack holds
- * amx_pack_bytes(n_in, B); the caller configured the tiles (amx_configure(kind == 4)). */
+ * amx_pack_bytes(n_in, B) and x as amx_pack_input packed it (once per input, for every projection
+ * that reads it); the caller configured the tiles (amx_configure(kind == 4)). */
 static long amx_pack_bytes(int n_in, int B) {
     const long Bp = (B + 15) / 16 * 16;
     return 2L * n_in * Bp + 4L * (n_in / 32) * Bp + 2L * n_in + 64;
@@ -662,14 +663,34 @@ static void amx_pack(int int8, int B, int Bp, int n_in, const float *x, uint32_t
     }
 }
 
+/* pack's parts: the packed input xp, the block scales sT (int8), a row's scratch s4 and xq (int8) */
+typedef struct {
+    uint32_t *xp;
+    float *sT, *s4;
+    int8_t *xq;
+} amx_parts;
+
+static amx_parts amx_parts_of(int int8, int Bp, int n_in, void *pack) {
+    amx_parts a;
+    a.xp = pack;
+    a.sT = (float *)(a.xp + (long)(n_in / (int8 ? 4 : 2)) * Bp);
+    a.s4 = a.sT + (long)(n_in / 32) * Bp;
+    a.xq = (int8_t *)(a.s4 + n_in / 4);
+    return a;
+}
+
+static void amx_pack_input(int kind, int B, int n_in, const float *x, void *pack) {
+    const int int8 = kind == 4, Bp = (B + 15) / 16 * 16;
+    const amx_parts a = amx_parts_of(int8, Bp, n_in, pack);
+    amx_pack(int8, B, Bp, n_in, x, a.xp, a.sT, a.xq, a.s4);
+}
+
 static void amx_gemm(int kind, int B, int n_in, int n_out, int j0, int j1, const void *W, const float *bias,
                      const float *x, float *y, const float *base, void *pack) {
     const int int8 = kind == 4, Bp = (B + 15) / 16 * 16, j16 = j0 + (j1 - j0) / 16 * 16;
-    uint32_t *xp = pack;
-    float *sT = (float *)(xp + (long)(n_in / (int8 ? 4 : 2)) * Bp);
-    float *s4 = sT + (long)(n_in / 32) * Bp;
-    int8_t *xq = (int8_t *)(s4 + n_in / 4);
-    if (j0 < j16) amx_pack(int8, B, Bp, n_in, x, xp, sT, xq, s4);
+    const amx_parts a = amx_parts_of(int8, Bp, n_in, pack);
+    const uint32_t *xp = a.xp;
+    const float *sT = a.sT;
     const char *Wb = W;
     const long wrow = int8 ? n_in : 2L * n_in; /* bytes per weight row */
     for (int j = j0; j < j16; j += 32) {

@@ -141,8 +141,18 @@ static void rms_norm(int B, int d, const float *x, const float *w, float eps, fl
     }
 }
 
+/* x packed for the tiles, when the step uses them (pack given): once per input, before the
+ * projections that read it (each thread packs the whole input into its own buffer). */
+static void tiles_input(int kind, void *pack, int B, int n_in, const float *x) {
+#ifdef LT_AMX
+    if (pack) amx_pack_input(kind, B, n_in, x, pack);
+#else
+    (void)kind, (void)pack, (void)B, (void)n_in, (void)x;
+#endif
+}
+
 /* Rows [j0, j1) of a projection in format kind: on AMX tiles when pack is given (the step uses them
- * for this format and batch: amx_gemm), else the row layout (gemv.h). */
+ * for this format and batch: amx_gemm; x packed by tiles_input), else the row layout (gemv.h). */
 static void gemv_kind(int kind, void *pack, int B, int n_in, int n_out, int j0, int j1, const void *W,
                       const float *bias, const float *x, float *y, const float *base) {
     if (j0 >= j1) return;
@@ -185,6 +195,7 @@ int lt_llama_gemv_f32(int wkind, int tiles, int B, int n_in, int n_out, const vo
         amx_configure(wkind == LT_I8_DOT);
     }
 #endif
+    tiles_input(wkind, pack, B, n_in, x);
     gemv_kind(wkind, pack, B, n_in, n_out, 0, n_out, W, bias, x, y, NULL);
 #ifdef LT_AMX
     if (tiles) _tile_release();
@@ -484,6 +495,7 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
         int lo, hi;
         /* A: q, k, v (rows of the three projections shared out together) */
         rms_norm(B, d, x, m->attn_norm[l], m->rms_eps, h);
+        tiles_input(kind, pack, B, d, h);
         share(nq + 2 * nk, grain, &lo, &hi);
         qkv_share(kind, pack, B, d, nq, nk, lo, hi, m->wq[l], m->wk[l], m->wv[l], m->bq ? m->bq[l] : NULL,
                   m->bk ? m->bk[l] : NULL, m->bv ? m->bv[l] : NULL, h, s->q, s->k, s->v);
@@ -518,6 +530,7 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
         /* C: the parts combined (by every thread, into its own att), output projection and residual;
          * the new keys and values into the rings (no head reads them until the next token) */
         combine(m, B, P, s->part_y, s->part_den, t->att);
+        tiles_input(kind, pack, B, nq, t->att);
         share(d, grain, &lo, &hi);
         gemv_kind(kind, pack, B, nq, d, lo, hi, m->wo[l], m->bo ? m->bo[l] : NULL, t->att, x, x);
         if (ring_k) {
@@ -534,17 +547,20 @@ static void llama_blocks(const lt_llama *m, const lt_lstep *s, lt_lmine *t, cons
 #pragma omp barrier
         /* D: gate and up, silu(gate) * up into gate */
         rms_norm(B, d, x, m->mlp_norm[l], m->rms_eps, h);
+        tiles_input(kind, pack, B, d, h);
         share(dff, grain, &lo, &hi);
         gemv_kind(kind, pack, B, d, dff, lo, hi, m->wg[l], NULL, h, gate, NULL);
         gemv_kind(kind, pack, B, d, dff, lo, hi, m->wu[l], NULL, h, up, NULL);
         for (int b = 0; b < B; b++) silu_mul(gate + (long)b * dff + lo, up + (long)b * dff + lo, hi - lo);
 #pragma omp barrier
         /* E: down projection and residual */
+        tiles_input(kind, pack, B, dff, gate);
         share(d, grain, &lo, &hi);
         gemv_kind(kind, pack, B, dff, d, lo, hi, m->wd[l], NULL, gate, x, x);
 #pragma omp barrier
     }
     rms_norm(B, d, x, m->final_norm, m->rms_eps, h);
+    tiles_input(kind, pack, B, d, h);
     int lo, hi;
     share(m->vocab, grain, &lo, &hi);
     gemv_kind(kind, pack, B, d, m->vocab, lo, hi, m->head, NULL, h, logits, NULL);
