@@ -261,6 +261,12 @@ def test_amx_tiles_step_like_the_rows_and_the_model(B, tile_rows, monkeypatch):
                 assert (x - y).abs().max() <= 2e-3 * y.abs().max(), (weights, name)
 
 
+def test_a_bad_tile_threshold_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(llama.FusedLlamaStep, "TILE_ROWS", {torch.int8: -1})
+    with pytest.raises(ValueError, match=r"TILE_ROWS\[torch.int8\] must be an int >= 0"):
+        llama.FusedLlamaStep(llama_weights(student(d=64)), torch.int8, torch.int8)
+
+
 def test_a_projection_the_step_cannot_compute_is_refused():
     x, w = torch.randn(2, 40), torch.randn(3, 40)
     with pytest.raises(ValueError, match="multiple of 32"):

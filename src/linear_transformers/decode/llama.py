@@ -339,7 +339,10 @@ class FusedLlamaStep:
             F = 2 * hh_m
         self.n_features = F
         # batches of TILE_ROWS rows and more on AMX tiles, where this format has them (has_tiles)
-        self.tile_rows = self.TILE_ROWS[dot] if has_tiles(weights, dot) else 0
+        rows = self.TILE_ROWS.get(dot, 0)
+        if not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"FusedLlamaStep.TILE_ROWS[{dot}] must be an int >= 0 (0: never), got {rows!r}")
+        self.tile_rows = rows if has_tiles(weights, dot) else 0
         self.struct = _LtLlama(
             L,
             d,
