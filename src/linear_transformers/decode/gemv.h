@@ -509,45 +509,12 @@ static void batched_pairs(int kind, int Bp, int n_in, const float *xt, uint16_t 
 }
 
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define LT_AMX 1
+#ifdef LT_AMX /* (simd.h: amx_enable, amx_configure) */
 
 /* AMX tiles for bfloat16 dots in the batched layout: C^T = W X^T, a tile product at a time. The
  * weights are AMX's A operand as they are (16 rows of W by 32 inputs, row-major bfloat16), and xt2 is
  * already its B operand (16 pair rows of inputs by 16 rows of the batch: the "VNNI" layout), so
- * neither is repacked; each 16 x 16 float32 tile of C^T is 16 outputs for 16 rows of the batch.
- * Linux hands out the tile registers on request (arch_prctl), once per process. */
-static int amx_state = -1; /* -1 unknown, 0 refused, 1 granted */
-
-static int amx_enable(void) {
-    if (amx_state < 0) {
-        unsigned long mask = 0;
-        amx_state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 &&
-                    syscall(SYS_arch_prctl, 0x1022 /* ARCH_GET_XCOMP_PERM */, &mask) == 0 && (mask >> 18) & 1;
-    }
-    return amx_state;
-}
-
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_config;
-
-/* tiles 0-1: C (two blocks of 16 outputs by 16 rows of the batch: float32, or int32 for int8),
- * 2-3: A (their weights, 32 inputs: 64 bytes of bfloat16 or 32 of int8), 4: B (the same 32 inputs of
- * 16 rows of the batch, in pairs (bfloat16: 16 rows of the tile) or fours (int8: 8 rows)) */
-static void amx_configure(int int8) {
-    amx_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 5; t++) c.rows[t] = 16, c.colsb[t] = 64;
-    if (int8) c.colsb[2] = c.colsb[3] = 32, c.rows[4] = 8;
-    _tile_loadconfig(&c);
-}
+ * neither is repacked; each 16 x 16 float32 tile of C^T is 16 outputs for 16 rows of the batch. */
 
 /* Rows [j0, j0 + 16 * nblk) (nblk 1 or 2) of C^T for every 16 rows of the batch, through t[16][16] to
  * yt (transposed) or y (row layout, + base), as batched_rows does. */

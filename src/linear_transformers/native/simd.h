@@ -70,4 +70,43 @@
 #define LT_TR_LO_2_1 0, 2
 #define LT_TR_HI_2_1 1, 3
 
+/* AMX tiles (LT_AMX, builds with AMX-TILE and AMX-BF16): Linux hands out the tile registers on request
+ * (arch_prctl), asked once per process (amx_enable: 1 granted, 0 refused); each thread configures
+ * its own tiles (amx_configure) and releases them (_tile_release) when done. Palette 1, five tiles:
+ * 0-1 two 16 x 16 blocks of C (float32, or int32 for int8), 2-3 A (16 rows of 32 inputs: 64 bytes of
+ * bfloat16 or 32 of int8), 4 B (the same 32 inputs of 16 columns, in pairs (bfloat16: 16 rows of the
+ * tile) or fours (int8: 8 rows)). */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define LT_AMX 1
+
+static int lt_amx_state = -1; /* -1 unknown, 0 refused, 1 granted */
+
+static inline int amx_enable(void) {
+    if (lt_amx_state < 0) {
+        unsigned long mask = 0;
+        lt_amx_state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 &&
+                       syscall(SYS_arch_prctl, 0x1022 /* ARCH_GET_XCOMP_PERM */, &mask) == 0 && (mask >> 18) & 1;
+    }
+    return lt_amx_state;
+}
+
+static inline void amx_configure(int int8) {
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 5; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    if (int8) c.colsb[2] = c.colsb[3] = 32, c.rows[4] = 8;
+    _tile_loadconfig(&c);
+}
+#endif
+
 #endif

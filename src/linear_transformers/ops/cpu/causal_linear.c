@@ -205,35 +205,17 @@ static inline __attribute__((always_inline)) void bf_tile(int R, int NV, int p0,
         default: BF_TILE(1, NV_); break; \
     }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
+#ifdef LT_AMX
 #define MM_AMX 1
 
 /* AMX-BF16 tiles for the forward's products where the CPU has them: a thread runs its range of
- * sequences (forward_range) between amx_begin and amx_end, which configure and release its tiles;
- * Linux hands out the tile registers on request (arch_prctl), once per process. */
-static int amx_granted = -1; /* -1 unknown, 0 refused, 1 granted */
-static __thread int amx_on;  /* this thread's tiles are configured */
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_cfg;
+ * sequences (forward_range) between amx_begin and amx_end, which configure and release its tiles
+ * (simd.h's amx_enable and amx_configure; tiles 0-1 two blocks of C, 2 16 rows of Ab, 3-4 Bp's pairs). */
+static __thread int amx_on; /* this thread's tiles are configured */
 
 static void amx_begin(void) {
-    if (amx_granted < 0) {
-        unsigned long mask = 0;
-        amx_granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 &&
-                      syscall(SYS_arch_prctl, 0x1022 /* ARCH_GET_XCOMP_PERM */, &mask) == 0 && (mask >> 18) & 1;
-    }
-    if (!amx_granted) return;
-    amx_cfg c; /* tiles 0-1: two 16 x 16 float32 blocks of C; 2: 16 rows of Ab (32 bfloat16); 3-4: Bp's pairs */
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 5; t++) c.rows[t] = 16, c.colsb[t] = 64;
-    _tile_loadconfig(&c);
+    if (!amx_enable()) return;
+    amx_configure(0);
     amx_on = 1;
 }
 
